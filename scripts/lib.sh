@@ -1,0 +1,165 @@
+# shellcheck shell=bash
+# Helpers shared by scripts/test.sh and scripts/demo.sh: a project-local Python virtualenv with the
+# AWS emulator, throwaway PostgreSQL clusters from the machine's packages, and cleanup by PID.
+# Everything started here listens on 127.0.0.1 only and is stopped by `pgshift_cleanup`.
+
+PGSHIFT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PGSHIFT_CACHE=${PGSHIFT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pgshift}
+PGSHIFT_VENV=${PGSHIFT_VENV:-$PGSHIFT_ROOT/.venv}
+# Pinned: moto 5.2.1 breaks CompleteMultipartUpload with the Rust SDK; 5.2.5 was tried here.
+PGSHIFT_MOTO_VERSION=5.2.5
+PGSHIFT_RUN_DIR=""
+PGSHIFT_PIDS=()
+PGSHIFT_PG_DIRS=()
+
+log() { printf '[pgshift] %s\n' "$*" >&2; }
+
+free_port() {
+  python3 - <<'PY'
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+s.close()
+PY
+}
+
+# Keep the cargo target folder outside the clone so later runs (and CI) reuse the build.
+pgshift_cargo_env() {
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PGSHIFT_CACHE/target}
+  mkdir -p "$CARGO_TARGET_DIR"
+}
+
+pgshift_run_dir() {
+  if [ -z "$PGSHIFT_RUN_DIR" ]; then
+    PGSHIFT_RUN_DIR=$(mktemp -d /tmp/pgshift-run.XXXXXX)
+    chmod 755 "$PGSHIFT_RUN_DIR"
+  fi
+}
+
+# PostgreSQL server binaries: the machine's Debian packages; installed when missing (as root).
+pgshift_ensure_postgres() {
+  if ! command -v initdb >/dev/null 2>&1 && [ ! -x /usr/lib/postgresql/15/bin/initdb ]; then
+    if [ "$(id -u)" = 0 ]; then
+      log "installing PostgreSQL 15 from Debian packages"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 postgresql-client-15 >/dev/null
+    else
+      log "PostgreSQL 15 server binaries not found (initdb); install postgresql-15"; return 1
+    fi
+  fi
+  if [ -d /usr/lib/postgresql/15/bin ]; then PATH=/usr/lib/postgresql/15/bin:$PATH; fi
+  export PATH
+}
+
+# The emulator lives in a project-local virtualenv, pinned, installed on first use.
+pgshift_ensure_venv() {
+  if [ ! -x "$PGSHIFT_VENV/bin/moto_server" ] || ! "$PGSHIFT_VENV/bin/python" -c "import moto,sys; sys.exit(moto.__version__ != '$PGSHIFT_MOTO_VERSION')" 2>/dev/null; then
+    log "creating $PGSHIFT_VENV with moto[server]==$PGSHIFT_MOTO_VERSION"
+    python3 -m venv "$PGSHIFT_VENV"
+    "$PGSHIFT_VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$PGSHIFT_MOTO_VERSION"
+  fi
+}
+
+as_postgres() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# pgshift_start_pg NAME WAL_LEVEL -> sets PG_PORT_<NAME>, prints nothing; the cluster has TLS on
+# (a throwaway self-signed CA in $PGSHIFT_RUN_DIR/ca.crt) and password auth for the superuser.
+pgshift_start_pg() {
+  local name=$1 wal_level=$2 port dir
+  pgshift_run_dir
+  port=$(free_port)
+  dir=$PGSHIFT_RUN_DIR/pg-$name
+  mkdir -p "$dir"
+  printf '%s\n' "$PGSHIFT_PG_PASSWORD" > "$PGSHIFT_RUN_DIR/pwfile-$name"
+  if [ "$(id -u)" = 0 ]; then chown -R postgres: "$dir" "$PGSHIFT_RUN_DIR/pwfile-$name"; fi
+  as_postgres initdb -D "$dir/data" -U postgres --auth=scram-sha-256 --pwfile="$PGSHIFT_RUN_DIR/pwfile-$name" \
+    -E UTF8 --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; return 1; }
+  pgshift_tls_files
+  cp "$PGSHIFT_RUN_DIR/server.crt" "$PGSHIFT_RUN_DIR/server.key" "$dir/data/"
+  if [ "$(id -u)" = 0 ]; then chown postgres: "$dir/data/server.crt" "$dir/data/server.key"; fi
+  chmod 600 "$dir/data/server.key"
+  cat >>"$dir/data/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$dir'
+wal_level = $wal_level
+max_replication_slots = 64
+max_wal_senders = 64
+wal_sender_timeout = 10s
+max_connections = 300
+max_prepared_transactions = 16
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+shared_buffers = 256MB
+ssl = on
+ssl_cert_file = 'server.crt'
+ssl_key_file = 'server.key'
+log_min_messages = warning
+EOF
+  as_postgres pg_ctl -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null || { cat "$dir/server.log" >&2; return 1; }
+  PGSHIFT_PG_DIRS+=("$dir/data")
+  printf -v "PG_PORT_$name" '%s' "$port"
+  log "PostgreSQL ($name, wal_level=$wal_level) on 127.0.0.1:$port"
+}
+
+# A throwaway CA and a server certificate for localhost / 127.0.0.1.
+pgshift_tls_files() {
+  [ -f "$PGSHIFT_RUN_DIR/server.crt" ] && return 0
+  (
+    cd "$PGSHIFT_RUN_DIR"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=pgshift test CA" \
+      -keyout ca.key -out ca.crt -addext "basicConstraints=critical,CA:TRUE" \
+      -addext "keyUsage=critical,keyCertSign,cRLSign" >/dev/null 2>&1
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr >/dev/null 2>&1
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > ext.cnf
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+      -extfile ext.cnf -out server.crt >/dev/null 2>&1
+    chmod 644 ca.crt
+  )
+}
+
+pgshift_start_moto() {
+  local port
+  pgshift_run_dir
+  pgshift_ensure_venv
+  port=$(free_port)
+  "$PGSHIFT_VENV/bin/moto_server" -H 127.0.0.1 -p "$port" >"$PGSHIFT_RUN_DIR/moto.log" 2>&1 &
+  PGSHIFT_PIDS+=($!)
+  for _ in $(seq 1 100); do
+    if python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/moto-api/data.json', timeout=1)" 2>/dev/null; then
+      break
+    fi
+    sleep 0.1
+  done
+  # Step Functions executions run their states (Pass/Map/Choice) instead of returning at once.
+  python3 - "$port" <<'PY'
+import json, sys, urllib.request
+req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/moto-api/config",
+    data=json.dumps({"stepfunctions": {"execute_state_machine": True}}).encode(), method="POST",
+    headers={"Content-Type": "application/json"})
+urllib.request.urlopen(req, timeout=5).read()
+PY
+  export AWS_ENDPOINT_URL=http://127.0.0.1:$port
+  export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-testing}
+  export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-testing}
+  export AWS_REGION=${AWS_REGION:-us-east-1}
+  export AWS_EC2_METADATA_DISABLED=true
+  log "AWS emulator (moto $PGSHIFT_MOTO_VERSION) on $AWS_ENDPOINT_URL"
+}
+
+pgshift_cleanup() {
+  local pid dir
+  for dir in "${PGSHIFT_PG_DIRS[@]}"; do
+    as_postgres pg_ctl -D "$dir" -m immediate -w stop >/dev/null 2>&1 || true
+  done
+  for pid in "${PGSHIFT_PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  if [ -n "$PGSHIFT_RUN_DIR" ] && [ -z "${PGSHIFT_KEEP_RUN_DIR:-}" ]; then rm -rf "$PGSHIFT_RUN_DIR"; fi
+}
+
+PGSHIFT_PG_PASSWORD=${PGSHIFT_PG_PASSWORD:-pgshift-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')}

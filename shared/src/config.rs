@@ -1,0 +1,551 @@
+//! Configuration: one typed value, built by pure functions from strings, validated once.
+//!
+//! A source (or target) is given as a libpq-style URL
+//! (`postgres://user:password@host:port/dbname?sslmode=verify-full&sslrootcert=/path`), as
+//! `secret:<arn>` (a Secrets Manager secret in the DMS shape `{host, port, username, password,
+//! dbname}`), or, in events, as an [`EndpointSpec`] object. Passwords are [`SecretString`]s:
+//! they never reach `Debug`, logs or error messages, and a malformed URL is reported without
+//! echoing it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use percent_encoding::percent_decode_str;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// How the connection uses TLS, with libpq's meanings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plain TCP only.
+    Disable,
+    /// TLS when the server offers it, without verifying the certificate (libpq's default).
+    #[default]
+    Prefer,
+    /// TLS required, certificate not verified.
+    Require,
+    /// TLS required, certificate chain verified, host name not checked.
+    VerifyCa,
+    /// TLS required, chain and host name verified.
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(s: &str) -> Option<SslMode> {
+        Some(match s {
+            "disable" => SslMode::Disable,
+            "prefer" | "allow" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    /// libpq's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// Everything needed to open a session on a PostgreSQL server.
+#[derive(Clone)]
+pub struct PgConfig {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<SecretString>,
+    pub dbname: String,
+    pub sslmode: SslMode,
+    /// PEM file of CA certificates trusted for `verify-ca` / `verify-full` (RDS: the RDS CA
+    /// bundle), added to the public web roots.
+    pub sslrootcert: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub application_name: String,
+    /// `statement_timeout` for every session (0 = none).
+    pub statement_timeout: Duration,
+    /// `lock_timeout` for every session.
+    pub lock_timeout: Duration,
+}
+
+impl fmt::Debug for PgConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .field("dbname", &self.dbname)
+            .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgConfig {
+    /// Defaults for everything but the address and user.
+    pub fn new(
+        host: impl Into<String>,
+        port: u16,
+        user: impl Into<String>,
+        dbname: impl Into<String>,
+    ) -> Self {
+        PgConfig {
+            host: host.into(),
+            port,
+            user: user.into(),
+            password: None,
+            dbname: dbname.into(),
+            sslmode: SslMode::default(),
+            sslrootcert: None,
+            connect_timeout: Duration::from_secs(5),
+            application_name: "pgshift".to_owned(),
+            statement_timeout: Duration::from_secs(0),
+            lock_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// `host:port/dbname`, for messages (never the password).
+    pub fn target(&self) -> String {
+        format!("{}:{}/{}", self.host, self.port, self.dbname)
+    }
+
+    /// The same server and credentials, another database.
+    pub fn with_dbname(&self, dbname: impl Into<String>) -> Self {
+        PgConfig {
+            dbname: dbname.into(),
+            ..self.clone()
+        }
+    }
+
+    /// Parses a libpq-style URL: `postgres[ql]://[user[:password]@]host[:port][/dbname][?k=v&..]`.
+    /// Query keys: `sslmode`, `sslrootcert`, `connect_timeout` (seconds), `application_name`,
+    /// `statement_timeout` and `lock_timeout` (milliseconds). Unknown keys are errors, so a typo
+    /// never silently weakens TLS. `field` names the setting in errors.
+    pub fn from_url(url: &str, field: &str) -> Result<PgConfig> {
+        let bad = |reason: &str| Error::config(field, reason.to_owned());
+        let rest = url
+            .strip_prefix("postgres://")
+            .or_else(|| url.strip_prefix("postgresql://"))
+            .ok_or_else(|| bad("expected a postgres:// URL or secret:<arn>"))?;
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let (authority, path) = match rest.split_once('/') {
+            Some((a, p)) => (a, p),
+            None => (rest, ""),
+        };
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let decode = |s: &str, what: &str| -> Result<String> {
+            percent_decode_str(s)
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| bad(&format!("{what} is not valid percent-encoded UTF-8")))
+        };
+        let (user, password) = match userinfo {
+            Some(ui) => match ui.split_once(':') {
+                Some((u, p)) => (
+                    decode(u, "user")?,
+                    Some(SecretString::from(decode(p, "password")?)),
+                ),
+                None => (decode(ui, "user")?, None),
+            },
+            None => (String::new(), None),
+        };
+        let (host, port) = split_host_port(hostport).map_err(|r| bad(&r))?;
+        if host.is_empty() {
+            return Err(bad("host is missing"));
+        }
+        let dbname = decode(path, "database name")?;
+        let user = if user.is_empty() {
+            "postgres".to_owned()
+        } else {
+            user
+        };
+        let dbname = if dbname.is_empty() {
+            user.clone()
+        } else {
+            dbname
+        };
+        let mut cfg = PgConfig::new(host, port, user, dbname);
+        cfg.password = password;
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| bad(&format!("query parameter {pair:?} has no value")))?;
+            let v = decode(v, k)?;
+            cfg.set_option(k, &v).map_err(|r| bad(&r))?;
+        }
+        Ok(cfg)
+    }
+
+    fn set_option(&mut self, key: &str, value: &str) -> std::result::Result<(), String> {
+        let millis = |v: &str| {
+            v.parse::<u64>()
+                .map(Duration::from_millis)
+                .map_err(|_| format!("{key} must be a whole number of milliseconds, got {v:?}"))
+        };
+        match key {
+            "sslmode" => {
+                self.sslmode = SslMode::parse(value).ok_or_else(|| {
+                    format!("sslmode {value:?} is not one of disable, prefer, require, verify-ca, verify-full")
+                })?
+            }
+            "sslrootcert" => self.sslrootcert = Some(PathBuf::from(value)),
+            "connect_timeout" => {
+                let secs: u64 = value
+                    .parse()
+                    .map_err(|_| format!("connect_timeout must be whole seconds, got {value:?}"))?;
+                if secs == 0 || secs > 300 {
+                    return Err("connect_timeout must be between 1 and 300 seconds".to_owned());
+                }
+                self.connect_timeout = Duration::from_secs(secs);
+            }
+            "application_name" => self.application_name = value.to_owned(),
+            "statement_timeout" => self.statement_timeout = millis(value)?,
+            "lock_timeout" => self.lock_timeout = millis(value)?,
+            "user" => self.user = value.to_owned(),
+            "password" => self.password = Some(SecretString::from(value.to_owned())),
+            "dbname" => self.dbname = value.to_owned(),
+            _ => return Err(format!("unknown connection parameter {key:?}")),
+        }
+        Ok(())
+    }
+
+    /// Builds from a DMS-shaped endpoint (event body or Secrets Manager secret).
+    pub fn from_endpoint(spec: &EndpointSpec, field: &str) -> Result<PgConfig> {
+        let host = spec.host.trim();
+        if host.is_empty() {
+            return Err(Error::config(format!("{field}.host"), "must not be empty"));
+        }
+        let port = match &spec.port {
+            None => 5432,
+            Some(p) => p
+                .value()
+                .map_err(|r| Error::config(format!("{field}.port"), r))?,
+        };
+        let user = spec.username.as_deref().unwrap_or("postgres");
+        let dbname = spec.dbname.as_deref().unwrap_or(user);
+        let mut cfg = PgConfig::new(host, port, user, dbname);
+        cfg.password = spec.password.clone().map(SecretString::from);
+        if let Some(mode) = &spec.sslmode {
+            cfg.sslmode = SslMode::parse(mode).ok_or_else(|| {
+                Error::config(
+                    format!("{field}.sslmode"),
+                    format!(
+                        "{mode:?} is not one of disable, prefer, require, verify-ca, verify-full"
+                    ),
+                )
+            })?;
+        }
+        cfg.sslrootcert = spec.sslrootcert.clone().map(PathBuf::from);
+        Ok(cfg)
+    }
+
+    /// The password, for the driver only.
+    pub(crate) fn password_bytes(&self) -> Option<&[u8]> {
+        self.password.as_ref().map(|p| p.expose_secret().as_bytes())
+    }
+}
+
+fn split_host_port(s: &str) -> std::result::Result<(String, u16), String> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or("unclosed [ in IPv6 host")?;
+        (h.to_owned(), after.strip_prefix(':'))
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), Some(p)),
+            None => (s.to_owned(), None),
+        }
+    };
+    if host.contains(',') {
+        return Err("multiple hosts are not supported".to_owned());
+    }
+    let port = match port {
+        None | Some("") => 5432,
+        Some(p) => parse_port(p)?,
+    };
+    Ok((host, port))
+}
+
+fn parse_port(p: &str) -> std::result::Result<u16, String> {
+    match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("port {p:?} is not a number between 1 and 65535")),
+        Ok(n) => Ok(n),
+    }
+}
+
+/// A port given as a number or a string (DMS secrets store it either way).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PortValue {
+    Number(i64),
+    Text(String),
+}
+
+impl PortValue {
+    fn value(&self) -> std::result::Result<u16, String> {
+        match self {
+            PortValue::Number(n) => u16::try_from(*n)
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("{n} is not between 1 and 65535")),
+            PortValue::Text(t) => parse_port(t.trim()),
+        }
+    }
+}
+
+/// A source or target endpoint as JSON: the DMS secret shape plus optional TLS settings.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    pub host: String,
+    #[serde(default)]
+    pub port: Option<PortValue>,
+    #[serde(default, alias = "user")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub password: Option<String>,
+    #[serde(default, alias = "database")]
+    pub dbname: Option<String>,
+    #[serde(default)]
+    pub sslmode: Option<String>,
+    #[serde(default)]
+    pub sslrootcert: Option<String>,
+    /// DMS secrets carry `engine` (and sometimes `dbInstanceIdentifier`); accepted and ignored.
+    #[serde(default)]
+    pub engine: Option<String>,
+    #[serde(default, rename = "dbInstanceIdentifier")]
+    pub db_instance_identifier: Option<String>,
+    #[serde(default, rename = "dbClusterIdentifier")]
+    pub db_cluster_identifier: Option<String>,
+}
+
+impl fmt::Debug for EndpointSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndpointSpec")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("dbname", &self.dbname)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where connection settings come from.
+#[derive(Debug, Clone)]
+pub enum SourceSpec {
+    /// Given directly.
+    Direct(Box<PgConfig>),
+    /// A Secrets Manager secret (ARN or name) in the DMS shape.
+    Secret(String),
+}
+
+impl SourceSpec {
+    /// Parses the CLI form: a `postgres://` URL or `secret:<arn>`.
+    pub fn parse(value: &str, field: &str) -> Result<SourceSpec> {
+        if let Some(arn) = value.strip_prefix("secret:") {
+            if arn.trim().is_empty() {
+                return Err(Error::config(field, "secret: needs an ARN or secret name"));
+            }
+            return Ok(SourceSpec::Secret(arn.trim().to_owned()));
+        }
+        PgConfig::from_url(value, field).map(|c| SourceSpec::Direct(Box::new(c)))
+    }
+}
+
+/// Settings of a Lambda function, read once at cold start from its environment.
+#[derive(Debug, Clone, Default)]
+pub struct LambdaEnv {
+    /// `PGSHIFT_SOURCE_SECRET_ARN`: default source when an event names none.
+    pub source_secret_arn: Option<String>,
+    /// `PGSHIFT_SOURCE_SSLMODE`: TLS mode applied to secrets that do not say (default `require`).
+    pub source_sslmode: Option<SslMode>,
+    /// `PGSHIFT_TASK`: the task id.
+    pub task: Option<String>,
+    /// `PGSHIFT_STAGE`: `s3://bucket/prefix`.
+    pub stage: Option<String>,
+    /// `PGSHIFT_STATE_TABLE`: the DynamoDB table.
+    pub state_table: Option<String>,
+}
+
+impl LambdaEnv {
+    /// Builds from key/value pairs (the process environment in `main`, a map in tests).
+    pub fn from_pairs<I, K, V>(pairs: I) -> Result<LambdaEnv>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let map: HashMap<String, String> = pairs
+            .into_iter()
+            .filter(|(k, _)| k.as_ref().starts_with("PGSHIFT_"))
+            .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
+            .collect();
+        let get = |k: &str| {
+            map.get(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let source_sslmode = match get("PGSHIFT_SOURCE_SSLMODE") {
+            None => None,
+            Some(v) => Some(SslMode::parse(&v).ok_or_else(|| {
+                Error::config(
+                    "PGSHIFT_SOURCE_SSLMODE",
+                    format!("{v:?} is not one of disable, prefer, require, verify-ca, verify-full"),
+                )
+            })?),
+        };
+        if let Some(stage) = get("PGSHIFT_STAGE") {
+            if !stage.starts_with("s3://") {
+                return Err(Error::config(
+                    "PGSHIFT_STAGE",
+                    "must be an s3://bucket/prefix URL",
+                ));
+            }
+        }
+        Ok(LambdaEnv {
+            source_secret_arn: get("PGSHIFT_SOURCE_SECRET_ARN"),
+            source_sslmode,
+            task: get("PGSHIFT_TASK"),
+            stage: get("PGSHIFT_STAGE"),
+            state_table: get("PGSHIFT_STATE_TABLE"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_full_url() {
+        let c = PgConfig::from_url(
+            "postgres://app%40x:p%3Ass@db.example.com:6543/my%20db?sslmode=verify-full&sslrootcert=/ca.pem&connect_timeout=3",
+            "source",
+        )
+        .unwrap();
+        assert_eq!(c.host, "db.example.com");
+        assert_eq!(c.port, 6543);
+        assert_eq!(c.user, "app@x");
+        assert_eq!(c.password_bytes(), Some(&b"p:ss"[..]));
+        assert_eq!(c.dbname, "my db");
+        assert_eq!(c.sslmode, SslMode::VerifyFull);
+        assert_eq!(
+            c.sslrootcert.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
+        assert_eq!(c.connect_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn defaults_like_libpq() {
+        let c = PgConfig::from_url("postgresql://localhost", "source").unwrap();
+        assert_eq!(
+            (c.port, c.user.as_str(), c.dbname.as_str()),
+            (5432, "postgres", "postgres")
+        );
+        assert_eq!(c.sslmode, SslMode::Prefer);
+        let c = PgConfig::from_url("postgres://[::1]:5433/x", "source").unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("::1", 5433));
+    }
+
+    #[test]
+    fn malformed_urls_name_the_problem_without_the_password() {
+        let cases = [
+            ("mysql://u:hunter2@h/db", "expected a postgres:// URL"),
+            ("postgres://u:hunter2@h:99999/db", "port \"99999\""),
+            ("postgres://u:hunter2@h:abc/db", "port \"abc\""),
+            ("postgres://u:hunter2@:5432/db", "host is missing"),
+            (
+                "postgres://u:hunter2@h/db?sslmode=maybe",
+                "sslmode \"maybe\"",
+            ),
+            (
+                "postgres://u:hunter2@h/db?sslmod=require",
+                "unknown connection parameter \"sslmod\"",
+            ),
+            (
+                "postgres://u:hunter2@h/db?connect_timeout=0",
+                "connect_timeout",
+            ),
+            ("postgres://u:hunter2@a,b/db", "multiple hosts"),
+        ];
+        for (url, want) in cases {
+            let err = PgConfig::from_url(url, "source").unwrap_err().to_string();
+            assert!(err.contains(want), "{url}: {err}");
+            assert!(err.starts_with("invalid configuration: source:"), "{err}");
+            assert!(!err.contains("hunter2"), "password leaked: {err}");
+        }
+    }
+
+    #[test]
+    fn debug_redacts_password() {
+        let c = PgConfig::from_url("postgres://u:hunter2@h/db", "source").unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let spec: EndpointSpec =
+            serde_json::from_str(r#"{"host":"h","password":"hunter2"}"#).unwrap();
+        assert!(!format!("{spec:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn endpoint_spec_accepts_dms_secret_shape() {
+        let spec: EndpointSpec = serde_json::from_str(
+            r#"{"engine":"postgres","host":"h","port":"5433","username":"u","password":"p","dbname":"d","dbInstanceIdentifier":"x"}"#,
+        )
+        .unwrap();
+        let c = PgConfig::from_endpoint(&spec, "secret").unwrap();
+        assert_eq!(
+            (c.port, c.user.as_str(), c.dbname.as_str()),
+            (5433, "u", "d")
+        );
+        let spec: EndpointSpec = serde_json::from_str(r#"{"host":"h","port":70000}"#).unwrap();
+        let err = PgConfig::from_endpoint(&spec, "endpoint")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("endpoint.port"), "{err}");
+    }
+
+    #[test]
+    fn source_spec_forms() {
+        assert!(matches!(
+            SourceSpec::parse("secret:arn:aws:secretsmanager:us-east-1:1:secret:x", "source").unwrap(),
+            SourceSpec::Secret(a) if a.starts_with("arn:")
+        ));
+        assert!(SourceSpec::parse("secret:", "source").is_err());
+        assert!(matches!(
+            SourceSpec::parse("postgres://h/db", "source").unwrap(),
+            SourceSpec::Direct(_)
+        ));
+    }
+
+    #[test]
+    fn lambda_env_is_validated() {
+        let env = LambdaEnv::from_pairs([
+            ("PGSHIFT_SOURCE_SECRET_ARN", "arn:x"),
+            ("PGSHIFT_STAGE", "s3://b/p"),
+            ("HOME", "/root"),
+        ])
+        .unwrap();
+        assert_eq!(env.source_secret_arn.as_deref(), Some("arn:x"));
+        let err = LambdaEnv::from_pairs([("PGSHIFT_STAGE", "/tmp/x")]).unwrap_err();
+        assert!(err.to_string().contains("PGSHIFT_STAGE"));
+        let err = LambdaEnv::from_pairs([("PGSHIFT_SOURCE_SSLMODE", "on")]).unwrap_err();
+        assert!(err.to_string().contains("PGSHIFT_SOURCE_SSLMODE"));
+    }
+}

@@ -1,0 +1,296 @@
+//! Table selection with DMS table-mapping rules.
+//!
+//! A DMS user brings the `rules` of their table mapping; pgshift reads its selection rules:
+//! `object-locator` `schema-name` / `table-name` with `%` as the only wildcard (any run of
+//! characters, possibly empty), and `rule-action` `include`, `exclude` or `explicit` (no
+//! wildcards). As DMS applies them, a table is selected when some include (or explicit) rule
+//! matches it and no exclude rule does, whatever their order. Names match exactly and
+//! case-sensitively: `Table1` and `table1` are different tables. Without rules every user table
+//! is selected. Rules pgshift cannot honour (transformations, filters, column lists) are
+//! rejected with the rule's id instead of silently changing what is moved.
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// What to do with tables a rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleAction {
+    Include,
+    Exclude,
+    Explicit,
+}
+
+/// One selection rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub id: String,
+    pub schema: String,
+    pub table: String,
+    pub action: RuleAction,
+}
+
+/// The selection rules of a task (empty = every user table).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Deserialize)]
+struct MappingDoc {
+    rules: Vec<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct RawRule {
+    rule_type: String,
+    #[serde(default)]
+    rule_id: Option<serde_json::Value>,
+    #[serde(default)]
+    object_locator: Option<RawLocator>,
+    #[serde(default)]
+    rule_action: Option<String>,
+    #[serde(default)]
+    filters: Option<Vec<serde_json::Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct RawLocator {
+    schema_name: Option<String>,
+    table_name: Option<String>,
+    #[serde(default)]
+    table_type: Option<String>,
+}
+
+impl Selection {
+    /// Every user table.
+    pub fn all() -> Selection {
+        Selection::default()
+    }
+
+    /// Parses DMS table-mapping JSON (`{"rules": [...]}`). `field` names the input in errors.
+    pub fn from_json(text: &str, field: &str) -> Result<Selection> {
+        let doc: MappingDoc = serde_json::from_str(text).map_err(|e| {
+            Error::config(
+                field,
+                format!("not DMS table-mapping JSON ({{\"rules\": [...]}}): {e}"),
+            )
+        })?;
+        let mut rules = Vec::new();
+        for (i, value) in doc.rules.into_iter().enumerate() {
+            let raw: RawRule = serde_json::from_value(value)
+                .map_err(|e| Error::config(format!("{field}.rules[{i}]"), e.to_string()))?;
+            let id = match &raw.rule_id {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(v) => v.to_string(),
+                None => (i + 1).to_string(),
+            };
+            let at = format!("{field}.rules[{i}] (rule-id {id})");
+            if raw.rule_type != "selection" {
+                return Err(Error::config(
+                    at,
+                    format!(
+                        "rule-type {:?} is not supported; pgshift reads selection rules only",
+                        raw.rule_type
+                    ),
+                ));
+            }
+            if raw.filters.as_ref().is_some_and(|f| !f.is_empty()) {
+                return Err(Error::config(at, "row filters are not supported"));
+            }
+            let loc = raw
+                .object_locator
+                .ok_or_else(|| Error::config(&at, "object-locator is missing"))?;
+            if let Some(tt) = loc.table_type.as_deref() {
+                if !matches!(tt, "table" | "all") {
+                    return Err(Error::config(
+                        &at,
+                        format!("table-type {tt:?} is not supported"),
+                    ));
+                }
+            }
+            let schema = loc
+                .schema_name
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| Error::config(&at, "object-locator.schema-name is missing"))?;
+            let table = loc.table_name.unwrap_or_else(|| "%".to_owned());
+            if table.is_empty() {
+                return Err(Error::config(&at, "object-locator.table-name is empty"));
+            }
+            let action = match raw.rule_action.as_deref() {
+                Some("include") => RuleAction::Include,
+                Some("exclude") => RuleAction::Exclude,
+                Some("explicit") => RuleAction::Explicit,
+                other => {
+                    return Err(Error::config(
+                        &at,
+                        format!("rule-action {other:?} is not include, exclude or explicit"),
+                    ));
+                }
+            };
+            if action == RuleAction::Explicit && (schema.contains('%') || table.contains('%')) {
+                return Err(Error::config(
+                    &at,
+                    "an explicit rule cannot use % wildcards",
+                ));
+            }
+            rules.push(Rule {
+                id,
+                schema,
+                table,
+                action,
+            });
+        }
+        Ok(Selection { rules })
+    }
+
+    /// Whether the table `schema`.`table` is selected.
+    pub fn selects(&self, schema: &str, table: &str) -> bool {
+        if self.rules.is_empty() {
+            return true;
+        }
+        let matches = |r: &Rule| like(&r.schema, schema) && like(&r.table, table);
+        let included = self
+            .rules
+            .iter()
+            .any(|r| r.action != RuleAction::Exclude && matches(r));
+        included
+            && !self
+                .rules
+                .iter()
+                .any(|r| r.action == RuleAction::Exclude && matches(r))
+    }
+
+    /// Explicit and wildcard-free include rules whose table does not exist in `tables`
+    /// (a likely typo, reported instead of silently moving nothing).
+    pub fn unmatched_exact<'a>(&'a self, tables: &[(String, String)]) -> Vec<&'a Rule> {
+        self.rules
+            .iter()
+            .filter(|r| {
+                r.action != RuleAction::Exclude && !r.schema.contains('%') && !r.table.contains('%')
+            })
+            .filter(|r| !tables.iter().any(|(s, t)| *s == r.schema && *t == r.table))
+            .collect()
+    }
+}
+
+/// DMS `%` matching: `%` is any run of characters; everything else matches itself exactly.
+fn like(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    // Iterative wildcard matching with backtracking to the last `%`.
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && p[pi] == '%' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == n[ni] {
+            pi += 1;
+            ni += 1;
+        } else if let Some((sp, sn)) = star {
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '%')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(json: &str) -> Selection {
+        Selection::from_json(json, "tables").unwrap()
+    }
+
+    #[test]
+    fn wildcards_match_like_dms() {
+        assert!(like("%", ""));
+        assert!(like("%", "anything"));
+        assert!(like("order%", "orders"));
+        assert!(like("order%", "order"));
+        assert!(!like("order%", "Orders"));
+        assert!(like("%_log", "audit_log"));
+        assert!(like("a%b%c", "aXXbYYc"));
+        assert!(!like("a%b%c", "aXXbYY"));
+        assert!(like("a.b \"c\"", "a.b \"c\""));
+        assert!(!like("_", "x"), "underscore is not a wildcard in DMS rules");
+    }
+
+    #[test]
+    fn exclude_wins_whatever_the_order() {
+        let sel = rules(
+            r#"{"rules":[
+              {"rule-type":"selection","rule-id":"2","rule-name":"2","object-locator":{"schema-name":"public","table-name":"tmp%"},"rule-action":"exclude"},
+              {"rule-type":"selection","rule-id":"1","rule-name":"1","object-locator":{"schema-name":"public","table-name":"%"},"rule-action":"include"}
+            ]}"#,
+        );
+        assert!(sel.selects("public", "orders"));
+        assert!(!sel.selects("public", "tmp_x"));
+        assert!(!sel.selects("other", "orders"));
+    }
+
+    #[test]
+    fn names_are_case_sensitive() {
+        let sel = rules(
+            r#"{"rules":[{"rule-type":"selection","rule-id":1,"object-locator":{"schema-name":"public","table-name":"Table1"},"rule-action":"include"}]}"#,
+        );
+        assert!(sel.selects("public", "Table1"));
+        assert!(!sel.selects("public", "table1"));
+        let tables = vec![("public".to_owned(), "table1".to_owned())];
+        assert_eq!(sel.unmatched_exact(&tables).len(), 1);
+    }
+
+    #[test]
+    fn empty_rules_select_everything() {
+        assert!(Selection::all().selects("any", "thing"));
+    }
+
+    #[test]
+    fn bad_mappings_name_the_rule() {
+        let cases = [
+            ("not json", "not DMS table-mapping JSON"),
+            (
+                r#"{"rules":[{"rule-type":"transformation","rule-id":"7"}]}"#,
+                "rule-id 7",
+            ),
+            (
+                r#"{"rules":[{"rule-type":"selection","rule-id":"3","object-locator":{"schema-name":"s","table-name":"t"},"rule-action":"keep"}]}"#,
+                "rule-action",
+            ),
+            (
+                r#"{"rules":[{"rule-type":"selection","rule-id":"4","object-locator":{"table-name":"t"},"rule-action":"include"}]}"#,
+                "schema-name is missing",
+            ),
+            (
+                r#"{"rules":[{"rule-type":"selection","rule-id":"5","object-locator":{"schema-name":"s%","table-name":"t"},"rule-action":"explicit"}]}"#,
+                "explicit rule",
+            ),
+            (
+                r#"{"rules":[{"rule-type":"selection","rule-id":"6","object-locator":{"schema-name":"s","table-name":"t"},"rule-action":"include","filters":[{"filter-type":"source"}]}]}"#,
+                "row filters",
+            ),
+        ];
+        for (json, want) in cases {
+            let err = Selection::from_json(json, "tables")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{json}: {err}");
+            assert!(err.contains("tables"), "{err}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn literal_patterns_match_only_themselves(a in "[a-zA-Z0-9_ .\"]{0,12}", b in "[a-zA-Z0-9_ .\"]{0,12}") {
+            proptest::prop_assert_eq!(like(&a, &b), a == b);
+            proptest::prop_assert!(like("%", &b));
+        }
+    }
+}

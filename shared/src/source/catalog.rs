@@ -1,0 +1,174 @@
+//! Catalog queries: who the server is, its settings, and the user tables with what CDC needs
+//! to know of them. Read-only.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Client;
+
+use crate::error::{Error, Result};
+use crate::selection::Selection;
+
+/// What the server is and who we are on it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// `server_version`, e.g. `15.18 (Debian 15.18-0+deb12u1)`.
+    pub version: String,
+    /// `server_version_num`, e.g. `150018`.
+    pub version_num: i32,
+    /// Amazon RDS for PostgreSQL (or Aurora).
+    pub is_rds: bool,
+    /// Aurora PostgreSQL.
+    pub is_aurora: bool,
+    /// A standby (hot standby).
+    pub in_recovery: bool,
+    pub database: String,
+    pub user: String,
+    pub superuser: bool,
+    /// The role may use replication slots (REPLICATION, superuser, or rds_replication).
+    pub replication: bool,
+    /// Whether this session is encrypted, and with which TLS version.
+    pub tls: bool,
+    pub tls_version: Option<String>,
+}
+
+const SERVER_INFO: &str = "select current_setting('server_version'), current_setting('server_version_num')::int4, \
+ pg_is_in_recovery(), current_database()::text, current_user::text, \
+ coalesce((select rolsuper from pg_roles where rolname = current_user), false), \
+ coalesce((select rolreplication from pg_roles where rolname = current_user), false), \
+ coalesce((select ssl from pg_stat_ssl where pid = pg_backend_pid()), false), \
+ (select version from pg_stat_ssl where pid = pg_backend_pid()), \
+ exists (select 1 from pg_settings where name like 'rds.%'), \
+ exists (select 1 from pg_proc where proname = 'aurora_version'), \
+ case when exists (select 1 from pg_roles where rolname = 'rds_replication') \
+      then pg_has_role(current_user, 'rds_replication', 'member') else false end";
+
+/// Reads [`ServerInfo`].
+pub async fn server_info(client: &Client) -> Result<ServerInfo> {
+    let row = client
+        .query_one(SERVER_INFO, &[])
+        .await
+        .map_err(|e| Error::postgres("reading server information", e))?;
+    let superuser: bool = row.get(5);
+    let rds_replication: bool = row.get(11);
+    let is_aurora: bool = row.get(10);
+    Ok(ServerInfo {
+        version: row.get(0),
+        version_num: row.get(1),
+        in_recovery: row.get(2),
+        database: row.get(3),
+        user: row.get(4),
+        superuser,
+        replication: superuser || row.get::<_, bool>(6) || rds_replication,
+        tls: row.get(7),
+        tls_version: row.get(8),
+        is_rds: row.get::<_, bool>(9) || is_aurora,
+        is_aurora,
+    })
+}
+
+const SETTINGS: &str =
+    "select name, setting, coalesce(unit, '') from pg_settings where name = any($1)";
+
+/// Server settings by name (`setting` and `unit` as pg_settings shows them).
+pub async fn settings(
+    client: &Client,
+    names: &[&str],
+) -> Result<HashMap<String, (String, String)>> {
+    let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
+    let rows = client
+        .query(SETTINGS, &[&names])
+        .await
+        .map_err(|e| Error::postgres("reading server settings", e))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                (r.get::<_, String>(1), r.get::<_, String>(2)),
+            )
+        })
+        .collect())
+}
+
+/// A user table (or partitioned table) and what CDC needs to know of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableInfo {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+    /// `r` table, `p` partitioned table.
+    pub kind: char,
+    pub is_partition: bool,
+    /// `relreplident`: `d` default (primary key), `n` nothing, `f` full, `i` index.
+    pub replica_identity: char,
+    pub has_primary_key: bool,
+    /// Some column can be TOASTed (variable length, storage other than plain).
+    pub has_toastable: bool,
+    pub can_select: bool,
+    /// The current role owns the table (needed for `CREATE PUBLICATION .. FOR TABLE`).
+    pub is_owner: bool,
+    pub pages: i64,
+    pub estimated_rows: f64,
+}
+
+impl TableInfo {
+    /// `schema.table` for messages (unquoted, as a person writes it).
+    pub fn display_name(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+
+    /// `"schema"."table"`, safe to put in SQL.
+    pub fn quoted(&self) -> String {
+        super::quote_qualified(&self.schema, &self.name)
+    }
+
+    /// Whether updates and deletes carry a key in the WAL.
+    pub fn has_replica_identity(&self) -> bool {
+        match self.replica_identity {
+            'f' | 'i' => true,
+            'd' => self.has_primary_key,
+            _ => false,
+        }
+    }
+}
+
+const USER_TABLES: &str = "select c.oid, n.nspname::text, c.relname::text, c.relkind::text, c.relispartition, \
+ c.relreplident::text, \
+ exists (select 1 from pg_index i where i.indrelid = c.oid and i.indisprimary), \
+ exists (select 1 from pg_attribute a where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped \
+         and a.attlen = -1 and a.attstorage <> 'p'), \
+ has_table_privilege(c.oid, 'select'), pg_has_role(c.relowner, 'usage'), \
+ c.relpages::int8, c.reltuples::float8 \
+ from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+ where c.relkind in ('r', 'p') and n.nspname <> 'information_schema' and n.nspname !~ '^pg_' \
+ and not exists (select 1 from pg_depend d where d.classid = 'pg_class'::regclass and d.objid = c.oid and d.deptype = 'e') \
+ order by n.nspname, c.relname";
+
+/// Lists user tables (not system or extension-owned ones) that `selection` selects.
+/// Partitions are listed too, flagged, because changes may be published under them.
+pub async fn user_tables(client: &Client, selection: &Selection) -> Result<Vec<TableInfo>> {
+    let rows = client
+        .query(USER_TABLES, &[])
+        .await
+        .map_err(|e| Error::postgres("listing tables", e))?;
+    let char_of = |s: String| s.chars().next().unwrap_or('?');
+    Ok(rows
+        .into_iter()
+        .map(|r| TableInfo {
+            oid: r.get(0),
+            schema: r.get(1),
+            name: r.get(2),
+            kind: char_of(r.get(3)),
+            is_partition: r.get(4),
+            replica_identity: char_of(r.get(5)),
+            has_primary_key: r.get(6),
+            has_toastable: r.get(7),
+            can_select: r.get(8),
+            is_owner: r.get(9),
+            pages: r.get(10),
+            estimated_rows: r.get(11),
+        })
+        .filter(|t| selection.selects(&t.schema, &t.name))
+        .collect())
+}

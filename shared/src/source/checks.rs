@@ -1,0 +1,971 @@
+//! The endpoint checks: what DMS's PostgreSQL premigration assessments check, and what bites
+//! DMS and Debezium users later (idle slots filling the disk, tables whose updates cannot be
+//! captured, TOAST placeholders, transactions that block slot creation).
+//!
+//! Every check has a stable `id`, a status, a `detail` with the observed value and a `remedy`
+//! a person can act on (the setting or GRANT to run; the RDS parameter-group setting on RDS).
+//! All queries run in one READ ONLY transaction: the checks never change the source.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Client;
+
+use super::catalog::{self, ServerInfo, TableInfo};
+use super::quote_ident;
+use crate::error::{Error, Result};
+use crate::selection::Selection;
+
+/// Outcome of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pass,
+    Warn,
+    Fail,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pass => "pass",
+            Status::Warn => "warn",
+            Status::Fail => "fail",
+        }
+    }
+}
+
+/// One check's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    pub id: String,
+    pub status: Status,
+    pub detail: String,
+    /// What to do about it; empty when nothing needs doing.
+    pub remedy: String,
+}
+
+impl Check {
+    fn new(
+        id: &str,
+        status: Status,
+        detail: impl Into<String>,
+        remedy: impl Into<String>,
+    ) -> Check {
+        Check {
+            id: id.to_owned(),
+            status,
+            detail: detail.into(),
+            remedy: remedy.into(),
+        }
+    }
+
+    fn pass(id: &str, detail: impl Into<String>) -> Check {
+        Check::new(id, Status::Pass, detail, "")
+    }
+}
+
+/// What the checks look at besides the server.
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    pub selection: Selection,
+    /// The task's slot and publication, when known, to check their health and fit.
+    pub slot_name: Option<String>,
+    pub publication_name: Option<String>,
+    /// Transactions open longer than this are reported (they block slot creation).
+    pub long_transaction_secs: f64,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            selection: Selection::all(),
+            slot_name: None,
+            publication_name: None,
+            long_transaction_secs: 60.0,
+        }
+    }
+}
+
+const SETTING_NAMES: &[&str] = &[
+    "wal_level",
+    "max_replication_slots",
+    "max_wal_senders",
+    "wal_sender_timeout",
+    "max_slot_wal_keep_size",
+    "logical_decoding_work_mem",
+    "rds.logical_replication",
+    "hot_standby_feedback",
+];
+
+/// How many tables a detail line names before it says "and N more".
+const NAMES_SHOWN: usize = 10;
+
+/// Runs every check on an open session. The session's transaction is READ ONLY and rolled back.
+pub async fn run(client: &Client, opts: &CheckOptions) -> Result<(ServerInfo, Vec<Check>)> {
+    client
+        .batch_execute("start transaction read only")
+        .await
+        .map_err(|e| Error::postgres("starting a read-only transaction", e))?;
+    let result = run_in_transaction(client, opts).await;
+    // Best effort: the session is dropped right after anyway.
+    let _ = client.batch_execute("rollback").await;
+    result
+}
+
+async fn run_in_transaction(
+    client: &Client,
+    opts: &CheckOptions,
+) -> Result<(ServerInfo, Vec<Check>)> {
+    let server = catalog::server_info(client).await?;
+    let settings = catalog::settings(client, SETTING_NAMES).await?;
+    let tables = catalog::user_tables(client, &opts.selection).await?;
+    let mut checks = vec![
+        Check::pass(
+            "reachable",
+            format!("connected to {} as {}", server.database, server.user),
+        ),
+        tls_check(&server),
+        Check::pass("auth", format!("authenticated as {}", server.user)),
+        version_check(&server),
+        wal_level_check(&server, &settings),
+        slots_check(client, &server, &settings).await?,
+        wal_senders_check(client, &settings).await?,
+        wal_sender_timeout_check(&settings),
+        max_slot_wal_keep_size_check(&server, &settings),
+        logical_decoding_work_mem_check(&server, &settings),
+        replication_privilege_check(&server),
+        select_privilege_check(&server, &tables),
+        create_privilege_check(client, &server, &tables, opts).await?,
+        hot_standby_check(&server, &settings),
+        long_transactions_check(client, opts).await?,
+        prepared_transactions_check(client).await?,
+        replica_identity_check(&tables),
+        toast_check(&tables),
+        partitions_check(&server, &tables),
+        case_collision_check(&tables),
+        types_check(client, opts).await?,
+        table_selection_check(&tables, opts),
+    ];
+    checks.extend(slot_health_checks(client, &server, opts).await?);
+    Ok((server, checks))
+}
+
+fn setting<'a>(settings: &'a HashMap<String, (String, String)>, name: &str) -> Option<&'a str> {
+    settings.get(name).map(|(v, _)| v.as_str())
+}
+
+fn names(tables: &[&TableInfo]) -> String {
+    let mut out = tables
+        .iter()
+        .take(NAMES_SHOWN)
+        .map(|t| t.display_name())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if tables.len() > NAMES_SHOWN {
+        let _ = write!(out, " and {} more", tables.len() - NAMES_SHOWN);
+    }
+    out
+}
+
+fn bytes_text(bytes: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v.abs() >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+fn rds_or(server: &ServerInfo, rds: &str, plain: &str) -> String {
+    if server.is_rds {
+        rds.to_owned()
+    } else {
+        plain.to_owned()
+    }
+}
+
+fn tls_check(server: &ServerInfo) -> Check {
+    if server.tls {
+        Check::pass(
+            "tls",
+            format!(
+                "session encrypted ({})",
+                server.tls_version.as_deref().unwrap_or("TLS")
+            ),
+        )
+    } else {
+        Check::new(
+            "tls",
+            Status::Warn,
+            "session is not encrypted",
+            "connect with sslmode=verify-full (and sslrootcert=<CA bundle>; on RDS the RDS global bundle) so credentials and data are encrypted",
+        )
+    }
+}
+
+fn version_check(server: &ServerInfo) -> Check {
+    let v = server.version_num;
+    let detail = format!("PostgreSQL {}", server.version);
+    if v < 100_000 {
+        Check::new(
+            "version",
+            Status::Fail,
+            format!("{detail}: logical decoding with pgoutput needs PostgreSQL 10 or later"),
+            "upgrade the source to a supported PostgreSQL (14 or later recommended)",
+        )
+    } else if v < 110_000 {
+        Check::new(
+            "version",
+            Status::Warn,
+            format!(
+                "{detail}: full load works; CDC needs pg_replication_slot_advance (PostgreSQL 11+)"
+            ),
+            "upgrade to PostgreSQL 11 or later for CDC (14+ for TID range chunking)",
+        )
+    } else if v < 140_000 {
+        Check::pass(
+            "version",
+            format!("{detail}: full-load chunks use primary-key ranges (TID range scans need 14+)"),
+        )
+    } else {
+        Check::pass("version", detail)
+    }
+}
+
+fn wal_level_check(server: &ServerInfo, settings: &HashMap<String, (String, String)>) -> Check {
+    let level = setting(settings, "wal_level").unwrap_or("unknown");
+    if level == "logical" {
+        return Check::pass("wal_level", "wal_level = logical");
+    }
+    let rds_flag = setting(settings, "rds.logical_replication").unwrap_or("n/a");
+    Check::new(
+        "wal_level",
+        Status::Fail,
+        if server.is_rds {
+            format!(
+                "wal_level = {level} (rds.logical_replication = {rds_flag}): logical decoding is off"
+            )
+        } else {
+            format!("wal_level = {level}: logical decoding is off, CDC cannot start")
+        },
+        rds_or(
+            server,
+            "set rds.logical_replication = 1 in the DB (cluster) parameter group and reboot the instance",
+            "ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL",
+        ),
+    )
+}
+
+async fn slots_check(
+    client: &Client,
+    server: &ServerInfo,
+    settings: &HashMap<String, (String, String)>,
+) -> Result<Check> {
+    let max: i64 = setting(settings, "max_replication_slots")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let used: i64 = client
+        .query_one("select count(*) from pg_replication_slots", &[])
+        .await
+        .map_err(|e| Error::postgres("counting replication slots", e))?
+        .get(0);
+    let detail = format!("{used} of max_replication_slots = {max} in use");
+    Ok(if used < max {
+        Check::pass("replication_slots", detail)
+    } else {
+        Check::new(
+            "replication_slots",
+            Status::Fail,
+            format!("{detail}: no free slot for the task"),
+            rds_or(
+                server,
+                "raise max_replication_slots in the parameter group (reboot), or drop unused slots with pg_drop_replication_slot",
+                "ALTER SYSTEM SET max_replication_slots = <more>; restart; or drop unused slots with pg_drop_replication_slot",
+            ),
+        )
+    })
+}
+
+async fn wal_senders_check(
+    client: &Client,
+    settings: &HashMap<String, (String, String)>,
+) -> Result<Check> {
+    let max: i64 = setting(settings, "max_wal_senders")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let used: i64 = client
+        .query_one("select count(*) from pg_stat_replication", &[])
+        .await
+        .map_err(|e| Error::postgres("counting wal senders", e))?
+        .get(0);
+    let detail = format!(
+        "{used} of max_wal_senders = {max} in use (pgshift decodes over SQL and needs none; standbys and other CDC tools do)"
+    );
+    Ok(if used < max || max > 0 {
+        Check::pass("wal_senders", detail)
+    } else {
+        Check::new(
+            "wal_senders",
+            Status::Warn,
+            detail,
+            "raise max_wal_senders if standbys or other replication consumers must connect",
+        )
+    })
+}
+
+fn wal_sender_timeout_check(settings: &HashMap<String, (String, String)>) -> Check {
+    let ms: i64 = setting(settings, "wal_sender_timeout")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1);
+    let detail = format!("wal_sender_timeout = {ms} ms");
+    if ms == 0 || ms >= 10_000 {
+        Check::pass("wal_sender_timeout", detail)
+    } else {
+        Check::new(
+            "wal_sender_timeout",
+            Status::Warn,
+            format!("{detail}: below the 10 s DMS requires for streaming consumers"),
+            "set wal_sender_timeout to at least 10000 (ms)",
+        )
+    }
+}
+
+fn max_slot_wal_keep_size_check(
+    server: &ServerInfo,
+    settings: &HashMap<String, (String, String)>,
+) -> Check {
+    if server.version_num < 130_000 {
+        return Check::new(
+            "max_slot_wal_keep_size",
+            Status::Warn,
+            "not available before PostgreSQL 13: a stalled slot can retain WAL until the disk fills",
+            "monitor slot retained bytes (pgshift's SlotRetainedBytes metric) and alarm on it",
+        );
+    }
+    let mb: i64 = setting(settings, "max_slot_wal_keep_size")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1);
+    if mb < 0 {
+        Check::new(
+            "max_slot_wal_keep_size",
+            Status::Warn,
+            "max_slot_wal_keep_size = -1: a slot whose consumer stops retains WAL without limit",
+            rds_or(
+                server,
+                "set max_slot_wal_keep_size (MB) in the parameter group to what the disk can spare; a slot past it is invalidated instead of filling the disk",
+                "ALTER SYSTEM SET max_slot_wal_keep_size = '50GB' (what the disk can spare); SELECT pg_reload_conf()",
+            ),
+        )
+    } else {
+        Check::pass(
+            "max_slot_wal_keep_size",
+            format!("max_slot_wal_keep_size = {}", bytes_text(mb * 1024 * 1024)),
+        )
+    }
+}
+
+fn logical_decoding_work_mem_check(
+    server: &ServerInfo,
+    settings: &HashMap<String, (String, String)>,
+) -> Check {
+    if server.version_num < 130_000 {
+        return Check::pass(
+            "logical_decoding_work_mem",
+            "not available before PostgreSQL 13 (large transactions spill to disk at 4096 changes)",
+        );
+    }
+    let kb: i64 = setting(settings, "logical_decoding_work_mem")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Check::pass(
+        "logical_decoding_work_mem",
+        format!(
+            "logical_decoding_work_mem = {} (pgshift raises it for its own sessions)",
+            bytes_text(kb * 1024)
+        ),
+    )
+}
+
+fn replication_privilege_check(server: &ServerInfo) -> Check {
+    if server.replication {
+        let how = if server.superuser {
+            "superuser"
+        } else {
+            "REPLICATION or rds_replication"
+        };
+        return Check::pass(
+            "replication_privilege",
+            format!("{} has {how}", server.user),
+        );
+    }
+    Check::new(
+        "replication_privilege",
+        Status::Fail,
+        format!(
+            "{} has neither REPLICATION nor rds_replication: it cannot create or read a slot",
+            server.user
+        ),
+        rds_or(
+            server,
+            &format!("GRANT rds_replication TO {};", quote_ident(&server.user)),
+            &format!("ALTER ROLE {} WITH REPLICATION;", quote_ident(&server.user)),
+        ),
+    )
+}
+
+fn select_privilege_check(server: &ServerInfo, tables: &[TableInfo]) -> Check {
+    let denied: Vec<&TableInfo> = tables.iter().filter(|t| !t.can_select).collect();
+    if denied.is_empty() {
+        return Check::pass(
+            "select_privilege",
+            format!("SELECT on all {} selected tables", tables.len()),
+        );
+    }
+    let grants: Vec<String> = denied
+        .iter()
+        .take(NAMES_SHOWN)
+        .map(|t| {
+            format!(
+                "GRANT SELECT ON {} TO {};",
+                t.quoted(),
+                quote_ident(&server.user)
+            )
+        })
+        .collect();
+    Check::new(
+        "select_privilege",
+        Status::Fail,
+        format!(
+            "{} cannot read {} selected tables: {}",
+            server.user,
+            denied.len(),
+            names(&denied)
+        ),
+        grants.join(" "),
+    )
+}
+
+async fn create_privilege_check(
+    client: &Client,
+    server: &ServerInfo,
+    tables: &[TableInfo],
+    opts: &CheckOptions,
+) -> Result<Check> {
+    if let Some(pub_name) = &opts.publication_name {
+        let row = client
+            .query_opt(
+                "select puballtables from pg_publication where pubname = $1",
+                &[pub_name],
+            )
+            .await
+            .map_err(|e| Error::postgres("reading publications", e))?;
+        if let Some(row) = row {
+            let all: bool = row.get(0);
+            return Ok(Check::pass(
+                "create_privilege",
+                format!(
+                    "publication {pub_name} exists ({}); pgshift reuses it",
+                    if all { "FOR ALL TABLES" } else { "FOR TABLE" }
+                ),
+            ));
+        }
+    }
+    if server.superuser {
+        return Ok(Check::pass(
+            "create_privilege",
+            "superuser: the publication is created FOR ALL TABLES, so new tables are captured",
+        ));
+    }
+    let can_create: bool = client
+        .query_one(
+            "select has_database_privilege(current_database(), 'create')",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::postgres("checking CREATE on the database", e))?
+        .get(0);
+    if !can_create {
+        return Ok(Check::new(
+            "create_privilege",
+            Status::Fail,
+            format!(
+                "{} lacks CREATE on database {}: it cannot create the publication",
+                server.user, server.database
+            ),
+            format!(
+                "GRANT CREATE ON DATABASE {} TO {}; or have the table owner run CREATE PUBLICATION and name it in the task",
+                quote_ident(&server.database),
+                quote_ident(&server.user)
+            ),
+        ));
+    }
+    let not_owned: Vec<&TableInfo> = tables.iter().filter(|t| !t.is_owner).collect();
+    if not_owned.is_empty() {
+        Ok(Check::new(
+            "create_privilege",
+            Status::Warn,
+            "CREATE on the database: the publication is created FOR TABLE the selected tables; tables created later need adding",
+            "ALTER PUBLICATION <name> ADD TABLE <new table>; after creating tables that must be captured",
+        ))
+    } else {
+        Ok(Check::new(
+            "create_privilege",
+            Status::Fail,
+            format!(
+                "{} does not own {} selected tables ({}): CREATE PUBLICATION .. FOR TABLE needs ownership",
+                server.user,
+                not_owned.len(),
+                names(&not_owned)
+            ),
+            "have a superuser (rds_superuser) run CREATE PUBLICATION pgshift_<task> FOR ALL TABLES; and name it in the task",
+        ))
+    }
+}
+
+fn hot_standby_check(server: &ServerInfo, settings: &HashMap<String, (String, String)>) -> Check {
+    if !server.in_recovery {
+        return Check::pass("hot_standby", "primary (not in recovery)");
+    }
+    if server.version_num < 160_000 {
+        return Check::new(
+            "hot_standby",
+            Status::Fail,
+            "the source is a standby: logical decoding on a standby needs PostgreSQL 16",
+            "point the task at the primary (the writer endpoint on Aurora)",
+        );
+    }
+    let feedback = setting(settings, "hot_standby_feedback").unwrap_or("off");
+    Check::new(
+        "hot_standby",
+        Status::Warn,
+        format!(
+            "the source is a standby (PostgreSQL 16+ can decode there); hot_standby_feedback = {feedback}"
+        ),
+        "set hot_standby_feedback = on, or point the task at the primary",
+    )
+}
+
+const LONG_TRANSACTIONS: &str = "select pid, coalesce(usename::text, ''), coalesce(datname::text, ''), \
+ coalesce(state, ''), extract(epoch from now() - xact_start)::float8, backend_xid is not null \
+ from pg_stat_activity where xact_start is not null and pid <> pg_backend_pid() \
+ and backend_type = 'client backend' and now() - xact_start > make_interval(secs => $1) \
+ order by xact_start limit 10";
+
+async fn long_transactions_check(client: &Client, opts: &CheckOptions) -> Result<Check> {
+    let rows = client
+        .query(LONG_TRANSACTIONS, &[&opts.long_transaction_secs])
+        .await
+        .map_err(|e| Error::postgres("reading pg_stat_activity", e))?;
+    if rows.is_empty() {
+        return Ok(Check::pass(
+            "long_running_transactions",
+            format!(
+                "no transaction open longer than {} s",
+                opts.long_transaction_secs
+            ),
+        ));
+    }
+    let list: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let writes = if r.get::<_, bool>(5) {
+                ", has written"
+            } else {
+                ""
+            };
+            format!(
+                "pid {} ({}@{}, {}, open {:.0} s{writes})",
+                r.get::<_, i32>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2),
+                r.get::<_, String>(3),
+                r.get::<_, f64>(4)
+            )
+        })
+        .collect();
+    Ok(Check::new(
+        "long_running_transactions",
+        Status::Warn,
+        format!(
+            "{} transactions open longer than {} s: {} (slot creation waits for transactions that write)",
+            rows.len(),
+            opts.long_transaction_secs,
+            list.join("; ")
+        ),
+        "commit or end them before the full load starts (SELECT pg_terminate_backend(<pid>) as a last resort); set idle_in_transaction_session_timeout",
+    ))
+}
+
+async fn prepared_transactions_check(client: &Client) -> Result<Check> {
+    let rows = client
+        .query(
+            "select gid, database::text, extract(epoch from now() - prepared)::float8 from pg_prepared_xacts order by prepared limit 10",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::postgres("reading pg_prepared_xacts", e))?;
+    if rows.is_empty() {
+        return Ok(Check::pass(
+            "prepared_transactions",
+            "no prepared transactions",
+        ));
+    }
+    let list: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{} in {} ({:.0} s old)",
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+                r.get::<_, f64>(2)
+            )
+        })
+        .collect();
+    Ok(Check::new(
+        "prepared_transactions",
+        Status::Warn,
+        format!(
+            "{} prepared transactions: {} (they block slot creation and hold back WAL removal)",
+            rows.len(),
+            list.join("; ")
+        ),
+        "COMMIT PREPARED '<gid>' or ROLLBACK PREPARED '<gid>' for each",
+    ))
+}
+
+fn replica_identity_check(tables: &[TableInfo]) -> Check {
+    let missing: Vec<&TableInfo> = tables
+        .iter()
+        .filter(|t| t.kind == 'r' && !t.has_replica_identity())
+        .collect();
+    if missing.is_empty() {
+        return Check::pass(
+            "replica_identity",
+            "every selected table has a primary key or replica identity",
+        );
+    }
+    let fixes: Vec<String> = missing
+        .iter()
+        .take(NAMES_SHOWN)
+        .map(|t| format!("ALTER TABLE {} REPLICA IDENTITY FULL;", t.quoted()))
+        .collect();
+    Check::new(
+        "replica_identity",
+        Status::Warn,
+        format!(
+            "{} tables have no primary key and no usable replica identity: {} (their updates and deletes carry no key; once published, UPDATE/DELETE on them fail on the source)",
+            missing.len(),
+            names(&missing)
+        ),
+        format!("add a primary key, or {}", fixes.join(" ")),
+    )
+}
+
+fn toast_check(tables: &[TableInfo]) -> Check {
+    let affected: Vec<&TableInfo> = tables
+        .iter()
+        .filter(|t| t.kind == 'r' && t.has_toastable && t.replica_identity != 'f')
+        .collect();
+    if affected.is_empty() {
+        return Check::pass(
+            "toast_replica_identity",
+            "no TOAST-able columns without REPLICA IDENTITY FULL",
+        );
+    }
+    let fixes: Vec<String> = affected
+        .iter()
+        .take(NAMES_SHOWN)
+        .map(|t| format!("ALTER TABLE {} REPLICA IDENTITY FULL;", t.quoted()))
+        .collect();
+    Check::new(
+        "toast_replica_identity",
+        Status::Warn,
+        format!(
+            "{} tables have TOAST-able columns without REPLICA IDENTITY FULL: {} (an update that leaves a large value unchanged does not carry it; pgshift marks it unchanged instead of writing a placeholder)",
+            affected.len(),
+            names(&affected)
+        ),
+        format!("to stage full rows: {}", fixes.join(" ")),
+    )
+}
+
+fn partitions_check(server: &ServerInfo, tables: &[TableInfo]) -> Check {
+    let parents: Vec<&TableInfo> = tables.iter().filter(|t| t.kind == 'p').collect();
+    if parents.is_empty() {
+        return Check::pass("partitioned_tables", "no partitioned tables selected");
+    }
+    if server.version_num >= 130_000 {
+        Check::new(
+            "partitioned_tables",
+            Status::Warn,
+            format!(
+                "partitioned tables: {} (changes are published under the root with publish_via_partition_root; partitions are loaded through the root)",
+                names(&parents)
+            ),
+            "select the root tables, not the partitions, so rows are not staged twice",
+        )
+    } else {
+        Check::new(
+            "partitioned_tables",
+            Status::Warn,
+            format!(
+                "partitioned tables before PostgreSQL 13: {} (changes arrive per partition)",
+                names(&parents)
+            ),
+            "select the partitions themselves, or upgrade to PostgreSQL 13+",
+        )
+    }
+}
+
+fn case_collision_check(tables: &[TableInfo]) -> Check {
+    let mut groups: BTreeMap<String, Vec<&TableInfo>> = BTreeMap::new();
+    for t in tables {
+        groups
+            .entry(format!(
+                "{}.{}",
+                t.schema.to_lowercase(),
+                t.name.to_lowercase()
+            ))
+            .or_default()
+            .push(t);
+    }
+    let clashes: Vec<String> = groups
+        .values()
+        .filter(|g| g.len() > 1)
+        .map(|g| {
+            g.iter()
+                .map(|t| t.display_name())
+                .collect::<Vec<_>>()
+                .join(" / ")
+        })
+        .collect();
+    if clashes.is_empty() {
+        return Check::pass("case_collisions", "no table names that differ only in case");
+    }
+    Check::new(
+        "case_collisions",
+        Status::Warn,
+        format!(
+            "table names that differ only in case: {} (pgshift keeps them apart; case-insensitive consumers such as Glue/Athena do not)",
+            clashes.join("; ")
+        ),
+        "rename one of each pair, or exclude one with a selection rule",
+    )
+}
+
+const LOSSY_TYPES: &str = "select n.nspname::text, c.relname::text, a.attname::text, \
+ format_type(a.atttypid, a.atttypmod), t.typname::text, tn.nspname::text \
+ from pg_attribute a join pg_class c on c.oid = a.attrelid join pg_namespace n on n.oid = c.relnamespace \
+ join pg_type t on t.oid = a.atttypid join pg_namespace tn on tn.oid = t.typnamespace \
+ where a.attnum > 0 and not a.attisdropped and c.relkind in ('r', 'p') \
+ and n.nspname <> 'information_schema' and n.nspname !~ '^pg_' \
+ and (t.typname in ('money', 'regclass', 'regproc', 'regprocedure', 'regoper', 'regoperator', 'regtype', \
+      'regconfig', 'regdictionary', 'regnamespace', 'regrole', 'regcollation') \
+      or tn.nspname not in ('pg_catalog', 'information_schema')) \
+ order by 1, 2, a.attnum";
+
+async fn types_check(client: &Client, opts: &CheckOptions) -> Result<Check> {
+    let rows = client
+        .query(LOSSY_TYPES, &[])
+        .await
+        .map_err(|e| Error::postgres("reading column types", e))?;
+    let mut notes = Vec::new();
+    for r in &rows {
+        let (schema, table): (String, String) = (r.get(0), r.get(1));
+        if !opts.selection.selects(&schema, &table) {
+            continue;
+        }
+        let (column, ty, typname, typschema): (String, String, String, String) =
+            (r.get(2), r.get(3), r.get(4), r.get(5));
+        let why = if typname == "money" {
+            "text depends on lc_monetary"
+        } else if typname.starts_with("reg") && typschema == "pg_catalog" {
+            "an OID shown as a name; may not resolve on a target"
+        } else {
+            "a user-defined or extension type, staged as its text output; a target needs the same type"
+        };
+        notes.push(format!("{schema}.{table}.{column} {ty} ({why})"));
+    }
+    if notes.is_empty() {
+        return Ok(Check::pass(
+            "data_types",
+            "every selected column has a built-in, exactly staged type",
+        ));
+    }
+    let shown = notes.len().min(NAMES_SHOWN);
+    let more = if notes.len() > shown {
+        format!(" and {} more", notes.len() - shown)
+    } else {
+        String::new()
+    };
+    Ok(Check::new(
+        "data_types",
+        Status::Warn,
+        format!(
+            "{} columns may need care: {}{more}",
+            notes.len(),
+            notes[..shown].join("; ")
+        ),
+        "stage as text is exact for these; on a PostgreSQL target create the same extensions and types first",
+    ))
+}
+
+fn table_selection_check(tables: &[TableInfo], opts: &CheckOptions) -> Check {
+    let found: Vec<(String, String)> = tables
+        .iter()
+        .map(|t| (t.schema.clone(), t.name.clone()))
+        .collect();
+    let missing = opts.selection.unmatched_exact(&found);
+    if !missing.is_empty() {
+        let list: Vec<String> = missing
+            .iter()
+            .map(|r| format!("{}.{} (rule-id {})", r.schema, r.table, r.id))
+            .collect();
+        return Check::new(
+            "table_selection",
+            Status::Fail,
+            format!(
+                "selection rules name tables that do not exist: {}",
+                list.join(", ")
+            ),
+            "fix the names in the table mapping (names are case-sensitive)",
+        );
+    }
+    if tables.is_empty() {
+        return Check::new(
+            "table_selection",
+            Status::Warn,
+            "no table is selected",
+            "check the schema-name and table-name patterns of the table mapping",
+        );
+    }
+    Check::pass(
+        "table_selection",
+        format!("{} tables selected", tables.len()),
+    )
+}
+
+const SLOT_HEALTH_13: &str = "select slot_name::text, coalesce(plugin::text, ''), coalesce(database::text, ''), active, \
+ coalesce(wal_status, ''), safe_wal_size, \
+ coalesce(pg_wal_lsn_diff(case when pg_is_in_recovery() then pg_last_wal_replay_lsn() else pg_current_wal_lsn() end, restart_lsn), 0)::int8 \
+ from pg_replication_slots where slot_type = 'logical' order by slot_name";
+const SLOT_HEALTH_10: &str = "select slot_name::text, coalesce(plugin::text, ''), coalesce(database::text, ''), active, \
+ ''::text, null::int8, \
+ coalesce(pg_wal_lsn_diff(case when pg_is_in_recovery() then pg_last_wal_replay_lsn() else pg_current_wal_lsn() end, restart_lsn), 0)::int8 \
+ from pg_replication_slots where slot_type = 'logical' order by slot_name";
+
+/// Retained WAL above which an inactive slot is reported.
+const RETAINED_WARN_BYTES: i64 = 1 << 30;
+
+async fn slot_health_checks(
+    client: &Client,
+    server: &ServerInfo,
+    opts: &CheckOptions,
+) -> Result<Vec<Check>> {
+    let sql = if server.version_num >= 130_000 {
+        SLOT_HEALTH_13
+    } else {
+        SLOT_HEALTH_10
+    };
+    let rows = client
+        .query(sql, &[])
+        .await
+        .map_err(|e| Error::postgres("reading replication slots", e))?;
+    let mut checks = Vec::new();
+    let mut task_slot_seen = false;
+    let mut worries = Vec::new();
+    for r in &rows {
+        let name: String = r.get(0);
+        let plugin: String = r.get(1);
+        let database: String = r.get(2);
+        let active: bool = r.get(3);
+        let wal_status: String = r.get(4);
+        let safe: Option<i64> = r.get(5);
+        let retained: i64 = r.get(6);
+        let mut detail = format!(
+            "slot {name} ({plugin}, database {database}, {}): retains {}",
+            if active { "active" } else { "inactive" },
+            bytes_text(retained)
+        );
+        if !wal_status.is_empty() {
+            let _ = write!(detail, ", wal_status {wal_status}");
+        }
+        if let Some(s) = safe {
+            let _ = write!(detail, ", safe_wal_size {}", bytes_text(s));
+        }
+        let is_task = opts.slot_name.as_deref() == Some(name.as_str());
+        task_slot_seen |= is_task;
+        let lost = wal_status == "lost";
+        let at_risk = wal_status == "unreserved" || (!active && retained > RETAINED_WARN_BYTES);
+        if is_task {
+            let (status, remedy) = if lost {
+                (
+                    Status::Fail,
+                    "the slot lost WAL it needed: drop it and re-run the full load with CDC",
+                )
+            } else if plugin != "pgoutput" || database != server.database {
+                (
+                    Status::Fail,
+                    "the task's slot exists with another plugin or database: choose another slot name or drop it",
+                )
+            } else if at_risk {
+                (
+                    Status::Warn,
+                    "the slot retains much WAL: run the CDC poller (pgshift cdc) so it advances",
+                )
+            } else {
+                (Status::Pass, "")
+            };
+            checks.push(Check::new("task_slot", status, detail, remedy));
+        } else if lost || at_risk {
+            worries.push(detail);
+        }
+    }
+    if let Some(slot) = &opts.slot_name {
+        if !task_slot_seen {
+            checks.push(Check::pass(
+                "task_slot",
+                format!("slot {slot} does not exist yet; the full load creates it"),
+            ));
+        }
+    }
+    checks.push(if worries.is_empty() {
+        Check::pass(
+            "slot_health",
+            format!("{} logical slots, none lost or retaining over {}", rows.len(), bytes_text(RETAINED_WARN_BYTES)),
+        )
+    } else {
+        Check::new(
+            "slot_health",
+            Status::Warn,
+            worries.join("; "),
+            "drop slots nobody consumes (SELECT pg_drop_replication_slot('<name>')): an idle slot keeps WAL until the disk fills",
+        )
+    });
+    Ok(checks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_like_postgres() {
+        assert_eq!(bytes_text(512), "512 B");
+        assert_eq!(bytes_text(1536), "1.5 kB");
+        assert_eq!(bytes_text(64 * 1024 * 1024), "64.0 MB");
+    }
+
+    #[test]
+    fn status_orders_by_severity() {
+        assert!(Status::Fail > Status::Warn && Status::Warn > Status::Pass);
+    }
+}

@@ -1,0 +1,1 @@
+//! Test harness support (see src/main.rs for the tests).
