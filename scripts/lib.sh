@@ -88,6 +88,7 @@ wal_level = $wal_level
 max_replication_slots = 64
 max_wal_senders = 64
 wal_sender_timeout = 10s
+max_slot_wal_keep_size = 10GB
 max_connections = 300
 max_prepared_transactions = 16
 fsync = off
@@ -105,7 +106,8 @@ EOF
   log "PostgreSQL ($name, wal_level=$wal_level) on 127.0.0.1:$port"
 }
 
-# A throwaway CA and a server certificate for localhost / 127.0.0.1.
+# A throwaway CA and a server certificate for the name localhost only (so verify-full to
+# 127.0.0.1 fails on the name, as libpq's would).
 pgshift_tls_files() {
   [ -f "$PGSHIFT_RUN_DIR/server.crt" ] && return 0
   (
@@ -114,7 +116,7 @@ pgshift_tls_files() {
       -keyout ca.key -out ca.crt -addext "basicConstraints=critical,CA:TRUE" \
       -addext "keyUsage=critical,keyCertSign,cRLSign" >/dev/null 2>&1
     openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr >/dev/null 2>&1
-    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > ext.cnf
+    printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > ext.cnf
     openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
       -extfile ext.cnf -out server.crt >/dev/null 2>&1
     chmod 644 ca.crt

@@ -77,10 +77,10 @@ impl Aws {
             )
         })?;
         let mut cfg = PgConfig::from_endpoint(&spec, "secret")?;
-        if spec.sslmode.is_none() {
-            if let Some(mode) = default_sslmode {
-                cfg.sslmode = mode;
-            }
+        if spec.sslmode.is_none()
+            && let Some(mode) = default_sslmode
+        {
+            cfg.sslmode = mode;
         }
         Ok(cfg)
     }

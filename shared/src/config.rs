@@ -411,13 +411,13 @@ impl LambdaEnv {
                 )
             })?),
         };
-        if let Some(stage) = get("PGSHIFT_STAGE") {
-            if !stage.starts_with("s3://") {
-                return Err(Error::config(
-                    "PGSHIFT_STAGE",
-                    "must be an s3://bucket/prefix URL",
-                ));
-            }
+        if let Some(stage) = get("PGSHIFT_STAGE")
+            && !stage.starts_with("s3://")
+        {
+            return Err(Error::config(
+                "PGSHIFT_STAGE",
+                "must be an s3://bucket/prefix URL",
+            ));
         }
         Ok(LambdaEnv {
             source_secret_arn: get("PGSHIFT_SOURCE_SECRET_ARN"),

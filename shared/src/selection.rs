@@ -103,13 +103,13 @@ impl Selection {
             let loc = raw
                 .object_locator
                 .ok_or_else(|| Error::config(&at, "object-locator is missing"))?;
-            if let Some(tt) = loc.table_type.as_deref() {
-                if !matches!(tt, "table" | "all") {
-                    return Err(Error::config(
-                        &at,
-                        format!("table-type {tt:?} is not supported"),
-                    ));
-                }
+            if let Some(tt) = loc.table_type.as_deref()
+                && !matches!(tt, "table" | "all")
+            {
+                return Err(Error::config(
+                    &at,
+                    format!("table-type {tt:?} is not supported"),
+                ));
             }
             let schema = loc
                 .schema_name

@@ -1,1 +1,174 @@
-//! Test harness support (see src/main.rs for the tests).
+//! The integration-test harness: where the services are, and per-test resources that clean up
+//! after themselves.
+//!
+//! Services are found through environment variables that `scripts/test.sh` sets (point them at
+//! your own servers to reuse them):
+//! - `PGSHIFT_TEST_PG_URL`: superuser URL of a PostgreSQL 15 cluster with `wal_level=logical`;
+//! - `PGSHIFT_TEST_PG_REPLICA_URL`: superuser URL of a cluster with `wal_level=replica`;
+//! - `PGSHIFT_TEST_CA_FILE`: the CA that signed the clusters' server certificate;
+//! - `AWS_ENDPOINT_URL`: the AWS emulator (moto or LocalStack).
+//!
+//! A missing variable or an unreachable service fails the test with a message saying how to
+//! start them; tests never skip.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use pgshift::config::PgConfig;
+use tokio_postgres::Client;
+
+/// Reads a required environment variable or fails the test with a clear message.
+pub fn env(name: &str) -> String {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => v,
+        _ => panic!(
+            "{name} is not set: run the tests with ./scripts/test.sh, which starts PostgreSQL and the AWS emulator{}",
+            if std::env::var("CI").as_deref() == Ok("true") {
+                " (CI=true: services are required)"
+            } else {
+                ""
+            }
+        ),
+    }
+}
+
+/// The superuser configuration of the logical cluster.
+pub fn admin_config() -> PgConfig {
+    PgConfig::from_url(&env("PGSHIFT_TEST_PG_URL"), "PGSHIFT_TEST_PG_URL")
+        .expect("PGSHIFT_TEST_PG_URL")
+}
+
+/// The superuser configuration of the `wal_level=replica` cluster.
+pub fn replica_admin_config() -> PgConfig {
+    PgConfig::from_url(
+        &env("PGSHIFT_TEST_PG_REPLICA_URL"),
+        "PGSHIFT_TEST_PG_REPLICA_URL",
+    )
+    .expect("PGSHIFT_TEST_PG_REPLICA_URL")
+}
+
+/// A session for test set-up (not through the code under test's settings).
+pub async fn connect(cfg: &PgConfig) -> Client {
+    pgshift::source::connect(cfg)
+        .await
+        .unwrap_or_else(|e| panic!("test PostgreSQL at {} is unreachable: {e}", cfg.target()))
+}
+
+/// A name no other test uses: `<prefix>_<pid>_<n>`.
+pub fn unique_name(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A database of its own for one test, with roles it created; dropped (with its slots and
+/// roles) when the value is dropped.
+pub struct TestDb {
+    pub name: String,
+    admin: PgConfig,
+    roles: Vec<String>,
+}
+
+impl TestDb {
+    /// A fresh database on the logical cluster.
+    pub async fn new(prefix: &str) -> TestDb {
+        TestDb::on(admin_config(), prefix).await
+    }
+
+    /// A fresh database on the cluster `admin` points at.
+    pub async fn on(admin: PgConfig, prefix: &str) -> TestDb {
+        let name = unique_name(prefix);
+        let client = connect(&admin).await;
+        client
+            .batch_execute(&format!(
+                "create database {}",
+                pgshift::source::quote_ident(&name)
+            ))
+            .await
+            .expect("create test database");
+        TestDb {
+            name,
+            admin,
+            roles: Vec::new(),
+        }
+    }
+
+    /// Superuser settings for this database.
+    pub fn config(&self) -> PgConfig {
+        self.admin.with_dbname(&self.name)
+    }
+
+    /// A superuser session on this database.
+    pub async fn client(&self) -> Client {
+        connect(&self.config()).await
+    }
+
+    /// Creates a login role (dropped with the database) and returns settings to connect as it.
+    pub async fn create_role(&mut self, attributes: &str) -> PgConfig {
+        let role = unique_name("role");
+        let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+        let admin = connect(&self.admin).await;
+        admin
+            .batch_execute(&format!(
+                "create role {} login password '{password}' {attributes}",
+                pgshift::source::quote_ident(&role)
+            ))
+            .await
+            .expect("create role");
+        self.roles.push(role.clone());
+        let mut cfg = self.config();
+        cfg.user = role;
+        cfg.password = Some(password.into());
+        cfg
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin = self.admin.clone();
+        let name = self.name.clone();
+        let roles = std::mem::take(&mut self.roles);
+        // Drop runs inside the test's runtime: clean up on a thread with its own runtime.
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let Ok(client) = pgshift::source::connect(&admin).await else { return };
+                let _ = client
+                    .execute(
+                        "select pg_drop_replication_slot(slot_name) from pg_replication_slots where database = $1 and not active",
+                        &[&name],
+                    )
+                    .await;
+                let _ = client
+                    .batch_execute(&format!(
+                        "drop database if exists {} with (force)",
+                        pgshift::source::quote_ident(&name)
+                    ))
+                    .await;
+                for role in roles {
+                    let q = pgshift::source::quote_ident(&role);
+                    let _ = client.batch_execute(&format!("drop role if exists {q}")).await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// The `pgshift` binary built beside the test binary (`cargo test --workspace` builds it).
+pub fn pgshift_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("pgshift");
+    assert!(
+        bin.exists(),
+        "{} not found: build the workspace (cargo build --workspace) before the tests",
+        bin.display()
+    );
+    bin
+}

@@ -1,1 +1,3 @@
+//! Integration tests: real PostgreSQL and a local AWS emulator (see `scripts/test.sh`).
 
+mod endpoint;

@@ -51,6 +51,9 @@ pub struct TaskSpec {
 impl TestEndpointEvent {
     /// Parses an event, naming the offending field on error (`endpoint.port: ...`).
     pub fn from_json(value: serde_json::Value) -> Result<TestEndpointEvent> {
+        if !value.is_object() {
+            return Err(Error::event("event", "must be a JSON object"));
+        }
         let event: TestEndpointEvent = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let field = if path == "." {
@@ -66,10 +69,10 @@ impl TestEndpointEvent {
                 "give either endpoint or secret_arn, not both",
             ));
         }
-        if let Some(arn) = &event.secret_arn {
-            if arn.trim().is_empty() {
-                return Err(Error::event("secret_arn", "must not be empty"));
-            }
+        if let Some(arn) = &event.secret_arn
+            && arn.trim().is_empty()
+        {
+            return Err(Error::event("secret_arn", "must not be empty"));
         }
         Ok(event)
     }
@@ -249,7 +252,10 @@ mod tests {
                 serde_json::json!({"endpoint": {"host": "h"}, "secret_arn": "x"}),
                 Some("endpoint"),
             ),
-            (serde_json::json!({"endpont": {"host": "h"}}), Some("event")),
+            (
+                serde_json::json!({"endpont": {"host": "h"}}),
+                Some("endpont"),
+            ),
             (
                 serde_json::json!({"endpoint": {"host": 7}}),
                 Some("endpoint.host"),
@@ -279,6 +285,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn fixture_events_parse() {
+        let secret: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/events/test-endpoint-secret.json"
+        ))
+        .unwrap();
+        let ev = TestEndpointEvent::from_json(secret).unwrap();
+        let opts = ev.check_options().unwrap();
+        assert!(opts.selection.selects("sales", "orders"));
+        assert!(!opts.selection.selects("sales", "tmp_orders"));
+        assert_eq!(opts.slot_name.as_deref(), Some("pgshift_orders"));
+
+        let direct: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/events/test-endpoint-endpoint.json"
+        ))
+        .unwrap();
+        let ev = TestEndpointEvent::from_json(direct).unwrap();
+        let cfg = PgConfig::from_endpoint(ev.endpoint.as_ref().unwrap(), "endpoint").unwrap();
+        assert_eq!(cfg.sslmode, SslMode::VerifyFull);
+
+        let empty: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/events/test-endpoint-default.json"
+        ))
+        .unwrap();
+        let ev = TestEndpointEvent::from_json(empty).unwrap();
+        assert!(ev.endpoint.is_none() && ev.secret_arn.is_none());
     }
 
     #[test]

@@ -38,7 +38,7 @@ const SERVER_INFO: &str = "select current_setting('server_version'), current_set
  coalesce((select rolreplication from pg_roles where rolname = current_user), false), \
  coalesce((select ssl from pg_stat_ssl where pid = pg_backend_pid()), false), \
  (select version from pg_stat_ssl where pid = pg_backend_pid()), \
- exists (select 1 from pg_settings where name like 'rds.%'), \
+ (current_setting('rds.extensions', true) is not null or current_setting('rds.logical_replication', true) is not null), \
  exists (select 1 from pg_proc where proname = 'aurora_version'), \
  case when exists (select 1 from pg_roles where rolname = 'rds_replication') \
       then pg_has_role(current_user, 'rds_replication', 'member') else false end";
@@ -103,7 +103,9 @@ pub struct TableInfo {
     /// `relreplident`: `d` default (primary key), `n` nothing, `f` full, `i` index.
     pub replica_identity: char,
     pub has_primary_key: bool,
-    /// Some column can be TOASTed (variable length, storage other than plain).
+    /// Some column can be TOASTed out of line: variable length with extended or external
+    /// storage (numeric's `main` storage and `char`/`varchar` of at most 255 characters, which
+    /// in practice stay inline, are not counted).
     pub has_toastable: bool,
     pub can_select: bool,
     /// The current role owns the table (needed for `CREATE PUBLICATION .. FOR TABLE`).
@@ -137,7 +139,8 @@ const USER_TABLES: &str = "select c.oid, n.nspname::text, c.relname::text, c.rel
  c.relreplident::text, \
  exists (select 1 from pg_index i where i.indrelid = c.oid and i.indisprimary), \
  exists (select 1 from pg_attribute a where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped \
-         and a.attlen = -1 and a.attstorage <> 'p'), \
+         and a.attlen = -1 and a.attstorage in ('x', 'e') \
+         and not (a.atttypid in ('bpchar'::regtype, 'varchar'::regtype) and a.atttypmod between 0 and 259)), \
  has_table_privilege(c.oid, 'select'), pg_has_role(c.relowner, 'usage'), \
  c.relpages::int8, c.reltuples::float8 \
  from pg_class c join pg_namespace n on n.oid = c.relnamespace \

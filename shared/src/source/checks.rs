@@ -929,13 +929,13 @@ async fn slot_health_checks(
             worries.push(detail);
         }
     }
-    if let Some(slot) = &opts.slot_name {
-        if !task_slot_seen {
-            checks.push(Check::pass(
-                "task_slot",
-                format!("slot {slot} does not exist yet; the full load creates it"),
-            ));
-        }
+    if let Some(slot) = &opts.slot_name
+        && !task_slot_seen
+    {
+        checks.push(Check::pass(
+            "task_slot",
+            format!("slot {slot} does not exist yet; the full load creates it"),
+        ));
     }
     checks.push(if worries.is_empty() {
         Check::pass(

@@ -24,7 +24,8 @@ use crate::config::{PgConfig, SslMode};
 use crate::error::{ConnectFailure, Error, Result};
 
 /// Opens a session with pgshift's settings. The whole attempt (DNS, TCP, TLS, auth) is bounded
-/// by the configured connect timeout plus a few seconds for the handshake.
+/// by twice the configured connect timeout, so a server that accepts TCP and then says nothing
+/// is a timeout too.
 pub async fn connect(cfg: &PgConfig) -> Result<Client> {
     let target = cfg.target();
     let connect_err = |kind: ConnectFailure, detail: String| Error::Connect {
@@ -53,7 +54,7 @@ pub async fn connect(cfg: &PgConfig) -> Result<Client> {
         }
     });
     let tls = MakeRustlsConnect::new(tls_config(cfg)?);
-    let budget = cfg.connect_timeout + Duration::from_secs(5);
+    let budget = cfg.connect_timeout * 2;
     let (client, connection) = match tokio::time::timeout(budget, pg.connect(tls)).await {
         Err(_) => {
             return Err(connect_err(
