@@ -26,6 +26,8 @@ export PGSHIFT_TEST_PG_REPLICA_URL="postgres://postgres:${PGSHIFT_PG_PASSWORD}@1
 export PGSHIFT_TEST_CA_FILE="$PGSHIFT_RUN_DIR/ca.crt"
 export PGSHIFT_TEST_CORPUS="${PGSHIFT_TEST_CORPUS:-$PGSHIFT_ROOT/../shared/corpus}"
 
+# The CLI tests run the built `pgshift` binary; test runners build only test targets.
+cargo build --workspace --bins
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
 else

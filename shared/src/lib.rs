@@ -19,6 +19,7 @@ pub mod job;
 #[cfg(feature = "lambda")]
 pub mod lambda;
 pub mod lsn;
+pub mod pgoutput;
 pub mod selection;
 pub mod source;
 
