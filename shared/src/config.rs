@@ -549,3 +549,44 @@ mod tests {
         assert!(err.to_string().contains("PGSHIFT_SOURCE_SSLMODE"));
     }
 }
+
+/// Checks a task name: it names the slot, the publication, state items and files, so it is
+/// 1–48 characters of `a-z`, `0-9` and `-`, starting with a letter.
+pub fn check_task_name(task: &str) -> Result<()> {
+    let ok = (1..=48).contains(&task.len())
+        && task.starts_with(|c: char| c.is_ascii_lowercase())
+        && task
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::config(
+            "task",
+            format!(
+                "{:?} is not a task name: use 1-48 of a-z, 0-9 and '-', starting with a letter",
+                task.chars().take(60).collect::<String>()
+            ),
+        ))
+    }
+}
+
+/// The replication slot (and publication) name of a task: `pgshift_<task>` with `-` as `_`
+/// (slot names allow only lower-case letters, digits and underscores).
+pub fn slot_name(task: &str) -> String {
+    format!("pgshift_{}", task.replace('-', "_"))
+}
+
+#[cfg(test)]
+mod task_tests {
+    use super::*;
+
+    #[test]
+    fn task_names() {
+        assert!(check_task_name("orders-prod").is_ok());
+        for bad in ["", "Orders", "1abc", "a_b", "a b", "../x", &"a".repeat(49)] {
+            assert!(check_task_name(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(slot_name("orders-prod"), "pgshift_orders_prod");
+    }
+}

@@ -8,13 +8,18 @@
 //! - [`aws`]: the one place AWS SDK clients are built (honours `AWS_ENDPOINT_URL`).
 //! - [`selection`]: DMS table-mapping selection rules.
 //! - [`source`]: the PostgreSQL source: connect, catalog, endpoint checks.
+//! - [`pgoutput`]: a pure decoder of the pgoutput protocol; [`change`]: decoded row changes.
+//! - [`format`]: staged file formats; [`stage`]: where files go (S3, folder, memory).
+//! - [`state`]: task state with conditional writes (DynamoDB, file, memory).
 //! - [`job`]: what the functions and the CLI run.
 //!
 //! The design (data formats, the CDC effect order) is in `DESIGN.md` of the project.
 
 pub mod aws;
+pub mod change;
 pub mod config;
 pub mod error;
+pub mod format;
 pub mod job;
 #[cfg(feature = "lambda")]
 pub mod lambda;
@@ -22,6 +27,8 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod selection;
 pub mod source;
+pub mod stage;
+pub mod state;
 
 pub use error::{Error, Result};
 pub use lsn::Lsn;
