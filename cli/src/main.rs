@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 use pgshift::Error;
 use pgshift::aws::Aws;
 use pgshift::config::SourceSpec;
+use pgshift::format::Format;
+use pgshift::job::cdc_poll::{self, CdcOptions, PollReport};
 use pgshift::job::test_endpoint;
 use pgshift::selection::Selection;
 use pgshift::source::checks::{CheckOptions, Status};
@@ -46,6 +48,43 @@ enum Command {
         #[arg(long, default_value_t = 60.0)]
         long_transaction_secs: f64,
         /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain the task's slot into staged files (creates the publication and slot of a CDC-only task).
+    Cdc {
+        #[arg(long, env = "PGSHIFT_TASK")]
+        task: String,
+        /// `postgres://..` or `secret:<arn>`.
+        #[arg(long, env = "PGSHIFT_SOURCE")]
+        source: String,
+        /// A folder, or `s3://bucket/prefix` (default ./pgshift-data/stage).
+        #[arg(long, env = "PGSHIFT_STAGE", default_value = "./pgshift-data/stage")]
+        stage: String,
+        /// A folder, or `dynamodb://table` (default ./pgshift-data/state).
+        #[arg(long, env = "PGSHIFT_STATE", default_value = "./pgshift-data/state")]
+        state: String,
+        /// csv, csv.gz, jsonl or jsonl.gz.
+        #[arg(long, env = "PGSHIFT_FORMAT", default_value = "csv")]
+        format: String,
+        /// DMS table-mapping JSON file with selection rules (default: all user tables).
+        #[arg(long, env = "PGSHIFT_TABLES")]
+        tables: Option<std::path::PathBuf>,
+        /// Add the commit timestamp column to CSV rows.
+        #[arg(long)]
+        commit_ts_column: bool,
+        /// Drain once and exit.
+        #[arg(long, conflicts_with = "follow", required_unless_present = "follow")]
+        once: bool,
+        /// Keep draining every --interval seconds until interrupted.
+        #[arg(long)]
+        follow: bool,
+        #[arg(long, default_value_t = 10)]
+        interval: u64,
+        /// Cut batches after this many changes (at a commit boundary).
+        #[arg(long, default_value_t = 250_000)]
+        max_batch_changes: u64,
+        /// Print each poll's report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -96,15 +135,7 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
             json,
         } => {
             let spec = SourceSpec::parse(&source, "--source")?;
-            let selection = match &tables {
-                None => Selection::all(),
-                Some(path) => {
-                    let text = std::fs::read_to_string(path).map_err(|e| {
-                        Error::config("--tables", format!("cannot read {}: {e}", path.display()))
-                    })?;
-                    Selection::from_json(&text, "--tables")?
-                }
-            };
+            let selection = read_selection(tables.as_deref())?;
             if !long_transaction_secs.is_finite() || long_transaction_secs < 0.0 {
                 return Err(Error::config(
                     "--long-transaction-secs",
@@ -132,6 +163,160 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::Cdc {
+            task,
+            source,
+            stage,
+            state,
+            format,
+            tables,
+            commit_ts_column,
+            once: _,
+            follow,
+            interval,
+            max_batch_changes,
+            json,
+        } => {
+            pgshift::config::check_task_name(&task)?;
+            let spec = SourceSpec::parse(&source, "--source")?;
+            let format = Format::parse(&format, "--format")?;
+            let selection = read_selection(tables.as_deref())?;
+            if max_batch_changes == 0 {
+                return Err(Error::config("--max-batch-changes", "must be at least 1"));
+            }
+            let stage = Target::parse_stage(&stage)?;
+            let state = Target::parse_state(&state)?;
+            let aws = if stage.is_aws() || state.is_aws() || matches!(spec, SourceSpec::Secret(_)) {
+                Some(Aws::from_env().await)
+            } else {
+                None
+            };
+            let cfg = match (&spec, &aws) {
+                (SourceSpec::Secret(_), Some(aws)) => aws.resolve(&spec, None).await?,
+                _ => resolve(&spec).await?,
+            };
+            let owner = format!("cli-{}-{}", hostname(), std::process::id());
+            let mut opts = CdcOptions::new(task, cfg, owner);
+            opts.format = format;
+            opts.commit_ts_column = commit_ts_column;
+            opts.selection = selection;
+            opts.max_batch_changes = max_batch_changes;
+            let interval = std::time::Duration::from_secs(interval.max(1));
+            loop {
+                let report = dispatch_cdc(&stage, &state, aws.as_ref(), &opts).await?;
+                if json {
+                    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                } else {
+                    println!("{}", report::poll_summary(&report));
+                }
+                if !follow {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+                }
+            }
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "local".to_owned())
+}
+
+/// Where staged data or state lives, as the command line names it.
+enum Target {
+    Local(std::path::PathBuf),
+    Aws(String),
+}
+
+impl Target {
+    fn parse_stage(s: &str) -> pgshift::Result<Target> {
+        if s.starts_with("s3://") {
+            pgshift::stage::parse_s3_url(s)?;
+            Ok(Target::Aws(s.to_owned()))
+        } else if s.contains("://") {
+            Err(Error::config(
+                "--stage",
+                format!("{s:?} is neither a folder nor s3://bucket/prefix"),
+            ))
+        } else {
+            Ok(Target::Local(s.into()))
+        }
+    }
+
+    fn parse_state(s: &str) -> pgshift::Result<Target> {
+        if let Some(table) = s.strip_prefix("dynamodb://") {
+            if table.is_empty()
+                || table.len() > 255
+                || !table
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+            {
+                return Err(Error::config(
+                    "--state",
+                    format!("{table:?} is not a DynamoDB table name"),
+                ));
+            }
+            Ok(Target::Aws(table.to_owned()))
+        } else if s.contains("://") {
+            Err(Error::config(
+                "--state",
+                format!("{s:?} is neither a folder nor dynamodb://table"),
+            ))
+        } else {
+            Ok(Target::Local(s.into()))
+        }
+    }
+
+    fn is_aws(&self) -> bool {
+        matches!(self, Target::Aws(_))
+    }
+}
+
+async fn dispatch_cdc(
+    stage: &Target,
+    state: &Target,
+    aws: Option<&Aws>,
+    opts: &CdcOptions,
+) -> pgshift::Result<PollReport> {
+    use pgshift::stage::{LocalSink, S3Sink};
+    use pgshift::state::{DynamoStore, FileStore};
+    let need_aws = || aws.ok_or_else(|| Error::config("aws", "AWS configuration was not loaded"));
+    match (stage, state) {
+        (Target::Local(dir), Target::Local(sdir)) => {
+            cdc_poll::run(&LocalSink::new(dir), &FileStore::new(sdir), opts).await
+        }
+        (Target::Local(dir), Target::Aws(table)) => {
+            let store = DynamoStore::new(need_aws()?.dynamodb(), table);
+            store.ensure_table().await?;
+            cdc_poll::run(&LocalSink::new(dir), &store, opts).await
+        }
+        (Target::Aws(url), Target::Local(sdir)) => {
+            let sink = S3Sink::new(need_aws()?.s3(), url)?;
+            cdc_poll::run(&sink, &FileStore::new(sdir), opts).await
+        }
+        (Target::Aws(url), Target::Aws(table)) => {
+            let sink = S3Sink::new(need_aws()?.s3(), url)?;
+            let store = DynamoStore::new(need_aws()?.dynamodb(), table);
+            store.ensure_table().await?;
+            cdc_poll::run(&sink, &store, opts).await
+        }
+    }
+}
+
+fn read_selection(tables: Option<&std::path::Path>) -> pgshift::Result<Selection> {
+    match tables {
+        None => Ok(Selection::all()),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                Error::config("--tables", format!("cannot read {}: {e}", path.display()))
+            })?;
+            Selection::from_json(&text, "--tables")
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use pgshift::job::cdc_poll::{Outcome, PollReport};
 use pgshift::job::test_endpoint::EndpointReport;
 use pgshift::source::checks::Status;
 
@@ -58,4 +59,37 @@ pub(crate) fn endpoint_table(report: &EndpointReport) -> String {
         report.elapsed_ms
     );
     out
+}
+
+/// One line per poll.
+pub(crate) fn poll_summary(r: &PollReport) -> String {
+    match &r.outcome {
+        Outcome::LeaseHeld { owner, .. } => format!(
+            "task {}: another poller ({owner}) holds the lease; nothing done",
+            r.task
+        ),
+        outcome => format!(
+            "task {}: {} changes in {} transactions, {} batches, {} bytes staged; checkpoint {} -> {} (target {}); slot {} retains {} bytes ({}){}",
+            r.task,
+            r.changes,
+            r.transactions,
+            r.batches.len(),
+            r.bytes_staged,
+            r.start_checkpoint,
+            r.checkpoint,
+            r.target,
+            r.slot,
+            r.slot_retained_bytes,
+            if r.slot_wal_status.is_empty() {
+                "n/a"
+            } else {
+                &r.slot_wal_status
+            },
+            match outcome {
+                Outcome::DeadlineReached => "; stopped at the deadline",
+                Outcome::MoreWaiting => "; more changes waiting",
+                _ => "",
+            }
+        ),
+    }
 }

@@ -382,6 +382,12 @@ pub struct LambdaEnv {
     pub stage: Option<String>,
     /// `PGSHIFT_STATE_TABLE`: the DynamoDB table.
     pub state_table: Option<String>,
+    /// `PGSHIFT_FORMAT`: csv (default), csv.gz, jsonl, jsonl.gz.
+    pub format: crate::format::Format,
+    /// `PGSHIFT_COMMIT_TS_COLUMN`: `true` adds the commit timestamp column to CSV.
+    pub commit_ts_column: bool,
+    /// `PGSHIFT_TABLE_MAPPINGS`: DMS table-mapping JSON (selection rules).
+    pub selection: crate::selection::Selection,
 }
 
 impl LambdaEnv {
@@ -419,7 +425,34 @@ impl LambdaEnv {
                 "must be an s3://bucket/prefix URL",
             ));
         }
+        let format = match get("PGSHIFT_FORMAT") {
+            None => crate::format::Format::default(),
+            Some(f) => crate::format::Format::parse(&f, "PGSHIFT_FORMAT")?,
+        };
+        let commit_ts_column = match get("PGSHIFT_COMMIT_TS_COLUMN").as_deref() {
+            None | Some("false") | Some("0") => false,
+            Some("true") | Some("1") => true,
+            Some(other) => {
+                return Err(Error::config(
+                    "PGSHIFT_COMMIT_TS_COLUMN",
+                    format!("{other:?} is not true or false"),
+                ));
+            }
+        };
+        let selection = match get("PGSHIFT_TABLE_MAPPINGS") {
+            None => crate::selection::Selection::all(),
+            Some(json) => crate::selection::Selection::from_json(&json, "PGSHIFT_TABLE_MAPPINGS")?,
+        };
+        if let Some(task) = get("PGSHIFT_TASK") {
+            check_task_name(&task).map_err(|e| match e {
+                Error::Config { reason, .. } => Error::config("PGSHIFT_TASK", reason),
+                other => other,
+            })?;
+        }
         Ok(LambdaEnv {
+            format,
+            commit_ts_column,
+            selection,
             source_secret_arn: get("PGSHIFT_SOURCE_SECRET_ARN"),
             source_sslmode,
             task: get("PGSHIFT_TASK"),

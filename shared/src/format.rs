@@ -192,18 +192,24 @@ fn json_row(
 /// Encodes one CDC change as a JSON line (with its newline).
 pub fn cdc_json_row(change: &RowChange<'_>, out: &mut Vec<u8>) -> Result<()> {
     let t = change.table;
-    let head = serde_json::json!({
-        "op": change.op.as_str(),
-        "schema": t.schema,
-        "table": t.table,
-        "lsn": change.lsn.to_string(),
-        "commit_lsn": change.commit_lsn.to_string(),
-        "xid": change.xid,
-        "commit_ts": format!("{}Z", format_pg_timestamp(change.commit_ts, 'T')),
-    });
-    let head = serde_json::to_vec(&head).map_err(|e| Error::Source(e.to_string()))?;
-    // Reopen the object to append the row fields in a fixed order.
-    out.extend_from_slice(&head[..head.len() - 1]);
+    // Fields in DESIGN order: op, schema, table, lsn, commit_lsn, xid, commit_ts, key, ...
+    let json_err = |e: serde_json::Error| Error::Source(e.to_string());
+    out.extend_from_slice(b"{\"op\":\"");
+    out.extend_from_slice(change.op.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"schema\":");
+    serde_json::to_writer(&mut *out, &t.schema).map_err(json_err)?;
+    out.extend_from_slice(b",\"table\":");
+    serde_json::to_writer(&mut *out, &t.table).map_err(json_err)?;
+    out.extend_from_slice(
+        format!(
+            ",\"lsn\":\"{}\",\"commit_lsn\":\"{}\",\"xid\":{},\"commit_ts\":\"{}Z\"",
+            change.lsn,
+            change.commit_lsn,
+            change.xid,
+            format_pg_timestamp(change.commit_ts, 'T')
+        )
+        .as_bytes(),
+    );
     out.extend_from_slice(b",\"key\":");
     let key_ix: Vec<usize> = t.key_indexes().collect();
     match (change.op, change.old.or(change.new)) {

@@ -460,11 +460,11 @@ impl ObjectWriter for S3Writer {
                 .map_err(|e| sdk_error("s3", format!("writing {}", self.key), e))?;
             return Ok(self.bytes);
         }
-        if !self.buf.is_empty() {
-            if let Err(e) = self.flush_part().await {
-                self.abort().await;
-                return Err(e);
-            }
+        if !self.buf.is_empty()
+            && let Err(e) = self.flush_part().await
+        {
+            self.abort().await;
+            return Err(e);
         }
         let upload_id = self.upload_id.clone().unwrap_or_default();
         let done = aws_sdk_s3::types::CompletedMultipartUpload::builder()

@@ -3,6 +3,7 @@
 pub mod catalog;
 pub mod checks;
 pub mod connect;
+pub mod slot;
 
 pub use catalog::{ServerInfo, TableInfo};
 pub use connect::connect;

@@ -1,0 +1,216 @@
+//! The task's publication and logical replication slot: create or reuse, health, advance, and
+//! the peek that reads changes without consuming them.
+//!
+//! Positions: the peek reads WAL only up to the server's *flush* position, so the drain target
+//! `U` is `pg_current_wal_flush_lsn()`; taking `pg_current_wal_lsn()` (the write position)
+//! would let an empty drain move the checkpoint past commits that are written but not yet
+//! flushed (`synchronous_commit = off`) and lose them.
+
+use tokio_postgres::Client;
+
+use super::catalog::TableInfo;
+use super::{quote_ident, quote_qualified};
+use crate::error::{Error, Result};
+use crate::lsn::Lsn;
+
+/// What the server says of a slot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SlotState {
+    pub name: String,
+    pub plugin: String,
+    pub database: String,
+    pub active: bool,
+    pub restart_lsn: Option<Lsn>,
+    pub confirmed_flush_lsn: Option<Lsn>,
+    /// `reserved`, `extended`, `unreserved` or `lost` (PostgreSQL 13+; empty before).
+    pub wal_status: String,
+    /// Bytes that can still be written before the slot is in danger (13+).
+    pub safe_wal_size: Option<i64>,
+    /// WAL the slot keeps from being removed: flush position minus `restart_lsn`.
+    pub retained_bytes: i64,
+}
+
+fn lsn_col(row: &tokio_postgres::Row, i: usize) -> Result<Option<Lsn>> {
+    let text: Option<String> = row.get(i);
+    text.map(|t| {
+        t.parse()
+            .map_err(|e: crate::lsn::LsnParseError| Error::Source(e.to_string()))
+    })
+    .transpose()
+}
+
+const SLOT_STATE: &str = "select slot_name::text, coalesce(plugin::text, ''), coalesce(database::text, ''), active, \
+ restart_lsn::text, confirmed_flush_lsn::text, coalesce(wal_status, ''), safe_wal_size, \
+ coalesce(pg_wal_lsn_diff(pg_current_wal_flush_lsn(), restart_lsn), 0)::int8 \
+ from pg_replication_slots where slot_name = $1";
+
+/// Reads a slot's state; `None` when it does not exist.
+pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>> {
+    let Some(row) = client
+        .query_opt(SLOT_STATE, &[&slot])
+        .await
+        .map_err(|e| Error::postgres(format!("reading slot {slot}"), e))?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(SlotState {
+        name: row.get(0),
+        plugin: row.get(1),
+        database: row.get(2),
+        active: row.get(3),
+        restart_lsn: lsn_col(&row, 4)?,
+        confirmed_flush_lsn: lsn_col(&row, 5)?,
+        wal_status: row.get(6),
+        safe_wal_size: row.get(7),
+        retained_bytes: row.get(8),
+    }))
+}
+
+/// The server's WAL flush position: how far a peek can read.
+pub async fn flush_lsn(client: &Client) -> Result<Lsn> {
+    let text: String = client
+        .query_one("select pg_current_wal_flush_lsn()::text", &[])
+        .await
+        .map_err(|e| Error::postgres("reading the WAL flush position", e))?
+        .get(0);
+    text.parse()
+        .map_err(|e: crate::lsn::LsnParseError| Error::Source(e.to_string()))
+}
+
+/// Creates the publication unless it exists (an existing one is reused, never replaced).
+/// `FOR ALL TABLES` when `all_tables` (a superuser), else `FOR TABLE` the given tables;
+/// partitioned tables publish through their root (PostgreSQL 13+).
+pub async fn ensure_publication(
+    client: &Client,
+    name: &str,
+    all_tables: bool,
+    tables: &[TableInfo],
+    version_num: i32,
+) -> Result<bool> {
+    let exists = client
+        .query_opt("select 1 from pg_publication where pubname = $1", &[&name])
+        .await
+        .map_err(|e| Error::postgres("reading publications", e))?
+        .is_some();
+    if exists {
+        return Ok(false);
+    }
+    let target = if all_tables {
+        "for all tables".to_owned()
+    } else {
+        let list: Vec<String> = tables
+            .iter()
+            .filter(|t| !t.is_partition)
+            .map(|t| quote_qualified(&t.schema, &t.name))
+            .collect();
+        if list.is_empty() {
+            return Err(Error::Source(
+                "no table is selected, and without superuser the publication must list tables"
+                    .to_owned(),
+            ));
+        }
+        format!("for table {}", list.join(", "))
+    };
+    let with = if version_num >= 130_000 {
+        " with (publish_via_partition_root = true)"
+    } else {
+        ""
+    };
+    let sql = format!("create publication {} {target}{with}", quote_ident(name));
+    match client.batch_execute(&sql).await {
+        Ok(()) => Ok(true),
+        // Created concurrently by another worker: reuse it.
+        Err(e) if e.code().is_some_and(|c| c.code() == "42710") => Ok(false),
+        Err(e) => Err(Error::postgres(format!("creating publication {name}"), e)),
+    }
+}
+
+/// Creates the logical slot (pgoutput) and returns its consistent point. A slot that already
+/// exists is reused when it fits (pgoutput, this database) and its confirmed position returned.
+pub async fn create_slot(client: &Client, slot: &str, database: &str) -> Result<(Lsn, bool)> {
+    let created = client
+        .query_one(
+            "select lsn::text from pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await;
+    match created {
+        Ok(row) => {
+            let text: String = row.get(0);
+            let lsn = text
+                .parse()
+                .map_err(|e: crate::lsn::LsnParseError| Error::Source(e.to_string()))?;
+            Ok((lsn, true))
+        }
+        Err(e) if e.code().is_some_and(|c| c.code() == "42710") => {
+            let state = slot_state(client, slot)
+                .await?
+                .ok_or_else(|| Error::Source(format!("slot {slot} vanished while being reused")))?;
+            if state.plugin != "pgoutput" || state.database != database {
+                return Err(Error::Source(format!(
+                    "slot {slot} exists with plugin {} in database {}: drop it or choose another task name",
+                    state.plugin, state.database
+                )));
+            }
+            let lsn = state
+                .confirmed_flush_lsn
+                .ok_or_else(|| Error::Source(format!("slot {slot} has no confirmed position")))?;
+            Ok((lsn, false))
+        }
+        Err(e)
+            if e.code()
+                .is_some_and(|c| c.code() == "55P03" || c.code() == "57014") =>
+        {
+            Err(Error::Source(format!(
+                "creating slot {slot} waited too long for running transactions to finish; end long-running or prepared transactions (pgshift test-endpoint lists them) and retry"
+            )))
+        }
+        Err(e) => Err(Error::postgres(format!("creating slot {slot}"), e)),
+    }
+}
+
+/// Moves the slot's confirmed position to `to` (never backwards: a no-op when already there).
+pub async fn advance(client: &Client, slot: &str, to: Lsn) -> Result<()> {
+    client
+        .query_one(
+            "select end_lsn::text from pg_replication_slot_advance($1, $2::text::pg_lsn)",
+            &[&slot, &to.to_string()],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("advancing slot {slot} to {to}"), e))?;
+    Ok(())
+}
+
+/// The peek: changes from the slot's confirmed position up to `$2`, at most about `$3` changes
+/// (checked between transactions), pgoutput protocol 1 for publication `$4`.
+pub const PEEK: &str = "select lsn::text, data from pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3, \
+ 'proto_version', '1', 'publication_names', $4)";
+
+/// Primary-key column names of a relation, in key order (empty when it has none).
+pub async fn primary_key_columns(client: &Client, rel_id: u32) -> Result<Vec<String>> {
+    let rows = client
+        .query(
+            "select a.attname::text from pg_index i \
+             join lateral unnest(i.indkey) with ordinality k(attnum, ord) on true \
+             join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum \
+             where i.indrelid = $1 and i.indisprimary order by k.ord",
+            &[&rel_id],
+        )
+        .await
+        .map_err(|e| Error::postgres("reading primary keys", e))?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
+
+/// `format_type` for (type oid, modifier) pairs, in order.
+pub async fn type_names(client: &Client, types: &[(u32, i32)]) -> Result<Vec<String>> {
+    let oids: Vec<u32> = types.iter().map(|t| t.0).collect();
+    let mods: Vec<i32> = types.iter().map(|t| t.1).collect();
+    let rows = client
+        .query(
+            "select coalesce(format_type(t, nullif(m, -1)), t::text) from unnest($1::oid[], $2::int4[]) with ordinality u(t, m, o) order by o",
+            &[&oids, &mods],
+        )
+        .await
+        .map_err(|e| Error::postgres("reading column types", e))?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
