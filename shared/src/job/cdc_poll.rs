@@ -426,7 +426,8 @@ pub async fn run<S: ObjectSink, St: StateStore>(
         stored_schemas: HashMap::new(),
         type_names: HashMap::new(),
     };
-    let result = poller.drain(started).await;
+    // The drain future is large (S3 writers per table): keep it on the heap.
+    let result = Box::pin(poller.drain(started)).await;
     let is_failpoint = matches!(&result, Err(Error::Source(m)) if m.starts_with("failpoint"));
     if !is_failpoint {
         // Release the lease, recording the run (best effort: it expires anyway).
