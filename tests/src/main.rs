@@ -1,3 +1,4 @@
 //! Integration tests: real PostgreSQL and a local AWS emulator (see `scripts/test.sh`).
 
+mod cdc;
 mod endpoint;

@@ -8,8 +8,8 @@
 //!    is a terminal error telling the user to re-run the full load. A slot behind `C` (a crash
 //!    between steps 5 and 6 last time) is advanced to `C` first; a slot *ahead* of `C` would
 //!    mean changes nobody staged are gone, which is a terminal error too.
-//! 3. **Peek** up to `U = pg_current_wal_flush_lsn()` taken at start (the peek cannot see past
-//!    the flush position), in few large peeks (`upto_nchanges` only bounds a runaway backlog).
+//! 3. **Peek** up to `U`, the WAL flush position taken at start once it has reached the insert
+//!    position (the peek cannot see past the flush position), in few large peeks (`upto_nchanges` only bounds a runaway backlog).
 //!    Rows stream from the server; client memory is bounded whatever the transaction size.
 //!    Batches are cut only at commit boundaries, by change count and bytes. If a manifest for
 //!    a batch starting at `C` already exists (a crash after step 4 last time), the batch is cut
@@ -544,7 +544,7 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
                 self.task.slot
             )));
         }
-        let target = slot::flush_lsn(&self.control).await?;
+        let target = slot::drain_target(&self.control, Duration::from_secs(2)).await?;
         let mut report = PollReport {
             task: opts.task.clone(),
             outcome: Outcome::Drained,

@@ -77,6 +77,28 @@ pub async fn flush_lsn(client: &Client) -> Result<Lsn> {
         .map_err(|e: crate::lsn::LsnParseError| Error::Source(e.to_string()))
 }
 
+/// The drain target: the flush position once it has reached the WAL insert position seen now
+/// (with `synchronous_commit = off` a commit is inserted before the WAL writer flushes it,
+/// up to `wal_writer_delay` later). Waits at most `max_wait`, then takes what is flushed.
+pub async fn drain_target(client: &Client, max_wait: std::time::Duration) -> Result<Lsn> {
+    let text: String = client
+        .query_one("select pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .map_err(|e| Error::postgres("reading the WAL insert position", e))?
+        .get(0);
+    let inserted: Lsn = text
+        .parse()
+        .map_err(|e: crate::lsn::LsnParseError| Error::Source(e.to_string()))?;
+    let started = std::time::Instant::now();
+    loop {
+        let flushed = flush_lsn(client).await?;
+        if flushed >= inserted || started.elapsed() >= max_wait {
+            return Ok(flushed);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Creates the publication unless it exists (an existing one is reused, never replaced).
 /// `FOR ALL TABLES` when `all_tables` (a superuser), else `FOR TABLE` the given tables;
 /// partitioned tables publish through their root (PostgreSQL 13+).

@@ -1,0 +1,613 @@
+//! The CDC poller against a real PostgreSQL, staging to a folder (and to the S3 emulator with
+//! state in DynamoDB): what is staged, read back and replayed in order equals the source.
+
+use std::collections::{BTreeMap, HashSet};
+
+use pgshift::config::PgConfig;
+use pgshift::format::Format;
+use pgshift::job::cdc_poll::{self, CdcOptions, Failpoint, Outcome, PollReport};
+use pgshift::lsn::Lsn;
+use pgshift::source::slot;
+use pgshift::stage::{LocalSink, ObjectSink};
+use pgshift::state::{FileStore, StateStore};
+use pgshift_tests::replay::{self, Table};
+use pgshift_tests::{TempDir, TestDb, unique_name};
+
+fn opts(task: &str, cfg: PgConfig, format: &str) -> CdcOptions {
+    let mut o = CdcOptions::new(task, cfg, "test-owner");
+    o.format = Format::parse(format, "format").unwrap();
+    o
+}
+
+async fn poll<S: ObjectSink, St: StateStore>(sink: &S, state: &St, o: &CdcOptions) -> PollReport {
+    let r = cdc_poll::run(sink, state, o)
+        .await
+        .unwrap_or_else(|e| panic!("poll failed: {e}"));
+    assert!(matches!(r.outcome, Outcome::Drained), "{r:#?}");
+    r
+}
+
+async fn check_tables<S: ObjectSink>(
+    sink: &S,
+    db: &TestDb,
+    tables: &[&str],
+) -> Vec<replay::Staged> {
+    let changes = replay::read_changes(sink).await;
+    let mut model = BTreeMap::new();
+    replay::apply(&mut model, &changes, "id");
+    let c = db.client().await;
+    for t in tables {
+        let src: Table = replay::source_rows(&c, "public", t, "id").await;
+        replay::assert_same(&model, &format!("public.{t}"), &src);
+    }
+    changes
+}
+
+/// The workload of the issue: every kind of change, in several polls, for one format.
+async fn every_kind_of_change(format: &str) {
+    let db = TestDb::new("cdc_kinds").await;
+    let dir = TempDir::new("cdc_kinds");
+    let sink = LocalSink::new(dir.path().join("stage"));
+    let state = FileStore::new(dir.path().join("state"));
+    let c = db.client().await;
+    c.batch_execute(
+        "create table public.items (id int primary key, name text, qty int, note text);
+         create table public.docs (id int primary key, body text, tag text);
+         create table public.docs_full (id int primary key, body text, tag text);
+         alter table public.docs_full replica identity full;
+         create table public.\"MixedCase\" (id int primary key, v text);",
+    )
+    .await
+    .unwrap();
+    let o = opts("kinds", db.config(), format);
+    // A CDC-only task: the first poll creates the publication and slot.
+    let first = poll(&sink, &state, &o).await;
+    assert_eq!(first.changes, 0);
+
+    // Each string is sent on its own, so each explicit transaction is really one.
+    for sql in [
+        "insert into public.items values (1, 'a', 1, ''), (2, 'b', 2, null), (3, 'c,\"q\"', 3, e'multi\\nline')",
+        "begin; insert into public.items values (4, 'd', 4, 'x'); insert into public.\"MixedCase\" values (1, 'm'); commit;",
+        "update public.items set qty = qty + 10 where id <= 2",
+        "update public.items set id = 20 where id = 2",
+        "delete from public.items where id = 1",
+        "begin; insert into public.items values (99, 'rolled back', 0, ''); rollback;",
+        "begin; insert into public.items values (5, 'kept', 5, ''); savepoint s1; \
+         insert into public.items values (6, 'undone', 6, ''); rollback to savepoint s1; \
+         insert into public.items values (7, 'after savepoint', 7, ''); commit;",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    let big =
+        "(select string_agg(md5(g::text || random()::text), '') from generate_series(1, 300) g)";
+    c.batch_execute(&format!(
+        "insert into public.docs values (1, {big}, 't1'), (2, 'small', 't2');
+         insert into public.docs_full values (1, {big}, 't1');"
+    ))
+    .await
+    .unwrap();
+    let second = poll(&sink, &state, &o).await;
+    assert!(second.changes >= 10, "{second:#?}");
+
+    // TOAST: the tag changes, the large body does not.
+    for sql in [
+        "update public.docs set tag = 't1b' where id = 1",
+        "update public.docs_full set tag = 't1b' where id = 1",
+        "alter table public.items add column added text",
+        "insert into public.items (id, name, qty, note, added) values (8, 'with added', 8, '', 'new col')",
+        "update public.items set added = 'set later' where id = 3",
+        "alter table public.items drop column note",
+        "insert into public.items (id, name, qty, added) values (9, 'after drop', 9, 'z')",
+        "truncate public.\"MixedCase\"",
+        "insert into public.\"MixedCase\" values (2, 'after truncate')",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    poll(&sink, &state, &o).await;
+
+    let changes = check_tables(&sink, &db, &["items", "docs", "docs_full", "MixedCase"]).await;
+    // Rollbacks and rolled-back savepoints are never staged.
+    let ids: HashSet<String> = changes
+        .iter()
+        .filter_map(|c| {
+            c.after
+                .as_ref()
+                .and_then(|a| a.get("id").cloned().flatten())
+        })
+        .collect();
+    assert!(
+        !ids.contains("99") && !ids.contains("6"),
+        "rolled-back rows staged"
+    );
+    // The primary-key update is a delete of the old key and an insert of the new row.
+    let pk_moves: Vec<_> = changes
+        .iter()
+        .filter(|c| c.table == "public.items" && (c.op == "D" || c.op == "I"))
+        .filter(|c| {
+            c.key
+                .as_ref()
+                .and_then(|k| k.get("id").cloned().flatten())
+                .as_deref()
+                == Some("2")
+                || c.after
+                    .as_ref()
+                    .and_then(|a| a.get("id").cloned().flatten())
+                    .as_deref()
+                    == Some("20")
+        })
+        .map(|c| c.op.clone())
+        .collect();
+    assert_eq!(pk_moves, ["D", "I"], "{changes:#?}");
+    // Unchanged TOAST: marked for docs (no old row), filled for docs_full.
+    let docs_update = changes
+        .iter()
+        .find(|c| c.table == "public.docs" && c.op == "U")
+        .unwrap();
+    assert_eq!(docs_update.unchanged, ["body"]);
+    assert!(
+        !docs_update.after.as_ref().unwrap().contains_key("body"),
+        "no placeholder value"
+    );
+    let full_update = changes
+        .iter()
+        .find(|c| c.table == "public.docs_full" && c.op == "U")
+        .unwrap();
+    assert!(full_update.unchanged.is_empty());
+    assert_eq!(
+        full_update.after.as_ref().unwrap()["body"]
+            .as_ref()
+            .map(String::len),
+        Some(9600)
+    );
+    // TRUNCATE staged as a record.
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.table == "public.MixedCase" && c.op == "T")
+    );
+    // NULL and empty string stay apart.
+    let row2 = changes
+        .iter()
+        .find(|c| {
+            c.table == "public.items"
+                && c.op == "I"
+                && c.after
+                    .as_ref()
+                    .unwrap()
+                    .get("id")
+                    .cloned()
+                    .flatten()
+                    .as_deref()
+                    == Some("1")
+        })
+        .unwrap();
+    assert_eq!(row2.after.as_ref().unwrap()["note"], Some(String::new()));
+
+    // Schema versions: items has three (initial, +added, -note).
+    let versions = sink.list("public/items/_schema/").await.unwrap();
+    assert_eq!(versions.len(), 3, "{versions:?}");
+}
+
+#[tokio::test]
+async fn every_kind_of_change_jsonl() {
+    every_kind_of_change("jsonl").await;
+}
+
+#[tokio::test]
+async fn every_kind_of_change_csv_gzip() {
+    every_kind_of_change("csv.gz").await;
+}
+
+#[tokio::test]
+async fn large_transaction_streams_with_bounded_batches() {
+    let db = TestDb::new("cdc_big").await;
+    let dir = TempDir::new("cdc_big");
+    let sink = LocalSink::new(dir.path().join("stage"));
+    let state = FileStore::new(dir.path().join("state"));
+    let c = db.client().await;
+    c.batch_execute("create table public.big (id int primary key, v text)")
+        .await
+        .unwrap();
+    let mut o = opts("big", db.config(), "csv");
+    o.max_batch_changes = 50_000;
+    poll(&sink, &state, &o).await;
+    c.batch_execute(
+        "insert into public.big select g, md5(g::text) from generate_series(1, 200000) g",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("insert into public.big values (200001, 'after')")
+        .await
+        .unwrap();
+    let r = poll(&sink, &state, &o).await;
+    assert_eq!(r.changes, 200_001);
+    // A batch never splits a transaction: the 200k-row transaction is one batch despite the
+    // 50k cut, and the next transaction starts the next batch.
+    let manifests = replay::manifests(&sink).await;
+    assert_eq!(manifests.len(), 2);
+    assert_eq!(
+        (manifests[0].1.transactions, manifests[0].1.changes),
+        (1, 200_000)
+    );
+    assert_eq!(
+        (manifests[1].1.transactions, manifests[1].1.changes),
+        (1, 1)
+    );
+    check_tables(&sink, &db, &["big"]).await;
+}
+
+#[tokio::test]
+async fn batches_cut_at_commit_boundaries() {
+    let db = TestDb::new("cdc_cut").await;
+    let dir = TempDir::new("cdc_cut");
+    let sink = LocalSink::new(dir.path().join("stage"));
+    let state = FileStore::new(dir.path().join("state"));
+    let c = db.client().await;
+    c.batch_execute("create table public.t (id int primary key, v int)")
+        .await
+        .unwrap();
+    let mut o = opts("cut", db.config(), "jsonl");
+    o.max_batch_changes = 10;
+    poll(&sink, &state, &o).await;
+    for i in 0..10 {
+        c.batch_execute(&format!(
+            "insert into public.t select g, g from generate_series({}, {}) g",
+            i * 7,
+            i * 7 + 6
+        ))
+        .await
+        .unwrap();
+    }
+    let r = poll(&sink, &state, &o).await;
+    assert_eq!(r.changes, 70);
+    let manifests = replay::manifests(&sink).await;
+    assert_eq!(
+        manifests.len(),
+        5,
+        "10-change cuts of 7-change transactions"
+    );
+    let mut prev_end = None;
+    for (_, m) in &manifests {
+        assert_eq!(m.changes, 14);
+        if let Some(end) = prev_end {
+            assert_eq!(
+                m.start_lsn, end,
+                "batches chain: each starts where the last ended"
+            );
+        }
+        prev_end = Some(m.end_lsn);
+    }
+    check_tables(&sink, &db, &["t"]).await;
+}
+
+/// Crash at every step boundary, then a normal run: the committed manifests hold every
+/// change exactly once.
+#[tokio::test]
+async fn crash_at_every_step_then_rerun_loses_and_duplicates_nothing() {
+    let db = TestDb::new("cdc_crash").await;
+    let dir = TempDir::new("cdc_crash");
+    let sink = LocalSink::new(dir.path().join("stage"));
+    let state = FileStore::new(dir.path().join("state"));
+    let c = db.client().await;
+    c.batch_execute("create table public.a (id int primary key, v int); create table public.b (id int primary key, v int);")
+        .await
+        .unwrap();
+    let mut o = opts("crash", db.config(), "jsonl");
+    o.max_batch_changes = 6;
+    poll(&sink, &state, &o).await;
+    let mut next = 0;
+    for fp in [
+        Failpoint::AfterPeek,
+        Failpoint::AfterFirstFile,
+        Failpoint::AfterFiles,
+        Failpoint::AfterManifest,
+        Failpoint::AfterCheckpoint,
+    ] {
+        for _ in 0..4 {
+            c.batch_execute(&format!(
+                "begin; insert into public.a values ({n}, 1), ({m}, 1); insert into public.b values ({n}, 1); update public.a set v = v + 1 where id = {n}; commit;",
+                n = next,
+                m = next + 1
+            ))
+            .await
+            .unwrap();
+            next += 2;
+        }
+        let before = state.get("crash", "cdc").await.unwrap().unwrap().doc["checkpoint"]
+            .as_u64()
+            .unwrap();
+        let mut crashing = o.clone();
+        crashing.failpoint = Some(fp);
+        let err = cdc_poll::run(&sink, &state, &crashing).await.unwrap_err();
+        assert!(err.to_string().contains("failpoint"), "{fp:?}: {err}");
+        let after = state.get("crash", "cdc").await.unwrap().unwrap().doc["checkpoint"]
+            .as_u64()
+            .unwrap();
+        assert!(after >= before, "{fp:?}: checkpoint moved backwards");
+        // A rerun by the same owner (the lease was left as a crash leaves it).
+        poll(&sink, &state, &o).await;
+    }
+    let changes = check_tables(&sink, &db, &["a", "b"]).await;
+    let inserts_a = changes
+        .iter()
+        .filter(|c| c.table == "public.a" && c.op == "I")
+        .count();
+    let inserts_b = changes
+        .iter()
+        .filter(|c| c.table == "public.b" && c.op == "I")
+        .count();
+    assert_eq!(inserts_a, next as usize, "every insert exactly once");
+    assert_eq!(inserts_b, next as usize / 2);
+    // Manifests never overlap (idle stretches between polls leave gaps without changes).
+    let manifests = replay::manifests(&sink).await;
+    for pair in manifests.windows(2) {
+        assert!(
+            pair[0].1.end_lsn <= pair[1].1.start_lsn,
+            "{:?} then {:?}",
+            pair[0].0,
+            pair[1].0
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_held_lease_stops_a_second_poller_and_checkpoints_never_go_back() {
+    let db = TestDb::new("cdc_lease").await;
+    let dir = TempDir::new("cdc_lease");
+    let sink = LocalSink::new(dir.path().join("stage"));
+    let state = FileStore::new(dir.path().join("state"));
+    let c = db.client().await;
+    c.batch_execute("create table public.t (id int primary key)")
+        .await
+        .unwrap();
+    let a = opts("lease", db.config(), "csv");
+    poll(&sink, &state, &a).await;
+    c.batch_execute("insert into public.t select generate_series(1, 100)")
+        .await
+        .unwrap();
+    // Owner A dies holding the lease.
+    let mut crashing = a.clone();
+    crashing.failpoint = Some(Failpoint::AfterPeek);
+    assert!(cdc_poll::run(&sink, &state, &crashing).await.is_err());
+    let mut b = a.clone();
+    b.owner = "other-owner".to_owned();
+    let r = cdc_poll::run(&sink, &state, &b).await.unwrap();
+    assert!(
+        matches!(&r.outcome, Outcome::LeaseHeld { owner, .. } if owner == "test-owner"),
+        "{r:#?}"
+    );
+    assert_eq!(r.changes, 0);
+    assert!(replay::manifests(&sink).await.is_empty());
+
+    // Once it expires, B takes over.
+    let mut expiring = a.clone();
+    expiring.lease_ttl = std::time::Duration::ZERO;
+    expiring.failpoint = Some(Failpoint::AfterPeek);
+    assert!(cdc_poll::run(&sink, &state, &expiring).await.is_err());
+    let r = poll(&sink, &state, &b).await;
+    assert_eq!(r.changes, 100);
+
+    // Two pollers racing, many times: never an error other than a held lease, never a
+    // checkpoint that goes back, every row exactly once.
+    let mut last = Lsn::ZERO;
+    for round in 0..6 {
+        c.batch_execute(&format!(
+            "insert into public.t select generate_series({}, {})",
+            1000 + round * 50,
+            1049 + round * 50
+        ))
+        .await
+        .unwrap();
+        let (ra, rb) = tokio::join!(
+            cdc_poll::run(&sink, &state, &a),
+            cdc_poll::run(&sink, &state, &b)
+        );
+        for r in [ra, rb] {
+            let r = r.unwrap_or_else(|e| panic!("racing poller failed: {e}"));
+            if !matches!(r.outcome, Outcome::LeaseHeld { .. }) {
+                assert!(r.checkpoint >= last, "checkpoint went back");
+                last = r.checkpoint;
+            }
+        }
+    }
+    poll(&sink, &state, &a).await;
+    let changes = check_tables(&sink, &db, &["t"]).await;
+    assert_eq!(changes.len(), 100 + 6 * 50);
+}
+
+#[tokio::test]
+async fn idle_slot_keeps_advancing_while_other_databases_write() {
+    let db = TestDb::new("cdc_idle").await;
+    let other = TestDb::new("cdc_busy").await;
+    let dir = TempDir::new("cdc_idle");
+    let sink = LocalSink::new(dir.path().join("stage"));
+    let state = FileStore::new(dir.path().join("state"));
+    db.client()
+        .await
+        .batch_execute("create table public.t (id int primary key)")
+        .await
+        .unwrap();
+    let o = opts("idle", db.config(), "csv");
+    poll(&sink, &state, &o).await;
+    let busy = other.client().await;
+    busy.batch_execute("create table public.noise (id serial primary key, v text)")
+        .await
+        .unwrap();
+    let admin = db.client().await;
+    let slot_name = pgshift::config::slot_name("idle");
+    let first = slot::slot_state(&admin, &slot_name).await.unwrap().unwrap();
+    let mut prev = first.clone();
+    for _ in 0..3 {
+        busy.batch_execute("insert into public.noise (v) select md5(g::text) from generate_series(1, 2000) g; checkpoint;")
+            .await
+            .unwrap();
+        let r = poll(&sink, &state, &o).await;
+        assert_eq!(r.changes, 0);
+        assert_eq!(
+            r.checkpoint, r.target,
+            "an idle drain moves to the flush position"
+        );
+        let now = slot::slot_state(&admin, &slot_name).await.unwrap().unwrap();
+        assert!(
+            now.confirmed_flush_lsn > prev.confirmed_flush_lsn,
+            "{prev:?} -> {now:?}"
+        );
+        prev = now;
+    }
+    assert!(
+        prev.restart_lsn > first.restart_lsn,
+        "restart_lsn must move too: {first:?} -> {prev:?}"
+    );
+    assert!(
+        replay::manifests(&sink).await.is_empty(),
+        "nothing staged for other databases"
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_slot_is_a_clear_terminal_error() {
+    let db = TestDb::new("cdc_lost").await;
+    let dir = TempDir::new("cdc_lost");
+    let sink = LocalSink::new(dir.path().join("stage"));
+    let state = FileStore::new(dir.path().join("state"));
+    db.client()
+        .await
+        .batch_execute("create table public.t (id int primary key)")
+        .await
+        .unwrap();
+    let o = opts("lost", db.config(), "csv");
+    poll(&sink, &state, &o).await;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "select pg_drop_replication_slot('{}')",
+            pgshift::config::slot_name("lost")
+        ))
+        .await
+        .unwrap();
+    let err = cdc_poll::run(&sink, &state, &o).await.unwrap_err();
+    assert!(!err.is_transient());
+    assert!(err.to_string().contains("re-run the full load"), "{err}");
+}
+
+#[tokio::test]
+async fn cdc_to_s3_with_state_in_dynamodb() {
+    let _ = pgshift_tests::env("AWS_ENDPOINT_URL");
+    let aws = pgshift::aws::Aws::from_env().await;
+    let bucket = unique_name("pgshift-cdc").replace('_', "-");
+    aws.s3()
+        .create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("create bucket in the emulator");
+    let sink = pgshift::stage::S3Sink::new(aws.s3(), &format!("s3://{bucket}/staged")).unwrap();
+    let table = unique_name("pgshift-state");
+    let state = pgshift::state::DynamoStore::new(aws.dynamodb(), &table);
+    state.ensure_table().await.unwrap();
+
+    let db = TestDb::new("cdc_s3").await;
+    let c = db.client().await;
+    c.batch_execute("create table public.t (id int primary key, v text); alter table public.t replica identity full;")
+        .await
+        .unwrap();
+    let mut o = opts("s3", db.config(), "jsonl.gz");
+    o.max_batch_changes = 100;
+    poll(&sink, &state, &o).await;
+    c.batch_execute(
+        "insert into public.t select g, md5(g::text) from generate_series(1, 300) g;
+         update public.t set v = 'u' where id % 3 = 0;
+         update public.t set id = id + 1000 where id % 5 = 0;
+         delete from public.t where id % 7 = 0;",
+    )
+    .await
+    .unwrap();
+    poll(&sink, &state, &o).await;
+    // A crash after the manifest, then a rerun: the same manifest is committed, no duplicate.
+    c.batch_execute("insert into public.t select g, 'late' from generate_series(5000, 5099) g")
+        .await
+        .unwrap();
+    let mut crashing = o.clone();
+    crashing.failpoint = Some(Failpoint::AfterManifest);
+    assert!(cdc_poll::run(&sink, &state, &crashing).await.is_err());
+    poll(&sink, &state, &o).await;
+    check_tables(&sink, &db, &["t"]).await;
+    let doc = state.get("s3", "cdc").await.unwrap().unwrap().doc;
+    assert!(
+        doc["checkpoint"].is_u64(),
+        "the checkpoint is a DynamoDB number: {doc}"
+    );
+    assert!(doc["lease_owner"].is_null(), "the lease is released");
+}
+
+#[tokio::test]
+async fn cli_cdc_once_stages_and_reports() {
+    let db = TestDb::new("cdc_cli").await;
+    let dir = TempDir::new("cdc_cli");
+    let c = db.client().await;
+    c.batch_execute("create table public.t (id int primary key, v text)")
+        .await
+        .unwrap();
+    let cfg = db.config();
+    let url = format!(
+        "postgres://{}:{}@{}:{}/{}",
+        cfg.user,
+        secrecy::ExposeSecret::expose_secret(cfg.password.as_ref().unwrap()),
+        cfg.host,
+        cfg.port,
+        cfg.dbname
+    );
+    let stage = dir.path().join("stage");
+    let state = dir.path().join("state");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "cdc",
+            "--task",
+            "cli-task",
+            "--source",
+            &url,
+            "--stage",
+            stage.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        std::process::Command::new(pgshift_tests::pgshift_bin())
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--once"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.batch_execute("insert into public.t values (1, 'x'), (2, 'y')")
+        .await
+        .unwrap();
+    let out = run(&["--once"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: PollReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report.changes, 2);
+    let staged = std::fs::read_to_string(stage.join(format!(
+        "public/t/cdc/{}.csv",
+        report.start_checkpoint.key_hex()
+    )))
+    .unwrap();
+    assert_eq!(staged, "I,1,x,\nI,2,y,\n");
+
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(2), "--once or --follow is required");
+    let out = std::process::Command::new(pgshift_tests::pgshift_bin())
+        .args(["cdc", "--task", "Bad_Name", "--source", &url, "--once"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("task"));
+}
