@@ -27,3 +27,26 @@ psql -q -h 127.0.0.1 -p "$PG_PORT_demo" -U postgres -d shop -c \
 
 printf '\n== pgshift test-endpoint ==\n'
 "$pgshift" test-endpoint --source "$src" || true
+
+stage=$PGSHIFT_RUN_DIR/demo-data/stage
+state=$PGSHIFT_RUN_DIR/demo-data/state
+printf '\n== pgshift cdc --once (a CDC-only task: creates the publication and slot) ==\n'
+"$pgshift" cdc --task demo --source "$src" --stage "$stage" --state "$state" --once
+
+log "running a write workload (pgbench -N, 20 s) while draining"
+pgbench -n -N -c 2 -T 20 -h 127.0.0.1 -p "$PG_PORT_demo" -U postgres shop >/dev/null 2>&1 &
+bench=$!
+for i in 1 2 3; do
+  sleep 6
+  printf '\n== pgshift cdc --once (drain %s, workload running) ==\n' "$i"
+  "$pgshift" cdc --task demo --source "$src" --stage "$stage" --state "$state" --once --format jsonl
+done
+wait "$bench"
+printf '\n== pgshift cdc --once (catch up after the workload) ==\n'
+"$pgshift" cdc --task demo --source "$src" --stage "$stage" --state "$state" --once --format jsonl
+
+printf '\n== staged files ==\n'
+(cd "$stage" && find . -type f | sort | head -20)
+printf '\n== first staged change ==\n'
+first=$(cd "$stage" && find . -path '*pgbench_accounts/cdc/*.jsonl' | sort | head -1)
+[ -n "$first" ] && head -c 600 "$stage/$first" && echo

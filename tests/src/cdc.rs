@@ -13,6 +13,26 @@ use pgshift::state::{FileStore, StateStore};
 use pgshift_tests::replay::{self, Table};
 use pgshift_tests::{TempDir, TestDb, unique_name};
 
+/// A test database with a folder sink and a file state store of its own.
+struct Local {
+    db: TestDb,
+    sink: LocalSink,
+    state: FileStore,
+    _dir: TempDir,
+}
+
+impl Local {
+    async fn new(prefix: &str) -> Local {
+        let dir = TempDir::new(prefix);
+        Local {
+            db: TestDb::new(prefix).await,
+            sink: LocalSink::new(dir.path().join("stage")),
+            state: FileStore::new(dir.path().join("state")),
+            _dir: dir,
+        }
+    }
+}
+
 fn opts(task: &str, cfg: PgConfig, format: &str) -> CdcOptions {
     let mut o = CdcOptions::new(task, cfg, "test-owner");
     o.format = Format::parse(format, "format").unwrap();
@@ -45,10 +65,12 @@ async fn check_tables<S: ObjectSink>(
 
 /// The workload of the issue: every kind of change, in several polls, for one format.
 async fn every_kind_of_change(format: &str) {
-    let db = TestDb::new("cdc_kinds").await;
-    let dir = TempDir::new("cdc_kinds");
-    let sink = LocalSink::new(dir.path().join("stage"));
-    let state = FileStore::new(dir.path().join("state"));
+    let Local {
+        db,
+        sink,
+        state,
+        _dir,
+    } = Local::new("cdc_kinds").await;
     let c = db.client().await;
     c.batch_execute(
         "create table public.items (id int primary key, name text, qty int, note text);
@@ -200,10 +222,12 @@ async fn every_kind_of_change_csv_gzip() {
 
 #[tokio::test]
 async fn large_transaction_streams_with_bounded_batches() {
-    let db = TestDb::new("cdc_big").await;
-    let dir = TempDir::new("cdc_big");
-    let sink = LocalSink::new(dir.path().join("stage"));
-    let state = FileStore::new(dir.path().join("state"));
+    let Local {
+        db,
+        sink,
+        state,
+        _dir,
+    } = Local::new("cdc_big").await;
     let c = db.client().await;
     c.batch_execute("create table public.big (id int primary key, v text)")
         .await
@@ -238,10 +262,12 @@ async fn large_transaction_streams_with_bounded_batches() {
 
 #[tokio::test]
 async fn batches_cut_at_commit_boundaries() {
-    let db = TestDb::new("cdc_cut").await;
-    let dir = TempDir::new("cdc_cut");
-    let sink = LocalSink::new(dir.path().join("stage"));
-    let state = FileStore::new(dir.path().join("state"));
+    let Local {
+        db,
+        sink,
+        state,
+        _dir,
+    } = Local::new("cdc_cut").await;
     let c = db.client().await;
     c.batch_execute("create table public.t (id int primary key, v int)")
         .await
@@ -284,10 +310,12 @@ async fn batches_cut_at_commit_boundaries() {
 /// change exactly once.
 #[tokio::test]
 async fn crash_at_every_step_then_rerun_loses_and_duplicates_nothing() {
-    let db = TestDb::new("cdc_crash").await;
-    let dir = TempDir::new("cdc_crash");
-    let sink = LocalSink::new(dir.path().join("stage"));
-    let state = FileStore::new(dir.path().join("state"));
+    let Local {
+        db,
+        sink,
+        state,
+        _dir,
+    } = Local::new("cdc_crash").await;
     let c = db.client().await;
     c.batch_execute("create table public.a (id int primary key, v int); create table public.b (id int primary key, v int);")
         .await
@@ -352,10 +380,12 @@ async fn crash_at_every_step_then_rerun_loses_and_duplicates_nothing() {
 
 #[tokio::test]
 async fn a_held_lease_stops_a_second_poller_and_checkpoints_never_go_back() {
-    let db = TestDb::new("cdc_lease").await;
-    let dir = TempDir::new("cdc_lease");
-    let sink = LocalSink::new(dir.path().join("stage"));
-    let state = FileStore::new(dir.path().join("state"));
+    let Local {
+        db,
+        sink,
+        state,
+        _dir,
+    } = Local::new("cdc_lease").await;
     let c = db.client().await;
     c.batch_execute("create table public.t (id int primary key)")
         .await
@@ -417,11 +447,13 @@ async fn a_held_lease_stops_a_second_poller_and_checkpoints_never_go_back() {
 
 #[tokio::test]
 async fn idle_slot_keeps_advancing_while_other_databases_write() {
-    let db = TestDb::new("cdc_idle").await;
+    let Local {
+        db,
+        sink,
+        state,
+        _dir,
+    } = Local::new("cdc_idle").await;
     let other = TestDb::new("cdc_busy").await;
-    let dir = TempDir::new("cdc_idle");
-    let sink = LocalSink::new(dir.path().join("stage"));
-    let state = FileStore::new(dir.path().join("state"));
     db.client()
         .await
         .batch_execute("create table public.t (id int primary key)")
@@ -466,10 +498,12 @@ async fn idle_slot_keeps_advancing_while_other_databases_write() {
 
 #[tokio::test]
 async fn a_dropped_slot_is_a_clear_terminal_error() {
-    let db = TestDb::new("cdc_lost").await;
-    let dir = TempDir::new("cdc_lost");
-    let sink = LocalSink::new(dir.path().join("stage"));
-    let state = FileStore::new(dir.path().join("state"));
+    let Local {
+        db,
+        sink,
+        state,
+        _dir,
+    } = Local::new("cdc_lost").await;
     db.client()
         .await
         .batch_execute("create table public.t (id int primary key)")

@@ -2,3 +2,4 @@
 
 mod cdc;
 mod endpoint;
+mod seams;

@@ -231,6 +231,37 @@ pub struct PollReport {
     pub elapsed_ms: u64,
 }
 
+impl PollReport {
+    /// A report with nothing done yet.
+    pub fn new(
+        task: &str,
+        slot: &str,
+        outcome: Outcome,
+        checkpoint: Lsn,
+        target: Lsn,
+    ) -> PollReport {
+        PollReport {
+            task: task.to_owned(),
+            outcome,
+            slot: slot.to_owned(),
+            start_checkpoint: checkpoint,
+            checkpoint,
+            target,
+            peeks: 0,
+            batches: Vec::new(),
+            transactions: 0,
+            changes: 0,
+            rows_staged: 0,
+            bytes_staged: 0,
+            slot_retained_bytes: 0,
+            slot_safe_wal_size: None,
+            slot_wal_status: String::new(),
+            latency_secs: 0.0,
+            elapsed_ms: 0,
+        }
+    }
+}
+
 /// Manifest key of a batch.
 pub fn manifest_key(start: Lsn, end: Lsn) -> String {
     format!("_manifests/cdc/{}-{}.json", start.key_hex(), end.key_hex())
@@ -393,25 +424,9 @@ pub async fn run<S: ObjectSink, St: StateStore>(
         Ok(pair) => pair,
         Err(outcome) => {
             tracing::info!(task = %opts.task, ?outcome, "another poller holds the lease");
-            return Ok(PollReport {
-                task: opts.task.clone(),
-                outcome,
-                slot: task.slot,
-                start_checkpoint: Lsn::ZERO,
-                checkpoint: Lsn::ZERO,
-                target: Lsn::ZERO,
-                peeks: 0,
-                batches: Vec::new(),
-                transactions: 0,
-                changes: 0,
-                rows_staged: 0,
-                bytes_staged: 0,
-                slot_retained_bytes: 0,
-                slot_safe_wal_size: None,
-                slot_wal_status: String::new(),
-                latency_secs: 0.0,
-                elapsed_ms: started.elapsed().as_millis() as u64,
-            });
+            let mut report = PollReport::new(&opts.task, &task.slot, outcome, Lsn::ZERO, Lsn::ZERO);
+            report.elapsed_ms = started.elapsed().as_millis() as u64;
+            return Ok(report);
         }
     };
     let mut poller = Poller {
@@ -425,6 +440,7 @@ pub async fn run<S: ObjectSink, St: StateStore>(
         relations: HashMap::new(),
         stored_schemas: HashMap::new(),
         type_names: HashMap::new(),
+        row_buf: Vec::with_capacity(1024),
     };
     // The drain future is large (S3 writers per table): keep it on the heap.
     let result = Box::pin(poller.drain(started)).await;
@@ -469,7 +485,8 @@ struct Batch<W: crate::stage::ObjectWriter> {
     start: Lsn,
     /// Set when a manifest for `start` exists: the batch must end exactly here.
     must_end: Option<Lsn>,
-    files: BTreeMap<(String, String), TableFile<W>>,
+    /// Open files by relation id.
+    files: BTreeMap<u32, TableFile<W>>,
     changes: u64,
     bytes: u64,
     transactions: u64,
@@ -497,6 +514,8 @@ struct Poller<'a, S: ObjectSink, St: StateStore> {
     /// Latest stored schema version per table prefix: (key, schema).
     stored_schemas: HashMap<String, Option<(String, TableSchema)>>,
     type_names: HashMap<(u32, i32), String>,
+    /// The encoded row being written (reused for every change).
+    row_buf: Vec<u8>,
 }
 
 impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
@@ -545,25 +564,16 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
             )));
         }
         let target = slot::drain_target(&self.control, Duration::from_secs(2)).await?;
-        let mut report = PollReport {
-            task: opts.task.clone(),
-            outcome: Outcome::Drained,
-            slot: self.task.slot.clone(),
+        let mut report = PollReport::new(
+            &opts.task,
+            &self.task.slot,
+            Outcome::Drained,
             start_checkpoint,
-            checkpoint: start_checkpoint,
             target,
-            peeks: 0,
-            batches: Vec::new(),
-            transactions: 0,
-            changes: 0,
-            rows_staged: 0,
-            bytes_staged: 0,
-            slot_retained_bytes: state.retained_bytes,
-            slot_safe_wal_size: state.safe_wal_size,
-            slot_wal_status: state.wal_status.clone(),
-            latency_secs: 0.0,
-            elapsed_ms: 0,
-        };
+        );
+        report.slot_retained_bytes = state.retained_bytes;
+        report.slot_safe_wal_size = state.safe_wal_size;
+        report.slot_wal_status = state.wal_status.clone();
         let mut last_commit_ts: Option<i64> = None;
 
         let mut peek_cfg = opts.source.clone();
@@ -613,6 +623,7 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
                 )
                 .await
                 .map_err(|e| Error::postgres(format!("peeking slot {}", self.task.slot), e))?;
+            tracing::debug!(task = %opts.task, elapsed_ms = started.elapsed().as_millis() as u64, "peek returned its first row");
             let mut rows = std::pin::pin!(rows);
             let mut batch = self.new_batch().await?;
             let mut txn: Option<Txn> = None;
@@ -628,11 +639,13 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
                     first = false;
                 }
                 row_count += 1;
-                let lsn_text: &str = row.get(0);
-                let lsn: Lsn = lsn_text
-                    .parse()
-                    .map_err(|e: crate::lsn::LsnParseError| Error::Source(e.to_string()))?;
-                let data: &[u8] = row.get(1);
+                let lsn: tokio_postgres::types::PgLsn = row
+                    .try_get(0)
+                    .map_err(|e| Error::postgres("reading a change's LSN", e))?;
+                let lsn = Lsn(u64::from(lsn));
+                let data: &[u8] = row
+                    .try_get(1)
+                    .map_err(|e| Error::postgres("reading a change", e))?;
                 let msg = pgoutput::decode(data, false)
                     .map_err(|e| Error::Source(format!("{e} at {lsn}")))?;
                 match msg {
@@ -727,6 +740,7 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
                     }
                 }
             }
+            tracing::debug!(task = %opts.task, rows = row_count, elapsed_ms = started.elapsed().as_millis() as u64, "peek read");
             if txn.is_some() && !stopped_early {
                 return Err(Error::Source(
                     "the peek ended inside a transaction".to_owned(),
@@ -1140,11 +1154,10 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
         if !rel.selected {
             return Ok(());
         }
-        let schema = rel.schema.clone();
-        let version_key = rel.version_key.clone();
+        let (sink, opts) = (self.sink, self.opts);
         let change = RowChange {
             op,
-            table: &schema,
+            table: &rel.schema,
             lsn,
             commit_lsn: t.final_lsn,
             xid: t.xid,
@@ -1153,45 +1166,51 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
             old_is_full,
             new,
         };
-        let mut row = Vec::with_capacity(256);
-        match self.opts.format.encoding {
-            Encoding::Csv => cdc_csv_row(&change, self.opts.commit_ts_column, &mut row),
-            Encoding::Jsonl => cdc_json_row(&change, &mut row)?,
+        let row = &mut self.row_buf;
+        row.clear();
+        match opts.format.encoding {
+            Encoding::Csv => cdc_csv_row(&change, opts.commit_ts_column, row),
+            Encoding::Jsonl => cdc_json_row(&change, row)?,
         }
-        let id = (schema.schema.clone(), schema.table.clone());
-        if !batch.files.contains_key(&id) {
+        if !batch.files.contains_key(&rel_id) {
+            let schema = &rel.schema;
             let key = format!(
                 "{}/cdc/{}.{}",
                 table_prefix(&schema.schema, &schema.table),
                 batch.start.key_hex(),
-                self.opts.format.ext()
+                opts.format.ext()
             );
-            let writer = self.sink.writer(&key).await?;
+            let writer = sink.writer(&key).await?;
             batch.files.insert(
-                id.clone(),
+                rel_id,
                 TableFile {
-                    writer: EncodedWriter::new(writer, self.opts.format),
+                    writer: EncodedWriter::new(writer, opts.format),
                     key,
                     schema: schema.schema.clone(),
                     table: schema.table.clone(),
                     counts: [0; 4],
                     segments: vec![SchemaSegment {
-                        key: version_key.clone(),
+                        key: rel.version_key.clone(),
                         first_row: 0,
                     }],
                 },
             );
         }
-        let Some(file) = batch.files.get_mut(&id) else {
+        let Some(file) = batch.files.get_mut(&rel_id) else {
             return Err(Error::Source("table file vanished".to_owned()));
         };
-        if file.segments.last().is_some_and(|s| s.key != version_key) {
+        if file
+            .segments
+            .last()
+            .is_some_and(|s| s.key != rel.version_key)
+        {
             file.segments.push(SchemaSegment {
-                key: version_key,
+                key: rel.version_key.clone(),
                 first_row: file.writer.rows,
             });
         }
-        file.writer.write_row(&row).await?;
+        let row = &self.row_buf;
+        file.writer.write_row(row).await?;
         file.counts[match op {
             Op::Insert => 0,
             Op::Update => 1,
@@ -1273,25 +1292,12 @@ mod tests {
 
     #[test]
     fn emf_names_dms_metrics() {
-        let report = PollReport {
-            task: "t".into(),
-            outcome: Outcome::Drained,
-            slot: "s".into(),
-            start_checkpoint: Lsn(1),
-            checkpoint: Lsn(2),
-            target: Lsn(2),
-            peeks: 1,
-            batches: vec![],
-            transactions: 0,
-            changes: 5,
-            rows_staged: 5,
-            bytes_staged: 10,
-            slot_retained_bytes: 100,
-            slot_safe_wal_size: None,
-            slot_wal_status: "reserved".into(),
-            latency_secs: 1.5,
-            elapsed_ms: 3,
-        };
+        let mut report = PollReport::new("t", "s", Outcome::Drained, Lsn(1), Lsn(2));
+        report.changes = 5;
+        report.rows_staged = 5;
+        report.bytes_staged = 10;
+        report.slot_retained_bytes = 100;
+        report.latency_secs = 1.5;
         let v: serde_json::Value = serde_json::from_str(&emf_line(&report)).unwrap();
         assert_eq!(v["CDCLatencySource"], 1.5);
         assert_eq!(v["CDCIncomingChanges"], 5);

@@ -205,7 +205,8 @@ pub async fn advance(client: &Client, slot: &str, to: Lsn) -> Result<()> {
 
 /// The peek: changes from the slot's confirmed position up to `$2`, at most about `$3` changes
 /// (checked between transactions), pgoutput protocol 1 for publication `$4`.
-pub const PEEK: &str = "select lsn::text, data from pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3, \
+/// The LSN column is read in binary (`PgLsn`), the data as a borrowed byte slice.
+pub const PEEK: &str = "select lsn, data from pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3, \
  'proto_version', '1', 'publication_names', $4)";
 
 /// Primary-key column names of a relation, in key order (empty when it has none).
