@@ -61,7 +61,7 @@ fn required(value: Option<String>, name: &str) -> Result<String, Error> {
     value.ok_or_else(|| Error::config(name, "must be set"))
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_runtime::Error> {
     pgshift::lambda::init_tracing();
     let env = LambdaEnv::from_pairs(std::env::vars())?;

@@ -9,7 +9,7 @@ async fn handle(_event: LambdaEvent<serde_json::Value>) -> Result<serde_json::Va
     )))
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_runtime::Error> {
     pgshift::lambda::init_tracing();
     lambda_runtime::run(service_fn(handle)).await

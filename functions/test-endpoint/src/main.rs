@@ -37,7 +37,7 @@ async fn run(deps: &Deps, payload: serde_json::Value) -> pgshift::Result<Endpoin
     test_endpoint::run(&source, &opts).await
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_runtime::Error> {
     pgshift::lambda::init_tracing();
     let env = LambdaEnv::from_pairs(std::env::vars())?;
