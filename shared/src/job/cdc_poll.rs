@@ -753,20 +753,19 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
             } else {
                 self.abandon(batch).await;
             }
-            // Step 6, once per peek.
+            let stopped = stopped_early || report.outcome == Outcome::DeadlineReached;
+            let drained = !stopped && row_count < i64::from(opts.max_peek_changes);
+            if drained && self.checkpoint() < target {
+                // Everything up to the target was read: the stretch after the last commit
+                // (or an idle one) moves the checkpoint to the target too.
+                self.move_checkpoint(target).await?;
+            }
+            // Step 6, once per peek, to the last checkpoint.
             if !report.batches.is_empty() {
                 failpoint(opts, Failpoint::AfterCheckpoint)?;
             }
             self.advance_slot().await?;
-            if stopped_early || report.outcome == Outcome::DeadlineReached {
-                break;
-            }
-            if row_count < i64::from(opts.max_peek_changes) {
-                // Everything up to the target was read: an idle stretch moves to the target.
-                if self.checkpoint() < target {
-                    self.move_checkpoint(target).await?;
-                    self.advance_slot().await?;
-                }
+            if stopped || drained {
                 break;
             }
             report.outcome = Outcome::MoreWaiting;
