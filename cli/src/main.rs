@@ -10,10 +10,12 @@ use pgshift::Error;
 use pgshift::aws::Aws;
 use pgshift::config::SourceSpec;
 use pgshift::format::Format;
-use pgshift::job::cdc_poll::{self, CdcOptions, PollReport};
+use pgshift::job::cdc_poll::{self, CdcOptions};
+use pgshift::job::full_load::{self, LoadOptions, Progress};
 use pgshift::job::test_endpoint;
 use pgshift::selection::Selection;
 use pgshift::source::checks::{CheckOptions, Status};
+use std::sync::Arc;
 
 mod report;
 
@@ -47,6 +49,38 @@ enum Command {
         /// Report transactions open longer than this many seconds.
         #[arg(long, default_value_t = 60.0)]
         long_transaction_secs: f64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load the selected tables in parallel chunks (COPY), optionally creating the CDC slot first.
+    FullLoad {
+        #[arg(long, env = "PGSHIFT_TASK")]
+        task: String,
+        /// `postgres://..` or `secret:<arn>`.
+        #[arg(long, env = "PGSHIFT_SOURCE")]
+        source: String,
+        /// A folder, or `s3://bucket/prefix` (default ./pgshift-data/stage).
+        #[arg(long, env = "PGSHIFT_STAGE", default_value = "./pgshift-data/stage")]
+        stage: String,
+        /// A folder, or `dynamodb://table` (default ./pgshift-data/state).
+        #[arg(long, env = "PGSHIFT_STATE", default_value = "./pgshift-data/state")]
+        state: String,
+        /// DMS table-mapping JSON file with selection rules (default: all user tables).
+        #[arg(long, env = "PGSHIFT_TABLES")]
+        tables: Option<std::path::PathBuf>,
+        /// csv, csv.gz, jsonl or jsonl.gz.
+        #[arg(long, env = "PGSHIFT_FORMAT", default_value = "csv")]
+        format: String,
+        /// Chunks exported at once.
+        #[arg(long, default_value_t = 2)]
+        parallel: usize,
+        /// Create the publication and slot first, so `pgshift cdc` continues from the load.
+        #[arg(long)]
+        cdc: bool,
+        /// Target heap size of a chunk, MiB.
+        #[arg(long, default_value_t = 256)]
+        chunk_mb: u64,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -93,12 +127,18 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    // One thread: the connection task and the consumer hand rows over without cross-thread
-    // wake-ups, and the PostgreSQL backend keeps the other core (measured by bench-cdc.sh).
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // One thread for the CDC drain: the connection task and the consumer hand rows over
+    // without cross-thread wake-ups, and the PostgreSQL backend keeps the other core (measured
+    // by bench-cdc.sh). Parallel full-load workers get a thread each.
+    let mut builder = match &cli.command {
+        Command::FullLoad { parallel, .. } if *parallel > 1 => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads((*parallel).min(64));
+            b
+        }
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -166,6 +206,58 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        Command::FullLoad {
+            task,
+            source,
+            stage,
+            state,
+            tables,
+            format,
+            parallel,
+            cdc,
+            chunk_mb,
+            json,
+        } => {
+            pgshift::config::check_task_name(&task)?;
+            let spec = SourceSpec::parse(&source, "--source")?;
+            let format = Format::parse(&format, "--format")?;
+            let selection = read_selection(tables.as_deref())?;
+            if !(1..=64).contains(&parallel) {
+                return Err(Error::config("--parallel", "must be between 1 and 64"));
+            }
+            pgshift::plan::ChunkSizing::from_mib(chunk_mb, 150_000)
+                .map_err(|e| Error::config("--chunk-mb", e.to_string()))?;
+            let stage = Target::parse_stage(&stage)?;
+            let state = Target::parse_state(&state)?;
+            let aws = if stage.is_aws() || state.is_aws() || matches!(spec, SourceSpec::Secret(_)) {
+                Some(Aws::from_env().await)
+            } else {
+                None
+            };
+            let cfg = match (&spec, &aws) {
+                (SourceSpec::Secret(_), Some(aws)) => aws.resolve(&spec, None).await?,
+                _ => resolve(&spec).await?,
+            };
+            let owner = format!("cli-{}-{}", hostname(), std::process::id());
+            let mut opts = LoadOptions::new(task, cfg, owner);
+            opts.format = format;
+            opts.selection = selection;
+            opts.chunk_mib = chunk_mb;
+            opts.cdc = cdc;
+            let progress = Arc::new(Progress::default());
+            let ticker = report::spawn_progress(progress.clone());
+            let result = with_seams!(&stage, &state, aws.as_ref(), |sink, store| {
+                full_load::run_local(&sink, &store, &opts, parallel, progress.clone()).await
+            });
+            ticker.abort();
+            let report = result?;
+            if json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                println!("{}", report::load_summary(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Cdc {
             task,
             source,
@@ -206,7 +298,9 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
             opts.max_batch_changes = max_batch_changes;
             let interval = std::time::Duration::from_secs(interval.max(1));
             loop {
-                let report = dispatch_cdc(&stage, &state, aws.as_ref(), &opts).await?;
+                let report = with_seams!(&stage, &state, aws.as_ref(), |sink, store| {
+                    cdc_poll::run(&sink, &store, &opts).await
+                })?;
                 if json {
                     println!("{}", serde_json::to_string(&report).unwrap_or_default());
                 } else {
@@ -229,6 +323,44 @@ fn hostname() -> String {
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "local".to_owned())
 }
+
+/// Runs `$body` with `$sink` and `$store` bound to the implementations the targets name.
+macro_rules! with_seams {
+    ($stage:expr, $state:expr, $aws:expr, |$sink:ident, $store:ident| $body:expr) => {{
+        use pgshift::stage::{LocalSink, S3Sink};
+        use pgshift::state::{DynamoStore, FileStore};
+        let aws: Option<&Aws> = $aws;
+        let need_aws =
+            || aws.ok_or_else(|| Error::config("aws", "AWS configuration was not loaded"));
+        async {
+            match ($stage, $state) {
+                (Target::Local(dir), Target::Local(sdir)) => {
+                    let ($sink, $store) = (LocalSink::new(dir), FileStore::new(sdir));
+                    $body
+                }
+                (Target::Local(dir), Target::Aws(table)) => {
+                    let $store = DynamoStore::new(need_aws()?.dynamodb(), table);
+                    $store.ensure_table().await?;
+                    let $sink = LocalSink::new(dir);
+                    $body
+                }
+                (Target::Aws(url), Target::Local(sdir)) => {
+                    let ($sink, $store) =
+                        (S3Sink::new(need_aws()?.s3(), url)?, FileStore::new(sdir));
+                    $body
+                }
+                (Target::Aws(url), Target::Aws(table)) => {
+                    let $store = DynamoStore::new(need_aws()?.dynamodb(), table);
+                    $store.ensure_table().await?;
+                    let $sink = S3Sink::new(need_aws()?.s3(), url)?;
+                    $body
+                }
+            }
+        }
+        .await
+    }};
+}
+use with_seams;
 
 /// Where staged data or state lives, as the command line names it.
 enum Target {
@@ -277,37 +409,6 @@ impl Target {
 
     fn is_aws(&self) -> bool {
         matches!(self, Target::Aws(_))
-    }
-}
-
-async fn dispatch_cdc(
-    stage: &Target,
-    state: &Target,
-    aws: Option<&Aws>,
-    opts: &CdcOptions,
-) -> pgshift::Result<PollReport> {
-    use pgshift::stage::{LocalSink, S3Sink};
-    use pgshift::state::{DynamoStore, FileStore};
-    let need_aws = || aws.ok_or_else(|| Error::config("aws", "AWS configuration was not loaded"));
-    match (stage, state) {
-        (Target::Local(dir), Target::Local(sdir)) => {
-            cdc_poll::run(&LocalSink::new(dir), &FileStore::new(sdir), opts).await
-        }
-        (Target::Local(dir), Target::Aws(table)) => {
-            let store = DynamoStore::new(need_aws()?.dynamodb(), table);
-            store.ensure_table().await?;
-            cdc_poll::run(&LocalSink::new(dir), &store, opts).await
-        }
-        (Target::Aws(url), Target::Local(sdir)) => {
-            let sink = S3Sink::new(need_aws()?.s3(), url)?;
-            cdc_poll::run(&sink, &FileStore::new(sdir), opts).await
-        }
-        (Target::Aws(url), Target::Aws(table)) => {
-            let sink = S3Sink::new(need_aws()?.s3(), url)?;
-            let store = DynamoStore::new(need_aws()?.dynamodb(), table);
-            store.ensure_table().await?;
-            cdc_poll::run(&sink, &store, opts).await
-        }
     }
 }
 

@@ -2,7 +2,12 @@
 
 use std::fmt::Write as _;
 
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
 use pgshift::job::cdc_poll::{Outcome, PollReport};
+use pgshift::job::full_load::{LoadReport, Progress};
 use pgshift::job::test_endpoint::EndpointReport;
 use pgshift::source::checks::Status;
 
@@ -92,4 +97,55 @@ pub(crate) fn poll_summary(r: &PollReport) -> String {
             }
         ),
     }
+}
+
+/// A progress bar on stderr while a load runs (only when stderr is a terminal).
+pub(crate) fn spawn_progress(progress: Arc<Progress>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if !std::io::stderr().is_terminal() {
+            return;
+        }
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} chunks {pos}/{len} {msg} [{elapsed_precise}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let started = std::time::Instant::now();
+        loop {
+            let rows = progress.rows.load(Relaxed);
+            let bytes = progress.bytes.load(Relaxed);
+            bar.set_length(progress.chunks_total.load(Relaxed));
+            bar.set_position(progress.chunks_done.load(Relaxed));
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            bar.set_message(format!(
+                "{rows} rows, {:.1} MB, {:.0} rows/s",
+                bytes as f64 / 1e6,
+                rows as f64 / secs
+            ));
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+}
+
+/// The end of a load.
+pub(crate) fn load_summary(r: &LoadReport) -> String {
+    format!(
+        "task {}: {} tables, {} chunks, {} rows, {:.1} MB in {:.1} s ({:.0} rows/s){}",
+        r.task,
+        r.tables,
+        r.chunks,
+        r.rows,
+        r.bytes as f64 / 1e6,
+        r.elapsed_ms as f64 / 1000.0,
+        r.rows_per_sec,
+        match r.l0 {
+            Some(l0) => format!(
+                "; CDC continues from {l0} (pgshift cdc --task {} ...)",
+                r.task
+            ),
+            None => String::new(),
+        }
+    )
 }

@@ -388,6 +388,12 @@ pub struct LambdaEnv {
     pub commit_ts_column: bool,
     /// `PGSHIFT_TABLE_MAPPINGS`: DMS table-mapping JSON (selection rules).
     pub selection: crate::selection::Selection,
+    /// `PGSHIFT_CDC`: the full load creates the slot first (default true).
+    pub cdc: bool,
+    /// `PGSHIFT_CHUNK_MB`: target heap size of a full-load chunk (default 256).
+    pub chunk_mb: u64,
+    /// `PGSHIFT_MAX_CONCURRENCY`: chunks exported at once by the state machine (default 8).
+    pub max_concurrency: u32,
 }
 
 impl LambdaEnv {
@@ -429,16 +435,32 @@ impl LambdaEnv {
             None => crate::format::Format::default(),
             Some(f) => crate::format::Format::parse(&f, "PGSHIFT_FORMAT")?,
         };
-        let commit_ts_column = match get("PGSHIFT_COMMIT_TS_COLUMN").as_deref() {
-            None | Some("false") | Some("0") => false,
-            Some("true") | Some("1") => true,
-            Some(other) => {
-                return Err(Error::config(
-                    "PGSHIFT_COMMIT_TS_COLUMN",
-                    format!("{other:?} is not true or false"),
-                ));
-            }
+        let flag = |name: &str, default: bool| match get(name).as_deref() {
+            None => Ok(default),
+            Some("false") | Some("0") => Ok(false),
+            Some("true") | Some("1") => Ok(true),
+            Some(other) => Err(Error::config(
+                name,
+                format!("{other:?} is not true or false"),
+            )),
         };
+        let number = |name: &str, default: u64, max: u64| match get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| (1..=max).contains(n))
+                .ok_or_else(|| {
+                    Error::config(
+                        name,
+                        format!("{v:?} is not a whole number between 1 and {max}"),
+                    )
+                }),
+        };
+        let commit_ts_column = flag("PGSHIFT_COMMIT_TS_COLUMN", false)?;
+        let cdc = flag("PGSHIFT_CDC", true)?;
+        let chunk_mb = number("PGSHIFT_CHUNK_MB", 256, 65_536)?;
+        let max_concurrency = number("PGSHIFT_MAX_CONCURRENCY", 8, 1000)? as u32;
         let selection = match get("PGSHIFT_TABLE_MAPPINGS") {
             None => crate::selection::Selection::all(),
             Some(json) => crate::selection::Selection::from_json(&json, "PGSHIFT_TABLE_MAPPINGS")?,
@@ -450,6 +472,9 @@ impl LambdaEnv {
             })?;
         }
         Ok(LambdaEnv {
+            cdc,
+            chunk_mb,
+            max_concurrency,
             format,
             commit_ts_column,
             selection,

@@ -25,6 +25,7 @@ pub mod job;
 pub mod lambda;
 pub mod lsn;
 pub mod pgoutput;
+pub mod plan;
 pub mod selection;
 pub mod source;
 pub mod stage;

@@ -361,6 +361,11 @@ impl S3Sink {
         self
     }
 
+    /// The bucket and full object key of `key` (for a Distributed Map's ItemReader).
+    pub fn locate(&self, key: &str) -> Result<(String, String)> {
+        Ok((self.bucket.clone(), self.full_key(key)?))
+    }
+
     fn full_key(&self, key: &str) -> Result<String> {
         check_key(key)?;
         Ok(if self.prefix.is_empty() {

@@ -51,18 +51,7 @@ pub struct TaskSpec {
 impl TestEndpointEvent {
     /// Parses an event, naming the offending field on error (`endpoint.port: ...`).
     pub fn from_json(value: serde_json::Value) -> Result<TestEndpointEvent> {
-        if !value.is_object() {
-            return Err(Error::event("event", "must be a JSON object"));
-        }
-        let event: TestEndpointEvent = serde_path_to_error::deserialize(value).map_err(|e| {
-            let path = e.path().to_string();
-            let field = if path == "." {
-                "event".to_owned()
-            } else {
-                path
-            };
-            Error::event(field, e.inner().to_string())
-        })?;
+        let event: TestEndpointEvent = super::parse_event(value)?;
         if event.endpoint.is_some() && event.secret_arn.is_some() {
             return Err(Error::event(
                 "endpoint",

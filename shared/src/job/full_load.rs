@@ -1,0 +1,799 @@
+//! The full load: Plan → ExportChunk × N (in parallel) → Finish (DESIGN §3).
+//!
+//! # Effect order
+//!
+//! **Plan.** With CDC on, the publication and slot are created first and the slot's consistent
+//! point `L0` recorded in the task item (a clear error if an old transaction blocks slot
+//! creation past `lock_timeout`). Then the selected tables are listed, cut into chunks
+//! ([`crate::plan`]), each table's schema written beside its data, and the plan item plus one
+//! `pending` item per chunk stored. A plan that exists is returned as it is: Plan is idempotent.
+//!
+//! **ExportChunk.** The chunk item moves `pending → running(owner, lease)` with a conditional
+//! write (a live lease held by another worker is a transient conflict: retry later). In its own
+//! REPEATABLE READ READ ONLY transaction the worker records `pg_current_wal_lsn()` (the chunk's
+//! start), then streams `COPY (SELECT * FROM t WHERE ctid range) TO STDOUT (FORMAT csv)` into the
+//! encoder and a (multipart) upload of `LOAD<n:08X>.<ext>`, counting rows and summing an
+//! order-independent checksum. Only after the object is complete does the item move to `done`
+//! (conditional on the version it wrote). A crash anywhere leaves the chunk `running` until its
+//! lease expires; the retry rewrites the same key. A chunk already `done` returns its result.
+//!
+//! **Finish.** Every chunk must be `done`; per-table manifests
+//! (`_manifests/load/<schema>.<table>.json`: chunks, rows, checksums, `L0`) are written and the
+//! plan marked complete. A consumer applies the load, then CDC from `L0` as upserts in commit
+//! order: rows seen twice are harmless, rows that moved between chunks come back through CDC.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::change::{ColumnSchema, TableSchema};
+use crate::config::{PgConfig, check_task_name};
+use crate::error::{Error, Result};
+use crate::format::{
+    CsvRows, EncodedWriter, Encoding, Format, RowChecksum, load_json_row, parse_csv_fields,
+};
+use crate::job::cdc_poll::{self, StoredSchema, table_prefix};
+use crate::lsn::Lsn;
+use crate::plan::{ChunkRange, ChunkSizing, plan_table};
+use crate::selection::Selection;
+use crate::source::{self, catalog, quote_ident, quote_qualified};
+use crate::stage::ObjectSink;
+use crate::state::StateStore;
+
+/// What the load is asked to do.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub task: String,
+    pub source: PgConfig,
+    pub format: Format,
+    pub selection: Selection,
+    /// Target heap size of a chunk, MiB.
+    pub chunk_mib: u64,
+    /// Create the publication and slot first (CDC from `L0`).
+    pub cdc: bool,
+    pub owner: String,
+    pub lease_ttl: Duration,
+    /// Test hook: stop an export as if killed after this many bytes were written.
+    pub kill_after_bytes: Option<u64>,
+}
+
+impl LoadOptions {
+    pub fn new(task: impl Into<String>, source: PgConfig, owner: impl Into<String>) -> LoadOptions {
+        LoadOptions {
+            task: task.into(),
+            source,
+            format: Format::default(),
+            selection: Selection::all(),
+            chunk_mib: 256,
+            cdc: false,
+            owner: owner.into(),
+            lease_ttl: Duration::from_secs(900),
+            kill_after_bytes: None,
+        }
+    }
+}
+
+/// One table of a plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlannedTable {
+    pub schema: String,
+    pub table: String,
+    pub columns: Vec<String>,
+    pub chunks: Vec<ChunkRange>,
+    pub estimated_rows: f64,
+}
+
+/// The `plan` item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanRecord {
+    pub tables: Vec<PlannedTable>,
+    pub format: Format,
+    /// The slot's consistent point when CDC is on.
+    pub l0: Option<Lsn>,
+    /// `planned` or `complete`.
+    pub status: String,
+}
+
+/// A chunk's identity (the Map state's item).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkId {
+    pub schema: String,
+    pub table: String,
+    pub n: u32,
+}
+
+impl ChunkId {
+    fn state_key(&self) -> String {
+        format!("chunk#{}.{}#{}", self.schema, self.table, self.n)
+    }
+}
+
+/// The `chunk#..` item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChunkRecord {
+    pub schema: String,
+    pub table: String,
+    pub n: u32,
+    pub range: ChunkRange,
+    /// `pending`, `running` or `done`.
+    pub status: String,
+    pub owner: Option<String>,
+    pub lease_expires_ms: u64,
+    pub attempts: u32,
+    pub key: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub checksum: RowChecksum,
+    pub start_lsn: Option<Lsn>,
+}
+
+/// The object key of a chunk: `<schema>/<table>/LOAD<n:08X>.<ext>` (DMS naming).
+pub fn chunk_key(schema: &str, table: &str, n: u32, format: Format) -> String {
+    format!(
+        "{}/LOAD{:08X}.{}",
+        table_prefix(schema, table),
+        n + 1,
+        format.ext()
+    )
+}
+
+/// `_manifests/load/<schema>.<table>.json` (names with `/` escaped as in data keys).
+pub fn load_manifest_key(schema: &str, table: &str) -> String {
+    format!(
+        "_manifests/load/{}.{}.json",
+        cdc_poll::key_segment(schema),
+        cdc_poll::key_segment(table)
+    )
+}
+
+/// A table's load manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadManifest {
+    pub task: String,
+    pub schema: String,
+    pub table: String,
+    pub format: Format,
+    pub columns: Vec<String>,
+    pub l0: Option<Lsn>,
+    pub rows: u64,
+    pub bytes: u64,
+    pub checksum: RowChecksum,
+    pub chunks: Vec<ChunkRecord>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn to_doc<T: Serialize>(v: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(v).map_err(|e| Error::config("state", e.to_string()))
+}
+
+fn from_doc<T: for<'de> Deserialize<'de>>(v: serde_json::Value, what: &str) -> Result<T> {
+    serde_json::from_value(v)
+        .map_err(|e| Error::config("state", format!("{what} item is malformed: {e}")))
+}
+
+const COLUMNS: &str = "select a.attname::text, a.atttypid, a.atttypmod, format_type(a.atttypid, nullif(a.atttypmod, -1)), \
+ coalesce(a.attnum = any(i.indkey), false) \
+ from pg_attribute a left join pg_index i on i.indrelid = a.attrelid and i.indisprimary \
+ where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped order by a.attnum";
+
+/// Plans the load (idempotent). Returns the plan and the chunk list.
+pub async fn plan<S: ObjectSink, St: StateStore>(
+    sink: &S,
+    state: &St,
+    opts: &LoadOptions,
+) -> Result<(PlanRecord, Vec<ChunkId>)> {
+    check_task_name(&opts.task)?;
+    if let Some(v) = state.get(&opts.task, "plan").await? {
+        let plan: PlanRecord = from_doc(v.doc, "plan")?;
+        let ids = chunk_ids(&plan);
+        return Ok((plan, ids));
+    }
+    let mut cfg = opts.source.clone();
+    cfg.application_name = "pgshift-plan".to_owned();
+    let client = source::connect(&cfg).await?;
+    let server = catalog::server_info(&client).await?;
+    let sizing = ChunkSizing::from_mib(opts.chunk_mib, server.version_num)?;
+    // Slot first, then data: every change after L0 reaches CDC.
+    let l0 = if opts.cdc {
+        let task = cdc_poll::ensure_task(
+            state,
+            &client,
+            &opts.task,
+            &opts.selection,
+            true,
+            "full-load",
+        )
+        .await?;
+        Some(task.start_lsn)
+    } else {
+        None
+    };
+    let tables = catalog::user_tables(&client, &opts.selection).await?;
+    let found: Vec<(String, String)> = tables
+        .iter()
+        .map(|t| (t.schema.clone(), t.name.clone()))
+        .collect();
+    let missing = opts.selection.unmatched_exact(&found);
+    if !missing.is_empty() {
+        let names: Vec<String> = missing
+            .iter()
+            .map(|r| format!("{}.{} (rule-id {})", r.schema, r.table, r.id))
+            .collect();
+        return Err(Error::config(
+            "tables",
+            format!(
+                "selection rules name tables that do not exist: {} (names are case-sensitive)",
+                names.join(", ")
+            ),
+        ));
+    }
+    if let Some(t) = tables.iter().find(|t| !t.can_select) {
+        return Err(Error::Source(format!(
+            "{} cannot read {}: GRANT SELECT ON {} TO {}",
+            server.user,
+            t.display_name(),
+            t.quoted(),
+            quote_ident(&server.user)
+        )));
+    }
+    let schema_lsn = match l0 {
+        Some(l) => l,
+        None => slot_free_lsn(&client).await?,
+    };
+    let mut planned = Vec::new();
+    // Partitions load through their root when it is selected (its COPY reads them all, and
+    // CDC publishes through the root).
+    let has_root = tables.iter().any(|t| t.kind == 'p');
+    for t in tables.iter().filter(|t| !(has_root && t.is_partition)) {
+        let rows = client
+            .query(COLUMNS, &[&t.oid])
+            .await
+            .map_err(|e| Error::postgres(format!("reading columns of {}", t.display_name()), e))?;
+        let columns: Vec<ColumnSchema> = rows
+            .iter()
+            .map(|r| ColumnSchema {
+                name: r.get(0),
+                type_oid: r.get(1),
+                type_modifier: r.get(2),
+                type_name: r.get(3),
+                key: r.get(4),
+            })
+            .collect();
+        let schema = TableSchema {
+            schema: t.schema.clone(),
+            table: t.name.clone(),
+            columns: columns.clone(),
+            replica_identity: t.replica_identity.to_string(),
+        };
+        write_schema(sink, &schema, schema_lsn).await?;
+        let chunks = if t.kind == 'p' {
+            vec![ChunkRange::Whole]
+        } else {
+            plan_table(t.pages, sizing)
+        };
+        planned.push(PlannedTable {
+            schema: t.schema.clone(),
+            table: t.name.clone(),
+            columns: columns.into_iter().map(|c| c.name).collect(),
+            chunks,
+            estimated_rows: t.estimated_rows.max(0.0),
+        });
+    }
+    let plan = PlanRecord {
+        tables: planned,
+        format: opts.format,
+        l0,
+        status: "planned".to_owned(),
+    };
+    let ids = chunk_ids(&plan);
+    for id in &ids {
+        let table = plan
+            .tables
+            .iter()
+            .find(|t| t.schema == id.schema && t.table == id.table)
+            .ok_or_else(|| Error::Source("planned table vanished".to_owned()))?;
+        let record = ChunkRecord {
+            schema: id.schema.clone(),
+            table: id.table.clone(),
+            n: id.n,
+            range: table.chunks[id.n as usize].clone(),
+            status: "pending".to_owned(),
+            owner: None,
+            lease_expires_ms: 0,
+            attempts: 0,
+            key: chunk_key(&id.schema, &id.table, id.n, opts.format),
+            rows: 0,
+            bytes: 0,
+            checksum: RowChecksum::default(),
+            start_lsn: None,
+        };
+        match state
+            .put(&opts.task, &id.state_key(), &to_doc(&record)?, None)
+            .await
+        {
+            Ok(_) | Err(Error::Conflict(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    match state.put(&opts.task, "plan", &to_doc(&plan)?, None).await {
+        Ok(_) => Ok((plan, ids)),
+        // Planned concurrently: the stored plan wins.
+        Err(Error::Conflict(_)) => {
+            let v = state
+                .get(&opts.task, "plan")
+                .await?
+                .ok_or_else(|| Error::Conflict("plan vanished".to_owned()))?;
+            let plan: PlanRecord = from_doc(v.doc, "plan")?;
+            let ids = chunk_ids(&plan);
+            Ok((plan, ids))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn slot_free_lsn(client: &tokio_postgres::Client) -> Result<Lsn> {
+    let text: String = client
+        .query_one(
+            "select (case when pg_is_in_recovery() then pg_last_wal_replay_lsn() else pg_current_wal_lsn() end)::text",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::postgres("reading the WAL position", e))?
+        .get(0);
+    text.parse()
+        .map_err(|e: crate::lsn::LsnParseError| Error::Source(e.to_string()))
+}
+
+/// Writes the table's schema version at `lsn` unless the latest stored one has the same shape.
+async fn write_schema<S: ObjectSink>(sink: &S, schema: &TableSchema, lsn: Lsn) -> Result<()> {
+    let prefix = format!("{}/_schema/", table_prefix(&schema.schema, &schema.table));
+    if let Some(last) = sink.list(&prefix).await?.last()
+        && let Some(body) = sink.get(last).await?
+        && let Ok(stored) = serde_json::from_slice::<StoredSchema>(&body)
+        && stored.schema.same_shape(schema)
+    {
+        return Ok(());
+    }
+    let mut layout = vec!["Op".to_owned()];
+    layout.extend(schema.columns.iter().map(|c| c.name.clone()));
+    layout.push("unchanged_toast".to_owned());
+    let stored = StoredSchema {
+        lsn,
+        schema: schema.clone(),
+        csv_cdc_layout: layout,
+    };
+    let body = serde_json::to_vec_pretty(&stored).map_err(|e| Error::Source(e.to_string()))?;
+    sink.put(
+        &format!("{prefix}{}.json", lsn.key_hex()),
+        Bytes::from(body),
+    )
+    .await
+}
+
+/// Every chunk of a plan, table by table.
+pub fn chunk_ids(plan: &PlanRecord) -> Vec<ChunkId> {
+    plan.tables
+        .iter()
+        .flat_map(|t| {
+            (0..t.chunks.len() as u32).map(|n| ChunkId {
+                schema: t.schema.clone(),
+                table: t.table.clone(),
+                n,
+            })
+        })
+        .collect()
+}
+
+/// Exports one chunk (idempotent; see the module docs for the state transitions).
+pub async fn export_chunk<S: ObjectSink, St: StateStore>(
+    sink: &S,
+    state: &St,
+    opts: &LoadOptions,
+    id: &ChunkId,
+) -> Result<ChunkRecord> {
+    check_task_name(&opts.task)?;
+    let key = id.state_key();
+    let stored = state.get(&opts.task, &key).await?.ok_or_else(|| {
+        Error::event(
+            "chunk",
+            format!(
+                "{}.{} chunk {} is not in the plan of task {}",
+                id.schema, id.table, id.n, opts.task
+            ),
+        )
+    })?;
+    let mut record: ChunkRecord = from_doc(stored.doc, "chunk")?;
+    if record.status == "done" {
+        return Ok(record);
+    }
+    let now = now_ms();
+    if record.status == "running"
+        && record.owner.as_deref() != Some(&opts.owner)
+        && record.lease_expires_ms > now
+    {
+        return Err(Error::Conflict(format!(
+            "chunk {} is being exported by {} until {}",
+            key,
+            record.owner.as_deref().unwrap_or("?"),
+            record.lease_expires_ms
+        )));
+    }
+    record.status = "running".to_owned();
+    record.owner = Some(opts.owner.clone());
+    record.lease_expires_ms = now + opts.lease_ttl.as_millis() as u64;
+    record.attempts += 1;
+    let version = state
+        .put(&opts.task, &key, &to_doc(&record)?, Some(stored.version))
+        .await?;
+
+    let plan: PlanRecord = match state.get(&opts.task, "plan").await? {
+        Some(v) => from_doc(v.doc, "plan")?,
+        None => return Err(Error::Source(format!("task {} has no plan", opts.task))),
+    };
+    let table = plan
+        .tables
+        .iter()
+        .find(|t| t.schema == id.schema && t.table == id.table)
+        .ok_or_else(|| Error::Source(format!("{}.{} is not in the plan", id.schema, id.table)))?;
+    let (rows, bytes, checksum, start_lsn) =
+        copy_chunk(sink, opts, plan.format, table, &record).await?;
+    record.status = "done".to_owned();
+    record.rows = rows;
+    record.bytes = bytes;
+    record.checksum = checksum;
+    record.start_lsn = Some(start_lsn);
+    record.lease_expires_ms = 0;
+    state
+        .put(&opts.task, &key, &to_doc(&record)?, Some(version))
+        .await
+        .map_err(|e| match e {
+            Error::Conflict(m) => Error::Conflict(format!(
+                "chunk {key} was taken over while exporting (lease expired): {m}"
+            )),
+            other => other,
+        })?;
+    Ok(record)
+}
+
+async fn copy_chunk<S: ObjectSink>(
+    sink: &S,
+    opts: &LoadOptions,
+    format: Format,
+    table: &PlannedTable,
+    record: &ChunkRecord,
+) -> Result<(u64, u64, RowChecksum, Lsn)> {
+    let mut cfg = opts.source.clone();
+    cfg.application_name = "pgshift-full-load".to_owned();
+    let client = source::connect(&cfg).await?;
+    client
+        .batch_execute("start transaction isolation level repeatable read read only")
+        .await
+        .map_err(|e| Error::postgres("starting the chunk's snapshot", e))?;
+    let start_lsn = slot_free_lsn(&client).await?;
+    let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(c)).collect();
+    let sql = format!(
+        "copy (select {} from {}{}) to stdout with (format csv)",
+        cols.join(", "),
+        quote_qualified(&table.schema, &table.table),
+        record.range.where_clause()
+    );
+    let stream = client.copy_out(&sql).await.map_err(|e| {
+        Error::postgres(
+            format!("starting COPY of {}.{}", table.schema, table.table),
+            e,
+        )
+    })?;
+    let mut stream = std::pin::pin!(stream);
+    let writer = sink.writer(&record.key).await?;
+    let mut out = EncodedWriter::new(writer, format);
+    let mut splitter = CsvRows::new();
+    let mut checksum = RowChecksum::default();
+    let mut rows = 0u64;
+    let mut fields = Vec::new();
+    let mut json = Vec::with_capacity(1 << 16);
+    while let Some(piece) = stream.next().await {
+        let piece = piece.map_err(|e| {
+            Error::postgres(
+                format!("reading COPY of {}.{}", table.schema, table.table),
+                e,
+            )
+        })?;
+        let before = rows;
+        json.clear();
+        splitter.feed(&piece, |row| {
+            checksum.add_row(row);
+            rows += 1;
+            if format.encoding == Encoding::Jsonl {
+                parse_csv_fields(row, &mut fields)?;
+                load_json_row(
+                    &table.schema,
+                    &table.table,
+                    &table.columns,
+                    &fields,
+                    &mut json,
+                )?;
+            }
+            Ok(())
+        })?;
+        match format.encoding {
+            // COPY's CSV is already the staged CSV: pass the bytes through.
+            Encoding::Csv => out.write_rows(&piece, rows - before).await?,
+            Encoding::Jsonl => out.write_rows(&json, rows - before).await?,
+        }
+        if let Some(limit) = opts.kill_after_bytes
+            && out.raw_bytes >= limit
+        {
+            // As if the process died: no clean-up of the upload, no state change.
+            return Err(Error::Source(format!(
+                "killed after {} bytes (test hook)",
+                out.raw_bytes
+            )));
+        }
+    }
+    splitter.finish()?;
+    let bytes = out.finish().await?;
+    let _ = client.batch_execute("commit").await;
+    Ok((rows, bytes, checksum, start_lsn))
+}
+
+/// Checks every chunk is done, writes the per-table manifests, marks the plan complete.
+pub async fn finish<S: ObjectSink, St: StateStore>(
+    sink: &S,
+    state: &St,
+    task: &str,
+) -> Result<Vec<LoadManifest>> {
+    check_task_name(task)?;
+    let stored = state
+        .get(task, "plan")
+        .await?
+        .ok_or_else(|| Error::Source(format!("task {task} has no plan")))?;
+    let mut plan: PlanRecord = from_doc(stored.doc, "plan")?;
+    let mut manifests = Vec::new();
+    let mut not_done = Vec::new();
+    for t in &plan.tables {
+        let mut chunks = Vec::new();
+        for n in 0..t.chunks.len() as u32 {
+            let id = ChunkId {
+                schema: t.schema.clone(),
+                table: t.table.clone(),
+                n,
+            };
+            let rec: ChunkRecord = match state.get(task, &id.state_key()).await? {
+                Some(v) => from_doc(v.doc, "chunk")?,
+                None => {
+                    not_done.push(format!("{}.{}#{n} (missing)", t.schema, t.table));
+                    continue;
+                }
+            };
+            if rec.status != "done" {
+                not_done.push(format!("{}.{}#{n} ({})", t.schema, t.table, rec.status));
+            }
+            chunks.push(rec);
+        }
+        let checksum = chunks
+            .iter()
+            .fold(RowChecksum::default(), |a, c| a.combine(c.checksum));
+        manifests.push(LoadManifest {
+            task: task.to_owned(),
+            schema: t.schema.clone(),
+            table: t.table.clone(),
+            format: plan.format,
+            columns: t.columns.clone(),
+            l0: plan.l0,
+            rows: chunks.iter().map(|c| c.rows).sum(),
+            bytes: chunks.iter().map(|c| c.bytes).sum(),
+            checksum,
+            chunks,
+        });
+    }
+    if !not_done.is_empty() {
+        let shown: Vec<&String> = not_done.iter().take(10).collect();
+        return Err(Error::Source(format!(
+            "{} chunks are not done: {}",
+            not_done.len(),
+            shown
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    for m in &manifests {
+        let body = serde_json::to_vec_pretty(m).map_err(|e| Error::Source(e.to_string()))?;
+        sink.put(&load_manifest_key(&m.schema, &m.table), Bytes::from(body))
+            .await?;
+    }
+    if plan.status != "complete" {
+        plan.status = "complete".to_owned();
+        match state
+            .put(task, "plan", &to_doc(&plan)?, Some(stored.version))
+            .await
+        {
+            Ok(_) | Err(Error::Conflict(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(manifests)
+}
+
+/// The full-load function's event: one of the state machine's three steps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", deny_unknown_fields)]
+pub enum FullLoadEvent {
+    Plan,
+    ExportChunk { chunk: ChunkId },
+    Finish,
+}
+
+/// Plans of more chunks than this go to the Map state as an S3 object (Distributed Map).
+pub const INLINE_CHUNK_LIMIT: usize = 1000;
+
+/// The Plan step's result for the state machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanOutput {
+    pub task: String,
+    pub chunk_count: usize,
+    /// The chunks, when at most [`INLINE_CHUNK_LIMIT`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<Vec<ChunkId>>,
+    /// Otherwise the staged JSON array of chunks, for the Distributed Map's ItemReader.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunk_manifest: Option<ChunkManifestRef>,
+    pub max_concurrency: u32,
+    pub l0: Option<Lsn>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkManifestRef {
+    pub bucket: String,
+    pub key: String,
+}
+
+/// Key of the staged chunk list of a large plan.
+pub const CHUNK_LIST_KEY: &str = "_manifests/load/_chunks.json";
+
+/// Progress of a local run, shared by its workers.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub rows: std::sync::atomic::AtomicU64,
+    pub bytes: std::sync::atomic::AtomicU64,
+    pub chunks_done: std::sync::atomic::AtomicU64,
+    pub chunks_total: std::sync::atomic::AtomicU64,
+}
+
+/// What a local run did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub task: String,
+    pub tables: usize,
+    pub chunks: usize,
+    pub rows: u64,
+    pub bytes: u64,
+    pub l0: Option<Lsn>,
+    pub elapsed_ms: u64,
+    pub rows_per_sec: f64,
+}
+
+/// Plan, export every chunk with `parallel` workers, finish: the CLI's full load.
+pub async fn run_local<S: ObjectSink + Clone, St: StateStore + Clone>(
+    sink: &S,
+    state: &St,
+    opts: &LoadOptions,
+    parallel: usize,
+    progress: Arc<Progress>,
+) -> Result<LoadReport> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let started = Instant::now();
+    let (plan, ids) = plan(sink, state, opts).await?;
+    progress.chunks_total.store(ids.len() as u64, Relaxed);
+    let queue = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(
+        ids.clone(),
+    )));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..parallel.max(1) {
+        let (sink, state, opts, queue, progress) = (
+            sink.clone(),
+            state.clone(),
+            opts.clone(),
+            queue.clone(),
+            progress.clone(),
+        );
+        workers.spawn(async move {
+            loop {
+                let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+                let Some(id) = next else {
+                    return Ok::<(), Error>(());
+                };
+                let rec = export_chunk(&sink, &state, &opts, &id).await?;
+                progress.rows.fetch_add(rec.rows, Relaxed);
+                progress.bytes.fetch_add(rec.bytes, Relaxed);
+                progress.chunks_done.fetch_add(1, Relaxed);
+            }
+        });
+    }
+    let mut first_err = None;
+    while let Some(done) = workers.join_next().await {
+        let result = done
+            .map_err(|e| Error::Source(format!("export worker failed: {e}")))
+            .and_then(|r| r);
+        if let Err(e) = result
+            && first_err.is_none()
+        {
+            first_err = Some(e);
+            // Stop handing out chunks; running exports finish.
+            if let Ok(mut q) = queue.lock() {
+                q.clear();
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    let manifests = finish(sink, state, &opts.task).await?;
+    let rows: u64 = manifests.iter().map(|m| m.rows).sum();
+    let elapsed = started.elapsed();
+    Ok(LoadReport {
+        task: opts.task.clone(),
+        tables: manifests.len(),
+        chunks: ids.len(),
+        rows,
+        bytes: manifests.iter().map(|m| m.bytes).sum(),
+        l0: plan.l0,
+        elapsed_ms: elapsed.as_millis() as u64,
+        rows_per_sec: rows as f64 / elapsed.as_secs_f64().max(1e-9),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_parse_and_name_bad_fields() {
+        let e: FullLoadEvent =
+            crate::job::parse_event(serde_json::json!({"action": "Plan"})).unwrap();
+        assert_eq!(e, FullLoadEvent::Plan);
+        let e: FullLoadEvent = crate::job::parse_event(
+            serde_json::json!({"action": "ExportChunk", "chunk": {"schema": "s", "table": "t", "n": 3}}),
+        )
+        .unwrap();
+        assert!(matches!(e, FullLoadEvent::ExportChunk { chunk } if chunk.n == 3));
+        for (bad, want) in [
+            (serde_json::json!({"action": "Explode"}), "Explode"),
+            (
+                serde_json::json!({"action": "ExportChunk", "chunk": {"schema": "s", "table": "t", "n": -1}}),
+                "chunk.n",
+            ),
+            (serde_json::json!({"action": "ExportChunk"}), "chunk"),
+            (serde_json::json!("Plan"), "must be a JSON object"),
+        ] {
+            let err = crate::job::parse_event::<FullLoadEvent>(bad.clone())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn keys_follow_dms_naming() {
+        let f = Format::default();
+        assert_eq!(
+            chunk_key("public", "Orders", 0, f),
+            "public/Orders/LOAD00000001.csv"
+        );
+        assert_eq!(chunk_key("a/b", "t", 255, f), "a%2Fb/t/LOAD00000100.csv");
+        assert_eq!(
+            load_manifest_key("public", "t"),
+            "_manifests/load/public.t.json"
+        );
+    }
+}
