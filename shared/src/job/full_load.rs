@@ -445,7 +445,7 @@ pub async fn export_chunk<S: ObjectSink, St: StateStore>(
         .find(|t| t.schema == id.schema && t.table == id.table)
         .ok_or_else(|| Error::Source(format!("{}.{} is not in the plan", id.schema, id.table)))?;
     let (rows, bytes, checksum, start_lsn) =
-        copy_chunk(sink, opts, plan.format, table, &record).await?;
+        Box::pin(copy_chunk(sink, opts, plan.format, table, &record)).await?;
     record.status = "done".to_owned();
     record.rows = rows;
     record.bytes = bytes;
