@@ -2,4 +2,5 @@
 
 mod cdc;
 mod endpoint;
+mod full_load;
 mod seams;

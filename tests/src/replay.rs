@@ -41,7 +41,8 @@ pub async fn manifests<S: ObjectSink>(sink: &S) -> Vec<(String, BatchManifest)> 
     out
 }
 
-fn gunzip(body: &[u8]) -> Vec<u8> {
+/// Decompresses a `.gz` object.
+pub fn gunzip(body: &[u8]) -> Vec<u8> {
     use std::io::Read;
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(body)

@@ -58,7 +58,7 @@ async fn run(
     deps: &Deps,
     event: LambdaEvent<serde_json::Value>,
 ) -> pgshift::Result<serde_json::Value> {
-    let action: FullLoadEvent = pgshift::job::parse_event(event.payload)?;
+    let action = FullLoadEvent::from_json(event.payload)?;
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -626,12 +626,44 @@ pub async fn finish<S: ObjectSink, St: StateStore>(
 }
 
 /// The full-load function's event: one of the state machine's three steps.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "action", deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FullLoadEvent {
     Plan,
     ExportChunk { chunk: ChunkId },
     Finish,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvent {
+    action: Action,
+    #[serde(default)]
+    chunk: Option<ChunkId>,
+}
+
+#[derive(Deserialize)]
+enum Action {
+    Plan,
+    ExportChunk,
+    Finish,
+}
+
+impl FullLoadEvent {
+    /// Parses `{"action": "Plan" | "ExportChunk" | "Finish", "chunk": {..}}`, naming the field
+    /// that is wrong.
+    pub fn from_json(value: serde_json::Value) -> Result<FullLoadEvent> {
+        let raw: RawEvent = crate::job::parse_event(value)?;
+        match (raw.action, raw.chunk) {
+            (Action::Plan, None) => Ok(FullLoadEvent::Plan),
+            (Action::Finish, None) => Ok(FullLoadEvent::Finish),
+            (Action::ExportChunk, Some(chunk)) => Ok(FullLoadEvent::ExportChunk { chunk }),
+            (Action::ExportChunk, None) => Err(Error::event(
+                "chunk",
+                "ExportChunk needs the chunk to export",
+            )),
+            (_, Some(_)) => Err(Error::event("chunk", "only ExportChunk takes a chunk")),
+        }
+    }
 }
 
 /// Plans of more chunks than this go to the Map state as an S3 object (Distributed Map).
@@ -759,10 +791,9 @@ mod tests {
 
     #[test]
     fn events_parse_and_name_bad_fields() {
-        let e: FullLoadEvent =
-            crate::job::parse_event(serde_json::json!({"action": "Plan"})).unwrap();
+        let e = FullLoadEvent::from_json(serde_json::json!({"action": "Plan"})).unwrap();
         assert_eq!(e, FullLoadEvent::Plan);
-        let e: FullLoadEvent = crate::job::parse_event(
+        let e = FullLoadEvent::from_json(
             serde_json::json!({"action": "ExportChunk", "chunk": {"schema": "s", "table": "t", "n": 3}}),
         )
         .unwrap();
@@ -776,7 +807,7 @@ mod tests {
             (serde_json::json!({"action": "ExportChunk"}), "chunk"),
             (serde_json::json!("Plan"), "must be a JSON object"),
         ] {
-            let err = crate::job::parse_event::<FullLoadEvent>(bad.clone())
+            let err = FullLoadEvent::from_json(bad.clone())
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(want), "{bad}: {err}");

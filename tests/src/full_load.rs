@@ -1,0 +1,547 @@
+//! The full load against a real PostgreSQL: staged files equal `COPY ... TO STDOUT` of the
+//! source, chunked loads under concurrent writes converge with CDC from L0, killed exports
+//! retry cleanly, selection rules and bad input.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use pgshift::format::{Format, parse_csv_fields};
+use pgshift::job::cdc_poll::{self, CdcOptions};
+use pgshift::job::full_load::{self, ChunkId, LoadManifest, LoadOptions, Progress};
+use pgshift::selection::Selection;
+use pgshift::stage::{LocalSink, ObjectSink};
+use pgshift::state::{FileStore, StateStore};
+use pgshift_tests::replay::{self, Row, Table};
+use pgshift_tests::{TempDir, TestDb, env};
+
+type Fields = Vec<Option<String>>;
+
+/// A test database with a folder sink and a file state store.
+struct Load {
+    db: TestDb,
+    sink: LocalSink,
+    state: FileStore,
+    _dir: TempDir,
+}
+
+impl Load {
+    async fn new(prefix: &str) -> Load {
+        let dir = TempDir::new(prefix);
+        Load {
+            db: TestDb::new(prefix).await,
+            sink: LocalSink::new(dir.path().join("stage")),
+            state: FileStore::new(dir.path().join("state")),
+            _dir: dir,
+        }
+    }
+
+    fn opts(&self, task: &str, format: &str, chunk_mib: u64) -> LoadOptions {
+        let mut o = LoadOptions::new(task, self.db.config(), "test-loader");
+        o.format = Format::parse(format, "format").unwrap();
+        o.chunk_mib = chunk_mib;
+        o
+    }
+
+    async fn run(&self, o: &LoadOptions, parallel: usize) -> full_load::LoadReport {
+        full_load::run_local(
+            &self.sink,
+            &self.state,
+            o,
+            parallel,
+            Arc::new(Progress::default()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("full load failed: {e}"))
+    }
+}
+
+fn to_strings(fields: &[Option<Vec<u8>>]) -> Fields {
+    fields
+        .iter()
+        .map(|f| f.as_ref().map(|b| String::from_utf8(b.clone()).unwrap()))
+        .collect()
+}
+
+/// The source table as COPY CSV rows, parsed, sorted.
+async fn source_copy(
+    c: &tokio_postgres::Client,
+    schema: &str,
+    table: &str,
+    columns: &[String],
+) -> Vec<Fields> {
+    use futures_util::StreamExt;
+    let cols: Vec<String> = columns
+        .iter()
+        .map(|c| pgshift::source::quote_ident(c))
+        .collect();
+    let sql = format!(
+        "copy (select {} from {}) to stdout with (format csv)",
+        cols.join(", "),
+        pgshift::source::quote_qualified(schema, table)
+    );
+    let stream = c.copy_out(&sql).await.unwrap();
+    let mut stream = std::pin::pin!(stream);
+    let mut bytes = Vec::new();
+    while let Some(b) = stream.next().await {
+        bytes.extend_from_slice(&b.unwrap());
+    }
+    let mut rows = Vec::new();
+    let mut split = pgshift::format::CsvRows::new();
+    let mut fields = Vec::new();
+    split
+        .feed(&bytes, |r| {
+            parse_csv_fields(r, &mut fields)?;
+            rows.push(to_strings(&fields));
+            Ok(())
+        })
+        .unwrap();
+    rows.sort();
+    rows
+}
+
+/// The staged rows of a table (via its load manifest), parsed, sorted.
+async fn staged_rows<S: ObjectSink>(sink: &S, m: &LoadManifest) -> Vec<Fields> {
+    let mut rows = Vec::new();
+    for chunk in &m.chunks {
+        let body = sink.get(&chunk.key).await.unwrap().unwrap();
+        let body = if chunk.key.ends_with(".gz") {
+            replay::gunzip(&body)
+        } else {
+            body.to_vec()
+        };
+        let mut split = pgshift::format::CsvRows::new();
+        let mut fields = Vec::new();
+        if chunk.key.contains(".jsonl") {
+            for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+                assert_eq!(v["op"], "I");
+                assert_eq!(v["schema"], m.schema.as_str());
+                rows.push(
+                    m.columns
+                        .iter()
+                        .map(|c| v["after"][c].as_str().map(str::to_owned))
+                        .collect(),
+                );
+            }
+        } else {
+            split
+                .feed(&body, |r| {
+                    parse_csv_fields(r, &mut fields)?;
+                    rows.push(to_strings(&fields));
+                    Ok(())
+                })
+                .unwrap();
+            split.finish().unwrap();
+        }
+    }
+    rows.sort();
+    rows
+}
+
+async fn manifests<S: ObjectSink>(sink: &S) -> Vec<LoadManifest> {
+    let mut out = Vec::new();
+    for k in sink.list("_manifests/load/").await.unwrap() {
+        if k.ends_with("_chunks.json") {
+            continue;
+        }
+        let body = sink.get(&k).await.unwrap().unwrap();
+        out.push(serde_json::from_slice(&body).unwrap());
+    }
+    out
+}
+
+async fn apply_corpus(db: &TestDb) {
+    let dir = std::path::PathBuf::from(env("PGSHIFT_TEST_CORPUS")).join("debezium-postgres");
+    let c = db.client().await;
+    for f in [
+        "init_database.ddl",
+        "postgres_create_tables.ddl",
+        "debezium_type_inserts.sql",
+    ] {
+        let sql = std::fs::read_to_string(dir.join(f))
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.join(f).display()));
+        c.batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("applying {f}: {e:?}"));
+    }
+}
+
+async fn corpus_loads_exactly(format: &str) {
+    let l = Load::new("fl_corpus").await;
+    apply_corpus(&l.db).await;
+    let report = l.run(&l.opts("corpus", format, 1), 2).await;
+    assert!(report.tables >= 20, "{report:?}");
+    let c = l.db.client().await;
+    let ms = manifests(&l.sink).await;
+    assert_eq!(ms.len(), report.tables);
+    let mut compared = 0;
+    for m in &ms {
+        let source = source_copy(&c, &m.schema, &m.table, &m.columns).await;
+        let staged = staged_rows(&l.sink, m).await;
+        assert_eq!(staged.len() as u64, m.rows, "{}.{}", m.schema, m.table);
+        assert_eq!(staged, source, "{}.{} differs from COPY", m.schema, m.table);
+        compared += source.len();
+    }
+    assert!(compared > 20, "the corpus has rows");
+    assert!(
+        ms.iter().any(|m| m.schema == "Quoted_\" . Schema"),
+        "the quoted schema is loaded"
+    );
+}
+
+#[tokio::test]
+async fn corpus_tables_load_equal_to_copy_csv() {
+    corpus_loads_exactly("csv").await;
+}
+
+#[tokio::test]
+async fn corpus_tables_load_equal_to_copy_jsonl_gzip() {
+    corpus_loads_exactly("jsonl.gz").await;
+}
+
+/// Many chunks while updates, inserts and deletes run; then CDC from L0 applied as upserts on
+/// top of the load equals the source.
+#[tokio::test]
+async fn chunked_load_under_writes_converges_with_cdc_from_l0() {
+    let l = Load::new("fl_live").await;
+    let c = l.db.client().await;
+    c.batch_execute(
+        "create table public.acct (id int primary key, balance int not null, pad text);
+         insert into public.acct select g, 0, repeat('p', 200) from generate_series(1, 30000) g;
+         analyze public.acct;",
+    )
+    .await
+    .unwrap();
+    let mut o = l.opts("live", "csv", 1);
+    o.cdc = true;
+    // Writers run during the whole load.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..2 {
+        let (client, stop) = (l.db.client().await, stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = 1 + (i * 7919 + w * 13) % 30000;
+                let sql = match i % 4 {
+                    0 => format!("update public.acct set balance = balance + 1 where id = {id}"),
+                    1 => format!("insert into public.acct values ({}, 1, 'new') on conflict (id) do update set balance = 5", 100_000 + i * 2 + w),
+                    2 => format!("delete from public.acct where id = {id}"),
+                    _ => format!("update public.acct set id = {} where id = {id}", 200_000 + i * 2 + w),
+                };
+                let _ = client.batch_execute(&sql).await;
+                i += 1;
+            }
+            i
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let report = l.run(&o, 2).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut writes = 0;
+    for w in writers {
+        writes += w.await.unwrap();
+    }
+    assert!(report.chunks >= 4, "{report:?}");
+    assert!(
+        writes > 50,
+        "the workload ran during the load ({writes} writes)"
+    );
+    let l0 = report.l0.expect("L0 recorded");
+
+    // CDC from L0.
+    let mut co = CdcOptions::new("live", l.db.config(), "cdc-owner");
+    co.format = Format::parse("jsonl", "format").unwrap();
+    let r = cdc_poll::run(&l.sink, &l.state, &co).await.unwrap();
+    assert_eq!(r.start_checkpoint, l0, "CDC starts at the load's L0");
+
+    // Consumer: the load, then CDC in commit order as upserts.
+    let m = manifests(&l.sink)
+        .await
+        .into_iter()
+        .find(|m| m.table == "acct")
+        .unwrap();
+    let mut table = Table::new();
+    for fields in staged_rows(&l.sink, &m).await {
+        let row: Row = m.columns.iter().cloned().zip(fields).collect();
+        table.insert(row["id"].clone().unwrap(), row);
+    }
+    let mut model = BTreeMap::from([("public.acct".to_owned(), table)]);
+    let changes = replay::read_changes(&l.sink).await;
+    replay::apply(&mut model, &changes, "id");
+    let source = replay::source_rows(&c, "public", "acct", "id").await;
+    replay::assert_same(&model, "public.acct", &source);
+}
+
+#[tokio::test]
+async fn a_killed_export_is_retried_into_one_complete_object() {
+    let l = Load::new("fl_kill").await;
+    let c = l.db.client().await;
+    c.batch_execute("create table public.t (id int primary key, v text); insert into public.t select g, md5(g::text) from generate_series(1, 50000) g;")
+        .await
+        .unwrap();
+    let mut o = l.opts("kill", "csv", 1);
+    o.lease_ttl = std::time::Duration::ZERO;
+    let (_, ids) = full_load::plan(&l.sink, &l.state, &o).await.unwrap();
+    let id: ChunkId = ids[0].clone();
+    let mut killed = o.clone();
+    killed.kill_after_bytes = Some(300_000);
+    let err = full_load::export_chunk(&l.sink, &l.state, &killed, &id)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("killed"), "{err}");
+    let key = format!("chunk#public.t#{}", id.n);
+    let rec = l.state.get("kill", &key).await.unwrap().unwrap();
+    assert_eq!(
+        rec.doc["status"], "running",
+        "a killed export leaves the chunk running"
+    );
+    assert!(
+        l.sink.list("public/t/LOAD").await.unwrap().is_empty(),
+        "no half object is visible"
+    );
+    assert!(
+        full_load::finish(&l.sink, &l.state, "kill").await.is_err(),
+        "finish refuses unfinished chunks"
+    );
+
+    // Another worker retries (the lease has expired).
+    let mut retry = o.clone();
+    retry.owner = "second-worker".to_owned();
+    let rows_by_retry: u64 = {
+        let mut total = 0;
+        for id in &ids {
+            total += full_load::export_chunk(&l.sink, &l.state, &retry, id)
+                .await
+                .unwrap()
+                .rows;
+        }
+        total
+    };
+    assert_eq!(rows_by_retry, 50_000);
+    let again = full_load::export_chunk(&l.sink, &l.state, &retry, &id)
+        .await
+        .unwrap();
+    assert_eq!(again.attempts, 2, "a done chunk is not exported again");
+    let ms = full_load::finish(&l.sink, &l.state, "kill").await.unwrap();
+    let m = &ms[0];
+    assert_eq!(m.rows, 50_000);
+    let objects = l.sink.list("public/t/LOAD").await.unwrap();
+    assert_eq!(
+        objects.len(),
+        ids.len(),
+        "one object per chunk: {objects:?}"
+    );
+    let cols = vec!["id".to_owned(), "v".to_owned()];
+    assert_eq!(
+        staged_rows(&l.sink, m).await,
+        source_copy(&c, "public", "t", &cols).await
+    );
+    // The checksum is the source's.
+    let mut sum = pgshift::format::RowChecksum::default();
+    for r in source_copy(&c, "public", "t", &cols).await {
+        let line: Vec<String> = r.iter().map(|f| f.clone().unwrap()).collect();
+        sum.add_row(line.join(",").as_bytes());
+    }
+    assert_eq!(m.checksum, sum);
+    // Two workers never both own a chunk: a live lease is a conflict.
+    let l2 = l.opts("kill2", "csv", 1);
+    let (_, ids2) = full_load::plan(&l.sink, &l.state, &l2).await.unwrap();
+    let mut holder = l2.clone();
+    holder.kill_after_bytes = Some(1);
+    assert!(
+        full_load::export_chunk(&l.sink, &l.state, &holder, &ids2[0])
+            .await
+            .is_err()
+    );
+    let mut other = l2.clone();
+    other.owner = "intruder".to_owned();
+    let err = full_load::export_chunk(&l.sink, &l.state, &other, &ids2[0])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, pgshift::Error::Conflict(_)) && err.is_transient(),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn selection_rules_pick_exact_names() {
+    let l = Load::new("fl_select").await;
+    l.db.client()
+        .await
+        .batch_execute(
+            "create schema sales; create schema tmp;
+             create table sales.orders (id int primary key); insert into sales.orders values (1);
+             create table sales.order_items (id int primary key); insert into sales.order_items values (1);
+             create table sales.tmp_scratch (id int primary key);
+             create table sales.\"Table1\" (id int primary key); insert into sales.\"Table1\" values (1);
+             create table sales.table1 (id int primary key); insert into sales.table1 values (1), (2);
+             create table sales.\"a.b \"\"c\"\"\" (id int primary key); insert into sales.\"a.b \"\"c\"\"\" values (7);
+             create table tmp.orders (id int primary key);",
+        )
+        .await
+        .unwrap();
+    let mut o = l.opts("select", "csv", 1);
+    o.selection = Selection::from_json(
+        r#"{"rules":[
+          {"rule-type":"selection","rule-id":"1","object-locator":{"schema-name":"sales","table-name":"%"},"rule-action":"include"},
+          {"rule-type":"selection","rule-id":"2","object-locator":{"schema-name":"sales","table-name":"tmp%"},"rule-action":"exclude"},
+          {"rule-type":"selection","rule-id":"3","object-locator":{"schema-name":"sales","table-name":"order\\_%"},"rule-action":"exclude"}
+        ]}"#,
+        "tables",
+    )
+    .unwrap();
+    l.run(&o, 1).await;
+    let mut names: Vec<String> = manifests(&l.sink)
+        .await
+        .iter()
+        .map(|m| format!("{}.{}", m.schema, m.table))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "sales.Table1",
+            "sales.a.b \"c\"",
+            "sales.order_items",
+            "sales.orders",
+            "sales.table1"
+        ],
+        "exclude of 'order\\_%' matches nothing (no escapes in DMS rules); tmp% is excluded"
+    );
+    let m = manifests(&l.sink)
+        .await
+        .into_iter()
+        .find(|m| m.table == "table1")
+        .unwrap();
+    assert_eq!(m.rows, 2, "table1 and Table1 are different tables");
+    let quoted = manifests(&l.sink)
+        .await
+        .into_iter()
+        .find(|m| m.table == "a.b \"c\"")
+        .unwrap();
+    assert_eq!(quoted.chunks[0].key, "sales/a.b \"c\"/LOAD00000001.csv");
+}
+
+#[tokio::test]
+async fn bad_input_is_a_clear_error() {
+    let l = Load::new("fl_bad").await;
+    l.db.client()
+        .await
+        .batch_execute("create table public.t (id int primary key)")
+        .await
+        .unwrap();
+    let mut o = l.opts("bad", "csv", 1);
+    o.selection = Selection::from_json(
+        r#"{"rules":[{"rule-type":"selection","rule-id":"9","object-locator":{"schema-name":"public","table-name":"T"},"rule-action":"include"}]}"#,
+        "tables",
+    )
+    .unwrap();
+    let err = full_load::plan(&l.sink, &l.state, &o)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("public.T (rule-id 9)") && err.contains("do not exist"),
+        "{err}"
+    );
+
+    let mut o = l.opts("bad2", "csv", 0);
+    let err = full_load::plan(&l.sink, &l.state, &o)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("chunk size"), "{err}");
+    o.chunk_mib = 1;
+    o.task = "Bad Task".to_owned();
+    assert!(
+        full_load::plan(&l.sink, &l.state, &o)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("task")
+    );
+
+    let unknown = ChunkId {
+        schema: "public".into(),
+        table: "nope".into(),
+        n: 0,
+    };
+    let err = full_load::export_chunk(&l.sink, &l.state, &l.opts("bad3", "csv", 1), &unknown)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not in the plan"), "{err}");
+    assert!(!err.is_transient());
+
+    // The CLI names bad flags and exits 2.
+    let cfg = l.db.config();
+    let url = format!(
+        "postgres://{}:{}@{}:{}/{}",
+        cfg.user,
+        secrecy::ExposeSecret::expose_secret(cfg.password.as_ref().unwrap()),
+        cfg.host,
+        cfg.port,
+        cfg.dbname
+    );
+    for (args, want) in [
+        (vec!["--chunk-mb", "0"], "--chunk-mb"),
+        (vec!["--parallel", "0"], "--parallel"),
+        (vec!["--format", "xml"], "--format"),
+        (vec!["--tables", "/nonexistent.json"], "--tables"),
+        (vec!["--stage", "ftp://x"], "--stage"),
+    ] {
+        let mut full = vec!["full-load", "--task", "cli-bad", "--source", url.as_str()];
+        full.extend(args.iter());
+        let out = std::process::Command::new(pgshift_tests::pgshift_bin())
+            .args(&full)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn the_state_machine_is_valid_and_retries_only_transient_errors() {
+    let text = include_str!("../../infra/statemachine/full-load.asl.json");
+    let asl: serde_json::Value = serde_json::from_str(text).unwrap();
+    let states = asl["States"].as_object().unwrap();
+    for s in [
+        "Plan",
+        "LargePlan",
+        "ExportChunks",
+        "ExportChunksDistributed",
+        "Finish",
+        "LoadFailed",
+    ] {
+        assert!(states.contains_key(s), "{s} missing");
+    }
+    assert_eq!(asl["StartAt"], "Plan");
+    let export = &states["ExportChunks"]["ItemProcessor"]["States"]["ExportChunk"];
+    for retry in export["Retry"].as_array().unwrap() {
+        for e in retry["ErrorEquals"].as_array().unwrap() {
+            let e = e.as_str().unwrap();
+            assert!(
+                e.starts_with("Transient") || e.starts_with("Lambda.") || e == "States.Timeout",
+                "retries {e}"
+            );
+        }
+    }
+    assert_eq!(
+        states["ExportChunks"]["MaxConcurrencyPath"],
+        "$.plan.output.max_concurrency"
+    );
+    assert_eq!(
+        states["ExportChunksDistributed"]["ItemProcessor"]["ProcessorConfig"]["Mode"],
+        "DISTRIBUTED"
+    );
+    // Every event the machine sends parses as a full-load event.
+    for payload in [
+        serde_json::json!({"action": "Plan"}),
+        serde_json::json!({"action": "Finish"}),
+    ] {
+        full_load::FullLoadEvent::from_json(payload).unwrap();
+    }
+}
