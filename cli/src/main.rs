@@ -78,8 +78,8 @@ enum Command {
         /// Create the publication and slot first, so `pgshift cdc` continues from the load.
         #[arg(long)]
         cdc: bool,
-        /// Target heap size of a chunk, MiB.
-        #[arg(long, default_value_t = 256)]
+        /// Target heap size of a chunk, MiB (small enough that local workers stay balanced).
+        #[arg(long, default_value_t = 64)]
         chunk_mb: u64,
         /// Print the report as JSON.
         #[arg(long)]
