@@ -545,3 +545,143 @@ fn the_state_machine_is_valid_and_retries_only_transient_errors() {
         full_load::FullLoadEvent::from_json(payload).unwrap();
     }
 }
+
+fn read_parquet(bytes: Vec<u8>) -> Vec<arrow_array::RecordBatch> {
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        bytes::Bytes::from(bytes),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
+    reader.map(|b| b.unwrap()).collect()
+}
+
+#[tokio::test]
+async fn corpus_tables_load_as_parquet() {
+    let l = Load::new("fl_pq_corpus").await;
+    apply_corpus(&l.db).await;
+    let report = l.run(&l.opts("pq-corpus", "parquet", 1), 2).await;
+    let c = l.db.client().await;
+    for m in manifests(&l.sink).await {
+        let mut rows = 0;
+        for chunk in &m.chunks {
+            assert!(chunk.key.ends_with(".parquet"));
+            let body = l.sink.get(&chunk.key).await.unwrap().unwrap();
+            rows += read_parquet(body.to_vec())
+                .iter()
+                .map(|b| b.num_rows())
+                .sum::<usize>();
+        }
+        let count: i64 = c
+            .query_one(
+                &format!(
+                    "select count(*) from {}",
+                    pgshift::source::quote_qualified(&m.schema, &m.table)
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            (rows as u64, m.rows),
+            (count as u64, count as u64),
+            "{}.{}",
+            m.schema,
+            m.table
+        );
+    }
+    assert!(report.rows > 20);
+}
+
+#[tokio::test]
+async fn parquet_columns_are_typed_and_keep_special_values() {
+    use arrow_array::Array;
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{
+        Date32Type, Decimal128Type, Float32Type, Float64Type, Int16Type, Int64Type,
+        TimestampMicrosecondType,
+    };
+    let l = Load::new("fl_pq_typed").await;
+    l.db.client()
+        .await
+        .batch_execute(
+            "create table public.typed (id int8 primary key, i2 int2, f4 real, f8 double precision, b bool, d date,
+                ts timestamp, tz timestamptz, n numeric(10,3), big numeric, t text, j jsonb);
+             insert into public.typed values
+               (1, -32768, 'NaN', 'Infinity', true, '2024-02-29', '2024-02-29 12:34:56.789', '2024-02-29 12:34:56+00', 12.345, 1e40, '', '{\"a\": 1}'),
+               (2, null, '-Infinity', '-Infinity', false, 'infinity', '-infinity', 'infinity', 'NaN', 'NaN', null, null),
+               (3, 7, 1.5, 2.25, null, '0044-03-15 BC', '1999-12-31 23:59:59.999999', '1970-01-01 00:00:00+00', -0.5, 3, 'x,\"y\"', '[]');",
+        )
+        .await
+        .unwrap();
+    l.run(&l.opts("pq-typed", "parquet", 1), 1).await;
+    let m = manifests(&l.sink)
+        .await
+        .into_iter()
+        .find(|m| m.table == "typed")
+        .unwrap();
+    let body = l.sink.get(&m.chunks[0].key).await.unwrap().unwrap();
+    let batches = read_parquet(body.to_vec());
+    let b = &batches[0];
+    let col = |name: &str| b.column(b.schema().index_of(name).unwrap()).clone();
+    assert_eq!(b.num_rows(), 3);
+    assert_eq!(col("op").as_string::<i32>().value(0), "I");
+    assert_eq!(col("id").as_primitive::<Int64Type>().value(2), 3);
+    assert_eq!(col("i2").as_primitive::<Int16Type>().value(0), -32768);
+    assert!(col("i2").is_null(1));
+    assert!(col("f4").as_primitive::<Float32Type>().value(0).is_nan());
+    assert_eq!(
+        col("f4").as_primitive::<Float32Type>().value(1),
+        f32::NEG_INFINITY
+    );
+    assert_eq!(
+        col("f8").as_primitive::<Float64Type>().value(0),
+        f64::INFINITY
+    );
+    assert!(col("b").as_boolean().value(0));
+    assert_eq!(col("d").as_primitive::<Date32Type>().value(0), 19_782);
+    assert_eq!(
+        col("d").as_primitive::<Date32Type>().value(1),
+        i32::MAX,
+        "infinity kept as the maximum"
+    );
+    assert_eq!(
+        col("ts")
+            .as_primitive::<TimestampMicrosecondType>()
+            .value(0),
+        1_709_210_096_789_000,
+        "2024-02-29 12:34:56.789"
+    );
+    assert_eq!(
+        col("tz")
+            .as_primitive::<TimestampMicrosecondType>()
+            .value(2),
+        0
+    );
+    assert_eq!(
+        b.schema().field_with_name("n").unwrap().data_type(),
+        &arrow_schema::DataType::Decimal128(10, 3)
+    );
+    assert_eq!(col("n").as_primitive::<Decimal128Type>().value(0), 12_345);
+    assert_eq!(col("n").as_primitive::<Decimal128Type>().value(2), -500);
+    assert!(col("n").is_null(1));
+    assert_eq!(
+        col("n__special").as_string::<i32>().value(1),
+        "NaN",
+        "NaN kept beside the decimal"
+    );
+    assert_eq!(
+        col("big").as_string::<i32>().value(0),
+        "10000000000000000000000000000000000000000"
+    );
+    assert_eq!(col("big").as_string::<i32>().value(1), "NaN");
+    assert_eq!(
+        col("t").as_string::<i32>().value(0),
+        "",
+        "empty string is not null"
+    );
+    assert!(col("t").is_null(1));
+    assert_eq!(col("t").as_string::<i32>().value(2), "x,\"y\"");
+    assert_eq!(col("j").as_string::<i32>().value(0), "{\"a\": 1}");
+}

@@ -401,12 +401,22 @@ async fn acquire_lease<St: StateStore>(
 }
 
 /// Runs one poll: lease, drain, release.
+fn parquet_for_cdc() -> Error {
+    Error::config(
+        "format",
+        "parquet is written by the full load only; CDC stages csv or jsonl",
+    )
+}
+
 pub async fn run<S: ObjectSink, St: StateStore>(
     sink: &S,
     state: &St,
     opts: &CdcOptions,
 ) -> Result<PollReport> {
     check_task_name(&opts.task)?;
+    if opts.format.encoding == Encoding::Parquet {
+        return Err(parquet_for_cdc());
+    }
     let started = Instant::now();
     let mut cfg = opts.source.clone();
     cfg.application_name = "pgshift-cdc".to_owned();
@@ -1170,6 +1180,7 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
         match opts.format.encoding {
             Encoding::Csv => cdc_csv_row(&change, opts.commit_ts_column, row),
             Encoding::Jsonl => cdc_json_row(&change, row)?,
+            Encoding::Parquet => return Err(parquet_for_cdc()),
         }
         if !batch.files.contains_key(&rel_id) {
             let schema = &rel.schema;

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::change::{ColumnSchema, TableSchema};
 use crate::config::{PgConfig, check_task_name};
 use crate::error::{Error, Result};
+use crate::format::parquet::ParquetEncoder;
 use crate::format::{
     CsvRows, EncodedWriter, Encoding, Format, RowChecksum, load_json_row, parse_csv_fields,
 };
@@ -82,6 +83,9 @@ pub struct PlannedTable {
     pub schema: String,
     pub table: String,
     pub columns: Vec<String>,
+    /// (type oid, type modifier) per column, for typed formats.
+    #[serde(default)]
+    pub types: Vec<(u32, i32)>,
     pub chunks: Vec<ChunkRange>,
     pub estimated_rows: f64,
 }
@@ -281,6 +285,10 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
             plan_table(t.pages, sizing)
         };
         planned.push(PlannedTable {
+            types: columns
+                .iter()
+                .map(|c| (c.type_oid, c.type_modifier))
+                .collect(),
             schema: t.schema.clone(),
             table: t.name.clone(),
             columns: columns.into_iter().map(|c| c.name).collect(),
@@ -499,7 +507,16 @@ async fn copy_chunk<S: ObjectSink>(
     let mut checksum = RowChecksum::default();
     let mut rows = 0u64;
     let mut fields = Vec::new();
-    let mut json = Vec::with_capacity(1 << 16);
+    let mut encoded = Vec::with_capacity(1 << 16);
+    let mut parquet = match format.encoding {
+        Encoding::Parquet => Some(ParquetEncoder::new(
+            &table.schema,
+            &table.table,
+            &table.columns,
+            &table.types,
+        )?),
+        _ => None,
+    };
     while let Some(piece) = stream.next().await {
         let piece = piece.map_err(|e| {
             Error::postgres(
@@ -508,26 +525,42 @@ async fn copy_chunk<S: ObjectSink>(
             )
         })?;
         let before = rows;
-        json.clear();
+        encoded.clear();
         splitter.feed(&piece, |row| {
             checksum.add_row(row);
             rows += 1;
-            if format.encoding == Encoding::Jsonl {
-                parse_csv_fields(row, &mut fields)?;
-                load_json_row(
-                    &table.schema,
-                    &table.table,
-                    &table.columns,
-                    &fields,
-                    &mut json,
-                )?;
+            match format.encoding {
+                Encoding::Csv => {}
+                Encoding::Jsonl => {
+                    parse_csv_fields(row, &mut fields)?;
+                    load_json_row(
+                        &table.schema,
+                        &table.table,
+                        &table.columns,
+                        &fields,
+                        &mut encoded,
+                    )?;
+                }
+                Encoding::Parquet => {
+                    parse_csv_fields(row, &mut fields)?;
+                    if let Some(p) = parquet.as_mut() {
+                        p.push_row(&fields)?;
+                    }
+                }
             }
             Ok(())
         })?;
         match format.encoding {
             // COPY's CSV is already the staged CSV: pass the bytes through.
             Encoding::Csv => out.write_rows(&piece, rows - before).await?,
-            Encoding::Jsonl => out.write_rows(&json, rows - before).await?,
+            Encoding::Jsonl => out.write_rows(&encoded, rows - before).await?,
+            Encoding::Parquet => {
+                let bytes = parquet
+                    .as_mut()
+                    .map(ParquetEncoder::take_output)
+                    .unwrap_or_default();
+                out.write_rows(&bytes, rows - before).await?;
+            }
         }
         if let Some(limit) = opts.kill_after_bytes
             && out.raw_bytes >= limit
@@ -538,6 +571,10 @@ async fn copy_chunk<S: ObjectSink>(
                 out.raw_bytes
             )));
         }
+    }
+    if let Some(p) = parquet.take() {
+        let tail = p.finish()?;
+        out.write_rows(&tail, 0).await?;
     }
     splitter.finish()?;
     let bytes = out.finish().await?;

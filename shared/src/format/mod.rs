@@ -23,12 +23,16 @@ use crate::error::{Error, Result};
 use crate::pgoutput::Value;
 use crate::stage::ObjectWriter;
 
+pub mod parquet;
+
 /// Row encoding of staged files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Encoding {
     Csv,
     Jsonl,
+    /// Full load only.
+    Parquet,
 }
 
 /// A staged file format: encoding plus optional gzip.
@@ -48,7 +52,7 @@ impl Default for Format {
 }
 
 impl Format {
-    /// Parses `csv`, `csv.gz`, `jsonl` or `jsonl.gz`.
+    /// Parses `csv`, `csv.gz`, `jsonl`, `jsonl.gz` or `parquet`.
     pub fn parse(s: &str, field: &str) -> Result<Format> {
         let (enc, gzip) = match s.strip_suffix(".gz") {
             Some(e) => (e, true),
@@ -57,16 +61,17 @@ impl Format {
         let encoding = match enc {
             "csv" => Encoding::Csv,
             "jsonl" => Encoding::Jsonl,
+            "parquet" if !gzip => Encoding::Parquet,
             "parquet" => {
                 return Err(Error::config(
                     field,
-                    "parquet is written by the full load only",
+                    "parquet is compressed inside (snappy): use parquet, not parquet.gz",
                 ));
             }
             other => {
                 return Err(Error::config(
                     field,
-                    format!("{other:?} is not one of csv, csv.gz, jsonl, jsonl.gz"),
+                    format!("{other:?} is not one of csv, csv.gz, jsonl, jsonl.gz, parquet"),
                 ));
             }
         };
@@ -80,6 +85,7 @@ impl Format {
             (Encoding::Csv, true) => "csv.gz",
             (Encoding::Jsonl, false) => "jsonl",
             (Encoding::Jsonl, true) => "jsonl.gz",
+            (Encoding::Parquet, _) => "parquet",
         }
     }
 }

@@ -1,0 +1,562 @@
+//! Parquet for the full load (DESIGN §5): typed columns after `op`, `commit_lsn`, `commit_ts`.
+//!
+//! Types: `int2/int4/int8` → Int16/32/64; `float4/float8` → Float32/64 (NaN and ±Infinity
+//! kept as IEEE values); `bool` → Boolean; `date` → Date32; `timestamp` → Timestamp(µs);
+//! `timestamptz` → Timestamp(µs, UTC); `numeric(p,s)` with p ≤ 38 → Decimal128(p,s) plus a
+//! `<column>__special` string column that holds `NaN`, `Infinity` or `-Infinity` where the
+//! decimal is null for that reason (lossless); everything else (unconstrained numeric, text,
+//! json, arrays, ranges, ...) → UTF-8 string of PostgreSQL's text output. `±infinity` dates and
+//! timestamps are stored as the type's minimum/maximum, as PostgreSQL itself stores them; BC
+//! dates use the proleptic Gregorian calendar (year 1 BC = year 0).
+//!
+//! Rows arrive as the fields of `COPY .. (format csv)`. Batches of [`BATCH_ROWS`] rows are
+//! written into row groups of at most [`ROW_GROUP_ROWS`] rows; the encoded bytes are taken out
+//! after each batch, so memory stays bounded whatever the chunk size.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use arrow_array::builder::{
+    BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder, Float64Builder, Int16Builder,
+    Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+};
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+
+use crate::error::{Error, Result};
+
+/// Rows per record batch.
+pub const BATCH_ROWS: usize = 8192;
+/// Rows per row group.
+pub const ROW_GROUP_ROWS: usize = 128 * 1024;
+
+/// How one PostgreSQL column is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    I16,
+    I32,
+    I64,
+    F32,
+    F64,
+    Bool,
+    Date,
+    Timestamp,
+    TimestampTz,
+    Decimal { precision: u8, scale: i8 },
+    Text,
+}
+
+fn kind_of(type_oid: u32, type_modifier: i32) -> Kind {
+    match type_oid {
+        21 => Kind::I16,
+        23 => Kind::I32,
+        20 => Kind::I64,
+        700 => Kind::F32,
+        701 => Kind::F64,
+        16 => Kind::Bool,
+        1082 => Kind::Date,
+        1114 => Kind::Timestamp,
+        1184 => Kind::TimestampTz,
+        1700 if type_modifier >= 4 => {
+            let precision = ((type_modifier - 4) >> 16) & 0xffff;
+            let scale = (type_modifier - 4) & 0xffff;
+            if (1..=38).contains(&precision) && scale <= precision {
+                Kind::Decimal {
+                    precision: precision as u8,
+                    scale: scale as i8,
+                }
+            } else {
+                Kind::Text
+            }
+        }
+        _ => Kind::Text,
+    }
+}
+
+enum Builder {
+    I16(Int16Builder),
+    I32(Int32Builder),
+    I64(Int64Builder),
+    F32(Float32Builder),
+    F64(Float64Builder),
+    Bool(BooleanBuilder),
+    Date(Date32Builder),
+    Ts(TimestampMicrosecondBuilder, Option<Arc<str>>),
+    Dec(Decimal128Builder, StringBuilder, u8, i8),
+    Text(StringBuilder),
+}
+
+/// Growable bytes shared with the Parquet writer, drained after each batch.
+#[derive(Clone, Default)]
+struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedBuf {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("parquet buffer poisoned"))?
+            .extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A Parquet file being written row by row.
+pub struct ParquetEncoder {
+    name: String,
+    columns: Vec<String>,
+    kinds: Vec<Kind>,
+    builders: Vec<Builder>,
+    schema: SchemaRef,
+    writer: ArrowWriter<SharedBuf>,
+    out: SharedBuf,
+    rows_in_batch: usize,
+    rows: u64,
+}
+
+fn pq_err(e: impl std::fmt::Display) -> Error {
+    Error::Source(format!("parquet: {e}"))
+}
+
+impl ParquetEncoder {
+    /// `types` are (type oid, type modifier) per column, as `pg_attribute` has them.
+    pub fn new(
+        schema: &str,
+        table: &str,
+        columns: &[String],
+        types: &[(u32, i32)],
+    ) -> Result<ParquetEncoder> {
+        if columns.len() != types.len() {
+            return Err(Error::Source(format!(
+                "{schema}.{table}: column types missing from the plan"
+            )));
+        }
+        let kinds: Vec<Kind> = types.iter().map(|(o, m)| kind_of(*o, *m)).collect();
+        let utc: Arc<str> = Arc::from("UTC");
+        let mut fields = vec![
+            Field::new("op", DataType::Utf8, false),
+            Field::new("commit_lsn", DataType::Utf8, true),
+            Field::new(
+                "commit_ts",
+                DataType::Timestamp(TimeUnit::Microsecond, Some(utc.clone())),
+                true,
+            ),
+        ];
+        for (name, kind) in columns.iter().zip(&kinds) {
+            let dt = match kind {
+                Kind::I16 => DataType::Int16,
+                Kind::I32 => DataType::Int32,
+                Kind::I64 => DataType::Int64,
+                Kind::F32 => DataType::Float32,
+                Kind::F64 => DataType::Float64,
+                Kind::Bool => DataType::Boolean,
+                Kind::Date => DataType::Date32,
+                Kind::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
+                Kind::TimestampTz => DataType::Timestamp(TimeUnit::Microsecond, Some(utc.clone())),
+                Kind::Decimal { precision, scale } => DataType::Decimal128(*precision, *scale),
+                Kind::Text => DataType::Utf8,
+            };
+            fields.push(Field::new(name, dt, true));
+            if matches!(kind, Kind::Decimal { .. }) {
+                fields.push(Field::new(format!("{name}__special"), DataType::Utf8, true));
+            }
+        }
+        let schema_ref: SchemaRef = Arc::new(Schema::new(fields));
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+            .build();
+        let out = SharedBuf::default();
+        let writer =
+            ArrowWriter::try_new(out.clone(), schema_ref.clone(), Some(props)).map_err(pq_err)?;
+        let mut enc = ParquetEncoder {
+            name: format!("{schema}.{table}"),
+            columns: columns.to_vec(),
+            kinds,
+            builders: Vec::new(),
+            schema: schema_ref,
+            writer,
+            out,
+            rows_in_batch: 0,
+            rows: 0,
+        };
+        enc.builders = enc.new_builders()?;
+        Ok(enc)
+    }
+
+    fn new_builders(&self) -> Result<Vec<Builder>> {
+        self.kinds
+            .iter()
+            .map(|k| {
+                Ok(match k {
+                    Kind::I16 => Builder::I16(Int16Builder::with_capacity(BATCH_ROWS)),
+                    Kind::I32 => Builder::I32(Int32Builder::with_capacity(BATCH_ROWS)),
+                    Kind::I64 => Builder::I64(Int64Builder::with_capacity(BATCH_ROWS)),
+                    Kind::F32 => Builder::F32(Float32Builder::with_capacity(BATCH_ROWS)),
+                    Kind::F64 => Builder::F64(Float64Builder::with_capacity(BATCH_ROWS)),
+                    Kind::Bool => Builder::Bool(BooleanBuilder::with_capacity(BATCH_ROWS)),
+                    Kind::Date => Builder::Date(Date32Builder::with_capacity(BATCH_ROWS)),
+                    Kind::Timestamp => {
+                        Builder::Ts(TimestampMicrosecondBuilder::with_capacity(BATCH_ROWS), None)
+                    }
+                    Kind::TimestampTz => Builder::Ts(
+                        TimestampMicrosecondBuilder::with_capacity(BATCH_ROWS),
+                        Some(Arc::from("UTC")),
+                    ),
+                    Kind::Decimal { precision, scale } => Builder::Dec(
+                        Decimal128Builder::with_capacity(BATCH_ROWS)
+                            .with_precision_and_scale(*precision, *scale)
+                            .map_err(pq_err)?,
+                        StringBuilder::new(),
+                        *precision,
+                        *scale,
+                    ),
+                    Kind::Text => Builder::Text(StringBuilder::new()),
+                })
+            })
+            .collect()
+    }
+
+    /// Appends one row (the CSV fields of COPY: `None` is NULL).
+    pub fn push_row(&mut self, fields: &[Option<Vec<u8>>]) -> Result<()> {
+        if fields.len() != self.builders.len() {
+            return Err(Error::Source(format!(
+                "{}: COPY row has {} fields for {} columns",
+                self.name,
+                fields.len(),
+                self.builders.len()
+            )));
+        }
+        for (i, (b, f)) in self.builders.iter_mut().zip(fields).enumerate() {
+            let bad = |what: &str| {
+                Error::Source(format!(
+                    "{}.{}: row {} is not a valid {what}",
+                    self.name,
+                    self.columns[i],
+                    self.rows + 1
+                ))
+            };
+            let text = match f {
+                None => None,
+                Some(v) => Some(std::str::from_utf8(v).map_err(|_| bad("UTF-8 text"))?),
+            };
+            match (b, text) {
+                (Builder::I16(b), t) => {
+                    b.append_option(t.map(|t| t.parse().map_err(|_| bad("int2"))).transpose()?)
+                }
+                (Builder::I32(b), t) => {
+                    b.append_option(t.map(|t| t.parse().map_err(|_| bad("int4"))).transpose()?)
+                }
+                (Builder::I64(b), t) => {
+                    b.append_option(t.map(|t| t.parse().map_err(|_| bad("int8"))).transpose()?)
+                }
+                (Builder::F32(b), t) => b.append_option(
+                    t.map(|t| t.parse().map_err(|_| bad("float4")))
+                        .transpose()?,
+                ),
+                (Builder::F64(b), t) => b.append_option(
+                    t.map(|t| t.parse().map_err(|_| bad("float8")))
+                        .transpose()?,
+                ),
+                (Builder::Bool(b), t) => b.append_option(
+                    t.map(|t| match t {
+                        "t" => Ok(true),
+                        "f" => Ok(false),
+                        _ => Err(bad("boolean")),
+                    })
+                    .transpose()?,
+                ),
+                (Builder::Date(b), t) => b.append_option(
+                    t.map(|t| parse_date(t).ok_or_else(|| bad("date")))
+                        .transpose()?,
+                ),
+                (Builder::Ts(b, tz), t) => b.append_option(
+                    t.map(|t| parse_timestamp(t, tz.is_some()).ok_or_else(|| bad("timestamp")))
+                        .transpose()?,
+                ),
+                (Builder::Dec(b, special, _, scale), t) => match t {
+                    None => {
+                        b.append_null();
+                        special.append_null();
+                    }
+                    Some(s @ ("NaN" | "Infinity" | "-Infinity")) => {
+                        b.append_null();
+                        special.append_value(s);
+                    }
+                    Some(s) => {
+                        b.append_value(parse_decimal(s, *scale).ok_or_else(|| bad("numeric"))?);
+                        special.append_null();
+                    }
+                },
+                (Builder::Text(b), t) => b.append_option(t),
+            }
+        }
+        self.rows += 1;
+        self.rows_in_batch += 1;
+        if self.rows_in_batch >= BATCH_ROWS {
+            self.write_batch()?;
+        }
+        Ok(())
+    }
+
+    fn write_batch(&mut self) -> Result<()> {
+        if self.rows_in_batch == 0 {
+            return Ok(());
+        }
+        let n = self.rows_in_batch;
+        let fresh = self.new_builders()?;
+        let builders = std::mem::replace(&mut self.builders, fresh);
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
+        let mut op = StringBuilder::with_capacity(n, n);
+        for _ in 0..n {
+            op.append_value("I");
+        }
+        arrays.push(Arc::new(op.finish()));
+        let mut lsn = StringBuilder::new();
+        lsn.append_nulls(n);
+        arrays.push(Arc::new(lsn.finish()));
+        let mut ts = TimestampMicrosecondBuilder::with_capacity(n);
+        ts.append_nulls(n);
+        arrays.push(Arc::new(ts.finish().with_timezone("UTC")));
+        for b in builders {
+            match b {
+                Builder::I16(mut b) => arrays.push(Arc::new(b.finish())),
+                Builder::I32(mut b) => arrays.push(Arc::new(b.finish())),
+                Builder::I64(mut b) => arrays.push(Arc::new(b.finish())),
+                Builder::F32(mut b) => arrays.push(Arc::new(b.finish())),
+                Builder::F64(mut b) => arrays.push(Arc::new(b.finish())),
+                Builder::Bool(mut b) => arrays.push(Arc::new(b.finish())),
+                Builder::Date(mut b) => arrays.push(Arc::new(b.finish())),
+                Builder::Ts(mut b, tz) => arrays.push(Arc::new(b.finish().with_timezone_opt(tz))),
+                Builder::Dec(mut b, mut s, p, sc) => {
+                    arrays.push(Arc::new(
+                        b.finish().with_precision_and_scale(p, sc).map_err(pq_err)?,
+                    ));
+                    arrays.push(Arc::new(s.finish()));
+                }
+                Builder::Text(mut b) => arrays.push(Arc::new(b.finish())),
+            }
+        }
+        let batch = RecordBatch::try_new(self.schema.clone(), arrays).map_err(pq_err)?;
+        self.writer.write(&batch).map_err(pq_err)?;
+        self.rows_in_batch = 0;
+        Ok(())
+    }
+
+    /// Encoded bytes ready to upload.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        self.out
+            .0
+            .lock()
+            .map(|mut b| std::mem::take(&mut *b))
+            .unwrap_or_default()
+    }
+
+    /// Writes what is pending and the footer; returns the last bytes.
+    pub fn finish(mut self) -> Result<Vec<u8>> {
+        self.write_batch()?;
+        let out = self.out.clone();
+        self.writer.close().map_err(pq_err)?;
+        Ok(out
+            .0
+            .lock()
+            .map(|mut b| std::mem::take(&mut *b))
+            .unwrap_or_default())
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `YYYY-MM-DD[ BC]` → (days since 1970-01-01); `infinity` → i32::MAX, `-infinity` → i32::MIN.
+fn parse_date(t: &str) -> Option<i32> {
+    match t {
+        "infinity" => return Some(i32::MAX),
+        "-infinity" => return Some(i32::MIN),
+        _ => {}
+    }
+    let (t, bc) = match t.strip_suffix(" BC") {
+        Some(d) => (d, true),
+        None => (t, false),
+    };
+    let days = civil_days(t, bc)?;
+    i32::try_from(days).ok()
+}
+
+fn civil_days(date: &str, bc: bool) -> Option<i64> {
+    let mut parts = date.splitn(3, '-');
+    let y: i64 = parts.next()?.parse().ok()?;
+    let m: i64 = parts.next()?.parse().ok()?;
+    let d: i64 = parts.next()?.parse().ok()?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    let y = if bc { 1 - y } else { y };
+    Some(days_from_civil(y, m, d))
+}
+
+/// `YYYY-MM-DD HH:MM:SS[.ffffff][+00][ BC]` → µs since 1970-01-01 UTC (sessions run in UTC).
+fn parse_timestamp(t: &str, with_zone: bool) -> Option<i64> {
+    match t {
+        "infinity" => return Some(i64::MAX),
+        "-infinity" => return Some(i64::MIN),
+        _ => {}
+    }
+    let (t, bc) = match t.strip_suffix(" BC") {
+        Some(d) => (d, true),
+        None => (t, false),
+    };
+    let (date, time) = t.split_once(' ')?;
+    let time = if with_zone {
+        // The session's timezone is UTC, so the offset is +00 (sub-hour offsets never occur).
+        time.strip_suffix("+00")?
+    } else {
+        time
+    };
+    let (hms, frac) = match time.split_once('.') {
+        Some((h, f)) => (h, f),
+        None => (time, ""),
+    };
+    let mut hp = hms.splitn(3, ':');
+    let h: i64 = hp.next()?.parse().ok()?;
+    let mi: i64 = hp.next()?.parse().ok()?;
+    let s: i64 = hp.next()?.parse().ok()?;
+    if frac.len() > 6 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let micros: i64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<6}").parse().ok()?
+    };
+    let days = civil_days(date, bc)?;
+    days.checked_mul(86_400_000_000)?
+        .checked_add(((h * 60 + mi) * 60 + s) * 1_000_000 + micros)
+}
+
+/// A numeric's text at `scale` fraction digits → the unscaled i128.
+fn parse_decimal(t: &str, scale: i8) -> Option<i128> {
+    let (neg, digits) = match t.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, t),
+    };
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    let scale = usize::try_from(scale).ok()?;
+    if frac.len() > scale
+        || int.is_empty()
+        || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let mut v: i128 = 0;
+    for b in int.bytes().chain(frac.bytes()) {
+        v = v.checked_mul(10)?.checked_add(i128::from(b - b'0'))?;
+    }
+    for _ in frac.len()..scale {
+        v = v.checked_mul(10)?;
+    }
+    Some(if neg { -v } else { v })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_timestamps() {
+        assert_eq!(parse_date("1970-01-01"), Some(0));
+        assert_eq!(parse_date("2000-03-01"), Some(11_017));
+        assert_eq!(
+            parse_date("0001-01-01 BC"),
+            Some(days_from_civil(0, 1, 1) as i32)
+        );
+        assert_eq!(parse_date("infinity"), Some(i32::MAX));
+        assert_eq!(parse_date("2024-13-01"), None);
+        assert_eq!(
+            parse_timestamp("1970-01-01 00:00:01.5", false),
+            Some(1_500_000)
+        );
+        assert_eq!(
+            parse_timestamp("1970-01-02 00:00:00+00", true),
+            Some(86_400_000_000)
+        );
+        assert_eq!(
+            parse_timestamp("1970-01-02 00:00:00", true),
+            None,
+            "timestamptz needs its offset"
+        );
+        assert_eq!(parse_timestamp("-infinity", false), Some(i64::MIN));
+        assert!(parse_timestamp("294247-01-01 00:00:00", false).is_some());
+    }
+
+    #[test]
+    fn decimals_scale_exactly() {
+        assert_eq!(parse_decimal("12.34", 2), Some(1234));
+        assert_eq!(parse_decimal("-0.5", 3), Some(-500));
+        assert_eq!(parse_decimal("7", 2), Some(700));
+        assert_eq!(parse_decimal("1.234", 2), None);
+        assert_eq!(parse_decimal("1e5", 0), None);
+    }
+
+    #[test]
+    fn kinds_follow_the_type() {
+        assert_eq!(
+            kind_of(1700, ((12 << 16) | 2) + 4),
+            Kind::Decimal {
+                precision: 12,
+                scale: 2
+            }
+        );
+        assert_eq!(
+            kind_of(1700, -1),
+            Kind::Text,
+            "unconstrained numeric stays text"
+        );
+        assert_eq!(
+            kind_of(1700, ((50 << 16) | 2) + 4),
+            Kind::Text,
+            "precision above 38 stays text"
+        );
+        assert_eq!(kind_of(25, -1), Kind::Text);
+    }
+
+    #[test]
+    fn rows_encode_to_a_readable_file() {
+        let cols = vec![
+            "id".to_owned(),
+            "f".to_owned(),
+            "n".to_owned(),
+            "t".to_owned(),
+        ];
+        let types = [(23, -1), (701, -1), (1700, ((5 << 16) | 2) + 4), (25, -1)];
+        let mut enc = ParquetEncoder::new("s", "t", &cols, &types).unwrap();
+        let row = |v: [Option<&str>; 4]| v.map(|f| f.map(|s| s.as_bytes().to_vec())).to_vec();
+        enc.push_row(&row([Some("1"), Some("NaN"), Some("1.50"), Some("")]))
+            .unwrap();
+        enc.push_row(&row([Some("2"), Some("-Infinity"), Some("NaN"), None]))
+            .unwrap();
+        let err = enc
+            .push_row(&row([Some("x"), None, None, None]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("s.t.id") && err.contains("int4"), "{err}");
+        let mut bytes = enc.take_output();
+        bytes.extend(enc.finish().unwrap());
+        assert_eq!(&bytes[..4], b"PAR1");
+        assert_eq!(&bytes[bytes.len() - 4..], b"PAR1");
+    }
+}
