@@ -65,4 +65,6 @@ run_pgshift csv-1-worker csv 1
 run_pgshift csv-2-workers csv 2
 run_pgshift jsonl-1-worker jsonl 1
 run_pgshift csv-gz-2-workers csv.gz 2
-echo "(peak RSS is the whole process: workers share it; parquet is not implemented yet)"
+run_pgshift parquet-1-worker parquet 1
+run_pgshift parquet-2-workers parquet 2
+echo "(peak RSS is the whole process: the workers share it)"

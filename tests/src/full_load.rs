@@ -685,3 +685,36 @@ async fn parquet_columns_are_typed_and_keep_special_values() {
     assert_eq!(col("t").as_string::<i32>().value(2), "x,\"y\"");
     assert_eq!(col("j").as_string::<i32>().value(0), "{\"a\": 1}");
 }
+
+/// Cluster-wide (an open transaction delays every slot creation): in the serial group.
+#[tokio::test]
+async fn cluster_wide_an_old_transaction_blocking_slot_creation_is_a_clear_error() {
+    let l = Load::new("fl_block").await;
+    let c = l.db.client().await;
+    c.batch_execute("create table public.t (id int primary key)")
+        .await
+        .unwrap();
+    let holder = l.db.client().await;
+    holder
+        .batch_execute("begin; insert into public.t values (1);")
+        .await
+        .unwrap();
+    let mut o = l.opts("blocked", "csv", 1);
+    o.cdc = true;
+    o.source.lock_timeout = std::time::Duration::from_millis(500);
+    let err = full_load::plan(&l.sink, &l.state, &o).await.unwrap_err();
+    holder.batch_execute("rollback").await.unwrap();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("waited too long for running transactions"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("test-endpoint"),
+        "the message says how to find them: {msg}"
+    );
+    // Once it ends, the same plan succeeds.
+    o.source.lock_timeout = std::time::Duration::from_secs(10);
+    let (plan, _) = full_load::plan(&l.sink, &l.state, &o).await.unwrap();
+    assert!(plan.l0.is_some());
+}
