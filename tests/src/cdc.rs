@@ -81,7 +81,9 @@ async fn every_kind_of_change(format: &str) {
     )
     .await
     .unwrap();
-    let o = opts("kinds", db.config(), format);
+    // Slots are cluster-wide: one task name per format.
+    let task = format!("kinds-{}", format.replace('.', "-"));
+    let o = opts(&task, db.config(), format);
     // A CDC-only task: the first poll creates the publication and slot.
     let first = poll(&sink, &state, &o).await;
     assert_eq!(first.changes, 0);

@@ -3,4 +3,5 @@
 mod cdc;
 mod endpoint;
 mod full_load;
+mod migrate;
 mod seams;

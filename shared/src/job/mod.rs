@@ -1,9 +1,11 @@
 //! Jobs: the orchestration each Lambda and CLI command calls. Each module's docs give its
 //! effect order and what happens on failure at each step.
 
+pub mod apply;
 pub mod cdc_poll;
 pub mod full_load;
 pub mod test_endpoint;
+pub mod validate;
 
 /// Parses a Lambda event, naming the offending field on error (`endpoint.port: ...`).
 pub fn parse_event<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> crate::Result<T> {
