@@ -10,9 +10,11 @@ use pgshift::Error;
 use pgshift::aws::Aws;
 use pgshift::config::SourceSpec;
 use pgshift::format::Format;
+use pgshift::job::apply::{self, ApplyOptions};
 use pgshift::job::cdc_poll::{self, CdcOptions};
 use pgshift::job::full_load::{self, LoadOptions, Progress};
 use pgshift::job::test_endpoint;
+use pgshift::job::{status, validate};
 use pgshift::selection::Selection;
 use pgshift::source::checks::{CheckOptions, Status};
 use std::sync::Arc;
@@ -82,6 +84,55 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         chunk_mb: u64,
         /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply the staged load and CDC batches to a target PostgreSQL (exactly once, resumable).
+    Apply {
+        #[arg(long, env = "PGSHIFT_TASK")]
+        task: String,
+        #[arg(long, env = "PGSHIFT_STAGE", default_value = "./pgshift-data/stage")]
+        stage: String,
+        #[arg(long, env = "PGSHIFT_STATE", default_value = "./pgshift-data/state")]
+        state: String,
+        /// `postgres://..` or `secret:<arn>` of the target.
+        #[arg(long, env = "PGSHIFT_TARGET")]
+        target: String,
+        /// Keep applying new batches every --interval seconds until interrupted.
+        #[arg(long)]
+        follow: bool,
+        #[arg(long, default_value_t = 10)]
+        interval: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare source and target table by table (row counts, checksums, differing keys).
+    Validate {
+        #[arg(long, env = "PGSHIFT_TASK")]
+        task: String,
+        #[arg(long, env = "PGSHIFT_STAGE", default_value = "./pgshift-data/stage")]
+        stage: String,
+        #[arg(long, env = "PGSHIFT_STATE", default_value = "./pgshift-data/state")]
+        state: String,
+        #[arg(long, env = "PGSHIFT_SOURCE")]
+        source: String,
+        #[arg(long, env = "PGSHIFT_TARGET")]
+        target: String,
+        /// DMS table-mapping JSON file with selection rules (default: all user tables).
+        #[arg(long, env = "PGSHIFT_TABLES")]
+        tables: Option<std::path::PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a task: load progress per table, CDC checkpoint, lag and slot health.
+    Status {
+        #[arg(long, env = "PGSHIFT_TASK")]
+        task: String,
+        #[arg(long, env = "PGSHIFT_STATE", default_value = "./pgshift-data/state")]
+        state: String,
+        /// The source, for live lag and slot health (optional).
+        #[arg(long, env = "PGSHIFT_SOURCE")]
+        source: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -255,6 +306,142 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());
             } else {
                 println!("{}", report::load_summary(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Apply {
+            task,
+            stage,
+            state: _,
+            target,
+            follow,
+            interval,
+            json,
+        } => {
+            pgshift::config::check_task_name(&task)?;
+            let stage = Target::parse_stage(&stage)?;
+            let spec = SourceSpec::parse(&target, "--target")?;
+            let aws = if stage.is_aws() || matches!(spec, SourceSpec::Secret(_)) {
+                Some(Aws::from_env().await)
+            } else {
+                None
+            };
+            let target = match (&spec, &aws) {
+                (SourceSpec::Secret(_), Some(aws)) => aws.resolve(&spec, None).await?,
+                _ => resolve(&spec).await?,
+            };
+            loop {
+                let report = match &stage {
+                    Target::Local(dir) => {
+                        apply::run(
+                            &pgshift::stage::LocalSink::new(dir),
+                            &target,
+                            &task,
+                            ApplyOptions::default(),
+                        )
+                        .await?
+                    }
+                    Target::Aws(url) => {
+                        let aws = aws.as_ref().ok_or_else(|| {
+                            Error::config("aws", "AWS configuration was not loaded")
+                        })?;
+                        let sink = pgshift::stage::S3Sink::new(aws.s3(), url)?;
+                        apply::run(&sink, &target, &task, ApplyOptions::default()).await?
+                    }
+                };
+                if json {
+                    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                } else {
+                    println!(
+                        "task {}: {}{} batches, {} changes applied; target at {}",
+                        report.task,
+                        if report.load_applied {
+                            format!("load applied ({} rows); ", report.load_rows)
+                        } else {
+                            String::new()
+                        },
+                        report.batches_applied,
+                        report.changes_applied,
+                        report.position
+                    );
+                }
+                if !follow {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(interval.max(1))) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+                }
+            }
+        }
+        Command::Validate {
+            task,
+            stage: _,
+            state: _,
+            source,
+            target,
+            tables,
+            json,
+        } => {
+            pgshift::config::check_task_name(&task)?;
+            let selection = read_selection(tables.as_deref())?;
+            let source = resolve(&SourceSpec::parse(&source, "--source")?).await?;
+            let target = resolve(&SourceSpec::parse(&target, "--target")?).await?;
+            let report = validate::run(&source, &target, &selection).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", report::validate_table(&report));
+            }
+            Ok(if report.equal {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Status {
+            task,
+            state,
+            source,
+            json,
+        } => {
+            let state = Target::parse_state(&state)?;
+            let source = match &source {
+                Some(s) => Some(resolve(&SourceSpec::parse(s, "--source")?).await?),
+                None => None,
+            };
+            let aws = if state.is_aws() {
+                Some(Aws::from_env().await)
+            } else {
+                None
+            };
+            let status = match &state {
+                Target::Local(dir) => {
+                    status::run(&pgshift::state::FileStore::new(dir), &task, source.as_ref())
+                        .await?
+                }
+                Target::Aws(table) => {
+                    let aws = aws
+                        .as_ref()
+                        .ok_or_else(|| Error::config("aws", "AWS configuration was not loaded"))?;
+                    status::run(
+                        &pgshift::state::DynamoStore::new(aws.dynamodb(), table),
+                        &task,
+                        source.as_ref(),
+                    )
+                    .await?
+                }
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).unwrap_or_default()
+                );
+            } else {
+                print!("{}", report::status_text(&status));
             }
             Ok(ExitCode::SUCCESS)
         }

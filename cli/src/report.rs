@@ -8,7 +8,9 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use pgshift::job::cdc_poll::{Outcome, PollReport};
 use pgshift::job::full_load::{LoadReport, Progress};
+use pgshift::job::status::TaskStatus;
 use pgshift::job::test_endpoint::EndpointReport;
+use pgshift::job::validate::ValidateReport;
 use pgshift::source::checks::Status;
 
 /// The endpoint report as a table: one line per check, the remedy under each warn or fail.
@@ -148,4 +150,87 @@ pub(crate) fn load_summary(r: &LoadReport) -> String {
             None => String::new(),
         }
     )
+}
+
+/// Validation, one line per table.
+pub(crate) fn validate_table(r: &ValidateReport) -> String {
+    let mut out = String::new();
+    for t in &r.tables {
+        let target = t
+            .target_rows
+            .map_or("missing".to_owned(), |n| n.to_string());
+        let _ = writeln!(
+            out,
+            "{:<5} {}.{}  source {} rows, target {} rows, checksum {} / {}",
+            if t.equal { "EQUAL" } else { "DIFF" },
+            t.schema,
+            t.table,
+            t.source_rows,
+            target,
+            t.source_checksum.hex(),
+            t.target_checksum.map_or("-".to_owned(), |c| c.hex())
+        );
+        if !t.differing_keys.is_empty() {
+            let _ = writeln!(
+                out,
+                "      first differing keys: {}",
+                t.differing_keys.join("; ")
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{}",
+        if r.equal {
+            "target equals source"
+        } else {
+            "target differs from source"
+        }
+    );
+    out
+}
+
+/// A task's status for people.
+pub(crate) fn status_text(s: &TaskStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "task        {}", s.task);
+    let _ = writeln!(
+        out,
+        "slot        {} (L0 {})",
+        s.slot.as_deref().unwrap_or("-"),
+        s.l0.map_or("-".to_owned(), |l| l.to_string())
+    );
+    let _ = writeln!(out, "full load   {}", s.load);
+    for t in &s.tables {
+        let _ = writeln!(
+            out,
+            "  {}.{}: {}/{} chunks, {} rows",
+            t.schema, t.table, t.chunks_done, t.chunks, t.rows
+        );
+    }
+    let _ = writeln!(
+        out,
+        "cdc         checkpoint {}, {} batches{}",
+        s.checkpoint.map_or("-".to_owned(), |l| l.to_string()),
+        s.batches,
+        s.lease_owner
+            .as_ref()
+            .map_or(String::new(), |o| format!(", lease held by {o}"))
+    );
+    if let Some(p) = &s.last_poll {
+        let _ = writeln!(
+            out,
+            "last poll   {} changes, latency {:.1} s, slot retained {} bytes ({})",
+            p.changes, p.latency_secs, p.slot_retained_bytes, p.slot_wal_status
+        );
+    }
+    if let Some(lag) = s.lag_bytes {
+        let _ = writeln!(
+            out,
+            "live        {lag} bytes behind the source; slot retains {} bytes ({})",
+            s.slot_retained_bytes.unwrap_or(0),
+            s.slot_wal_status.as_deref().unwrap_or("-")
+        );
+    }
+    out
 }

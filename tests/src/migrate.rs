@@ -270,3 +270,153 @@ async fn apply_interrupted_mid_batch_resumes_without_duplicates() {
     assert!(!report.equal);
     assert_eq!(report.tables[0].differing_keys, ["5"]);
 }
+
+fn url(cfg: &pgshift::config::PgConfig) -> String {
+    format!(
+        "postgres://{}:{}@{}:{}/{}",
+        cfg.user,
+        secrecy::ExposeSecret::expose_secret(cfg.password.as_ref().unwrap()),
+        cfg.host,
+        cfg.port,
+        cfg.dbname
+    )
+}
+
+#[tokio::test]
+async fn cli_full_load_cdc_apply_validate_status() {
+    let source = TestDb::new("cli_flow_src").await;
+    let target = TestDb::new("cli_flow_dst").await;
+    let dir = TempDir::new("cli_flow");
+    let c = source.client().await;
+    c.batch_execute("create table public.t (id int primary key, v text); insert into public.t select g, md5(g::text) from generate_series(1, 5000) g;")
+        .await
+        .unwrap();
+    let (src, dst) = (url(&source.config()), url(&target.config()));
+    let stage = dir.path().join("stage");
+    let state = dir.path().join("state");
+    let (stage, state) = (stage.to_str().unwrap(), state.to_str().unwrap());
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(pgshift_tests::pgshift_bin())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let common = ["--task", "cli-flow", "--stage", stage, "--state", state];
+    let (code, out, err) = run(&[
+        &["full-load", "--source", &src, "--cdc", "--parallel", "2"][..],
+        &common,
+    ]
+    .concat());
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("5000 rows") && out.contains("CDC continues from"),
+        "{out}"
+    );
+    c.batch_execute("update public.t set v = 'changed' where id <= 10; delete from public.t where id > 4990; insert into public.t values (9999, null);")
+        .await
+        .unwrap();
+    let (code, out, err) = run(&[&["cdc", "--source", &src, "--once"][..], &common].concat());
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = run(&[&["apply", "--target", &dst][..], &common].concat());
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("load applied (5000 rows)"), "{out}");
+    let (code, out, err) = run(&[
+        &["validate", "--source", &src, "--target", &dst][..],
+        &common,
+    ]
+    .concat());
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("EQUAL public.t") && out.contains("target equals source"),
+        "{out}"
+    );
+    let (code, out, err) = run(&[
+        "status", "--task", "cli-flow", "--state", state, "--source", &src, "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["load"], "complete");
+    assert_eq!(status["tables"][0]["rows"], 5000);
+    assert!(
+        status["checkpoint"].is_string() && status["lag_bytes"].is_u64(),
+        "{status}"
+    );
+
+    target
+        .client()
+        .await
+        .batch_execute("delete from public.t where id = 7")
+        .await
+        .unwrap();
+    let (code, out, _) = run(&[
+        &["validate", "--source", &src, "--target", &dst][..],
+        &common,
+    ]
+    .concat());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("first differing keys: 7"), "{out}");
+    let (code, _, err) = run(&["status", "--task", "no-such-task", "--state", state]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no state"), "{err}");
+}
+
+/// A row updated between two chunks' snapshots moves to a later page and is read twice; the
+/// load applies once per key and CDC from L0 settles the final version.
+#[tokio::test]
+async fn a_row_read_by_two_chunks_applies_once() {
+    let source = TestDb::new("dup_src").await;
+    let target = TestDb::new("dup_dst").await;
+    let dir = TempDir::new("dup_chunks");
+    let sink = pgshift::stage::LocalSink::new(dir.path().join("stage"));
+    let state = pgshift::state::FileStore::new(dir.path().join("state"));
+    let c = source.client().await;
+    c.batch_execute(
+        "create table public.t (id int primary key, v text) with (fillfactor = 100);
+         insert into public.t select g, repeat('x', 100) from generate_series(1, 20000) g;",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("vacuum analyze public.t").await.unwrap();
+    let mut lo = LoadOptions::new("dup", source.config(), "loader");
+    lo.cdc = true;
+    lo.chunk_mib = 1;
+    let (_, ids) = full_load::plan(&sink, &state, &lo).await.unwrap();
+    assert!(ids.len() >= 2, "{ids:?}");
+    full_load::export_chunk(&sink, &state, &lo, &ids[0])
+        .await
+        .unwrap();
+    // Full pages: the new version of row 1 goes to the end of the table (the last chunk).
+    c.batch_execute("update public.t set v = repeat('moved', 300) where id = 1")
+        .await
+        .unwrap();
+    let ctid: String = c
+        .query_one("select ctid::text from public.t where id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !ctid.starts_with("(0,"),
+        "the new version left page 0: {ctid}"
+    );
+    for id in &ids[1..] {
+        full_load::export_chunk(&sink, &state, &lo, id)
+            .await
+            .unwrap();
+    }
+    let ms = full_load::finish(&sink, &state, "dup").await.unwrap();
+    assert_eq!(ms[0].rows, 20_001, "row 1 was read by two chunks");
+    let co = CdcOptions::new("dup", source.config(), "poller");
+    cdc_poll::run(&sink, &state, &co).await.unwrap();
+    apply::run(&sink, &target.config(), "dup", ApplyOptions::default())
+        .await
+        .unwrap();
+    let report = validate::run(&source.config(), &target.config(), &Selection::all())
+        .await
+        .unwrap();
+    assert!(report.equal, "{report:#?}");
+}

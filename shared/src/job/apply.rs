@@ -247,8 +247,31 @@ async fn apply_load<S: ObjectSink>(
             .await
             .map_err(|e| Error::postgres(format!("truncating {name}"), e))?;
         let cols: Vec<String> = m.columns.iter().map(|c| quote_ident(c)).collect();
+        let keys: Vec<String> = stored
+            .schema
+            .columns
+            .iter()
+            .filter(|c| c.key)
+            .map(|c| quote_ident(&c.name))
+            .collect();
+        let keyed = !keys.is_empty()
+            && !(stored.schema.replica_identity == "f"
+                && keys.len() == stored.schema.columns.len());
+        // Chunks are read at different moments: a row updated during the load can be in two
+        // chunks. Keyed tables load through a temporary table keeping one version per key;
+        // CDC from L0 then brings every row to its final state.
+        let into = if keyed {
+            tx.batch_execute(&format!(
+                "drop table if exists pg_temp.pgshift_load; create temp table pgshift_load (like {name}) on commit drop"
+            ))
+            .await
+            .map_err(|e| Error::postgres(format!("staging the load of {name}"), e))?;
+            "pg_temp.pgshift_load".to_owned()
+        } else {
+            name.clone()
+        };
         let copy = format!(
-            "copy {name} ({}) from stdin with (format csv)",
+            "copy {into} ({}) from stdin with (format csv)",
             cols.join(", ")
         );
         for chunk in &m.chunks {
@@ -272,6 +295,15 @@ async fn apply_load<S: ObjectSink>(
                 .finish()
                 .await
                 .map_err(|e| Error::postgres(format!("finishing COPY into {name}"), e))?;
+        }
+        if keyed {
+            tx.batch_execute(&format!(
+                "insert into {name} ({0}) select {0} from pg_temp.pgshift_load on conflict ({1}) do nothing; drop table pg_temp.pgshift_load",
+                cols.join(", "),
+                keys.join(", ")
+            ))
+            .await
+            .map_err(|e| Error::postgres(format!("loading {name}"), e))?;
         }
         rows += m.rows;
         if let Some(l) = m.l0 {

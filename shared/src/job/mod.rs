@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod cdc_poll;
 pub mod full_load;
+pub mod status;
 pub mod test_endpoint;
 pub mod validate;
 
