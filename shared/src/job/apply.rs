@@ -174,6 +174,13 @@ async fn latest_schema<S: ObjectSink>(sink: &S, schema: &str, table: &str) -> Re
         .map_err(|e| Error::Source(format!("{key}: {e}")))
 }
 
+/// Whether the table has a primary key to upsert by. Without one, REPLICA IDENTITY FULL marks
+/// every column as key, which is no key at all.
+fn has_key(schema: &TableSchema) -> bool {
+    let keys = schema.columns.iter().filter(|c| c.key).count();
+    keys > 0 && !(schema.replica_identity == "f" && keys == schema.columns.len())
+}
+
 /// Creates the target table from a staged schema when it does not exist.
 async fn ensure_table(
     client: &impl tokio_postgres::GenericClient,
@@ -190,8 +197,7 @@ async fn ensure_table(
         .filter(|c| c.key)
         .map(|c| quote_ident(&c.name))
         .collect();
-    let pk = if pk.is_empty() || schema.replica_identity == "f" && pk.len() == schema.columns.len()
-    {
+    let pk = if !has_key(schema) {
         String::new()
     } else {
         format!(", primary key ({})", pk.join(", "))
@@ -254,9 +260,7 @@ async fn apply_load<S: ObjectSink>(
             .filter(|c| c.key)
             .map(|c| quote_ident(&c.name))
             .collect();
-        let keyed = !keys.is_empty()
-            && !(stored.schema.replica_identity == "f"
-                && keys.len() == stored.schema.columns.len());
+        let keyed = has_key(&stored.schema);
         // Chunks are read at different moments: a row updated during the load can be in two
         // chunks. Keyed tables load through a temporary table keeping one version per key;
         // CDC from L0 then brings every row to its final state.
@@ -580,9 +584,7 @@ async fn apply_batch<S: ObjectSink>(
                         .filter(|(c, _)| !schema.columns.iter().any(|k| k.key && k.name == *c))
                         .map(|(c, _)| format!("{0} = excluded.{0}", quote_ident(c)))
                         .collect();
-                    let conflict = if keys.is_empty()
-                        || (schema.replica_identity == "f" && keys.len() == schema.columns.len())
-                    {
+                    let conflict = if !has_key(schema) {
                         String::new()
                     } else if updates.is_empty() {
                         format!(" on conflict ({}) do nothing", keys.join(", "))
