@@ -543,8 +543,8 @@ async fn apply_batch<S: ObjectSink>(
                         .iter()
                         .enumerate()
                         .map(|(i, (c, _))| {
-                            Ok(format!("{} = $", quote_ident(c))
-                                + &format!("{}::text::{}", i + 1, column(schema, c)?.type_name))
+                            let ty = &column(schema, c)?.type_name;
+                            Ok(format!("{} = ${}::text::{ty}", quote_ident(c), i + 1))
                         })
                         .collect::<Result<_>>()?;
                     if conds.is_empty() {
