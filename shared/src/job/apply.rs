@@ -174,6 +174,24 @@ async fn latest_schema<S: ObjectSink>(sink: &S, schema: &str, table: &str) -> Re
         .map_err(|e| Error::Source(format!("{key}: {e}")))
 }
 
+/// The column type to create in the target: the source's, or `text` when the target does not
+/// have it (an extension or user type not created there; values are its text output).
+async fn target_type(
+    client: &impl tokio_postgres::GenericClient,
+    type_name: &str,
+) -> Result<String> {
+    let known: bool = client
+        .query_one("select to_regtype($1) is not null", &[&type_name])
+        .await
+        .map_err(|e| Error::postgres("checking a column type in the target", e))?
+        .get(0);
+    Ok(if known {
+        type_name.to_owned()
+    } else {
+        "text".to_owned()
+    })
+}
+
 /// Whether the table has a primary key to upsert by. Without one, REPLICA IDENTITY FULL marks
 /// every column as key, which is no key at all.
 fn has_key(schema: &TableSchema) -> bool {
@@ -186,11 +204,14 @@ async fn ensure_table(
     client: &impl tokio_postgres::GenericClient,
     schema: &TableSchema,
 ) -> Result<()> {
-    let cols: Vec<String> = schema
-        .columns
-        .iter()
-        .map(|c| format!("{} {}", quote_ident(&c.name), c.type_name))
-        .collect();
+    let mut cols = Vec::with_capacity(schema.columns.len());
+    for c in &schema.columns {
+        cols.push(format!(
+            "{} {}",
+            quote_ident(&c.name),
+            target_type(client, &c.type_name).await?
+        ));
+    }
     let pk: Vec<String> = schema
         .columns
         .iter()
@@ -353,6 +374,152 @@ struct Change {
     key: Vec<(String, Option<String>)>,
     /// New row: present columns only (unchanged TOAST ones are absent).
     after: Vec<(String, Option<String>)>,
+    /// Old row under REPLICA IDENTITY FULL (JSON Lines only).
+    before: Vec<(String, Option<String>)>,
+}
+
+type Statement = (String, Vec<Option<String>>);
+
+/// `DELETE` of exactly one row whose columns' text equals `row` (tables without a key:
+/// duplicates are possible, and not every type has `=`).
+fn delete_one(name: &str, row: &[(String, Option<String>)]) -> Result<Statement> {
+    if row.is_empty() {
+        return Err(Error::Source(format!(
+            "{name}: a delete without a key or old row cannot be applied"
+        )));
+    }
+    let conds: Vec<String> = row
+        .iter()
+        .enumerate()
+        // format('%s', ..) is the type's output function, the text the value was staged as
+        // (a cast to text would trim char(n) padding).
+        .map(|(i, (c, _))| {
+            let (col, p) = (quote_ident(c), i + 1);
+            format!("(${p}::text is null and {col} is null or format('%s', {col}) = ${p}::text)")
+        })
+        .collect();
+    Ok((
+        format!(
+            "delete from {name} where ctid = (select ctid from {name} where {} limit 1)",
+            conds.join(" and ")
+        ),
+        row.iter().map(|(_, v)| v.clone()).collect(),
+    ))
+}
+
+/// The statements that apply one change, with their text parameters.
+fn change_statements(
+    schema: &TableSchema,
+    name: &str,
+    change: &Change,
+    file: &str,
+) -> Result<Vec<Statement>> {
+    let keyed = has_key(schema);
+    let cast = |i: usize, c: &str| -> Result<String> {
+        Ok(format!(
+            "${}::text::{}",
+            i + 1,
+            column(schema, c)?.type_name
+        ))
+    };
+    let insert = |conflict: String| -> Result<Statement> {
+        let cols: Vec<String> = change.after.iter().map(|(c, _)| quote_ident(c)).collect();
+        let params: Vec<String> = change
+            .after
+            .iter()
+            .enumerate()
+            .map(|(i, (c, _))| cast(i, c))
+            .collect::<Result<_>>()?;
+        Ok((
+            format!(
+                "insert into {name} ({}) values ({}){conflict}",
+                cols.join(", "),
+                params.join(", ")
+            ),
+            change.after.iter().map(|(_, v)| v.clone()).collect(),
+        ))
+    };
+    match (change.op.as_str(), keyed) {
+        ("T", _) => Ok(vec![(format!("truncate {name}"), Vec::new())]),
+        ("D", true) => {
+            let conds: Vec<String> = change
+                .key
+                .iter()
+                .enumerate()
+                .map(|(i, (c, _))| Ok(format!("{} = {}", quote_ident(c), cast(i, c)?)))
+                .collect::<Result<_>>()?;
+            Ok(vec![(
+                format!("delete from {name} where {}", conds.join(" and ")),
+                change.key.iter().map(|(_, v)| v.clone()).collect(),
+            )])
+        }
+        ("D", false) => Ok(vec![delete_one(
+            name,
+            if change.before.is_empty() {
+                &change.key
+            } else {
+                &change.before
+            },
+        )?]),
+        ("I" | "U", true) => {
+            let keys: Vec<String> = schema
+                .columns
+                .iter()
+                .filter(|c| c.key)
+                .map(|c| quote_ident(&c.name))
+                .collect();
+            let updates: Vec<String> = change
+                .after
+                .iter()
+                .filter(|(c, _)| !schema.columns.iter().any(|k| k.key && k.name == *c))
+                .map(|(c, _)| format!("{0} = excluded.{0}", quote_ident(c)))
+                .collect();
+            let conflict = if updates.is_empty() {
+                format!(" on conflict ({}) do nothing", keys.join(", "))
+            } else {
+                format!(
+                    " on conflict ({}) do update set {}",
+                    keys.join(", "),
+                    updates.join(", ")
+                )
+            };
+            // An update whose old key differs from the new row's (a replica-identity key
+            // changed on a table without a primary key) removes the old row first.
+            let moved = change.op == "U"
+                && change
+                    .key
+                    .iter()
+                    .any(|(k, old)| change.after.iter().any(|(c, new)| c == k && new != old));
+            let mut out = Vec::new();
+            if moved {
+                let conds: Vec<String> = change
+                    .key
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (c, _))| Ok(format!("{} = {}", quote_ident(c), cast(i, c)?)))
+                    .collect::<Result<_>>()?;
+                out.push((
+                    format!("delete from {name} where {}", conds.join(" and ")),
+                    change.key.iter().map(|(_, v)| v.clone()).collect(),
+                ));
+            }
+            out.push(insert(conflict)?);
+            Ok(out)
+        }
+        ("I", false) => Ok(vec![insert(String::new())?]),
+        ("U", false) => {
+            if change.before.is_empty() {
+                return Err(Error::Source(format!(
+                    "{name} has no primary key: applying its updates needs the old row, which JSON Lines staging carries (REPLICA IDENTITY FULL); CSV does not"
+                )));
+            }
+            Ok(vec![
+                delete_one(name, &change.before)?,
+                insert(String::new())?,
+            ])
+        }
+        (other, _) => Err(Error::Source(format!("{file}: unknown op {other:?}"))),
+    }
 }
 
 fn read_changes(
@@ -385,6 +552,7 @@ fn read_changes(
                     op: v["op"].as_str().unwrap_or("").to_owned(),
                     key: obj(&v["key"]),
                     after: obj(&v["after"]),
+                    before: obj(&v["before"]),
                 },
             ));
         }
@@ -431,7 +599,15 @@ fn read_changes(
             .filter(|(_, c)| c.key)
             .map(|(j, c)| (c.name.clone(), text(&fields[j + offset])))
             .collect();
-        out.push((si, Change { op, key, after }));
+        out.push((
+            si,
+            Change {
+                op,
+                key,
+                after,
+                before: Vec::new(),
+            },
+        ));
     }
     Ok(out)
 }
@@ -443,7 +619,8 @@ fn schema_index(schemas: &[(u64, StoredSchema)], row: u64) -> usize {
         .unwrap_or(0)
 }
 
-/// Makes the target's columns match `schema` (adds new ones, drops removed ones).
+/// Makes the target's columns match `schema`: renames of key columns (same positions and
+/// types), or adds new columns and drops removed ones.
 async fn sync_columns(
     tx: &tokio_postgres::Transaction<'_>,
     tables: &mut Tables,
@@ -459,12 +636,68 @@ async fn sync_columns(
         return Ok(());
     }
     let name = quote_qualified(&schema.schema, &schema.table);
+    // New key columns (a replica identity index appeared): upserts need a unique index on them.
+    let key_names = |t: &TableSchema| {
+        t.columns
+            .iter()
+            .filter(|c| c.key)
+            .map(|c| c.name.clone())
+            .collect::<Vec<_>>()
+    };
+    let (old_keys, new_keys) = (key_names(known), key_names(schema));
+    let key_index =
+        if has_key(schema) && old_keys != new_keys && known.columns.len() == schema.columns.len() {
+            let cols: Vec<String> = new_keys.iter().map(|c| quote_ident(c)).collect();
+            Some(format!(
+                "create unique index if not exists {} on {name} ({})",
+                quote_ident(&format!("{}_pgshift_{}", schema.table, new_keys.join("_"))),
+                cols.join(", ")
+            ))
+        } else {
+            None
+        };
+    // Relation messages carry no attribute numbers, so a rename and a drop plus an add of the
+    // same type look alike. Only key columns are taken as renamed (a primary key does not
+    // silently lose a column); other changes are adds and drops by name.
+    let renamed = known.columns.len() == schema.columns.len()
+        && known.columns.iter().zip(&schema.columns).all(|(a, b)| {
+            a.type_oid == b.type_oid
+                && a.type_modifier == b.type_modifier
+                && (a.name == b.name || (a.key && b.key))
+        })
+        && known
+            .columns
+            .iter()
+            .zip(&schema.columns)
+            .any(|(a, b)| a.name != b.name);
+    if renamed {
+        for (old, new) in known.columns.iter().zip(&schema.columns) {
+            if old.name != new.name {
+                tx.batch_execute(&format!(
+                    "alter table {name} rename column {} to {}",
+                    quote_ident(&old.name),
+                    quote_ident(&new.name)
+                ))
+                .await
+                .map_err(|e| {
+                    Error::postgres(format!("renaming column {} of {name}", old.name), e)
+                })?;
+            }
+        }
+        tables.known.insert(id, schema.clone());
+        return Ok(());
+    }
+    if let Some(sql) = &key_index {
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| Error::postgres(format!("indexing the new key of {name}"), e))?;
+    }
     for c in &schema.columns {
         if !known.columns.iter().any(|k| k.name == c.name) {
+            let ty = target_type(tx, &c.type_name).await?;
             tx.batch_execute(&format!(
-                "alter table {name} add column if not exists {} {}",
-                quote_ident(&c.name),
-                c.type_name
+                "alter table {name} add column if not exists {} {ty}",
+                quote_ident(&c.name)
             ))
             .await
             .map_err(|e| Error::postgres(format!("adding column {} to {name}", c.name), e))?;
@@ -535,90 +768,20 @@ async fn apply_batch<S: ObjectSink>(
                 current = si;
             }
             let name = quote_qualified(&schema.schema, &schema.table);
-            let (sql, values): (String, Vec<Option<String>>) = match change.op.as_str() {
-                "T" => (format!("truncate {name}"), Vec::new()),
-                "D" => {
-                    let conds: Vec<String> = change
-                        .key
-                        .iter()
-                        .enumerate()
-                        .map(|(i, (c, _))| {
-                            let ty = &column(schema, c)?.type_name;
-                            Ok(format!("{} = ${}::text::{ty}", quote_ident(c), i + 1))
-                        })
-                        .collect::<Result<_>>()?;
-                    if conds.is_empty() {
-                        return Err(Error::Source(format!(
-                            "{name}: a delete without a key cannot be applied"
-                        )));
-                    }
-                    (
-                        format!("delete from {name} where {}", conds.join(" and ")),
-                        change.key.iter().map(|(_, v)| v.clone()).collect(),
-                    )
+            for (sql, values) in change_statements(schema, &name, &change, &file.key)? {
+                if !statements.contains_key(&sql) {
+                    let types = vec![Type::TEXT; values.len()];
+                    let st = tx.prepare_typed(&sql, &types).await.map_err(|e| {
+                        Error::postgres(format!("preparing a change for {name}"), e)
+                    })?;
+                    statements.insert(sql.clone(), st);
                 }
-                "I" | "U" => {
-                    let cols: Vec<String> =
-                        change.after.iter().map(|(c, _)| quote_ident(c)).collect();
-                    let params: Vec<String> = change
-                        .after
-                        .iter()
-                        .enumerate()
-                        .map(|(i, (c, _))| {
-                            Ok(format!(
-                                "${}::text::{}",
-                                i + 1,
-                                column(schema, c)?.type_name
-                            ))
-                        })
-                        .collect::<Result<_>>()?;
-                    let keys: Vec<String> = schema
-                        .columns
-                        .iter()
-                        .filter(|c| c.key)
-                        .map(|c| quote_ident(&c.name))
-                        .collect();
-                    let updates: Vec<String> = change
-                        .after
-                        .iter()
-                        .filter(|(c, _)| !schema.columns.iter().any(|k| k.key && k.name == *c))
-                        .map(|(c, _)| format!("{0} = excluded.{0}", quote_ident(c)))
-                        .collect();
-                    let conflict = if !has_key(schema) {
-                        String::new()
-                    } else if updates.is_empty() {
-                        format!(" on conflict ({}) do nothing", keys.join(", "))
-                    } else {
-                        format!(
-                            " on conflict ({}) do update set {}",
-                            keys.join(", "),
-                            updates.join(", ")
-                        )
-                    };
-                    (
-                        format!(
-                            "insert into {name} ({}) values ({}){conflict}",
-                            cols.join(", "),
-                            params.join(", ")
-                        ),
-                        change.after.iter().map(|(_, v)| v.clone()).collect(),
-                    )
-                }
-                other => return Err(Error::Source(format!("{}: unknown op {other:?}", file.key))),
-            };
-            if !statements.contains_key(&sql) {
-                let types = vec![Type::TEXT; values.len()];
-                let st = tx
-                    .prepare_typed(&sql, &types)
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+                tx.execute(&statements[&sql], &params)
                     .await
-                    .map_err(|e| Error::postgres(format!("preparing a change for {name}"), e))?;
-                statements.insert(sql.clone(), st);
+                    .map_err(|e| Error::postgres(format!("applying a change to {name}"), e))?;
             }
-            let params: Vec<&(dyn ToSql + Sync)> =
-                values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-            tx.execute(&statements[&sql], &params)
-                .await
-                .map_err(|e| Error::postgres(format!("applying a change to {name}"), e))?;
             applied += 1;
             if opts.fail_after_changes.is_some_and(|n| applied >= n) {
                 return Err(Error::Source(

@@ -140,6 +140,8 @@ pub async fn run(
         let (srows, ssum, skeys) =
             scan(&src, &t.schema, &t.name, &columns, &key_cols, small).await?;
         if !exists {
+            // Nothing was ever staged for an empty table that never changed: a missing target
+            // table equals it; with rows on the source it is a difference.
             out.push(TableCheck {
                 schema: t.schema.clone(),
                 table: t.name.clone(),
@@ -147,8 +149,8 @@ pub async fn run(
                 target_rows: None,
                 source_checksum: ssum,
                 target_checksum: None,
-                equal: false,
-                differing_keys: Vec::new(),
+                equal: srows == 0,
+                differing_keys: skeys.keys().take(10).cloned().collect(),
             });
             continue;
         }

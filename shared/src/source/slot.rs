@@ -224,13 +224,15 @@ pub async fn primary_key_columns(client: &Client, rel_id: u32) -> Result<Vec<Str
     Ok(rows.into_iter().map(|r| r.get(0)).collect())
 }
 
-/// `format_type` for (type oid, modifier) pairs, in order.
+/// `format_type` for (type oid, modifier) pairs, in order. A type dropped since the change was
+/// written (the peek decodes history, this query sees the present) reads as `text`.
 pub async fn type_names(client: &Client, types: &[(u32, i32)]) -> Result<Vec<String>> {
     let oids: Vec<u32> = types.iter().map(|t| t.0).collect();
     let mods: Vec<i32> = types.iter().map(|t| t.1).collect();
     let rows = client
         .query(
-            "select coalesce(format_type(t, nullif(m, -1)), t::text) from unnest($1::oid[], $2::int4[]) with ordinality u(t, m, o) order by o",
+            "select case when exists (select 1 from pg_type where oid = t) then format_type(t, nullif(m, -1)) else 'text' end \
+             from unnest($1::oid[], $2::int4[]) with ordinality u(t, m, o) order by o",
             &[&oids, &mods],
         )
         .await
