@@ -278,17 +278,12 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
             }
             pgshift::plan::ChunkSizing::from_mib(chunk_mb, 150_000)
                 .map_err(|e| Error::config("--chunk-mb", e.to_string()))?;
-            let stage = Target::parse_stage(&stage)?;
-            let state = Target::parse_state(&state)?;
-            let aws = if stage.is_aws() || state.is_aws() || matches!(spec, SourceSpec::Secret(_)) {
-                Some(Aws::from_env().await)
-            } else {
-                None
-            };
-            let cfg = match (&spec, &aws) {
-                (SourceSpec::Secret(_), Some(aws)) => aws.resolve(&spec, None).await?,
-                _ => resolve(&spec).await?,
-            };
+            let Seams {
+                source: cfg,
+                stage,
+                state,
+                aws,
+            } = Seams::resolve(&spec, &stage, &state).await?;
             let owner = format!("cli-{}-{}", hostname(), std::process::id());
             let mut opts = LoadOptions::new(task, cfg, owner);
             opts.format = format;
@@ -466,17 +461,12 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
             if max_batch_changes == 0 {
                 return Err(Error::config("--max-batch-changes", "must be at least 1"));
             }
-            let stage = Target::parse_stage(&stage)?;
-            let state = Target::parse_state(&state)?;
-            let aws = if stage.is_aws() || state.is_aws() || matches!(spec, SourceSpec::Secret(_)) {
-                Some(Aws::from_env().await)
-            } else {
-                None
-            };
-            let cfg = match (&spec, &aws) {
-                (SourceSpec::Secret(_), Some(aws)) => aws.resolve(&spec, None).await?,
-                _ => resolve(&spec).await?,
-            };
+            let Seams {
+                source: cfg,
+                stage,
+                state,
+                aws,
+            } = Seams::resolve(&spec, &stage, &state).await?;
             let owner = format!("cli-{}-{}", hostname(), std::process::id());
             let mut opts = CdcOptions::new(task, cfg, owner);
             opts.format = format;
@@ -548,6 +538,36 @@ macro_rules! with_seams {
     }};
 }
 use with_seams;
+
+/// The source, staging and state a job command names; AWS is loaded only when one needs it.
+struct Seams {
+    source: pgshift::config::PgConfig,
+    stage: Target,
+    state: Target,
+    aws: Option<Aws>,
+}
+
+impl Seams {
+    async fn resolve(spec: &SourceSpec, stage: &str, state: &str) -> pgshift::Result<Seams> {
+        let stage = Target::parse_stage(stage)?;
+        let state = Target::parse_state(state)?;
+        let aws = if stage.is_aws() || state.is_aws() || matches!(spec, SourceSpec::Secret(_)) {
+            Some(Aws::from_env().await)
+        } else {
+            None
+        };
+        let source = match (spec, &aws) {
+            (SourceSpec::Secret(_), Some(aws)) => aws.resolve(spec, None).await?,
+            _ => resolve(spec).await?,
+        };
+        Ok(Seams {
+            source,
+            stage,
+            state,
+            aws,
+        })
+    }
+}
 
 /// Where staged data or state lives, as the command line names it.
 enum Target {

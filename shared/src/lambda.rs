@@ -16,3 +16,54 @@ pub fn diagnostic(err: Error) -> lambda_runtime::Diagnostic {
         error_message: err.to_string(),
     }
 }
+
+/// What the data functions (full-load, cdc-poller) build once per cold start: configuration
+/// from the environment, the S3 sink, the DynamoDB state store and the source secret's id.
+pub struct StagedDeps {
+    pub aws: crate::aws::Aws,
+    pub env: crate::config::LambdaEnv,
+    pub task: String,
+    pub secret: String,
+    pub sink: crate::stage::S3Sink,
+    pub state: crate::state::DynamoStore,
+}
+
+impl StagedDeps {
+    /// Reads `PGSHIFT_*` (task, source secret, stage, state table are required).
+    pub async fn from_env() -> crate::Result<StagedDeps> {
+        let env = crate::config::LambdaEnv::from_pairs(std::env::vars())?;
+        let required = |v: &Option<String>, name: &str| {
+            v.clone().ok_or_else(|| Error::config(name, "must be set"))
+        };
+        let task = required(&env.task, "PGSHIFT_TASK")?;
+        let secret = required(&env.source_secret_arn, "PGSHIFT_SOURCE_SECRET_ARN")?;
+        let stage = required(&env.stage, "PGSHIFT_STAGE")?;
+        let table = required(&env.state_table, "PGSHIFT_STATE_TABLE")?;
+        let aws = crate::aws::Aws::from_env().await;
+        let sink = crate::stage::S3Sink::new(aws.s3(), &stage)?;
+        let state = crate::state::DynamoStore::new(aws.dynamodb(), table);
+        Ok(StagedDeps {
+            aws,
+            env,
+            task,
+            secret,
+            sink,
+            state,
+        })
+    }
+
+    /// The source's connection settings from its secret (TLS `require` unless it says).
+    pub async fn source(&self) -> crate::Result<crate::config::PgConfig> {
+        let mode = self
+            .env
+            .source_sslmode
+            .unwrap_or(crate::config::SslMode::Require);
+        self.aws.read_source_secret(&self.secret, Some(mode)).await
+    }
+}
+
+/// Time left before the invocation's deadline.
+pub fn remaining(ctx: &lambda_runtime::Context) -> std::time::Duration {
+    let now_ms = crate::state::now_ms();
+    std::time::Duration::from_millis(ctx.deadline.saturating_sub(now_ms))
+}

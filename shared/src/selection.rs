@@ -163,6 +163,23 @@ impl Selection {
                 .any(|r| r.action == RuleAction::Exclude && matches(r))
     }
 
+    /// `selection rules name tables that do not exist: s.t (rule-id 3), ...`, or `None` when
+    /// every wildcard-free include rule names an existing table.
+    pub fn unmatched_message(&self, tables: &[(String, String)]) -> Option<String> {
+        let missing = self.unmatched_exact(tables);
+        if missing.is_empty() {
+            return None;
+        }
+        let names: Vec<String> = missing
+            .iter()
+            .map(|r| format!("{}.{} (rule-id {})", r.schema, r.table, r.id))
+            .collect();
+        Some(format!(
+            "selection rules name tables that do not exist: {}",
+            names.join(", ")
+        ))
+    }
+
     /// Explicit and wildcard-free include rules whose table does not exist in `tables`
     /// (a likely typo, reported instead of silently moving nothing).
     pub fn unmatched_exact<'a>(&'a self, tables: &[(String, String)]) -> Vec<&'a Rule> {

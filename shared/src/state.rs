@@ -42,6 +42,25 @@ pub trait StateStore: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
+/// An item document from a typed record.
+pub fn to_doc<T: serde::Serialize>(v: &T) -> Result<Value> {
+    serde_json::to_value(v).map_err(|e| Error::config("state", e.to_string()))
+}
+
+/// A typed record from an item document; `what` names the item in errors.
+pub fn from_doc<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> Result<T> {
+    serde_json::from_value(v)
+        .map_err(|e| Error::config("state", format!("{what} item is malformed: {e}")))
+}
+
+/// Milliseconds since the Unix epoch (lease expiries are stored this way).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 fn conflict(task: &str, key: &str, expected: Option<u64>) -> Error {
     Error::Conflict(match expected {
         None => format!("{task}/{key} already exists"),

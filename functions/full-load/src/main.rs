@@ -7,40 +7,26 @@ use std::time::Duration;
 use bytes::Bytes;
 use lambda_runtime::{Diagnostic, LambdaEvent, service_fn};
 use pgshift::Error;
-use pgshift::aws::Aws;
-use pgshift::config::{LambdaEnv, SslMode};
 use pgshift::job::full_load::{
     self, CHUNK_LIST_KEY, ChunkManifestRef, FullLoadEvent, INLINE_CHUNK_LIMIT, LoadOptions,
     PlanOutput,
 };
-use pgshift::stage::{ObjectSink, S3Sink};
-use pgshift::state::DynamoStore;
-
-struct Deps {
-    aws: Aws,
-    env: LambdaEnv,
-    task: String,
-    secret: String,
-    sink: S3Sink,
-    state: DynamoStore,
-}
+use pgshift::lambda::StagedDeps;
+use pgshift::stage::ObjectSink;
 
 async fn handle(
-    deps: &Deps,
+    deps: &StagedDeps,
     event: LambdaEvent<serde_json::Value>,
 ) -> Result<serde_json::Value, Diagnostic> {
     run(deps, event).await.map_err(pgshift::lambda::diagnostic)
 }
 
-async fn options(deps: &Deps, owner: String, remaining: Duration) -> pgshift::Result<LoadOptions> {
-    let source = deps
-        .aws
-        .read_source_secret(
-            &deps.secret,
-            Some(deps.env.source_sslmode.unwrap_or(SslMode::Require)),
-        )
-        .await?;
-    let mut opts = LoadOptions::new(&deps.task, source, owner);
+async fn options(
+    deps: &StagedDeps,
+    owner: String,
+    remaining: Duration,
+) -> pgshift::Result<LoadOptions> {
+    let mut opts = LoadOptions::new(&deps.task, deps.source().await?, owner);
     opts.format = deps.env.format;
     opts.selection = deps.env.selection.clone();
     opts.chunk_mib = deps.env.chunk_mb;
@@ -55,15 +41,11 @@ fn json<T: serde::Serialize>(v: &T) -> pgshift::Result<serde_json::Value> {
 }
 
 async fn run(
-    deps: &Deps,
+    deps: &StagedDeps,
     event: LambdaEvent<serde_json::Value>,
 ) -> pgshift::Result<serde_json::Value> {
     let action = FullLoadEvent::from_json(event.payload)?;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let remaining = Duration::from_millis(event.context.deadline.saturating_sub(now_ms));
+    let remaining = pgshift::lambda::remaining(&event.context);
     match action {
         FullLoadEvent::Plan => {
             let opts = options(deps, event.context.request_id, remaining).await?;
@@ -99,30 +81,10 @@ async fn run(
     }
 }
 
-fn required(value: Option<String>, name: &str) -> Result<String, Error> {
-    value.ok_or_else(|| Error::config(name, "must be set"))
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_runtime::Error> {
     pgshift::lambda::init_tracing();
-    let env = LambdaEnv::from_pairs(std::env::vars())?;
-    let aws = Aws::from_env().await;
-    let task = required(env.task.clone(), "PGSHIFT_TASK")?;
-    let secret = required(env.source_secret_arn.clone(), "PGSHIFT_SOURCE_SECRET_ARN")?;
-    let sink = S3Sink::new(aws.s3(), &required(env.stage.clone(), "PGSHIFT_STAGE")?)?;
-    let state = DynamoStore::new(
-        aws.dynamodb(),
-        required(env.state_table.clone(), "PGSHIFT_STATE_TABLE")?,
-    );
-    let deps = Deps {
-        aws,
-        env,
-        task,
-        secret,
-        sink,
-        state,
-    };
+    let deps = StagedDeps::from_env().await?;
     let deps = &deps;
     lambda_runtime::run(service_fn(move |event| handle(deps, event))).await
 }

@@ -57,7 +57,7 @@ use crate::selection::Selection;
 use crate::source::slot::{self, SlotState};
 use crate::source::{self, catalog};
 use crate::stage::ObjectSink;
-use crate::state::StateStore;
+use crate::state::{StateStore, from_doc, now_ms, to_doc};
 
 /// Where a test can make the job stop as if the process died (no clean-up at all).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -290,22 +290,6 @@ pub fn key_segment(name: &str) -> String {
 /// `<schema>/<table>` as a key prefix.
 pub fn table_prefix(schema: &str, table: &str) -> String {
     format!("{}/{}", key_segment(schema), key_segment(table))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-fn to_doc<T: Serialize>(v: &T) -> Result<serde_json::Value> {
-    serde_json::to_value(v).map_err(|e| Error::config("state", e.to_string()))
-}
-
-fn from_doc<T: for<'de> Deserialize<'de>>(v: serde_json::Value, what: &str) -> Result<T> {
-    serde_json::from_value(v)
-        .map_err(|e| Error::config("state", format!("{what} item is malformed: {e}")))
 }
 
 fn failpoint(opts: &CdcOptions, here: Failpoint) -> Result<()> {

@@ -42,7 +42,7 @@ use crate::plan::{ChunkRange, ChunkSizing, plan_table};
 use crate::selection::Selection;
 use crate::source::{self, catalog, quote_ident, quote_qualified};
 use crate::stage::ObjectSink;
-use crate::state::StateStore;
+use crate::state::{StateStore, from_doc, now_ms, to_doc};
 
 /// What the load is asked to do.
 #[derive(Debug, Clone)]
@@ -168,22 +168,6 @@ pub struct LoadManifest {
     pub chunks: Vec<ChunkRecord>,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-fn to_doc<T: Serialize>(v: &T) -> Result<serde_json::Value> {
-    serde_json::to_value(v).map_err(|e| Error::config("state", e.to_string()))
-}
-
-fn from_doc<T: for<'de> Deserialize<'de>>(v: serde_json::Value, what: &str) -> Result<T> {
-    serde_json::from_value(v)
-        .map_err(|e| Error::config("state", format!("{what} item is malformed: {e}")))
-}
-
 const COLUMNS: &str = "select a.attname::text, a.atttypid, a.atttypmod, format_type(a.atttypid, nullif(a.atttypmod, -1)), \
  coalesce(a.attnum = any(i.indkey), false) \
  from pg_attribute a left join pg_index i on i.indrelid = a.attrelid and i.indisprimary \
@@ -226,18 +210,10 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
         .iter()
         .map(|t| (t.schema.clone(), t.name.clone()))
         .collect();
-    let missing = opts.selection.unmatched_exact(&found);
-    if !missing.is_empty() {
-        let names: Vec<String> = missing
-            .iter()
-            .map(|r| format!("{}.{} (rule-id {})", r.schema, r.table, r.id))
-            .collect();
+    if let Some(message) = opts.selection.unmatched_message(&found) {
         return Err(Error::config(
             "tables",
-            format!(
-                "selection rules name tables that do not exist: {} (names are case-sensitive)",
-                names.join(", ")
-            ),
+            format!("{message} (names are case-sensitive)"),
         ));
     }
     if let Some(t) = tables.iter().find(|t| !t.can_select) {

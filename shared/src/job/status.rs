@@ -9,7 +9,7 @@ use crate::job::cdc_poll::{CdcRecord, PollReport, TaskRecord};
 use crate::job::full_load::{ChunkRecord, PlanRecord};
 use crate::lsn::Lsn;
 use crate::source::{self, slot};
-use crate::state::StateStore;
+use crate::state::{StateStore, from_doc};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TableProgress {
@@ -36,11 +36,6 @@ pub struct TaskStatus {
     pub lag_bytes: Option<u64>,
     pub slot_retained_bytes: Option<i64>,
     pub slot_wal_status: Option<String>,
-}
-
-fn from_doc<T: for<'de> Deserialize<'de>>(v: serde_json::Value, what: &str) -> Result<T> {
-    serde_json::from_value(v)
-        .map_err(|e| Error::config("state", format!("{what} item is malformed: {e}")))
 }
 
 /// Reads a task's status; `source` adds live lag and slot health.

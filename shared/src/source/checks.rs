@@ -823,19 +823,11 @@ fn table_selection_check(tables: &[TableInfo], opts: &CheckOptions) -> Check {
         .iter()
         .map(|t| (t.schema.clone(), t.name.clone()))
         .collect();
-    let missing = opts.selection.unmatched_exact(&found);
-    if !missing.is_empty() {
-        let list: Vec<String> = missing
-            .iter()
-            .map(|r| format!("{}.{} (rule-id {})", r.schema, r.table, r.id))
-            .collect();
+    if let Some(message) = opts.selection.unmatched_message(&found) {
         return Check::new(
             "table_selection",
             Status::Fail,
-            format!(
-                "selection rules name tables that do not exist: {}",
-                list.join(", ")
-            ),
+            message,
             "fix the names in the table mapping (names are case-sensitive)",
         );
     }
