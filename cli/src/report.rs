@@ -161,15 +161,26 @@ pub(crate) fn validate_table(r: &ValidateReport) -> String {
             .map_or("missing".to_owned(), |n| n.to_string());
         let _ = writeln!(
             out,
-            "{:<5} {}.{}  source {} rows, target {} rows, checksum {} / {}",
+            "{:<5} {}.{}  source {} rows, target {} rows, checksum {} / {}, {} key ranges",
             if t.equal { "EQUAL" } else { "DIFF" },
             t.schema,
             t.table,
             t.source_rows,
             target,
             t.source_checksum.hex(),
-            t.target_checksum.map_or("-".to_owned(), |c| c.hex())
+            t.target_checksum.map_or("-".to_owned(), |c| c.hex()),
+            t.ranges
         );
+        for r in t.differing_ranges.iter().take(10) {
+            let _ = writeln!(
+                out,
+                "      range [{}, {}): source {} rows, target {} rows",
+                r.lower.as_deref().unwrap_or("-inf"),
+                r.upper.as_deref().unwrap_or("+inf"),
+                r.source_rows,
+                r.target_rows
+            );
+        }
         if !t.differing_keys.is_empty() {
             let _ = writeln!(
                 out,

@@ -501,3 +501,60 @@ async fn wal2json_corpus_workloads_apply_equal() {
         "the corpus changed something ({applied_changes})"
     );
 }
+
+#[tokio::test]
+async fn validate_compares_primary_key_ranges() {
+    let source = TestDb::new("vr_src").await;
+    let target = TestDb::new("vr_dst").await;
+    for db in [&source, &target] {
+        db.client()
+            .await
+            .batch_execute(
+                "create table public.t (id int primary key, v text);
+                 insert into public.t select g, md5(g::text) from generate_series(1, 50000) g;",
+            )
+            .await
+            .unwrap();
+    }
+    source
+        .client()
+        .await
+        .batch_execute("analyze public.t")
+        .await
+        .unwrap();
+    let equal = validate::run_with_ranges(
+        &source.config(),
+        &target.config(),
+        &Selection::all(),
+        10_000,
+    )
+    .await
+    .unwrap();
+    assert!(equal.equal, "{equal:#?}");
+    assert_eq!(equal.tables[0].ranges, 5, "50,000 rows in ranges of 10,000");
+
+    target
+        .client()
+        .await
+        .batch_execute("update public.t set v = 'x' where id = 23456")
+        .await
+        .unwrap();
+    let diff = validate::run_with_ranges(
+        &source.config(),
+        &target.config(),
+        &Selection::all(),
+        10_000,
+    )
+    .await
+    .unwrap();
+    assert!(!diff.equal);
+    let t = &diff.tables[0];
+    assert_eq!(t.differing_ranges.len(), 1, "{t:#?}");
+    let r = &t.differing_ranges[0];
+    let (lo, hi): (i32, i32) = (
+        r.lower.as_ref().unwrap().parse().unwrap(),
+        r.upper.as_ref().unwrap().parse().unwrap(),
+    );
+    assert!(lo <= 23456 && 23456 < hi, "{r:?}");
+    assert_eq!(t.differing_keys, ["23456"]);
+}

@@ -1,7 +1,9 @@
-//! Validate a PG → PG copy: per table, row count and the order-independent checksum of
-//! `COPY (SELECT <source columns> ...) TO STDOUT (FORMAT csv)` on source and target (the same
-//! [`RowChecksum`] the full load records), and, where they differ, the first differing keys.
-//! Reads only; run it once CDC has caught up and the target has applied it.
+//! Validate a PG → PG copy: per table and per primary-key range, row count and the
+//! order-independent checksum of `COPY (SELECT <source columns> ...) TO STDOUT (FORMAT csv)` on
+//! source and target (the same [`RowChecksum`] the full load records), and, where they differ,
+//! the differing ranges and the first differing keys. Ranges are cut on the source by `ntile`
+//! over a single-column primary key (the load's ctid chunks mean nothing on the target); other
+//! tables are one range. Reads only; run it once CDC has caught up and the target applied it.
 
 use std::collections::BTreeMap;
 
@@ -25,8 +27,45 @@ pub struct TableCheck {
     pub source_checksum: RowChecksum,
     pub target_checksum: Option<RowChecksum>,
     pub equal: bool,
+    /// Primary-key ranges compared (1 when the table is not cut).
+    pub ranges: usize,
+    /// The ranges whose count or checksum differ.
+    pub differing_ranges: Vec<RangeCheck>,
     /// Up to ten keys whose rows differ (missing on one side or different values).
     pub differing_keys: Vec<String>,
+}
+
+/// One primary-key range `[lower, upper)` (open ends are `None`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RangeCheck {
+    pub lower: Option<String>,
+    pub upper: Option<String>,
+    pub source_rows: u64,
+    pub target_rows: u64,
+}
+
+/// Rows per compared range by default.
+pub const DEFAULT_RANGE_ROWS: u64 = 100_000;
+
+/// A SQL literal of `value` cast to `type_name` (values come from the source's own output).
+fn literal(value: &str, type_name: &str) -> String {
+    format!("'{}'::{type_name}", value.replace('\'', "''"))
+}
+
+/// `WHERE` clause of a key range.
+fn range_where(key: &str, type_name: &str, lower: Option<&str>, upper: Option<&str>) -> String {
+    let mut conds = Vec::new();
+    if let Some(l) = lower {
+        conds.push(format!("{key} >= {}", literal(l, type_name)));
+    }
+    if let Some(u) = upper {
+        conds.push(format!("{key} < {}", literal(u, type_name)));
+    }
+    if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" where {}", conds.join(" and "))
+    }
 }
 
 /// The whole comparison; `equal` only when every table is.
@@ -47,10 +86,11 @@ async fn scan(
     columns: &[String],
     key_cols: &[usize],
     keep: bool,
+    filter: &str,
 ) -> Result<(u64, RowChecksum, BTreeMap<String, u64>)> {
     let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
     let sql = format!(
-        "copy (select {} from {}) to stdout with (format csv)",
+        "copy (select {} from {}{filter}) to stdout with (format csv)",
         cols.join(", "),
         quote_qualified(schema, table)
     );
@@ -99,6 +139,16 @@ pub async fn run(
     target_cfg: &PgConfig,
     selection: &Selection,
 ) -> Result<ValidateReport> {
+    run_with_ranges(source_cfg, target_cfg, selection, DEFAULT_RANGE_ROWS).await
+}
+
+/// [`run`] with ranges of about `range_rows` rows.
+pub async fn run_with_ranges(
+    source_cfg: &PgConfig,
+    target_cfg: &PgConfig,
+    selection: &Selection,
+    range_rows: u64,
+) -> Result<ValidateReport> {
     let mut scfg = source_cfg.clone();
     scfg.application_name = "pgshift-validate".to_owned();
     let mut tcfg = target_cfg.clone();
@@ -111,23 +161,25 @@ pub async fn run(
     for t in tables.iter().filter(|t| !(has_root && t.is_partition)) {
         let rows = src
             .query(
-                "select a.attname::text, coalesce(a.attnum = any(i.indkey), false) from pg_attribute a \
-                 left join pg_index i on i.indrelid = a.attrelid and i.indisprimary \
+                "select a.attname::text, coalesce(a.attnum = any(i.indkey), false), format_type(a.atttypid, a.atttypmod) \
+                 from pg_attribute a left join pg_index i on i.indrelid = a.attrelid and i.indisprimary \
                  where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped order by a.attnum",
                 &[&t.oid],
             )
             .await
             .map_err(|e| Error::postgres(format!("reading columns of {}", t.display_name()), e))?;
         let columns: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-        let mut key_cols: Vec<usize> = rows
+        let pk: Vec<usize> = rows
             .iter()
             .enumerate()
             .filter(|(_, r)| r.get::<_, bool>(1))
             .map(|(i, _)| i)
             .collect();
-        if key_cols.is_empty() {
-            key_cols = (0..columns.len()).collect();
-        }
+        let key_cols: Vec<usize> = if pk.is_empty() {
+            (0..columns.len()).collect()
+        } else {
+            pk.clone()
+        };
         let exists: bool = tgt
             .query_one(
                 "select to_regclass($1) is not null",
@@ -137,8 +189,67 @@ pub async fn run(
             .map_err(|e| Error::postgres("checking the target table", e))?
             .get(0);
         let small = (t.estimated_rows as u64) < KEY_DIFF_MAX_ROWS;
-        let (srows, ssum, skeys) =
-            scan(&src, &t.schema, &t.name, &columns, &key_cols, small).await?;
+        // Primary-key ranges of about `range_rows` rows, cut on the source.
+        let mut bounds: Vec<(Option<String>, Option<String>)> = vec![(None, None)];
+        let mut key_sql = None;
+        if pk.len() == 1 && t.estimated_rows > range_rows as f64 {
+            let key = quote_ident(&columns[pk[0]]);
+            let buckets = (t.estimated_rows / range_rows as f64).ceil().max(1.0) as i32;
+            let lows: Vec<String> = src
+                .query(
+                    &format!(
+                        "select min(k)::text from (select {key} as k, ntile($1) over (order by {key}) as b from {}) x group by b order by min(k)",
+                        quote_qualified(&t.schema, &t.name)
+                    ),
+                    &[&buckets],
+                )
+                .await
+                .map_err(|e| Error::postgres(format!("cutting {} into ranges", t.display_name()), e))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if lows.len() > 1 {
+                let mut b = Vec::new();
+                for i in 0..lows.len() {
+                    let lower = if i == 0 { None } else { Some(lows[i].clone()) };
+                    let upper = lows.get(i + 1).cloned();
+                    b.push((lower, upper));
+                }
+                bounds = b;
+                key_sql = Some((key, rows[pk[0]].get::<_, String>(2)));
+            }
+        }
+        let filter = |lower: &Option<String>, upper: &Option<String>| match &key_sql {
+            Some((key, ty)) => range_where(key, ty, lower.as_deref(), upper.as_deref()),
+            None => String::new(),
+        };
+        let (mut srows, mut ssum, mut skeys) = (0u64, RowChecksum::default(), BTreeMap::new());
+        let (mut trows, mut tsum, mut tkeys) = (0u64, RowChecksum::default(), BTreeMap::new());
+        let mut differing_ranges = Vec::new();
+        for (lower, upper) in &bounds {
+            let f = filter(lower, upper);
+            let (r, sum, keys) =
+                scan(&src, &t.schema, &t.name, &columns, &key_cols, small, &f).await?;
+            srows += r;
+            ssum = ssum.combine(sum);
+            skeys.extend(keys);
+            if !exists {
+                continue;
+            }
+            let (tr, tsm, tk) =
+                scan(&tgt, &t.schema, &t.name, &columns, &key_cols, small, &f).await?;
+            trows += tr;
+            tsum = tsum.combine(tsm);
+            tkeys.extend(tk);
+            if r != tr || sum != tsm {
+                differing_ranges.push(RangeCheck {
+                    lower: lower.clone(),
+                    upper: upper.clone(),
+                    source_rows: r,
+                    target_rows: tr,
+                });
+            }
+        }
         if !exists {
             // Nothing was ever staged for an empty table that never changed: a missing target
             // table equals it; with rows on the source it is a difference.
@@ -150,21 +261,21 @@ pub async fn run(
                 source_checksum: ssum,
                 target_checksum: None,
                 equal: srows == 0,
+                ranges: bounds.len(),
+                differing_ranges,
                 differing_keys: skeys.keys().take(10).cloned().collect(),
             });
             continue;
         }
-        let (trows, tsum, tkeys) =
-            scan(&tgt, &t.schema, &t.name, &columns, &key_cols, small).await?;
         let equal = srows == trows && ssum == tsum;
         let mut differing = Vec::new();
         if !equal {
             for (k, h) in &skeys {
-                if tkeys.get(k) != Some(h) {
-                    differing.push(k.clone());
-                }
                 if differing.len() >= 10 {
                     break;
+                }
+                if tkeys.get(k) != Some(h) {
+                    differing.push(k.clone());
                 }
             }
             for k in tkeys.keys() {
@@ -184,6 +295,8 @@ pub async fn run(
             source_checksum: ssum,
             target_checksum: Some(tsum),
             equal,
+            ranges: bounds.len(),
+            differing_ranges,
             differing_keys: differing,
         });
     }
@@ -191,4 +304,18 @@ pub async fn run(
         equal: out.iter().all(|t| t.equal),
         tables: out,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_quote_literals() {
+        assert_eq!(range_where("\"id\"", "integer", None, None), "");
+        assert_eq!(
+            range_where("\"k\"", "text", Some("o'k"), Some("z")),
+            " where \"k\" >= 'o''k'::text and \"k\" < 'z'::text"
+        );
+    }
 }
