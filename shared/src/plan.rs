@@ -4,8 +4,8 @@
 //! TID range scan) sized from `pg_class.relpages`, so each chunk reads only its pages and fits
 //! well inside one Lambda invocation. The last chunk is open-ended, so rows in pages added after
 //! planning are still read. Small tables are one chunk. Before PostgreSQL 14 a ctid range would
-//! scan the whole table for every chunk, so such tables are one chunk (primary-key ranges are
-//! left for later; the note in the plan says so).
+//! scan the whole table for every chunk, so there (or when asked) a table with a single-column
+//! primary key is cut into key ranges from `ntile` buckets; other tables are one chunk.
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +19,66 @@ pub enum ChunkRange {
     Whole,
     /// Heap pages `[start, end)`; `end: None` means to the end of the table.
     Pages { start: i64, end: Option<i64> },
+    /// Primary-key values `[lower, upper)` of a single-column key (open ends are `None`),
+    /// as the key type's text; used before PostgreSQL 14 or when asked.
+    Keys {
+        column: String,
+        type_name: String,
+        lower: Option<String>,
+        upper: Option<String>,
+    },
+}
+
+/// How tables are cut into chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Chunking {
+    /// Heap page ranges on PostgreSQL 14+, primary-key ranges before.
+    #[default]
+    Auto,
+    /// Primary-key ranges (tables without a single-column primary key stay one chunk).
+    Keys,
+}
+
+/// A SQL literal of `value` cast to `type_name` (values come from the server's own output).
+pub fn literal(value: &str, type_name: &str) -> String {
+    format!("'{}'::{type_name}", value.replace('\'', "''"))
+}
+
+/// `WHERE` clause of a key range `[lower, upper)` on the quoted column `key`.
+pub fn key_range_where(
+    key: &str,
+    type_name: &str,
+    lower: Option<&str>,
+    upper: Option<&str>,
+) -> String {
+    let mut conds = Vec::new();
+    if let Some(l) = lower {
+        conds.push(format!("{key} >= {}", literal(l, type_name)));
+    }
+    if let Some(u) = upper {
+        conds.push(format!("{key} < {}", literal(u, type_name)));
+    }
+    if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" where {}", conds.join(" and "))
+    }
+}
+
+/// Key ranges from the sorted lower bounds of `ntile` buckets: the first is open below, the
+/// last open above, so rows outside the sampled values are still covered.
+pub fn key_ranges(column: &str, type_name: &str, lows: &[String]) -> Vec<ChunkRange> {
+    if lows.len() <= 1 {
+        return vec![ChunkRange::Whole];
+    }
+    (0..lows.len())
+        .map(|i| ChunkRange::Keys {
+            column: column.to_owned(),
+            type_name: type_name.to_owned(),
+            lower: if i == 0 { None } else { Some(lows[i].clone()) },
+            upper: lows.get(i + 1).cloned(),
+        })
+        .collect()
 }
 
 impl ChunkRange {
@@ -31,6 +91,17 @@ impl ChunkRange {
                 start,
                 end: Some(end),
             } => format!(" where ctid >= '({start},0)'::tid and ctid < '({end},0)'::tid"),
+            ChunkRange::Keys {
+                column,
+                type_name,
+                lower,
+                upper,
+            } => key_range_where(
+                &crate::source::quote_ident(column),
+                type_name,
+                lower.as_deref(),
+                upper.as_deref(),
+            ),
         }
     }
 }
@@ -124,6 +195,23 @@ mod tests {
     }
 
     #[test]
+    fn key_ranges_are_open_at_both_ends_and_quoted() {
+        let lows = vec!["1".to_owned(), "o'k".to_owned(), "z".to_owned()];
+        let r = key_ranges("Id", "text", &lows);
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0].where_clause(), " where \"Id\" < 'o''k'::text");
+        assert_eq!(
+            r[1].where_clause(),
+            " where \"Id\" >= 'o''k'::text and \"Id\" < 'z'::text"
+        );
+        assert_eq!(r[2].where_clause(), " where \"Id\" >= 'z'::text");
+        assert_eq!(
+            key_ranges("id", "int", &["1".to_owned()]),
+            vec![ChunkRange::Whole]
+        );
+    }
+
+    #[test]
     fn before_14_a_table_is_one_chunk() {
         let s = ChunkSizing {
             pages_per_chunk: 10,
@@ -155,6 +243,7 @@ mod tests {
             for (i, r) in plan.iter().enumerate() {
                 match r {
                     ChunkRange::Whole => proptest::prop_assert_eq!(plan.len(), 1),
+                    ChunkRange::Keys { .. } => proptest::prop_assert!(false, "page plans have no key ranges"),
                     ChunkRange::Pages { start, end } => {
                         proptest::prop_assert_eq!(*start, next);
                         match end {

@@ -718,3 +718,43 @@ async fn cluster_wide_an_old_transaction_blocking_slot_creation_is_a_clear_error
     let (plan, _) = full_load::plan(&l.sink, &l.state, &o).await.unwrap();
     assert!(plan.l0.is_some());
 }
+
+/// Primary-key range chunks (what PostgreSQL < 14 gets; forced here on 15): every row once.
+#[tokio::test]
+async fn key_range_chunks_cover_every_row_once() {
+    let l = Load::new("fl_keys").await;
+    let c = l.db.client().await;
+    c.batch_execute(
+        "create table public.k (id bigint primary key, v text);
+         insert into public.k select g * 3, repeat(md5(g::text), 4) from generate_series(1, 40000) g;
+         create table public.nokey (v text); insert into public.nokey select md5(g::text) from generate_series(1, 40000) g;
+         analyze;",
+    )
+    .await
+    .unwrap();
+    let mut o = l.opts("keys", "csv", 1);
+    o.chunking = pgshift::plan::Chunking::Keys;
+    let report = l.run(&o, 2).await;
+    let ms = manifests(&l.sink).await;
+    let k = ms.iter().find(|m| m.table == "k").unwrap();
+    assert!(
+        k.chunks.len() >= 4,
+        "{:?}",
+        k.chunks.iter().map(|c| &c.range).collect::<Vec<_>>()
+    );
+    assert!(matches!(
+        k.chunks[1].range,
+        pgshift::plan::ChunkRange::Keys { .. }
+    ));
+    let nokey = ms.iter().find(|m| m.table == "nokey").unwrap();
+    assert_eq!(nokey.chunks.len(), 1, "no single-column key: one chunk");
+    for m in &ms {
+        assert_eq!(
+            staged_rows(&l.sink, m).await,
+            source_copy(&c, &m.schema, &m.table, &m.columns).await,
+            "{}",
+            m.table
+        );
+    }
+    assert_eq!(report.rows, 80_000);
+}

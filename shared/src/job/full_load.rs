@@ -38,7 +38,7 @@ use crate::format::{
 };
 use crate::job::cdc_poll::{self, StoredSchema, table_prefix};
 use crate::lsn::Lsn;
-use crate::plan::{ChunkRange, ChunkSizing, plan_table};
+use crate::plan::{ChunkRange, ChunkSizing, Chunking, key_ranges, plan_table};
 use crate::selection::Selection;
 use crate::source::{self, catalog, quote_ident, quote_qualified};
 use crate::stage::ObjectSink;
@@ -59,6 +59,8 @@ pub struct LoadOptions {
     pub lease_ttl: Duration,
     /// Test hook: stop an export as if killed after this many bytes were written.
     pub kill_after_bytes: Option<u64>,
+    /// Page ranges (PostgreSQL 14+) or primary-key ranges.
+    pub chunking: Chunking,
 }
 
 impl LoadOptions {
@@ -73,6 +75,7 @@ impl LoadOptions {
             owner: owner.into(),
             lease_ttl: Duration::from_secs(900),
             kill_after_bytes: None,
+            chunking: Chunking::Auto,
         }
     }
 }
@@ -255,8 +258,23 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
             replica_identity: t.replica_identity.to_string(),
         };
         write_schema(sink, &schema, schema_lsn).await?;
+        let pk: Vec<&ColumnSchema> = columns.iter().filter(|c| c.key).collect();
+        let by_key = opts.chunking == Chunking::Keys || sizing.version_num < 140_000;
         let chunks = if t.kind == 'p' {
             vec![ChunkRange::Whole]
+        } else if by_key {
+            // Primary-key ranges: before PostgreSQL 14 a ctid range scans the whole table.
+            match pk.as_slice() {
+                [key] if t.pages > sizing.pages_per_chunk => {
+                    let buckets =
+                        ((t.pages + sizing.pages_per_chunk - 1) / sizing.pages_per_chunk) as i32;
+                    let lows =
+                        catalog::key_range_lows(&client, &t.schema, &t.name, &key.name, buckets)
+                            .await?;
+                    key_ranges(&key.name, &key.type_name, &lows)
+                }
+                _ => vec![ChunkRange::Whole],
+            }
         } else {
             plan_table(t.pages, sizing)
         };

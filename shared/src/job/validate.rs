@@ -47,27 +47,6 @@ pub struct RangeCheck {
 /// Rows per compared range by default.
 pub const DEFAULT_RANGE_ROWS: u64 = 100_000;
 
-/// A SQL literal of `value` cast to `type_name` (values come from the source's own output).
-fn literal(value: &str, type_name: &str) -> String {
-    format!("'{}'::{type_name}", value.replace('\'', "''"))
-}
-
-/// `WHERE` clause of a key range.
-fn range_where(key: &str, type_name: &str, lower: Option<&str>, upper: Option<&str>) -> String {
-    let mut conds = Vec::new();
-    if let Some(l) = lower {
-        conds.push(format!("{key} >= {}", literal(l, type_name)));
-    }
-    if let Some(u) = upper {
-        conds.push(format!("{key} < {}", literal(u, type_name)));
-    }
-    if conds.is_empty() {
-        String::new()
-    } else {
-        format!(" where {}", conds.join(" and "))
-    }
-}
-
 /// The whole comparison; `equal` only when every table is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ValidateReport {
@@ -195,32 +174,24 @@ pub async fn run_with_ranges(
         if pk.len() == 1 && t.estimated_rows > range_rows as f64 {
             let key = quote_ident(&columns[pk[0]]);
             let buckets = (t.estimated_rows / range_rows as f64).ceil().max(1.0) as i32;
-            let lows: Vec<String> = src
-                .query(
-                    &format!(
-                        "select min(k)::text from (select {key} as k, ntile($1) over (order by {key}) as b from {}) x group by b order by min(k)",
-                        quote_qualified(&t.schema, &t.name)
-                    ),
-                    &[&buckets],
-                )
-                .await
-                .map_err(|e| Error::postgres(format!("cutting {} into ranges", t.display_name()), e))?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let lows =
+                catalog::key_range_lows(&src, &t.schema, &t.name, &columns[pk[0]], buckets).await?;
             if lows.len() > 1 {
-                let mut b = Vec::new();
-                for i in 0..lows.len() {
-                    let lower = if i == 0 { None } else { Some(lows[i].clone()) };
-                    let upper = lows.get(i + 1).cloned();
-                    b.push((lower, upper));
-                }
-                bounds = b;
+                bounds = (0..lows.len())
+                    .map(|i| {
+                        (
+                            if i == 0 { None } else { Some(lows[i].clone()) },
+                            lows.get(i + 1).cloned(),
+                        )
+                    })
+                    .collect();
                 key_sql = Some((key, rows[pk[0]].get::<_, String>(2)));
             }
         }
         let filter = |lower: &Option<String>, upper: &Option<String>| match &key_sql {
-            Some((key, ty)) => range_where(key, ty, lower.as_deref(), upper.as_deref()),
+            Some((key, ty)) => {
+                crate::plan::key_range_where(key, ty, lower.as_deref(), upper.as_deref())
+            }
             None => String::new(),
         };
         let (mut srows, mut ssum, mut skeys) = (0u64, RowChecksum::default(), BTreeMap::new());
@@ -304,18 +275,4 @@ pub async fn run_with_ranges(
         equal: out.iter().all(|t| t.equal),
         tables: out,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranges_quote_literals() {
-        assert_eq!(range_where("\"id\"", "integer", None, None), "");
-        assert_eq!(
-            range_where("\"k\"", "text", Some("o'k"), Some("z")),
-            " where \"k\" >= 'o''k'::text and \"k\" < 'z'::text"
-        );
-    }
 }

@@ -175,3 +175,23 @@ pub async fn user_tables(client: &Client, selection: &Selection) -> Result<Vec<T
         .filter(|t| selection.selects(&t.schema, &t.name))
         .collect())
 }
+
+/// Sorted lower bounds of `buckets` equal-sized ranges of a table's single-column key.
+pub async fn key_range_lows(
+    client: &Client,
+    schema: &str,
+    table: &str,
+    column: &str,
+    buckets: i32,
+) -> Result<Vec<String>> {
+    let key = super::quote_ident(column);
+    let sql = format!(
+        "select min(k)::text from (select {key} as k, ntile($1) over (order by {key}) as b from {}) x group by b order by min(k)",
+        super::quote_qualified(schema, table)
+    );
+    let rows = client
+        .query(&sql, &[&buckets.max(1)])
+        .await
+        .map_err(|e| Error::postgres(format!("cutting {schema}.{table} into key ranges"), e))?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
