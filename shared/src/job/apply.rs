@@ -192,6 +192,16 @@ async fn target_type(
     })
 }
 
+/// The key columns, quoted, in table order.
+fn quoted_keys(schema: &TableSchema) -> Vec<String> {
+    schema
+        .columns
+        .iter()
+        .filter(|c| c.key)
+        .map(|c| quote_ident(&c.name))
+        .collect()
+}
+
 /// Whether the table has a primary key to upsert by. Without one, REPLICA IDENTITY FULL marks
 /// every column as key, which is no key at all.
 fn has_key(schema: &TableSchema) -> bool {
@@ -212,12 +222,7 @@ async fn ensure_table(
             target_type(client, &c.type_name).await?
         ));
     }
-    let pk: Vec<String> = schema
-        .columns
-        .iter()
-        .filter(|c| c.key)
-        .map(|c| quote_ident(&c.name))
-        .collect();
+    let pk: Vec<String> = quoted_keys(schema);
     let pk = if !has_key(schema) {
         String::new()
     } else {
@@ -274,13 +279,7 @@ async fn apply_load<S: ObjectSink>(
             .await
             .map_err(|e| Error::postgres(format!("truncating {name}"), e))?;
         let cols: Vec<String> = m.columns.iter().map(|c| quote_ident(c)).collect();
-        let keys: Vec<String> = stored
-            .schema
-            .columns
-            .iter()
-            .filter(|c| c.key)
-            .map(|c| quote_ident(&c.name))
-            .collect();
+        let keys: Vec<String> = quoted_keys(&stored.schema);
         let keyed = has_key(&stored.schema);
         // Chunks are read at different moments: a row updated during the load can be in two
         // chunks. Keyed tables load through a temporary table keeping one version per key;
@@ -462,12 +461,7 @@ fn change_statements(
             },
         )?]),
         ("I" | "U", true) => {
-            let keys: Vec<String> = schema
-                .columns
-                .iter()
-                .filter(|c| c.key)
-                .map(|c| quote_ident(&c.name))
-                .collect();
+            let keys: Vec<String> = quoted_keys(schema);
             let updates: Vec<String> = change
                 .after
                 .iter()
