@@ -8,30 +8,10 @@ use pgshift::format::Format;
 use pgshift::job::cdc_poll::{self, CdcOptions, Failpoint, Outcome, PollReport};
 use pgshift::lsn::Lsn;
 use pgshift::source::slot;
-use pgshift::stage::{LocalSink, ObjectSink};
-use pgshift::state::{FileStore, StateStore};
+use pgshift::stage::ObjectSink;
+use pgshift::state::StateStore;
 use pgshift_tests::replay::{self, Table};
-use pgshift_tests::{TempDir, TestDb, unique_name};
-
-/// A test database with a folder sink and a file state store of its own.
-struct Local {
-    db: TestDb,
-    sink: LocalSink,
-    state: FileStore,
-    _dir: TempDir,
-}
-
-impl Local {
-    async fn new(prefix: &str) -> Local {
-        let dir = TempDir::new(prefix);
-        Local {
-            db: TestDb::new(prefix).await,
-            sink: LocalSink::new(dir.path().join("stage")),
-            state: FileStore::new(dir.path().join("state")),
-            _dir: dir,
-        }
-    }
-}
+use pgshift_tests::{Staging, TempDir, TestDb, unique_name};
 
 fn opts(task: &str, cfg: PgConfig, format: &str) -> CdcOptions {
     let mut o = CdcOptions::new(task, cfg, "test-owner");
@@ -65,12 +45,12 @@ async fn check_tables<S: ObjectSink>(
 
 /// The workload of the issue: every kind of change, in several polls, for one format.
 async fn every_kind_of_change(format: &str) {
-    let Local {
+    let Staging {
         db,
         sink,
         state,
-        _dir,
-    } = Local::new("cdc_kinds").await;
+        dir: _dir,
+    } = Staging::new("cdc_kinds").await;
     let c = db.client().await;
     c.batch_execute(
         "create table public.items (id int primary key, name text, qty int, note text);
@@ -224,12 +204,12 @@ async fn every_kind_of_change_csv_gzip() {
 
 #[tokio::test]
 async fn large_transaction_streams_with_bounded_batches() {
-    let Local {
+    let Staging {
         db,
         sink,
         state,
-        _dir,
-    } = Local::new("cdc_big").await;
+        dir: _dir,
+    } = Staging::new("cdc_big").await;
     let c = db.client().await;
     c.batch_execute("create table public.big (id int primary key, v text)")
         .await
@@ -264,12 +244,12 @@ async fn large_transaction_streams_with_bounded_batches() {
 
 #[tokio::test]
 async fn batches_cut_at_commit_boundaries() {
-    let Local {
+    let Staging {
         db,
         sink,
         state,
-        _dir,
-    } = Local::new("cdc_cut").await;
+        dir: _dir,
+    } = Staging::new("cdc_cut").await;
     let c = db.client().await;
     c.batch_execute("create table public.t (id int primary key, v int)")
         .await
@@ -312,12 +292,12 @@ async fn batches_cut_at_commit_boundaries() {
 /// change exactly once.
 #[tokio::test]
 async fn crash_at_every_step_then_rerun_loses_and_duplicates_nothing() {
-    let Local {
+    let Staging {
         db,
         sink,
         state,
-        _dir,
-    } = Local::new("cdc_crash").await;
+        dir: _dir,
+    } = Staging::new("cdc_crash").await;
     let c = db.client().await;
     c.batch_execute("create table public.a (id int primary key, v int); create table public.b (id int primary key, v int);")
         .await
@@ -382,12 +362,12 @@ async fn crash_at_every_step_then_rerun_loses_and_duplicates_nothing() {
 
 #[tokio::test]
 async fn a_held_lease_stops_a_second_poller_and_checkpoints_never_go_back() {
-    let Local {
+    let Staging {
         db,
         sink,
         state,
-        _dir,
-    } = Local::new("cdc_lease").await;
+        dir: _dir,
+    } = Staging::new("cdc_lease").await;
     let c = db.client().await;
     c.batch_execute("create table public.t (id int primary key)")
         .await
@@ -449,12 +429,12 @@ async fn a_held_lease_stops_a_second_poller_and_checkpoints_never_go_back() {
 
 #[tokio::test]
 async fn idle_slot_keeps_advancing_while_other_databases_write() {
-    let Local {
+    let Staging {
         db,
         sink,
         state,
-        _dir,
-    } = Local::new("cdc_idle").await;
+        dir: _dir,
+    } = Staging::new("cdc_idle").await;
     let other = TestDb::new("cdc_busy").await;
     db.client()
         .await
@@ -500,12 +480,12 @@ async fn idle_slot_keeps_advancing_while_other_databases_write() {
 
 #[tokio::test]
 async fn a_dropped_slot_is_a_clear_terminal_error() {
-    let Local {
+    let Staging {
         db,
         sink,
         state,
-        _dir,
-    } = Local::new("cdc_lost").await;
+        dir: _dir,
+    } = Staging::new("cdc_lost").await;
     db.client()
         .await
         .batch_execute("create table public.t (id int primary key)")
@@ -584,15 +564,7 @@ async fn cli_cdc_once_stages_and_reports() {
     c.batch_execute("create table public.t (id int primary key, v text)")
         .await
         .unwrap();
-    let cfg = db.config();
-    let url = format!(
-        "postgres://{}:{}@{}:{}/{}",
-        cfg.user,
-        secrecy::ExposeSecret::expose_secret(cfg.password.as_ref().unwrap()),
-        cfg.host,
-        cfg.port,
-        cfg.dbname
-    );
+    let url = pgshift_tests::url(&db.config());
     let stage = dir.path().join("stage");
     let state = dir.path().join("state");
     let run = |extra: &[&str]| {
@@ -646,4 +618,83 @@ async fn cli_cdc_once_stages_and_reports() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("task"));
+}
+
+/// The CLI on the AWS seams: staged to S3 and checkpointed in DynamoDB (the emulator).
+#[tokio::test]
+async fn cli_cdc_stages_to_s3_with_state_in_dynamodb() {
+    let endpoint = pgshift_tests::env("AWS_ENDPOINT_URL");
+    let aws = pgshift::aws::Aws::from_env().await;
+    let bucket = unique_name("pgshift-cli").replace('_', "-");
+    aws.s3()
+        .create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("create bucket");
+    let table = unique_name("pgshift-cli");
+    let db = TestDb::new("cdc_cli_aws").await;
+    let c = db.client().await;
+    c.batch_execute("create table public.t (id int primary key, v text)")
+        .await
+        .unwrap();
+    let url = pgshift_tests::url(&db.config());
+    let (stage, state) = (format!("s3://{bucket}/cli"), format!("dynamodb://{table}"));
+    let run = || {
+        std::process::Command::new(pgshift_tests::pgshift_bin())
+            .args([
+                "cdc", "--task", "cli-aws", "--source", &url, "--stage", &stage, "--state", &state,
+                "--once", "--json",
+            ])
+            .env("AWS_ENDPOINT_URL", &endpoint)
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.batch_execute("insert into public.t values (1, 'x'), (2, 'y')")
+        .await
+        .unwrap();
+    let out = run();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: PollReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report.changes, 2);
+    let sink = pgshift::stage::S3Sink::new(aws.s3(), &stage).unwrap();
+    let staged = sink
+        .get(&format!(
+            "public/t/cdc/{}.csv",
+            report.start_checkpoint.key_hex()
+        ))
+        .await
+        .unwrap()
+        .expect("the batch file is in S3");
+    assert_eq!(&staged[..], b"I,1,x,\nI,2,y,\n");
+    let store = pgshift::state::DynamoStore::new(aws.dynamodb(), &table);
+    let doc = store.get("cli-aws", "cdc").await.unwrap().unwrap().doc;
+    assert_eq!(doc["checkpoint_lsn"], report.checkpoint.to_string());
+}
+
+#[tokio::test]
+async fn cdc_refuses_parquet_before_touching_the_source() {
+    // An unreachable source: the format is rejected first, as a configuration error.
+    let cfg = PgConfig::from_url("postgres://u:p@127.0.0.1:1/db", "source").unwrap();
+    let mut o = opts("pq", cfg, "parquet");
+    o.create_if_missing = true;
+    let err = cdc_poll::run(
+        &pgshift::stage::MemorySink::new(),
+        &pgshift::state::MemoryStore::new(),
+        &o,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, pgshift::Error::Config { .. }), "{err}");
+    assert!(err.to_string().contains("full load only"), "{err}");
 }

@@ -514,14 +514,6 @@ fn run_cli(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn url_of(cfg: &PgConfig) -> String {
-    let pw = cfg.password.as_ref().unwrap().expose_secret();
-    format!(
-        "postgres://{}:{}@{}:{}/{}",
-        cfg.user, pw, cfg.host, cfg.port, cfg.dbname
-    )
-}
-
 #[tokio::test]
 async fn cli_exit_codes_and_json() {
     let db = TestDb::new("ep_cli").await;
@@ -530,7 +522,7 @@ async fn cli_exit_codes_and_json() {
         .batch_execute("create table public.a (id int primary key)")
         .await
         .unwrap();
-    let url = url_of(&db.config());
+    let url = pgshift_tests::url(&db.config());
 
     let (code, out, err) = run_cli(&["test-endpoint", "--source", &url, "--json"]);
     assert_ne!(code, 2, "{err}");
@@ -544,7 +536,11 @@ async fn cli_exit_codes_and_json() {
     assert!(code == 0 || code == 1);
 
     let replica = TestDb::on(replica_admin_config(), "ep_cli_r").await;
-    let (code, out, _) = run_cli(&["test-endpoint", "--source", &url_of(&replica.config())]);
+    let (code, out, _) = run_cli(&[
+        "test-endpoint",
+        "--source",
+        &pgshift_tests::url(&replica.config()),
+    ]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("FAIL   wal_level"), "{out}");
 

@@ -9,30 +9,26 @@ use pgshift::format::{Format, parse_csv_fields};
 use pgshift::job::cdc_poll::{self, CdcOptions};
 use pgshift::job::full_load::{self, ChunkId, LoadManifest, LoadOptions, Progress};
 use pgshift::selection::Selection;
-use pgshift::stage::{LocalSink, ObjectSink};
-use pgshift::state::{FileStore, StateStore};
+use pgshift::stage::ObjectSink;
+use pgshift::state::StateStore;
 use pgshift_tests::replay::{self, Row, Table};
-use pgshift_tests::{TempDir, TestDb, env};
+use pgshift_tests::{Staging, TestDb, env};
 
 type Fields = Vec<Option<String>>;
 
-/// A test database with a folder sink and a file state store.
-struct Load {
-    db: TestDb,
-    sink: LocalSink,
-    state: FileStore,
-    _dir: TempDir,
+/// A test database with its staging, and the load's options and runner.
+struct Load(Staging);
+
+impl std::ops::Deref for Load {
+    type Target = Staging;
+    fn deref(&self) -> &Staging {
+        &self.0
+    }
 }
 
 impl Load {
     async fn new(prefix: &str) -> Load {
-        let dir = TempDir::new(prefix);
-        Load {
-            db: TestDb::new(prefix).await,
-            sink: LocalSink::new(dir.path().join("stage")),
-            state: FileStore::new(dir.path().join("state")),
-            _dir: dir,
-        }
+        Load(Staging::new(prefix).await)
     }
 
     fn opts(&self, task: &str, format: &str, chunk_mib: u64) -> LoadOptions {
@@ -475,15 +471,7 @@ async fn bad_input_is_a_clear_error() {
     assert!(!err.is_transient());
 
     // The CLI names bad flags and exits 2.
-    let cfg = l.db.config();
-    let url = format!(
-        "postgres://{}:{}@{}:{}/{}",
-        cfg.user,
-        secrecy::ExposeSecret::expose_secret(cfg.password.as_ref().unwrap()),
-        cfg.host,
-        cfg.port,
-        cfg.dbname
-    );
+    let url = pgshift_tests::url(&l.db.config());
     for (args, want) in [
         (vec!["--chunk-mb", "0"], "--chunk-mb"),
         (vec!["--parallel", "0"], "--parallel"),

@@ -195,3 +195,36 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A `postgres://` URL of `cfg` (for running the CLI in tests).
+pub fn url(cfg: &PgConfig) -> String {
+    let pw = cfg
+        .password
+        .as_ref()
+        .map(|p| secrecy::ExposeSecret::expose_secret(p).to_owned())
+        .unwrap_or_default();
+    format!(
+        "postgres://{}:{}@{}:{}/{}",
+        cfg.user, pw, cfg.host, cfg.port, cfg.dbname
+    )
+}
+
+/// A test database with a folder sink and a file state store of its own.
+pub struct Staging {
+    pub db: TestDb,
+    pub sink: pgshift::stage::LocalSink,
+    pub state: pgshift::state::FileStore,
+    pub dir: TempDir,
+}
+
+impl Staging {
+    pub async fn new(prefix: &str) -> Staging {
+        let dir = TempDir::new(prefix);
+        Staging {
+            db: TestDb::new(prefix).await,
+            sink: pgshift::stage::LocalSink::new(dir.path().join("stage")),
+            state: pgshift::state::FileStore::new(dir.path().join("state")),
+            dir,
+        }
+    }
+}

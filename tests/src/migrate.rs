@@ -271,17 +271,6 @@ async fn apply_interrupted_mid_batch_resumes_without_duplicates() {
     assert_eq!(report.tables[0].differing_keys, ["5"]);
 }
 
-fn url(cfg: &pgshift::config::PgConfig) -> String {
-    format!(
-        "postgres://{}:{}@{}:{}/{}",
-        cfg.user,
-        secrecy::ExposeSecret::expose_secret(cfg.password.as_ref().unwrap()),
-        cfg.host,
-        cfg.port,
-        cfg.dbname
-    )
-}
-
 #[tokio::test]
 async fn cli_full_load_cdc_apply_validate_status() {
     let source = TestDb::new("cli_flow_src").await;
@@ -291,7 +280,10 @@ async fn cli_full_load_cdc_apply_validate_status() {
     c.batch_execute("create table public.t (id int primary key, v text); insert into public.t select g, md5(g::text) from generate_series(1, 5000) g;")
         .await
         .unwrap();
-    let (src, dst) = (url(&source.config()), url(&target.config()));
+    let (src, dst) = (
+        pgshift_tests::url(&source.config()),
+        pgshift_tests::url(&target.config()),
+    );
     let stage = dir.path().join("stage");
     let state = dir.path().join("state");
     let (stage, state) = (stage.to_str().unwrap(), state.to_str().unwrap());
