@@ -1,0 +1,598 @@
+// The pgshift stack in CDK: the same resources, logical ids, parameters and permissions as
+// ../template.yaml (test/stack.test.ts compares the two templates). Resources are L1 so that
+// every property is the one the SAM template states; the functions are `RustFunction`s from
+// cargo-lambda-cdk, which build the workspace's binaries with `cargo lambda build --release`.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import {
+  Aws,
+  CfnCondition,
+  CfnDeletionPolicy,
+  CfnOutput,
+  CfnParameter,
+  CfnResource,
+  Fn,
+  Stack,
+  StackProps,
+} from 'aws-cdk-lib';
+import * as cloudwatch from 'aws-cdk-lib/aws-cloudwatch';
+import * as dynamodb from 'aws-cdk-lib/aws-dynamodb';
+import * as iam from 'aws-cdk-lib/aws-iam';
+import * as lambda from 'aws-cdk-lib/aws-lambda';
+import * as logs from 'aws-cdk-lib/aws-logs';
+import * as s3 from 'aws-cdk-lib/aws-s3';
+import * as scheduler from 'aws-cdk-lib/aws-scheduler';
+import * as sqs from 'aws-cdk-lib/aws-sqs';
+import * as sfn from 'aws-cdk-lib/aws-stepfunctions';
+import { RustFunction } from 'cargo-lambda-cdk';
+import { Construct } from 'constructs';
+
+/** The repository root: the Cargo workspace and infra/statemachine live there. */
+export const REPO_ROOT = path.resolve(__dirname, '..', '..', '..');
+
+const LOG_RETENTION_DAYS = [
+  1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922,
+  3288, 3653,
+];
+
+type Statement = Record<string, unknown>;
+
+export class PgshiftStack extends Stack {
+  constructor(scope: Construct, id: string, props?: StackProps) {
+    super(scope, id, props);
+    this.templateOptions.description =
+      'pgshift: PostgreSQL to S3 full load and change data capture without a replication instance. ' +
+      'Three Rust Lambda functions (endpoint test, full load, scheduled CDC poller), a Step Functions ' +
+      'full-load state machine, an S3 staging bucket and a DynamoDB state table. infra/ synthesizes ' +
+      'the same stack with CDK; infra/README.md explains the parameters and prerequisites.';
+    this.templateOptions.metadata = {
+      'AWS::CloudFormation::Interface': {
+        ParameterGroups: [
+          {
+            Label: { default: 'Source' },
+            Parameters: ['SourceSecretArn', 'SourceSecretKmsKeyArn', 'SourceSslMode', 'SubnetIds', 'SecurityGroupIds'],
+          },
+          {
+            Label: { default: 'Task' },
+            Parameters: ['TaskName', 'TableMappings', 'StageFormat', 'ChunkMb', 'MaxConcurrency'],
+          },
+          { Label: { default: 'CDC poller' }, Parameters: ['PollSchedule', 'PollerState', 'PollerTimeoutSeconds'] },
+          {
+            Label: { default: 'Operations' },
+            Parameters: ['LogRetentionDays', 'LatencyAlarmSeconds', 'RetainedBytesAlarmThreshold', 'AlarmTopicArn'],
+          },
+        ],
+      },
+    };
+
+    // ------------------------------------------------------------------ parameters
+    const taskName = new CfnParameter(this, 'TaskName', {
+      type: 'String',
+      default: 'pgshift',
+      allowedPattern: '[a-z][a-z0-9-]{0,47}',
+      description:
+        "Task id: the S3 prefix, the state items' key and the slot/publication name (pgshift_<task>, hyphens as underscores).",
+    });
+    const sourceSecretArn = new CfnParameter(this, 'SourceSecretArn', {
+      type: 'String',
+      allowedPattern: 'arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+',
+      description: 'Secrets Manager secret of the source, in the DMS shape {host, port, username, password, dbname}.',
+    });
+    const secretKey = new CfnParameter(this, 'SourceSecretKmsKeyArn', {
+      type: 'String',
+      default: '',
+      description: 'Customer managed KMS key that encrypts the secret (empty when it uses the AWS managed key).',
+    });
+    const sslMode = new CfnParameter(this, 'SourceSslMode', {
+      type: 'String',
+      default: 'require',
+      allowedValues: ['require', 'verify-ca', 'verify-full'],
+      description: 'TLS mode for secrets that do not name one.',
+    });
+    const subnetIds = new CfnParameter(this, 'SubnetIds', {
+      type: 'CommaDelimitedList',
+      default: '',
+      description:
+        'Private subnets that reach the source (empty runs the functions outside a VPC). They need a route to S3, DynamoDB and Secrets Manager (VPC endpoints or a NAT gateway).',
+    });
+    const securityGroupIds = new CfnParameter(this, 'SecurityGroupIds', {
+      type: 'CommaDelimitedList',
+      default: '',
+      description: "Security groups for the functions; the source's group must allow them on its port.",
+    });
+    const tableMappings = new CfnParameter(this, 'TableMappings', {
+      type: 'String',
+      default: '',
+      description: 'DMS table-mapping JSON (selection rules); empty selects every user table.',
+    });
+    const stageFormat = new CfnParameter(this, 'StageFormat', {
+      type: 'String',
+      default: 'csv',
+      allowedValues: ['csv', 'csv.gz', 'jsonl', 'jsonl.gz'],
+      description: 'Format of staged full-load and CDC files.',
+    });
+    const chunkMb = new CfnParameter(this, 'ChunkMb', {
+      type: 'Number',
+      default: 256,
+      minValue: 1,
+      maxValue: 65536,
+      description: 'Target heap size of one full-load chunk (one Lambda invocation each).',
+    });
+    const maxConcurrency = new CfnParameter(this, 'MaxConcurrency', {
+      type: 'Number',
+      default: 8,
+      minValue: 1,
+      maxValue: 1000,
+      description: 'Chunks exported at once by the full-load state machine.',
+    });
+    const pollSchedule = new CfnParameter(this, 'PollSchedule', {
+      type: 'String',
+      default: 'rate(1 minute)',
+      allowedPattern: '(rate|cron)\\(.+\\)',
+      description: 'EventBridge Scheduler expression that starts the CDC poller.',
+    });
+    const pollerState = new CfnParameter(this, 'PollerState', {
+      type: 'String',
+      default: 'ENABLED',
+      allowedValues: ['ENABLED', 'DISABLED'],
+      description:
+        "DISABLED keeps the schedule off (for example until the full load's Plan created the slot; a poller on a task without a slot creates one, a CDC-only task).",
+    });
+    const pollerTimeout = new CfnParameter(this, 'PollerTimeoutSeconds', {
+      type: 'Number',
+      default: 300,
+      minValue: 30,
+      maxValue: 900,
+      description: "The poller's Lambda timeout; it stops cleanly before it, at a batch boundary.",
+    });
+    const logRetention = new CfnParameter(this, 'LogRetentionDays', {
+      type: 'Number',
+      default: 30,
+      allowedValues: LOG_RETENTION_DAYS.map(String),
+      description: "Retention of the functions' and the state machine's log groups.",
+    });
+    const latencyAlarm = new CfnParameter(this, 'LatencyAlarmSeconds', {
+      type: 'Number',
+      default: 900,
+      minValue: 1,
+      description: 'Alarm when CDCLatencySource (source commit to staged) stays above this.',
+    });
+    const retainedAlarm = new CfnParameter(this, 'RetainedBytesAlarmThreshold', {
+      type: 'Number',
+      default: 10737418240,
+      minValue: 1,
+      description: 'Alarm when the slot retains more WAL than this many bytes on the source.',
+    });
+    const alarmTopic = new CfnParameter(this, 'AlarmTopicArn', {
+      type: 'String',
+      default: '',
+      description: 'SNS topic notified by the alarms (empty for none).',
+    });
+
+    // ------------------------------------------------------------------ conditions
+    const inVpc = new CfnCondition(this, 'InVpc', {
+      expression: Fn.conditionNot(Fn.conditionEquals(Fn.join('', subnetIds.valueAsList), '')),
+    });
+    const hasSecretKey = new CfnCondition(this, 'HasSecretKey', {
+      expression: Fn.conditionNot(Fn.conditionEquals(secretKey.valueAsString, '')),
+    });
+    const hasAlarmTopic = new CfnCondition(this, 'HasAlarmTopic', {
+      expression: Fn.conditionNot(Fn.conditionEquals(alarmTopic.valueAsString, '')),
+    });
+
+    // ------------------------------------------------------------------ staged data and state
+    const bucket = new s3.CfnBucket(this, 'StageBucket', {
+      bucketEncryption: {
+        serverSideEncryptionConfiguration: [
+          { serverSideEncryptionByDefault: { sseAlgorithm: 'AES256' }, bucketKeyEnabled: true },
+        ],
+      },
+      publicAccessBlockConfiguration: {
+        blockPublicAcls: true,
+        blockPublicPolicy: true,
+        ignorePublicAcls: true,
+        restrictPublicBuckets: true,
+      },
+      ownershipControls: { rules: [{ objectOwnership: 'BucketOwnerEnforced' }] },
+      lifecycleConfiguration: {
+        rules: [
+          {
+            id: 'abort-abandoned-multipart-uploads',
+            status: 'Enabled',
+            abortIncompleteMultipartUpload: { daysAfterInitiation: 2 },
+          },
+        ],
+      },
+    });
+    retain(bucket);
+    new s3.CfnBucketPolicy(this, 'StageBucketPolicy', {
+      bucket: bucket.ref,
+      policyDocument: {
+        Version: '2012-10-17',
+        Statement: [
+          {
+            Sid: 'DenyInsecureTransport',
+            Effect: 'Deny',
+            Principal: '*',
+            Action: 's3:*',
+            Resource: [bucket.attrArn, Fn.sub('${StageBucket.Arn}/*')],
+            Condition: { Bool: { 'aws:SecureTransport': 'false' } },
+          },
+        ],
+      },
+    });
+    const table = new dynamodb.CfnTable(this, 'StateTable', {
+      billingMode: 'PAY_PER_REQUEST',
+      attributeDefinitions: [
+        { attributeName: 'pk', attributeType: 'S' },
+        { attributeName: 'sk', attributeType: 'S' },
+      ],
+      keySchema: [
+        { attributeName: 'pk', keyType: 'HASH' },
+        { attributeName: 'sk', keyType: 'RANGE' },
+      ],
+      pointInTimeRecoverySpecification: { pointInTimeRecoveryEnabled: true },
+      sseSpecification: { sseEnabled: true },
+    });
+    retain(table);
+    const dlq = new sqs.CfnQueue(this, 'PollerDeadLetterQueue', {
+      messageRetentionPeriod: 1209600,
+      sqsManagedSseEnabled: true,
+    });
+
+    // ------------------------------------------------------------------ logs
+    const logGroup = (id: string, name: string) =>
+      new logs.CfnLogGroup(this, id, {
+        logGroupName: Fn.sub(name),
+        retentionInDays: logRetention.valueAsNumber,
+      });
+    const testEndpointLogs = logGroup('TestEndpointLogGroup', '/aws/lambda/${AWS::StackName}-test-endpoint');
+    const fullLoadLogs = logGroup('FullLoadLogGroup', '/aws/lambda/${AWS::StackName}-full-load');
+    const pollerLogs = logGroup('CdcPollerLogGroup', '/aws/lambda/${AWS::StackName}-cdc-poller');
+    const stateMachineLogs = logGroup('StateMachineLogGroup', '/aws/vendedlogs/states/${AWS::StackName}-full-load');
+
+    // ------------------------------------------------------------------ least-privilege roles
+    const policy = (name: string, statements: Statement[]) => ({
+      policyName: name,
+      policyDocument: { Version: '2012-10-17', Statement: statements },
+    });
+    // Inside Fn::If the policy is raw CloudFormation (no property-name conversion).
+    const optional = (cond: CfnCondition, name: string, statement: Statement) =>
+      Fn.conditionIf(
+        cond.logicalId,
+        { PolicyName: name, PolicyDocument: { Version: '2012-10-17', Statement: [statement] } },
+        Aws.NO_VALUE,
+      );
+    const secretKeyPolicy = optional(hasSecretKey, 'pgshift-secret-key', {
+      Sid: 'DecryptSourceSecret',
+      Effect: 'Allow',
+      Action: 'kms:Decrypt',
+      Resource: secretKey.valueAsString,
+    });
+    const vpcPolicy = optional(inVpc, 'pgshift-vpc-access', {
+      Sid: 'VpcNetworkInterfaces',
+      Effect: 'Allow',
+      Action: [
+        'ec2:CreateNetworkInterface',
+        'ec2:DescribeNetworkInterfaces',
+        'ec2:DeleteNetworkInterface',
+        'ec2:AssignPrivateIpAddresses',
+        'ec2:UnassignPrivateIpAddresses',
+      ],
+      Resource: '*',
+    });
+    const ownLogs = (group: logs.CfnLogGroup): Statement => ({
+      Sid: 'WriteOwnLogs',
+      Effect: 'Allow',
+      Action: ['logs:CreateLogStream', 'logs:PutLogEvents'],
+      Resource: group.attrArn,
+    });
+    const readSecret: Statement = {
+      Sid: 'ReadSourceSecret',
+      Effect: 'Allow',
+      Action: 'secretsmanager:GetSecretValue',
+      Resource: sourceSecretArn.valueAsString,
+    };
+    const stageAccess: Statement[] = [
+      {
+        Sid: 'StageObjects',
+        Effect: 'Allow',
+        Action: ['s3:PutObject', 's3:GetObject', 's3:AbortMultipartUpload'],
+        Resource: Fn.sub('${StageBucket.Arn}/${TaskName}/*'),
+      },
+      {
+        Sid: 'ListStage',
+        Effect: 'Allow',
+        Action: 's3:ListBucket',
+        Resource: bucket.attrArn,
+        Condition: { StringLike: { 's3:prefix': Fn.sub('${TaskName}/*') } },
+      },
+      {
+        Sid: 'TaskState',
+        Effect: 'Allow',
+        Action: ['dynamodb:GetItem', 'dynamodb:PutItem'],
+        Resource: table.attrArn,
+        Condition: { 'ForAllValues:StringEquals': { 'dynamodb:LeadingKeys': [taskName.valueAsString] } },
+      },
+    ];
+    const lambdaRole = (id: string, name: string, statements: Statement[]) =>
+      new iam.CfnRole(this, id, {
+        assumeRolePolicyDocument: {
+          Version: '2012-10-17',
+          Statement: [{ Effect: 'Allow', Principal: { Service: 'lambda.amazonaws.com' }, Action: 'sts:AssumeRole' }],
+        },
+        policies: [policy(name, statements), secretKeyPolicy, vpcPolicy],
+      });
+    const testEndpointRole = lambdaRole('TestEndpointRole', 'pgshift-test-endpoint', [
+      ownLogs(testEndpointLogs),
+      readSecret,
+    ]);
+    const fullLoadRole = lambdaRole('FullLoadRole', 'pgshift-full-load', [
+      ownLogs(fullLoadLogs),
+      readSecret,
+      ...stageAccess,
+    ]);
+    const pollerRole = lambdaRole('CdcPollerRole', 'pgshift-cdc-poller', [
+      ownLogs(pollerLogs),
+      readSecret,
+      ...stageAccess,
+      { Sid: 'ReportFailedRuns', Effect: 'Allow', Action: 'sqs:SendMessage', Resource: dlq.attrArn },
+    ]);
+
+    // ------------------------------------------------------------------ functions
+    const environment: Record<string, string> = {
+      PGSHIFT_TASK: taskName.valueAsString,
+      PGSHIFT_SOURCE_SECRET_ARN: sourceSecretArn.valueAsString,
+      PGSHIFT_SOURCE_SSLMODE: sslMode.valueAsString,
+      PGSHIFT_STAGE: Fn.sub('s3://${StageBucket}/${TaskName}'),
+      PGSHIFT_STATE_TABLE: table.ref,
+      PGSHIFT_FORMAT: stageFormat.valueAsString,
+      PGSHIFT_TABLE_MAPPINGS: tableMappings.valueAsString,
+      PGSHIFT_CHUNK_MB: chunkMb.valueAsString,
+      PGSHIFT_MAX_CONCURRENCY: maxConcurrency.valueAsString,
+    };
+    const vpcConfig = Fn.conditionIf(
+      inVpc.logicalId,
+      { SubnetIds: subnetIds.valueAsList, SecurityGroupIds: securityGroupIds.valueAsList },
+      Aws.NO_VALUE,
+    );
+    const rustFunction = (
+      id: string,
+      binary: string,
+      description: string,
+      role: iam.CfnRole,
+      group: logs.CfnLogGroup,
+      memory: number,
+      timeout: number,
+      reserved?: number,
+    ) => {
+      const fn = new RustFunction(this, id, {
+        manifestPath: path.join(REPO_ROOT, 'Cargo.toml'),
+        binaryName: binary,
+        bundling: { architecture: lambda.Architecture.ARM_64 },
+        role: iam.Role.fromRoleArn(this, `${id}RoleRef`, role.attrArn, { mutable: false }),
+        description,
+        environment,
+        memorySize: memory,
+        reservedConcurrentExecutions: reserved,
+      });
+      const cfn = fn.node.defaultChild as lambda.CfnFunction;
+      cfn.overrideLogicalId(id);
+      cfn.functionName = Fn.sub(`\${AWS::StackName}-${binary}`);
+      cfn.timeout = timeout;
+      cfn.loggingConfig = { logGroup: group.ref, logFormat: 'Text' };
+      cfn.vpcConfig = vpcConfig;
+      return cfn;
+    };
+    rustFunction(
+      'TestEndpointFunction',
+      'test-endpoint',
+      'pgshift endpoint test (DMS-style source assessment; read-only)',
+      testEndpointRole,
+      testEndpointLogs,
+      256,
+      30,
+    );
+    const fullLoad = rustFunction(
+      'FullLoadFunction',
+      'full-load',
+      'pgshift full load (Plan, ExportChunk, Finish; driven by the state machine)',
+      fullLoadRole,
+      fullLoadLogs,
+      1769,
+      900,
+    );
+    const poller = rustFunction(
+      'CdcPollerFunction',
+      'cdc-poller',
+      'pgshift CDC poller (drains the slot into S3; one at a time)',
+      pollerRole,
+      pollerLogs,
+      1024,
+      pollerTimeout.valueAsNumber,
+      1,
+    );
+
+    // A failed run is retried by the next tick, never by Lambda; the failure is kept in the DLQ.
+    new lambda.CfnEventInvokeConfig(this, 'CdcPollerFunctionEventInvokeConfig', {
+      functionName: poller.ref,
+      qualifier: '$LATEST',
+      maximumRetryAttempts: 0,
+      maximumEventAgeInSeconds: 300,
+      destinationConfig: { onFailure: { destination: dlq.attrArn } },
+    });
+    const scheduleRole = new iam.CfnRole(this, 'CdcPollerFunctionPollRole', {
+      assumeRolePolicyDocument: {
+        Version: '2012-10-17',
+        Statement: [{ Action: ['sts:AssumeRole'], Effect: 'Allow', Principal: { Service: ['scheduler.amazonaws.com'] } }],
+      },
+      policies: [
+        {
+          policyName: 'CdcPollerFunctionPollLambdaPolicy',
+          policyDocument: {
+            Statement: [{ Action: 'lambda:InvokeFunction', Effect: 'Allow', Resource: poller.attrArn }],
+          },
+        },
+        {
+          policyName: 'CdcPollerFunctionPollSQSPolicy',
+          policyDocument: { Statement: [{ Action: 'sqs:SendMessage', Effect: 'Allow', Resource: dlq.attrArn }] },
+        },
+      ],
+    });
+    new scheduler.CfnSchedule(this, 'CdcPollerFunctionPoll', {
+      name: Fn.sub('${AWS::StackName}-cdc-poll'),
+      description: Fn.sub('pgshift CDC poller for task ${TaskName}'),
+      scheduleExpression: pollSchedule.valueAsString,
+      state: pollerState.valueAsString,
+      flexibleTimeWindow: { mode: 'OFF' },
+      target: {
+        arn: poller.attrArn,
+        roleArn: scheduleRole.attrArn,
+        input: '{}',
+        retryPolicy: { maximumRetryAttempts: 0, maximumEventAgeInSeconds: 300 },
+        deadLetterConfig: { arn: dlq.attrArn },
+      },
+    });
+
+    // ------------------------------------------------------------------ full-load orchestration
+    const machineName = '${AWS::StackName}-full-load';
+    const machineRole = new iam.CfnRole(this, 'FullLoadStateMachineRole', {
+      assumeRolePolicyDocument: {
+        Version: '2012-10-17',
+        Statement: [{ Action: ['sts:AssumeRole'], Effect: 'Allow', Principal: { Service: ['states.amazonaws.com'] } }],
+      },
+      managedPolicyArns: [],
+      policies: [
+        {
+          policyName: 'FullLoadStateMachineRolePolicy0',
+          policyDocument: {
+            Statement: [
+              {
+                Sid: 'InvokeFullLoad',
+                Effect: 'Allow',
+                Action: 'lambda:InvokeFunction',
+                Resource: [fullLoad.attrArn, Fn.sub('${FullLoadFunction.Arn}:*')],
+              },
+              {
+                Sid: 'ReadChunkList',
+                Effect: 'Allow',
+                Action: 's3:GetObject',
+                Resource: Fn.sub('${StageBucket.Arn}/${TaskName}/*'),
+              },
+              {
+                Sid: 'DistributedMapChildren',
+                Effect: 'Allow',
+                Action: 'states:StartExecution',
+                Resource: Fn.sub(`arn:\${AWS::Partition}:states:\${AWS::Region}:\${AWS::AccountId}:stateMachine:${machineName}`),
+              },
+              {
+                Sid: 'DistributedMapChildExecutions',
+                Effect: 'Allow',
+                Action: ['states:DescribeExecution', 'states:StopExecution'],
+                Resource: Fn.sub(`arn:\${AWS::Partition}:states:\${AWS::Region}:\${AWS::AccountId}:execution:${machineName}/*`),
+              },
+              {
+                Sid: 'LogDelivery',
+                Effect: 'Allow',
+                Action: [
+                  'logs:CreateLogDelivery',
+                  'logs:GetLogDelivery',
+                  'logs:UpdateLogDelivery',
+                  'logs:DeleteLogDelivery',
+                  'logs:ListLogDeliveries',
+                  'logs:PutResourcePolicy',
+                  'logs:DescribeResourcePolicies',
+                  'logs:DescribeLogGroups',
+                ],
+                Resource: '*',
+              },
+            ],
+          },
+        },
+      ],
+    });
+    const definition = fs.readFileSync(path.join(REPO_ROOT, 'infra', 'statemachine', 'full-load.asl.json'), 'utf8');
+    new sfn.CfnStateMachine(this, 'FullLoadStateMachine', {
+      stateMachineName: Fn.sub(machineName),
+      stateMachineType: 'STANDARD',
+      definitionString: JSON.stringify(JSON.parse(definition)),
+      definitionSubstitutions: { FullLoadFunctionArn: fullLoad.attrArn },
+      roleArn: machineRole.attrArn,
+      loggingConfiguration: {
+        level: 'ERROR',
+        includeExecutionData: false,
+        destinations: [{ cloudWatchLogsLogGroup: { logGroupArn: stateMachineLogs.attrArn } }],
+      },
+    });
+
+    // ------------------------------------------------------------------ alarms
+    const actions = Fn.conditionIf(hasAlarmTopic.logicalId, [alarmTopic.valueAsString], Aws.NO_VALUE);
+    const alarm = (id: string, props: cloudwatch.CfnAlarmProps) =>
+      new cloudwatch.CfnAlarm(this, id, { ...props, alarmActions: actions as unknown as string[] });
+    alarm('CdcLatencyAlarm', {
+      alarmDescription: Fn.sub(
+        'pgshift ${TaskName}: CDC latency (source commit to staged) above ${LatencyAlarmSeconds} s',
+      ),
+      namespace: 'pgshift',
+      metricName: 'CDCLatencySource',
+      dimensions: [{ name: 'Task', value: taskName.valueAsString }],
+      statistic: 'Maximum',
+      period: 300,
+      evaluationPeriods: 3,
+      threshold: latencyAlarm.valueAsNumber,
+      comparisonOperator: 'GreaterThanThreshold',
+      treatMissingData: 'missing',
+    });
+    alarm('SlotRetainedBytesAlarm', {
+      alarmDescription: Fn.sub(
+        'pgshift ${TaskName}: the replication slot retains more WAL than ${RetainedBytesAlarmThreshold} bytes on the source',
+      ),
+      namespace: 'pgshift',
+      metricName: 'SlotRetainedBytes',
+      dimensions: [{ name: 'Task', value: taskName.valueAsString }],
+      statistic: 'Maximum',
+      period: 300,
+      evaluationPeriods: 1,
+      threshold: retainedAlarm.valueAsNumber,
+      comparisonOperator: 'GreaterThanThreshold',
+      treatMissingData: 'missing',
+    });
+    alarm('PollerFailuresAlarm', {
+      alarmDescription: Fn.sub(
+        'pgshift ${TaskName}: scheduled CDC polls failed (messages in the dead-letter queue)',
+      ),
+      namespace: 'AWS/SQS',
+      metricName: 'ApproximateNumberOfMessagesVisible',
+      dimensions: [{ name: 'QueueName', value: dlq.attrQueueName }],
+      statistic: 'Maximum',
+      period: 300,
+      evaluationPeriods: 1,
+      threshold: 0,
+      comparisonOperator: 'GreaterThanThreshold',
+      treatMissingData: 'notBreaching',
+    });
+
+    // ------------------------------------------------------------------ outputs
+    const output = (id: string, value: string, description?: string) =>
+      new CfnOutput(this, id, { value, description });
+    output('StageBucketName', bucket.ref, 'The staging bucket.');
+    output('StageUri', Fn.sub('s3://${StageBucket}/${TaskName}'), "Where the task's files are staged (pgshift --stage).");
+    output('StateTableName', table.ref, 'The state table (pgshift --state dynamodb://<name>).');
+    output('FullLoadStateMachineArn', Fn.ref('FullLoadStateMachine'), 'Start an execution with {} to run the full load.');
+    output('TestEndpointFunctionName', Fn.ref('TestEndpointFunction'), 'Invoke with {} to test the source.');
+    output('FullLoadFunctionName', fullLoad.ref);
+    output('CdcPollerFunctionName', poller.ref);
+    output('PollerDeadLetterQueueUrl', dlq.ref, 'Failed scheduled polls.');
+    output(
+      'SlotName',
+      Fn.join('_', Fn.split('-', Fn.sub('pgshift_${TaskName}'))),
+      'The logical replication slot on the source (drop it when the task ends).',
+    );
+  }
+}
+
+/** Staged data and checkpoints outlive the stack (see infra/README.md, "Tear down"). */
+function retain(resource: CfnResource) {
+  resource.cfnOptions.deletionPolicy = CfnDeletionPolicy.RETAIN;
+  resource.cfnOptions.updateReplacePolicy = CfnDeletionPolicy.RETAIN;
+}
