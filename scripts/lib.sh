@@ -8,6 +8,12 @@ PGSHIFT_CACHE=${PGSHIFT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pgshift}
 PGSHIFT_VENV=${PGSHIFT_VENV:-$PGSHIFT_ROOT/.venv}
 # Pinned: moto 5.2.1 breaks CompleteMultipartUpload with the Rust SDK; 5.2.5 was tried here.
 PGSHIFT_MOTO_VERSION=5.2.5
+# Deployment tools, pinned, in a second virtualenv (aws-sam-cli and moto pin different Flasks):
+# cargo-lambda (brings zig, for the arm64 cross build), cfn-lint, aws-sam-cli (aws-sam-translator).
+PGSHIFT_TOOLS_VENV=${PGSHIFT_TOOLS_VENV:-$PGSHIFT_ROOT/.venv-tools}
+PGSHIFT_CARGO_LAMBDA_VERSION=1.9.2
+PGSHIFT_CFN_LINT_VERSION=1.58.0
+PGSHIFT_SAM_CLI_VERSION=1.170.0
 PGSHIFT_RUN_DIR=""
 PGSHIFT_PIDS=()
 PGSHIFT_PG_DIRS=()
@@ -58,6 +64,41 @@ pgshift_ensure_venv() {
     python3 -m venv "$PGSHIFT_VENV"
     "$PGSHIFT_VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$PGSHIFT_MOTO_VERSION"
   fi
+}
+
+pgshift_ensure_tools() {
+  local want="cargo-lambda==$PGSHIFT_CARGO_LAMBDA_VERSION cfn-lint==$PGSHIFT_CFN_LINT_VERSION aws-sam-cli==$PGSHIFT_SAM_CLI_VERSION"
+  if [ "$(cat "$PGSHIFT_TOOLS_VENV/.pgshift-pins" 2>/dev/null)" != "$want" ]; then
+    log "creating $PGSHIFT_TOOLS_VENV with $want"
+    python3 -m venv "$PGSHIFT_TOOLS_VENV"
+    # shellcheck disable=SC2086
+    "$PGSHIFT_TOOLS_VENV/bin/pip" install -q --disable-pip-version-check $want
+    printf '%s' "$want" > "$PGSHIFT_TOOLS_VENV/.pgshift-pins"
+  fi
+  export SAM_CLI_TELEMETRY=0
+  PGSHIFT_CARGO_LAMBDA="$PGSHIFT_TOOLS_VENV/bin/cargo-lambda"
+}
+
+# The CDK app's packages, exactly as infra/package-lock.json pins them.
+pgshift_ensure_infra_npm() {
+  if [ ! -d "$PGSHIFT_ROOT/infra/node_modules/aws-cdk-lib" ] \
+    || ! cmp -s "$PGSHIFT_ROOT/infra/package-lock.json" "$PGSHIFT_ROOT/infra/node_modules/.package-lock.json.pgshift"; then
+    log "installing the CDK app's packages (npm ci in infra/)"
+    (cd "$PGSHIFT_ROOT/infra" && npm ci --no-audit --no-fund --loglevel=error)
+    cp "$PGSHIFT_ROOT/infra/package-lock.json" "$PGSHIFT_ROOT/infra/node_modules/.package-lock.json.pgshift"
+  fi
+}
+
+# pgshift_package ARCH (x86_64 | arm64): the three Lambda bootstraps, release profile, in
+# $CARGO_TARGET_DIR/lambda-ARCH/<function>/bootstrap. Sets PGSHIFT_LAMBDA_DIR.
+pgshift_package() {
+  local arch=$1 flag
+  case $arch in x86_64) flag=--x86-64 ;; arm64) flag=--arm64 ;; *) log "unknown architecture $arch"; return 2 ;; esac
+  pgshift_ensure_tools
+  PGSHIFT_LAMBDA_DIR="$CARGO_TARGET_DIR/lambda-$arch"
+  log "cargo lambda build --release $flag (test-endpoint, full-load, cdc-poller)"
+  "$PGSHIFT_CARGO_LAMBDA" lambda build --release "$flag" --quiet \
+    -p test-endpoint -p full-load -p cdc-poller --lambda-dir "$PGSHIFT_LAMBDA_DIR"
 }
 
 as_postgres() {

@@ -5,9 +5,15 @@
 #
 #   ./scripts/test.sh [extra cargo-nextest / cargo test arguments]
 #
+# Before the Rust tests it checks the deployment: cfn-lint and `sam validate --lint` on
+# template.yaml, the CDK app's synth test (same stack as the template), the packaged Lambdas
+# (`cargo lambda build --release`, arm64 and x86_64) and a CloudFormation deploy of the template
+# to the emulator. The Rust tests then run the packaged x86_64 bootstraps through the Lambda
+# runtime API (`cargo lambda watch`).
+#
 # Tests find the services through PGSHIFT_TEST_PG_URL, PGSHIFT_TEST_PG_REPLICA_URL,
-# PGSHIFT_TEST_CA_FILE and AWS_ENDPOINT_URL; set them yourself and run `cargo nextest run` to use
-# your own servers (LocalStack included).
+# PGSHIFT_TEST_CA_FILE, AWS_ENDPOINT_URL, PGSHIFT_LAMBDA_DIR and PGSHIFT_CARGO_LAMBDA; set them
+# yourself and run `cargo nextest run` to use your own servers (LocalStack included).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -17,9 +23,29 @@ trap 'exit 130' INT TERM
 
 pgshift_cargo_env
 pgshift_ensure_postgres
+pgshift_ensure_tools
+pgshift_ensure_infra_npm
+pgshift_run_dir
+
+# Deployment: the SAM template lints clean, and the CDK app synthesizes the same stack.
+log "cfn-lint and sam validate --lint (template.yaml)"
+"$PGSHIFT_TOOLS_VENV/bin/cfn-lint" template.yaml
+"$PGSHIFT_TOOLS_VENV/bin/sam" validate --lint --template template.yaml >/dev/null
+"$PGSHIFT_TOOLS_VENV/bin/python" infra/tests/sam_template.py translate "$PGSHIFT_RUN_DIR/sam.json"
+log "CDK synth test (infra/)"
+(cd infra && PGSHIFT_SAM_TEMPLATE_JSON="$PGSHIFT_RUN_DIR/sam.json" npm test --silent)
+
+# The packaged Lambdas: arm64 (deployed) and x86_64 (run here through the runtime API).
+pgshift_package arm64
+pgshift_package x86_64
+export PGSHIFT_LAMBDA_DIR PGSHIFT_CARGO_LAMBDA
+
 pgshift_start_moto
 pgshift_start_pg main logical
 pgshift_start_pg replica replica
+
+log "deploying template.yaml to the emulator (CloudFormation)"
+"$PGSHIFT_TOOLS_VENV/bin/python" infra/tests/deploy_emulator.py "$PGSHIFT_LAMBDA_DIR"
 
 export PGSHIFT_TEST_PG_URL="postgres://postgres:${PGSHIFT_PG_PASSWORD}@127.0.0.1:${PG_PORT_main}/postgres"
 export PGSHIFT_TEST_PG_REPLICA_URL="postgres://postgres:${PGSHIFT_PG_PASSWORD}@127.0.0.1:${PG_PORT_replica}/postgres"

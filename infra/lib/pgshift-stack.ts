@@ -147,7 +147,7 @@ export class PgshiftStack extends Stack {
     });
     const logRetention = new CfnParameter(this, 'LogRetentionDays', {
       type: 'Number',
-      default: 30,
+      default: '30',
       allowedValues: LOG_RETENTION_DAYS.map(String),
       description: "Retention of the functions' and the state machine's log groups.",
     });
@@ -256,31 +256,6 @@ export class PgshiftStack extends Stack {
       policyName: name,
       policyDocument: { Version: '2012-10-17', Statement: statements },
     });
-    // Inside Fn::If the policy is raw CloudFormation (no property-name conversion).
-    const optional = (cond: CfnCondition, name: string, statement: Statement) =>
-      Fn.conditionIf(
-        cond.logicalId,
-        { PolicyName: name, PolicyDocument: { Version: '2012-10-17', Statement: [statement] } },
-        Aws.NO_VALUE,
-      );
-    const secretKeyPolicy = optional(hasSecretKey, 'pgshift-secret-key', {
-      Sid: 'DecryptSourceSecret',
-      Effect: 'Allow',
-      Action: 'kms:Decrypt',
-      Resource: secretKey.valueAsString,
-    });
-    const vpcPolicy = optional(inVpc, 'pgshift-vpc-access', {
-      Sid: 'VpcNetworkInterfaces',
-      Effect: 'Allow',
-      Action: [
-        'ec2:CreateNetworkInterface',
-        'ec2:DescribeNetworkInterfaces',
-        'ec2:DeleteNetworkInterface',
-        'ec2:AssignPrivateIpAddresses',
-        'ec2:UnassignPrivateIpAddresses',
-      ],
-      Resource: '*',
-    });
     const ownLogs = (group: logs.CfnLogGroup): Statement => ({
       Sid: 'WriteOwnLogs',
       Effect: 'Allow',
@@ -321,7 +296,7 @@ export class PgshiftStack extends Stack {
           Version: '2012-10-17',
           Statement: [{ Effect: 'Allow', Principal: { Service: 'lambda.amazonaws.com' }, Action: 'sts:AssumeRole' }],
         },
-        policies: [policy(name, statements), secretKeyPolicy, vpcPolicy],
+        policies: [policy(name, statements)],
       });
     const testEndpointRole = lambdaRole('TestEndpointRole', 'pgshift-test-endpoint', [
       ownLogs(testEndpointLogs),
@@ -338,6 +313,43 @@ export class PgshiftStack extends Stack {
       ...stageAccess,
       { Sid: 'ReportFailedRuns', Effect: 'Allow', Action: 'sqs:SendMessage', Resource: dlq.attrArn },
     ]);
+
+    // Only with a customer managed key on the secret / only in a VPC. Network-interface actions
+    // have no resource-level permissions in EC2.
+    const roles = [testEndpointRole.ref, fullLoadRole.ref, pollerRole.ref];
+    const secretKeyPolicy = new iam.CfnPolicy(this, 'SourceSecretKeyPolicy', {
+      policyName: 'pgshift-secret-key',
+      roles,
+      policyDocument: {
+        Version: '2012-10-17',
+        Statement: [
+          { Sid: 'DecryptSourceSecret', Effect: 'Allow', Action: 'kms:Decrypt', Resource: secretKey.valueAsString },
+        ],
+      },
+    });
+    secretKeyPolicy.cfnOptions.condition = hasSecretKey;
+    const vpcPolicy = new iam.CfnPolicy(this, 'VpcAccessPolicy', {
+      policyName: 'pgshift-vpc-access',
+      roles,
+      policyDocument: {
+        Version: '2012-10-17',
+        Statement: [
+          {
+            Sid: 'VpcNetworkInterfaces',
+            Effect: 'Allow',
+            Action: [
+              'ec2:CreateNetworkInterface',
+              'ec2:DescribeNetworkInterfaces',
+              'ec2:DeleteNetworkInterface',
+              'ec2:AssignPrivateIpAddresses',
+              'ec2:UnassignPrivateIpAddresses',
+            ],
+            Resource: '*',
+          },
+        ],
+      },
+    });
+    vpcPolicy.cfnOptions.condition = inVpc;
 
     // ------------------------------------------------------------------ functions
     const environment: Record<string, string> = {

@@ -119,10 +119,18 @@ test('every function is arm64 on provided.al2023 with its own role and log group
 
 test('no function statement allows "*" except network interfaces in a VPC', () => {
   for (const [id, res] of Object.entries<Json>(cdk.Resources)) {
-    if (res.Type !== 'AWS::IAM::Role' || id === 'FullLoadStateMachineRole') continue;
-    assert.equal(res.Properties.ManagedPolicyArns, undefined, `${id} has managed policies`);
-    for (const p of res.Properties.Policies) {
-      const doc = p.PolicyDocument ?? p['Fn::If']?.[1]?.PolicyDocument;
+    if (id === 'FullLoadStateMachineRole') continue;
+    let docs: Json[];
+    if (res.Type === 'AWS::IAM::Role') {
+      assert.equal(res.Properties.ManagedPolicyArns, undefined, `${id} has managed policies`);
+      docs = res.Properties.Policies.map((p: Json) => p.PolicyDocument);
+    } else if (res.Type === 'AWS::IAM::Policy') {
+      docs = [res.Properties.PolicyDocument];
+      if (id === 'VpcAccessPolicy') assert.equal(res.Condition, 'InVpc');
+    } else {
+      continue;
+    }
+    for (const doc of docs) {
       for (const s of doc.Statement) {
         const actions = [s.Action].flat();
         if (s.Resource === '*') {

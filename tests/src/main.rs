@@ -3,5 +3,6 @@
 mod cdc;
 mod endpoint;
 mod full_load;
+mod lambda_runtime;
 mod migrate;
 mod seams;

@@ -1,0 +1,376 @@
+//! The packaged Lambda binaries (`cargo lambda build --release`, the `bootstrap` files that are
+//! deployed) run for real: `cargo lambda watch --only-lambda-apis` serves the Lambda runtime
+//! API on 127.0.0.1, each bootstrap polls it as it would on AWS, and `cargo lambda invoke`
+//! sends the fixture events of `tests/fixtures/events/`. The functions read their settings from
+//! the environment the SAM template gives them, the source from a Secrets Manager secret, and
+//! stage to S3 and checkpoint in DynamoDB on the emulator.
+//!
+//! `PGSHIFT_LAMBDA_DIR` (the folder with `<binary>/bootstrap`) and `PGSHIFT_CARGO_LAMBDA` (the
+//! cargo-lambda executable) are set by `scripts/test.sh`, which builds both.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pgshift::aws::Aws;
+use pgshift::stage::{ObjectSink, S3Sink};
+use pgshift::state::DynamoStore;
+use pgshift_tests::{TempDir, TestDb, env, unique_name};
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn fixture(name: &str) -> PathBuf {
+    repo_root().join("tests/fixtures/events").join(name)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A child process killed when dropped.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct RuntimeApi {
+    port: u16,
+    cargo_lambda: String,
+    _server: Proc,
+    dir: TempDir,
+}
+
+impl RuntimeApi {
+    /// `cargo lambda watch --only-lambda-apis` on a free port, ready to take invocations.
+    fn start() -> RuntimeApi {
+        let cargo_lambda = env("PGSHIFT_CARGO_LAMBDA");
+        let dir = TempDir::new("lambda-rt");
+        let port = free_port();
+        let log = dir.path().join("watch.log");
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(&cargo_lambda)
+            .args(["lambda", "watch", "--only-lambda-apis", "--ignore-changes"])
+            .args(["--invoke-address", "127.0.0.1", "--invoke-port"])
+            .arg(port.to_string())
+            .current_dir(repo_root())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log file"))
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cargo_lambda} lambda watch: {e}"));
+        let server = Proc { child, log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the Lambda runtime API did not start: {}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        RuntimeApi {
+            port,
+            cargo_lambda,
+            _server: server,
+            dir,
+        }
+    }
+
+    /// Starts the packaged `bootstrap` of `function` against this runtime API.
+    fn function(&self, function: &str, env_vars: &[(&str, String)]) -> Proc {
+        let bootstrap = PathBuf::from(env("PGSHIFT_LAMBDA_DIR"))
+            .join(function)
+            .join("bootstrap");
+        assert!(
+            bootstrap.is_file(),
+            "{} missing: build it with cargo lambda build --release",
+            bootstrap.display()
+        );
+        let log = self.dir.path().join(format!("{function}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(&bootstrap);
+        cmd.env(
+            "AWS_LAMBDA_RUNTIME_API",
+            format!("http://127.0.0.1:{}/.rt/{function}", self.port),
+        )
+        .env("AWS_LAMBDA_FUNCTION_NAME", function)
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
+        .env("AWS_LAMBDA_LOG_FORMAT", "json")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("log file"))
+        .stderr(out);
+        for (k, v) in env_vars {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bootstrap.display()));
+        Proc { child, log }
+    }
+
+    /// `cargo lambda invoke`: the function's response, or its error (`errorType: message`).
+    fn invoke(&self, function: &str, payload: Payload) -> Result<Value, String> {
+        let mut cmd = Command::new(&self.cargo_lambda);
+        cmd.args(["lambda", "invoke", function, "--output-format", "json"])
+            .args(["--invoke-address", "127.0.0.1", "--invoke-port"])
+            .arg(self.port.to_string())
+            .current_dir(repo_root());
+        match payload {
+            Payload::Fixture(name) => cmd.arg("--data-file").arg(fixture(name)),
+            Payload::Json(v) => cmd.arg("--data-ascii").arg(v.to_string()),
+        };
+        let out = cmd.output().expect("cargo lambda invoke");
+        if out.status.success() {
+            let text = String::from_utf8_lossy(&out.stdout);
+            serde_json::from_str(text.trim())
+                .unwrap_or_else(|e| panic!("{function} returned non-JSON ({e}): {text}"))
+        } else {
+            Err(format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+}
+
+enum Payload {
+    Fixture(&'static str),
+    Json(Value),
+}
+
+async fn setup_aws(task: &str, db: &TestDb) -> (Vec<(&'static str, String)>, S3Sink, DynamoStore) {
+    let _ = env("AWS_ENDPOINT_URL");
+    let aws = Aws::from_env().await;
+    let bucket = unique_name("pgshift-rt").replace('_', "-");
+    aws.s3()
+        .create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("AWS emulator unreachable or refused create_bucket: {e:?}"));
+    let table = unique_name("pgshift-rt-state");
+    let state = DynamoStore::new(aws.dynamodb(), &table);
+    state.ensure_table().await.expect("state table");
+    let cfg = db.config();
+    let secret = aws
+        .secrets()
+        .create_secret()
+        .name(unique_name("pgshift/rt-source"))
+        .secret_string(
+            json!({
+                "engine": "postgres", "host": cfg.host, "port": cfg.port,
+                "username": cfg.user,
+                "password": cfg.password.as_ref().map(|p| p.expose_secret().to_owned()),
+                "dbname": db.name
+            })
+            .to_string(),
+        )
+        .send()
+        .await
+        .expect("create secret")
+        .arn()
+        .expect("secret arn")
+        .to_owned();
+    let stage = format!("s3://{bucket}/{task}");
+    let sink = S3Sink::new(aws.s3(), &stage).expect("sink");
+    // What template.yaml's Globals give every function (credentials and the emulator come
+    // from this process's environment).
+    let vars = vec![
+        ("PGSHIFT_TASK", task.to_owned()),
+        ("PGSHIFT_SOURCE_SECRET_ARN", secret),
+        ("PGSHIFT_SOURCE_SSLMODE", "require".to_owned()),
+        ("PGSHIFT_STAGE", stage),
+        ("PGSHIFT_STATE_TABLE", table),
+        ("PGSHIFT_FORMAT", "csv".to_owned()),
+        ("PGSHIFT_TABLE_MAPPINGS", String::new()),
+        ("PGSHIFT_CHUNK_MB", "1".to_owned()),
+        ("PGSHIFT_MAX_CONCURRENCY", "8".to_owned()),
+    ];
+    (vars, sink, state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packaged_lambdas_run_through_the_runtime_api() {
+    let db = TestDb::new("rt").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "create table orders (id int primary key, note text not null);
+         insert into orders select g, repeat('x', 200) || g from generate_series(1, 20000) g;
+         create table \"Audit Log\" (id bigserial primary key, what text);
+         insert into \"Audit Log\" (what) values ('created'), ('loaded');",
+    )
+    .await
+    .unwrap();
+    let task = unique_name("rt").replace('_', "-");
+    let (vars, sink, state) = setup_aws(&task, &db).await;
+    let api = RuntimeApi::start();
+    let _endpoint = api.function("test-endpoint", &vars);
+    let _full_load = api.function("full-load", &vars);
+    let poller = api.function("cdc-poller", &vars);
+
+    // test-endpoint: the default event reads the source from the function's secret.
+    let report = api
+        .invoke("test-endpoint", Payload::Fixture("test-endpoint-default.json"))
+        .unwrap_or_else(|e| panic!("test-endpoint failed: {e}"));
+    assert!(report["connection_failure"].is_null(), "{report:#}");
+    assert_eq!(report["server"]["database"], db.name.as_str(), "{report:#}");
+    let checks = report["checks"].as_array().expect("checks");
+    assert!(checks.len() > 10, "{report:#}");
+    assert!(
+        checks.iter().any(|c| c["id"] == "wal_level" && c["status"] == "pass"),
+        "{report:#}"
+    );
+
+    // full-load, as the state machine drives it: Plan, every chunk, Finish.
+    let plan = api
+        .invoke("full-load", Payload::Fixture("full-load-plan.json"))
+        .unwrap_or_else(|e| panic!("Plan failed: {e}"));
+    let chunks = plan["chunks"].as_array().expect("inline chunk list").clone();
+    assert!(chunks.len() >= 2, "1 MiB chunks split orders: {plan:#}");
+    assert_eq!(plan["chunk_count"], chunks.len());
+    for chunk in &chunks {
+        let done = api
+            .invoke(
+                "full-load",
+                Payload::Json(json!({"action": "ExportChunk", "chunk": chunk})),
+            )
+            .unwrap_or_else(|e| panic!("ExportChunk {chunk} failed: {e}"));
+        assert!(done["key"].as_str().is_some(), "{done:#}");
+    }
+    let finish = api
+        .invoke("full-load", Payload::Fixture("full-load-finish.json"))
+        .unwrap_or_else(|e| panic!("Finish failed: {e}"));
+    assert_eq!(finish["rows"], 20002, "{finish:#}");
+    assert_eq!(finish["tables"], 2, "{finish:#}");
+    let status = pgshift::job::status::run(&state, &task, None).await.unwrap();
+    assert_eq!(status.load, "complete", "{status:#?}");
+    let keys = sink.list("").await.unwrap();
+    let loads: Vec<_> = keys.iter().filter(|k| k.contains("/LOAD")).collect();
+    assert!(loads.len() > chunks.len() / 2, "{keys:#?}");
+    assert!(
+        keys.iter().any(|k| k.starts_with("public/Audit Log/")),
+        "{keys:#?}"
+    );
+    let mut staged_rows = 0;
+    for key in loads.iter().filter(|k| k.starts_with("public/orders/")) {
+        let body = sink.get(key).await.unwrap().expect("listed object");
+        staged_rows += body.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count();
+    }
+    assert_eq!(staged_rows, 20000);
+
+    // cdc-poller, as the schedule starts it: changes since the load's consistent point.
+    c.batch_execute(
+        "update orders set note = 'changed' where id <= 10;
+         delete from orders where id > 19990;
+         insert into \"Audit Log\" (what) values ('polled');",
+    )
+    .await
+    .unwrap();
+    let poll = api
+        .invoke("cdc-poller", Payload::Fixture("cdc-poller-schedule.json"))
+        .unwrap_or_else(|e| panic!("cdc-poller failed: {e}\n{}", poller.log()));
+    assert_eq!(poll["outcome"], "drained", "{poll:#}");
+    assert_eq!(poll["changes"], 21, "{poll:#}");
+    assert_eq!(poll["rows_staged"], 21, "{poll:#}");
+    let batches = poll["batches"].as_array().expect("batches");
+    assert_eq!(batches.len(), 1, "{poll:#}");
+    let manifests = sink.list("_manifests/cdc/").await.unwrap();
+    assert_eq!(manifests.len(), 1, "{manifests:#?}");
+    let checkpoint = poll["checkpoint"].as_str().unwrap().to_owned();
+    assert_ne!(poll["start_checkpoint"].as_str().unwrap(), checkpoint);
+    // The Embedded Metric Format line reached the function's stdout (CloudWatch's input).
+    let log = poller.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"CDCLatencySource\"") && l.contains("\"_aws\"")),
+        "{log}"
+    );
+    // An idle second run stages nothing and never moves the checkpoint back.
+    let again = api
+        .invoke("cdc-poller", Payload::Fixture("cdc-poller-schedule.json"))
+        .unwrap_or_else(|e| panic!("second poll failed: {e}"));
+    assert_eq!(again["changes"], 0, "{again:#}");
+    let again_lsn: pgshift::lsn::Lsn = again["checkpoint"].as_str().unwrap().parse().unwrap();
+    let first_lsn: pgshift::lsn::Lsn = checkpoint.parse().unwrap();
+    assert!(again_lsn >= first_lsn, "{again:#}");
+
+    // A bad event is a terminal error with a type the state machine does not retry.
+    let err = api
+        .invoke("full-load", Payload::Json(json!({"action": "Explode"})))
+        .expect_err("an unknown action must fail");
+    assert!(err.contains("Explode") || err.contains("action"), "{err}");
+    assert!(!err.contains("Transient"), "{err}");
+    // The functions keep serving after an error (the runtime reports it; no crash).
+    let again = api
+        .invoke("full-load", Payload::Fixture("full-load-finish.json"))
+        .unwrap_or_else(|e| panic!("Finish after an error failed: {e}"));
+    assert_eq!(again["rows"], 20002);
+}
+
+/// Cold start of each packaged function: process start to the first response (a bad event, so
+/// no source or AWS work is timed), against a warm invocation. Figures are printed, not asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packaged_lambdas_cold_start_figures() {
+    let api = RuntimeApi::start();
+    let vars = [
+        ("PGSHIFT_TASK", "cold-start".to_owned()),
+        (
+            "PGSHIFT_SOURCE_SECRET_ARN",
+            "arn:aws:secretsmanager:us-east-1:123456789012:secret:none".to_owned(),
+        ),
+        ("PGSHIFT_STAGE", "s3://cold-start/x".to_owned()),
+        ("PGSHIFT_STATE_TABLE", "cold-start".to_owned()),
+    ];
+    for function in ["test-endpoint", "full-load", "cdc-poller"] {
+        let started = Instant::now();
+        let proc = api.function(function, &vars);
+        let err = api
+            .invoke(function, Payload::Json(json!("not an event")))
+            .expect_err("a string is not an event");
+        let cold = started.elapsed();
+        assert!(err.contains("EventError"), "{err}\n{}", proc.log());
+        let started = Instant::now();
+        let _ = api.invoke(function, Payload::Json(json!("not an event")));
+        let warm = started.elapsed();
+        let size = std::fs::metadata(
+            PathBuf::from(env("PGSHIFT_LAMBDA_DIR"))
+                .join(function)
+                .join("bootstrap"),
+        )
+        .map(|m| m.len())
+        .unwrap_or(0);
+        eprintln!(
+            "[figures] {function}: bootstrap {:.1} MB, cold start + first invoke {} ms, warm invoke {} ms (both include ~{} ms of `cargo lambda invoke` process start)",
+            size as f64 / 1e6,
+            cold.as_millis(),
+            warm.as_millis(),
+            warm.as_millis()
+        );
+    }
+}
