@@ -2,7 +2,7 @@
 // synthesis of the other, parameters, conditions, outputs and every resource with its properties
 // (IAM policies included) are equal; only what each tool adds about itself differs (asset
 // locations of the code, SAM's createdBy tags, CDK's metadata). PGSHIFT_SAM_TEMPLATE_JSON names
-// the translated template (`python infra/tests/sam_template.py translate OUT.json`;
+// the translated template (`python infra/test/sam_template.py translate OUT.json`;
 // ./scripts/test.sh does both).
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';

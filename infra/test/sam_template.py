@@ -1,6 +1,6 @@
 """template.yaml as plain CloudFormation, for the emulator deploy and the CDK comparison.
 
-    python infra/tests/sam_template.py translate OUT.json [--code-bucket B --code-prefix P]
+    python infra/test/sam_template.py translate OUT.json [--code-bucket B --code-prefix P]
 
 The SAM transform (aws-sam-translator, the library behind `sam deploy`) needs the functions'
 code in S3 and the state machine definition inline, as `sam package` would leave them: local

@@ -1,7 +1,7 @@
 """Deploys template.yaml to the AWS emulator (AWS_ENDPOINT_URL) through CloudFormation and checks
 that what a user relies on exists with the stated settings.
 
-    python infra/tests/deploy_emulator.py LAMBDA_DIR
+    python infra/test/deploy_emulator.py LAMBDA_DIR
 
 LAMBDA_DIR holds `<binary>/bootstrap` from `cargo lambda build --release`; each is zipped and
 uploaded as its function's code. The SAM transform runs here (as `sam deploy` would run it in
