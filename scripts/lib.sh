@@ -97,7 +97,8 @@ pgshift_package() {
   pgshift_ensure_tools
   PGSHIFT_LAMBDA_DIR="$CARGO_TARGET_DIR/lambda-$arch"
   log "cargo lambda build --release $flag (test-endpoint, full-load, cdc-poller)"
-  "$PGSHIFT_CARGO_LAMBDA" lambda build --release "$flag" --quiet \
+  # cargo-lambda finds zig (the cross linker, from the ziglang wheel) on PATH.
+  PATH="$PGSHIFT_TOOLS_VENV/bin:$PATH" "$PGSHIFT_CARGO_LAMBDA" lambda build --release "$flag" --quiet \
     -p test-endpoint -p full-load -p cdc-poller --lambda-dir "$PGSHIFT_LAMBDA_DIR"
 }
 
@@ -177,20 +178,24 @@ pgshift_start_moto() {
     fi
     sleep 0.1
   done
-  # Step Functions executions run their states (Pass/Map/Choice) instead of returning at once.
-  python3 - "$port" <<'PY'
-import json, sys, urllib.request
-req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/moto-api/config",
-    data=json.dumps({"stepfunctions": {"execute_state_machine": True}}).encode(), method="POST",
-    headers={"Content-Type": "application/json"})
-urllib.request.urlopen(req, timeout=5).read()
-PY
   export AWS_ENDPOINT_URL=http://127.0.0.1:$port
   export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-testing}
   export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-testing}
   export AWS_REGION=${AWS_REGION:-us-east-1}
   export AWS_EC2_METADATA_DISABLED=true
   log "AWS emulator (moto $PGSHIFT_MOTO_VERSION) on $AWS_ENDPOINT_URL"
+}
+
+# Step Functions executions run their states (Pass/Map/Choice) instead of returning at once.
+# (After any CloudFormation deploy: moto keeps stack-created state machines out of this mode.)
+pgshift_moto_execute_state_machines() {
+  python3 - "$AWS_ENDPOINT_URL" <<'PY'
+import json, sys, urllib.request
+req = urllib.request.Request(f"{sys.argv[1]}/moto-api/config",
+    data=json.dumps({"stepfunctions": {"execute_state_machine": True}}).encode(), method="POST",
+    headers={"Content-Type": "application/json"})
+urllib.request.urlopen(req, timeout=5).read()
+PY
 }
 
 pgshift_cleanup() {

@@ -31,7 +31,7 @@ pgshift_run_dir
 log "cfn-lint and sam validate --lint (template.yaml)"
 "$PGSHIFT_TOOLS_VENV/bin/cfn-lint" template.yaml
 "$PGSHIFT_TOOLS_VENV/bin/sam" validate --lint --template template.yaml >/dev/null
-"$PGSHIFT_TOOLS_VENV/bin/python" infra/tests/sam_template.py translate "$PGSHIFT_RUN_DIR/sam.json"
+"$PGSHIFT_TOOLS_VENV/bin/python" infra/test/sam_template.py translate "$PGSHIFT_RUN_DIR/sam.json"
 log "CDK synth test (infra/)"
 (cd infra && PGSHIFT_SAM_TEMPLATE_JSON="$PGSHIFT_RUN_DIR/sam.json" npm test --silent)
 
@@ -45,7 +45,8 @@ pgshift_start_pg main logical
 pgshift_start_pg replica replica
 
 log "deploying template.yaml to the emulator (CloudFormation)"
-"$PGSHIFT_TOOLS_VENV/bin/python" infra/tests/deploy_emulator.py "$PGSHIFT_LAMBDA_DIR"
+"$PGSHIFT_TOOLS_VENV/bin/python" infra/test/deploy_emulator.py "$PGSHIFT_LAMBDA_DIR"
+pgshift_moto_execute_state_machines
 
 export PGSHIFT_TEST_PG_URL="postgres://postgres:${PGSHIFT_PG_PASSWORD}@127.0.0.1:${PG_PORT_main}/postgres"
 export PGSHIFT_TEST_PG_REPLICA_URL="postgres://postgres:${PGSHIFT_PG_PASSWORD}@127.0.0.1:${PG_PORT_replica}/postgres"

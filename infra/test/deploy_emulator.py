@@ -52,6 +52,8 @@ def main(lambda_dir):
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
     if not endpoint:
         raise SystemExit("AWS_ENDPOINT_URL is not set: this deploys to an emulator only")
+    # moto keeps the state machines CloudFormation creates out of its executing Step Functions
+    # backend, so this runs before ./scripts/test.sh turns execution on (moto's default is off).
     region = os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     session = boto3.session.Session(region_name=region)
     c = lambda svc: session.client(svc, endpoint_url=endpoint)  # noqa: E731

@@ -64,6 +64,30 @@ impl StagedDeps {
 
 /// Time left before the invocation's deadline.
 pub fn remaining(ctx: &lambda_runtime::Context) -> std::time::Duration {
-    let now_ms = crate::state::now_ms();
-    std::time::Duration::from_millis(ctx.deadline.saturating_sub(now_ms))
+    remaining_at(ctx.deadline, crate::state::now_ms())
+}
+
+/// Lambda sends the deadline as milliseconds since the epoch. Local runtime API emulators
+/// (`cargo lambda watch`) send their timeout instead (600000): a "deadline" before 2001 cannot be
+/// a real one and is read as the time the invocation has.
+fn remaining_at(deadline_ms: u64, now_ms: u64) -> std::time::Duration {
+    const YEAR_2001_MS: u64 = 978_307_200_000;
+    if deadline_ms < YEAR_2001_MS {
+        return std::time::Duration::from_millis(deadline_ms);
+    }
+    std::time::Duration::from_millis(deadline_ms.saturating_sub(now_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::remaining_at;
+    use std::time::Duration;
+
+    #[test]
+    fn deadlines_are_absolute_except_an_emulators_timeout() {
+        let now = 1_790_000_000_000;
+        assert_eq!(remaining_at(now + 5_000, now), Duration::from_secs(5));
+        assert_eq!(remaining_at(now - 1, now), Duration::ZERO);
+        assert_eq!(remaining_at(600_000, now), Duration::from_secs(600));
+    }
 }

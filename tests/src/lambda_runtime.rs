@@ -147,8 +147,8 @@ impl RuntimeApi {
         let out = cmd.output().expect("cargo lambda invoke");
         if out.status.success() {
             let text = String::from_utf8_lossy(&out.stdout);
-            serde_json::from_str(text.trim())
-                .unwrap_or_else(|e| panic!("{function} returned non-JSON ({e}): {text}"))
+            Ok(serde_json::from_str::<Value>(text.trim())
+                .unwrap_or_else(|e| panic!("{function} returned non-JSON ({e}): {text}")))
         } else {
             Err(format!(
                 "{}{}",
@@ -236,14 +236,19 @@ async fn packaged_lambdas_run_through_the_runtime_api() {
 
     // test-endpoint: the default event reads the source from the function's secret.
     let report = api
-        .invoke("test-endpoint", Payload::Fixture("test-endpoint-default.json"))
+        .invoke(
+            "test-endpoint",
+            Payload::Fixture("test-endpoint-default.json"),
+        )
         .unwrap_or_else(|e| panic!("test-endpoint failed: {e}"));
     assert!(report["connection_failure"].is_null(), "{report:#}");
     assert_eq!(report["server"]["database"], db.name.as_str(), "{report:#}");
     let checks = report["checks"].as_array().expect("checks");
     assert!(checks.len() > 10, "{report:#}");
     assert!(
-        checks.iter().any(|c| c["id"] == "wal_level" && c["status"] == "pass"),
+        checks
+            .iter()
+            .any(|c| c["id"] == "wal_level" && c["status"] == "pass"),
         "{report:#}"
     );
 
@@ -251,7 +256,10 @@ async fn packaged_lambdas_run_through_the_runtime_api() {
     let plan = api
         .invoke("full-load", Payload::Fixture("full-load-plan.json"))
         .unwrap_or_else(|e| panic!("Plan failed: {e}"));
-    let chunks = plan["chunks"].as_array().expect("inline chunk list").clone();
+    let chunks = plan["chunks"]
+        .as_array()
+        .expect("inline chunk list")
+        .clone();
     assert!(chunks.len() >= 2, "1 MiB chunks split orders: {plan:#}");
     assert_eq!(plan["chunk_count"], chunks.len());
     for chunk in &chunks {
@@ -268,7 +276,9 @@ async fn packaged_lambdas_run_through_the_runtime_api() {
         .unwrap_or_else(|e| panic!("Finish failed: {e}"));
     assert_eq!(finish["rows"], 20002, "{finish:#}");
     assert_eq!(finish["tables"], 2, "{finish:#}");
-    let status = pgshift::job::status::run(&state, &task, None).await.unwrap();
+    let status = pgshift::job::status::run(&state, &task, None)
+        .await
+        .unwrap();
     assert_eq!(status.load, "complete", "{status:#?}");
     let keys = sink.list("").await.unwrap();
     let loads: Vec<_> = keys.iter().filter(|k| k.contains("/LOAD")).collect();
@@ -280,7 +290,10 @@ async fn packaged_lambdas_run_through_the_runtime_api() {
     let mut staged_rows = 0;
     for key in loads.iter().filter(|k| k.starts_with("public/orders/")) {
         let body = sink.get(key).await.unwrap().expect("listed object");
-        staged_rows += body.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count();
+        staged_rows += body
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count();
     }
     assert_eq!(staged_rows, 20000);
 
