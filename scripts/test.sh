@@ -34,7 +34,7 @@ log "cfn-lint and sam validate --lint (template.yaml)"
 "$PGSHIFT_TOOLS_VENV/bin/python" infra/test/sam_template.py translate "$PGSHIFT_RUN_DIR/sam.json"
 log "CDK synth test (infra/)"
 (cd infra && PGSHIFT_SAM_TEMPLATE_JSON="$PGSHIFT_RUN_DIR/sam.json" npm test --silent \
-  && PGSHIFT_CDK_NO_BUILD=1 npx cdk synth --quiet --output "$PGSHIFT_RUN_DIR/cdk.out" >/dev/null)
+  && PGSHIFT_CDK_NO_BUILD=1 npx cdk synth --quiet --no-notices --output "$PGSHIFT_RUN_DIR/cdk.out" >/dev/null)
 
 # The packaged Lambdas: arm64 (deployed) and x86_64 (run here through the runtime API).
 pgshift_package arm64
