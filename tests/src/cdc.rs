@@ -510,13 +510,7 @@ async fn a_dropped_slot_is_a_clear_terminal_error() {
 async fn cdc_to_s3_with_state_in_dynamodb() {
     let _ = pgshift_tests::env("AWS_ENDPOINT_URL");
     let aws = pgshift::aws::Aws::from_env().await;
-    let bucket = unique_name("pgshift-cdc").replace('_', "-");
-    aws.s3()
-        .create_bucket()
-        .bucket(&bucket)
-        .send()
-        .await
-        .expect("create bucket in the emulator");
+    let bucket = pgshift_tests::emulator_bucket(&aws, "pgshift-cdc").await;
     let sink = pgshift::stage::S3Sink::new(aws.s3(), &format!("s3://{bucket}/staged")).unwrap();
     let table = unique_name("pgshift-state");
     let state = pgshift::state::DynamoStore::new(aws.dynamodb(), &table);

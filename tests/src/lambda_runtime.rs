@@ -165,15 +165,8 @@ enum Payload {
 }
 
 async fn setup_aws(task: &str, db: &TestDb) -> (Vec<(&'static str, String)>, S3Sink, DynamoStore) {
-    let _ = env("AWS_ENDPOINT_URL");
     let aws = Aws::from_env().await;
-    let bucket = unique_name("pgshift-rt").replace('_', "-");
-    aws.s3()
-        .create_bucket()
-        .bucket(&bucket)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("AWS emulator unreachable or refused create_bucket: {e:?}"));
+    let bucket = pgshift_tests::emulator_bucket(&aws, "pgshift-rt").await;
     let table = unique_name("pgshift-rt-state");
     let state = DynamoStore::new(aws.dynamodb(), &table);
     state.ensure_table().await.expect("state table");

@@ -196,6 +196,19 @@ impl Drop for TempDir {
     }
 }
 
+/// A new bucket in the AWS emulator (`AWS_ENDPOINT_URL`), named after `prefix`.
+pub async fn emulator_bucket(aws: &pgshift::aws::Aws, prefix: &str) -> String {
+    let _ = env("AWS_ENDPOINT_URL");
+    let name = unique_name(prefix).replace('_', "-");
+    aws.s3()
+        .create_bucket()
+        .bucket(&name)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("AWS emulator unreachable or refused create_bucket: {e:?}"));
+    name
+}
+
 /// A `postgres://` URL of `cfg` (for running the CLI in tests).
 pub fn url(cfg: &PgConfig) -> String {
     let pw = cfg

@@ -12,14 +12,7 @@ use pgshift::state::{DynamoStore, MemoryStore, StateStore};
 use pgshift_tests::{TestDb, env, unique_name};
 
 async fn bucket(aws: &Aws) -> String {
-    let name = unique_name("pgshift-seam").replace('_', "-");
-    aws.s3()
-        .create_bucket()
-        .bucket(&name)
-        .send()
-        .await
-        .expect("create bucket in the emulator");
-    name
+    pgshift_tests::emulator_bucket(aws, "pgshift-seam").await
 }
 
 #[tokio::test]
