@@ -140,10 +140,11 @@ export class PgshiftStack extends Stack {
     });
     const pollerTimeout = new CfnParameter(this, 'PollerTimeoutSeconds', {
       type: 'Number',
-      default: 300,
+      default: 60,
       minValue: 30,
       maxValue: 900,
-      description: "The poller's Lambda timeout; it stops cleanly before it, at a batch boundary.",
+      description:
+        "The poller's Lambda timeout; it stops cleanly before it, at a batch boundary, and the next tick goes on. Keep it at most the schedule's period: with reserved concurrency 1, ticks that wait behind a longer run can expire into the dead-letter queue.",
     });
     const logRetention = new CfnParameter(this, 'LogRetentionDays', {
       type: 'Number',
