@@ -284,7 +284,7 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
                 state,
                 aws,
             } = Seams::resolve(&spec, &stage, &state).await?;
-            let owner = format!("cli-{}-{}", hostname(), std::process::id());
+            let owner = lease_owner();
             let mut opts = LoadOptions::new(task, cfg, owner);
             opts.format = format;
             opts.selection = selection;
@@ -467,7 +467,7 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
                 state,
                 aws,
             } = Seams::resolve(&spec, &stage, &state).await?;
-            let owner = format!("cli-{}-{}", hostname(), std::process::id());
+            let owner = lease_owner();
             let mut opts = CdcOptions::new(task, cfg, owner);
             opts.format = format;
             opts.commit_ts_column = commit_ts_column;
@@ -493,6 +493,11 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
             }
         }
     }
+}
+
+/// Who holds a lease taken by this process (shown by `status` and in lease-held reports).
+fn lease_owner() -> String {
+    format!("cli-{}-{}", hostname(), std::process::id())
 }
 
 fn hostname() -> String {

@@ -619,13 +619,7 @@ async fn cli_cdc_once_stages_and_reports() {
 async fn cli_cdc_stages_to_s3_with_state_in_dynamodb() {
     let endpoint = pgshift_tests::env("AWS_ENDPOINT_URL");
     let aws = pgshift::aws::Aws::from_env().await;
-    let bucket = unique_name("pgshift-cli").replace('_', "-");
-    aws.s3()
-        .create_bucket()
-        .bucket(&bucket)
-        .send()
-        .await
-        .expect("create bucket");
+    let bucket = pgshift_tests::emulator_bucket(&aws, "pgshift-cli").await;
     let table = unique_name("pgshift-cli");
     let db = TestDb::new("cdc_cli_aws").await;
     let c = db.client().await;

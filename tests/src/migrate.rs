@@ -183,13 +183,7 @@ async fn end_to_end_jsonl_to_a_folder() {
 async fn end_to_end_s3_and_dynamodb() {
     let _ = pgshift_tests::env("AWS_ENDPOINT_URL");
     let aws = pgshift::aws::Aws::from_env().await;
-    let bucket = pgshift_tests::unique_name("pgshift-e2e").replace('_', "-");
-    aws.s3()
-        .create_bucket()
-        .bucket(&bucket)
-        .send()
-        .await
-        .expect("create bucket");
+    let bucket = pgshift_tests::emulator_bucket(&aws, "pgshift-e2e").await;
     let state =
         pgshift::state::DynamoStore::new(aws.dynamodb(), pgshift_tests::unique_name("pgshift-e2e"));
     state.ensure_table().await.unwrap();

@@ -421,6 +421,19 @@ fn change_statements(
             column(schema, c)?.type_name
         ))
     };
+    // Deletes the row the change's key (old key for updates) names.
+    let delete_by_key = || -> Result<Statement> {
+        let conds: Vec<String> = change
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, (c, _))| Ok(format!("{} = {}", quote_ident(c), cast(i, c)?)))
+            .collect::<Result<_>>()?;
+        Ok((
+            format!("delete from {name} where {}", conds.join(" and ")),
+            change.key.iter().map(|(_, v)| v.clone()).collect(),
+        ))
+    };
     let insert = |conflict: String| -> Result<Statement> {
         let cols: Vec<String> = change.after.iter().map(|(c, _)| quote_ident(c)).collect();
         let params: Vec<String> = change
@@ -440,18 +453,7 @@ fn change_statements(
     };
     match (change.op.as_str(), keyed) {
         ("T", _) => Ok(vec![(format!("truncate {name}"), Vec::new())]),
-        ("D", true) => {
-            let conds: Vec<String> = change
-                .key
-                .iter()
-                .enumerate()
-                .map(|(i, (c, _))| Ok(format!("{} = {}", quote_ident(c), cast(i, c)?)))
-                .collect::<Result<_>>()?;
-            Ok(vec![(
-                format!("delete from {name} where {}", conds.join(" and ")),
-                change.key.iter().map(|(_, v)| v.clone()).collect(),
-            )])
-        }
+        ("D", true) => Ok(vec![delete_by_key()?]),
         ("D", false) => Ok(vec![delete_one(
             name,
             if change.before.is_empty() {
@@ -486,16 +488,7 @@ fn change_statements(
                     .any(|(k, old)| change.after.iter().any(|(c, new)| c == k && new != old));
             let mut out = Vec::new();
             if moved {
-                let conds: Vec<String> = change
-                    .key
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (c, _))| Ok(format!("{} = {}", quote_ident(c), cast(i, c)?)))
-                    .collect::<Result<_>>()?;
-                out.push((
-                    format!("delete from {name} where {}", conds.join(" and ")),
-                    change.key.iter().map(|(_, v)| v.clone()).collect(),
-                ));
+                out.push(delete_by_key()?);
             }
             out.push(insert(conflict)?);
             Ok(out)
