@@ -331,7 +331,10 @@ async fn packaged_lambdas_run_through_the_runtime_api() {
     let err = api
         .invoke("full-load", Payload::Json(json!({"action": "Explode"})))
         .expect_err("an unknown action must fail");
-    assert!(err.contains("EventError") && err.contains("action"), "{err}");
+    assert!(
+        err.contains("EventError") && err.contains("action"),
+        "{err}"
+    );
     assert!(!err.contains("Transient"), "{err}");
     // The functions keep serving after an error (the runtime reports it; no crash).
     let again = api
