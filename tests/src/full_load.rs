@@ -195,6 +195,138 @@ async fn corpus_tables_load_equal_to_copy_jsonl_gzip() {
     corpus_loads_exactly("jsonl.gz").await;
 }
 
+/// Raw CSV rows (each with its newline), sorted: byte-exact comparison material.
+fn raw_rows(bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut rows = Vec::new();
+    let mut split = pgshift::format::CsvRows::new();
+    split
+        .feed(bytes, |r| {
+            rows.push(r.to_vec());
+            Ok(())
+        })
+        .unwrap();
+    split.finish().unwrap();
+    rows.sort();
+    rows
+}
+
+/// The export reads COPY text and writes CSV itself: every value that text and CSV escape
+/// differently must come out as the server's own `COPY ... (format csv)` bytes.
+#[tokio::test]
+async fn staged_csv_is_byte_for_byte_what_copy_csv_gives() {
+    let l = Load::new("fl_bytes").await;
+    let c = l.db.client().await;
+    c.batch_execute(
+        r#"create table public.nasty (id int primary key, t text, b bytea, a text[], j jsonb, n numeric, ts timestamptz);
+        insert into public.nasty values
+          (1, e'tab\there', '\x00ff', array['a,b', 'q"uote', null, ''], '{"k": "v\\n\"x\""}', 'NaN', 'infinity'),
+          (2, e'two\nlines\r\nand cr\r', '\x5c', array[e'back\\slash'], '[]', -0.000100, '2024-02-29 12:00:00.123456+05:30'),
+          (3, '', '', '{}', 'null', 0, null),
+          (4, null, null, null, null, null, null),
+          (5, e'\\.', e'\\x2e', array['\.'], '"\\."', 1e30, '-infinity'),
+          (6, '\N', 'N', array['NULL', 'null'], '{"a": null}', 12.5, 'epoch'),
+          (7, e'ctl \x01 \b \f \v \x7f end', '\x0a0d09', array[e'\t'], '{"t": "\t"}', 1, now()),
+          (8, 'ünïcødé 😀 ,"', '\xe282ac', array['ü'], '{"ü": "😀"}', 2, now()),
+          (9, ' lead and trail ', '\x20', array[' '], '" "', 3, now()),
+          (10, '"', '\x22', array['"'], '"\""', 4, now());
+        create table public.one (v text);
+        insert into public.one values (e'\\.'), (''), (null), ('x'), ('\N'), (e'\\');
+        create table public."Zero" ();
+        insert into public."Zero" default values;
+        insert into public."Zero" default values;"#,
+    )
+    .await
+    .unwrap();
+    let report = l.run(&l.opts("bytes", "csv", 1), 1).await;
+    assert_eq!(report.tables, 3, "{report:?}");
+    let ms = manifests(&l.sink).await;
+    for m in &ms {
+        let cols: Vec<String> = m
+            .columns
+            .iter()
+            .map(|c| pgshift::source::quote_ident(c))
+            .collect();
+        let sql = format!(
+            "copy (select {} from {}) to stdout with (format csv)",
+            cols.join(", "),
+            pgshift::source::quote_qualified(&m.schema, &m.table)
+        );
+        let mut source = Vec::new();
+        let stream = c.copy_out(&sql).await.unwrap();
+        let mut stream = std::pin::pin!(stream);
+        while let Some(b) = futures_util::StreamExt::next(&mut stream).await {
+            source.extend_from_slice(&b.unwrap());
+        }
+        let mut staged = Vec::new();
+        for chunk in &m.chunks {
+            staged.extend_from_slice(&l.sink.get(&chunk.key).await.unwrap().unwrap());
+        }
+        let want = match m.table.as_str() {
+            "nasty" => 10,
+            "one" => 6,
+            _ => 2,
+        };
+        assert_eq!(m.rows, want, "{}", m.table);
+        assert_eq!(
+            raw_rows(&staged),
+            raw_rows(&source),
+            "{} differs from COPY csv:\n{}\n---\n{}",
+            m.table,
+            String::from_utf8_lossy(&staged),
+            String::from_utf8_lossy(&source)
+        );
+    }
+}
+
+/// A CLI worker keeps its session from chunk to chunk (one backend, each chunk its own
+/// snapshot) and opens a new one when the kept session was cut between chunks.
+#[tokio::test]
+async fn a_worker_session_serves_many_chunks_and_survives_a_cut() {
+    let l = Load::new("fl_session").await;
+    let c = l.db.client().await;
+    c.batch_execute("create table public.t (id int primary key, v text); insert into public.t select g, repeat('x', 200) from generate_series(1, 40000) g;")
+        .await
+        .unwrap();
+    c.batch_execute("vacuum analyze public.t").await.unwrap();
+    let o = l.opts("session", "csv", 1);
+    let (_, ids) = full_load::plan(&l.sink, &l.state, &o).await.unwrap();
+    assert!(ids.len() >= 4, "a table of several chunks: {}", ids.len());
+    let mut session = full_load::ChunkSession::default();
+    let mut rows = 0;
+    for id in &ids[..2] {
+        rows += full_load::export_chunk_in(&l.sink, &l.state, &o, id, &mut session)
+            .await
+            .unwrap()
+            .rows;
+    }
+    assert_eq!(session.connects, 1, "two chunks, one session");
+    let cut: i64 = c
+        .query_one(
+            "select count(*) from (select pg_terminate_backend(pid) from pg_stat_activity \
+             where datname = current_database() and application_name = 'pgshift-full-load') k",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(cut, 1, "the worker's one session is cut");
+    for id in &ids[2..] {
+        rows += full_load::export_chunk_in(&l.sink, &l.state, &o, id, &mut session)
+            .await
+            .unwrap()
+            .rows;
+    }
+    assert_eq!(
+        session.connects, 2,
+        "a new session after the cut, then kept"
+    );
+    assert_eq!(rows, 40_000);
+    let ms = full_load::finish(&l.sink, &l.state, "session")
+        .await
+        .unwrap();
+    assert_eq!(ms[0].rows, 40_000);
+}
+
 /// Many chunks while updates, inserts and deletes run; then CDC from L0 applied as upserts on
 /// top of the load equals the source.
 #[tokio::test]

@@ -11,9 +11,11 @@
 //! **ExportChunk.** The chunk item moves `pending → running(owner, lease)` with a conditional
 //! write (a live lease held by another worker is a transient conflict: retry later). In its own
 //! REPEATABLE READ READ ONLY transaction the worker records `pg_current_wal_lsn()` (the chunk's
-//! start), then streams `COPY (SELECT * FROM t WHERE ctid range) TO STDOUT (FORMAT csv)` into the
-//! encoder and a (multipart) upload of `LOAD<n:08X>.<ext>`, counting rows and summing an
-//! order-independent checksum. Only after the object is complete does the item move to `done`
+//! start), then streams `COPY (SELECT * FROM t WHERE ctid range) TO STDOUT` (text; turned into
+//! the exact bytes of `FORMAT csv` client-side, [`crate::format::TextToCsv`]) into the encoder
+//! and a (multipart) upload of `LOAD<n:08X>.<ext>`, counting rows and summing an
+//! order-independent checksum. The CLI's workers keep their session from chunk to chunk
+//! ([`ChunkSession`]); each chunk still has its own snapshot. Only after the object is complete does the item move to `done`
 //! (conditional on the version it wrote). A crash anywhere leaves the chunk `running` until its
 //! lease expires; the retry rewrites the same key. A chunk already `done` returns its result.
 //!
@@ -34,7 +36,7 @@ use crate::config::{PgConfig, check_task_name};
 use crate::error::{Error, Result};
 use crate::format::parquet::ParquetEncoder;
 use crate::format::{
-    CsvRows, EncodedWriter, Encoding, Format, RowChecksum, load_json_row, parse_csv_fields,
+    EncodedWriter, Encoding, Format, RowChecksum, TextToCsv, load_json_row, parse_csv_fields,
 };
 use crate::job::cdc_poll::{self, StoredSchema, table_prefix};
 use crate::lsn::Lsn;
@@ -395,12 +397,62 @@ pub fn chunk_ids(plan: &PlanRecord) -> Vec<ChunkId> {
         .collect()
 }
 
+/// A worker's source session, kept from one chunk to the next (the CLI's workers export many
+/// chunks each; a Lambda invocation exports one). Reusing it saves, per chunk, a backend
+/// start, the TLS handshake, the SCRAM exchange and the catalog-cache warm-up — tens of
+/// milliseconds during which the server would otherwise send nothing. Every chunk still has
+/// its own snapshot (its own `repeatable read` transaction); a session that failed mid-chunk
+/// is dropped, never reused.
+#[derive(Default)]
+pub struct ChunkSession {
+    client: Option<tokio_postgres::Client>,
+    /// Sessions opened (for tests and diagnostics).
+    pub connects: u32,
+}
+
+/// Starts a chunk's snapshot. JIT is off: it would compile each chunk's scan anew (the plan
+/// cost passes `jit_above_cost` on any big table) for a query that only moves tuples.
+const BEGIN_CHUNK: &str =
+    "set jit = off; start transaction isolation level repeatable read read only";
+
+impl ChunkSession {
+    /// A session in a fresh chunk snapshot: the kept one, or a new one when there is none or
+    /// the kept one no longer answers (closed by the server, a network cut between chunks).
+    async fn begin(&mut self, opts: &LoadOptions) -> Result<tokio_postgres::Client> {
+        if let Some(kept) = self.client.take().filter(|c| !c.is_closed())
+            && kept.batch_execute(BEGIN_CHUNK).await.is_ok()
+        {
+            return Ok(kept);
+        }
+        let mut cfg = opts.source.clone();
+        cfg.application_name = "pgshift-full-load".to_owned();
+        self.connects += 1;
+        let client = source::connect(&cfg).await?;
+        client
+            .batch_execute(BEGIN_CHUNK)
+            .await
+            .map_err(|e| Error::postgres("starting the chunk's snapshot", e))?;
+        Ok(client)
+    }
+}
+
 /// Exports one chunk (idempotent; see the module docs for the state transitions).
 pub async fn export_chunk<S: ObjectSink, St: StateStore>(
     sink: &S,
     state: &St,
     opts: &LoadOptions,
     id: &ChunkId,
+) -> Result<ChunkRecord> {
+    export_chunk_in(sink, state, opts, id, &mut ChunkSession::default()).await
+}
+
+/// [`export_chunk`] on a session kept by the caller across chunks.
+pub async fn export_chunk_in<S: ObjectSink, St: StateStore>(
+    sink: &S,
+    state: &St,
+    opts: &LoadOptions,
+    id: &ChunkId,
+    session: &mut ChunkSession,
 ) -> Result<ChunkRecord> {
     check_task_name(&opts.task)?;
     let key = id.state_key();
@@ -447,7 +499,7 @@ pub async fn export_chunk<S: ObjectSink, St: StateStore>(
         .find(|t| t.schema == id.schema && t.table == id.table)
         .ok_or_else(|| Error::Source(format!("{}.{} is not in the plan", id.schema, id.table)))?;
     let (rows, bytes, checksum, start_lsn) =
-        Box::pin(copy_chunk(sink, opts, plan.format, table, &record)).await?;
+        Box::pin(copy_chunk(sink, opts, plan.format, table, &record, session)).await?;
     record.status = "done".to_owned();
     record.rows = rows;
     record.bytes = bytes;
@@ -472,18 +524,13 @@ async fn copy_chunk<S: ObjectSink>(
     format: Format,
     table: &PlannedTable,
     record: &ChunkRecord,
+    session: &mut ChunkSession,
 ) -> Result<(u64, u64, RowChecksum, Lsn)> {
-    let mut cfg = opts.source.clone();
-    cfg.application_name = "pgshift-full-load".to_owned();
-    let client = source::connect(&cfg).await?;
-    client
-        .batch_execute("start transaction isolation level repeatable read read only")
-        .await
-        .map_err(|e| Error::postgres("starting the chunk's snapshot", e))?;
+    let client = session.begin(opts).await?;
     let start_lsn = slot_free_lsn(&client).await?;
     let cols: Vec<String> = table.columns.iter().map(|c| quote_ident(c)).collect();
     let sql = format!(
-        "copy (select {} from {}{}) to stdout with (format csv)",
+        "copy (select {} from {}{}) to stdout",
         cols.join(", "),
         quote_qualified(&table.schema, &table.table),
         record.range.where_clause()
@@ -497,7 +544,9 @@ async fn copy_chunk<S: ObjectSink>(
     let mut stream = std::pin::pin!(stream);
     let writer = sink.writer(&record.key).await?;
     let mut out = EncodedWriter::new(writer, format);
-    let mut splitter = CsvRows::new();
+    // Text from the server, CSV from here (see TextToCsv for why).
+    let mut conv = TextToCsv::new(table.columns.len());
+    let mut csv = Vec::with_capacity(1 << 16);
     let mut checksum = RowChecksum::default();
     let mut rows = 0u64;
     let mut fields = Vec::new();
@@ -520,7 +569,8 @@ async fn copy_chunk<S: ObjectSink>(
         })?;
         let before = rows;
         encoded.clear();
-        splitter.feed(&piece, |row| {
+        csv.clear();
+        conv.feed(&piece, &mut csv, |row| {
             checksum.add_row(row);
             rows += 1;
             match format.encoding {
@@ -545,8 +595,7 @@ async fn copy_chunk<S: ObjectSink>(
             Ok(())
         })?;
         match format.encoding {
-            // COPY's CSV is already the staged CSV: pass the bytes through.
-            Encoding::Csv => out.write_rows(&piece, rows - before).await?,
+            Encoding::Csv => out.write_rows(&csv, rows - before).await?,
             Encoding::Jsonl => out.write_rows(&encoded, rows - before).await?,
             Encoding::Parquet => {
                 let bytes = parquet
@@ -570,9 +619,12 @@ async fn copy_chunk<S: ObjectSink>(
         let tail = p.finish()?;
         out.write_rows(&tail, 0).await?;
     }
-    splitter.finish()?;
+    conv.finish()?;
     let bytes = out.finish().await?;
-    let _ = client.batch_execute("commit").await;
+    // A read-only snapshot: the commit only ends it. A session whose commit fails is dropped.
+    if client.batch_execute("commit").await.is_ok() {
+        session.client = Some(client);
+    }
     Ok((rows, bytes, checksum, start_lsn))
 }
 
@@ -771,12 +823,13 @@ pub async fn run_local<S: ObjectSink + Clone, St: StateStore + Clone>(
             progress.clone(),
         );
         workers.spawn(async move {
+            let mut session = ChunkSession::default();
             loop {
                 let next = queue.lock().ok().and_then(|mut q| q.pop_front());
                 let Some(id) = next else {
                     return Ok::<(), Error>(());
                 };
-                let rec = export_chunk(&sink, &state, &opts, &id).await?;
+                let rec = export_chunk_in(&sink, &state, &opts, &id, &mut session).await?;
                 progress.rows.fetch_add(rec.rows, Relaxed);
                 progress.bytes.fetch_add(rec.bytes, Relaxed);
                 progress.chunks_done.fetch_add(1, Relaxed);
