@@ -404,7 +404,11 @@ pub async fn run<S: ObjectSink, St: StateStore>(
     let started = Instant::now();
     let mut cfg = opts.source.clone();
     cfg.application_name = "pgshift-cdc".to_owned();
-    let control = source::connect(&cfg).await?;
+    // The peek session is opened alongside (its handshake overlaps the control work).
+    let mut peek_cfg = opts.source.clone();
+    peek_cfg.application_name = "pgshift-cdc-peek".to_owned();
+    let (control, peek) = tokio::join!(source::connect(&cfg), source::connect(&peek_cfg));
+    let control = control?;
     let task = ensure_task(
         state,
         &control,
@@ -429,6 +433,7 @@ pub async fn run<S: ObjectSink, St: StateStore>(
         opts,
         task,
         control,
+        peek: Some(peek),
         rec,
         version,
         relations: HashMap::new(),
@@ -502,6 +507,8 @@ struct Poller<'a, S: ObjectSink, St: StateStore> {
     opts: &'a CdcOptions,
     task: TaskRecord,
     control: Client,
+    /// The peek session (connected in [`run`]; a failed connect surfaces when it is needed).
+    peek: Option<Result<Client>>,
     rec: CdcRecord,
     version: u64,
     relations: HashMap<u32, RelEntry>,
@@ -570,12 +577,11 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
         report.slot_wal_status = state.wal_status.clone();
         let mut last_commit_ts: Option<i64> = None;
 
-        let mut peek_cfg = opts.source.clone();
-        peek_cfg.application_name = "pgshift-cdc-peek".to_owned();
-        if let Some(deadline) = opts.deadline {
-            peek_cfg.statement_timeout = deadline.saturating_duration_since(Instant::now());
-        }
-        let peek_client = source::connect(&peek_cfg).await?;
+        let peek_client = self.peek.take().unwrap_or_else(|| {
+            Err(Error::Source(
+                "the peek session was already used".to_owned(),
+            ))
+        })?;
         let server_version: i32 = peek_client
             .query_one("select current_setting('server_version_num')::int4", &[])
             .await
@@ -590,10 +596,7 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
                 .await
                 .map_err(|e| Error::postgres("setting logical_decoding_work_mem", e))?;
         }
-        let stmt = peek_client
-            .prepare(slot::PEEK)
-            .await
-            .map_err(|e| Error::postgres("preparing the peek", e))?;
+        let max_peek_changes = opts.max_peek_changes.to_string();
 
         loop {
             if self.checkpoint() >= target {
@@ -605,134 +608,158 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
             }
             report.peeks += 1;
             let target_text = target.to_string();
-            let rows = peek_client
-                .query_raw(
-                    &stmt,
-                    [
-                        &self.task.slot as &(dyn tokio_postgres::types::ToSql + Sync),
+            // The peek may use what is left before the deadline, no more.
+            let timeout = match opts.deadline {
+                Some(d) => d
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+                None => opts.source.statement_timeout,
+            };
+            let timeout_ms = timeout.as_millis().to_string();
+            peek_client
+                .execute(
+                    slot::PEEK_BIND,
+                    &[
+                        &self.task.slot,
                         &target_text,
-                        &opts.max_peek_changes,
+                        &max_peek_changes,
                         &self.task.publication,
+                        &timeout_ms,
                     ],
                 )
                 .await
+                .map_err(|e| Error::postgres("binding the peek", e))?;
+            let copy = peek_client
+                .copy_out(slot::PEEK_COPY)
+                .await
                 .map_err(|e| Error::postgres(format!("peeking slot {}", self.task.slot), e))?;
             tracing::debug!(task = %opts.task, elapsed_ms = started.elapsed().as_millis() as u64, "peek returned its first row");
-            let mut rows = std::pin::pin!(rows);
+            let mut copy = std::pin::pin!(copy);
+            let mut rows = slot::PeekRows::new();
             let mut batch = self.new_batch().await?;
             let mut txn: Option<Txn> = None;
             let mut row_count: i64 = 0;
             let mut stopped_early = false;
             let mut first = true;
-            while let Some(row) = rows.next().await {
-                let row = row.map_err(|e| {
+            'stream: while let Some(piece) = copy.next().await {
+                let piece = piece.map_err(|e| {
                     Error::postgres(format!("reading changes of slot {}", self.task.slot), e)
                 })?;
-                if first {
-                    failpoint(opts, Failpoint::AfterPeek)?;
-                    first = false;
-                }
-                row_count += 1;
-                let lsn: tokio_postgres::types::PgLsn = row
-                    .try_get(0)
-                    .map_err(|e| Error::postgres("reading a change's LSN", e))?;
-                let lsn = Lsn(u64::from(lsn));
-                let data: &[u8] = row
-                    .try_get(1)
-                    .map_err(|e| Error::postgres("reading a change", e))?;
-                let msg = pgoutput::decode(data, false)
-                    .map_err(|e| Error::Source(format!("{e} at {lsn}")))?;
-                match msg {
-                    Message::Begin(b) => {
-                        txn = Some(Txn {
-                            xid: b.xid,
-                            commit_ts: b.commit_ts,
-                            final_lsn: b.final_lsn,
-                        });
+                rows.push(piece);
+                while let Some((lsn, data)) = rows.next_row()? {
+                    if first {
+                        failpoint(opts, Failpoint::AfterPeek)?;
+                        first = false;
                     }
-                    Message::Commit(c) => {
-                        if txn.take().is_none() {
-                            return Err(Error::Source(format!("commit at {lsn} without a begin")));
+                    row_count += 1;
+                    let msg = pgoutput::decode(&data, false)
+                        .map_err(|e| Error::Source(format!("{e} at {lsn}")))?;
+                    match msg {
+                        Message::Begin(b) => {
+                            txn = Some(Txn {
+                                xid: b.xid,
+                                commit_ts: b.commit_ts,
+                                final_lsn: b.final_lsn,
+                            });
                         }
-                        batch.transactions += 1;
-                        batch.first_commit.get_or_insert(c.commit_lsn);
-                        batch.last_commit = c.commit_lsn;
-                        batch.last_end = c.end_lsn;
-                        batch.last_commit_ts = c.commit_ts;
-                        let cut = match batch.must_end {
-                            Some(end) if c.end_lsn == end => true,
-                            Some(end) if c.end_lsn > end => {
+                        Message::Commit(c) => {
+                            if txn.take().is_none() {
                                 return Err(Error::Source(format!(
-                                    "manifest {} ends at {end}, which is not a commit boundary of slot {}",
-                                    manifest_key(batch.start, end),
-                                    self.task.slot
+                                    "commit at {lsn} without a begin"
                                 )));
                             }
-                            Some(_) => false,
-                            None => {
-                                batch.changes >= opts.max_batch_changes
-                                    || batch.bytes >= opts.max_batch_bytes
+                            batch.transactions += 1;
+                            batch.first_commit.get_or_insert(c.commit_lsn);
+                            batch.last_commit = c.commit_lsn;
+                            batch.last_end = c.end_lsn;
+                            batch.last_commit_ts = c.commit_ts;
+                            let cut = match batch.must_end {
+                                Some(end) if c.end_lsn == end => true,
+                                Some(end) if c.end_lsn > end => {
+                                    return Err(Error::Source(format!(
+                                        "manifest {} ends at {end}, which is not a commit boundary of slot {}",
+                                        manifest_key(batch.start, end),
+                                        self.task.slot
+                                    )));
+                                }
+                                Some(_) => false,
+                                None => {
+                                    batch.changes >= opts.max_batch_changes
+                                        || batch.bytes >= opts.max_batch_bytes
+                                }
+                            };
+                            let stop = self.soft_deadline_passed();
+                            if cut || stop {
+                                let done = std::mem::replace(&mut batch, self.placeholder_batch());
+                                if let Some(summary) = self.commit_batch(done, &mut report).await? {
+                                    last_commit_ts = Some(summary);
+                                }
+                                if stop {
+                                    report.outcome = Outcome::DeadlineReached;
+                                    stopped_early = true;
+                                    break 'stream;
+                                }
+                                batch = self.new_batch().await?;
                             }
-                        };
-                        let stop = self.soft_deadline_passed();
-                        if cut || stop {
-                            let done = std::mem::replace(&mut batch, self.placeholder_batch());
-                            if let Some(summary) = self.commit_batch(done, &mut report).await? {
-                                last_commit_ts = Some(summary);
-                            }
-                            if stop {
-                                report.outcome = Outcome::DeadlineReached;
-                                stopped_early = true;
-                                break;
-                            }
-                            batch = self.new_batch().await?;
                         }
-                    }
-                    Message::Relation(r) => self.on_relation(&r, lsn).await?,
-                    Message::Insert(i) => {
-                        let t = txn_of(&txn, lsn)?;
-                        self.stage_insert(&mut batch, t, lsn, &i.new.0, i.rel_id)
-                            .await?;
-                    }
-                    Message::Update(u) => {
-                        let t = txn_of(&txn, lsn)?;
-                        self.stage_update(&mut batch, t, lsn, u).await?;
-                    }
-                    Message::Delete(d) => {
-                        let t = txn_of(&txn, lsn)?;
-                        let (old, full) = match &d.old {
-                            OldTuple::Key(k) => (&k.0, false),
-                            OldTuple::Full(f) => (&f.0, true),
-                        };
-                        self.stage(
-                            &mut batch,
-                            t,
-                            lsn,
-                            d.rel_id,
-                            Op::Delete,
-                            Some(old),
-                            full,
-                            None,
-                        )
-                        .await?;
-                    }
-                    Message::Truncate(tr) => {
-                        let t = txn_of(&txn, lsn)?;
-                        for rel in &tr.rel_ids {
-                            self.stage(&mut batch, t, lsn, *rel, Op::Truncate, None, false, None)
+                        Message::Relation(r) => self.on_relation(&r, lsn).await?,
+                        Message::Insert(i) => {
+                            let t = txn_of(&txn, lsn)?;
+                            self.stage_insert(&mut batch, t, lsn, &i.new.0, i.rel_id)
                                 .await?;
                         }
-                    }
-                    Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
-                    Message::StreamStart(_)
-                    | Message::StreamStop
-                    | Message::StreamCommit(_)
-                    | Message::StreamAbort(_) => {
-                        return Err(Error::Source(format!(
-                            "unexpected streaming message at {lsn}: pgshift peeks with protocol 1"
-                        )));
+                        Message::Update(u) => {
+                            let t = txn_of(&txn, lsn)?;
+                            self.stage_update(&mut batch, t, lsn, u).await?;
+                        }
+                        Message::Delete(d) => {
+                            let t = txn_of(&txn, lsn)?;
+                            let (old, full) = match &d.old {
+                                OldTuple::Key(k) => (&k.0, false),
+                                OldTuple::Full(f) => (&f.0, true),
+                            };
+                            self.stage(
+                                &mut batch,
+                                t,
+                                lsn,
+                                d.rel_id,
+                                Op::Delete,
+                                Some(old),
+                                full,
+                                None,
+                            )
+                            .await?;
+                        }
+                        Message::Truncate(tr) => {
+                            let t = txn_of(&txn, lsn)?;
+                            for rel in &tr.rel_ids {
+                                self.stage(
+                                    &mut batch,
+                                    t,
+                                    lsn,
+                                    *rel,
+                                    Op::Truncate,
+                                    None,
+                                    false,
+                                    None,
+                                )
+                                .await?;
+                            }
+                        }
+                        Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
+                        Message::StreamStart(_)
+                        | Message::StreamStop
+                        | Message::StreamCommit(_)
+                        | Message::StreamAbort(_) => {
+                            return Err(Error::Source(format!(
+                                "unexpected streaming message at {lsn}: pgshift peeks with protocol 1"
+                            )));
+                        }
                     }
                 }
+            }
+            if !stopped_early {
+                rows.finish()?;
             }
             tracing::debug!(task = %opts.task, rows = row_count, elapsed_ms = started.elapsed().as_millis() as u64, "peek read");
             if txn.is_some() && !stopped_early {
