@@ -113,6 +113,68 @@ async fn dynamodb_writes_are_conditional() {
     );
 }
 
+/// A peek that would outlive the deadline is cut by the server (its `statement_timeout` is
+/// the time left): the run stops cleanly without committing anything, and the next run drains
+/// it all.
+#[tokio::test]
+async fn a_peek_longer_than_the_time_left_is_cut_and_retried_whole() {
+    let db = TestDb::new("cdc_peek_timeout").await;
+    let sink = MemorySink::new();
+    let state = MemoryStore::new();
+    let c = db.client().await;
+    c.batch_execute("create table public.t (id int)")
+        .await
+        .unwrap();
+    let mut o = CdcOptions::new("peek-timeout", db.config(), "owner-1");
+    cdc_poll::run(&sink, &state, &o).await.unwrap();
+    c.batch_execute("insert into public.t select generate_series(1, 1000000)")
+        .await
+        .unwrap();
+    let before = state.get("peek-timeout", "cdc").await.unwrap().unwrap().doc["checkpoint"].clone();
+
+    // The drain waits (briefly) for the WAL flush to reach the insert position: let it first.
+    let inserted: String = c
+        .query_one("select pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for _ in 0..200 {
+        let flushed: bool = c
+            .query_one(
+                "select pg_current_wal_flush_lsn() >= $1::text::pg_lsn",
+                &[&inserted],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if flushed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Decoding a million inserts takes the server about a second here: far more than is left.
+    o.deadline = Some(Instant::now() + Duration::from_millis(400));
+    o.safety_margin = Duration::ZERO;
+    let r = cdc_poll::run(&sink, &state, &o).await.unwrap();
+    assert_eq!(
+        (&r.outcome, r.peeks, r.changes),
+        (&Outcome::DeadlineReached, 1, 0),
+        "the peek started and was cut: {r:?}"
+    );
+    let after = state.get("peek-timeout", "cdc").await.unwrap().unwrap();
+    assert_eq!(after.doc["checkpoint"], before, "nothing committed");
+    assert!(
+        sink.snapshot()
+            .keys()
+            .all(|k| !k.starts_with("_manifests/cdc/")),
+        "no manifest"
+    );
+
+    o.deadline = None;
+    let r = cdc_poll::run(&sink, &state, &o).await.unwrap();
+    assert_eq!((r.outcome, r.changes), (Outcome::Drained, 1_000_000));
+}
+
 #[tokio::test]
 async fn a_passed_deadline_stops_cleanly_and_the_next_run_continues() {
     let db = TestDb::new("cdc_deadline").await;

@@ -642,9 +642,27 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
             let mut stopped_early = false;
             let mut first = true;
             'stream: while let Some(piece) = copy.next().await {
-                let piece = piece.map_err(|e| {
-                    Error::postgres(format!("reading changes of slot {}", self.task.slot), e)
-                })?;
+                let piece = match piece {
+                    Ok(p) => p,
+                    // The server cut the peek at the time left (PEEK_BIND): a clean stop, the
+                    // open batch abandoned, committed ones kept.
+                    Err(e)
+                        if opts.deadline.is_some()
+                            && e.code()
+                                == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) =>
+                    {
+                        tracing::info!(task = %opts.task, "the peek reached the deadline");
+                        report.outcome = Outcome::DeadlineReached;
+                        stopped_early = true;
+                        break 'stream;
+                    }
+                    Err(e) => {
+                        return Err(Error::postgres(
+                            format!("reading changes of slot {}", self.task.slot),
+                            e,
+                        ));
+                    }
+                };
                 rows.push(piece);
                 while let Some((lsn, data)) = rows.next_row()? {
                     if first {
