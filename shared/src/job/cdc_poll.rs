@@ -10,7 +10,11 @@
 //!    mean changes nobody staged are gone, which is a terminal error too.
 //! 3. **Peek** up to `U`, the WAL flush position taken at start once it has reached the insert
 //!    position (the peek cannot see past the flush position), in few large peeks (`upto_nchanges` only bounds a runaway backlog).
-//!    Rows stream from the server; client memory is bounded whatever the transaction size.
+//!    The peek runs as `COPY (select lsn, data from pg_logical_slot_peek_binary_changes(..)) TO
+//!    STDOUT (FORMAT binary)` (its values bound through `set_config`, [`slot::PEEK_BIND`]):
+//!    rows stream from the server with less work per row than a query's DataRows; client
+//!    memory is bounded whatever the transaction size. The session's `statement_timeout` is
+//!    the time left before the deadline: a peek the server cuts there is a clean stop.
 //!    Batches are cut only at commit boundaries, by change count and bytes. If a manifest for
 //!    a batch starting at `C` already exists (a crash after step 4 last time), the batch is cut
 //!    exactly at that manifest's end, so the retry rewrites the same files and the same
