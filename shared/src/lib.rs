@@ -9,7 +9,7 @@
 //! - [`selection`]: DMS table-mapping selection rules.
 //! - [`source`]: the PostgreSQL source: connect, catalog, endpoint checks.
 //! - [`pgoutput`]: a pure decoder of the pgoutput protocol; [`change`]: decoded row changes.
-//! - [`format`]: staged file formats; [`stage`]: where files go (S3, folder, memory).
+//! - [`format`](mod@format): staged file formats; [`stage`]: where files go (S3, folder, memory).
 //! - [`state`]: task state with conditional writes (DynamoDB, file, memory).
 //! - [`job`]: what the functions and the CLI run.
 //!

@@ -267,7 +267,7 @@ fn is_direct_refusal(e: &std::io::Error) -> bool {
 
 type InFlight = tokio::task::JoinHandle<std::io::Result<(BlockFile, Block)>>;
 
-/// A file being written beside its final name: blocks of [`LOCAL_BLOCK`] bytes written on a
+/// A file being written beside its final name: blocks of `LOCAL_BLOCK` (1 MiB) written on a
 /// blocking thread while the next block fills (two buffers per writer).
 pub struct LocalWriter {
     file: Option<BlockFile>,
