@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# CDC benchmark (prints figures; not a test). On a throwaway PostgreSQL it creates two identical
-# slots, runs `pgbench -N` (TXNS transactions: an UPDATE and an INSERT each, so 2 x TXNS row
-# changes), then measures in the same run:
-#   ceiling  select count(*) from pg_logical_slot_peek_binary_changes(..pgoutput..) on slot 2
-#   pgshift  pgshift cdc --once to the local folder, draining slot 1 (release build)
-# and prints changes/s for both, the ratio, and pgshift's peak RSS.
+# CDC benchmark (prints figures; not a test). On a throwaway PostgreSQL it creates pgshift's
+# task (slot + publication) and a pristine copy of its slot, runs `pgbench -N` (TXNS
+# transactions: an UPDATE and an INSERT each, so 2 x TXNS row changes), then measures, in the
+# same run and RUNS times each (the slot is re-copied from the pristine one before every run,
+# so every run drains the same changes):
+#   ceiling  select count(*) from pg_logical_slot_peek_binary_changes(..pgoutput..)
+#   pgshift  pgshift cdc --once to the local folder (release build), from a fresh checkpoint
+# and prints the median (and best) changes/s for both, the ratio of medians, pgshift's peak
+# RSS, and once, for reference, the streaming replication protocol (pg_recvlogical to
+# /dev/null) over the same changes.
 #
-#   ./scripts/bench-cdc.sh [TXNS]        (default 250000)
+#   ./scripts/bench-cdc.sh [TXNS] [RUNS]    (defaults 250000, 3)
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 cd "$PGSHIFT_ROOT"
 trap pgshift_cleanup EXIT
 TXNS=${1:-250000}
+RUNS=${2:-3}
 
 pgshift_cargo_env
 pgshift_ensure_postgres
@@ -26,33 +31,59 @@ pgbench -q -i -s 5 -h 127.0.0.1 -p "$PG_PORT_bench" -U postgres bench >/dev/null
 url="postgres://postgres:${PGSHIFT_PG_PASSWORD}@127.0.0.1:${PG_PORT_bench}/bench?sslmode=${BENCH_SSLMODE:-prefer}"
 work=$PGSHIFT_RUN_DIR/bench-out
 
-# Slot 1 and its publication through pgshift (a CDC-only task), slot 2 beside it at once.
+# The task (slot pgshift_bench, publication pgshift_bench) and its checkpoint, kept aside.
 "$bin" cdc --task bench --source "$url" --stage "$work/stage" --state "$work/state" --once >/dev/null
-psql_ -d bench -c "select 1 from pg_create_logical_replication_slot('ceiling', 'pgoutput')" >/dev/null
+cp -r "$work/state" "$work/state0"
+psql_ -d bench -c "select 1 from pg_copy_logical_replication_slot('pgshift_bench', 'pristine')" >/dev/null
 
 log "pgbench -N: $TXNS transactions"
 pgbench -n -N -c 2 -j 2 -t $((TXNS / 2)) -h 127.0.0.1 -p "$PG_PORT_bench" -U postgres bench >/dev/null 2>&1
 psql_ -d bench -c "checkpoint" >/dev/null
+end_lsn=$(psql_ -d bench -c "select pg_current_wal_flush_lsn()")
 
-ceiling_start=$(date +%s.%N)
-rows=$(psql_ -d bench -c "set logical_decoding_work_mem = '256MB'" -c "select count(*) from pg_logical_slot_peek_binary_changes('ceiling', null, null, 'proto_version', '1', 'publication_names', 'pgshift_bench')")
-ceiling_end=$(date +%s.%N)
+reset_slot() {
+  psql_ -d bench -c "select pg_drop_replication_slot('pgshift_bench')" \
+    -c "select 1 from pg_copy_logical_replication_slot('pristine', 'pgshift_bench')" >/dev/null
+  rm -rf "$work/stage" "$work/state"
+  cp -r "$work/state0" "$work/state"
+}
+now() { date +%s.%N; }
 
-PGSHIFT_LOG=${PGSHIFT_LOG:-warn} /usr/bin/time -v -o "$work/time.txt" "$bin" cdc --task bench --source "$url" --stage "$work/stage" --state "$work/state" --once --json >"$work/report.json"
-python3 - "$work" "$ceiling_start" "$ceiling_end" "$rows" "$TXNS" <<'PY'
-import json, re, sys
-work, c0, c1, rows, txns = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-report = json.load(open(f"{work}/report.json"))
-timing = open(f"{work}/time.txt").read()
-wall = timing.split("Elapsed (wall clock) time (h:mm:ss or m:ss): ")[1].splitlines()[0]
-parts = [float(p) for p in wall.split(":")]
-secs = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
-rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", timing).group(1))
-changes = report["changes"]
-ceiling = c1 - c0
-print(f"row changes           {changes} (pgbench -N, {txns} transactions; ceiling peek returned {rows} messages)")
-print(f"ceiling (peek count)  {ceiling:8.2f} s  {changes / ceiling:12.0f} changes/s")
-print(f"pgshift cdc --once    {secs:8.2f} s  {changes / secs:12.0f} changes/s  ({report['bytes_staged'] / 1e6:.1f} MB staged, {len(report['batches'])} batches)")
-print(f"ratio                 {ceiling / secs:8.2f}  (target >= 0.75)")
-print(f"pgshift peak RSS      {rss_kb / 1024:8.1f} MB (target < 100 MB)")
+ceilings=() secs=() rss=()
+for run in $(seq "$RUNS"); do
+  t0=$(now)
+  rows=$(psql_ -d bench -c "set logical_decoding_work_mem = '256MB'" -c "select count(*) from pg_logical_slot_peek_binary_changes('pristine', null, null, 'proto_version', '1', 'publication_names', 'pgshift_bench')")
+  t1=$(now)
+  ceilings+=("$(python3 -c "print($t1 - $t0)")")
+  reset_slot
+  PGSHIFT_LOG=${PGSHIFT_LOG:-warn} /usr/bin/time -f "%e %M" -o "$work/time.txt" "$bin" cdc --task bench --source "$url" --stage "$work/stage" --state "$work/state" --once --json >"$work/report-$run.json"
+  read -r wall kb <"$work/time.txt"
+  secs+=("$wall") rss+=("$kb")
+done
+
+reset_slot
+t0=$(now)
+pg_recvlogical -h 127.0.0.1 -p "$PG_PORT_bench" -U postgres -d "dbname=bench sslmode=${BENCH_SSLMODE:-prefer}" \
+  -S pgshift_bench --start -E "$end_lsn" -o proto_version=1 -o publication_names=pgshift_bench \
+  --no-loop -F 0 -f /dev/null
+t1=$(now)
+streaming=$(python3 -c "print($t1 - $t0)")
+
+python3 - "$work" "$rows" "$TXNS" "$streaming" "${ceilings[*]}" "${secs[*]}" "${rss[*]}" <<'PY'
+import json, statistics, sys
+work, rows, txns, streaming = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+ceilings = [float(x) for x in sys.argv[5].split()]
+secs = [float(x) for x in sys.argv[6].split()]
+rss = [int(x) / 1024 for x in sys.argv[7].split()]
+reports = [json.load(open(f"{work}/report-{i + 1}.json")) for i in range(len(secs))]
+changes = reports[0]["changes"]
+assert all(r["changes"] == changes for r in reports), [r["changes"] for r in reports]
+c, p = statistics.median(ceilings), statistics.median(secs)
+r = reports[0]
+print(f"row changes           {changes} (pgbench -N, {txns} transactions; the peek returns {rows} messages); {len(secs)} runs each")
+print(f"ceiling (peek count)  {c:8.2f} s  {changes / c:12.0f} changes/s  (median; best {min(ceilings):.2f} s)")
+print(f"pgshift cdc --once    {p:8.2f} s  {changes / p:12.0f} changes/s  (median; best {min(secs):.2f} s; {r['bytes_staged'] / 1e6:.1f} MB staged, {len(r['batches'])} batches)")
+print(f"ratio                 {c / p:8.2f}  (medians; target >= 0.75)")
+print(f"pgshift peak RSS      {max(rss):8.1f} MB (target < 100 MB)")
+print(f"streaming protocol    {streaming:8.2f} s  {changes / streaming:12.0f} changes/s  (pg_recvlogical to /dev/null, for reference)")
 PY
