@@ -637,7 +637,7 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
                 .copy_out(slot::PEEK_COPY)
                 .await
                 .map_err(|e| Error::postgres(format!("peeking slot {}", self.task.slot), e))?;
-            tracing::debug!(task = %opts.task, elapsed_ms = started.elapsed().as_millis() as u64, "peek returned its first row");
+            tracing::debug!(task = %opts.task, elapsed_ms = started.elapsed().as_millis() as u64, "peek started (the server decodes before the first row)");
             let mut copy = std::pin::pin!(copy);
             let mut rows = slot::PeekRows::new();
             let mut batch = self.new_batch().await?;
