@@ -169,6 +169,10 @@ enum Command {
         /// Cut batches after this many changes (at a commit boundary).
         #[arg(long, default_value_t = 250_000)]
         max_batch_changes: u64,
+        /// Backends a large drain may decode with at once: 2 splits a drain of 16 MiB of WAL
+        /// or more between two sessions, 1 never does.
+        #[arg(long, env = "PGSHIFT_PEEK_SESSIONS", default_value_t = 2)]
+        peek_sessions: u8,
         /// Print each poll's report as JSON.
         #[arg(long)]
         json: bool,
@@ -452,6 +456,7 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
             follow,
             interval,
             max_batch_changes,
+            peek_sessions,
             json,
         } => {
             pgshift::config::check_task_name(&task)?;
@@ -460,6 +465,9 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
             let selection = read_selection(tables.as_deref())?;
             if max_batch_changes == 0 {
                 return Err(Error::config("--max-batch-changes", "must be at least 1"));
+            }
+            if !(1..=2).contains(&peek_sessions) {
+                return Err(Error::config("--peek-sessions", "must be 1 or 2"));
             }
             let Seams {
                 source: cfg,
@@ -473,6 +481,7 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
             opts.commit_ts_column = commit_ts_column;
             opts.selection = selection;
             opts.max_batch_changes = max_batch_changes;
+            opts.peek_sessions = peek_sessions;
             let interval = std::time::Duration::from_secs(interval.max(1));
             loop {
                 let report = with_seams!(&stage, &state, aws.as_ref(), |sink, store| {

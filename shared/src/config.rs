@@ -394,6 +394,9 @@ pub struct LambdaEnv {
     pub chunk_mb: u64,
     /// `PGSHIFT_MAX_CONCURRENCY`: chunks exported at once by the state machine (default 8).
     pub max_concurrency: u32,
+    /// `PGSHIFT_PEEK_SESSIONS`: backends a large CDC drain may decode with at once, 1 or 2
+    /// (default 2).
+    pub peek_sessions: u8,
 }
 
 impl LambdaEnv {
@@ -461,6 +464,7 @@ impl LambdaEnv {
         let cdc = flag("PGSHIFT_CDC", true)?;
         let chunk_mb = number("PGSHIFT_CHUNK_MB", 256, 65_536)?;
         let max_concurrency = number("PGSHIFT_MAX_CONCURRENCY", 8, 1000)? as u32;
+        let peek_sessions = number("PGSHIFT_PEEK_SESSIONS", 2, 2)? as u8;
         let selection = match get("PGSHIFT_TABLE_MAPPINGS") {
             None => crate::selection::Selection::all(),
             Some(json) => crate::selection::Selection::from_json(&json, "PGSHIFT_TABLE_MAPPINGS")?,
@@ -475,6 +479,7 @@ impl LambdaEnv {
             cdc,
             chunk_mb,
             max_concurrency,
+            peek_sessions,
             format,
             commit_ts_column,
             selection,
@@ -605,6 +610,13 @@ mod tests {
         assert!(err.to_string().contains("PGSHIFT_STAGE"));
         let err = LambdaEnv::from_pairs([("PGSHIFT_SOURCE_SSLMODE", "on")]).unwrap_err();
         assert!(err.to_string().contains("PGSHIFT_SOURCE_SSLMODE"));
+        assert_eq!(env.peek_sessions, 2);
+        let one = LambdaEnv::from_pairs([("PGSHIFT_PEEK_SESSIONS", "1")]).unwrap();
+        assert_eq!(one.peek_sessions, 1);
+        for bad in ["0", "3", "two"] {
+            let err = LambdaEnv::from_pairs([("PGSHIFT_PEEK_SESSIONS", bad)]).unwrap_err();
+            assert!(err.to_string().contains("PGSHIFT_PEEK_SESSIONS"), "{err}");
+        }
     }
 }
 

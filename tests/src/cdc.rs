@@ -13,9 +13,12 @@ use pgshift::state::StateStore;
 use pgshift_tests::replay::{self, Table};
 use pgshift_tests::{Staging, TempDir, TestDb, unique_name};
 
+/// Every drain of these tests splits its peek between two sessions (the path of large
+/// drains), whatever its size; the CLI and migration tests drain through one session.
 fn opts(task: &str, cfg: PgConfig, format: &str) -> CdcOptions {
     let mut o = CdcOptions::new(task, cfg, "test-owner");
     o.format = Format::parse(format, "format").unwrap();
+    o.split_min_wal_bytes = 0;
     o
 }
 
@@ -425,6 +428,187 @@ async fn a_held_lease_stops_a_second_poller_and_checkpoints_never_go_back() {
     poll(&sink, &state, &a).await;
     let changes = check_tables(&sink, &db, &["t"]).await;
     assert_eq!(changes.len(), 100 + 6 * 50);
+}
+
+/// The changes of a table, in the order staged (which batch they came in aside).
+fn per_table(changes: &[replay::Staged]) -> BTreeMap<String, Vec<replay::Staged>> {
+    let mut out: BTreeMap<String, Vec<replay::Staged>> = BTreeMap::new();
+    for c in changes {
+        let mut c = c.clone();
+        c.manifest.clear();
+        out.entry(c.table.clone()).or_default().push(c);
+    }
+    out
+}
+
+/// Every staged object but the manifests (which name their task), by key, the batch's
+/// start checkpoint in keys written as `START`.
+async fn staged_objects(
+    sink: &pgshift::stage::LocalSink,
+    start_hex: &str,
+) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for key in sink.list("").await.unwrap() {
+        if !key.starts_with("_manifests/") {
+            let body = sink.get(&key).await.unwrap().unwrap();
+            out.insert(key.replace(start_hex, "START"), body.to_vec());
+        }
+    }
+    out
+}
+
+/// The same keys with the same bytes; a difference is shown as its first differing line.
+fn assert_same_objects(left: &BTreeMap<String, Vec<u8>>, right: &BTreeMap<String, Vec<u8>>) {
+    assert_eq!(
+        left.keys().collect::<Vec<_>>(),
+        right.keys().collect::<Vec<_>>()
+    );
+    for (key, l) in left {
+        let r = &right[key];
+        if l != r {
+            let (l, r) = (String::from_utf8_lossy(l), String::from_utf8_lossy(r));
+            let (n, (a, b)) = l
+                .lines()
+                .zip(r.lines())
+                .enumerate()
+                .find(|(_, (a, b))| a != b)
+                .unwrap_or((0, ("<length differs>", "")));
+            panic!("{key} differs at line {}:\n  {a}\n  {b}", n + 1);
+        }
+    }
+}
+
+/// Two sessions decoding halves of one drain stage exactly what one session stages: the
+/// same objects byte for byte, a transaction that spans the split point once, schema
+/// versions at the same places. When the second session fails, the run goes on with one.
+#[tokio::test]
+async fn a_split_peek_stages_exactly_what_one_session_stages() {
+    let dir = TempDir::new("cdc_split");
+    let db = TestDb::new("cdc_split").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "create table public.a (id int primary key, v text);
+         create table public.b (id int primary key, n int, body text);
+         alter table public.b replica identity full;
+         insert into public.b select g, g, repeat(md5(g::text), 300) from generate_series(1, 20) g;",
+    )
+    .await
+    .unwrap();
+    let seams = |name: &str| {
+        (
+            pgshift::stage::LocalSink::new(dir.path().join(name).join("stage")),
+            pgshift::state::FileStore::new(dir.path().join(name).join("state")),
+        )
+    };
+    let (one_sink, one_state) = seams("one");
+    let (two_sink, two_state) = seams("two");
+    let (fail_sink, fail_state) = seams("fail");
+    let mut one = opts("split-one", db.config(), "jsonl");
+    one.peek_sessions = 1;
+    let two = opts("split-two", db.config(), "jsonl");
+    let mut fail = opts("split-fail", db.config(), "jsonl");
+    fail.failpoint = Some(Failpoint::SplitPeekFails);
+    poll(&one_sink, &one_state, &one).await;
+    poll(&two_sink, &two_state, &two).await;
+    poll(&fail_sink, &fail_state, &fail).await;
+
+    // Open for the whole workload: its first rows come long before the split point, its
+    // commit after it.
+    let long = db.client().await;
+    long.batch_execute("begin; insert into public.b values (21, 0, 'long-lived')")
+        .await
+        .unwrap();
+    for i in 1..=300 {
+        let mut sql = format!(
+            "insert into public.a values ({i}, md5('{i}')); update public.b set n = n + {i} where id = {};",
+            i % 20 + 1
+        );
+        if i % 7 == 0 {
+            sql.push_str(&format!("delete from public.a where id = {};", i - 3));
+        }
+        if i % 11 == 0 {
+            sql.push_str(&format!(
+                "update public.a set id = id + 100000 where id = {};",
+                i - 1
+            ));
+        }
+        if i == 150 {
+            sql.push_str("alter table public.a add column w int;");
+        }
+        if i > 150 {
+            sql.push_str(&format!("update public.a set w = {i} where id = {i};"));
+        }
+        c.batch_execute(&format!("begin; {sql} commit;"))
+            .await
+            .unwrap();
+    }
+    long.batch_execute("insert into public.b values (22, 0, 'last of the long one'); commit")
+        .await
+        .unwrap();
+
+    let r1 = poll(&one_sink, &one_state, &one).await;
+    let r2 = poll(&two_sink, &two_state, &two).await;
+    let r3 = poll(&fail_sink, &fail_state, &fail).await;
+    assert_eq!((r1.peeks, r1.split_peeks), (1, 0), "{r1:#?}");
+    assert_eq!((r2.peeks, r2.split_peeks), (1, 1), "{r2:#?}");
+    assert_eq!(
+        (r3.peeks, r3.split_peeks),
+        (2, 0),
+        "a failed second session: a second peek with one session finishes the drain: {r3:#?}"
+    );
+    assert!(r1.changes > 650, "{r1:#?}");
+    assert_eq!(r1.changes, r2.changes);
+    assert_eq!(r1.changes, r3.changes);
+
+    // The split point falls among the drained transactions: both sessions staged some.
+    let at = r2.split_at.expect("split point reported");
+    let two_manifests = replay::manifests(&two_sink).await;
+    assert_eq!(two_manifests.len(), 1);
+    let m = &two_manifests[0].1;
+    assert!(
+        m.first_commit_lsn < at && at <= m.last_commit_lsn,
+        "split at {at}, commits {}..{}",
+        m.first_commit_lsn,
+        m.last_commit_lsn
+    );
+    // Byte for byte what one session staged (data files and schema versions), and the same
+    // manifest, but for the task's name and the start checkpoint (each task's first poll
+    // ended at its own flush position) that names the batch's files.
+    let mut one_manifests = replay::manifests(&one_sink).await;
+    assert_eq!(one_manifests.len(), 1);
+    let one_m = &mut one_manifests[0].1;
+    let (one_start, two_start) = (one_m.start_lsn.key_hex(), m.start_lsn.key_hex());
+    let one_objects = staged_objects(&one_sink, &one_start).await;
+    assert!(one_objects.keys().any(|k| k.contains("_schema/")));
+    assert_same_objects(&one_objects, &staged_objects(&two_sink, &two_start).await);
+    one_m.task = m.task.clone();
+    one_m.start_lsn = m.start_lsn;
+    for f in &mut one_m.files {
+        f.key = f.key.replace(&one_start, &two_start);
+    }
+    assert_eq!(one_m, m);
+
+    // The fallback staged the same changes, in the same order per table, and every table
+    // replays to the source.
+    let one_changes = check_tables(&one_sink, &db, &["a", "b"]).await;
+    let two_changes = check_tables(&two_sink, &db, &["a", "b"]).await;
+    let fail_changes = check_tables(&fail_sink, &db, &["a", "b"]).await;
+    assert_eq!(per_table(&one_changes), per_table(&two_changes));
+    assert_eq!(per_table(&one_changes), per_table(&fail_changes));
+    let long_lived = one_changes
+        .iter()
+        .filter(|s| {
+            s.after
+                .as_ref()
+                .and_then(|r| r.get("body").cloned().flatten())
+                .as_deref()
+                == Some("long-lived")
+        })
+        .count();
+    assert_eq!(
+        long_lived, 1,
+        "the transaction across the split point is staged once"
+    );
 }
 
 #[tokio::test]

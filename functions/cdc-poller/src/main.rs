@@ -33,6 +33,7 @@ async fn run(
     opts.format = deps.env.format;
     opts.commit_ts_column = deps.env.commit_ts_column;
     opts.selection = deps.env.selection.clone();
+    opts.peek_sessions = deps.env.peek_sessions;
     opts.deadline = Some(Instant::now() + remaining);
     opts.lease_ttl = remaining + Duration::from_secs(30);
     let report = cdc_poll::run(&deps.sink, &deps.state, &opts).await?;

@@ -15,6 +15,21 @@
 //!    rows stream from the server with less work per row than a query's DataRows; client
 //!    memory is bounded whatever the transaction size. The session's `statement_timeout` is
 //!    the time left before the deadline: a peek the server cuts there is a clean stop.
+//!
+//!    **Split peek.** A peek materializes its whole output before the first row, on one
+//!    backend. When the drain covers at least [`CdcOptions::split_min_wal_bytes`] of WAL
+//!    (and `peek_sessions` is 2, the server is 12 or later and has a free slot), two backends
+//!    decode at once: the peek session reads the task's slot up to the split point `M` (60% of
+//!    the way from `C` to `U`), and a second session makes a *temporary* copy of the slot
+//!    (`pg_copy_logical_replication_slot`, dropped by PostgreSQL with the session), advances
+//!    the copy to `M` (a fast-forward decode) and peeks it from `M` to `U`. PostgreSQL skips,
+//!    on the copy, every transaction whose commit record starts before `M`; the first peek
+//!    includes exactly those; the client filters both by each transaction's commit position
+//!    (`final_lsn` of Begin) as well, so the two halves partition the transactions exactly.
+//!    Rows are read in order, the first half then the second, into the same batches: what is
+//!    staged is byte for byte what one session stages. The task's slot is peeked and
+//!    advanced (step 6) as before; only the throw-away copy moves early. If the second
+//!    session fails, its half is read by the next peek, with one session.
 //!    Batches are cut only at commit boundaries, by change count and bytes. If a manifest for
 //!    a batch starting at `C` already exists (a crash after step 4 last time), the batch is cut
 //!    exactly at that manifest's end, so the retry rewrites the same files and the same
@@ -77,6 +92,9 @@ pub enum Failpoint {
     AfterManifest,
     /// After the checkpoint moved, before the slot advances.
     AfterCheckpoint,
+    /// Not a stop: the second session of a split peek fails once its slot copy exists, and
+    /// the run must go on with one session.
+    SplitPeekFails,
 }
 
 /// What a poll run is asked to do.
@@ -93,6 +111,11 @@ pub struct CdcOptions {
     pub max_batch_bytes: u64,
     /// `upto_nchanges` of one peek.
     pub max_peek_changes: i32,
+    /// Backends one peek may use: 1, or 2 to split a large drain between two sessions
+    /// decoding at once (module docs, step 3).
+    pub peek_sessions: u8,
+    /// A drain covering less WAL than this is never split.
+    pub split_min_wal_bytes: u64,
     /// The invocation's end: uncommitted work is abandoned after it.
     pub deadline: Option<Instant>,
     /// Stop at the first commit boundary this long before the deadline.
@@ -118,6 +141,8 @@ impl CdcOptions {
             max_batch_changes: 250_000,
             max_batch_bytes: 256 << 20,
             max_peek_changes: 4_000_000,
+            peek_sessions: 2,
+            split_min_wal_bytes: 16 << 20,
             deadline: None,
             safety_margin: Duration::from_secs(20),
             lease_ttl: Duration::from_secs(900),
@@ -222,6 +247,12 @@ pub struct PollReport {
     /// The WAL flush position the run drained to.
     pub target: Lsn,
     pub peeks: u32,
+    /// Peeks decoded by two sessions at once.
+    #[serde(default)]
+    pub split_peeks: u32,
+    /// Where the last split peek's second session started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_at: Option<Lsn>,
     pub batches: Vec<String>,
     pub transactions: u64,
     pub changes: u64,
@@ -252,6 +283,8 @@ impl PollReport {
             checkpoint,
             target,
             peeks: 0,
+            split_peeks: 0,
+            split_at: None,
             batches: Vec::new(),
             transactions: 0,
             changes: 0,
@@ -505,6 +538,128 @@ struct Txn {
     final_lsn: Lsn,
 }
 
+/// Which transactions of a peek are staged from it: all, or one side of a split point (by
+/// the commit record's position, which Begin carries as `final_lsn`).
+#[derive(Debug, Clone, Copy)]
+enum Keep {
+    All,
+    Below(Lsn),
+    From(Lsn),
+}
+
+impl Keep {
+    fn keeps(self, commit: Lsn) -> bool {
+        match self {
+            Keep::All => true,
+            Keep::Below(at) => commit < at,
+            Keep::From(at) => commit >= at,
+        }
+    }
+}
+
+/// Where a peek's reading stands.
+struct Cursor<W: crate::stage::ObjectWriter> {
+    batch: Batch<W>,
+    txn: Option<Txn>,
+    /// Inside a transaction the other half of a split peek stages.
+    skipping: bool,
+    keep: Keep,
+    stopped_early: bool,
+    last_commit_ts: Option<i64>,
+}
+
+/// What the second session of a split peek needs (owned: it runs as its own task).
+struct SecondHalfPlan {
+    cfg: PgConfig,
+    slot: String,
+    publication: String,
+    /// The split point: the copy is advanced here.
+    from: Lsn,
+    to: Lsn,
+    max_changes: String,
+    timeout_ms: String,
+    work_mem: Option<String>,
+    fail: bool,
+}
+
+/// The second half of a split peek, opening in the background: its own session, a
+/// temporary copy of the slot advanced to the split point, and the peek from there to the
+/// target. Dropping it stops the task (and with it the session and the copy).
+struct SecondHalf {
+    task: tokio::task::JoinHandle<Result<(Client, tokio_postgres::CopyOutStream)>>,
+    pid: Arc<std::sync::atomic::AtomicI32>,
+}
+
+impl SecondHalf {
+    fn open(plan: SecondHalfPlan) -> SecondHalf {
+        let pid = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let seen = pid.clone();
+        let task = tokio::spawn(async move {
+            let mut cfg = plan.cfg;
+            cfg.application_name = "pgshift-cdc-peek2".to_owned();
+            let client = source::connect(&cfg).await?;
+            if let Some(mem) = &plan.work_mem {
+                client
+                    .execute(
+                        "select set_config('logical_decoding_work_mem', $1, false)",
+                        &[mem],
+                    )
+                    .await
+                    .map_err(|e| Error::postgres("setting logical_decoding_work_mem", e))?;
+            }
+            let (copy, backend) = slot::copy_temporary(&client, &plan.slot).await?;
+            seen.store(backend, std::sync::atomic::Ordering::Relaxed);
+            if plan.fail {
+                return Err(Error::Source("failpoint: split peek".to_owned()));
+            }
+            slot::advance(&client, &copy, plan.from).await?;
+            client
+                .execute(
+                    slot::PEEK_BIND,
+                    &[
+                        &copy,
+                        &plan.to.to_string(),
+                        &plan.max_changes,
+                        &plan.publication,
+                        &plan.timeout_ms,
+                    ],
+                )
+                .await
+                .map_err(|e| Error::postgres("binding the second peek", e))?;
+            let rows = client
+                .copy_out(slot::PEEK_COPY)
+                .await
+                .map_err(|e| Error::postgres(format!("peeking slot {copy}"), e))?;
+            Ok((client, rows))
+        });
+        SecondHalf { task, pid }
+    }
+
+    async fn join(mut self) -> Result<(Client, tokio_postgres::CopyOutStream)> {
+        match (&mut self.task).await {
+            Ok(r) => r,
+            Err(e) => Err(Error::Source(format!("the second peek task failed: {e}"))),
+        }
+    }
+
+    /// Stops a second half nobody will read: the task, and the backend's decode.
+    async fn cancel(self, control: &Client) {
+        self.task.abort();
+        let pid = self.pid.load(std::sync::atomic::Ordering::Relaxed);
+        if pid != 0 {
+            let _ = control
+                .execute("select pg_cancel_backend($1)", &[&pid])
+                .await;
+        }
+    }
+}
+
+impl Drop for SecondHalf {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 struct Poller<'a, S: ObjectSink, St: StateStore> {
     sink: &'a S,
     state: &'a St,
@@ -601,6 +756,8 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
                 .map_err(|e| Error::postgres("setting logical_decoding_work_mem", e))?;
         }
         let max_peek_changes = opts.max_peek_changes.to_string();
+        // A split that failed once is not tried again in this run.
+        let mut split_allowed = opts.peek_sessions >= 2 && server_version >= 120_000;
 
         loop {
             if self.checkpoint() >= target {
@@ -611,7 +768,6 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
                 break;
             }
             report.peeks += 1;
-            let target_text = target.to_string();
             // The peek may use what is left before the deadline, no more.
             let timeout = match opts.deadline {
                 Some(d) => d
@@ -620,12 +776,33 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
                 None => opts.source.statement_timeout,
             };
             let timeout_ms = timeout.as_millis().to_string();
+            let split = if split_allowed {
+                self.split_point(target).await?
+            } else {
+                None
+            };
+            // The second half starts first: its session, slot copy and advance overlap the
+            // first half's decode.
+            let mut second = split.map(|at| {
+                SecondHalf::open(SecondHalfPlan {
+                    cfg: opts.source.clone(),
+                    slot: self.task.slot.clone(),
+                    publication: self.task.publication.clone(),
+                    from: at,
+                    to: target,
+                    max_changes: max_peek_changes.clone(),
+                    timeout_ms: timeout_ms.clone(),
+                    work_mem: (server_version >= 130_000).then(|| opts.decoding_work_mem.clone()),
+                    fail: opts.failpoint == Some(Failpoint::SplitPeekFails),
+                })
+            });
+            let first_upto = split.unwrap_or(target).to_string();
             peek_client
                 .execute(
                     slot::PEEK_BIND,
                     &[
                         &self.task.slot,
-                        &target_text,
+                        &first_upto,
                         &max_peek_changes,
                         &self.task.publication,
                         &timeout_ms,
@@ -637,167 +814,115 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
                 .copy_out(slot::PEEK_COPY)
                 .await
                 .map_err(|e| Error::postgres(format!("peeking slot {}", self.task.slot), e))?;
-            tracing::debug!(task = %opts.task, elapsed_ms = started.elapsed().as_millis() as u64, "peek started (the server decodes before the first row)");
-            let mut copy = std::pin::pin!(copy);
-            let mut rows = slot::PeekRows::new();
-            let mut batch = self.new_batch().await?;
-            let mut txn: Option<Txn> = None;
+            tracing::debug!(task = %opts.task, elapsed_ms = started.elapsed().as_millis() as u64, split = ?split, "peek started (the server decodes before the first row)");
+            let mut cursor = Cursor {
+                batch: self.new_batch().await?,
+                txn: None,
+                skipping: false,
+                keep: match split {
+                    Some(at) => Keep::Below(at),
+                    None => Keep::All,
+                },
+                stopped_early: false,
+                last_commit_ts: None,
+            };
+            let mut stream: std::pin::Pin<Box<tokio_postgres::CopyOutStream>> = Box::pin(copy);
+            // Keeps the second half's session open while its rows are read.
+            let mut _second_session: Option<Client> = None;
             let mut row_count: i64 = 0;
-            let mut stopped_early = false;
+            let mut incomplete = false;
             let mut first = true;
-            'stream: while let Some(piece) = copy.next().await {
-                let piece = match piece {
-                    Ok(p) => p,
-                    // The server cut the peek at the time left (PEEK_BIND): a clean stop, the
-                    // open batch abandoned, committed ones kept.
-                    Err(e)
-                        if opts.deadline.is_some()
-                            && e.code()
-                                == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) =>
-                    {
-                        tracing::info!(task = %opts.task, "the peek reached the deadline");
-                        report.outcome = Outcome::DeadlineReached;
-                        stopped_early = true;
-                        break 'stream;
-                    }
-                    Err(e) => {
-                        return Err(Error::postgres(
-                            format!("reading changes of slot {}", self.task.slot),
-                            e,
-                        ));
-                    }
-                };
-                rows.push(piece);
-                while let Some((lsn, data)) = rows.next_row()? {
-                    if first {
-                        failpoint(opts, Failpoint::AfterPeek)?;
-                        first = false;
-                    }
-                    row_count += 1;
-                    let msg = pgoutput::decode(&data, false)
-                        .map_err(|e| Error::Source(format!("{e} at {lsn}")))?;
-                    match msg {
-                        Message::Begin(b) => {
-                            txn = Some(Txn {
-                                xid: b.xid,
-                                commit_ts: b.commit_ts,
-                                final_lsn: b.final_lsn,
-                            });
+            loop {
+                let mut rows = slot::PeekRows::new();
+                let mut part_rows: i64 = 0;
+                'stream: while let Some(piece) = stream.next().await {
+                    let piece = match piece {
+                        Ok(p) => p,
+                        // The server cut the peek at the time left (PEEK_BIND): a clean stop,
+                        // the open batch abandoned, committed ones kept.
+                        Err(e)
+                            if opts.deadline.is_some()
+                                && e.code()
+                                    == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) =>
+                        {
+                            tracing::info!(task = %opts.task, "the peek reached the deadline");
+                            report.outcome = Outcome::DeadlineReached;
+                            cursor.stopped_early = true;
+                            break 'stream;
                         }
-                        Message::Commit(c) => {
-                            if txn.take().is_none() {
-                                return Err(Error::Source(format!(
-                                    "commit at {lsn} without a begin"
-                                )));
-                            }
-                            batch.transactions += 1;
-                            batch.first_commit.get_or_insert(c.commit_lsn);
-                            batch.last_commit = c.commit_lsn;
-                            batch.last_end = c.end_lsn;
-                            batch.last_commit_ts = c.commit_ts;
-                            let cut = match batch.must_end {
-                                Some(end) if c.end_lsn == end => true,
-                                Some(end) if c.end_lsn > end => {
-                                    return Err(Error::Source(format!(
-                                        "manifest {} ends at {end}, which is not a commit boundary of slot {}",
-                                        manifest_key(batch.start, end),
-                                        self.task.slot
-                                    )));
-                                }
-                                Some(_) => false,
-                                None => {
-                                    batch.changes >= opts.max_batch_changes
-                                        || batch.bytes >= opts.max_batch_bytes
-                                }
-                            };
-                            let stop = self.soft_deadline_passed();
-                            if cut || stop {
-                                let done = std::mem::replace(&mut batch, self.placeholder_batch());
-                                if let Some(summary) = self.commit_batch(done, &mut report).await? {
-                                    last_commit_ts = Some(summary);
-                                }
-                                if stop {
-                                    report.outcome = Outcome::DeadlineReached;
-                                    stopped_early = true;
-                                    break 'stream;
-                                }
-                                batch = self.new_batch().await?;
-                            }
+                        Err(e) => {
+                            return Err(Error::postgres(
+                                format!("reading changes of slot {}", self.task.slot),
+                                e,
+                            ));
                         }
-                        Message::Relation(r) => self.on_relation(&r, lsn).await?,
-                        Message::Insert(i) => {
-                            let t = txn_of(&txn, lsn)?;
-                            self.stage_insert(&mut batch, t, lsn, &i.new.0, i.rel_id)
-                                .await?;
+                    };
+                    rows.push(piece);
+                    while let Some((lsn, data)) = rows.next_row()? {
+                        if first {
+                            failpoint(opts, Failpoint::AfterPeek)?;
+                            first = false;
                         }
-                        Message::Update(u) => {
-                            let t = txn_of(&txn, lsn)?;
-                            self.stage_update(&mut batch, t, lsn, u).await?;
-                        }
-                        Message::Delete(d) => {
-                            let t = txn_of(&txn, lsn)?;
-                            let (old, full) = match &d.old {
-                                OldTuple::Key(k) => (&k.0, false),
-                                OldTuple::Full(f) => (&f.0, true),
-                            };
-                            self.stage(
-                                &mut batch,
-                                t,
-                                lsn,
-                                d.rel_id,
-                                Op::Delete,
-                                Some(old),
-                                full,
-                                None,
-                            )
-                            .await?;
-                        }
-                        Message::Truncate(tr) => {
-                            let t = txn_of(&txn, lsn)?;
-                            for rel in &tr.rel_ids {
-                                self.stage(
-                                    &mut batch,
-                                    t,
-                                    lsn,
-                                    *rel,
-                                    Op::Truncate,
-                                    None,
-                                    false,
-                                    None,
-                                )
-                                .await?;
-                            }
-                        }
-                        Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
-                        Message::StreamStart(_)
-                        | Message::StreamStop
-                        | Message::StreamCommit(_)
-                        | Message::StreamAbort(_) => {
-                            return Err(Error::Source(format!(
-                                "unexpected streaming message at {lsn}: pgshift peeks with protocol 1"
-                            )));
+                        part_rows += 1;
+                        let msg = pgoutput::decode(&data, false)
+                            .map_err(|e| Error::Source(format!("{e} at {lsn}")))?;
+                        if self.on_message(msg, lsn, &mut cursor, &mut report).await? {
+                            break 'stream;
                         }
                     }
                 }
-            }
-            if !stopped_early {
+                row_count += part_rows;
+                if cursor.stopped_early {
+                    break;
+                }
                 rows.finish()?;
+                if cursor.txn.is_some() {
+                    return Err(Error::Source(
+                        "the peek ended inside a transaction".to_owned(),
+                    ));
+                }
+                if part_rows >= i64::from(opts.max_peek_changes) {
+                    // Cut by `upto_nchanges`: the rest (and any second half) comes next peek.
+                    incomplete = true;
+                    break;
+                }
+                let Some(half) = second.take() else { break };
+                match half.join().await {
+                    Ok((session, rest)) => {
+                        report.split_peeks += 1;
+                        report.split_at = split;
+                        _second_session = Some(session);
+                        stream = Box::pin(rest);
+                        cursor.keep = match cursor.keep {
+                            Keep::Below(at) => Keep::From(at),
+                            other => other,
+                        };
+                    }
+                    Err(e) => {
+                        tracing::warn!(task = %opts.task, error = %e, "the second peek session failed; going on with one session");
+                        split_allowed = false;
+                        incomplete = true;
+                        break;
+                    }
+                }
+            }
+            if let Some(half) = second.take() {
+                half.cancel(&self.control).await;
             }
             tracing::debug!(task = %opts.task, rows = row_count, elapsed_ms = started.elapsed().as_millis() as u64, "peek read");
-            if txn.is_some() && !stopped_early {
-                return Err(Error::Source(
-                    "the peek ended inside a transaction".to_owned(),
-                ));
+            let stopped_early = cursor.stopped_early;
+            if let Some(ts) = cursor.last_commit_ts {
+                last_commit_ts = Some(ts);
             }
-            if !stopped_early && batch.transactions > 0 {
-                if let Some(ts) = self.commit_batch(batch, &mut report).await? {
+            if !stopped_early && cursor.batch.transactions > 0 {
+                if let Some(ts) = self.commit_batch(cursor.batch, &mut report).await? {
                     last_commit_ts = Some(ts);
                 }
             } else {
-                self.abandon(batch).await;
+                self.abandon(cursor.batch).await;
             }
             let stopped = stopped_early || report.outcome == Outcome::DeadlineReached;
-            let drained = !stopped && row_count < i64::from(opts.max_peek_changes);
+            let drained = !stopped && !incomplete;
             if drained && self.checkpoint() < target {
                 // Everything up to the target was read: the stretch after the last commit
                 // (or an idle one) moves the checkpoint to the target too.
@@ -839,6 +964,150 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
             "cdc poll finished"
         );
         Ok(report)
+    }
+
+    /// Where the second half of a split peek starts, when this drain is worth splitting: a
+    /// large enough stretch of WAL, PostgreSQL 12 or later (slot copies) and a free slot.
+    async fn split_point(&self, target: Lsn) -> Result<Option<Lsn>> {
+        let from = self.checkpoint();
+        let span = target.0.saturating_sub(from.0);
+        if span < self.opts.split_min_wal_bytes.max(2) {
+            return Ok(None);
+        }
+        if slot::free_slots(&self.control).await? < 1 {
+            tracing::info!(task = %self.opts.task, "no free replication slot for a split peek; one session");
+            return Ok(None);
+        }
+        // The second session does more per byte (an advance and a skipping decode of the
+        // first stretch): the first takes 60% of the span.
+        Ok(Some(Lsn(from.0 + span / 10 * 6)))
+    }
+
+    /// One peek row. Returns true when the run must stop here (a deadline at a commit).
+    async fn on_message(
+        &mut self,
+        msg: Message<'_>,
+        lsn: Lsn,
+        cur: &mut Cursor<S::Writer>,
+        report: &mut PollReport,
+    ) -> Result<bool> {
+        if cur.skipping {
+            // A transaction the other half of a split peek stages. Relation messages still
+            // count: this session will not repeat them for the transactions that follow.
+            match msg {
+                Message::Commit(_) => cur.skipping = false,
+                Message::Relation(r) => self.on_relation(&r, lsn).await?,
+                _ => {}
+            }
+            return Ok(false);
+        }
+        let opts = self.opts;
+        match msg {
+            Message::Begin(b) => {
+                if !cur.keep.keeps(b.final_lsn) {
+                    cur.skipping = true;
+                    return Ok(false);
+                }
+                cur.txn = Some(Txn {
+                    xid: b.xid,
+                    commit_ts: b.commit_ts,
+                    final_lsn: b.final_lsn,
+                });
+            }
+            Message::Commit(c) => {
+                if cur.txn.take().is_none() {
+                    return Err(Error::Source(format!("commit at {lsn} without a begin")));
+                }
+                let batch = &mut cur.batch;
+                batch.transactions += 1;
+                batch.first_commit.get_or_insert(c.commit_lsn);
+                batch.last_commit = c.commit_lsn;
+                batch.last_end = c.end_lsn;
+                batch.last_commit_ts = c.commit_ts;
+                let cut = match batch.must_end {
+                    Some(end) if c.end_lsn == end => true,
+                    Some(end) if c.end_lsn > end => {
+                        return Err(Error::Source(format!(
+                            "manifest {} ends at {end}, which is not a commit boundary of slot {}",
+                            manifest_key(batch.start, end),
+                            self.task.slot
+                        )));
+                    }
+                    Some(_) => false,
+                    None => {
+                        batch.changes >= opts.max_batch_changes
+                            || batch.bytes >= opts.max_batch_bytes
+                    }
+                };
+                let stop = self.soft_deadline_passed();
+                if cut || stop {
+                    let done = std::mem::replace(&mut cur.batch, self.placeholder_batch());
+                    if let Some(ts) = self.commit_batch(done, report).await? {
+                        cur.last_commit_ts = Some(ts);
+                    }
+                    if stop {
+                        report.outcome = Outcome::DeadlineReached;
+                        cur.stopped_early = true;
+                        return Ok(true);
+                    }
+                    cur.batch = self.new_batch().await?;
+                }
+            }
+            Message::Relation(r) => self.on_relation(&r, lsn).await?,
+            Message::Insert(i) => {
+                let t = txn_of(&cur.txn, lsn)?;
+                self.stage_insert(&mut cur.batch, t, lsn, &i.new.0, i.rel_id)
+                    .await?;
+            }
+            Message::Update(u) => {
+                let t = txn_of(&cur.txn, lsn)?;
+                self.stage_update(&mut cur.batch, t, lsn, u).await?;
+            }
+            Message::Delete(d) => {
+                let t = txn_of(&cur.txn, lsn)?;
+                let (old, full) = match &d.old {
+                    OldTuple::Key(k) => (&k.0, false),
+                    OldTuple::Full(f) => (&f.0, true),
+                };
+                self.stage(
+                    &mut cur.batch,
+                    t,
+                    lsn,
+                    d.rel_id,
+                    Op::Delete,
+                    Some(old),
+                    full,
+                    None,
+                )
+                .await?;
+            }
+            Message::Truncate(tr) => {
+                let t = txn_of(&cur.txn, lsn)?;
+                for rel in &tr.rel_ids {
+                    self.stage(
+                        &mut cur.batch,
+                        t,
+                        lsn,
+                        *rel,
+                        Op::Truncate,
+                        None,
+                        false,
+                        None,
+                    )
+                    .await?;
+                }
+            }
+            Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
+            Message::StreamStart(_)
+            | Message::StreamStop
+            | Message::StreamCommit(_)
+            | Message::StreamAbort(_) => {
+                return Err(Error::Source(format!(
+                    "unexpected streaming message at {lsn}: pgshift peeks with protocol 1"
+                )));
+            }
+        }
+        Ok(false)
     }
 
     async fn advance_slot(&self) -> Result<()> {

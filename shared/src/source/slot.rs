@@ -204,6 +204,33 @@ pub async fn advance(client: &Client, slot: &str, to: Lsn) -> Result<()> {
     Ok(())
 }
 
+/// How many more replication slots the server can hold (`max_replication_slots` minus the
+/// slots that exist).
+pub async fn free_slots(client: &Client) -> Result<i64> {
+    let row = client
+        .query_one(
+            "select current_setting('max_replication_slots')::int8 - (select count(*) from pg_replication_slots)",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::postgres("counting free replication slots", e))?;
+    Ok(row.get(0))
+}
+
+/// Copies `slot` into a temporary slot of this session (same `restart_lsn`, confirmed
+/// position and catalog horizon; PostgreSQL drops it when the session ends or fails). Its name
+/// carries the backend pid, so it never collides. Returns the copy's name and the pid.
+pub async fn copy_temporary(client: &Client, slot: &str) -> Result<(String, i32)> {
+    let row = client
+        .query_one(
+            "select (pg_copy_logical_replication_slot($1, 'pgshift_split_' || pg_backend_pid(), true)).slot_name::text, pg_backend_pid()",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("copying slot {slot} into a temporary slot"), e))?;
+    Ok((row.get(0), row.get(1)))
+}
+
 /// Binds the peek's values for [`PEEK_COPY`] (COPY takes no parameters; the values travel
 /// as bound arguments of `set_config`, never inside the statement text): the slot, the upper
 /// LSN, about how many changes at most (checked between transactions), the publication, and
