@@ -611,6 +611,40 @@ async fn a_split_peek_stages_exactly_what_one_session_stages() {
     );
 }
 
+/// A backlog larger than one peek: the first half is cut by `upto_nchanges`, so its second
+/// half is cancelled and the rest is drained by one session, every change exactly once.
+#[tokio::test]
+async fn a_first_half_cut_by_the_change_limit_drains_the_rest_with_one_session() {
+    let Staging {
+        db,
+        sink,
+        state,
+        dir: _dir,
+    } = Staging::new("cdc_split_cut").await;
+    let c = db.client().await;
+    c.batch_execute("create table public.t (id int primary key, v int)")
+        .await
+        .unwrap();
+    let mut o = opts("split-cut", db.config(), "csv");
+    o.max_peek_changes = 200;
+    poll(&sink, &state, &o).await;
+    for i in 0..100 {
+        c.batch_execute(&format!(
+            "insert into public.t select g, g from generate_series({}, {}) g",
+            i * 10,
+            i * 10 + 9
+        ))
+        .await
+        .unwrap();
+    }
+    let r = poll(&sink, &state, &o).await;
+    assert_eq!(r.changes, 1000);
+    assert_eq!(r.split_peeks, 0, "{r:#?}");
+    assert!(r.peeks >= 5, "200-change peeks of 1000 changes: {r:#?}");
+    let changes = check_tables(&sink, &db, &["t"]).await;
+    assert_eq!(changes.len(), 1000);
+}
+
 #[tokio::test]
 async fn idle_slot_keeps_advancing_while_other_databases_write() {
     let Staging {
@@ -790,6 +824,15 @@ async fn cli_cdc_once_stages_and_reports() {
 
     let out = run(&[]);
     assert_eq!(out.status.code(), Some(2), "--once or --follow is required");
+    for bad in ["0", "3"] {
+        let out = run(&["--once", "--peek-sessions", bad]);
+        assert_eq!(out.status.code(), Some(2), "--peek-sessions {bad}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--peek-sessions"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let out = std::process::Command::new(pgshift_tests::pgshift_bin())
         .args(["cdc", "--task", "Bad_Name", "--source", &url, "--once"])
         .output()

@@ -882,8 +882,13 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
                     ));
                 }
                 if part_rows >= i64::from(opts.max_peek_changes) {
-                    // Cut by `upto_nchanges`: the rest (and any second half) comes next peek.
+                    // Cut by `upto_nchanges`: the rest comes next peek. A backlog this large
+                    // is read by one session from here on: a second half waiting beyond a
+                    // cut first half is decoded for nothing.
                     incomplete = true;
+                    if second.is_some() {
+                        split_allowed = false;
+                    }
                     break;
                 }
                 let Some(half) = second.take() else { break };
