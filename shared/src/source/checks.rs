@@ -130,7 +130,7 @@ async fn run_in_transaction(
         Check::pass("auth", format!("authenticated as {}", server.user)),
         version_check(&server),
         wal_level_check(&server, &settings),
-        slots_check(client, &server, &settings).await?,
+        slots_check(client, &server, &settings, opts.slot_name.as_deref()).await?,
         wal_senders_check(client, &settings).await?,
         wal_sender_timeout_check(&settings),
         max_slot_wal_keep_size_check(&server, &settings),
@@ -268,23 +268,27 @@ async fn slots_check(
     client: &Client,
     server: &ServerInfo,
     settings: &HashMap<String, (String, String)>,
+    task_slot: Option<&str>,
 ) -> Result<Check> {
     let max: i64 = setting(settings, "max_replication_slots")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let used: i64 = client
-        .query_one("select count(*) from pg_replication_slots", &[])
+    let row = client
+        .query_one(
+            "select count(*), count(*) filter (where slot_name::text = $1) from pg_replication_slots",
+            &[&task_slot.unwrap_or("")],
+        )
         .await
-        .map_err(|e| Error::postgres("counting replication slots", e))?
-        .get(0);
-    let detail = format!("{used} of max_replication_slots = {max} in use");
-    Ok(if used < max {
+        .map_err(|e| Error::postgres("counting replication slots", e))?;
+    let (used, task_slot_exists): (i64, i64) = (row.get(0), row.get(1));
+    let (status, detail) = slots_verdict(used, max, task_slot_exists > 0);
+    Ok(if status == Status::Pass {
         Check::pass("replication_slots", detail)
     } else {
         Check::new(
             "replication_slots",
-            Status::Fail,
-            format!("{detail}: no free slot for the task"),
+            status,
+            detail,
             rds_or(
                 server,
                 "raise max_replication_slots in the parameter group (reboot), or drop unused slots with pg_drop_replication_slot",
@@ -292,6 +296,26 @@ async fn slots_check(
             ),
         )
     })
+}
+
+/// The task needs its slot, and large CDC drains one more for a moment (the temporary copy a
+/// second decoding session reads; without it they decode with one session).
+fn slots_verdict(used: i64, max: i64, task_slot_exists: bool) -> (Status, String) {
+    let detail = format!("{used} of max_replication_slots = {max} in use");
+    let free = max - used;
+    let for_task = i64::from(!task_slot_exists);
+    if free < for_task {
+        (Status::Fail, format!("{detail}: no free slot for the task"))
+    } else if free < for_task + 1 {
+        (
+            Status::Warn,
+            format!(
+                "{detail}: none free beside the task's for the temporary slot a large CDC drain splits its decoding with; such drains will decode with one session"
+            ),
+        )
+    } else {
+        (Status::Pass, detail)
+    }
 }
 
 async fn wal_senders_check(
@@ -954,6 +978,21 @@ mod tests {
         assert_eq!(bytes_text(512), "512 B");
         assert_eq!(bytes_text(1536), "1.5 kB");
         assert_eq!(bytes_text(64 * 1024 * 1024), "64.0 MB");
+    }
+
+    #[test]
+    fn slots_leave_room_for_the_task_and_a_split_drain() {
+        let status = |used, max, exists| slots_verdict(used, max, exists).0;
+        assert_eq!(status(10, 10, false), Status::Fail);
+        assert_eq!(status(9, 10, false), Status::Warn);
+        assert_eq!(status(8, 10, false), Status::Pass);
+        assert_eq!(status(10, 10, true), Status::Warn);
+        assert_eq!(status(9, 10, true), Status::Pass);
+        assert!(
+            slots_verdict(9, 10, false)
+                .1
+                .contains("9 of max_replication_slots = 10")
+        );
     }
 
     #[test]
