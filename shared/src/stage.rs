@@ -124,6 +124,15 @@ impl Block {
         Block { raw, off, len: 0 }
     }
 
+    /// A placeholder without memory (for a writer whose last block was taken).
+    fn empty() -> Block {
+        Block {
+            raw: Vec::new(),
+            off: 0,
+            len: 0,
+        }
+    }
+
     /// Copies as much of `data` as fits; returns how much.
     fn push(&mut self, data: &[u8]) -> usize {
         let n = data.len().min(LOCAL_BLOCK - self.len);
@@ -335,14 +344,7 @@ impl ObjectWriter for LocalWriter {
 
     async fn finish(mut self) -> Result<u64> {
         let mut file = self.settle().await?;
-        let mut last = std::mem::replace(
-            &mut self.block,
-            Block {
-                raw: Vec::new(),
-                off: 0,
-                len: 0,
-            },
-        );
+        let mut last = std::mem::replace(&mut self.block, Block::empty());
         let (tmp, path) = (self.tmp.clone(), self.path.clone());
         tokio::task::spawn_blocking(move || {
             file.finish(&mut last)
@@ -898,6 +900,9 @@ mod tests {
     async fn local_writer_round_trips_across_blocks_and_tails() {
         let dir =
             std::env::temp_dir().join(format!("pgshift-direct-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Whether this filesystem takes direct I/O at all: then the writer must have used it.
+        let supports_direct = direct_open_works(&dir);
         // Whole blocks, a partial last block, less than one alignment unit, empty.
         for (len, piece) in [
             (3 * LOCAL_BLOCK + 17, 7919),
@@ -906,7 +911,12 @@ mod tests {
             (0, 1),
         ] {
             let direct = round_trip(&dir, len, piece).await;
-            eprintln!("{} bytes under {}: direct={direct}", len, dir.display());
+            assert_eq!(
+                direct,
+                supports_direct,
+                "{len} bytes under {}: direct I/O used where the filesystem takes it",
+                dir.display()
+            );
         }
         let _ = std::fs::remove_dir_all(&dir);
         // tmpfs: direct I/O refused (or, on newer kernels, accepted); the bytes are the same.
@@ -915,6 +925,33 @@ mod tests {
             let dir = shm.join(format!("pgshift-direct-{}", uuid::Uuid::new_v4().simple()));
             round_trip(&dir, LOCAL_BLOCK + 5, 4096).await;
             let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
+    /// Opens and writes one aligned block with `O_DIRECT` by hand (Linux; false elsewhere).
+    fn direct_open_works(dir: &Path) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let path = dir.join("probe");
+            let ok = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&path)
+                .and_then(|mut f| {
+                    let mut b = Block::new();
+                    b.push(&[1u8; DIRECT_ALIGN]);
+                    std::io::Write::write_all(&mut f, b.filled())
+                })
+                .is_ok();
+            let _ = std::fs::remove_file(&path);
+            ok
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = dir;
+            false
         }
     }
 

@@ -609,6 +609,25 @@ async fn a_split_peek_stages_exactly_what_one_session_stages() {
         long_lived, 1,
         "the transaction across the split point is staged once"
     );
+
+    // The temporary copies go with their sessions: no slot is left to pin WAL.
+    let mut left = -1i64;
+    for _ in 0..100 {
+        left = c
+            .query_one(
+                r"select count(*) from pg_replication_slots
+                  where database = current_database() and slot_name like 'pgshift\_\_split\_%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(left, 0, "temporary slot copies left behind");
 }
 
 /// A backlog larger than one peek: the first half is cut by `upto_nchanges`, so its second

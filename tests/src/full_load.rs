@@ -293,24 +293,20 @@ async fn a_worker_session_serves_many_chunks_and_survives_a_cut() {
     assert!(ids.len() >= 4, "a table of several chunks: {}", ids.len());
     let mut session = full_load::ChunkSession::default();
     let mut rows = 0;
-    for id in &ids[..2] {
-        rows += full_load::export_chunk_in(&l.sink, &l.state, &o, id, &mut session)
-            .await
-            .unwrap()
-            .rows;
-    }
-    assert_eq!(session.connects, 1, "two chunks, one session");
-    let cut: i64 = c
-        .query_one(
-            "select count(*) from (select pg_terminate_backend(pid) from pg_stat_activity \
-             where datname = current_database() and application_name = 'pgshift-full-load') k",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(cut, 1, "the worker's one session is cut");
-    for id in &ids[2..] {
+    for (i, id) in ids.iter().enumerate() {
+        if i == 2 {
+            assert_eq!(session.connects, 1, "two chunks, one session");
+            let cut: i64 = c
+                .query_one(
+                    "select count(*) from (select pg_terminate_backend(pid) from pg_stat_activity \
+                     where datname = current_database() and application_name = 'pgshift-full-load') k",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(cut, 1, "the worker's one session is cut");
+        }
         rows += full_load::export_chunk_in(&l.sink, &l.state, &o, id, &mut session)
             .await
             .unwrap()

@@ -11,7 +11,7 @@
 //! 3. **Peek** up to `U`, the WAL flush position taken at start once it has reached the insert
 //!    position (the peek cannot see past the flush position), in few large peeks (`upto_nchanges` only bounds a runaway backlog).
 //!    The peek runs as `COPY (select lsn, data from pg_logical_slot_peek_binary_changes(..)) TO
-//!    STDOUT (FORMAT binary)` (its values bound through `set_config`, [`slot::PEEK_BIND`]):
+//!    STDOUT (FORMAT binary)` (its values bound through `set_config`, [`slot::start_peek`]):
 //!    rows stream from the server with less work per row than a query's DataRows; client
 //!    memory is bounded whatever the transaction size. The session's `statement_timeout` is
 //!    the time left before the deadline: a peek the server cuts there is a clean stop.
@@ -576,9 +576,9 @@ struct SecondHalfPlan {
     /// The split point: the copy is advanced here.
     from: Lsn,
     to: Lsn,
-    max_changes: String,
-    timeout_ms: String,
-    work_mem: Option<String>,
+    max_changes: i32,
+    timeout: Duration,
+    decoding_work_mem: String,
     fail: bool,
 }
 
@@ -598,38 +598,21 @@ impl SecondHalf {
             let mut cfg = plan.cfg;
             cfg.application_name = "pgshift-cdc-peek2".to_owned();
             let client = source::connect(&cfg).await?;
-            if let Some(mem) = &plan.work_mem {
-                client
-                    .execute(
-                        "select set_config('logical_decoding_work_mem', $1, false)",
-                        &[mem],
-                    )
-                    .await
-                    .map_err(|e| Error::postgres("setting logical_decoding_work_mem", e))?;
-            }
+            slot::prepare_peek_session(&client, &plan.decoding_work_mem).await?;
             let (copy, backend) = slot::copy_temporary(&client, &plan.slot).await?;
             seen.store(backend, std::sync::atomic::Ordering::Relaxed);
             if plan.fail {
                 return Err(Error::Source("failpoint: split peek".to_owned()));
             }
             slot::advance(&client, &copy, plan.from).await?;
-            client
-                .execute(
-                    slot::PEEK_BIND,
-                    &[
-                        &copy,
-                        &plan.to.to_string(),
-                        &plan.max_changes,
-                        &plan.publication,
-                        &plan.timeout_ms,
-                    ],
-                )
-                .await
-                .map_err(|e| Error::postgres("binding the second peek", e))?;
-            let rows = client
-                .copy_out(slot::PEEK_COPY)
-                .await
-                .map_err(|e| Error::postgres(format!("peeking slot {copy}"), e))?;
+            let peek = slot::Peek {
+                slot: &copy,
+                publication: &plan.publication,
+                upto: plan.to,
+                max_changes: plan.max_changes,
+                timeout: plan.timeout,
+            };
+            let rows = slot::start_peek(&client, &peek).await?;
             Ok((client, rows))
         });
         SecondHalf { task, pid }
@@ -741,21 +724,8 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
                 "the peek session was already used".to_owned(),
             ))
         })?;
-        let server_version: i32 = peek_client
-            .query_one("select current_setting('server_version_num')::int4", &[])
-            .await
-            .map_err(|e| Error::postgres("reading the server version", e))?
-            .get(0);
-        if server_version >= 130_000 {
-            peek_client
-                .execute(
-                    "select set_config('logical_decoding_work_mem', $1, false)",
-                    &[&opts.decoding_work_mem],
-                )
-                .await
-                .map_err(|e| Error::postgres("setting logical_decoding_work_mem", e))?;
-        }
-        let max_peek_changes = opts.max_peek_changes.to_string();
+        let server_version =
+            slot::prepare_peek_session(&peek_client, &opts.decoding_work_mem).await?;
         // A split that failed once is not tried again in this run.
         let mut split_allowed = opts.peek_sessions >= 2 && server_version >= 120_000;
 
@@ -775,7 +745,6 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
                     .max(Duration::from_millis(1)),
                 None => opts.source.statement_timeout,
             };
-            let timeout_ms = timeout.as_millis().to_string();
             let split = if split_allowed {
                 self.split_point(target).await?
             } else {
@@ -790,30 +759,23 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
                     publication: self.task.publication.clone(),
                     from: at,
                     to: target,
-                    max_changes: max_peek_changes.clone(),
-                    timeout_ms: timeout_ms.clone(),
-                    work_mem: (server_version >= 130_000).then(|| opts.decoding_work_mem.clone()),
+                    max_changes: opts.max_peek_changes,
+                    timeout,
+                    decoding_work_mem: opts.decoding_work_mem.clone(),
                     fail: opts.failpoint == Some(Failpoint::SplitPeekFails),
                 })
             });
-            let first_upto = split.unwrap_or(target).to_string();
-            peek_client
-                .execute(
-                    slot::PEEK_BIND,
-                    &[
-                        &self.task.slot,
-                        &first_upto,
-                        &max_peek_changes,
-                        &self.task.publication,
-                        &timeout_ms,
-                    ],
-                )
-                .await
-                .map_err(|e| Error::postgres("binding the peek", e))?;
-            let copy = peek_client
-                .copy_out(slot::PEEK_COPY)
-                .await
-                .map_err(|e| Error::postgres(format!("peeking slot {}", self.task.slot), e))?;
+            let copy = slot::start_peek(
+                &peek_client,
+                &slot::Peek {
+                    slot: &self.task.slot,
+                    publication: &self.task.publication,
+                    upto: split.unwrap_or(target),
+                    max_changes: opts.max_peek_changes,
+                    timeout,
+                },
+            )
+            .await?;
             tracing::debug!(task = %opts.task, elapsed_ms = started.elapsed().as_millis() as u64, split = ?split, "peek started (the server decodes before the first row)");
             let mut cursor = Cursor {
                 batch: self.new_batch().await?,
@@ -838,7 +800,7 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
                 'stream: while let Some(piece) = stream.next().await {
                     let piece = match piece {
                         Ok(p) => p,
-                        // The server cut the peek at the time left (PEEK_BIND): a clean stop,
+                        // The server cut the peek at the time left (its statement_timeout): a clean stop,
                         // the open batch abandoned, committed ones kept.
                         Err(e)
                             if opts.deadline.is_some()
@@ -979,7 +941,11 @@ impl<S: ObjectSink, St: StateStore> Poller<'_, S, St> {
         if span < self.opts.split_min_wal_bytes.max(2) {
             return Ok(None);
         }
-        if slot::free_slots(&self.control).await? < 1 {
+        if slot::slot_usage(&self.control, &self.task.slot)
+            .await?
+            .free()
+            < 1
+        {
             tracing::info!(task = %self.opts.task, "no free replication slot for a split peek; one session");
             return Ok(None);
         }

@@ -15,8 +15,8 @@
 //! the exact bytes of `FORMAT csv` client-side, [`crate::format::TextToCsv`]) into the encoder
 //! and a (multipart) upload of `LOAD<n:08X>.<ext>`, counting rows and summing an
 //! order-independent checksum. The CLI's workers keep their session from chunk to chunk
-//! ([`ChunkSession`]); each chunk still has its own snapshot. Only after the object is complete does the item move to `done`
-//! (conditional on the version it wrote). A crash anywhere leaves the chunk `running` until its
+//! ([`ChunkSession`]); each chunk still has its own snapshot. Only after the object is
+//! complete does the item move to `done` (conditional on the version it wrote). A crash anywhere leaves the chunk `running` until its
 //! lease expires; the retry rewrites the same key. A chunk already `done` returns its result.
 //!
 //! **Finish.** Every chunk must be `done`; per-table manifests

@@ -14,6 +14,7 @@ use tokio_postgres::Client;
 
 use super::catalog::{self, ServerInfo, TableInfo};
 use super::quote_ident;
+use super::slot::SlotUsage;
 use crate::error::{Error, Result};
 use crate::selection::Selection;
 
@@ -90,7 +91,6 @@ impl Default for CheckOptions {
 
 const SETTING_NAMES: &[&str] = &[
     "wal_level",
-    "max_replication_slots",
     "max_wal_senders",
     "wal_sender_timeout",
     "max_slot_wal_keep_size",
@@ -130,7 +130,7 @@ async fn run_in_transaction(
         Check::pass("auth", format!("authenticated as {}", server.user)),
         version_check(&server),
         wal_level_check(&server, &settings),
-        slots_check(client, &server, &settings, opts.slot_name.as_deref()).await?,
+        slots_check(client, &server, opts.slot_name.as_deref()).await?,
         wal_senders_check(client, &settings).await?,
         wal_sender_timeout_check(&settings),
         max_slot_wal_keep_size_check(&server, &settings),
@@ -267,21 +267,10 @@ fn wal_level_check(server: &ServerInfo, settings: &HashMap<String, (String, Stri
 async fn slots_check(
     client: &Client,
     server: &ServerInfo,
-    settings: &HashMap<String, (String, String)>,
     task_slot: Option<&str>,
 ) -> Result<Check> {
-    let max: i64 = setting(settings, "max_replication_slots")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let row = client
-        .query_one(
-            "select count(*), count(*) filter (where slot_name::text = $1) from pg_replication_slots",
-            &[&task_slot.unwrap_or("")],
-        )
-        .await
-        .map_err(|e| Error::postgres("counting replication slots", e))?;
-    let (used, task_slot_exists): (i64, i64) = (row.get(0), row.get(1));
-    let (status, detail) = slots_verdict(used, max, task_slot_exists > 0);
+    let usage = super::slot::slot_usage(client, task_slot.unwrap_or("")).await?;
+    let (status, detail) = slots_verdict(usage);
     Ok(if status == Status::Pass {
         Check::pass("replication_slots", detail)
     } else {
@@ -300,10 +289,13 @@ async fn slots_check(
 
 /// The task needs its slot, and large CDC drains one more for a moment (the temporary copy a
 /// second decoding session reads; without it they decode with one session).
-fn slots_verdict(used: i64, max: i64, task_slot_exists: bool) -> (Status, String) {
-    let detail = format!("{used} of max_replication_slots = {max} in use");
-    let free = max - used;
-    let for_task = i64::from(!task_slot_exists);
+fn slots_verdict(usage: SlotUsage) -> (Status, String) {
+    let detail = format!(
+        "{} of max_replication_slots = {} in use",
+        usage.used, usage.max
+    );
+    let free = usage.free();
+    let for_task = i64::from(!usage.exists);
     if free < for_task {
         (Status::Fail, format!("{detail}: no free slot for the task"))
     } else if free < for_task + 1 {
@@ -982,14 +974,15 @@ mod tests {
 
     #[test]
     fn slots_leave_room_for_the_task_and_a_split_drain() {
-        let status = |used, max, exists| slots_verdict(used, max, exists).0;
+        let verdict = |used, max, exists| slots_verdict(SlotUsage { used, max, exists });
+        let status = |used, max, exists| verdict(used, max, exists).0;
         assert_eq!(status(10, 10, false), Status::Fail);
         assert_eq!(status(9, 10, false), Status::Warn);
         assert_eq!(status(8, 10, false), Status::Pass);
         assert_eq!(status(10, 10, true), Status::Warn);
         assert_eq!(status(9, 10, true), Status::Pass);
         assert!(
-            slots_verdict(9, 10, false)
+            verdict(9, 10, false)
                 .1
                 .contains("9 of max_replication_slots = 10")
         );

@@ -204,26 +204,46 @@ pub async fn advance(client: &Client, slot: &str, to: Lsn) -> Result<()> {
     Ok(())
 }
 
-/// How many more replication slots the server can hold (`max_replication_slots` minus the
-/// slots that exist).
-pub async fn free_slots(client: &Client) -> Result<i64> {
+/// Replication slots in use against `max_replication_slots`, and whether `slot` is one of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotUsage {
+    pub used: i64,
+    pub max: i64,
+    pub exists: bool,
+}
+
+impl SlotUsage {
+    /// Slots that can still be created.
+    pub fn free(&self) -> i64 {
+        self.max - self.used
+    }
+}
+
+/// Counts the server's replication slots (see [`SlotUsage`]).
+pub async fn slot_usage(client: &Client, slot: &str) -> Result<SlotUsage> {
     let row = client
         .query_one(
-            "select current_setting('max_replication_slots')::int8 - (select count(*) from pg_replication_slots)",
-            &[],
+            "select count(*), current_setting('max_replication_slots')::int8, \
+             count(*) filter (where slot_name::text = $1) > 0 from pg_replication_slots",
+            &[&slot],
         )
         .await
-        .map_err(|e| Error::postgres("counting free replication slots", e))?;
-    Ok(row.get(0))
+        .map_err(|e| Error::postgres("counting replication slots", e))?;
+    Ok(SlotUsage {
+        used: row.get(0),
+        max: row.get(1),
+        exists: row.get(2),
+    })
 }
 
 /// Copies `slot` into a temporary slot of this session (same `restart_lsn`, confirmed
-/// position and catalog horizon; PostgreSQL drops it when the session ends or fails). Its name
-/// carries the backend pid, so it never collides. Returns the copy's name and the pid.
+/// position and catalog horizon; PostgreSQL drops it when the session ends or fails). It is
+/// named `pgshift__split_<backend pid>`: no other live session's copy has that pid, and no
+/// task's slot starts `pgshift__` (task names start with a letter). Returns the name and pid.
 pub async fn copy_temporary(client: &Client, slot: &str) -> Result<(String, i32)> {
     let row = client
         .query_one(
-            "select (pg_copy_logical_replication_slot($1, 'pgshift_split_' || pg_backend_pid(), true)).slot_name::text, pg_backend_pid()",
+            "select (pg_copy_logical_replication_slot($1, 'pgshift__split_' || pg_backend_pid(), true)).slot_name::text, pg_backend_pid()",
             &[&slot],
         )
         .await
@@ -231,18 +251,73 @@ pub async fn copy_temporary(client: &Client, slot: &str) -> Result<(String, i32)
     Ok((row.get(0), row.get(1)))
 }
 
+/// Prepares a session for peeking: `logical_decoding_work_mem` raised (PostgreSQL 13+, where
+/// it exists) so transactions decode in memory. Returns `server_version_num`.
+pub async fn prepare_peek_session(client: &Client, decoding_work_mem: &str) -> Result<i32> {
+    let version: i32 = client
+        .query_one("select current_setting('server_version_num')::int4", &[])
+        .await
+        .map_err(|e| Error::postgres("reading the server version", e))?
+        .get(0);
+    if version >= 130_000 {
+        client
+            .execute(
+                "select set_config('logical_decoding_work_mem', $1, false)",
+                &[&decoding_work_mem],
+            )
+            .await
+            .map_err(|e| Error::postgres("setting logical_decoding_work_mem", e))?;
+    }
+    Ok(version)
+}
+
+/// One peek of `slot` (or of its temporary copy), as bound by [`PEEK_BIND`].
+#[derive(Debug, Clone)]
+pub struct Peek<'a> {
+    pub slot: &'a str,
+    pub publication: &'a str,
+    /// Up to this WAL position.
+    pub upto: Lsn,
+    /// About how many changes at most (checked between transactions).
+    pub max_changes: i32,
+    /// The session's `statement_timeout` (0 = none).
+    pub timeout: std::time::Duration,
+}
+
+/// Starts a peek: binds its values, then opens the binary COPY whose rows [`PeekRows`] splits.
+/// The stream's first piece comes once the server has decoded the whole range.
+pub async fn start_peek(client: &Client, peek: &Peek<'_>) -> Result<tokio_postgres::CopyOutStream> {
+    client
+        .execute(
+            PEEK_BIND,
+            &[
+                &peek.slot,
+                &peek.upto.to_string(),
+                &peek.max_changes.to_string(),
+                &peek.publication,
+                &peek.timeout.as_millis().to_string(),
+            ],
+        )
+        .await
+        .map_err(|e| Error::postgres("binding the peek", e))?;
+    client
+        .copy_out(PEEK_COPY)
+        .await
+        .map_err(|e| Error::postgres(format!("peeking slot {}", peek.slot), e))
+}
+
 /// Binds the peek's values for [`PEEK_COPY`] (COPY takes no parameters; the values travel
 /// as bound arguments of `set_config`, never inside the statement text): the slot, the upper
 /// LSN, about how many changes at most (checked between transactions), the publication, and
 /// the session's `statement_timeout` in milliseconds (what is left before the deadline).
-pub const PEEK_BIND: &str = "select set_config('pgshift.peek_slot', $1, false), \
+const PEEK_BIND: &str = "select set_config('pgshift.peek_slot', $1, false), \
  set_config('pgshift.peek_upto', $2, false), set_config('pgshift.peek_changes', $3, false), \
  set_config('pgshift.peek_publication', $4, false), set_config('statement_timeout', $5, false)";
 
 /// The peek, pgoutput protocol 1, as binary COPY: `(lsn, data)` rows ([`PeekRows`]). COPY
 /// sends rows with less work per row on both sides than a query's DataRow messages (the
 /// server streams the decoded tuplestore; this is most of the run after the decode itself).
-pub const PEEK_COPY: &str = "copy (select lsn, data from pg_logical_slot_peek_binary_changes(\
+const PEEK_COPY: &str = "copy (select lsn, data from pg_logical_slot_peek_binary_changes(\
  current_setting('pgshift.peek_slot'), current_setting('pgshift.peek_upto')::pg_lsn, \
  current_setting('pgshift.peek_changes')::int4, 'proto_version', '1', \
  'publication_names', current_setting('pgshift.peek_publication'))) to stdout with (format binary)";
@@ -251,7 +326,8 @@ const COPY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 
 /// Splits the binary COPY of [`PEEK_COPY`] into `(lsn, data)` rows, whatever the pieces the
 /// stream arrives in. A row inside one piece is a slice of it (no copy); one spanning pieces
-/// is joined. Every read is checked: malformed bytes are errors naming what is wrong.
+/// is joined (PostgreSQL sends each row of COPY TO as one CopyData message, so joins are rare:
+/// the header, or a client that splits messages). Every read is checked: malformed bytes are errors naming what is wrong.
 #[derive(Debug, Default)]
 pub struct PeekRows {
     pending: Bytes,
