@@ -3,6 +3,7 @@
 mod cdc;
 mod endpoint;
 mod full_load;
+mod golden;
 mod lambda_runtime;
 mod migrate;
 mod seams;
