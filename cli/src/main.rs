@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use pgshift::Error;
 use pgshift::aws::Aws;
 use pgshift::config::SourceSpec;
-use pgshift::format::Format;
+use pgshift::staging::encode::Format;
 use pgshift::job::apply::{self, ApplyOptions};
 use pgshift::job::cdc_poll::{self, CdcOptions};
 use pgshift::job::full_load::{self, LoadOptions, Progress};
@@ -333,7 +333,7 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
                 let report = match &stage {
                     Target::Local(dir) => {
                         apply::run(
-                            &pgshift::stage::LocalSink::new(dir),
+                            &pgshift::staging::LocalSink::new(dir),
                             &target,
                             &task,
                             ApplyOptions::default(),
@@ -344,7 +344,7 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
                         let aws = aws.as_ref().ok_or_else(|| {
                             Error::config("aws", "AWS configuration was not loaded")
                         })?;
-                        let sink = pgshift::stage::S3Sink::new(aws.s3(), url)?;
+                        let sink = pgshift::staging::S3Sink::new(aws.s3(), url)?;
                         apply::run(&sink, &target, &task, ApplyOptions::default()).await?
                     }
                 };
@@ -518,7 +518,7 @@ fn hostname() -> String {
 /// Runs `$body` with `$sink` and `$store` bound to the implementations the targets name.
 macro_rules! with_seams {
     ($stage:expr, $state:expr, $aws:expr, |$sink:ident, $store:ident| $body:expr) => {{
-        use pgshift::stage::{LocalSink, S3Sink};
+        use pgshift::staging::{LocalSink, S3Sink};
         use pgshift::state::{DynamoStore, FileStore};
         let aws: Option<&Aws> = $aws;
         let need_aws =
@@ -592,7 +592,7 @@ enum Target {
 impl Target {
     fn parse_stage(s: &str) -> pgshift::Result<Target> {
         if s.starts_with("s3://") {
-            pgshift::stage::parse_s3_url(s)?;
+            pgshift::staging::parse_s3_url(s)?;
             Ok(Target::Aws(s.to_owned()))
         } else if s.contains("://") {
             Err(Error::config(

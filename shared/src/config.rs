@@ -383,7 +383,7 @@ pub struct LambdaEnv {
     /// `PGSHIFT_STATE_TABLE`: the DynamoDB table.
     pub state_table: Option<String>,
     /// `PGSHIFT_FORMAT`: csv (default), csv.gz, jsonl, jsonl.gz.
-    pub format: crate::format::Format,
+    pub format: crate::staging::encode::Format,
     /// `PGSHIFT_COMMIT_TS_COLUMN`: `true` adds the commit timestamp column to CSV.
     pub commit_ts_column: bool,
     /// `PGSHIFT_TABLE_MAPPINGS`: DMS table-mapping JSON (selection rules).
@@ -435,8 +435,8 @@ impl LambdaEnv {
             ));
         }
         let format = match get("PGSHIFT_FORMAT") {
-            None => crate::format::Format::default(),
-            Some(f) => crate::format::Format::parse(&f, "PGSHIFT_FORMAT")?,
+            None => crate::staging::encode::Format::default(),
+            Some(f) => crate::staging::encode::Format::parse(&f, "PGSHIFT_FORMAT")?,
         };
         let flag = |name: &str, default: bool| match get(name).as_deref() {
             None => Ok(default),

@@ -98,11 +98,44 @@ pub enum Error {
         context: String,
         detail: String,
         transient: bool,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 
     /// A conditional write lost a race (another worker moved the state first).
     #[error("state conflict: {0}")]
     Conflict(String),
+
+    /// Another live worker holds the lease of `what` (transient: retry after it expires).
+    #[error("{what} is held by {owner} until {until_ms}")]
+    LeaseHeld {
+        what: String,
+        owner: String,
+        until_ms: u64,
+    },
+
+    /// The invocation's deadline passed before the step could finish (transient: the next
+    /// run redoes it; nothing it did is visible as committed).
+    #[error("deadline reached: {0}")]
+    Deadline(String),
+
+    /// The task's replication slot is gone, lost WAL, or was consumed by someone else:
+    /// changes since the checkpoint cannot be recovered (terminal).
+    #[error("{0}")]
+    SlotLost(String),
+
+    /// Staged data is missing or not what its manifest says (terminal).
+    #[error("staged data: {0}")]
+    Staged(String),
+
+    /// Bytes from the server that do not follow the protocol (terminal).
+    #[error("protocol: {0}")]
+    Protocol(String),
+
+    /// A fault injected by a test wrapper around a seam (`staging::UnreliableSink`,
+    /// `state::UnreliableStore`, `source::UnreliableSource`): the process is treated as dead.
+    #[error("injected fault: {0}")]
+    Injected(String),
 
     /// The source cannot serve what the task needs (terminal until a person acts).
     #[error("{0}")]
@@ -128,10 +161,15 @@ impl Error {
             Error::Connect { kind, .. } => kind.is_transient(),
             Error::Postgres { transient, .. } | Error::Aws { transient, .. } => *transient,
             Error::Io { .. } => true,
-            Error::Conflict(_) => true,
-            Error::Config { .. } | Error::Event { .. } | Error::Source(_) | Error::NotYet(_) => {
-                false
-            }
+            Error::Conflict(_) | Error::LeaseHeld { .. } | Error::Deadline(_) => true,
+            Error::Config { .. }
+            | Error::Event { .. }
+            | Error::Source(_)
+            | Error::SlotLost(_)
+            | Error::Staged(_)
+            | Error::Protocol(_)
+            | Error::Injected(_)
+            | Error::NotYet(_) => false,
         }
     }
 
@@ -152,6 +190,12 @@ impl Error {
             } => "TransientAwsError",
             Error::Aws { .. } => "AwsError",
             Error::Conflict(_) => "TransientStateConflict",
+            Error::LeaseHeld { .. } => "TransientLeaseHeld",
+            Error::Deadline(_) => "TransientDeadlineReached",
+            Error::SlotLost(_) => "SlotLost",
+            Error::Staged(_) => "StagedDataError",
+            Error::Protocol(_) => "ProtocolError",
+            Error::Injected(_) => "InjectedFault",
             Error::Source(_) => "SourceError",
             Error::Io { .. } => "TransientIoError",
             Error::NotYet(_) => "NotYetImplemented",
@@ -219,6 +263,53 @@ pub(crate) fn describe_pg_error(err: &tokio_postgres::Error) -> (String, bool) {
         cause = c.source();
     }
     (detail, true)
+}
+
+/// Maps an SDK error to [`Error::Aws`], transient for throttling, timeouts and 5xx.
+pub(crate) fn sdk_error<E, R>(
+    service: &'static str,
+    context: String,
+    err: aws_sdk_s3::error::SdkError<E, R>,
+) -> Error
+where
+    E: std::error::Error + aws_sdk_s3::error::ProvideErrorMetadata + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    use aws_sdk_s3::error::SdkError;
+    let (detail, transient) = match &err {
+        SdkError::ServiceError(se) => {
+            let e = se.err();
+            let code = e.code().unwrap_or("unknown");
+            let transient = matches!(
+                code,
+                "ThrottlingException"
+                    | "Throttling"
+                    | "SlowDown"
+                    | "RequestTimeout"
+                    | "InternalError"
+                    | "InternalServerError"
+                    | "ServiceUnavailable"
+                    | "ProvisionedThroughputExceededException"
+                    | "RequestLimitExceeded"
+                    | "TransactionInProgressException"
+            );
+            (
+                format!("{code}: {}", e.message().unwrap_or("no message")),
+                transient,
+            )
+        }
+        SdkError::TimeoutError(_) => ("request timed out".to_owned(), true),
+        SdkError::DispatchFailure(d) => (format!("could not send the request: {d:?}"), true),
+        SdkError::ResponseError(_) => ("malformed response".to_owned(), true),
+        other => (format!("{other}"), false),
+    };
+    Error::Aws {
+        service,
+        context,
+        detail,
+        transient,
+        source: Some(Box::new(err)),
+    }
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ pub struct StagedDeps {
     pub env: crate::config::LambdaEnv,
     pub task: String,
     pub secret: String,
-    pub sink: crate::stage::S3Sink,
+    pub sink: crate::staging::S3Sink,
     pub state: crate::state::DynamoStore,
 }
 
@@ -40,7 +40,7 @@ impl StagedDeps {
         let stage = required(&env.stage, "PGSHIFT_STAGE")?;
         let table = required(&env.state_table, "PGSHIFT_STATE_TABLE")?;
         let aws = crate::aws::Aws::from_env().await;
-        let sink = crate::stage::S3Sink::new(aws.s3(), &stage)?;
+        let sink = crate::staging::S3Sink::new(aws.s3(), &stage)?;
         let state = crate::state::DynamoStore::new(aws.dynamodb(), table);
         Ok(StagedDeps {
             aws,

@@ -19,7 +19,6 @@ pub mod aws;
 pub mod change;
 pub mod config;
 pub mod error;
-pub mod format;
 pub mod job;
 #[cfg(feature = "lambda")]
 pub mod lambda;
@@ -28,8 +27,9 @@ pub mod pgoutput;
 pub mod plan;
 pub mod selection;
 pub mod source;
-pub mod stage;
+pub mod staging;
 pub mod state;
+pub mod table;
 
 pub use error::{Error, Result};
 pub use lsn::Lsn;

@@ -4,11 +4,11 @@
 use std::collections::{BTreeMap, HashSet};
 
 use pgshift::config::PgConfig;
-use pgshift::format::Format;
+use pgshift::staging::encode::Format;
 use pgshift::job::cdc_poll::{self, CdcOptions, Failpoint, Outcome, PollReport};
 use pgshift::lsn::Lsn;
 use pgshift::source::slot;
-use pgshift::stage::ObjectSink;
+use pgshift::staging::ObjectSink;
 use pgshift::state::StateStore;
 use pgshift_tests::replay::{self, Table};
 use pgshift_tests::{Staging, TempDir, TestDb, unique_name};
@@ -444,7 +444,7 @@ fn per_table(changes: &[replay::Staged]) -> BTreeMap<String, Vec<replay::Staged>
 /// Every staged object but the manifests (which name their task), by key, the batch's
 /// start checkpoint in keys written as `START`.
 async fn staged_objects(
-    sink: &pgshift::stage::LocalSink,
+    sink: &pgshift::staging::LocalSink,
     start_hex: &str,
 ) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
@@ -496,7 +496,7 @@ async fn a_split_peek_stages_exactly_what_one_session_stages() {
     .unwrap();
     let seams = |name: &str| {
         (
-            pgshift::stage::LocalSink::new(dir.path().join(name).join("stage")),
+            pgshift::staging::LocalSink::new(dir.path().join(name).join("stage")),
             pgshift::state::FileStore::new(dir.path().join(name).join("state")),
         )
     };
@@ -748,7 +748,7 @@ async fn cdc_to_s3_with_state_in_dynamodb() {
     let _ = pgshift_tests::env("AWS_ENDPOINT_URL");
     let aws = pgshift::aws::Aws::from_env().await;
     let bucket = pgshift_tests::emulator_bucket(&aws, "pgshift-cdc").await;
-    let sink = pgshift::stage::S3Sink::new(aws.s3(), &format!("s3://{bucket}/staged")).unwrap();
+    let sink = pgshift::staging::S3Sink::new(aws.s3(), &format!("s3://{bucket}/staged")).unwrap();
     let table = unique_name("pgshift-state");
     let state = pgshift::state::DynamoStore::new(aws.dynamodb(), &table);
     state.ensure_table().await.unwrap();
@@ -901,7 +901,7 @@ async fn cli_cdc_stages_to_s3_with_state_in_dynamodb() {
     );
     let report: PollReport = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report.changes, 2);
-    let sink = pgshift::stage::S3Sink::new(aws.s3(), &stage).unwrap();
+    let sink = pgshift::staging::S3Sink::new(aws.s3(), &stage).unwrap();
     let staged = sink
         .get(&format!(
             "public/t/cdc/{}.csv",
@@ -923,7 +923,7 @@ async fn cdc_refuses_parquet_before_touching_the_source() {
     let mut o = opts("pq", cfg, "parquet");
     o.create_if_missing = true;
     let err = cdc_poll::run(
-        &pgshift::stage::MemorySink::new(),
+        &pgshift::staging::MemorySink::new(),
         &pgshift::state::MemoryStore::new(),
         &o,
     )

@@ -5,11 +5,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use pgshift::format::{Format, parse_csv_fields};
+use pgshift::staging::decode::parse_csv_fields;
+use pgshift::staging::encode::Format;
 use pgshift::job::cdc_poll::{self, CdcOptions};
 use pgshift::job::full_load::{self, ChunkId, LoadManifest, LoadOptions, Progress};
 use pgshift::selection::Selection;
-use pgshift::stage::ObjectSink;
+use pgshift::staging::ObjectSink;
 use pgshift::state::StateStore;
 use pgshift_tests::replay::{self, Row, Table};
 use pgshift_tests::{Staging, TestDb, env};
@@ -82,7 +83,7 @@ async fn source_copy(
         bytes.extend_from_slice(&b.unwrap());
     }
     let mut rows = Vec::new();
-    let mut split = pgshift::format::CsvRows::new();
+    let mut split = pgshift::staging::decode::CsvRows::new();
     let mut fields = Vec::new();
     split
         .feed(&bytes, |r| {
@@ -105,7 +106,7 @@ async fn staged_rows<S: ObjectSink>(sink: &S, m: &LoadManifest) -> Vec<Fields> {
         } else {
             body.to_vec()
         };
-        let mut split = pgshift::format::CsvRows::new();
+        let mut split = pgshift::staging::decode::CsvRows::new();
         let mut fields = Vec::new();
         if chunk.key.contains(".jsonl") {
             for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
@@ -198,7 +199,7 @@ async fn corpus_tables_load_equal_to_copy_jsonl_gzip() {
 /// Raw CSV rows (each with its newline), sorted: byte-exact comparison material.
 fn raw_rows(bytes: &[u8]) -> Vec<Vec<u8>> {
     let mut rows = Vec::new();
-    let mut split = pgshift::format::CsvRows::new();
+    let mut split = pgshift::staging::decode::CsvRows::new();
     split
         .feed(bytes, |r| {
             rows.push(r.to_vec());
@@ -462,7 +463,7 @@ async fn a_killed_export_is_retried_into_one_complete_object() {
         source_copy(&c, "public", "t", &cols).await
     );
     // The checksum is the source's.
-    let mut sum = pgshift::format::RowChecksum::default();
+    let mut sum = pgshift::source::copy_text::RowChecksum::default();
     for r in source_copy(&c, "public", "t", &cols).await {
         let line: Vec<String> = r.iter().map(|f| f.clone().unwrap()).collect();
         sum.add_row(line.join(",").as_bytes());

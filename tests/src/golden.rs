@@ -6,9 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use pgshift::format::Format;
+use pgshift::staging::encode::Format;
 use pgshift::lsn::Lsn;
-use pgshift::stage::{MemorySink, ObjectSink};
+use pgshift::staging::{MemorySink, ObjectSink};
 use pgshift::state::MemoryStore;
 use pgshift_tests::TestDb;
 

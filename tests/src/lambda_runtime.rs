@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pgshift::aws::Aws;
-use pgshift::stage::{ObjectSink, S3Sink};
+use pgshift::staging::{ObjectSink, S3Sink};
 use pgshift::state::DynamoStore;
 use pgshift_tests::{TempDir, TestDb, env, unique_name};
 use secrecy::ExposeSecret;

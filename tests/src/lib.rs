@@ -225,7 +225,7 @@ pub fn url(cfg: &PgConfig) -> String {
 /// A test database with a folder sink and a file state store of its own.
 pub struct Staging {
     pub db: TestDb,
-    pub sink: pgshift::stage::LocalSink,
+    pub sink: pgshift::staging::LocalSink,
     pub state: pgshift::state::FileStore,
     pub dir: TempDir,
 }
@@ -235,7 +235,7 @@ impl Staging {
         let dir = TempDir::new(prefix);
         Staging {
             db: TestDb::new(prefix).await,
-            sink: pgshift::stage::LocalSink::new(dir.path().join("stage")),
+            sink: pgshift::staging::LocalSink::new(dir.path().join("stage")),
             state: pgshift::state::FileStore::new(dir.path().join("state")),
             dir,
         }

@@ -5,13 +5,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use pgshift::format::Format;
+use pgshift::staging::encode::Format;
 use pgshift::job::apply::{self, ApplyOptions};
 use pgshift::job::cdc_poll::{self, CdcOptions, Failpoint};
 use pgshift::job::full_load::{self, LoadOptions, Progress};
 use pgshift::job::validate;
 use pgshift::selection::Selection;
-use pgshift::stage::ObjectSink;
+use pgshift::staging::ObjectSink;
 use pgshift::state::StateStore;
 use pgshift_tests::{TempDir, TestDb};
 
@@ -159,7 +159,7 @@ fn statement(i: i64) -> String {
 async fn end_to_end_csv_to_a_folder() {
     let dir = TempDir::new("e2e_csv");
     prove(
-        pgshift::stage::LocalSink::new(dir.path().join("stage")),
+        pgshift::staging::LocalSink::new(dir.path().join("stage")),
         pgshift::state::FileStore::new(dir.path().join("state")),
         "csv",
         "e2e_csv",
@@ -171,7 +171,7 @@ async fn end_to_end_csv_to_a_folder() {
 async fn end_to_end_jsonl_to_a_folder() {
     let dir = TempDir::new("e2e_jsonl");
     prove(
-        pgshift::stage::LocalSink::new(dir.path().join("stage")),
+        pgshift::staging::LocalSink::new(dir.path().join("stage")),
         pgshift::state::FileStore::new(dir.path().join("state")),
         "jsonl.gz",
         "e2e_jsonl",
@@ -187,7 +187,7 @@ async fn end_to_end_s3_and_dynamodb() {
     let state =
         pgshift::state::DynamoStore::new(aws.dynamodb(), pgshift_tests::unique_name("pgshift-e2e"));
     state.ensure_table().await.unwrap();
-    let sink = pgshift::stage::S3Sink::new(aws.s3(), &format!("s3://{bucket}/run")).unwrap();
+    let sink = pgshift::staging::S3Sink::new(aws.s3(), &format!("s3://{bucket}/run")).unwrap();
     prove(sink, state, "csv", "e2e_s3").await;
 }
 
@@ -196,7 +196,7 @@ async fn apply_interrupted_mid_batch_resumes_without_duplicates() {
     let source = TestDb::new("apply_src").await;
     let target = TestDb::new("apply_dst").await;
     let dir = TempDir::new("apply_resume");
-    let sink = pgshift::stage::LocalSink::new(dir.path().join("stage"));
+    let sink = pgshift::staging::LocalSink::new(dir.path().join("stage"));
     let state = pgshift::state::FileStore::new(dir.path().join("state"));
     let c = source.client().await;
     c.batch_execute("create table public.t (id int primary key, v int not null, big text); alter table public.t replica identity full;")
@@ -358,7 +358,7 @@ async fn a_row_read_by_two_chunks_applies_once() {
     let source = TestDb::new("dup_src").await;
     let target = TestDb::new("dup_dst").await;
     let dir = TempDir::new("dup_chunks");
-    let sink = pgshift::stage::LocalSink::new(dir.path().join("stage"));
+    let sink = pgshift::staging::LocalSink::new(dir.path().join("stage"));
     let state = pgshift::state::FileStore::new(dir.path().join("state"));
     let c = source.client().await;
     c.batch_execute(
@@ -450,7 +450,7 @@ async fn wal2json_corpus_workloads_apply_equal() {
         let source = TestDb::new("w2j_src").await;
         let target = TestDb::new("w2j_dst").await;
         let tmp = TempDir::new("w2j");
-        let sink = pgshift::stage::LocalSink::new(tmp.path().join("stage"));
+        let sink = pgshift::staging::LocalSink::new(tmp.path().join("stage"));
         let state = pgshift::state::FileStore::new(tmp.path().join("state"));
         let task = format!("w2j-{name}");
         let mut co = CdcOptions::new(&task, source.config(), "poller");

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use pgshift::job::cdc_poll::{BatchManifest, StoredSchema};
-use pgshift::stage::ObjectSink;
+use pgshift::staging::ObjectSink;
 use tokio_postgres::Client;
 
 /// Row: column name → text value (None = NULL).

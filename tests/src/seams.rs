@@ -7,7 +7,7 @@ use bytes::Bytes;
 use pgshift::aws::Aws;
 use pgshift::error::Error;
 use pgshift::job::cdc_poll::{self, CdcOptions, Outcome};
-use pgshift::stage::{MemorySink, ObjectSink, ObjectWriter, S3Sink};
+use pgshift::staging::{MemorySink, ObjectSink, ObjectWriter, S3Sink};
 use pgshift::state::{DynamoStore, MemoryStore, StateStore};
 use pgshift_tests::{TestDb, env, unique_name};
 

@@ -12,7 +12,7 @@ use pgshift::job::full_load::{
     PlanOutput,
 };
 use pgshift::lambda::StagedDeps;
-use pgshift::stage::ObjectSink;
+use pgshift::staging::ObjectSink;
 
 async fn handle(
     deps: &StagedDeps,

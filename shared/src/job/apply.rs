@@ -26,15 +26,15 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 use tokio_postgres::types::{ToSql, Type};
 
-use crate::change::{ColumnSchema, TableSchema};
+use crate::table::{ColumnSchema, TableSchema};
 use crate::config::{PgConfig, check_task_name};
 use crate::error::{Error, Result};
-use crate::format::{CsvRows, Encoding, parse_csv_fields};
-use crate::job::cdc_poll::{BatchManifest, StoredSchema};
-use crate::job::full_load::LoadManifest;
+use crate::staging::decode::{CsvRows, parse_csv_fields};
+use crate::staging::encode::Encoding;
+use crate::staging::layout::{self, BatchFile, BatchManifest, LoadManifest, StoredSchema};
 use crate::lsn::Lsn;
 use crate::source::{self, quote_ident, quote_qualified};
-use crate::stage::ObjectSink;
+use crate::staging::ObjectSink;
 
 /// What an apply run did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -47,11 +47,6 @@ pub struct ApplyReport {
     pub position: Lsn,
 }
 
-/// Test hook: fail inside a batch's transaction after this many changes.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ApplyOptions {
-    pub fail_after_changes: Option<u64>,
-}
 
 const BOOKKEEPING: &str = "create schema if not exists pgshift; \
  create table if not exists pgshift.applied (task text primary key, load_complete boolean not null default false, \
@@ -69,21 +64,11 @@ fn gunzip(key: &str, body: Bytes) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-async fn get<S: ObjectSink>(sink: &S, key: &str) -> Result<Bytes> {
-    sink.get(key).await?.ok_or_else(|| {
-        Error::Source(format!(
-            "{key} is listed in a manifest but missing from {}",
-            sink.describe()
-        ))
-    })
-}
-
 /// Applies everything staged that the target has not applied yet.
 pub async fn run<S: ObjectSink>(
     sink: &S,
     target: &PgConfig,
     task: &str,
-    opts: ApplyOptions,
 ) -> Result<ApplyReport> {
     check_task_name(task)?;
     let mut cfg = target.clone();
@@ -124,9 +109,8 @@ pub async fn run<S: ObjectSink>(
         report.load_rows = rows;
         report.position = l0;
     }
-    for key in sink.list("_manifests/cdc/").await? {
-        let m: BatchManifest = serde_json::from_slice(&get(sink, &key).await?)
-            .map_err(|e| Error::Source(format!("{key} is not a batch manifest: {e}")))?;
+    for key in layout::batch_manifest_keys(sink).await? {
+        let m: BatchManifest = layout::get_json(sink, &key, "a batch manifest").await?;
         if m.end_lsn <= report.position {
             continue;
         }
@@ -143,7 +127,6 @@ pub async fn run<S: ObjectSink>(
             &m,
             report.position,
             &mut tables,
-            opts,
         )
         .await?;
         report.batches_applied += 1;
@@ -157,21 +140,6 @@ pub async fn run<S: ObjectSink>(
 #[derive(Default)]
 struct Tables {
     known: HashMap<(String, String), TableSchema>,
-}
-
-async fn latest_schema<S: ObjectSink>(sink: &S, schema: &str, table: &str) -> Result<StoredSchema> {
-    let prefix = format!(
-        "{}/_schema/",
-        crate::job::cdc_poll::table_prefix(schema, table)
-    );
-    let key = sink
-        .list(&prefix)
-        .await?
-        .into_iter()
-        .next()
-        .ok_or_else(|| Error::Source(format!("no staged schema for {schema}.{table}")))?;
-    serde_json::from_slice(&get(sink, &key).await?)
-        .map_err(|e| Error::Source(format!("{key}: {e}")))
 }
 
 /// The column type to create in the target: the source's, or `text` when the target does not
@@ -248,12 +216,7 @@ async fn apply_load<S: ObjectSink>(
     task: &str,
     tables: &mut Tables,
 ) -> Result<Option<(u64, Lsn)>> {
-    let keys: Vec<String> = sink
-        .list("_manifests/load/")
-        .await?
-        .into_iter()
-        .filter(|k| !k.ends_with("_chunks.json"))
-        .collect();
+    let keys = layout::load_manifest_keys(sink).await?;
     if keys.is_empty() {
         return Ok(None);
     }
@@ -264,15 +227,14 @@ async fn apply_load<S: ObjectSink>(
     let mut rows = 0;
     let mut l0 = Lsn::ZERO;
     for key in keys {
-        let m: LoadManifest = serde_json::from_slice(&get(sink, &key).await?)
-            .map_err(|e| Error::Source(format!("{key} is not a load manifest: {e}")))?;
+        let m: LoadManifest = layout::get_json(sink, &key, "a load manifest").await?;
         if m.format.encoding == Encoding::Parquet {
             return Err(Error::config(
                 "format",
                 "apply reads csv or jsonl staging; this load is parquet",
             ));
         }
-        let stored = latest_schema(sink, &m.schema, &m.table).await?;
+        let stored = layout::first_schema(sink, &m.schema, &m.table).await?;
         ensure_table(&tx, &stored.schema).await?;
         let name = quote_qualified(&m.schema, &m.table);
         tx.batch_execute(&format!("truncate {name}"))
@@ -299,7 +261,7 @@ async fn apply_load<S: ObjectSink>(
             cols.join(", ")
         );
         for chunk in &m.chunks {
-            let body = gunzip(&chunk.key, get(sink, &chunk.key).await?)?;
+            let body = gunzip(&chunk.key, layout::get_required(sink, &chunk.key).await?)?;
             let csv = if m.format.encoding == Encoding::Jsonl {
                 jsonl_to_csv(&body, &m.columns)?
             } else {
@@ -359,7 +321,7 @@ fn jsonl_to_csv(body: &[u8], columns: &[String]) -> Result<Vec<u8>> {
             if i > 0 {
                 out.push(b',');
             }
-            crate::format::csv_field(&mut out, v["after"][c].as_str().map(str::as_bytes));
+            crate::staging::encode::csv_field(&mut out, v["after"][c].as_str().map(str::as_bytes));
         }
         out.push(b'\n');
     }
@@ -511,7 +473,7 @@ fn change_statements(
 
 fn read_changes(
     m: &BatchManifest,
-    file: &crate::job::cdc_poll::BatchFile,
+    file: &BatchFile,
     body: &[u8],
     schemas: &[(u64, StoredSchema)],
 ) -> Result<Vec<(usize, Change)>> {
@@ -724,7 +686,6 @@ async fn apply_batch<S: ObjectSink>(
     m: &BatchManifest,
     position: Lsn,
     tables: &mut Tables,
-    opts: ApplyOptions,
 ) -> Result<u64> {
     let tx = client
         .transaction()
@@ -735,7 +696,7 @@ async fn apply_batch<S: ObjectSink>(
     for file in &m.files {
         let mut schemas = Vec::new();
         for seg in &file.schema_versions {
-            let s: StoredSchema = serde_json::from_slice(&get(sink, &seg.key).await?)
+            let s: StoredSchema = serde_json::from_slice(&layout::get_required(sink, &seg.key).await?)
                 .map_err(|e| Error::Source(format!("{}: {e}", seg.key)))?;
             schemas.push((seg.first_row, s));
         }
@@ -745,7 +706,7 @@ async fn apply_batch<S: ObjectSink>(
                 file.key
             )));
         }
-        let body = gunzip(&file.key, get(sink, &file.key).await?)?;
+        let body = gunzip(&file.key, layout::get_required(sink, &file.key).await?)?;
         let changes = read_changes(m, file, &body, &schemas)?;
         let mut current = usize::MAX;
         for (si, change) in changes {
@@ -770,11 +731,6 @@ async fn apply_batch<S: ObjectSink>(
                     .map_err(|e| Error::postgres(format!("applying a change to {name}"), e))?;
             }
             applied += 1;
-            if opts.fail_after_changes.is_some_and(|n| applied >= n) {
-                return Err(Error::Source(
-                    "failpoint: apply stopped inside a batch".to_owned(),
-                ));
-            }
         }
     }
     let moved = tx

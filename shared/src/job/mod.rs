@@ -1,12 +1,52 @@
 //! Jobs: the orchestration each Lambda and CLI command calls. Each module's docs give its
-//! effect order and what happens on failure at each step.
+//! effect order and what happens on failure at each step. A job is its effect order and its
+//! loop over the seams (source, staging, state); jobs never import jobs. [`options`] is what
+//! they are asked to do, mapped once from configuration.
+
+use crate::config::slot_name;
+use crate::error::{Error, Result};
+use crate::selection::Selection;
+use crate::source::CdcSource;
+use crate::state::StateStore;
+use crate::state::records::{self, TaskRecord};
 
 pub mod apply;
 pub mod cdc_poll;
 pub mod full_load;
+pub mod options;
 pub mod status;
 pub mod test_endpoint;
 pub mod validate;
+
+/// The first step of the full load with CDC and of a CDC-only task: the task item, creating
+/// the publication, slot and item when the task has none (and `create` allows it).
+pub async fn ensure_task<Src: CdcSource, St: StateStore>(
+    source: &Src,
+    state: &St,
+    task: &str,
+    selection: &Selection,
+    create: bool,
+    created_by: &str,
+) -> Result<TaskRecord> {
+    if let Some(record) = records::get_task(state, task).await? {
+        return Ok(record);
+    }
+    if !create {
+        return Err(Error::Source(format!(
+            "task {task} has no slot yet: run the full load with CDC (pgshift full-load --cdc) or a CDC-only task (pgshift cdc)"
+        )));
+    }
+    let name = slot_name(task);
+    let replication = source.create_replication(&name, selection).await?;
+    let record = TaskRecord {
+        slot: name.clone(),
+        publication: name,
+        start_lsn: replication.start_lsn,
+        database: replication.database,
+        created_by: created_by.to_owned(),
+    };
+    records::create_task(state, task, record).await
+}
 
 /// Parses a Lambda event, naming the offending field on error (`endpoint.port: ...`).
 pub fn parse_event<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> crate::Result<T> {

@@ -5,8 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{PgConfig, check_task_name};
 use crate::error::{Error, Result};
-use crate::job::cdc_poll::{CdcRecord, PollReport, TaskRecord};
-use crate::job::full_load::{ChunkRecord, PlanRecord};
+use crate::state::records::{CdcRecord, ChunkRecord, PlanRecord, PollReport, TaskRecord};
 use crate::lsn::Lsn;
 use crate::source::{self, slot};
 use crate::state::{StateStore, from_doc};

@@ -13,7 +13,8 @@ use tokio_postgres::Client;
 
 use crate::config::PgConfig;
 use crate::error::{Error, Result};
-use crate::format::{CsvRows, RowChecksum, parse_csv_fields};
+use crate::source::copy_text::RowChecksum;
+use crate::staging::decode::{CsvRows, parse_csv_fields};
 use crate::selection::Selection;
 use crate::source::{self, catalog, quote_ident, quote_qualified};
 

@@ -8,6 +8,7 @@ use tokio_postgres::Client;
 
 use crate::error::{Error, Result};
 use crate::selection::Selection;
+use crate::table::ColumnSchema;
 
 /// What the server is and who we are on it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -195,3 +196,81 @@ pub async fn key_range_lows(
         .map_err(|e| Error::postgres(format!("cutting {schema}.{table} into key ranges"), e))?;
     Ok(rows.into_iter().map(|r| r.get(0)).collect())
 }
+
+/// The columns of a table, in order, and which make up its primary key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Columns {
+    pub columns: Vec<ColumnSchema>,
+    /// Indexes into `columns` of the primary key, in key order (empty without one).
+    pub key_order: Vec<usize>,
+}
+
+/// The one columns query: name, type oid, modifier, `format_type` (no modifier printed when
+/// there is none) and the position in the primary key.
+const COLUMNS: &str = "select a.attname::text, a.atttypid, a.atttypmod, format_type(a.atttypid, nullif(a.atttypmod, -1)), \
+ array_position(i.indkey::int2[], a.attnum)::int4 \
+ from pg_attribute a left join pg_index i on i.indrelid = a.attrelid and i.indisprimary \
+ where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped order by a.attnum";
+
+/// Reads a table's columns (see [`Columns`]); `name` is for messages.
+pub async fn table_columns(client: &Client, oid: u32, name: &str) -> Result<Columns> {
+    let rows = client
+        .query(COLUMNS, &[&oid])
+        .await
+        .map_err(|e| Error::postgres(format!("reading columns of {name}"), e))?;
+    let mut keyed: Vec<(i32, usize)> = Vec::new();
+    let columns = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let position: Option<i32> = r.get(4);
+            if let Some(p) = position {
+                keyed.push((p, i));
+            }
+            ColumnSchema {
+                name: r.get(0),
+                type_oid: r.get(1),
+                type_modifier: r.get(2),
+                type_name: r.get(3),
+                key: position.is_some(),
+            }
+        })
+        .collect();
+    keyed.sort_unstable();
+    Ok(Columns {
+        columns,
+        key_order: keyed.into_iter().map(|(_, i)| i).collect(),
+    })
+}
+
+/// Primary-key column names of a relation, in key order (empty when it has none).
+pub async fn primary_key_columns(client: &Client, rel_id: u32) -> Result<Vec<String>> {
+    let rows = client
+        .query(
+            "select a.attname::text from pg_index i \
+             join lateral unnest(i.indkey) with ordinality k(attnum, ord) on true \
+             join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum \
+             where i.indrelid = $1 and i.indisprimary order by k.ord",
+            &[&rel_id],
+        )
+        .await
+        .map_err(|e| Error::postgres("reading primary keys", e))?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
+
+/// `format_type` for (type oid, modifier) pairs, in order. A type dropped since the change was
+/// written (the peek decodes history, this query sees the present) reads as `text`.
+pub async fn type_names(client: &Client, types: &[(u32, i32)]) -> Result<Vec<String>> {
+    let oids: Vec<u32> = types.iter().map(|t| t.0).collect();
+    let mods: Vec<i32> = types.iter().map(|t| t.1).collect();
+    let rows = client
+        .query(
+            "select case when exists (select 1 from pg_type where oid = t) then format_type(t, nullif(m, -1)) else 'text' end \
+             from unnest($1::oid[], $2::int4[]) with ordinality u(t, m, o) order by o",
+            &[&oids, &mods],
+        )
+        .await
+        .map_err(|e| Error::postgres("reading column types", e))?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
+

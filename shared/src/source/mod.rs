@@ -1,12 +1,111 @@
-//! The PostgreSQL source: connecting, the catalog, and the endpoint checks.
+//! The PostgreSQL source, and the seam jobs use to reach it.
+//!
+//! - [`CdcSource`]: what the CDC poller needs of a source (create the replication, the slot's
+//!   state, advance, the drain target, relation details, the peek), with the PostgreSQL
+//!   implementation [`PgSource`], an in-memory one ([`MemorySource`], for job-level tests) and
+//!   a fault-injecting wrapper ([`UnreliableSource`]).
+//! - [`connect`]: sessions (TLS, SCRAM, classification of failures); [`secret`](Aws secrets):
+//!   a DMS-shaped secret → connection settings.
+//! - [`catalog`]: server facts, the tables, the ONE columns query; [`checks`]: the endpoint
+//!   checks; [`slot`]: publication and slot SQL; [`peek`]: the (split) peek;
+//!   [`snapshot`]: chunk sessions and their COPY; [`copy_text`]: COPY text → CSV, checksums.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::change::decoder::RelationInfo;
+use crate::error::Result;
+use crate::lsn::Lsn;
+use crate::selection::Selection;
 
 pub mod catalog;
 pub mod checks;
 pub mod connect;
+pub mod copy_text;
+mod memory;
+pub mod peek;
+mod pg;
+mod secret;
 pub mod slot;
+pub mod snapshot;
+mod unreliable;
 
 pub use catalog::{ServerInfo, TableInfo};
 pub use connect::connect;
+pub use memory::{MemoryChange, MemorySource};
+pub use pg::PgSource;
+pub use slot::SlotState;
+pub use unreliable::{SourceFault, UnreliableSource};
+
+/// What creating a task's replication gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replication {
+    /// The slot's consistent point (`L0`).
+    pub start_lsn: Lsn,
+    pub database: String,
+}
+
+/// One peek (see the CDC poller's module docs, step 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeekRequest {
+    pub slot: String,
+    pub publication: String,
+    /// Up to this WAL position.
+    pub upto: Lsn,
+    /// About how many changes at most (checked between transactions).
+    pub max_changes: i32,
+    /// The time the server may take (the time left before the deadline, or the session's
+    /// statement timeout).
+    pub timeout: Duration,
+    /// Whether `timeout` is the deadline's: a peek cut there is [`crate::Error::Deadline`].
+    pub deadline: bool,
+    /// Split at this position: the first half reads transactions committed before it, a
+    /// second session those from it on.
+    pub split: Option<Lsn>,
+}
+
+/// What the CDC poller needs of a source.
+pub trait CdcSource: Send + Sync {
+    type Peek: PeekStream;
+
+    /// Creates the task's publication (the selected tables) and slot `name`, or reuses them.
+    fn create_replication(
+        &self,
+        name: &str,
+        selection: &Selection,
+    ) -> impl Future<Output = Result<Replication>> + Send;
+    /// The slot's state; `None` when it does not exist.
+    fn slot_state(&self, slot: &str) -> impl Future<Output = Result<Option<SlotState>>> + Send;
+    /// Moves the slot's confirmed position to `to` (never backwards).
+    fn advance(&self, slot: &str, to: Lsn) -> impl Future<Output = Result<()>> + Send;
+    /// How far a drain may read now (the flush position once it reached the insert position).
+    fn drain_target(&self) -> impl Future<Output = Result<Lsn>> + Send;
+    /// Replication slots that can still be created (a split peek needs one).
+    fn free_slots(&self, slot: &str) -> impl Future<Output = Result<i64>> + Send;
+    /// The primary key and type names of a relation of the peek.
+    fn relation_info(
+        &self,
+        rel_id: u32,
+        types: &[(u32, i32)],
+    ) -> impl Future<Output = Result<RelationInfo>> + Send;
+    /// Prepares the peek session; returns `server_version_num`.
+    fn prepare_peeks(&self, decoding_work_mem: &str) -> impl Future<Output = Result<i32>> + Send;
+    /// Starts a peek.
+    fn peek(&self, req: &PeekRequest) -> impl Future<Output = Result<Self::Peek>> + Send;
+}
+
+/// The rows of one peek, `(lsn, pgoutput message)`, a half at a time.
+pub trait PeekStream: Send {
+    /// The next row of the current half; `None` when the half ended (checked complete).
+    fn next_row(&mut self) -> impl Future<Output = Result<Option<(Lsn, Bytes)>>> + Send;
+    /// After a half ended: `Some(split)` when the second half's rows follow, `None` when
+    /// there is none, an error when the second half failed (the next peek reads its rows).
+    fn next_half(&mut self) -> impl Future<Output = Result<Option<Lsn>>> + Send;
+    /// Stops a second half nobody will read.
+    fn cancel(self) -> impl Future<Output = ()> + Send;
+}
 
 /// Quotes an identifier the way `quote_ident` does, always (so case and odd characters survive).
 pub fn quote_ident(name: &str) -> String {

@@ -1,0 +1,212 @@
+//! What each job is asked to do, and the ONE mapping from configuration to it: the CLI's
+//! flags and every Lambda's environment ([`LambdaEnv`]) become [`TaskSettings`], which make
+//! [`CdcOptions`] and [`LoadOptions`]. No production option is a test hook: faults are
+//! injected by wrapping a seam (`staging::UnreliableSink`, `state::UnreliableStore`,
+//! `source::UnreliableSource`).
+
+use std::time::{Duration, Instant};
+
+use crate::config::{LambdaEnv, PgConfig};
+use crate::plan::Chunking;
+use crate::selection::Selection;
+use crate::staging::encode::Format;
+
+/// The settings a task's jobs share, from the CLI or a Lambda's environment.
+#[derive(Debug, Clone)]
+pub struct TaskSettings {
+    pub format: Format,
+    /// Add the commit timestamp column to CDC CSV rows.
+    pub commit_ts_column: bool,
+    pub selection: Selection,
+    /// Backends a large CDC drain may decode with at once (1 or 2).
+    pub peek_sessions: u8,
+    /// Target heap size of a full-load chunk, MiB.
+    pub chunk_mib: u64,
+    /// The full load creates the slot first.
+    pub cdc: bool,
+}
+
+impl Default for TaskSettings {
+    fn default() -> Self {
+        TaskSettings {
+            format: Format::default(),
+            commit_ts_column: false,
+            selection: Selection::all(),
+            peek_sessions: 2,
+            chunk_mib: 256,
+            cdc: false,
+        }
+    }
+}
+
+impl From<&LambdaEnv> for TaskSettings {
+    fn from(env: &LambdaEnv) -> TaskSettings {
+        TaskSettings {
+            format: env.format,
+            commit_ts_column: env.commit_ts_column,
+            selection: env.selection.clone(),
+            peek_sessions: env.peek_sessions,
+            chunk_mib: env.chunk_mb,
+            cdc: env.cdc,
+        }
+    }
+}
+
+impl TaskSettings {
+    /// A poll run's options; `time_left` (a Lambda's) sets the deadline and a lease that
+    /// outlives the invocation a little.
+    pub fn cdc_options(
+        &self,
+        task: &str,
+        source: PgConfig,
+        owner: impl Into<String>,
+        time_left: Option<Duration>,
+    ) -> CdcOptions {
+        let mut o = CdcOptions::new(task, source, owner);
+        o.format = self.format;
+        o.commit_ts_column = self.commit_ts_column;
+        o.selection = self.selection.clone();
+        o.peek_sessions = self.peek_sessions;
+        if let Some(left) = time_left {
+            o.deadline = Some(Instant::now() + left);
+            o.lease_ttl = left + Duration::from_secs(30);
+        }
+        o
+    }
+
+    /// A load's options; `time_left` (a Lambda's) sets the chunk lease.
+    pub fn load_options(
+        &self,
+        task: &str,
+        source: PgConfig,
+        owner: impl Into<String>,
+        time_left: Option<Duration>,
+    ) -> LoadOptions {
+        let mut o = LoadOptions::new(task, source, owner);
+        o.format = self.format;
+        o.commit_ts_column = self.commit_ts_column;
+        o.selection = self.selection.clone();
+        o.chunk_mib = self.chunk_mib;
+        o.cdc = self.cdc;
+        if let Some(left) = time_left {
+            o.lease_ttl = left + Duration::from_secs(60);
+        }
+        o
+    }
+}
+
+/// What a poll run is asked to do.
+#[derive(Debug, Clone)]
+pub struct CdcOptions {
+    pub task: String,
+    pub source: PgConfig,
+    pub format: Format,
+    /// Add the commit timestamp column to CSV rows.
+    pub commit_ts_column: bool,
+    /// Tables to stage (changes of others are skipped).
+    pub selection: Selection,
+    pub max_batch_changes: u64,
+    pub max_batch_bytes: u64,
+    /// `upto_nchanges` of one peek.
+    pub max_peek_changes: i32,
+    /// Backends one peek may use: 1, or 2 to split a large drain between two sessions
+    /// decoding at once (the poller's module docs, step 3).
+    pub peek_sessions: u8,
+    /// A drain covering less WAL than this is never split.
+    pub split_min_wal_bytes: u64,
+    /// The invocation's end: uncommitted work is abandoned after it.
+    pub deadline: Option<Instant>,
+    /// Stop at the first commit boundary this long before the deadline.
+    pub safety_margin: Duration,
+    pub lease_ttl: Duration,
+    /// Who runs (the Lambda request id, or host and pid).
+    pub owner: String,
+    /// `logical_decoding_work_mem` of the peek session.
+    pub decoding_work_mem: String,
+    /// Create the publication and slot when the task has none (a CDC-only task).
+    pub create_if_missing: bool,
+}
+
+impl CdcOptions {
+    pub fn new(task: impl Into<String>, source: PgConfig, owner: impl Into<String>) -> CdcOptions {
+        CdcOptions {
+            task: task.into(),
+            source,
+            format: Format::default(),
+            commit_ts_column: false,
+            selection: Selection::all(),
+            max_batch_changes: 250_000,
+            max_batch_bytes: 256 << 20,
+            max_peek_changes: 4_000_000,
+            peek_sessions: 2,
+            split_min_wal_bytes: 16 << 20,
+            deadline: None,
+            safety_margin: Duration::from_secs(20),
+            lease_ttl: Duration::from_secs(900),
+            owner: owner.into(),
+            decoding_work_mem: "256MB".to_owned(),
+            create_if_missing: true,
+        }
+    }
+}
+
+/// What the load is asked to do.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub task: String,
+    pub source: PgConfig,
+    pub format: Format,
+    /// The CDC CSV layout the schema versions announce (with the commit timestamp column).
+    pub commit_ts_column: bool,
+    pub selection: Selection,
+    /// Target heap size of a chunk, MiB.
+    pub chunk_mib: u64,
+    /// Create the publication and slot first (CDC from `L0`).
+    pub cdc: bool,
+    pub owner: String,
+    pub lease_ttl: Duration,
+    /// Page ranges (PostgreSQL 14+) or primary-key ranges.
+    pub chunking: Chunking,
+}
+
+impl LoadOptions {
+    pub fn new(task: impl Into<String>, source: PgConfig, owner: impl Into<String>) -> LoadOptions {
+        LoadOptions {
+            task: task.into(),
+            source,
+            format: Format::default(),
+            commit_ts_column: false,
+            selection: Selection::all(),
+            chunk_mib: 256,
+            cdc: false,
+            owner: owner.into(),
+            lease_ttl: Duration::from_secs(900),
+            chunking: Chunking::Auto,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_mapping_from_a_lambda_environment() {
+        let env = LambdaEnv::from_pairs([
+            ("PGSHIFT_FORMAT", "jsonl.gz"),
+            ("PGSHIFT_COMMIT_TS_COLUMN", "true"),
+            ("PGSHIFT_PEEK_SESSIONS", "1"),
+            ("PGSHIFT_CHUNK_MB", "32"),
+            ("PGSHIFT_CDC", "false"),
+        ])
+        .unwrap();
+        let s = TaskSettings::from(&env);
+        let src = PgConfig::from_url("postgres://u@h/d", "source").unwrap();
+        let c = s.cdc_options("t", src.clone(), "me", Some(Duration::from_secs(60)));
+        assert_eq!((c.format.ext(), c.commit_ts_column, c.peek_sessions), ("jsonl.gz", true, 1));
+        assert!(c.deadline.is_some() && c.lease_ttl == Duration::from_secs(90));
+        let l = s.load_options("t", src, "me", None);
+        assert_eq!((l.chunk_mib, l.cdc, l.commit_ts_column), (32, false, true));
+        assert_eq!(l.lease_ttl, Duration::from_secs(900));
+    }
+}

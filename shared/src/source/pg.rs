@@ -1,0 +1,179 @@
+//! [`CdcSource`] on a real PostgreSQL: a control session, and a peek session opened alongside
+//! (its handshake overlaps the control work).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio_postgres::Client;
+
+use super::peek::{self, PgPeek};
+use super::{CdcSource, PeekRequest, Replication, SlotState, catalog, slot};
+use crate::change::decoder::RelationInfo;
+use crate::config::PgConfig;
+use crate::error::{Error, Result};
+use crate::lsn::Lsn;
+use crate::selection::Selection;
+
+/// The CDC poller's PostgreSQL source.
+pub struct PgSource {
+    cfg: PgConfig,
+    control: Arc<Client>,
+    /// The peek session; a failed connect surfaces (with its kind) when it is needed.
+    peek: Option<Client>,
+    peek_error: Mutex<Option<Error>>,
+    decoding_work_mem: Mutex<String>,
+    /// `format_type` of (type oid, modifier) pairs already asked for.
+    type_names: Mutex<HashMap<(u32, i32), String>>,
+}
+
+impl PgSource {
+    /// Connects the control and peek sessions (`pgshift-cdc`, `pgshift-cdc-peek`).
+    pub async fn connect(cfg: &PgConfig) -> Result<PgSource> {
+        let mut control_cfg = cfg.clone();
+        control_cfg.application_name = "pgshift-cdc".to_owned();
+        let mut peek_cfg = cfg.clone();
+        peek_cfg.application_name = "pgshift-cdc-peek".to_owned();
+        let (control, peek) = tokio::join!(
+            super::connect(&control_cfg),
+            super::connect(&peek_cfg)
+        );
+        let (peek, peek_error) = match peek {
+            Ok(c) => (Some(c), None),
+            Err(e) => (None, Some(e)),
+        };
+        Ok(PgSource {
+            cfg: cfg.clone(),
+            control: Arc::new(control?),
+            peek,
+            peek_error: Mutex::new(peek_error),
+            decoding_work_mem: Mutex::new("256MB".to_owned()),
+            type_names: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A source over an open session, without a peek session (the full load's plan creates
+    /// the replication through it).
+    pub fn from_control(cfg: &PgConfig, control: Client) -> PgSource {
+        PgSource {
+            cfg: cfg.clone(),
+            control: Arc::new(control),
+            peek: None,
+            peek_error: Mutex::new(None),
+            decoding_work_mem: Mutex::new("256MB".to_owned()),
+            type_names: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The control session (for what the seam does not cover: the catalog of a plan).
+    pub fn control(&self) -> &Client {
+        &self.control
+    }
+
+    fn peek_session(&self) -> Result<&Client> {
+        match &self.peek {
+            Some(c) => Ok(c),
+            None => Err(self
+                .peek_error
+                .lock()
+                .ok()
+                .and_then(|mut e| e.take())
+                .unwrap_or_else(|| Error::Source("the peek session could not connect".to_owned()))),
+        }
+    }
+}
+
+impl CdcSource for PgSource {
+    type Peek = PgPeek;
+
+    async fn create_replication(&self, name: &str, selection: &Selection) -> Result<Replication> {
+        let server = catalog::server_info(&self.control).await?;
+        let tables = catalog::user_tables(&self.control, selection).await?;
+        slot::ensure_publication(
+            &self.control,
+            name,
+            server.superuser,
+            &tables,
+            server.version_num,
+        )
+        .await?;
+        let (start_lsn, _) = slot::create_slot(&self.control, name, &server.database).await?;
+        Ok(Replication {
+            start_lsn,
+            database: server.database,
+        })
+    }
+
+    async fn slot_state(&self, name: &str) -> Result<Option<SlotState>> {
+        slot::slot_state(&self.control, name).await
+    }
+
+    async fn advance(&self, name: &str, to: Lsn) -> Result<()> {
+        slot::advance(&self.control, name, to).await
+    }
+
+    async fn drain_target(&self) -> Result<Lsn> {
+        slot::drain_target(&self.control, std::time::Duration::from_secs(2)).await
+    }
+
+    async fn free_slots(&self, name: &str) -> Result<i64> {
+        Ok(slot::slot_usage(&self.control, name).await?.free())
+    }
+
+    async fn relation_info(&self, rel_id: u32, types: &[(u32, i32)]) -> Result<RelationInfo> {
+        let primary_key = catalog::primary_key_columns(&self.control, rel_id).await?;
+        let missing: Vec<(u32, i32)> = {
+            let known = self
+                .type_names
+                .lock()
+                .map_err(|_| Error::Source("type-name cache poisoned".to_owned()))?;
+            types
+                .iter()
+                .filter(|t| !known.contains_key(t))
+                .copied()
+                .collect()
+        };
+        let found = if missing.is_empty() {
+            Vec::new()
+        } else {
+            catalog::type_names(&self.control, &missing).await?
+        };
+        let mut known = self
+            .type_names
+            .lock()
+            .map_err(|_| Error::Source("type-name cache poisoned".to_owned()))?;
+        for (t, n) in missing.into_iter().zip(found) {
+            known.insert(t, n);
+        }
+        let type_names = types
+            .iter()
+            .map(|t| known.get(t).cloned().unwrap_or_else(|| t.0.to_string()))
+            .collect();
+        Ok(RelationInfo {
+            primary_key,
+            type_names,
+        })
+    }
+
+    async fn prepare_peeks(&self, decoding_work_mem: &str) -> Result<i32> {
+        if let Ok(mut m) = self.decoding_work_mem.lock() {
+            decoding_work_mem.clone_into(&mut m);
+        }
+        peek::prepare_peek_session(self.peek_session()?, decoding_work_mem).await
+    }
+
+    async fn peek(&self, req: &PeekRequest) -> Result<PgPeek> {
+        let work_mem = self
+            .decoding_work_mem
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_else(|_| "256MB".to_owned());
+        PgPeek::start(
+            &self.cfg,
+            self.peek_session()?,
+            self.control.clone(),
+            req,
+            &work_mem,
+        )
+        .await
+    }
+}

@@ -1,0 +1,94 @@
+//! Snapshot chunks: a worker's session kept across chunks, each chunk in its own
+//! `repeatable read` snapshot, and the chunk's `COPY .. TO STDOUT` (text; see
+//! [`super::copy_text::TextToCsv`]).
+
+use tokio_postgres::{Client, CopyOutStream};
+
+use super::{quote_ident, quote_qualified};
+use crate::config::PgConfig;
+use crate::error::{Error, Result};
+use crate::lsn::{Lsn, LsnParseError};
+use crate::plan::ChunkRange;
+
+/// The WAL position now (the replay position on a standby).
+const WAL_POSITION: &str = "select (case when pg_is_in_recovery() then pg_last_wal_replay_lsn() else pg_current_wal_lsn() end)::text";
+
+/// The WAL position now: where a snapshot taken now starts (and what a schema version
+/// written without a slot is stamped with).
+pub async fn wal_position(client: &Client) -> Result<Lsn> {
+    let text: String = client
+        .query_one(WAL_POSITION, &[])
+        .await
+        .map_err(|e| Error::postgres("reading the WAL position", e))?
+        .get(0);
+    text.parse()
+        .map_err(|e: LsnParseError| Error::Protocol(e.to_string()))
+}
+
+/// A worker's source session, kept from one chunk to the next (the CLI's workers export many
+/// chunks each; a Lambda invocation exports one). Reusing it saves, per chunk, a backend
+/// start, the TLS handshake, the SCRAM exchange and the catalog-cache warm-up — tens of
+/// milliseconds during which the server would otherwise send nothing. Every chunk still has
+/// its own snapshot (its own `repeatable read` transaction); a session that failed mid-chunk
+/// is dropped, never reused.
+#[derive(Default)]
+pub struct ChunkSession {
+    client: Option<Client>,
+    /// Sessions opened (for tests and diagnostics).
+    pub connects: u32,
+}
+
+/// Starts a chunk's snapshot. JIT is off: it would compile each chunk's scan anew (the plan
+/// cost passes `jit_above_cost` on any big table) for a query that only moves tuples.
+const BEGIN_CHUNK: &str =
+    "set jit = off; start transaction isolation level repeatable read read only";
+
+impl ChunkSession {
+    /// A session in a fresh chunk snapshot: the kept one, or a new one when there is none or
+    /// the kept one no longer answers (closed by the server, a network cut between chunks).
+    pub async fn begin(&mut self, source: &PgConfig) -> Result<Client> {
+        if let Some(kept) = self.client.take().filter(|c| !c.is_closed())
+            && kept.batch_execute(BEGIN_CHUNK).await.is_ok()
+        {
+            return Ok(kept);
+        }
+        let mut cfg = source.clone();
+        cfg.application_name = "pgshift-full-load".to_owned();
+        self.connects += 1;
+        let client = super::connect(&cfg).await?;
+        client
+            .batch_execute(BEGIN_CHUNK)
+            .await
+            .map_err(|e| Error::postgres("starting the chunk's snapshot", e))?;
+        Ok(client)
+    }
+
+    /// Ends the chunk's read-only snapshot and keeps the session for the next chunk (a
+    /// session whose commit fails is dropped).
+    pub async fn end(&mut self, client: Client) {
+        if client.batch_execute("commit").await.is_ok() {
+            self.client = Some(client);
+        }
+    }
+}
+
+/// Starts `COPY (select <columns> from <table> <range>) TO STDOUT` (text format).
+pub async fn copy_chunk(
+    client: &Client,
+    schema: &str,
+    table: &str,
+    columns: &[String],
+    range: &ChunkRange,
+) -> Result<CopyOutStream> {
+    let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    let sql = format!(
+        "copy (select {} from {}{}) to stdout",
+        cols.join(", "),
+        quote_qualified(schema, table),
+        range.where_clause()
+    );
+    client
+        .copy_out(&sql)
+        .await
+        .map_err(|e| Error::postgres(format!("starting COPY of {schema}.{table}"), e))
+}

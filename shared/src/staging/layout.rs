@@ -1,0 +1,368 @@
+//! The staged layout (DESIGN §5): every object key and every manifest type, in one place.
+//!
+//! ```text
+//! <schema>/<table>/LOAD<n:08X>.<ext>           full-load chunk n (DMS naming)
+//! <schema>/<table>/cdc/<C>.<ext>               a CDC batch's changes of one table
+//! <schema>/<table>/_schema/<lsn>.json          a schema version (StoredSchema)
+//! _manifests/load/<schema>.<table>.json        a table's load manifest (LoadManifest)
+//! _manifests/load/_chunks.json                 the chunk list of a large plan
+//! _manifests/cdc/<C>-<E>.json                  a batch's commit record (BatchManifest)
+//! ```
+//! LSNs in keys are 16 hex digits, so keys sort in WAL order. Schema and table names are kept
+//! as they are (case included) except what cannot be one key segment ([`key_segment`]).
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
+
+use super::ObjectSink;
+use super::encode::Format;
+use crate::error::{Error, Result};
+use crate::lsn::Lsn;
+use crate::source::copy_text::RowChecksum;
+use crate::state::records::ChunkRecord;
+use crate::table::TableSchema;
+
+/// Where batch manifests live.
+pub const CDC_MANIFESTS: &str = "_manifests/cdc/";
+/// Where load manifests live.
+pub const LOAD_MANIFESTS: &str = "_manifests/load/";
+/// The chunk list of a plan too large to pass inline through Step Functions.
+pub const CHUNK_LIST_KEY: &str = "_manifests/load/_chunks.json";
+
+/// A schema or table name as one object-key segment: `/`, `%`, `\`, control characters and
+/// the names `.`/`..` are percent-encoded; everything else (case included) is kept.
+pub fn key_segment(name: &str) -> String {
+    if name == "." || name == ".." {
+        return name.bytes().map(|b| format!("%{b:02X}")).collect();
+    }
+    let mut out = String::with_capacity(name.len());
+    for ch in name.chars() {
+        if ch == '/' || ch == '%' || ch == '\\' || ch.is_control() {
+            let mut buf = [0u8; 4];
+            for b in ch.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+/// `<schema>/<table>` as a key prefix.
+pub fn table_prefix(schema: &str, table: &str) -> String {
+    format!("{}/{}", key_segment(schema), key_segment(table))
+}
+
+/// `_manifests/cdc/<C>-<E>.json`.
+pub fn manifest_key(start: Lsn, end: Lsn) -> String {
+    format!("{CDC_MANIFESTS}{}-{}.json", start.key_hex(), end.key_hex())
+}
+
+/// The prefix of every manifest of a batch starting at `start`.
+pub fn manifest_prefix(start: Lsn) -> String {
+    format!("{CDC_MANIFESTS}{}-", start.key_hex())
+}
+
+/// The end of the batch starting at `start`, when a manifest for it already exists (the
+/// smallest, should there be several).
+pub fn existing_batch_end(keys: &[String], start: Lsn) -> Option<Lsn> {
+    let prefix = manifest_prefix(start);
+    keys.iter()
+        .filter_map(|k| k.strip_prefix(&prefix)?.strip_suffix(".json"))
+        .filter_map(|e| Lsn::from_key_hex(e).ok())
+        .min()
+}
+
+/// `<schema>/<table>/cdc/<C>.<ext>`.
+pub fn cdc_file_key(schema: &str, table: &str, start: Lsn, format: Format) -> String {
+    format!(
+        "{}/cdc/{}.{}",
+        table_prefix(schema, table),
+        start.key_hex(),
+        format.ext()
+    )
+}
+
+/// `<schema>/<table>/LOAD<n+1:08X>.<ext>` (DMS naming, 1-based).
+pub fn chunk_key(schema: &str, table: &str, n: u32, format: Format) -> String {
+    format!(
+        "{}/LOAD{:08X}.{}",
+        table_prefix(schema, table),
+        n + 1,
+        format.ext()
+    )
+}
+
+/// `_manifests/load/<schema>.<table>.json` (names escaped as in data keys).
+pub fn load_manifest_key(schema: &str, table: &str) -> String {
+    format!(
+        "{LOAD_MANIFESTS}{}.{}.json",
+        key_segment(schema),
+        key_segment(table)
+    )
+}
+
+/// `<schema>/<table>/_schema/`.
+pub fn schema_prefix(schema: &str, table: &str) -> String {
+    format!("{}/_schema/", table_prefix(schema, table))
+}
+
+/// One file of a batch, as the manifest lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchFile {
+    pub key: String,
+    pub schema: String,
+    pub table: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub inserts: u64,
+    pub updates: u64,
+    pub deletes: u64,
+    pub truncates: u64,
+    /// Schema versions used, each with the first row it applies to.
+    pub schema_versions: Vec<SchemaSegment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaSegment {
+    pub key: String,
+    pub first_row: u64,
+}
+
+/// `_manifests/cdc/<C>-<E>.json`: the commit record of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchManifest {
+    pub task: String,
+    pub batch_seq: u64,
+    /// The checkpoint the batch starts from.
+    pub start_lsn: Lsn,
+    /// The checkpoint after it: the last commit's end LSN.
+    pub end_lsn: Lsn,
+    pub first_commit_lsn: Lsn,
+    pub last_commit_lsn: Lsn,
+    pub last_commit_ts: String,
+    pub transactions: u64,
+    pub changes: u64,
+    pub format: Format,
+    pub commit_ts_column: bool,
+    pub files: Vec<BatchFile>,
+}
+
+/// `<schema>/<table>/_schema/<lsn>.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredSchema {
+    /// Where this version starts.
+    pub lsn: Lsn,
+    #[serde(flatten)]
+    pub schema: TableSchema,
+    /// The columns of a CDC CSV row, in order.
+    pub csv_cdc_layout: Vec<String>,
+}
+
+/// A table's load manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadManifest {
+    pub task: String,
+    pub schema: String,
+    pub table: String,
+    pub format: Format,
+    pub columns: Vec<String>,
+    pub l0: Option<Lsn>,
+    pub rows: u64,
+    pub bytes: u64,
+    pub checksum: RowChecksum,
+    pub chunks: Vec<ChunkRecord>,
+}
+
+/// The columns of a CDC CSV row: `Op`, the commit timestamp when asked, the table's columns,
+/// then the unchanged-TOAST ordinals.
+pub fn csv_cdc_layout(schema: &TableSchema, commit_ts_column: bool) -> Vec<String> {
+    let mut cols = vec!["Op".to_owned()];
+    if commit_ts_column {
+        cols.push("commit_ts".to_owned());
+    }
+    cols.extend(schema.columns.iter().map(|c| c.name.clone()));
+    cols.push("unchanged_toast".to_owned());
+    cols
+}
+
+/// Writes `value` as pretty JSON at `key`.
+pub async fn put_json<S: ObjectSink, T: Serialize>(sink: &S, key: &str, value: &T) -> Result<()> {
+    let body = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::Staged(format!("{key}: cannot serialize: {e}")))?;
+    sink.put(key, Bytes::from(body)).await
+}
+
+/// Reads an object that must exist.
+pub async fn get_required<S: ObjectSink>(sink: &S, key: &str) -> Result<Bytes> {
+    sink.get(key).await?.ok_or_else(|| {
+        Error::Staged(format!(
+            "{key} is listed in a manifest but missing from {}",
+            sink.describe()
+        ))
+    })
+}
+
+/// Reads a JSON object that must exist, naming the key when it is not what `what` says.
+pub async fn get_json<S: ObjectSink, T: DeserializeOwned>(
+    sink: &S,
+    key: &str,
+    what: &str,
+) -> Result<T> {
+    let body = get_required(sink, key).await?;
+    serde_json::from_slice(&body).map_err(|e| Error::Staged(format!("{key} is not {what}: {e}")))
+}
+
+/// Every batch manifest key, in WAL order.
+pub async fn batch_manifest_keys<S: ObjectSink>(sink: &S) -> Result<Vec<String>> {
+    sink.list(CDC_MANIFESTS).await
+}
+
+/// Every load manifest key (the chunk list excluded).
+pub async fn load_manifest_keys<S: ObjectSink>(sink: &S) -> Result<Vec<String>> {
+    Ok(sink
+        .list(LOAD_MANIFESTS)
+        .await?
+        .into_iter()
+        .filter(|k| k != CHUNK_LIST_KEY)
+        .collect())
+}
+
+/// The first (the load's) schema version of a table.
+pub async fn first_schema<S: ObjectSink>(sink: &S, schema: &str, table: &str) -> Result<StoredSchema> {
+    let key = sink
+        .list(&schema_prefix(schema, table))
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Staged(format!("no staged schema for {schema}.{table}")))?;
+    get_json(sink, &key, "a schema version").await
+}
+
+/// The schema versions of one table's staged files: the one writer of
+/// `<schema>/<table>/_schema/<lsn>.json`, used by the full load and CDC alike. A version is
+/// written when the table's shape (or the CSV layout) differs from the latest stored one.
+#[derive(Debug, Default)]
+pub struct SchemaVersions {
+    /// Latest stored version per table prefix: (key, schema, layout); `None` when none.
+    latest: std::collections::HashMap<String, Option<(String, StoredSchema)>>,
+}
+
+impl SchemaVersions {
+    pub fn new() -> SchemaVersions {
+        SchemaVersions::default()
+    }
+
+    /// The key of the stored version matching `schema`, writing one at `lsn` if none does.
+    pub async fn version_for<S: ObjectSink>(
+        &mut self,
+        sink: &S,
+        schema: &TableSchema,
+        lsn: Lsn,
+        commit_ts_column: bool,
+    ) -> Result<String> {
+        let prefix = schema_prefix(&schema.schema, &schema.table);
+        if !self.latest.contains_key(&prefix) {
+            let latest = match sink.list(&prefix).await?.last() {
+                None => None,
+                Some(k) => match sink.get(k).await? {
+                    Some(body) => serde_json::from_slice::<StoredSchema>(&body)
+                        .ok()
+                        .map(|s| (k.clone(), s)),
+                    None => None,
+                },
+            };
+            self.latest.insert(prefix.clone(), latest);
+        }
+        let layout = csv_cdc_layout(schema, commit_ts_column);
+        if let Some(Some((key, stored))) = self.latest.get(&prefix)
+            && stored.schema.same_shape(schema)
+            && stored.csv_cdc_layout == layout
+        {
+            return Ok(key.clone());
+        }
+        let key = format!("{prefix}{}.json", lsn.key_hex());
+        let stored = StoredSchema {
+            lsn,
+            schema: schema.clone(),
+            csv_cdc_layout: layout,
+        };
+        put_json(sink, &key, &stored).await?;
+        self.latest.insert(prefix, Some((key.clone(), stored)));
+        Ok(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::staging::MemorySink;
+    use crate::table::ColumnSchema;
+
+    #[test]
+    fn key_segments_keep_case_and_escape_separators() {
+        assert_eq!(key_segment("Table1"), "Table1");
+        assert_eq!(key_segment("a/b"), "a%2Fb");
+        assert_eq!(key_segment("100%"), "100%25");
+        assert_eq!(key_segment("."), "%2E");
+        assert_eq!(key_segment(".."), "%2E%2E");
+        assert_eq!(key_segment("s p.\"q\""), "s p.\"q\"");
+    }
+
+    #[test]
+    fn manifest_keys_sort_by_lsn() {
+        let a = manifest_key(Lsn(0xFF), Lsn(0x100));
+        let b = manifest_key(Lsn(0x1_0000_0000), Lsn(0x1_0000_0001));
+        assert!(a < b);
+        assert_eq!(a, "_manifests/cdc/00000000000000FF-0000000000000100.json");
+        let keys = vec![b.clone(), a.clone()];
+        assert_eq!(existing_batch_end(&keys, Lsn(0xFF)), Some(Lsn(0x100)));
+        assert_eq!(existing_batch_end(&keys, Lsn(0x100)), None);
+    }
+
+    #[test]
+    fn keys_follow_dms_naming() {
+        let f = Format::parse("csv.gz", "f").unwrap();
+        assert_eq!(chunk_key("public", "Orders", 0, f), "public/Orders/LOAD00000001.csv.gz");
+        assert_eq!(cdc_file_key("a/b", "t", Lsn(1), f), "a%2Fb/t/cdc/0000000000000001.csv.gz");
+        assert_eq!(load_manifest_key("s.x", "t/y"), "_manifests/load/s.x.t%2Fy.json");
+    }
+
+    fn table(cols: &[&str]) -> TableSchema {
+        TableSchema {
+            schema: "public".to_owned(),
+            table: "t".to_owned(),
+            columns: cols
+                .iter()
+                .map(|c| ColumnSchema {
+                    name: (*c).to_owned(),
+                    type_name: "text".to_owned(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                    key: *c == "id",
+                })
+                .collect(),
+            replica_identity: "d".to_owned(),
+        }
+    }
+
+    #[tokio::test]
+    async fn schema_versions_are_written_once_per_shape_and_layout() {
+        let sink = MemorySink::new();
+        let mut v = SchemaVersions::new();
+        let a = v.version_for(&sink, &table(&["id", "a"]), Lsn(1), false).await.unwrap();
+        assert_eq!(v.version_for(&sink, &table(&["id", "a"]), Lsn(2), false).await.unwrap(), a);
+        // A new column, then a different CSV layout: new versions.
+        let b = v.version_for(&sink, &table(&["id", "a", "b"]), Lsn(3), false).await.unwrap();
+        let c = v.version_for(&sink, &table(&["id", "a", "b"]), Lsn(4), true).await.unwrap();
+        assert!(a < b && b < c, "{a} {b} {c}");
+        // A fresh writer (another run) finds the latest stored one.
+        let mut again = SchemaVersions::new();
+        assert_eq!(again.version_for(&sink, &table(&["id", "a", "b"]), Lsn(9), true).await.unwrap(), c);
+        let stored: StoredSchema = get_json(&sink, &c, "a schema").await.unwrap();
+        assert_eq!(stored.csv_cdc_layout, ["Op", "commit_ts", "id", "a", "b", "unchanged_toast"]);
+        assert_eq!(sink.list("public/t/_schema/").await.unwrap().len(), 3);
+    }
+}

@@ -1,0 +1,595 @@
+//! The task's state records (DESIGN §6) and their transitions, each written once:
+//!
+//! | item (`sk`)          | record          | transitions                                        |
+//! |----------------------|-----------------|----------------------------------------------------|
+//! | `task`               | [`TaskRecord`]  | created once ([`create_task`]; a racing creator's wins) |
+//! | `cdc`                | [`CdcRecord`]   | lease taken / released ([`Lease`]); checkpoint C → E, never backwards ([`Lease::move_checkpoint`]) |
+//! | `plan`               | [`PlanRecord`]  | `planned` → `complete`                              |
+//! | `chunk#<s>.<t>#<n>`  | [`ChunkRecord`] | `pending` → `running(owner, lease)` → `done` ([`claim_chunk`], [`complete_chunk`]) |
+//!
+//! Every write is conditional on the version read, so a lost race is a conflict, never a
+//! silent overwrite.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{StateStore, from_doc, now_ms, to_doc};
+use crate::error::{Error, Result};
+use crate::lsn::Lsn;
+use crate::plan::ChunkRange;
+use crate::source::copy_text::RowChecksum;
+use crate::staging::encode::Format;
+
+/// The task item (`sk = task`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub slot: String,
+    pub publication: String,
+    /// The slot's consistent point: CDC starts here (`L0`).
+    pub start_lsn: Lsn,
+    pub database: String,
+    /// `cdc` for a CDC-only task, `full-load` when the full load created it.
+    pub created_by: String,
+}
+
+/// The CDC item (`sk = cdc`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CdcRecord {
+    /// The checkpoint as a number (conditions compare numerically).
+    pub checkpoint: u64,
+    /// The same, as `X/Y`.
+    pub checkpoint_lsn: Lsn,
+    pub batch_seq: u64,
+    pub lease_owner: Option<String>,
+    pub lease_expires_ms: u64,
+    #[serde(default)]
+    pub last_poll: Option<serde_json::Value>,
+}
+
+/// How a poll run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum Outcome {
+    /// Everything up to the target was staged.
+    Drained,
+    /// Another poller holds the lease; nothing was done.
+    LeaseHeld { owner: String, expires_ms: u64 },
+    /// The deadline came first; the next run continues from the checkpoint.
+    DeadlineReached,
+    /// The peek stopped at `upto_nchanges`; more is waiting.
+    MoreWaiting,
+}
+
+/// What a poll run did (kept in the `cdc` item as `last_poll`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PollReport {
+    pub task: String,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    pub slot: String,
+    pub start_checkpoint: Lsn,
+    pub checkpoint: Lsn,
+    /// The WAL flush position the run drained to.
+    pub target: Lsn,
+    pub peeks: u32,
+    /// Peeks decoded by two sessions at once.
+    #[serde(default)]
+    pub split_peeks: u32,
+    /// Where the last split peek's second session started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_at: Option<Lsn>,
+    pub batches: Vec<String>,
+    pub transactions: u64,
+    pub changes: u64,
+    pub rows_staged: u64,
+    pub bytes_staged: u64,
+    pub slot_retained_bytes: i64,
+    pub slot_safe_wal_size: Option<i64>,
+    pub slot_wal_status: String,
+    /// Seconds between the last staged commit and now (0 when nothing was waiting).
+    pub latency_secs: f64,
+    pub elapsed_ms: u64,
+}
+
+impl PollReport {
+    /// A report with nothing done yet.
+    pub fn new(
+        task: &str,
+        slot: &str,
+        outcome: Outcome,
+        checkpoint: Lsn,
+        target: Lsn,
+    ) -> PollReport {
+        PollReport {
+            task: task.to_owned(),
+            outcome,
+            slot: slot.to_owned(),
+            start_checkpoint: checkpoint,
+            checkpoint,
+            target,
+            peeks: 0,
+            split_peeks: 0,
+            split_at: None,
+            batches: Vec::new(),
+            transactions: 0,
+            changes: 0,
+            rows_staged: 0,
+            bytes_staged: 0,
+            slot_retained_bytes: 0,
+            slot_safe_wal_size: None,
+            slot_wal_status: String::new(),
+            latency_secs: 0.0,
+            elapsed_ms: 0,
+        }
+    }
+}
+
+/// Reads the task item.
+pub async fn get_task<St: StateStore>(state: &St, task: &str) -> Result<Option<TaskRecord>> {
+    match state.get(task, "task").await? {
+        Some(v) => Ok(Some(from_doc(v.doc, "task")?)),
+        None => Ok(None),
+    }
+}
+
+/// Stores a new task item; when another worker stored one first, theirs is returned (the
+/// slot is shared by name).
+pub async fn create_task<St: StateStore>(
+    state: &St,
+    task: &str,
+    record: TaskRecord,
+) -> Result<TaskRecord> {
+    match state.put(task, "task", &to_doc(&record)?, None).await {
+        Ok(_) => Ok(record),
+        Err(Error::Conflict(_)) => get_task(state, task)
+            .await?
+            .ok_or_else(|| Error::Conflict(format!("task {task} vanished while being created"))),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads the `cdc` item.
+pub async fn get_cdc<St: StateStore>(state: &St, task: &str) -> Result<Option<CdcRecord>> {
+    match state.get(task, "cdc").await? {
+        Some(v) => Ok(Some(from_doc(v.doc, "cdc")?)),
+        None => Ok(None),
+    }
+}
+
+/// The poller's lease on the `cdc` item, and the checkpoint it moves.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub task: String,
+    pub rec: CdcRecord,
+    version: u64,
+}
+
+impl Lease {
+    /// Takes the lease when it is free, expired or `owner`'s (a new item starts at `start`).
+    /// `Err(Outcome::LeaseHeld)` when another live owner has it.
+    pub async fn acquire<St: StateStore>(
+        state: &St,
+        task: &str,
+        owner: &str,
+        ttl: Duration,
+        start: Lsn,
+    ) -> Result<std::result::Result<Lease, Outcome>> {
+        for _ in 0..5 {
+            let now = now_ms();
+            let (mut rec, expected) = match state.get(task, "cdc").await? {
+                None => (
+                    CdcRecord {
+                        checkpoint: start.0,
+                        checkpoint_lsn: start,
+                        ..CdcRecord::default()
+                    },
+                    None,
+                ),
+                Some(v) => (from_doc::<CdcRecord>(v.doc, "cdc")?, Some(v.version)),
+            };
+            if let Some(holder) = &rec.lease_owner
+                && holder != owner
+                && rec.lease_expires_ms > now
+            {
+                return Ok(Err(Outcome::LeaseHeld {
+                    owner: holder.clone(),
+                    expires_ms: rec.lease_expires_ms,
+                }));
+            }
+            rec.lease_owner = Some(owner.to_owned());
+            rec.lease_expires_ms = now + ttl.as_millis() as u64;
+            match state.put(task, "cdc", &to_doc(&rec)?, expected).await {
+                Ok(version) => {
+                    return Ok(Ok(Lease {
+                        task: task.to_owned(),
+                        rec,
+                        version,
+                    }));
+                }
+                Err(Error::Conflict(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Conflict(format!("could not take the lease of task {task}")))
+    }
+
+    /// The checkpoint `C`.
+    pub fn checkpoint(&self) -> Lsn {
+        Lsn(self.rec.checkpoint)
+    }
+
+    /// Step 5 of the effect order: `C → to`, conditional on the version read with the lease
+    /// (so on the stored value still being `C` and the lease still ours). Never backwards; a
+    /// committed batch also counts in `batch_seq`.
+    pub async fn move_checkpoint<St: StateStore>(
+        &mut self,
+        state: &St,
+        to: Lsn,
+        batch: bool,
+    ) -> Result<()> {
+        if to <= self.checkpoint() {
+            return Ok(());
+        }
+        let mut rec = self.rec.clone();
+        rec.checkpoint = to.0;
+        rec.checkpoint_lsn = to;
+        if batch {
+            rec.batch_seq += 1;
+        }
+        let version = state
+            .put(&self.task, "cdc", &to_doc(&rec)?, Some(self.version))
+            .await
+            .map_err(|e| match e {
+                Error::Conflict(m) => {
+                    Error::Conflict(format!("lost the lease of task {}: {m}", self.task))
+                }
+                other => other,
+            })?;
+        self.rec = rec;
+        self.version = version;
+        Ok(())
+    }
+
+    /// Gives the lease back, recording the run (best effort: it expires anyway).
+    pub async fn release<St: StateStore>(self, state: &St, report: Option<&PollReport>) {
+        let mut rec = self.rec;
+        rec.lease_owner = None;
+        rec.lease_expires_ms = 0;
+        if let Some(report) = report {
+            rec.last_poll = serde_json::to_value(report).ok();
+        }
+        if let Ok(doc) = to_doc(&rec) {
+            let _ = state.put(&self.task, "cdc", &doc, Some(self.version)).await;
+        }
+    }
+}
+
+/// One table of a plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlannedTable {
+    pub schema: String,
+    pub table: String,
+    pub columns: Vec<String>,
+    /// (type oid, type modifier) per column, for typed formats.
+    #[serde(default)]
+    pub types: Vec<(u32, i32)>,
+    pub chunks: Vec<ChunkRange>,
+    pub estimated_rows: f64,
+}
+
+/// The `plan` item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanRecord {
+    pub tables: Vec<PlannedTable>,
+    pub format: Format,
+    /// The slot's consistent point when CDC is on.
+    pub l0: Option<Lsn>,
+    /// `planned` or `complete`.
+    pub status: String,
+}
+
+impl PlanRecord {
+    /// Every chunk of the plan, table by table.
+    pub fn chunk_ids(&self) -> Vec<ChunkId> {
+        self.tables
+            .iter()
+            .flat_map(|t| {
+                (0..t.chunks.len() as u32).map(|n| ChunkId {
+                    schema: t.schema.clone(),
+                    table: t.table.clone(),
+                    n,
+                })
+            })
+            .collect()
+    }
+
+    /// The planned table of a chunk.
+    pub fn table(&self, schema: &str, table: &str) -> Result<&PlannedTable> {
+        self.tables
+            .iter()
+            .find(|t| t.schema == schema && t.table == table)
+            .ok_or_else(|| Error::Event {
+                field: "chunk".to_owned(),
+                reason: format!("{schema}.{table} is not in the plan"),
+            })
+    }
+}
+
+/// Reads the `plan` item.
+pub async fn get_plan<St: StateStore>(state: &St, task: &str) -> Result<Option<(PlanRecord, u64)>> {
+    match state.get(task, "plan").await? {
+        Some(v) => Ok(Some((from_doc(v.doc, "plan")?, v.version))),
+        None => Ok(None),
+    }
+}
+
+/// Stores a new plan with one `pending` item per chunk. A plan stored concurrently wins and
+/// is returned.
+pub async fn create_plan<St: StateStore>(
+    state: &St,
+    task: &str,
+    plan: PlanRecord,
+    chunk_key: impl Fn(&ChunkId) -> String,
+) -> Result<PlanRecord> {
+    for id in plan.chunk_ids() {
+        let table = plan.table(&id.schema, &id.table)?;
+        let record = ChunkRecord {
+            schema: id.schema.clone(),
+            table: id.table.clone(),
+            n: id.n,
+            range: table.chunks[id.n as usize].clone(),
+            status: "pending".to_owned(),
+            owner: None,
+            lease_expires_ms: 0,
+            attempts: 0,
+            key: chunk_key(&id),
+            rows: 0,
+            bytes: 0,
+            checksum: RowChecksum::default(),
+            start_lsn: None,
+        };
+        match state.put(task, &id.state_key(), &to_doc(&record)?, None).await {
+            Ok(_) | Err(Error::Conflict(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    match state.put(task, "plan", &to_doc(&plan)?, None).await {
+        Ok(_) => Ok(plan),
+        Err(Error::Conflict(_)) => get_plan(state, task)
+            .await?
+            .map(|(p, _)| p)
+            .ok_or_else(|| Error::Conflict("plan vanished".to_owned())),
+        Err(e) => Err(e),
+    }
+}
+
+/// Marks the plan complete (a concurrent finisher's write is as good).
+pub async fn complete_plan<St: StateStore>(
+    state: &St,
+    task: &str,
+    mut plan: PlanRecord,
+    version: u64,
+) -> Result<()> {
+    if plan.status == "complete" {
+        return Ok(());
+    }
+    plan.status = "complete".to_owned();
+    match state.put(task, "plan", &to_doc(&plan)?, Some(version)).await {
+        Ok(_) | Err(Error::Conflict(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A chunk's identity (the Map state's item).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkId {
+    pub schema: String,
+    pub table: String,
+    pub n: u32,
+}
+
+impl ChunkId {
+    /// The chunk's item: `chunk#<schema>.<table>#<n>`.
+    pub fn state_key(&self) -> String {
+        format!("chunk#{}.{}#{}", self.schema, self.table, self.n)
+    }
+}
+
+/// The `chunk#..` item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChunkRecord {
+    pub schema: String,
+    pub table: String,
+    pub n: u32,
+    pub range: ChunkRange,
+    /// `pending`, `running` or `done`.
+    pub status: String,
+    pub owner: Option<String>,
+    pub lease_expires_ms: u64,
+    pub attempts: u32,
+    pub key: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub checksum: RowChecksum,
+    pub start_lsn: Option<Lsn>,
+}
+
+/// Reads a chunk item.
+pub async fn get_chunk<St: StateStore>(state: &St, task: &str, id: &ChunkId) -> Result<Option<ChunkRecord>> {
+    match state.get(task, &id.state_key()).await? {
+        Some(v) => Ok(Some(from_doc(v.doc, "chunk")?)),
+        None => Ok(None),
+    }
+}
+
+/// The result of claiming a chunk.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// Already exported: its result.
+    Done(ChunkRecord),
+    /// Ours to export until the lease expires; complete it with this version.
+    Claimed { record: ChunkRecord, version: u64 },
+}
+
+/// `pending → running(owner, lease)`, or a running chunk whose lease expired (or is ours)
+/// taken over. A live lease of another worker is [`Error::LeaseHeld`] (transient: retry later).
+pub async fn claim_chunk<St: StateStore>(
+    state: &St,
+    task: &str,
+    id: &ChunkId,
+    owner: &str,
+    ttl: Duration,
+) -> Result<Claim> {
+    let key = id.state_key();
+    let stored = state.get(task, &key).await?.ok_or_else(|| {
+        Error::event(
+            "chunk",
+            format!(
+                "{}.{} chunk {} is not in the plan of task {task}",
+                id.schema, id.table, id.n
+            ),
+        )
+    })?;
+    let mut record: ChunkRecord = from_doc(stored.doc, "chunk")?;
+    if record.status == "done" {
+        return Ok(Claim::Done(record));
+    }
+    let now = now_ms();
+    if record.status == "running"
+        && record.owner.as_deref() != Some(owner)
+        && record.lease_expires_ms > now
+    {
+        return Err(Error::LeaseHeld {
+            what: format!("chunk {key}"),
+            owner: record.owner.clone().unwrap_or_default(),
+            until_ms: record.lease_expires_ms,
+        });
+    }
+    record.status = "running".to_owned();
+    record.owner = Some(owner.to_owned());
+    record.lease_expires_ms = now + ttl.as_millis() as u64;
+    record.attempts += 1;
+    let version = state
+        .put(task, &key, &to_doc(&record)?, Some(stored.version))
+        .await?;
+    Ok(Claim::Claimed { record, version })
+}
+
+/// `running → done` with the export's result, conditional on the version the claim wrote (a
+/// worker whose lease expired and was taken over gets a conflict and its result is dropped).
+pub async fn complete_chunk<St: StateStore>(
+    state: &St,
+    task: &str,
+    mut record: ChunkRecord,
+    version: u64,
+) -> Result<ChunkRecord> {
+    let id = ChunkId {
+        schema: record.schema.clone(),
+        table: record.table.clone(),
+        n: record.n,
+    };
+    record.status = "done".to_owned();
+    record.lease_expires_ms = 0;
+    state
+        .put(task, &id.state_key(), &to_doc(&record)?, Some(version))
+        .await
+        .map_err(|e| match e {
+            Error::Conflict(m) => Error::Conflict(format!(
+                "chunk {} was taken over while exporting (lease expired): {m}",
+                id.state_key()
+            )),
+            other => other,
+        })?;
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::MemoryStore;
+
+    fn plan() -> PlanRecord {
+        PlanRecord {
+            tables: vec![PlannedTable {
+                schema: "public".to_owned(),
+                table: "t".to_owned(),
+                columns: vec!["id".to_owned()],
+                types: vec![(23, -1)],
+                chunks: vec![ChunkRange::Whole, ChunkRange::Whole],
+                estimated_rows: 2.0,
+            }],
+            format: Format::default(),
+            l0: Some(Lsn(7)),
+            status: "planned".to_owned(),
+        }
+    }
+
+    #[tokio::test]
+    async fn chunks_are_claimed_by_one_worker_until_the_lease_expires() {
+        let state = MemoryStore::new();
+        let p = create_plan(&state, "t1", plan(), |id| format!("k{}", id.n)).await.unwrap();
+        let ids = p.chunk_ids();
+        assert_eq!(ids.len(), 2);
+        // A second plan stored concurrently loses to the first.
+        let mut other = plan();
+        other.l0 = Some(Lsn(9));
+        assert_eq!(create_plan(&state, "t1", other, |_| String::new()).await.unwrap().l0, Some(Lsn(7)));
+
+        let ttl = Duration::from_secs(60);
+        let Claim::Claimed { record, version } = claim_chunk(&state, "t1", &ids[0], "a", ttl).await.unwrap() else {
+            panic!("pending chunk not claimed")
+        };
+        assert_eq!((record.status.as_str(), record.attempts), ("running", 1));
+        // Another worker is told who holds it; the holder may claim again (a retry).
+        match claim_chunk(&state, "t1", &ids[0], "b", ttl).await {
+            Err(Error::LeaseHeld { owner, .. }) => assert_eq!(owner, "a"),
+            other => panic!("{other:?}"),
+        }
+        assert!(Error::LeaseHeld { what: String::new(), owner: String::new(), until_ms: 0 }.is_transient());
+        let Claim::Claimed { record, version: v2 } = claim_chunk(&state, "t1", &ids[0], "a", ttl).await.unwrap() else {
+            panic!("the holder's retry must claim")
+        };
+        assert_eq!(record.attempts, 2);
+        // The stale claim cannot complete; the current one can, once.
+        assert!(matches!(complete_chunk(&state, "t1", record.clone(), version).await, Err(Error::Conflict(_))));
+        let done = complete_chunk(&state, "t1", record, v2).await.unwrap();
+        assert_eq!(done.status, "done");
+        assert_eq!(claim_chunk(&state, "t1", &ids[0], "b", ttl).await.unwrap(), Claim::Done(done));
+
+        // An expired lease is taken over, and the old worker's completion is refused.
+        let Claim::Claimed { record: r1, version: v1 } = claim_chunk(&state, "t1", &ids[1], "a", Duration::ZERO).await.unwrap() else {
+            panic!()
+        };
+        let Claim::Claimed { version: vb, record: rb } = claim_chunk(&state, "t1", &ids[1], "b", ttl).await.unwrap() else {
+            panic!("an expired lease must be taken over")
+        };
+        assert!(complete_chunk(&state, "t1", r1, v1).await.unwrap_err().to_string().contains("taken over"));
+        complete_chunk(&state, "t1", rb, vb).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_checkpoint_moves_only_forward_and_only_under_the_lease() {
+        let state = MemoryStore::new();
+        let ttl = Duration::from_secs(60);
+        let mut lease = Lease::acquire(&state, "t", "a", ttl, Lsn(10)).await.unwrap().unwrap();
+        assert_eq!(lease.checkpoint(), Lsn(10));
+        match Lease::acquire(&state, "t", "b", ttl, Lsn(0)).await.unwrap() {
+            Err(Outcome::LeaseHeld { owner, .. }) => assert_eq!(owner, "a"),
+            other => panic!("two owners: {other:?}"),
+        }
+        lease.move_checkpoint(&state, Lsn(20), true).await.unwrap();
+        lease.move_checkpoint(&state, Lsn(15), true).await.unwrap();
+        assert_eq!(lease.checkpoint(), Lsn(20));
+        let stored = get_cdc(&state, "t").await.unwrap().unwrap();
+        assert_eq!((stored.checkpoint_lsn, stored.batch_seq), (Lsn(20), 1));
+        // A stale lease (someone else wrote since) cannot move it.
+        let mut stale = lease.clone();
+        lease.move_checkpoint(&state, Lsn(30), false).await.unwrap();
+        let err = stale.move_checkpoint(&state, Lsn(40), true).await.unwrap_err();
+        assert!(matches!(err, Error::Conflict(ref m) if m.contains("lost the lease")), "{err}");
+        lease.release(&state, None).await;
+        let next = Lease::acquire(&state, "t", "b", ttl, Lsn(0)).await.unwrap().unwrap();
+        assert_eq!(next.checkpoint(), Lsn(30));
+    }
+}
