@@ -6,12 +6,13 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use pgshift::job::cdc_poll::{Outcome, PollReport};
+use pgshift::job::apply::ApplyReport;
 use pgshift::job::full_load::{LoadReport, Progress};
 use pgshift::job::status::TaskStatus;
 use pgshift::job::test_endpoint::EndpointReport;
 use pgshift::job::validate::ValidateReport;
 use pgshift::source::checks::Status;
+use pgshift::state::records::{Outcome, PollReport};
 
 /// The endpoint report as a table: one line per check, the remedy under each warn or fail.
 pub(crate) fn endpoint_table(report: &EndpointReport) -> String {
@@ -244,4 +245,20 @@ pub(crate) fn status_text(s: &TaskStatus) -> String {
         );
     }
     out
+}
+
+/// One line per apply run.
+pub(crate) fn apply_summary(report: &ApplyReport) -> String {
+    format!(
+        "task {}: {}{} batches, {} changes applied; target at {}",
+        report.task,
+        if report.load_applied {
+            format!("load applied ({} rows); ", report.load_rows)
+        } else {
+            String::new()
+        },
+        report.batches_applied,
+        report.changes_applied,
+        report.position
+    )
 }

@@ -4,14 +4,17 @@
 use std::collections::{BTreeMap, HashSet};
 
 use pgshift::config::PgConfig;
-use pgshift::staging::encode::Format;
-use pgshift::job::cdc_poll::{self, CdcOptions, Failpoint, Outcome, PollReport};
+use pgshift::error::Error;
+use pgshift::job::cdc_poll;
+use pgshift::job::options::CdcOptions;
 use pgshift::lsn::Lsn;
 use pgshift::source::slot;
 use pgshift::staging::ObjectSink;
+use pgshift::staging::encode::Format;
 use pgshift::state::StateStore;
+use pgshift::state::records::{Outcome, PollReport};
 use pgshift_tests::replay::{self, Table};
-use pgshift_tests::{Staging, TempDir, TestDb, unique_name};
+use pgshift_tests::{Kill, Staging, TempDir, TestDb, unique_name};
 
 /// Every drain of these tests splits its peek between two sessions (the path of large
 /// drains), whatever its size; the CLI and migration tests drain through one session.
@@ -310,11 +313,11 @@ async fn crash_at_every_step_then_rerun_loses_and_duplicates_nothing() {
     poll(&sink, &state, &o).await;
     let mut next = 0;
     for fp in [
-        Failpoint::AfterPeek,
-        Failpoint::AfterFirstFile,
-        Failpoint::AfterFiles,
-        Failpoint::AfterManifest,
-        Failpoint::AfterCheckpoint,
+        Kill::AfterPeek,
+        Kill::AfterFirstFile,
+        Kill::AfterFiles,
+        Kill::AfterManifest,
+        Kill::AfterCheckpoint,
     ] {
         for _ in 0..4 {
             c.batch_execute(&format!(
@@ -329,10 +332,8 @@ async fn crash_at_every_step_then_rerun_loses_and_duplicates_nothing() {
         let before = state.get("crash", "cdc").await.unwrap().unwrap().doc["checkpoint"]
             .as_u64()
             .unwrap();
-        let mut crashing = o.clone();
-        crashing.failpoint = Some(fp);
-        let err = cdc_poll::run(&sink, &state, &crashing).await.unwrap_err();
-        assert!(err.to_string().contains("failpoint"), "{fp:?}: {err}");
+        let err = fp.poll(&sink, &state, &o).await.unwrap_err();
+        assert!(matches!(err, Error::Injected(_)), "{fp:?}: {err}");
         let after = state.get("crash", "cdc").await.unwrap().unwrap().doc["checkpoint"]
             .as_u64()
             .unwrap();
@@ -381,9 +382,7 @@ async fn a_held_lease_stops_a_second_poller_and_checkpoints_never_go_back() {
         .await
         .unwrap();
     // Owner A dies holding the lease.
-    let mut crashing = a.clone();
-    crashing.failpoint = Some(Failpoint::AfterPeek);
-    assert!(cdc_poll::run(&sink, &state, &crashing).await.is_err());
+    assert!(Kill::AfterPeek.poll(&sink, &state, &a).await.is_err());
     let mut b = a.clone();
     b.owner = "other-owner".to_owned();
     let r = cdc_poll::run(&sink, &state, &b).await.unwrap();
@@ -397,8 +396,12 @@ async fn a_held_lease_stops_a_second_poller_and_checkpoints_never_go_back() {
     // Once it expires, B takes over.
     let mut expiring = a.clone();
     expiring.lease_ttl = std::time::Duration::ZERO;
-    expiring.failpoint = Some(Failpoint::AfterPeek);
-    assert!(cdc_poll::run(&sink, &state, &expiring).await.is_err());
+    assert!(
+        Kill::AfterPeek
+            .poll(&sink, &state, &expiring)
+            .await
+            .is_err()
+    );
     let r = poll(&sink, &state, &b).await;
     assert_eq!(r.changes, 100);
 
@@ -506,8 +509,7 @@ async fn a_split_peek_stages_exactly_what_one_session_stages() {
     let mut one = opts("split-one", db.config(), "jsonl");
     one.peek_sessions = 1;
     let two = opts("split-two", db.config(), "jsonl");
-    let mut fail = opts("split-fail", db.config(), "jsonl");
-    fail.failpoint = Some(Failpoint::SplitPeekFails);
+    let fail = opts("split-fail", db.config(), "jsonl");
     poll(&one_sink, &one_state, &one).await;
     poll(&two_sink, &two_state, &two).await;
     poll(&fail_sink, &fail_state, &fail).await;
@@ -548,7 +550,16 @@ async fn a_split_peek_stages_exactly_what_one_session_stages() {
 
     let r1 = poll(&one_sink, &one_state, &one).await;
     let r2 = poll(&two_sink, &two_state, &two).await;
-    let r3 = poll(&fail_sink, &fail_state, &fail).await;
+    // The second session fails (a source fault): the run goes on with one session.
+    let broken = pgshift::source::UnreliableSource::new(
+        pgshift::source::PgSource::connect(&fail.source)
+            .await
+            .unwrap(),
+        pgshift::source::SourceFault::SecondHalf,
+    );
+    let r3 = cdc_poll::poll(&broken, &fail_sink, &fail_state, &fail)
+        .await
+        .unwrap();
     assert_eq!((r1.peeks, r1.split_peeks), (1, 0), "{r1:#?}");
     assert_eq!((r2.peeks, r2.split_peeks), (1, 1), "{r2:#?}");
     assert_eq!(
@@ -774,9 +785,7 @@ async fn cdc_to_s3_with_state_in_dynamodb() {
     c.batch_execute("insert into public.t select g, 'late' from generate_series(5000, 5099) g")
         .await
         .unwrap();
-    let mut crashing = o.clone();
-    crashing.failpoint = Some(Failpoint::AfterManifest);
-    assert!(cdc_poll::run(&sink, &state, &crashing).await.is_err());
+    assert!(Kill::AfterManifest.poll(&sink, &state, &o).await.is_err());
     poll(&sink, &state, &o).await;
     check_tables(&sink, &db, &["t"]).await;
     let doc = state.get("s3", "cdc").await.unwrap().unwrap().doc;

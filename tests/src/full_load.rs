@@ -5,13 +5,17 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use pgshift::staging::decode::parse_csv_fields;
-use pgshift::staging::encode::Format;
-use pgshift::job::cdc_poll::{self, CdcOptions};
-use pgshift::job::full_load::{self, ChunkId, LoadManifest, LoadOptions, Progress};
+use pgshift::job::cdc_poll;
+use pgshift::job::full_load::{self, Progress};
+use pgshift::job::options::{CdcOptions, LoadOptions};
 use pgshift::selection::Selection;
 use pgshift::staging::ObjectSink;
+use pgshift::staging::decode::parse_csv_fields;
+use pgshift::staging::encode::Format;
+use pgshift::staging::layout::LoadManifest;
+use pgshift::staging::{Crash, UnreliableSink};
 use pgshift::state::StateStore;
+use pgshift::state::records::ChunkId;
 use pgshift_tests::replay::{self, Row, Table};
 use pgshift_tests::{Staging, TestDb, env};
 
@@ -292,7 +296,7 @@ async fn a_worker_session_serves_many_chunks_and_survives_a_cut() {
     let o = l.opts("session", "csv", 1);
     let (_, ids) = full_load::plan(&l.sink, &l.state, &o).await.unwrap();
     assert!(ids.len() >= 4, "a table of several chunks: {}", ids.len());
-    let mut session = full_load::ChunkSession::default();
+    let mut session = pgshift::source::snapshot::ChunkSession::default();
     let mut rows = 0;
     for (i, id) in ids.iter().enumerate() {
         if i == 2 {
@@ -409,12 +413,12 @@ async fn a_killed_export_is_retried_into_one_complete_object() {
     o.lease_ttl = std::time::Duration::ZERO;
     let (_, ids) = full_load::plan(&l.sink, &l.state, &o).await.unwrap();
     let id: ChunkId = ids[0].clone();
-    let mut killed = o.clone();
-    killed.kill_after_bytes = Some(300_000);
-    let err = full_load::export_chunk(&l.sink, &l.state, &killed, &id)
+    // The worker dies after 300 kB were written (no clean-up, no state change).
+    let dying = UnreliableSink::new(l.sink.clone(), Crash::AfterBytes(300_000));
+    let err = full_load::export_chunk(&dying, &l.state, &o, &id)
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("killed"), "{err}");
+    assert!(matches!(err, pgshift::Error::Injected(_)), "{err}");
     let key = format!("chunk#public.t#{}", id.n);
     let rec = l.state.get("kill", &key).await.unwrap().unwrap();
     assert_eq!(
@@ -472,10 +476,9 @@ async fn a_killed_export_is_retried_into_one_complete_object() {
     // Two workers never both own a chunk: a live lease is a conflict.
     let l2 = l.opts("kill2", "csv", 1);
     let (_, ids2) = full_load::plan(&l.sink, &l.state, &l2).await.unwrap();
-    let mut holder = l2.clone();
-    holder.kill_after_bytes = Some(1);
+    let dying = UnreliableSink::new(l.sink.clone(), Crash::AfterBytes(1));
     assert!(
-        full_load::export_chunk(&l.sink, &l.state, &holder, &ids2[0])
+        full_load::export_chunk(&dying, &l.state, &l2, &ids2[0])
             .await
             .is_err()
     );
@@ -485,7 +488,8 @@ async fn a_killed_export_is_retried_into_one_complete_object() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, pgshift::Error::Conflict(_)) && err.is_transient(),
+        matches!(err, pgshift::Error::LeaseHeld { ref owner, .. } if *owner == l2.owner)
+            && err.is_transient(),
         "{err}"
     );
 }

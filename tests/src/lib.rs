@@ -241,3 +241,93 @@ impl Staging {
         }
     }
 }
+
+/// Where a test kills a poll run, as a crash of the process would (the steps of DESIGN §4),
+/// by wrapping the sink or the state store the run is given (production options carry no
+/// test hooks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kill {
+    /// After the peek returned rows, before any file is complete.
+    AfterPeek,
+    /// After the first table file of a batch is complete.
+    AfterFirstFile,
+    /// After every file of a batch, before the manifest.
+    AfterFiles,
+    /// After the manifest, before the checkpoint moves.
+    AfterManifest,
+    /// After the checkpoint moved, before the slot advances.
+    AfterCheckpoint,
+}
+
+impl Kill {
+    /// Runs one poll against the PostgreSQL source of `opts`, killed at this step.
+    pub async fn poll<S, St>(
+        self,
+        sink: &S,
+        state: &St,
+        opts: &pgshift::job::options::CdcOptions,
+    ) -> pgshift::Result<pgshift::state::records::PollReport>
+    where
+        S: pgshift::staging::ObjectSink + Clone,
+        St: pgshift::state::StateStore + Clone,
+    {
+        use pgshift::job::cdc_poll::poll;
+        use pgshift::staging::{Crash, UnreliableSink};
+        use pgshift::state::UnreliableStore;
+        use pgshift::state::unreliable::StoreCrash;
+        let source = pgshift::source::PgSource::connect(&opts.source).await?;
+        let sink_dies = |crash| UnreliableSink::new(sink.clone(), crash);
+        // The lease takes the first write of the `cdc` item; the checkpoint is the second.
+        let store_dies = |crash| UnreliableStore::new(state.clone(), crash);
+        let checkpoint = || ("cdc".to_owned(), 1);
+        match self {
+            Kill::AfterPeek => {
+                poll(
+                    &source,
+                    &sink_dies(Crash::at_object("/cdc/", 0)),
+                    state,
+                    opts,
+                )
+                .await
+            }
+            Kill::AfterFirstFile => {
+                poll(
+                    &source,
+                    &sink_dies(Crash::at_object("/cdc/", 1)),
+                    state,
+                    opts,
+                )
+                .await
+            }
+            Kill::AfterFiles => {
+                poll(
+                    &source,
+                    &sink_dies(Crash::at_object("_manifests/cdc/", 0)),
+                    state,
+                    opts,
+                )
+                .await
+            }
+            Kill::AfterManifest => {
+                let (key, n) = checkpoint();
+                poll(
+                    &source,
+                    sink,
+                    &store_dies(StoreCrash::BeforePut { key, n }),
+                    opts,
+                )
+                .await
+            }
+            Kill::AfterCheckpoint => {
+                let (key, n) = checkpoint();
+                poll(
+                    &source,
+                    sink,
+                    &store_dies(StoreCrash::AfterPut { key, n }),
+                    opts,
+                )
+                .await
+            }
+        }
+    }
+}

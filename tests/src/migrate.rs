@@ -5,15 +5,17 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use pgshift::staging::encode::Format;
-use pgshift::job::apply::{self, ApplyOptions};
-use pgshift::job::cdc_poll::{self, CdcOptions, Failpoint};
-use pgshift::job::full_load::{self, LoadOptions, Progress};
+use pgshift::job::apply;
+use pgshift::job::cdc_poll;
+use pgshift::job::full_load::{self, Progress};
+use pgshift::job::options::{CdcOptions, LoadOptions};
 use pgshift::job::validate;
 use pgshift::selection::Selection;
 use pgshift::staging::ObjectSink;
+use pgshift::staging::encode::Format;
+use pgshift::staging::{Crash, UnreliableSink};
 use pgshift::state::StateStore;
-use pgshift_tests::{TempDir, TestDb};
+use pgshift_tests::{Kill, TempDir, TestDb};
 
 const SCHEMA: &str = "create table public.accounts (id int primary key, balance bigint not null, note text);
  create table public.docs (id int primary key, body text, rev int not null default 0);
@@ -51,10 +53,10 @@ async fn prove<S: ObjectSink + Clone, St: StateStore + Clone>(
     lo.cdc = true;
     lo.chunk_mib = 1;
     let (_, ids) = full_load::plan(&sink, &state, &lo).await.unwrap();
-    let mut killed = lo.clone();
-    killed.kill_after_bytes = Some(100_000);
+    // The export dies after 100 kB were written (no clean-up of the upload, no state change).
+    let dying = UnreliableSink::new(sink.clone(), Crash::AfterBytes(100_000));
     assert!(
-        full_load::export_chunk(&sink, &state, &killed, &ids[0])
+        full_load::export_chunk(&dying, &state, &lo, &ids[0])
             .await
             .is_err()
     );
@@ -68,17 +70,18 @@ async fn prove<S: ObjectSink + Clone, St: StateStore + Clone>(
     co.max_batch_changes = 400;
     for fp in [
         None,
-        Some(Failpoint::AfterFiles),
+        Some(Kill::AfterFiles),
         None,
-        Some(Failpoint::AfterManifest),
-        Some(Failpoint::AfterCheckpoint),
+        Some(Kill::AfterManifest),
+        Some(Kill::AfterCheckpoint),
         None,
-        Some(Failpoint::AfterFirstFile),
+        Some(Kill::AfterFirstFile),
     ] {
         tokio::time::sleep(std::time::Duration::from_millis(150)).await;
-        let mut o = co.clone();
-        o.failpoint = fp;
-        let r = cdc_poll::run(&sink, &state, &o).await;
+        let r = match fp {
+            Some(kill) => kill.poll(&sink, &state, &co).await,
+            None => cdc_poll::run(&sink, &state, &co).await,
+        };
         // A failpoint fires only when there is something to stage at its step.
         if fp.is_none() {
             r.unwrap();
@@ -92,13 +95,9 @@ async fn prove<S: ObjectSink + Clone, St: StateStore + Clone>(
     assert!(writes > 100, "the workload ran ({writes} statements)");
     // Catch up, then apply (twice: the second run applies nothing new) and validate.
     cdc_poll::run(&sink, &state, &co).await.unwrap();
-    let first = apply::run(&sink, &target.config(), task, ApplyOptions::default())
-        .await
-        .unwrap();
+    let first = apply::run(&sink, &target.config(), task).await.unwrap();
     assert!(first.load_applied && first.batches_applied > 0, "{first:?}");
-    let again = apply::run(&sink, &target.config(), task, ApplyOptions::default())
-        .await
-        .unwrap();
+    let again = apply::run(&sink, &target.config(), task).await.unwrap();
     assert_eq!(
         (again.batches_applied, again.load_applied),
         (0, false),
@@ -199,7 +198,8 @@ async fn apply_interrupted_mid_batch_resumes_without_duplicates() {
     let sink = pgshift::staging::LocalSink::new(dir.path().join("stage"));
     let state = pgshift::state::FileStore::new(dir.path().join("state"));
     let c = source.client().await;
-    c.batch_execute("create table public.t (id int primary key, v int not null, big text); alter table public.t replica identity full;")
+    c.batch_execute("create table public.t (id int primary key, v int not null, big text); alter table public.t replica identity full;
+         create table public.u (id int primary key, v int not null);")
         .await
         .unwrap();
     let mut lo = LoadOptions::new("resume", source.config(), "loader");
@@ -211,7 +211,8 @@ async fn apply_interrupted_mid_batch_resumes_without_duplicates() {
     co.max_batch_changes = 50;
     for i in 0..4 {
         c.batch_execute(&format!(
-            "insert into public.t select g, 0, null from generate_series({0}, {0} + 59) g; update public.t set v = v + 1;",
+            "insert into public.t select g, 0, null from generate_series({0}, {0} + 59) g; update public.t set v = v + 1; \
+             insert into public.u values ({0}, 0); update public.u set v = v + 1;",
             i * 100
         ))
         .await
@@ -219,20 +220,15 @@ async fn apply_interrupted_mid_batch_resumes_without_duplicates() {
         cdc_poll::run(&sink, &state, &co).await.unwrap();
     }
     // v counts updates: applying any batch twice would make it differ.
-    let err = apply::run(
-        &sink,
-        &target.config(),
-        "resume",
-        ApplyOptions {
-            fail_after_changes: Some(70),
-        },
-    )
-    .await
-    .unwrap_err();
-    assert!(err.to_string().contains("failpoint"), "{err}");
-    let done = apply::run(&sink, &target.config(), "resume", ApplyOptions::default())
+    // Each batch holds a file of t and one of u: the apply dies reading the second batch's
+    // second file, after the first file's changes ran inside the batch's transaction.
+    let dying = UnreliableSink::new(sink.clone(), Crash::at_read("/cdc/", 3));
+    let err = apply::run(&dying, &target.config(), "resume")
         .await
-        .unwrap();
+        .unwrap_err();
+    assert!(matches!(err, pgshift::Error::Injected(_)), "{err}");
+    assert!(dying.crashed());
+    let done = apply::run(&sink, &target.config(), "resume").await.unwrap();
     assert!(done.batches_applied >= 3, "{done:?}");
     let report = validate::run(&source.config(), &target.config(), &Selection::all())
         .await
@@ -398,9 +394,7 @@ async fn a_row_read_by_two_chunks_applies_once() {
     assert_eq!(ms[0].rows, 20_001, "row 1 was read by two chunks");
     let co = CdcOptions::new("dup", source.config(), "poller");
     cdc_poll::run(&sink, &state, &co).await.unwrap();
-    apply::run(&sink, &target.config(), "dup", ApplyOptions::default())
-        .await
-        .unwrap();
+    apply::run(&sink, &target.config(), "dup").await.unwrap();
     let report = validate::run(&source.config(), &target.config(), &Selection::all())
         .await
         .unwrap();
@@ -468,7 +462,7 @@ async fn wal2json_corpus_workloads_apply_equal() {
         let r = cdc_poll::run(&sink, &state, &co)
             .await
             .unwrap_or_else(|e| panic!("{}: cdc: {e}", file.display()));
-        let a = apply::run(&sink, &target.config(), &task, ApplyOptions::default())
+        let a = apply::run(&sink, &target.config(), &task)
             .await
             .unwrap_or_else(|e| panic!("{}: apply: {e}", file.display()));
         applied_changes += a.changes_applied;

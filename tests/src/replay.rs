@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use pgshift::job::cdc_poll::{BatchManifest, StoredSchema};
 use pgshift::staging::ObjectSink;
+use pgshift::staging::layout::{BatchManifest, StoredSchema};
 use tokio_postgres::Client;
 
 /// Row: column name → text value (None = NULL).

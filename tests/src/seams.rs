@@ -6,8 +6,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use pgshift::aws::Aws;
 use pgshift::error::Error;
-use pgshift::job::cdc_poll::{self, CdcOptions, Outcome};
+use pgshift::job::cdc_poll;
+use pgshift::job::options::CdcOptions;
+use pgshift::source::{CdcSource, PeekRequest, PeekStream, PgSource};
 use pgshift::staging::{MemorySink, ObjectSink, ObjectWriter, S3Sink};
+use pgshift::state::records::Outcome;
 use pgshift::state::{DynamoStore, MemoryStore, StateStore};
 use pgshift_tests::{TestDb, env, unique_name};
 
@@ -114,10 +117,11 @@ async fn dynamodb_writes_are_conditional() {
 }
 
 /// A peek that would outlive the deadline is cut by the server (its `statement_timeout` is
-/// the time left): the run stops cleanly without committing anything, and the next run drains
-/// it all.
+/// the time left) and reads as a deadline, not a failure. The run's clean stop on it (nothing
+/// committed, the next run drains it all) is the poller's job test over a source that holds
+/// the peek (`job::cdc_poll::tests`), which races no clock; here the real server's cut.
 #[tokio::test]
-async fn a_peek_longer_than_the_time_left_is_cut_and_retried_whole() {
+async fn a_peek_longer_than_the_time_left_is_cut_by_the_server_as_a_deadline() {
     let db = TestDb::new("cdc_peek_timeout").await;
     let sink = MemorySink::new();
     let state = MemoryStore::new();
@@ -125,54 +129,47 @@ async fn a_peek_longer_than_the_time_left_is_cut_and_retried_whole() {
     c.batch_execute("create table public.t (id int)")
         .await
         .unwrap();
-    let mut o = CdcOptions::new("peek-timeout", db.config(), "owner-1");
-    cdc_poll::run(&sink, &state, &o).await.unwrap();
+    let o = CdcOptions::new("peek-timeout", db.config(), "owner-1");
+    let first = cdc_poll::run(&sink, &state, &o).await.unwrap();
     c.batch_execute("insert into public.t select generate_series(1, 1000000)")
         .await
         .unwrap();
-    let before = state.get("peek-timeout", "cdc").await.unwrap().unwrap().doc["checkpoint"].clone();
-
-    // The drain waits (briefly) for the WAL flush to reach the insert position: let it first.
-    let inserted: String = c
-        .query_one("select pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    for _ in 0..200 {
-        let flushed: bool = c
-            .query_one(
-                "select pg_current_wal_flush_lsn() >= $1::text::pg_lsn",
-                &[&inserted],
-            )
+    let source = PgSource::connect(&db.config()).await.unwrap();
+    source.prepare_peeks("256MB").await.unwrap();
+    let upto = source.drain_target().await.unwrap();
+    let request = |deadline: bool| PeekRequest {
+        slot: first.slot.clone(),
+        publication: first.slot.clone(),
+        upto,
+        max_changes: i32::MAX,
+        // Decoding a million inserts takes the server about a second: far more than 1 ms.
+        timeout: Duration::from_millis(1),
+        deadline,
+        split: None,
+    };
+    let mut peek = source.peek(&request(true)).await.unwrap();
+    let err = peek.next_row().await.unwrap_err();
+    assert!(
+        matches!(err, Error::Deadline(_)) && err.is_transient(),
+        "{err}"
+    );
+    // Without a deadline the same cut is the session's statement timeout: a failure.
+    let mut peek = source.peek(&request(false)).await.unwrap();
+    let err = peek.next_row().await.unwrap_err();
+    assert!(matches!(err, Error::Postgres { .. }), "{err}");
+    assert_eq!(
+        source
+            .slot_state(&first.slot)
             .await
             .unwrap()
-            .get(0);
-        if flushed {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Decoding a million inserts takes the server about a second here: far more than is left.
-    o.deadline = Some(Instant::now() + Duration::from_millis(400));
-    o.safety_margin = Duration::ZERO;
-    let r = cdc_poll::run(&sink, &state, &o).await.unwrap();
-    assert_eq!(
-        (&r.outcome, r.peeks, r.changes),
-        (&Outcome::DeadlineReached, 1, 0),
-        "the peek started and was cut: {r:?}"
-    );
-    let after = state.get("peek-timeout", "cdc").await.unwrap().unwrap();
-    assert_eq!(after.doc["checkpoint"], before, "nothing committed");
-    assert!(
-        sink.snapshot()
-            .keys()
-            .all(|k| !k.starts_with("_manifests/cdc/")),
-        "no manifest"
+            .unwrap()
+            .confirmed_flush_lsn,
+        Some(first.checkpoint),
+        "a peek consumes nothing"
     );
 
     // Over 16 MiB of WAL: two sessions decode it, the one transaction (its commit after
     // the split point) coming whole from the second.
-    o.deadline = None;
     let r = cdc_poll::run(&sink, &state, &o).await.unwrap();
     assert_eq!(
         (r.outcome, r.changes, r.split_peeks),

@@ -2,12 +2,12 @@
 //! `pgshift::job::cdc_poll`; this builds clients once per cold start and per invocation passes
 //! the deadline and the request id (the lease owner).
 
-use std::time::{Duration, Instant};
-
 use lambda_runtime::{Diagnostic, LambdaEvent, service_fn};
 use pgshift::Error;
-use pgshift::job::cdc_poll::{self, CdcOptions, PollReport};
+use pgshift::job::cdc_poll;
+use pgshift::job::options::TaskSettings;
 use pgshift::lambda::StagedDeps;
+use pgshift::state::records::PollReport;
 
 async fn handle(
     deps: &StagedDeps,
@@ -25,17 +25,12 @@ async fn run(
         return Err(Error::event("event", "must be a JSON object"));
     }
     let remaining = pgshift::lambda::remaining(&event.context);
-    let mut opts = CdcOptions::new(
+    let opts = TaskSettings::from(&deps.env).cdc_options(
         &deps.task,
         deps.source().await?,
         event.context.request_id.clone(),
+        Some(remaining),
     );
-    opts.format = deps.env.format;
-    opts.commit_ts_column = deps.env.commit_ts_column;
-    opts.selection = deps.env.selection.clone();
-    opts.peek_sessions = deps.env.peek_sessions;
-    opts.deadline = Some(Instant::now() + remaining);
-    opts.lease_ttl = remaining + Duration::from_secs(30);
     let report = cdc_poll::run(&deps.sink, &deps.state, &opts).await?;
     // CloudWatch Embedded Metric Format: one line on stdout becomes the metrics.
     println!("{}", cdc_poll::emf_line(&report));

@@ -214,7 +214,10 @@ mod tests {
         let (s, pk) = table_schema(&r, &RelationInfo::default());
         assert!(pk.is_empty());
         assert!(!s.columns[0].key && s.columns[1].key);
-        assert_eq!(s.columns[1].type_name, "25", "an unknown type reads as its oid");
+        assert_eq!(
+            s.columns[1].type_name, "25",
+            "an unknown type reads as its oid"
+        );
     }
 
     #[test]

@@ -26,15 +26,15 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 use tokio_postgres::types::{ToSql, Type};
 
-use crate::table::{ColumnSchema, TableSchema};
 use crate::config::{PgConfig, check_task_name};
 use crate::error::{Error, Result};
-use crate::staging::decode::{CsvRows, parse_csv_fields};
-use crate::staging::encode::Encoding;
-use crate::staging::layout::{self, BatchFile, BatchManifest, LoadManifest, StoredSchema};
 use crate::lsn::Lsn;
 use crate::source::{self, quote_ident, quote_qualified};
 use crate::staging::ObjectSink;
+use crate::staging::decode::{CsvRows, parse_csv_fields};
+use crate::staging::encode::Encoding;
+use crate::staging::layout::{self, BatchFile, BatchManifest, LoadManifest, StoredSchema};
+use crate::table::{ColumnSchema, TableSchema};
 
 /// What an apply run did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -46,7 +46,6 @@ pub struct ApplyReport {
     pub changes_applied: u64,
     pub position: Lsn,
 }
-
 
 const BOOKKEEPING: &str = "create schema if not exists pgshift; \
  create table if not exists pgshift.applied (task text primary key, load_complete boolean not null default false, \
@@ -65,11 +64,7 @@ fn gunzip(key: &str, body: Bytes) -> Result<Vec<u8>> {
 }
 
 /// Applies everything staged that the target has not applied yet.
-pub async fn run<S: ObjectSink>(
-    sink: &S,
-    target: &PgConfig,
-    task: &str,
-) -> Result<ApplyReport> {
+pub async fn run<S: ObjectSink>(sink: &S, target: &PgConfig, task: &str) -> Result<ApplyReport> {
     check_task_name(task)?;
     let mut cfg = target.clone();
     cfg.application_name = "pgshift-apply".to_owned();
@@ -120,15 +115,8 @@ pub async fn run<S: ObjectSink>(
                 m.start_lsn, report.position
             )));
         }
-        let changes = apply_batch(
-            sink,
-            &mut client,
-            task,
-            &m,
-            report.position,
-            &mut tables,
-        )
-        .await?;
+        let changes =
+            apply_batch(sink, &mut client, task, &m, report.position, &mut tables).await?;
         report.batches_applied += 1;
         report.changes_applied += changes;
         report.position = m.end_lsn;
@@ -696,8 +684,9 @@ async fn apply_batch<S: ObjectSink>(
     for file in &m.files {
         let mut schemas = Vec::new();
         for seg in &file.schema_versions {
-            let s: StoredSchema = serde_json::from_slice(&layout::get_required(sink, &seg.key).await?)
-                .map_err(|e| Error::Source(format!("{}: {e}", seg.key)))?;
+            let s: StoredSchema =
+                serde_json::from_slice(&layout::get_required(sink, &seg.key).await?)
+                    .map_err(|e| Error::Source(format!("{}: {e}", seg.key)))?;
             schemas.push((seg.first_row, s));
         }
         if schemas.is_empty() {

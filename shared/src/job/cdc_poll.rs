@@ -71,7 +71,7 @@ use crate::change::{Op, RowChange, format_pg_timestamp, pg_now};
 use crate::config::check_task_name;
 use crate::error::{Error, Result};
 use crate::job::ensure_task;
-pub use crate::job::options::CdcOptions;
+use crate::job::options::CdcOptions;
 use crate::lsn::Lsn;
 use crate::pgoutput::{self, Message, Value};
 use crate::source::{CdcSource, PeekRequest, PeekStream, PgSource, SlotState};
@@ -81,7 +81,7 @@ use crate::staging::layout::{
 };
 use crate::staging::{ObjectSink, ObjectWriter};
 use crate::state::records::{Lease, TaskRecord};
-pub use crate::state::records::{Outcome, PollReport};
+use crate::state::records::{Outcome, PollReport};
 use crate::state::{StateStore, now_ms};
 
 fn parquet_for_cdc() -> Error {
@@ -126,17 +126,23 @@ pub async fn poll<Src: CdcSource, S: ObjectSink, St: StateStore>(
         "cdc",
     )
     .await?;
-    let lease =
-        match Lease::acquire(state, &opts.task, &opts.owner, opts.lease_ttl, task.start_lsn).await? {
-            Ok(lease) => lease,
-            Err(outcome) => {
-                tracing::info!(task = %opts.task, ?outcome, "another poller holds the lease");
-                let mut report =
-                    PollReport::new(&opts.task, &task.slot, outcome, Lsn::ZERO, Lsn::ZERO);
-                report.elapsed_ms = started.elapsed().as_millis() as u64;
-                return Ok(report);
-            }
-        };
+    let lease = match Lease::acquire(
+        state,
+        &opts.task,
+        &opts.owner,
+        opts.lease_ttl,
+        task.start_lsn,
+    )
+    .await?
+    {
+        Ok(lease) => lease,
+        Err(outcome) => {
+            tracing::info!(task = %opts.task, ?outcome, "another poller holds the lease");
+            let mut report = PollReport::new(&opts.task, &task.slot, outcome, Lsn::ZERO, Lsn::ZERO);
+            report.elapsed_ms = started.elapsed().as_millis() as u64;
+            return Ok(report);
+        }
+    };
     let mut poller = Poller {
         source,
         sink,
@@ -322,7 +328,9 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                 stopped_early: false,
                 last_commit_ts: None,
             };
-            let end = self.read_peek(target, split, &mut cursor, &mut report).await?;
+            let end = self
+                .read_peek(target, split, &mut cursor, &mut report)
+                .await?;
             if end.incomplete && split.is_some() {
                 split_allowed = false;
             }
@@ -342,7 +350,9 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             if drained && self.checkpoint() < target {
                 // Everything up to the target was read: the stretch after the last commit
                 // (or an idle one) moves the checkpoint to the target too.
-                self.lease.move_checkpoint(self.state, target, false).await?;
+                self.lease
+                    .move_checkpoint(self.state, target, false)
+                    .await?;
             }
             // Step 6, once per peek, to the last checkpoint.
             self.advance_slot().await?;
@@ -351,7 +361,8 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             }
             report.outcome = Outcome::MoreWaiting;
         }
-        self.finish_report(&mut report, last_commit_ts, started).await?;
+        self.finish_report(&mut report, last_commit_ts, started)
+            .await?;
         Ok(report)
     }
 
@@ -745,7 +756,13 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             let ins = Row::new(Op::Insert, u.rel_id, None, false, Some(&rows.new));
             self.stage(batch, t, lsn, ins).await
         } else {
-            let upd = Row::new(Op::Update, u.rel_id, rows.old, rows.old_is_full, Some(&rows.new));
+            let upd = Row::new(
+                Op::Update,
+                u.rel_id,
+                rows.old,
+                rows.old_is_full,
+                Some(&rows.new),
+            );
             self.stage(batch, t, lsn, upd).await
         }
     }

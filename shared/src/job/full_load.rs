@@ -47,9 +47,7 @@ use crate::staging::layout::{
     self, CHUNK_LIST_KEY, LoadManifest, SchemaVersions, chunk_key, load_manifest_key,
 };
 use crate::state::StateStore;
-use crate::state::records::{
-    self, ChunkId, ChunkRecord, Claim, PlanRecord, PlannedTable,
-};
+use crate::state::records::{self, ChunkId, ChunkRecord, Claim, PlanRecord, PlannedTable};
 use crate::table::TableSchema;
 
 /// Plans the load (idempotent). Returns the plan and the chunk list.
@@ -71,7 +69,15 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
     let sizing = ChunkSizing::from_mib(opts.chunk_mib, server.version_num)?;
     // Slot first, then data: every change after L0 reaches CDC.
     let l0 = if opts.cdc {
-        let task = ensure_task(&source, state, &opts.task, &opts.selection, true, "full-load").await?;
+        let task = ensure_task(
+            &source,
+            state,
+            &opts.task,
+            &opts.selection,
+            true,
+            "full-load",
+        )
+        .await?;
         Some(task.start_lsn)
     } else {
         None
@@ -319,9 +325,14 @@ async fn copy_chunk<S: ObjectSink>(
 ) -> Result<Exported> {
     let client = session.begin(&opts.source).await?;
     let start_lsn = snapshot::wal_position(&client).await?;
-    let stream =
-        snapshot::copy_chunk(&client, &table.schema, &table.table, &table.columns, &record.range)
-            .await?;
+    let stream = snapshot::copy_chunk(
+        &client,
+        &table.schema,
+        &table.table,
+        &table.columns,
+        &record.range,
+    )
+    .await?;
     let mut stream = std::pin::pin!(stream);
     let mut out = EncodedWriter::new(sink.writer(&record.key).await?, format);
     let mut enc = ChunkEncoder::new(table, format)?;

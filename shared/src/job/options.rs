@@ -203,7 +203,10 @@ mod tests {
         let s = TaskSettings::from(&env);
         let src = PgConfig::from_url("postgres://u@h/d", "source").unwrap();
         let c = s.cdc_options("t", src.clone(), "me", Some(Duration::from_secs(60)));
-        assert_eq!((c.format.ext(), c.commit_ts_column, c.peek_sessions), ("jsonl.gz", true, 1));
+        assert_eq!(
+            (c.format.ext(), c.commit_ts_column, c.peek_sessions),
+            ("jsonl.gz", true, 1)
+        );
         assert!(c.deadline.is_some() && c.lease_ttl == Duration::from_secs(90));
         let l = s.load_options("t", src, "me", None);
         assert_eq!((l.chunk_mib, l.cdc, l.commit_ts_column), (32, false, true));

@@ -5,9 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{PgConfig, check_task_name};
 use crate::error::{Error, Result};
-use crate::state::records::{CdcRecord, ChunkRecord, PlanRecord, PollReport, TaskRecord};
 use crate::lsn::Lsn;
 use crate::source::{self, slot};
+use crate::state::records::{CdcRecord, ChunkRecord, PlanRecord, PollReport, TaskRecord};
 use crate::state::{StateStore, from_doc};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

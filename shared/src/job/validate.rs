@@ -13,10 +13,10 @@ use tokio_postgres::Client;
 
 use crate::config::PgConfig;
 use crate::error::{Error, Result};
-use crate::source::copy_text::RowChecksum;
-use crate::staging::decode::{CsvRows, parse_csv_fields};
 use crate::selection::Selection;
+use crate::source::copy_text::RowChecksum;
 use crate::source::{self, catalog, quote_ident, quote_qualified};
+use crate::staging::decode::{CsvRows, parse_csv_fields};
 
 /// One table's comparison.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -273,4 +273,3 @@ pub async fn type_names(client: &Client, types: &[(u32, i32)]) -> Result<Vec<Str
         .map_err(|e| Error::postgres("reading column types", e))?;
     Ok(rows.into_iter().map(|r| r.get(0)).collect())
 }
-

@@ -353,10 +353,9 @@ impl CdcSource for MemorySource {
 
     async fn peek(&self, req: &PeekRequest) -> Result<MemoryPeek> {
         let wal = self.wal()?;
-        let from = *wal
-            .slots
-            .get(&req.slot)
-            .ok_or_else(|| Error::Source(format!("replication slot {} does not exist", req.slot)))?;
+        let from = *wal.slots.get(&req.slot).ok_or_else(|| {
+            Error::Source(format!("replication slot {} does not exist", req.slot))
+        })?;
         let first = MemorySource::messages(&wal, req, from, req.split);
         let second = req.split.map(|at| {
             // The copy advanced to the split point: transactions committed from there on.
@@ -429,9 +428,19 @@ mod tests {
     async fn peeks_return_real_pgoutput_in_commit_order_until_the_slot_passes_them() {
         let src = MemorySource::new();
         let t = src.create_table("public", "t", &[("id", true), ("v", false)]);
-        let start = src.create_replication("s", &Selection::all()).await.unwrap().start_lsn;
-        let e1 = src.commit(vec![MemoryChange::Insert { rel: t, new: text(&["1", "a"]) }]);
-        let e2 = src.commit(vec![MemoryChange::Delete { rel: t, old: text(&["1", "a"]) }]);
+        let start = src
+            .create_replication("s", &Selection::all())
+            .await
+            .unwrap()
+            .start_lsn;
+        let e1 = src.commit(vec![MemoryChange::Insert {
+            rel: t,
+            new: text(&["1", "a"]),
+        }]);
+        let e2 = src.commit(vec![MemoryChange::Delete {
+            rel: t,
+            old: text(&["1", "a"]),
+        }]);
         assert!(start < e1 && e1 < e2);
         let req = PeekRequest {
             slot: "s".to_owned(),

@@ -227,100 +227,6 @@ fn be_u32(p: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]])
 }
 
-#[cfg(test)]
-mod peek_rows_tests {
-    use super::*;
-
-    fn copy_bytes(rows: &[(u64, &[u8])]) -> Vec<u8> {
-        let mut b = COPY_SIGNATURE.to_vec();
-        b.extend_from_slice(&0u32.to_be_bytes());
-        b.extend_from_slice(&4u32.to_be_bytes());
-        b.extend_from_slice(b"ext!");
-        for (lsn, data) in rows {
-            b.extend_from_slice(&2i16.to_be_bytes());
-            b.extend_from_slice(&8i32.to_be_bytes());
-            b.extend_from_slice(&lsn.to_be_bytes());
-            b.extend_from_slice(&(data.len() as i32).to_be_bytes());
-            b.extend_from_slice(data);
-        }
-        b.extend_from_slice(&(-1i16).to_be_bytes());
-        b
-    }
-
-    fn split(bytes: &[u8], cuts: &[usize]) -> Result<Vec<(Lsn, Vec<u8>)>> {
-        let mut r = PeekRows::new();
-        let mut out = Vec::new();
-        let mut from = 0;
-        for &cut in cuts.iter().chain(std::iter::once(&bytes.len())) {
-            r.push(Bytes::copy_from_slice(&bytes[from..cut]));
-            from = cut;
-            while let Some((lsn, data)) = r.next_row()? {
-                out.push((lsn, data.to_vec()));
-            }
-        }
-        r.finish()?;
-        Ok(out)
-    }
-
-    #[test]
-    fn rows_come_out_whatever_the_pieces() {
-        let rows: &[(u64, &[u8])] = &[(0x1_0000_0010, b"B..."), (0x1_0000_0020, b""), (7, b"C")];
-        let bytes = copy_bytes(rows);
-        let want: Vec<(Lsn, Vec<u8>)> = rows.iter().map(|(l, d)| (Lsn(*l), d.to_vec())).collect();
-        for a in 0..=bytes.len() {
-            for b in a..=bytes.len() {
-                assert_eq!(split(&bytes, &[a, b]).unwrap(), want, "cuts {a} {b}");
-            }
-        }
-    }
-
-    #[test]
-    fn malformed_copy_output_is_an_error() {
-        let good = copy_bytes(&[(1, b"x")]);
-        let mut bad_sig = good.clone();
-        bad_sig[0] = b'X';
-        let mut three = good.clone();
-        three[23..25].copy_from_slice(&3i16.to_be_bytes());
-        let mut short_lsn = good.clone();
-        short_lsn[25..29].copy_from_slice(&4i32.to_be_bytes());
-        let mut null_data = good.clone();
-        null_data[37..41].copy_from_slice(&(-1i32).to_be_bytes());
-        let mut oids = good.clone();
-        oids[11..15].copy_from_slice(&(1u32 << 16).to_be_bytes());
-        let mut trailing = good.clone();
-        trailing.push(0);
-        for (bytes, want) in [
-            (bad_sig, "signature"),
-            (three, "3 fields"),
-            (short_lsn, "LSN of 4 bytes"),
-            (null_data, "has no data"),
-            (oids, "OIDs"),
-            (trailing, "after the end"),
-            (good[..good.len() - 3].to_vec(), "ended inside a row"),
-            (Vec::new(), "is empty"),
-        ] {
-            let err = split(&bytes, &[]).unwrap_err().to_string();
-            assert!(err.contains(want), "{want}: {err}");
-        }
-    }
-
-    #[test]
-    fn random_bytes_never_panic() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        for _ in 0..2000 {
-            let len = (seed % 64) as usize;
-            let mut bytes = copy_bytes(&[(1, b"abc")])[..19].to_vec();
-            for _ in 0..len {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                bytes.push(seed as u8);
-            }
-            let _ = split(&bytes, &[(seed % 40) as usize % (bytes.len() + 1)]);
-        }
-    }
-}
-
 /// A peek of [`super::PgSource`]: the first half on the peek session, the second (when split)
 /// on its own session over a temporary copy of the slot.
 pub struct PgPeek {
@@ -494,5 +400,99 @@ impl SecondHalf {
 impl Drop for SecondHalf {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod peek_rows_tests {
+    use super::*;
+
+    fn copy_bytes(rows: &[(u64, &[u8])]) -> Vec<u8> {
+        let mut b = COPY_SIGNATURE.to_vec();
+        b.extend_from_slice(&0u32.to_be_bytes());
+        b.extend_from_slice(&4u32.to_be_bytes());
+        b.extend_from_slice(b"ext!");
+        for (lsn, data) in rows {
+            b.extend_from_slice(&2i16.to_be_bytes());
+            b.extend_from_slice(&8i32.to_be_bytes());
+            b.extend_from_slice(&lsn.to_be_bytes());
+            b.extend_from_slice(&(data.len() as i32).to_be_bytes());
+            b.extend_from_slice(data);
+        }
+        b.extend_from_slice(&(-1i16).to_be_bytes());
+        b
+    }
+
+    fn split(bytes: &[u8], cuts: &[usize]) -> Result<Vec<(Lsn, Vec<u8>)>> {
+        let mut r = PeekRows::new();
+        let mut out = Vec::new();
+        let mut from = 0;
+        for &cut in cuts.iter().chain(std::iter::once(&bytes.len())) {
+            r.push(Bytes::copy_from_slice(&bytes[from..cut]));
+            from = cut;
+            while let Some((lsn, data)) = r.next_row()? {
+                out.push((lsn, data.to_vec()));
+            }
+        }
+        r.finish()?;
+        Ok(out)
+    }
+
+    #[test]
+    fn rows_come_out_whatever_the_pieces() {
+        let rows: &[(u64, &[u8])] = &[(0x1_0000_0010, b"B..."), (0x1_0000_0020, b""), (7, b"C")];
+        let bytes = copy_bytes(rows);
+        let want: Vec<(Lsn, Vec<u8>)> = rows.iter().map(|(l, d)| (Lsn(*l), d.to_vec())).collect();
+        for a in 0..=bytes.len() {
+            for b in a..=bytes.len() {
+                assert_eq!(split(&bytes, &[a, b]).unwrap(), want, "cuts {a} {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_copy_output_is_an_error() {
+        let good = copy_bytes(&[(1, b"x")]);
+        let mut bad_sig = good.clone();
+        bad_sig[0] = b'X';
+        let mut three = good.clone();
+        three[23..25].copy_from_slice(&3i16.to_be_bytes());
+        let mut short_lsn = good.clone();
+        short_lsn[25..29].copy_from_slice(&4i32.to_be_bytes());
+        let mut null_data = good.clone();
+        null_data[37..41].copy_from_slice(&(-1i32).to_be_bytes());
+        let mut oids = good.clone();
+        oids[11..15].copy_from_slice(&(1u32 << 16).to_be_bytes());
+        let mut trailing = good.clone();
+        trailing.push(0);
+        for (bytes, want) in [
+            (bad_sig, "signature"),
+            (three, "3 fields"),
+            (short_lsn, "LSN of 4 bytes"),
+            (null_data, "has no data"),
+            (oids, "OIDs"),
+            (trailing, "after the end"),
+            (good[..good.len() - 3].to_vec(), "ended inside a row"),
+            (Vec::new(), "is empty"),
+        ] {
+            let err = split(&bytes, &[]).unwrap_err().to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2000 {
+            let len = (seed % 64) as usize;
+            let mut bytes = copy_bytes(&[(1, b"abc")])[..19].to_vec();
+            for _ in 0..len {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                bytes.push(seed as u8);
+            }
+            let _ = split(&bytes, &[(seed % 40) as usize % (bytes.len() + 1)]);
+        }
     }
 }

@@ -33,10 +33,7 @@ impl PgSource {
         control_cfg.application_name = "pgshift-cdc".to_owned();
         let mut peek_cfg = cfg.clone();
         peek_cfg.application_name = "pgshift-cdc-peek".to_owned();
-        let (control, peek) = tokio::join!(
-            super::connect(&control_cfg),
-            super::connect(&peek_cfg)
-        );
+        let (control, peek) = tokio::join!(super::connect(&control_cfg), super::connect(&peek_cfg));
         let (peek, peek_error) = match peek {
             Ok(c) => (Some(c), None),
             Err(e) => (None, Some(e)),

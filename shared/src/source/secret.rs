@@ -74,4 +74,3 @@ fn redact_serde(e: &serde_json::Error) -> String {
         .unwrap_or_default();
     format!("{kind}{field} at line {} column {}", e.line(), e.column())
 }
-

@@ -234,4 +234,3 @@ pub async fn slot_usage(client: &Client, slot: &str) -> Result<SlotUsage> {
         exists: row.get(2),
     })
 }
-

@@ -48,7 +48,9 @@ impl<S: CdcSource> UnreliableSource<S> {
     fn alive(&self) -> Result<()> {
         match self.advances.lock() {
             Ok(a) if !a.1 => Ok(()),
-            _ => Err(Error::Injected("the process died at a slot advance".to_owned())),
+            _ => Err(Error::Injected(
+                "the process died at a slot advance".to_owned(),
+            )),
         }
     }
 }
@@ -104,10 +106,7 @@ impl<S: CdcSource> CdcSource for UnreliableSource<S> {
 
     async fn peek(&self, req: &PeekRequest) -> Result<Self::Peek> {
         self.alive()?;
-        let held = match &self.fault {
-            SourceFault::HoldPeek(hold) if *hold >= req.timeout => true,
-            _ => false,
-        };
+        let held = matches!(&self.fault, SourceFault::HoldPeek(hold) if *hold >= req.timeout);
         Ok(UnreliablePeek {
             inner: self.inner.peek(req).await?,
             fault: self.fault.clone(),

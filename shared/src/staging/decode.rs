@@ -104,4 +104,3 @@ pub fn parse_csv_fields(row: &[u8], out: &mut Vec<Option<Vec<u8>>>) -> Result<()
         }
     }
 }
-

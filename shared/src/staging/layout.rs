@@ -12,8 +12,8 @@
 //! as they are (case included) except what cannot be one key segment ([`key_segment`]).
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use super::ObjectSink;
 use super::encode::Format;
@@ -231,7 +231,11 @@ pub async fn load_manifest_keys<S: ObjectSink>(sink: &S) -> Result<Vec<String>> 
 }
 
 /// The first (the load's) schema version of a table.
-pub async fn first_schema<S: ObjectSink>(sink: &S, schema: &str, table: &str) -> Result<StoredSchema> {
+pub async fn first_schema<S: ObjectSink>(
+    sink: &S,
+    schema: &str,
+    table: &str,
+) -> Result<StoredSchema> {
     let key = sink
         .list(&schema_prefix(schema, table))
         .await?
@@ -325,9 +329,18 @@ mod tests {
     #[test]
     fn keys_follow_dms_naming() {
         let f = Format::parse("csv.gz", "f").unwrap();
-        assert_eq!(chunk_key("public", "Orders", 0, f), "public/Orders/LOAD00000001.csv.gz");
-        assert_eq!(cdc_file_key("a/b", "t", Lsn(1), f), "a%2Fb/t/cdc/0000000000000001.csv.gz");
-        assert_eq!(load_manifest_key("s.x", "t/y"), "_manifests/load/s.x.t%2Fy.json");
+        assert_eq!(
+            chunk_key("public", "Orders", 0, f),
+            "public/Orders/LOAD00000001.csv.gz"
+        );
+        assert_eq!(
+            cdc_file_key("a/b", "t", Lsn(1), f),
+            "a%2Fb/t/cdc/0000000000000001.csv.gz"
+        );
+        assert_eq!(
+            load_manifest_key("s.x", "t/y"),
+            "_manifests/load/s.x.t%2Fy.json"
+        );
     }
 
     fn table(cols: &[&str]) -> TableSchema {
@@ -352,17 +365,40 @@ mod tests {
     async fn schema_versions_are_written_once_per_shape_and_layout() {
         let sink = MemorySink::new();
         let mut v = SchemaVersions::new();
-        let a = v.version_for(&sink, &table(&["id", "a"]), Lsn(1), false).await.unwrap();
-        assert_eq!(v.version_for(&sink, &table(&["id", "a"]), Lsn(2), false).await.unwrap(), a);
+        let a = v
+            .version_for(&sink, &table(&["id", "a"]), Lsn(1), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            v.version_for(&sink, &table(&["id", "a"]), Lsn(2), false)
+                .await
+                .unwrap(),
+            a
+        );
         // A new column, then a different CSV layout: new versions.
-        let b = v.version_for(&sink, &table(&["id", "a", "b"]), Lsn(3), false).await.unwrap();
-        let c = v.version_for(&sink, &table(&["id", "a", "b"]), Lsn(4), true).await.unwrap();
+        let b = v
+            .version_for(&sink, &table(&["id", "a", "b"]), Lsn(3), false)
+            .await
+            .unwrap();
+        let c = v
+            .version_for(&sink, &table(&["id", "a", "b"]), Lsn(4), true)
+            .await
+            .unwrap();
         assert!(a < b && b < c, "{a} {b} {c}");
         // A fresh writer (another run) finds the latest stored one.
         let mut again = SchemaVersions::new();
-        assert_eq!(again.version_for(&sink, &table(&["id", "a", "b"]), Lsn(9), true).await.unwrap(), c);
+        assert_eq!(
+            again
+                .version_for(&sink, &table(&["id", "a", "b"]), Lsn(9), true)
+                .await
+                .unwrap(),
+            c
+        );
         let stored: StoredSchema = get_json(&sink, &c, "a schema").await.unwrap();
-        assert_eq!(stored.csv_cdc_layout, ["Op", "commit_ts", "id", "a", "b", "unchanged_toast"]);
+        assert_eq!(
+            stored.csv_cdc_layout,
+            ["Op", "commit_ts", "id", "a", "b", "unchanged_toast"]
+        );
         assert_eq!(sink.list("public/t/_schema/").await.unwrap().len(), 3);
     }
 }

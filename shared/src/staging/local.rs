@@ -564,6 +564,4 @@ mod tests {
         assert_eq!(sink.list("s/").await.unwrap().len(), 0);
         let _ = std::fs::remove_dir_all(dir);
     }
-
-
 }

@@ -1,7 +1,9 @@
 //! Staging: where staged data goes, what it is called, and how rows are encoded.
 //!
-//! - the [`ObjectSink`] seam, with S3 ([`S3Sink`]), local-folder
-//! ([`LocalSink`]) and in-memory ([`MemorySink`]) implementations.
+//! - the [`ObjectSink`] seam, with S3 ([`S3Sink`]), local-folder ([`LocalSink`]) and
+//!   in-memory ([`MemorySink`]) implementations, and [`UnreliableSink`] for fault injection;
+//! - [`layout`]: every object key and manifest type; [`encode`]: rows → CSV, JSON Lines,
+//!   Parquet; [`decode`]: staged CSV read back.
 //!
 //! Keys are relative to the sink's prefix and use `/` separators. An object becomes visible
 //! only when its writer finishes: S3 completes the multipart upload (or puts a small object
@@ -55,7 +57,6 @@ pub(crate) fn check_key(key: &str) -> Result<()> {
     }
     Ok(())
 }
-
 
 pub mod decode;
 pub mod encode;

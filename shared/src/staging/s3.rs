@@ -1,11 +1,10 @@
 //! Objects in an S3 bucket under a prefix (multipart uploads).
 
-
 use bytes::Bytes;
 
 use super::{ObjectSink, ObjectWriter, check_key};
-use crate::error::{Error, Result};
 use crate::error::sdk_error;
+use crate::error::{Error, Result};
 // S3
 
 /// Multipart part size: S3's minimum is 5 MiB; 8 MiB keeps a 10,000-part object above 80 GB.

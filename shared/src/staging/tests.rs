@@ -28,4 +28,3 @@ fn s3_urls() {
             .contains("bucket name")
     );
 }
-

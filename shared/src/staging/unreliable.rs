@@ -227,7 +227,9 @@ mod tests {
     async fn dies_at_the_chosen_object_and_stays_dead() {
         let inner = MemorySink::new();
         let sink = UnreliableSink::new(inner.clone(), Crash::at_object("/cdc/", 1));
-        sink.put("s/t/_schema/1.json", Bytes::from_static(b"{}")).await.unwrap();
+        sink.put("s/t/_schema/1.json", Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
         let mut w = sink.writer("s/t/cdc/1.csv").await.unwrap();
         w.write(b"I,1\n").await.unwrap();
         w.finish().await.unwrap();
@@ -255,8 +257,14 @@ mod tests {
     #[tokio::test]
     async fn dies_reading_the_chosen_object() {
         let inner = MemorySink::new();
-        inner.put("x/cdc/1", Bytes::from_static(b"1")).await.unwrap();
-        inner.put("x/cdc/2", Bytes::from_static(b"2")).await.unwrap();
+        inner
+            .put("x/cdc/1", Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        inner
+            .put("x/cdc/2", Bytes::from_static(b"2"))
+            .await
+            .unwrap();
         let sink = UnreliableSink::new(inner, Crash::at_read("/cdc/", 1));
         assert!(sink.get("x/cdc/1").await.unwrap().is_some());
         assert!(sink.get("x/cdc/2").await.is_err());

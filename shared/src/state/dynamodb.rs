@@ -1,6 +1,5 @@
 //! State in a DynamoDB table.
 
-
 use serde_json::Value;
 
 use super::{StateStore, Versioned, conflict};

@@ -63,7 +63,6 @@ pub(crate) fn conflict(task: &str, key: &str, expected: Option<u64>) -> Error {
     })
 }
 
-
 mod dynamodb;
 mod file;
 mod memory;

@@ -211,7 +211,9 @@ impl Lease {
                 Err(e) => return Err(e),
             }
         }
-        Err(Error::Conflict(format!("could not take the lease of task {task}")))
+        Err(Error::Conflict(format!(
+            "could not take the lease of task {task}"
+        )))
     }
 
     /// The checkpoint `C`.
@@ -349,7 +351,10 @@ pub async fn create_plan<St: StateStore>(
             checksum: RowChecksum::default(),
             start_lsn: None,
         };
-        match state.put(task, &id.state_key(), &to_doc(&record)?, None).await {
+        match state
+            .put(task, &id.state_key(), &to_doc(&record)?, None)
+            .await
+        {
             Ok(_) | Err(Error::Conflict(_)) => {}
             Err(e) => return Err(e),
         }
@@ -375,7 +380,10 @@ pub async fn complete_plan<St: StateStore>(
         return Ok(());
     }
     plan.status = "complete".to_owned();
-    match state.put(task, "plan", &to_doc(&plan)?, Some(version)).await {
+    match state
+        .put(task, "plan", &to_doc(&plan)?, Some(version))
+        .await
+    {
         Ok(_) | Err(Error::Conflict(_)) => Ok(()),
         Err(e) => Err(e),
     }
@@ -416,7 +424,11 @@ pub struct ChunkRecord {
 }
 
 /// Reads a chunk item.
-pub async fn get_chunk<St: StateStore>(state: &St, task: &str, id: &ChunkId) -> Result<Option<ChunkRecord>> {
+pub async fn get_chunk<St: StateStore>(
+    state: &St,
+    task: &str,
+    id: &ChunkId,
+) -> Result<Option<ChunkRecord>> {
     match state.get(task, &id.state_key()).await? {
         Some(v) => Ok(Some(from_doc(v.doc, "chunk")?)),
         None => Ok(None),
@@ -528,16 +540,26 @@ mod tests {
     #[tokio::test]
     async fn chunks_are_claimed_by_one_worker_until_the_lease_expires() {
         let state = MemoryStore::new();
-        let p = create_plan(&state, "t1", plan(), |id| format!("k{}", id.n)).await.unwrap();
+        let p = create_plan(&state, "t1", plan(), |id| format!("k{}", id.n))
+            .await
+            .unwrap();
         let ids = p.chunk_ids();
         assert_eq!(ids.len(), 2);
         // A second plan stored concurrently loses to the first.
         let mut other = plan();
         other.l0 = Some(Lsn(9));
-        assert_eq!(create_plan(&state, "t1", other, |_| String::new()).await.unwrap().l0, Some(Lsn(7)));
+        assert_eq!(
+            create_plan(&state, "t1", other, |_| String::new())
+                .await
+                .unwrap()
+                .l0,
+            Some(Lsn(7))
+        );
 
         let ttl = Duration::from_secs(60);
-        let Claim::Claimed { record, version } = claim_chunk(&state, "t1", &ids[0], "a", ttl).await.unwrap() else {
+        let Claim::Claimed { record, version } =
+            claim_chunk(&state, "t1", &ids[0], "a", ttl).await.unwrap()
+        else {
             panic!("pending chunk not claimed")
         };
         assert_eq!((record.status.as_str(), record.attempts), ("running", 1));
@@ -546,25 +568,58 @@ mod tests {
             Err(Error::LeaseHeld { owner, .. }) => assert_eq!(owner, "a"),
             other => panic!("{other:?}"),
         }
-        assert!(Error::LeaseHeld { what: String::new(), owner: String::new(), until_ms: 0 }.is_transient());
-        let Claim::Claimed { record, version: v2 } = claim_chunk(&state, "t1", &ids[0], "a", ttl).await.unwrap() else {
+        assert!(
+            Error::LeaseHeld {
+                what: String::new(),
+                owner: String::new(),
+                until_ms: 0
+            }
+            .is_transient()
+        );
+        let Claim::Claimed {
+            record,
+            version: v2,
+        } = claim_chunk(&state, "t1", &ids[0], "a", ttl).await.unwrap()
+        else {
             panic!("the holder's retry must claim")
         };
         assert_eq!(record.attempts, 2);
         // The stale claim cannot complete; the current one can, once.
-        assert!(matches!(complete_chunk(&state, "t1", record.clone(), version).await, Err(Error::Conflict(_))));
+        assert!(matches!(
+            complete_chunk(&state, "t1", record.clone(), version).await,
+            Err(Error::Conflict(_))
+        ));
         let done = complete_chunk(&state, "t1", record, v2).await.unwrap();
         assert_eq!(done.status, "done");
-        assert_eq!(claim_chunk(&state, "t1", &ids[0], "b", ttl).await.unwrap(), Claim::Done(done));
+        assert_eq!(
+            claim_chunk(&state, "t1", &ids[0], "b", ttl).await.unwrap(),
+            Claim::Done(done)
+        );
 
         // An expired lease is taken over, and the old worker's completion is refused.
-        let Claim::Claimed { record: r1, version: v1 } = claim_chunk(&state, "t1", &ids[1], "a", Duration::ZERO).await.unwrap() else {
+        let Claim::Claimed {
+            record: r1,
+            version: v1,
+        } = claim_chunk(&state, "t1", &ids[1], "a", Duration::ZERO)
+            .await
+            .unwrap()
+        else {
             panic!()
         };
-        let Claim::Claimed { version: vb, record: rb } = claim_chunk(&state, "t1", &ids[1], "b", ttl).await.unwrap() else {
+        let Claim::Claimed {
+            version: vb,
+            record: rb,
+        } = claim_chunk(&state, "t1", &ids[1], "b", ttl).await.unwrap()
+        else {
             panic!("an expired lease must be taken over")
         };
-        assert!(complete_chunk(&state, "t1", r1, v1).await.unwrap_err().to_string().contains("taken over"));
+        assert!(
+            complete_chunk(&state, "t1", r1, v1)
+                .await
+                .unwrap_err()
+                .to_string()
+                .contains("taken over")
+        );
         complete_chunk(&state, "t1", rb, vb).await.unwrap();
     }
 
@@ -572,7 +627,10 @@ mod tests {
     async fn the_checkpoint_moves_only_forward_and_only_under_the_lease() {
         let state = MemoryStore::new();
         let ttl = Duration::from_secs(60);
-        let mut lease = Lease::acquire(&state, "t", "a", ttl, Lsn(10)).await.unwrap().unwrap();
+        let mut lease = Lease::acquire(&state, "t", "a", ttl, Lsn(10))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(lease.checkpoint(), Lsn(10));
         match Lease::acquire(&state, "t", "b", ttl, Lsn(0)).await.unwrap() {
             Err(Outcome::LeaseHeld { owner, .. }) => assert_eq!(owner, "a"),
@@ -586,10 +644,19 @@ mod tests {
         // A stale lease (someone else wrote since) cannot move it.
         let mut stale = lease.clone();
         lease.move_checkpoint(&state, Lsn(30), false).await.unwrap();
-        let err = stale.move_checkpoint(&state, Lsn(40), true).await.unwrap_err();
-        assert!(matches!(err, Error::Conflict(ref m) if m.contains("lost the lease")), "{err}");
+        let err = stale
+            .move_checkpoint(&state, Lsn(40), true)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Conflict(ref m) if m.contains("lost the lease")),
+            "{err}"
+        );
         lease.release(&state, None).await;
-        let next = Lease::acquire(&state, "t", "b", ttl, Lsn(0)).await.unwrap().unwrap();
+        let next = Lease::acquire(&state, "t", "b", ttl, Lsn(0))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(next.checkpoint(), Lsn(30));
     }
 }

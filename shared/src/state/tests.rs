@@ -1,7 +1,7 @@
 //! Unit tests of the stores.
 
-use super::*;
 use super::dynamodb::{from_attr, to_attr};
+use super::*;
 
 async fn conditional_writes<S: StateStore>(store: S) {
     let doc =
@@ -30,8 +30,7 @@ async fn memory_store_is_conditional() {
 
 #[tokio::test]
 async fn file_store_is_conditional() {
-    let dir =
-        std::env::temp_dir().join(format!("pgshift-state-{}", uuid::Uuid::new_v4().simple()));
+    let dir = std::env::temp_dir().join(format!("pgshift-state-{}", uuid::Uuid::new_v4().simple()));
     conditional_writes(FileStore::new(&dir)).await;
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -41,4 +40,3 @@ fn attributes_round_trip() {
     let doc = serde_json::json!({"n": 42, "big": u64::MAX, "neg": -3, "s": "x", "b": true, "z": null, "l": [1, "a"], "m": {"k": 1.5}});
     assert_eq!(from_attr(&to_attr(&doc)), doc);
 }
-

@@ -110,21 +110,34 @@ mod tests {
         let inner = MemoryStore::new();
         let before = UnreliableStore::new(
             inner.clone(),
-            StoreCrash::BeforePut { key: "cdc".to_owned(), n: 1 },
+            StoreCrash::BeforePut {
+                key: "cdc".to_owned(),
+                n: 1,
+            },
         );
         let v = before.put("t", "cdc", &doc, None).await.unwrap();
         before.put("t", "task", &doc, None).await.unwrap();
         assert!(before.put("t", "cdc", &doc, Some(v)).await.is_err());
         assert!(before.get("t", "cdc").await.is_err(), "dead");
-        assert_eq!(inner.get("t", "cdc").await.unwrap().unwrap().version, v, "not written");
+        assert_eq!(
+            inner.get("t", "cdc").await.unwrap().unwrap().version,
+            v,
+            "not written"
+        );
 
         let inner = MemoryStore::new();
         let after = UnreliableStore::new(
             inner.clone(),
-            StoreCrash::AfterPut { key: "cdc".to_owned(), n: 0 },
+            StoreCrash::AfterPut {
+                key: "cdc".to_owned(),
+                n: 0,
+            },
         );
         assert!(after.put("t", "cdc", &doc, None).await.is_err());
         assert!(after.crashed());
-        assert!(inner.get("t", "cdc").await.unwrap().is_some(), "written, then dead");
+        assert!(
+            inner.get("t", "cdc").await.unwrap().is_some(),
+            "written, then dead"
+        );
     }
 }

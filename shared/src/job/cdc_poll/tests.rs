@@ -31,15 +31,35 @@ fn workload(src: &MemorySource, t: u32, round: u32, model: &mut BTreeMap<String,
     let b = format!("{}", round * 10 + 1);
     let c = format!("{}", round * 10 + 2);
     src.commit(vec![
-        MemoryChange::Insert { rel: t, new: v(&[&a, "1"]) },
-        MemoryChange::Insert { rel: t, new: v(&[&b, "1"]) },
+        MemoryChange::Insert {
+            rel: t,
+            new: v(&[&a, "1"]),
+        },
+        MemoryChange::Insert {
+            rel: t,
+            new: v(&[&b, "1"]),
+        },
     ]);
-    src.commit(vec![MemoryChange::Update { rel: t, old: None, new: v(&[&a, "2"]) }]);
+    src.commit(vec![MemoryChange::Update {
+        rel: t,
+        old: None,
+        new: v(&[&a, "2"]),
+    }]);
     // A primary-key change and a delete.
     src.commit(vec![
-        MemoryChange::Update { rel: t, old: Some(v(&[&b, "1"])), new: v(&[&c, "3"]) },
-        MemoryChange::Insert { rel: t, new: v(&["gone", "0"]) },
-        MemoryChange::Delete { rel: t, old: v(&["gone", "0"]) },
+        MemoryChange::Update {
+            rel: t,
+            old: Some(v(&[&b, "1"])),
+            new: v(&[&c, "3"]),
+        },
+        MemoryChange::Insert {
+            rel: t,
+            new: v(&["gone", "0"]),
+        },
+        MemoryChange::Delete {
+            rel: t,
+            old: v(&["gone", "0"]),
+        },
     ]);
     model.insert(a, "2".to_owned());
     model.insert(c, "3".to_owned());
@@ -59,9 +79,8 @@ async fn replay(sink: &MemorySink) -> (BTreeMap<String, String>, usize) {
             let mut fields = Vec::new();
             for line in body.split_inclusive(|b| *b == b'\n') {
                 parse_csv_fields(line, &mut fields).unwrap();
-                let get = |i: usize| {
-                    String::from_utf8(fields[i].clone().unwrap_or_default()).unwrap()
-                };
+                let get =
+                    |i: usize| String::from_utf8(fields[i].clone().unwrap_or_default()).unwrap();
                 match get(0).as_str() {
                     "I" => {
                         inserts += 1;
@@ -98,8 +117,8 @@ async fn a_crash_at_every_step_then_a_rerun_stages_every_change_exactly_once() {
     poll(&src, &sink, &state, &o).await.unwrap();
     let mut model = BTreeMap::new();
     let sinks = [
-        Some(Crash::at_object("/cdc/", 0)),  // after the peek, before any file
-        Some(Crash::at_object("/cdc/", 1)),  // after the first file
+        Some(Crash::at_object("/cdc/", 0)), // after the peek, before any file
+        Some(Crash::at_object("/cdc/", 1)), // after the first file
         Some(Crash::at_object("_manifests/", 0)), // after the files, before the manifest
         None,
         None,
@@ -110,12 +129,26 @@ async fn a_crash_at_every_step_then_a_rerun_stages_every_change_exactly_once() {
         None,
         None,
         None,
-        Some(StoreCrash::BeforePut { key: "cdc".to_owned(), n: 1 }), // after the manifest
-        Some(StoreCrash::AfterPut { key: "cdc".to_owned(), n: 1 }),  // after the checkpoint
+        Some(StoreCrash::BeforePut {
+            key: "cdc".to_owned(),
+            n: 1,
+        }), // after the manifest
+        Some(StoreCrash::AfterPut {
+            key: "cdc".to_owned(),
+            n: 1,
+        }), // after the checkpoint
         None,
         None,
     ];
-    let sources = [None, None, None, None, None, Some(SourceFault::AtAdvance(0)), Some(SourceFault::MidPeek(7))];
+    let sources = [
+        None,
+        None,
+        None,
+        None,
+        None,
+        Some(SourceFault::AtAdvance(0)),
+        Some(SourceFault::MidPeek(7)),
+    ];
     for round in 0..7 {
         workload(&src, t, round as u32, &mut model);
         let before = checkpoint(&state, "crash").await;
@@ -132,7 +165,15 @@ async fn a_crash_at_every_step_then_a_rerun_stages_every_change_exactly_once() {
                 assert!(s.crashed(), "round {round}: the store crash was reached");
                 r
             }
-            (_, _, Some(f)) => poll(&UnreliableSource::new(src.clone(), f.clone()), &sink, &state, &o).await,
+            (_, _, Some(f)) => {
+                poll(
+                    &UnreliableSource::new(src.clone(), f.clone()),
+                    &sink,
+                    &state,
+                    &o,
+                )
+                .await
+            }
             _ => unreachable!(),
         };
         assert!(matches!(r, Err(Error::Injected(_))), "round {round}: {r:?}");
@@ -141,7 +182,11 @@ async fn a_crash_at_every_step_then_a_rerun_stages_every_change_exactly_once() {
         // The rerun (same owner: the dead process's lease is its own).
         let r = poll(&src, &sink, &state, &o).await.unwrap();
         assert_eq!(r.outcome, Outcome::Drained, "round {round}");
-        assert_eq!(src.confirmed(&r.slot), Some(r.checkpoint), "slot at the checkpoint");
+        assert_eq!(
+            src.confirmed(&r.slot),
+            Some(r.checkpoint),
+            "slot at the checkpoint"
+        );
     }
     let (staged, inserts) = replay(&sink).await;
     assert_eq!(staged, model, "nothing lost, nothing applied twice");
@@ -162,7 +207,10 @@ async fn a_dead_poller_keeps_its_lease_until_it_expires() {
     let mut b = a.clone();
     b.owner = "other".to_owned();
     let r = poll(&src, &sink, &state, &b).await.unwrap();
-    assert!(matches!(&r.outcome, Outcome::LeaseHeld { owner, .. } if owner == "owner"), "{r:?}");
+    assert!(
+        matches!(&r.outcome, Outcome::LeaseHeld { owner, .. } if owner == "owner"),
+        "{r:?}"
+    );
     assert!(layout::batch_manifest_keys(&sink).await.unwrap().is_empty());
     let mut expiring = a.clone();
     expiring.lease_ttl = Duration::ZERO;
@@ -184,7 +232,11 @@ async fn split_peeks_stage_what_one_session_stages_and_survive_a_failed_second_h
     let state = MemoryStore::new();
     let mut single = one.clone();
     single.peek_sessions = 1;
-    for (o, s) in [(&single, &sinks[0]), (&two, &sinks[1]), (&failing, &sinks[2])] {
+    for (o, s) in [
+        (&single, &sinks[0]),
+        (&two, &sinks[1]),
+        (&failing, &sinks[2]),
+    ] {
         poll(&src, s, &state, o).await.unwrap();
     }
     let mut model = BTreeMap::new();
@@ -194,7 +246,10 @@ async fn split_peeks_stage_what_one_session_stages_and_survive_a_failed_second_h
     let r1 = poll(&src, &sinks[0], &state, &single).await.unwrap();
     let r2 = poll(&src, &sinks[1], &state, &two).await.unwrap();
     assert_eq!((r1.split_peeks, r2.split_peeks), (0, 1));
-    assert!(r2.split_at.is_some_and(|at| at > r2.start_checkpoint && at < r2.target));
+    assert!(
+        r2.split_at
+            .is_some_and(|at| at > r2.start_checkpoint && at < r2.target)
+    );
     let (a, b) = (sinks[0].snapshot(), sinks[1].snapshot());
     assert_eq!(a.len(), b.len());
     for ((ka, va), (kb, vb)) in a.iter().zip(&b) {
@@ -206,7 +261,11 @@ async fn split_peeks_stage_what_one_session_stages_and_survive_a_failed_second_h
     // The second session fails: its half is read by the next peek, with one session.
     let broken = UnreliableSource::new(src.clone(), SourceFault::SecondHalf);
     let r = poll(&broken, &sinks[2], &state, &failing).await.unwrap();
-    assert_eq!((r.split_peeks, r.outcome.clone()), (0, Outcome::Drained), "{r:?}");
+    assert_eq!(
+        (r.split_peeks, r.outcome.clone()),
+        (0, Outcome::Drained),
+        "{r:?}"
+    );
     assert!(r.peeks >= 2, "{r:?}");
     let (x, _) = replay(&sinks[2]).await;
     let (y, _) = replay(&sinks[0]).await;
@@ -231,7 +290,11 @@ async fn a_peek_longer_than_the_time_left_is_cut_and_retried_whole() {
     assert_eq!(r.outcome, Outcome::DeadlineReached);
     assert_eq!((r.peeks, r.changes), (1, 0));
     assert!(layout::batch_manifest_keys(&sink).await.unwrap().is_empty());
-    assert_eq!(checkpoint(&state, "deadline").await, before, "nothing committed");
+    assert_eq!(
+        checkpoint(&state, "deadline").await,
+        before,
+        "nothing committed"
+    );
     o.deadline = None;
     let r = poll(&src, &sink, &state, &o).await.unwrap();
     assert_eq!(r.outcome, Outcome::Drained);

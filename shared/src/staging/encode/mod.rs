@@ -349,8 +349,8 @@ pub fn load_json_row(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::{ColumnSchema, TableSchema};
     use crate::lsn::Lsn;
+    use crate::table::{ColumnSchema, TableSchema};
 
     fn table() -> TableSchema {
         let col = |name: &str, key: bool| ColumnSchema {
@@ -456,4 +456,3 @@ mod tests {
         );
     }
 }
-

@@ -1,0 +1,225 @@
+//! One function per command: validate the flags, build the seams and the job's options
+//! (through the library's one mapping, `job::options::TaskSettings`), run, print.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgshift::Error;
+use pgshift::aws::Aws;
+use pgshift::config::SourceSpec;
+use pgshift::job::full_load::{self, Progress};
+use pgshift::job::options::TaskSettings;
+use pgshift::job::validate as validate_job;
+use pgshift::job::{apply as apply_job, cdc_poll, status as status_job, test_endpoint};
+use pgshift::source::checks::{CheckOptions, Status};
+use pgshift::staging::encode::Format;
+
+use crate::report;
+use crate::seams::{Seams, Target, lease_owner, read_selection, resolve, with_seams};
+use crate::{ApplyArgs, CdcArgs, FullLoadArgs, StatusArgs, TestEndpointArgs, ValidateArgs};
+
+fn print_json(value: serde_json::Result<serde_json::Value>, pretty: bool) {
+    let text = match (value, pretty) {
+        (Ok(v), true) => serde_json::to_string_pretty(&v),
+        (Ok(v), false) => serde_json::to_string(&v),
+        (Err(e), _) => Err(e),
+    };
+    println!("{}", text.unwrap_or_default());
+}
+
+/// Waits `interval`; false when interrupted (Ctrl-C ends a `--follow` loop cleanly).
+async fn wait_or_interrupt(interval: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(interval) => true,
+        _ = tokio::signal::ctrl_c() => false,
+    }
+}
+
+pub(crate) async fn test_endpoint(args: TestEndpointArgs) -> pgshift::Result<ExitCode> {
+    let spec = SourceSpec::parse(&args.source, "--source")?;
+    let selection = read_selection(args.tables.as_deref())?;
+    if !args.long_transaction_secs.is_finite() || args.long_transaction_secs < 0.0 {
+        return Err(Error::config(
+            "--long-transaction-secs",
+            "must be a non-negative number",
+        ));
+    }
+    let cfg = resolve(&spec).await?;
+    let opts = CheckOptions {
+        selection,
+        slot_name: args.slot,
+        publication_name: args.publication,
+        long_transaction_secs: args.long_transaction_secs,
+    };
+    let report = test_endpoint::run(&cfg, &opts).await?;
+    if args.json {
+        print_json(serde_json::to_value(&report), true);
+    } else {
+        print!("{}", report::endpoint_table(&report));
+    }
+    Ok(if report.worst() == Status::Fail {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+pub(crate) async fn full_load(args: FullLoadArgs) -> pgshift::Result<ExitCode> {
+    pgshift::config::check_task_name(&args.task)?;
+    let spec = SourceSpec::parse(&args.source, "--source")?;
+    let settings = TaskSettings {
+        format: Format::parse(&args.format, "--format")?,
+        selection: read_selection(args.tables.as_deref())?,
+        chunk_mib: args.chunk_mb,
+        cdc: args.cdc,
+        ..TaskSettings::default()
+    };
+    if !(1..=64).contains(&args.parallel) {
+        return Err(Error::config("--parallel", "must be between 1 and 64"));
+    }
+    pgshift::plan::ChunkSizing::from_mib(args.chunk_mb, 150_000)
+        .map_err(|e| Error::config("--chunk-mb", e.to_string()))?;
+    let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
+    let opts = settings.load_options(&args.task, seams.source.clone(), lease_owner(), None);
+    let progress = Arc::new(Progress::default());
+    let ticker = report::spawn_progress(progress.clone());
+    let result = with_seams!(
+        &seams.stage,
+        &seams.state,
+        seams.aws.as_ref(),
+        |sink, store| {
+            full_load::run_local(&sink, &store, &opts, args.parallel, progress.clone()).await
+        }
+    );
+    ticker.abort();
+    let report = result?;
+    if args.json {
+        print_json(serde_json::to_value(&report), false);
+    } else {
+        println!("{}", report::load_summary(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
+    pgshift::config::check_task_name(&args.task)?;
+    let stage = Target::parse_stage(&args.stage)?;
+    let spec = SourceSpec::parse(&args.target, "--target")?;
+    let aws = if stage.is_aws() || matches!(spec, SourceSpec::Secret(_)) {
+        Some(Aws::from_env().await)
+    } else {
+        None
+    };
+    let target = match (&spec, &aws) {
+        (SourceSpec::Secret(_), Some(aws)) => aws.resolve(&spec, None).await?,
+        _ => resolve(&spec).await?,
+    };
+    loop {
+        let report = match &stage {
+            Target::Local(dir) => {
+                apply_job::run(&pgshift::staging::LocalSink::new(dir), &target, &args.task).await?
+            }
+            Target::Aws(url) => {
+                let aws = aws
+                    .as_ref()
+                    .ok_or_else(|| Error::config("aws", "AWS configuration was not loaded"))?;
+                let sink = pgshift::staging::S3Sink::new(aws.s3(), url)?;
+                apply_job::run(&sink, &target, &args.task).await?
+            }
+        };
+        if args.json {
+            print_json(serde_json::to_value(&report), false);
+        } else {
+            println!("{}", report::apply_summary(&report));
+        }
+        if !args.follow || !wait_or_interrupt(Duration::from_secs(args.interval.max(1))).await {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
+pub(crate) async fn validate(args: ValidateArgs) -> pgshift::Result<ExitCode> {
+    pgshift::config::check_task_name(&args.task)?;
+    let selection = read_selection(args.tables.as_deref())?;
+    let source = resolve(&SourceSpec::parse(&args.source, "--source")?).await?;
+    let target = resolve(&SourceSpec::parse(&args.target, "--target")?).await?;
+    let report = validate_job::run(&source, &target, &selection).await?;
+    if args.json {
+        print_json(serde_json::to_value(&report), true);
+    } else {
+        print!("{}", report::validate_table(&report));
+    }
+    Ok(if report.equal {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+pub(crate) async fn status(args: StatusArgs) -> pgshift::Result<ExitCode> {
+    let state = Target::parse_state(&args.state)?;
+    let source = match &args.source {
+        Some(s) => Some(resolve(&SourceSpec::parse(s, "--source")?).await?),
+        None => None,
+    };
+    let status = match &state {
+        Target::Local(dir) => {
+            status_job::run(
+                &pgshift::state::FileStore::new(dir),
+                &args.task,
+                source.as_ref(),
+            )
+            .await?
+        }
+        Target::Aws(table) => {
+            let aws = Aws::from_env().await;
+            let store = pgshift::state::DynamoStore::new(aws.dynamodb(), table);
+            status_job::run(&store, &args.task, source.as_ref()).await?
+        }
+    };
+    if args.json {
+        print_json(serde_json::to_value(&status), true);
+    } else {
+        print!("{}", report::status_text(&status));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn cdc(args: CdcArgs) -> pgshift::Result<ExitCode> {
+    pgshift::config::check_task_name(&args.task)?;
+    let spec = SourceSpec::parse(&args.source, "--source")?;
+    if args.max_batch_changes == 0 {
+        return Err(Error::config("--max-batch-changes", "must be at least 1"));
+    }
+    if !(1..=2).contains(&args.peek_sessions) {
+        return Err(Error::config("--peek-sessions", "must be 1 or 2"));
+    }
+    let settings = TaskSettings {
+        format: Format::parse(&args.format, "--format")?,
+        commit_ts_column: args.commit_ts_column,
+        selection: read_selection(args.tables.as_deref())?,
+        peek_sessions: args.peek_sessions,
+        ..TaskSettings::default()
+    };
+    let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
+    let mut opts = settings.cdc_options(&args.task, seams.source.clone(), lease_owner(), None);
+    opts.max_batch_changes = args.max_batch_changes;
+    let interval = Duration::from_secs(args.interval.max(1));
+    loop {
+        let report = with_seams!(
+            &seams.stage,
+            &seams.state,
+            seams.aws.as_ref(),
+            |sink, store| cdc_poll::run(&sink, &store, &opts).await
+        )?;
+        if args.json {
+            print_json(serde_json::to_value(&report), false);
+        } else {
+            println!("{}", report::poll_summary(&report));
+        }
+        if !args.follow || !wait_or_interrupt(interval).await {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}

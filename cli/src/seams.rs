@@ -1,0 +1,156 @@
+//! Where a command's staged data and state live, as the command line names them, and the
+//! source it resolves (a URL, or a Secrets Manager secret).
+
+use pgshift::Error;
+use pgshift::aws::Aws;
+use pgshift::config::{PgConfig, SourceSpec};
+use pgshift::selection::Selection;
+
+/// Runs `$body` with `$sink` and `$store` bound to the implementations the targets name.
+macro_rules! with_seams {
+    ($stage:expr, $state:expr, $aws:expr, |$sink:ident, $store:ident| $body:expr) => {{
+        use pgshift::staging::{LocalSink, S3Sink};
+        use pgshift::state::{DynamoStore, FileStore};
+        let aws: Option<&pgshift::aws::Aws> = $aws;
+        let need_aws =
+            || aws.ok_or_else(|| pgshift::Error::config("aws", "AWS configuration was not loaded"));
+        async {
+            match ($stage, $state) {
+                (Target::Local(dir), Target::Local(sdir)) => {
+                    let ($sink, $store) = (LocalSink::new(dir), FileStore::new(sdir));
+                    $body
+                }
+                (Target::Local(dir), Target::Aws(table)) => {
+                    let $store = DynamoStore::new(need_aws()?.dynamodb(), table);
+                    $store.ensure_table().await?;
+                    let $sink = LocalSink::new(dir);
+                    $body
+                }
+                (Target::Aws(url), Target::Local(sdir)) => {
+                    let ($sink, $store) =
+                        (S3Sink::new(need_aws()?.s3(), url)?, FileStore::new(sdir));
+                    $body
+                }
+                (Target::Aws(url), Target::Aws(table)) => {
+                    let $store = DynamoStore::new(need_aws()?.dynamodb(), table);
+                    $store.ensure_table().await?;
+                    let $sink = S3Sink::new(need_aws()?.s3(), url)?;
+                    $body
+                }
+            }
+        }
+        .await
+    }};
+}
+pub(crate) use with_seams;
+
+/// The source, staging and state a job command names; AWS is loaded only when one needs it.
+pub(crate) struct Seams {
+    pub(crate) source: PgConfig,
+    pub(crate) stage: Target,
+    pub(crate) state: Target,
+    pub(crate) aws: Option<Aws>,
+}
+
+impl Seams {
+    pub(crate) async fn resolve(
+        spec: &SourceSpec,
+        stage: &str,
+        state: &str,
+    ) -> pgshift::Result<Seams> {
+        let stage = Target::parse_stage(stage)?;
+        let state = Target::parse_state(state)?;
+        let aws = if stage.is_aws() || state.is_aws() || matches!(spec, SourceSpec::Secret(_)) {
+            Some(Aws::from_env().await)
+        } else {
+            None
+        };
+        let source = match (spec, &aws) {
+            (SourceSpec::Secret(_), Some(aws)) => aws.resolve(spec, None).await?,
+            _ => resolve(spec).await?,
+        };
+        Ok(Seams {
+            source,
+            stage,
+            state,
+            aws,
+        })
+    }
+}
+
+/// Where staged data or state lives, as the command line names it.
+pub(crate) enum Target {
+    Local(std::path::PathBuf),
+    Aws(String),
+}
+
+impl Target {
+    pub(crate) fn parse_stage(s: &str) -> pgshift::Result<Target> {
+        if s.starts_with("s3://") {
+            pgshift::staging::parse_s3_url(s)?;
+            Ok(Target::Aws(s.to_owned()))
+        } else if s.contains("://") {
+            Err(Error::config(
+                "--stage",
+                format!("{s:?} is neither a folder nor s3://bucket/prefix"),
+            ))
+        } else {
+            Ok(Target::Local(s.into()))
+        }
+    }
+
+    pub(crate) fn parse_state(s: &str) -> pgshift::Result<Target> {
+        if let Some(table) = s.strip_prefix("dynamodb://") {
+            if table.is_empty()
+                || table.len() > 255
+                || !table
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+            {
+                return Err(Error::config(
+                    "--state",
+                    format!("{table:?} is not a DynamoDB table name"),
+                ));
+            }
+            Ok(Target::Aws(table.to_owned()))
+        } else if s.contains("://") {
+            Err(Error::config(
+                "--state",
+                format!("{s:?} is neither a folder nor dynamodb://table"),
+            ))
+        } else {
+            Ok(Target::Local(s.into()))
+        }
+    }
+
+    pub(crate) fn is_aws(&self) -> bool {
+        matches!(self, Target::Aws(_))
+    }
+}
+
+pub(crate) fn read_selection(tables: Option<&std::path::Path>) -> pgshift::Result<Selection> {
+    match tables {
+        None => Ok(Selection::all()),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                Error::config("--tables", format!("cannot read {}: {e}", path.display()))
+            })?;
+            Selection::from_json(&text, "--tables")
+        }
+    }
+}
+
+pub(crate) async fn resolve(spec: &SourceSpec) -> pgshift::Result<PgConfig> {
+    match spec {
+        SourceSpec::Direct(cfg) => Ok((**cfg).clone()),
+        SourceSpec::Secret(_) => Aws::from_env().await.resolve(spec, None).await,
+    }
+}
+
+/// Who holds a lease taken by this process (shown by `status` and in lease-held reports).
+pub(crate) fn lease_owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "local".to_owned());
+    format!("cli-{host}-{}", std::process::id())
+}
