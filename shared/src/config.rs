@@ -438,28 +438,9 @@ impl LambdaEnv {
             None => crate::staging::encode::Format::default(),
             Some(f) => crate::staging::encode::Format::parse(&f, "PGSHIFT_FORMAT")?,
         };
-        let flag = |name: &str, default: bool| match get(name).as_deref() {
-            None => Ok(default),
-            Some("false") | Some("0") => Ok(false),
-            Some("true") | Some("1") => Ok(true),
-            Some(other) => Err(Error::config(
-                name,
-                format!("{other:?} is not true or false"),
-            )),
-        };
-        let number = |name: &str, default: u64, max: u64| match get(name) {
-            None => Ok(default),
-            Some(v) => v
-                .parse::<u64>()
-                .ok()
-                .filter(|n| (1..=max).contains(n))
-                .ok_or_else(|| {
-                    Error::config(
-                        name,
-                        format!("{v:?} is not a whole number between 1 and {max}"),
-                    )
-                }),
-        };
+        let flag = |name: &str, default: bool| parse_flag(name, get(name), default);
+        let number =
+            |name: &str, default: u64, max: u64| parse_number(name, get(name), default, max);
         let commit_ts_column = flag("PGSHIFT_COMMIT_TS_COLUMN", false)?;
         let cdc = flag("PGSHIFT_CDC", true)?;
         let chunk_mb = number("PGSHIFT_CHUNK_MB", 256, 65_536)?;
@@ -489,6 +470,36 @@ impl LambdaEnv {
             stage: get("PGSHIFT_STAGE"),
             state_table: get("PGSHIFT_STATE_TABLE"),
         })
+    }
+}
+
+/// `true`/`1` or `false`/`0`; `default` when unset.
+fn parse_flag(name: &str, value: Option<String>, default: bool) -> Result<bool> {
+    match value.as_deref() {
+        None => Ok(default),
+        Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") => Ok(true),
+        Some(other) => Err(Error::config(
+            name,
+            format!("{other:?} is not true or false"),
+        )),
+    }
+}
+
+/// A whole number in `1..=max`; `default` when unset.
+fn parse_number(name: &str, value: Option<String>, default: u64, max: u64) -> Result<u64> {
+    match value {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<u64>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| {
+                Error::config(
+                    name,
+                    format!("{v:?} is not a whole number between 1 and {max}"),
+                )
+            }),
     }
 }
 

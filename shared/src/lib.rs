@@ -3,15 +3,17 @@
 //!
 //! # Layout
 //! - [`config`]: typed configuration (connection URLs, DMS secrets, Lambda environment).
-//! - [`error`]: the error type; every error knows whether a retry can help.
-//! - [`lsn`]: WAL positions.
+//! - [`error`]: the error type; typed variants for what code branches on, and every error
+//!   knows whether a retry can help.
+//! - [`lsn`]: WAL positions; [`table`]: a table's schema; [`selection`]: DMS selection rules;
+//!   [`plan`]: chunk ranges (pure).
 //! - [`aws`]: the one place AWS SDK clients are built (honours `AWS_ENDPOINT_URL`).
-//! - [`selection`]: DMS table-mapping selection rules.
-//! - [`source`]: the PostgreSQL source: connect, catalog, endpoint checks.
+//! - Three seams: [`source`] (PostgreSQL: [`source::CdcSource`], catalog, slot, peek,
+//!   snapshot), [`staging`] (objects: [`staging::ObjectSink`]; [`staging::layout`] names
+//!   every one), [`state`] (task state: [`state::StateStore`]; [`state::records`] holds every
+//!   transition), each with a real, a local, an in-memory and a fault-injecting implementation.
 //! - [`pgoutput`]: a pure decoder of the pgoutput protocol; [`change`]: decoded row changes.
-//! - [`format`](mod@format): staged file formats; [`stage`]: where files go (S3, folder, memory).
-//! - [`state`]: task state with conditional writes (DynamoDB, file, memory).
-//! - [`job`]: what the functions and the CLI run.
+//! - [`job`]: what the functions and the CLI run, each its effect order over the seams.
 //!
 //! The design (data formats, the CDC effect order) is in `DESIGN.md` of the project.
 

@@ -62,27 +62,24 @@
 //! from the stored schema writes `<schema>/<table>/_schema/<lsn>.json` and the manifest says at
 //! which row of each file a schema version starts.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use batch::{Batch, Row};
 use std::time::{Duration, Instant};
 
-use crate::change::decoder::{self, Keep, Relation, RelationInfo, Relations};
-use crate::change::{Op, RowChange, format_pg_timestamp, pg_now};
+use crate::change::decoder::{self, Keep, Relations};
+use crate::change::{Op, format_pg_timestamp, pg_now};
 use crate::config::check_task_name;
 use crate::error::{Error, Result};
 use crate::job::ensure_task;
 use crate::job::options::CdcOptions;
 use crate::lsn::Lsn;
-use crate::pgoutput::{self, Message, Value};
+use crate::pgoutput::{self, Message};
 use crate::source::{CdcSource, PeekRequest, PeekStream, PgSource, SlotState};
-use crate::staging::encode::{EncodedWriter, Encoding, cdc_csv_row, cdc_json_row};
-use crate::staging::layout::{
-    self, BatchFile, BatchManifest, SchemaSegment, SchemaVersions, cdc_file_key, manifest_key,
-};
+use crate::staging::encode::Encoding;
+use crate::staging::layout::{self, BatchManifest, SchemaVersions, manifest_key};
 use crate::staging::{ObjectSink, ObjectWriter};
+use crate::state::StateStore;
 use crate::state::records::{Lease, TaskRecord};
 use crate::state::records::{Outcome, PollReport};
-use crate::state::{StateStore, now_ms};
 
 fn parquet_for_cdc() -> Error {
     Error::config(
@@ -161,47 +158,6 @@ pub async fn poll<Src: CdcSource, S: ObjectSink, St: StateStore>(
         poller.lease.release(state, result.as_ref().ok()).await;
     }
     result
-}
-
-struct TableFile<W: ObjectWriter> {
-    writer: EncodedWriter<W>,
-    key: String,
-    schema: String,
-    table: String,
-    counts: [u64; 4],
-    segments: Vec<SchemaSegment>,
-}
-
-struct Batch<W: ObjectWriter> {
-    start: Lsn,
-    /// Set when a manifest for `start` exists: the batch must end exactly here.
-    must_end: Option<Lsn>,
-    /// Open files by relation id.
-    files: BTreeMap<u32, TableFile<W>>,
-    changes: u64,
-    bytes: u64,
-    transactions: u64,
-    first_commit: Option<Lsn>,
-    last_commit: Lsn,
-    last_end: Lsn,
-    last_commit_ts: i64,
-}
-
-impl<W: ObjectWriter> Batch<W> {
-    fn empty(start: Lsn) -> Batch<W> {
-        Batch {
-            start,
-            must_end: None,
-            files: BTreeMap::new(),
-            changes: 0,
-            bytes: 0,
-            transactions: 0,
-            first_commit: None,
-            last_commit: Lsn::ZERO,
-            last_end: Lsn::ZERO,
-            last_commit_ts: 0,
-        }
-    }
 }
 
 struct Txn {
@@ -343,7 +299,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                     last_commit_ts = Some(ts);
                 }
             } else {
-                abandon(cursor.batch).await;
+                cursor.batch.abandon().await;
             }
             let stopped = stopped_early || report.outcome == Outcome::DeadlineReached;
             let drained = !stopped && !end.incomplete;
@@ -645,7 +601,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
     /// Steps 4 and 5 for a complete batch. Returns the last commit timestamp.
     async fn commit_batch(
         &mut self,
-        batch: Batch<S::Writer>,
+        mut batch: Batch<S::Writer>,
         report: &mut PollReport,
     ) -> Result<Option<i64>> {
         if batch.transactions == 0 {
@@ -653,23 +609,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         }
         let opts = self.opts;
         let end = batch.last_end;
-        let mut files = Vec::with_capacity(batch.files.len());
-        for (_, f) in batch.files {
-            let rows = f.writer.rows;
-            let bytes = f.writer.finish().await?;
-            files.push(BatchFile {
-                key: f.key,
-                schema: f.schema,
-                table: f.table,
-                rows,
-                bytes,
-                inserts: f.counts[0],
-                updates: f.counts[1],
-                deletes: f.counts[2],
-                truncates: f.counts[3],
-                schema_versions: f.segments,
-            });
-        }
+        let files = batch.finish_files().await?;
         let manifest = BatchManifest {
             task: opts.task.clone(),
             batch_seq: self.lease.rec.batch_seq + 1,
@@ -702,199 +642,6 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         tracing::info!(task = %opts.task, start = %batch.start, end = %end, changes = manifest.changes, "batch committed");
         Ok(Some(batch.last_commit_ts))
     }
-
-    async fn on_relation(&mut self, r: &pgoutput::Relation<'_>, lsn: Lsn) -> Result<()> {
-        let selected = self.opts.selection.selects(r.namespace, r.name);
-        let info = if selected {
-            let types: Vec<(u32, i32)> = r
-                .columns
-                .iter()
-                .map(|c| (c.type_oid, c.type_modifier))
-                .collect();
-            self.source.relation_info(r.rel_id, &types).await?
-        } else {
-            RelationInfo::default()
-        };
-        let (schema, pk) = decoder::table_schema(r, &info);
-        if self.relations.is_current(r.rel_id, &schema) {
-            return Ok(()); // Relation messages repeat in every peek.
-        }
-        let version_key = if selected {
-            self.versions
-                .version_for(self.sink, &schema, lsn, self.opts.commit_ts_column)
-                .await?
-        } else {
-            String::new()
-        };
-        self.relations.insert(
-            r.rel_id,
-            Relation {
-                schema: Arc::new(schema),
-                selected,
-                version_key,
-                pk,
-            },
-        );
-        Ok(())
-    }
-
-    async fn stage_update(
-        &mut self,
-        batch: &mut Batch<S::Writer>,
-        t: &Txn,
-        lsn: Lsn,
-        u: &pgoutput::Update<'_>,
-    ) -> Result<()> {
-        let rel = self.relation(u.rel_id, lsn)?;
-        if !rel.selected {
-            return Ok(());
-        }
-        let rows = decoder::update_rows(&rel.pk, u);
-        if rows.key_changed {
-            let del = Row::new(Op::Delete, u.rel_id, rows.old, rows.old_is_full, None);
-            self.stage(batch, t, lsn, del).await?;
-            let ins = Row::new(Op::Insert, u.rel_id, None, false, Some(&rows.new));
-            self.stage(batch, t, lsn, ins).await
-        } else {
-            let upd = Row::new(
-                Op::Update,
-                u.rel_id,
-                rows.old,
-                rows.old_is_full,
-                Some(&rows.new),
-            );
-            self.stage(batch, t, lsn, upd).await
-        }
-    }
-
-    fn relation(&self, rel_id: u32, lsn: Lsn) -> Result<&Relation> {
-        self.relations.get(rel_id).ok_or_else(|| {
-            Error::Protocol(format!(
-                "change at {lsn} for relation {rel_id} before its Relation message"
-            ))
-        })
-    }
-
-    /// Encodes one row change into its table's file of the batch.
-    async fn stage(
-        &mut self,
-        batch: &mut Batch<S::Writer>,
-        t: &Txn,
-        lsn: Lsn,
-        row: Row<'_, '_>,
-    ) -> Result<()> {
-        let Some(rel) = self.relations.get(row.rel_id) else {
-            return Err(Error::Protocol(format!(
-                "change at {lsn} for relation {} before its Relation message",
-                row.rel_id
-            )));
-        };
-        if !rel.selected {
-            return Ok(());
-        }
-        let (sink, opts) = (self.sink, self.opts);
-        let change = RowChange {
-            op: row.op,
-            table: &rel.schema,
-            lsn,
-            commit_lsn: t.final_lsn,
-            xid: t.xid,
-            commit_ts: t.commit_ts,
-            old: row.old,
-            old_is_full: row.old_is_full,
-            new: row.new,
-        };
-        let buf = &mut self.row_buf;
-        buf.clear();
-        match opts.format.encoding {
-            Encoding::Csv => cdc_csv_row(&change, opts.commit_ts_column, buf),
-            Encoding::Jsonl => cdc_json_row(&change, buf)?,
-            Encoding::Parquet => return Err(parquet_for_cdc()),
-        }
-        if !batch.files.contains_key(&row.rel_id) {
-            let file = open_file(sink, opts, batch.start, rel).await?;
-            batch.files.insert(row.rel_id, file);
-        }
-        let Some(file) = batch.files.get_mut(&row.rel_id) else {
-            return Err(Error::Source("table file vanished".to_owned()));
-        };
-        if file
-            .segments
-            .last()
-            .is_some_and(|s| s.key != rel.version_key)
-        {
-            file.segments.push(SchemaSegment {
-                key: rel.version_key.clone(),
-                first_row: file.writer.rows,
-            });
-        }
-        file.writer.write_row(buf).await?;
-        file.counts[match row.op {
-            Op::Insert => 0,
-            Op::Update => 1,
-            Op::Delete => 2,
-            Op::Truncate => 3,
-        }] += 1;
-        batch.changes += 1;
-        batch.bytes += buf.len() as u64;
-        Ok(())
-    }
-}
-
-/// Opens a table's file of a batch, its first schema segment the relation's version.
-async fn open_file<S: ObjectSink>(
-    sink: &S,
-    opts: &CdcOptions,
-    start: Lsn,
-    rel: &Relation,
-) -> Result<TableFile<S::Writer>> {
-    let schema = &rel.schema;
-    let key = cdc_file_key(&schema.schema, &schema.table, start, opts.format);
-    let writer = sink.writer(&key).await?;
-    Ok(TableFile {
-        writer: EncodedWriter::new(writer, opts.format),
-        key,
-        schema: schema.schema.clone(),
-        table: schema.table.clone(),
-        counts: [0; 4],
-        segments: vec![SchemaSegment {
-            key: rel.version_key.clone(),
-            first_row: 0,
-        }],
-    })
-}
-
-/// One row change to stage, before it meets its relation.
-struct Row<'r, 'v> {
-    op: Op,
-    rel_id: u32,
-    old: Option<&'r [Value<'v>]>,
-    old_is_full: bool,
-    new: Option<&'r [Value<'v>]>,
-}
-
-impl<'r, 'v> Row<'r, 'v> {
-    fn new(
-        op: Op,
-        rel_id: u32,
-        old: Option<&'r [Value<'v>]>,
-        old_is_full: bool,
-        new: Option<&'r [Value<'v>]>,
-    ) -> Row<'r, 'v> {
-        Row {
-            op,
-            rel_id,
-            old,
-            old_is_full,
-            new,
-        }
-    }
-}
-
-async fn abandon<W: ObjectWriter>(batch: Batch<W>) {
-    for (_, f) in batch.files {
-        f.writer.abort().await;
-    }
 }
 
 fn txn_of(txn: &Option<Txn>, lsn: Lsn) -> Result<&Txn> {
@@ -902,34 +649,10 @@ fn txn_of(txn: &Option<Txn>, lsn: Lsn) -> Result<&Txn> {
         .ok_or_else(|| Error::Protocol(format!("change at {lsn} outside a transaction")))
 }
 
-/// CloudWatch Embedded Metric Format line for a poll (DMS metric names where they exist).
-pub fn emf_line(report: &PollReport) -> String {
-    serde_json::json!({
-        "_aws": {
-            "Timestamp": now_ms(),
-            "CloudWatchMetrics": [{
-                "Namespace": "pgshift",
-                "Dimensions": [["Task"]],
-                "Metrics": [
-                    {"Name": "CDCLatencySource", "Unit": "Seconds"},
-                    {"Name": "CDCIncomingChanges", "Unit": "Count"},
-                    {"Name": "CDCRowsStaged", "Unit": "Count"},
-                    {"Name": "CDCBytesStaged", "Unit": "Bytes"},
-                    {"Name": "SlotRetainedBytes", "Unit": "Bytes"},
-                    {"Name": "SlotSafeWalSize", "Unit": "Bytes"}
-                ]
-            }]
-        },
-        "Task": report.task,
-        "CDCLatencySource": report.latency_secs,
-        "CDCIncomingChanges": report.changes,
-        "CDCRowsStaged": report.rows_staged,
-        "CDCBytesStaged": report.bytes_staged,
-        "SlotRetainedBytes": report.slot_retained_bytes,
-        "SlotSafeWalSize": report.slot_safe_wal_size.unwrap_or(-1),
-    })
-    .to_string()
-}
+mod batch;
+mod metrics;
+mod rows;
 
+pub use metrics::emf_line;
 #[cfg(test)]
 mod tests;

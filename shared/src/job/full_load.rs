@@ -83,25 +83,7 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
         None
     };
     let tables = catalog::user_tables(client, &opts.selection).await?;
-    let found: Vec<(String, String)> = tables
-        .iter()
-        .map(|t| (t.schema.clone(), t.name.clone()))
-        .collect();
-    if let Some(message) = opts.selection.unmatched_message(&found) {
-        return Err(Error::config(
-            "tables",
-            format!("{message} (names are case-sensitive)"),
-        ));
-    }
-    if let Some(t) = tables.iter().find(|t| !t.can_select) {
-        return Err(Error::Source(format!(
-            "{} cannot read {}: GRANT SELECT ON {} TO {}",
-            server.user,
-            t.display_name(),
-            t.quoted(),
-            quote_ident(&server.user)
-        )));
-    }
+    check_tables(&tables, &opts.selection, &server)?;
     let schema_lsn = match l0 {
         Some(l) => l,
         None => snapshot::wal_position(client).await?,
@@ -122,26 +104,7 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
         versions
             .version_for(sink, &schema, schema_lsn, opts.commit_ts_column)
             .await?;
-        let by_key = opts.chunking == Chunking::Keys || sizing.version_num < 140_000;
-        let chunks = if t.kind == 'p' {
-            vec![ChunkRange::Whole]
-        } else if by_key {
-            // Primary-key ranges: before PostgreSQL 14 a ctid range scans the whole table.
-            match cols.key_order.as_slice() {
-                [key] if t.pages > sizing.pages_per_chunk => {
-                    let key = &cols.columns[*key];
-                    let buckets =
-                        ((t.pages + sizing.pages_per_chunk - 1) / sizing.pages_per_chunk) as i32;
-                    let lows =
-                        catalog::key_range_lows(client, &t.schema, &t.name, &key.name, buckets)
-                            .await?;
-                    key_ranges(&key.name, &key.type_name, &lows)
-                }
-                _ => vec![ChunkRange::Whole],
-            }
-        } else {
-            plan_table(t.pages, sizing)
-        };
+        let chunks = chunk_table(client, t, &cols, sizing, opts.chunking).await?;
         planned.push(PlannedTable {
             types: cols
                 .columns
@@ -168,6 +131,63 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
     .await?;
     let ids = plan.chunk_ids();
     Ok((plan, ids))
+}
+
+/// The selection matched what it names exactly, and every selected table is readable.
+fn check_tables(
+    tables: &[catalog::TableInfo],
+    selection: &crate::selection::Selection,
+    server: &catalog::ServerInfo,
+) -> Result<()> {
+    let found: Vec<(String, String)> = tables
+        .iter()
+        .map(|t| (t.schema.clone(), t.name.clone()))
+        .collect();
+    if let Some(message) = selection.unmatched_message(&found) {
+        return Err(Error::config(
+            "tables",
+            format!("{message} (names are case-sensitive)"),
+        ));
+    }
+    if let Some(t) = tables.iter().find(|t| !t.can_select) {
+        return Err(Error::Source(format!(
+            "{} cannot read {}: GRANT SELECT ON {} TO {}",
+            server.user,
+            t.display_name(),
+            t.quoted(),
+            quote_ident(&server.user)
+        )));
+    }
+    Ok(())
+}
+
+/// A table's chunks: ctid ranges (PostgreSQL 14+), primary-key ranges (before 14, or when
+/// asked), or the whole table (a partitioned root, or no single-column key).
+async fn chunk_table(
+    client: &tokio_postgres::Client,
+    t: &catalog::TableInfo,
+    cols: &catalog::Columns,
+    sizing: ChunkSizing,
+    chunking: Chunking,
+) -> Result<Vec<ChunkRange>> {
+    if t.kind == 'p' {
+        return Ok(vec![ChunkRange::Whole]);
+    }
+    let by_key = chunking == Chunking::Keys || sizing.version_num < 140_000;
+    if !by_key {
+        return Ok(plan_table(t.pages, sizing));
+    }
+    // Primary-key ranges: before PostgreSQL 14 a ctid range scans the whole table.
+    match cols.key_order.as_slice() {
+        [key] if t.pages > sizing.pages_per_chunk => {
+            let key = &cols.columns[*key];
+            let buckets = ((t.pages + sizing.pages_per_chunk - 1) / sizing.pages_per_chunk) as i32;
+            let lows =
+                catalog::key_range_lows(client, &t.schema, &t.name, &key.name, buckets).await?;
+            Ok(key_ranges(&key.name, &key.type_name, &lows))
+        }
+        _ => Ok(vec![ChunkRange::Whole]),
+    }
 }
 
 /// Every chunk of a plan, table by table.

@@ -7,8 +7,8 @@ use crate::config::{PgConfig, check_task_name};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::source::{self, slot};
-use crate::state::records::{CdcRecord, ChunkRecord, PlanRecord, PollReport, TaskRecord};
-use crate::state::{StateStore, from_doc};
+use crate::state::StateStore;
+use crate::state::records::{self, ChunkId, PlanRecord, PollReport};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TableProgress {
@@ -44,50 +44,19 @@ pub async fn run<St: StateStore>(
     source_cfg: Option<&PgConfig>,
 ) -> Result<TaskStatus> {
     check_task_name(task)?;
-    let record: Option<TaskRecord> = match state.get(task, "task").await? {
-        Some(v) => Some(from_doc(v.doc, "task")?),
-        None => None,
-    };
-    let plan: Option<PlanRecord> = match state.get(task, "plan").await? {
-        Some(v) => Some(from_doc(v.doc, "plan")?),
-        None => None,
-    };
-    let cdc: Option<CdcRecord> = match state.get(task, "cdc").await? {
-        Some(v) => Some(from_doc(v.doc, "cdc")?),
-        None => None,
-    };
+    let record = records::get_task(state, task).await?;
+    let plan = records::get_plan(state, task).await?.map(|(p, _)| p);
+    let cdc = records::get_cdc(state, task).await?;
     if record.is_none() && plan.is_none() && cdc.is_none() {
         return Err(Error::config(
             "task",
             format!("task {task} has no state in {}", state.describe()),
         ));
     }
-    let mut tables = Vec::new();
-    if let Some(p) = &plan {
-        for t in &p.tables {
-            let mut done = 0;
-            let mut rows = 0;
-            for n in 0..t.chunks.len() {
-                if let Some(v) = state
-                    .get(task, &format!("chunk#{}.{}#{n}", t.schema, t.table))
-                    .await?
-                {
-                    let c: ChunkRecord = from_doc(v.doc, "chunk")?;
-                    if c.status == "done" {
-                        done += 1;
-                        rows += c.rows;
-                    }
-                }
-            }
-            tables.push(TableProgress {
-                schema: t.schema.clone(),
-                table: t.table.clone(),
-                chunks_done: done,
-                chunks: t.chunks.len(),
-                rows,
-            });
-        }
-    }
+    let tables = match &plan {
+        Some(p) => load_progress(state, task, p).await?,
+        None => Vec::new(),
+    };
     let mut status = TaskStatus {
         task: task.to_owned(),
         slot: record.as_ref().map(|r| r.slot.clone()),
@@ -107,17 +76,56 @@ pub async fn run<St: StateStore>(
         slot_retained_bytes: None,
         slot_wal_status: None,
     };
-    if let (Some(cfg), Some(slot_name)) = (source_cfg, &status.slot) {
-        let client = source::connect(cfg).await?;
-        let flushed = slot::flush_lsn(&client).await?;
-        let from = status.checkpoint.or(status.l0).unwrap_or(Lsn::ZERO);
-        status.lag_bytes = Some(flushed.bytes_since(from));
-        if let Some(s) = slot::slot_state(&client, slot_name).await? {
-            status.slot_retained_bytes = Some(s.retained_bytes);
-            status.slot_wal_status = Some(s.wal_status);
-        } else {
-            status.slot_wal_status = Some("missing".to_owned());
-        }
+    if let (Some(cfg), Some(slot_name)) = (source_cfg, status.slot.clone()) {
+        live_slot(&mut status, cfg, &slot_name).await?;
     }
     Ok(status)
+}
+
+/// Chunks done and rows loaded per planned table.
+async fn load_progress<St: StateStore>(
+    state: &St,
+    task: &str,
+    plan: &PlanRecord,
+) -> Result<Vec<TableProgress>> {
+    let mut tables = Vec::new();
+    for t in &plan.tables {
+        let (mut done, mut rows) = (0, 0);
+        for n in 0..t.chunks.len() as u32 {
+            let id = ChunkId {
+                schema: t.schema.clone(),
+                table: t.table.clone(),
+                n,
+            };
+            if let Some(c) = records::get_chunk(state, task, &id).await?
+                && c.status == "done"
+            {
+                done += 1;
+                rows += c.rows;
+            }
+        }
+        tables.push(TableProgress {
+            schema: t.schema.clone(),
+            table: t.table.clone(),
+            chunks_done: done,
+            chunks: t.chunks.len(),
+            rows,
+        });
+    }
+    Ok(tables)
+}
+
+/// Lag and slot health, read from the source now.
+async fn live_slot(status: &mut TaskStatus, cfg: &PgConfig, slot_name: &str) -> Result<()> {
+    let client = source::connect(cfg).await?;
+    let flushed = slot::flush_lsn(&client).await?;
+    let from = status.checkpoint.or(status.l0).unwrap_or(Lsn::ZERO);
+    status.lag_bytes = Some(flushed.bytes_since(from));
+    if let Some(s) = slot::slot_state(&client, slot_name).await? {
+        status.slot_retained_bytes = Some(s.retained_bytes);
+        status.slot_wal_status = Some(s.wal_status);
+    } else {
+        status.slot_wal_status = Some("missing".to_owned());
+    }
+    Ok(())
 }

@@ -139,141 +139,147 @@ pub async fn run_with_ranges(
     let has_root = tables.iter().any(|t| t.kind == 'p');
     let mut out = Vec::new();
     for t in tables.iter().filter(|t| !(has_root && t.is_partition)) {
-        let rows = src
-            .query(
-                "select a.attname::text, coalesce(a.attnum = any(i.indkey), false), format_type(a.atttypid, a.atttypmod) \
-                 from pg_attribute a left join pg_index i on i.indrelid = a.attrelid and i.indisprimary \
-                 where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped order by a.attnum",
-                &[&t.oid],
-            )
-            .await
-            .map_err(|e| Error::postgres(format!("reading columns of {}", t.display_name()), e))?;
-        let columns: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-        let pk: Vec<usize> = rows
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.get::<_, bool>(1))
-            .map(|(i, _)| i)
-            .collect();
-        let key_cols: Vec<usize> = if pk.is_empty() {
-            (0..columns.len()).collect()
-        } else {
-            pk.clone()
-        };
-        let exists: bool = tgt
-            .query_one(
-                "select to_regclass($1) is not null",
-                &[&quote_qualified(&t.schema, &t.name)],
-            )
-            .await
-            .map_err(|e| Error::postgres("checking the target table", e))?
-            .get(0);
-        let small = (t.estimated_rows as u64) < KEY_DIFF_MAX_ROWS;
-        // Primary-key ranges of about `range_rows` rows, cut on the source.
-        let mut bounds: Vec<(Option<String>, Option<String>)> = vec![(None, None)];
-        let mut key_sql = None;
-        if pk.len() == 1 && t.estimated_rows > range_rows as f64 {
-            let key = quote_ident(&columns[pk[0]]);
-            let buckets = (t.estimated_rows / range_rows as f64).ceil().max(1.0) as i32;
-            let lows =
-                catalog::key_range_lows(&src, &t.schema, &t.name, &columns[pk[0]], buckets).await?;
-            if lows.len() > 1 {
-                bounds = (0..lows.len())
-                    .map(|i| {
-                        (
-                            if i == 0 { None } else { Some(lows[i].clone()) },
-                            lows.get(i + 1).cloned(),
-                        )
-                    })
-                    .collect();
-                key_sql = Some((key, rows[pk[0]].get::<_, String>(2)));
-            }
-        }
-        let filter = |lower: &Option<String>, upper: &Option<String>| match &key_sql {
-            Some((key, ty)) => {
-                crate::plan::key_range_where(key, ty, lower.as_deref(), upper.as_deref())
-            }
-            None => String::new(),
-        };
-        let (mut srows, mut ssum, mut skeys) = (0u64, RowChecksum::default(), BTreeMap::new());
-        let (mut trows, mut tsum, mut tkeys) = (0u64, RowChecksum::default(), BTreeMap::new());
-        let mut differing_ranges = Vec::new();
-        for (lower, upper) in &bounds {
-            let f = filter(lower, upper);
-            let (r, sum, keys) =
-                scan(&src, &t.schema, &t.name, &columns, &key_cols, small, &f).await?;
-            srows += r;
-            ssum = ssum.combine(sum);
-            skeys.extend(keys);
-            if !exists {
-                continue;
-            }
-            let (tr, tsm, tk) =
-                scan(&tgt, &t.schema, &t.name, &columns, &key_cols, small, &f).await?;
-            trows += tr;
-            tsum = tsum.combine(tsm);
-            tkeys.extend(tk);
-            if r != tr || sum != tsm {
-                differing_ranges.push(RangeCheck {
-                    lower: lower.clone(),
-                    upper: upper.clone(),
-                    source_rows: r,
-                    target_rows: tr,
-                });
-            }
-        }
-        if !exists {
-            // Nothing was ever staged for an empty table that never changed: a missing target
-            // table equals it; with rows on the source it is a difference.
-            out.push(TableCheck {
-                schema: t.schema.clone(),
-                table: t.name.clone(),
-                source_rows: srows,
-                target_rows: None,
-                source_checksum: ssum,
-                target_checksum: None,
-                equal: srows == 0,
-                ranges: bounds.len(),
-                differing_ranges,
-                differing_keys: skeys.keys().take(10).cloned().collect(),
-            });
-            continue;
-        }
-        let equal = srows == trows && ssum == tsum;
-        let mut differing = Vec::new();
-        if !equal {
-            for (k, h) in &skeys {
-                if differing.len() >= 10 {
-                    break;
-                }
-                if tkeys.get(k) != Some(h) {
-                    differing.push(k.clone());
-                }
-            }
-            for k in tkeys.keys() {
-                if differing.len() >= 10 {
-                    break;
-                }
-                if !skeys.contains_key(k) {
-                    differing.push(k.clone());
-                }
-            }
-        }
-        out.push(TableCheck {
-            schema: t.schema.clone(),
-            table: t.name.clone(),
-            source_rows: srows,
-            target_rows: Some(trows),
-            source_checksum: ssum,
-            target_checksum: Some(tsum),
-            equal,
-            ranges: bounds.len(),
-            differing_ranges,
-            differing_keys: differing,
-        });
+        out.push(check_table(&src, &tgt, t, range_rows).await?);
     }
     Ok(ValidateReport {
         equal: out.iter().all(|t| t.equal),
         tables: out,
     })
+}
+
+/// A table's key ranges: `[lower, upper)` bounds and the key (quoted) and its type to cut
+/// them with; one open range when the table is not cut.
+type Ranges = (
+    Vec<(Option<String>, Option<String>)>,
+    Option<(String, String)>,
+);
+
+/// Primary-key ranges of about `range_rows` rows, cut on the source (single-column keys).
+async fn key_ranges(
+    src: &Client,
+    t: &catalog::TableInfo,
+    cols: &catalog::Columns,
+    range_rows: u64,
+) -> Result<Ranges> {
+    let whole = (vec![(None, None)], None);
+    let [key] = cols.key_order.as_slice() else {
+        return Ok(whole);
+    };
+    if t.estimated_rows <= range_rows as f64 {
+        return Ok(whole);
+    }
+    let key = &cols.columns[*key];
+    let buckets = (t.estimated_rows / range_rows as f64).ceil().max(1.0) as i32;
+    let lows = catalog::key_range_lows(src, &t.schema, &t.name, &key.name, buckets).await?;
+    if lows.len() <= 1 {
+        return Ok(whole);
+    }
+    let bounds = (0..lows.len())
+        .map(|i| {
+            (
+                if i == 0 { None } else { Some(lows[i].clone()) },
+                lows.get(i + 1).cloned(),
+            )
+        })
+        .collect();
+    Ok((
+        bounds,
+        Some((quote_ident(&key.name), key.type_name.clone())),
+    ))
+}
+
+/// One side's scan of a table: rows, checksum, and per-key row checksums (small tables).
+#[derive(Default)]
+struct Side {
+    rows: u64,
+    sum: RowChecksum,
+    keys: BTreeMap<String, u64>,
+}
+
+async fn check_table(
+    src: &Client,
+    tgt: &Client,
+    t: &catalog::TableInfo,
+    range_rows: u64,
+) -> Result<TableCheck> {
+    let cols = catalog::table_columns(src, t.oid, &t.display_name()).await?;
+    let columns: Vec<String> = cols.columns.iter().map(|c| c.name.clone()).collect();
+    let key_cols: Vec<usize> = if cols.key_order.is_empty() {
+        (0..columns.len()).collect()
+    } else {
+        cols.key_order.clone()
+    };
+    let exists: bool = tgt
+        .query_one(
+            "select to_regclass($1) is not null",
+            &[&quote_qualified(&t.schema, &t.name)],
+        )
+        .await
+        .map_err(|e| Error::postgres("checking the target table", e))?
+        .get(0);
+    let small = (t.estimated_rows as u64) < KEY_DIFF_MAX_ROWS;
+    let (bounds, key_sql) = key_ranges(src, t, &cols, range_rows).await?;
+    let (mut s, mut d) = (Side::default(), Side::default());
+    let mut differing_ranges = Vec::new();
+    for (lower, upper) in &bounds {
+        let f = match &key_sql {
+            Some((key, ty)) => {
+                crate::plan::key_range_where(key, ty, lower.as_deref(), upper.as_deref())
+            }
+            None => String::new(),
+        };
+        let (r, sum, keys) = scan(src, &t.schema, &t.name, &columns, &key_cols, small, &f).await?;
+        s.rows += r;
+        s.sum = s.sum.combine(sum);
+        s.keys.extend(keys);
+        if !exists {
+            continue;
+        }
+        let (tr, tsm, tk) = scan(tgt, &t.schema, &t.name, &columns, &key_cols, small, &f).await?;
+        d.rows += tr;
+        d.sum = d.sum.combine(tsm);
+        d.keys.extend(tk);
+        if r != tr || sum != tsm {
+            differing_ranges.push(RangeCheck {
+                lower: lower.clone(),
+                upper: upper.clone(),
+                source_rows: r,
+                target_rows: tr,
+            });
+        }
+    }
+    // Nothing was ever staged for an empty table that never changed: a missing target table
+    // equals it; with rows on the source it is a difference.
+    let equal = if exists {
+        s.rows == d.rows && s.sum == d.sum
+    } else {
+        s.rows == 0
+    };
+    let differing_keys = match (exists, equal) {
+        (false, _) => s.keys.keys().take(10).cloned().collect(),
+        (true, true) => Vec::new(),
+        (true, false) => differing_keys(&s.keys, &d.keys),
+    };
+    Ok(TableCheck {
+        schema: t.schema.clone(),
+        table: t.name.clone(),
+        source_rows: s.rows,
+        target_rows: exists.then_some(d.rows),
+        source_checksum: s.sum,
+        target_checksum: exists.then_some(d.sum),
+        equal,
+        ranges: bounds.len(),
+        differing_ranges,
+        differing_keys,
+    })
+}
+
+/// Up to ten keys whose rows differ: missing on the target or different, then extra there.
+fn differing_keys(source: &BTreeMap<String, u64>, target: &BTreeMap<String, u64>) -> Vec<String> {
+    let changed = source
+        .iter()
+        .filter(|(k, h)| target.get(*k) != Some(*h))
+        .map(|(k, _)| k.clone());
+    let extra = target.keys().filter(|k| !source.contains_key(*k)).cloned();
+    changed.chain(extra).take(10).collect()
 }

@@ -873,6 +873,28 @@ const SLOT_HEALTH_10: &str = "select slot_name::text, coalesce(plugin::text, '')
 /// Retained WAL above which an inactive slot is reported.
 const RETAINED_WARN_BYTES: i64 = 1 << 30;
 
+/// The task's own slot: lost, not the task's kind, retaining much WAL, or fine.
+fn task_slot_verdict(lost: bool, fits: bool, at_risk: bool) -> (Status, &'static str) {
+    if lost {
+        (
+            Status::Fail,
+            "the slot lost WAL it needed: drop it and re-run the full load with CDC",
+        )
+    } else if !fits {
+        (
+            Status::Fail,
+            "the task's slot exists with another plugin or database: choose another slot name or drop it",
+        )
+    } else if at_risk {
+        (
+            Status::Warn,
+            "the slot retains much WAL: run the CDC poller (pgshift cdc) so it advances",
+        )
+    } else {
+        (Status::Pass, "")
+    }
+}
+
 async fn slot_health_checks(
     client: &Client,
     server: &ServerInfo,
@@ -914,24 +936,8 @@ async fn slot_health_checks(
         let lost = wal_status == "lost";
         let at_risk = wal_status == "unreserved" || (!active && retained > RETAINED_WARN_BYTES);
         if is_task {
-            let (status, remedy) = if lost {
-                (
-                    Status::Fail,
-                    "the slot lost WAL it needed: drop it and re-run the full load with CDC",
-                )
-            } else if plugin != "pgoutput" || database != server.database {
-                (
-                    Status::Fail,
-                    "the task's slot exists with another plugin or database: choose another slot name or drop it",
-                )
-            } else if at_risk {
-                (
-                    Status::Warn,
-                    "the slot retains much WAL: run the CDC poller (pgshift cdc) so it advances",
-                )
-            } else {
-                (Status::Pass, "")
-            };
+            let fits = plugin == "pgoutput" && database == server.database;
+            let (status, remedy) = task_slot_verdict(lost, fits, at_risk);
             checks.push(Check::new("task_slot", status, detail, remedy));
         } else if lost || at_risk {
             worries.push(detail);

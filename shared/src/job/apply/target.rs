@@ -1,0 +1,186 @@
+//! The target's tables: created from a staged schema, columns kept in step with schema
+//! versions (add, drop, rename of key columns).
+
+use std::collections::HashMap;
+
+use super::changes::{has_key, quoted_keys};
+use crate::error::{Error, Result};
+use crate::source::{quote_ident, quote_qualified};
+use crate::table::TableSchema;
+
+/// Target tables as this run knows them: columns in order and primary key.
+#[derive(Default)]
+pub(super) struct Tables {
+    pub(super) known: HashMap<(String, String), TableSchema>,
+}
+
+/// The column type to create in the target: the source's, or `text` when the target does not
+/// have it (an extension or user type not created there; values are its text output).
+pub(super) async fn target_type(
+    client: &impl tokio_postgres::GenericClient,
+    type_name: &str,
+) -> Result<String> {
+    let known: bool = client
+        .query_one("select to_regtype($1) is not null", &[&type_name])
+        .await
+        .map_err(|e| Error::postgres("checking a column type in the target", e))?
+        .get(0);
+    Ok(if known {
+        type_name.to_owned()
+    } else {
+        "text".to_owned()
+    })
+}
+
+/// Creates the target table from a staged schema when it does not exist.
+pub(super) async fn ensure_table(
+    client: &impl tokio_postgres::GenericClient,
+    schema: &TableSchema,
+) -> Result<()> {
+    let mut cols = Vec::with_capacity(schema.columns.len());
+    for c in &schema.columns {
+        cols.push(format!(
+            "{} {}",
+            quote_ident(&c.name),
+            target_type(client, &c.type_name).await?
+        ));
+    }
+    let pk: Vec<String> = quoted_keys(schema);
+    let pk = if !has_key(schema) {
+        String::new()
+    } else {
+        format!(", primary key ({})", pk.join(", "))
+    };
+    let sql = format!(
+        "create schema if not exists {}; create table if not exists {} ({}{pk})",
+        quote_ident(&schema.schema),
+        quote_qualified(&schema.schema, &schema.table),
+        cols.join(", ")
+    );
+    client.batch_execute(&sql).await.map_err(|e| {
+        Error::postgres(
+            format!("creating {}.{} in the target", schema.schema, schema.table),
+            e,
+        )
+    })
+}
+
+/// Brings a target table in step with a new schema version of it (inside the batch's
+/// transaction): created when this run has not seen it, else columns renamed, added or
+/// dropped, and a unique index on new key columns.
+pub(super) async fn sync_columns(
+    tx: &tokio_postgres::Transaction<'_>,
+    tables: &mut Tables,
+    schema: &TableSchema,
+) -> Result<()> {
+    let id = (schema.schema.clone(), schema.table.clone());
+    let Some(known) = tables.known.get(&id) else {
+        ensure_table(tx, schema).await?;
+        tables.known.insert(id, schema.clone());
+        return Ok(());
+    };
+    if known.same_shape(schema) {
+        return Ok(());
+    }
+    let name = quote_qualified(&schema.schema, &schema.table);
+    if renamed(known, schema) {
+        rename_columns(tx, &name, known, schema).await?;
+    } else {
+        if let Some(sql) = key_index(&name, known, schema) {
+            tx.batch_execute(&sql)
+                .await
+                .map_err(|e| Error::postgres(format!("indexing the new key of {name}"), e))?;
+        }
+        add_and_drop_columns(tx, &name, known, schema).await?;
+    }
+    tables.known.insert(id, schema.clone());
+    Ok(())
+}
+
+/// Relation messages carry no attribute numbers, so a rename and a drop plus an add of the
+/// same type look alike. Only key columns are taken as renamed (a primary key does not
+/// silently lose a column); other changes are adds and drops by name.
+fn renamed(known: &TableSchema, schema: &TableSchema) -> bool {
+    known.columns.len() == schema.columns.len()
+        && known.columns.iter().zip(&schema.columns).all(|(a, b)| {
+            a.type_oid == b.type_oid
+                && a.type_modifier == b.type_modifier
+                && (a.name == b.name || (a.key && b.key))
+        })
+        && known
+            .columns
+            .iter()
+            .zip(&schema.columns)
+            .any(|(a, b)| a.name != b.name)
+}
+
+/// New key columns (a replica identity index appeared): upserts need a unique index on them.
+fn key_index(name: &str, known: &TableSchema, schema: &TableSchema) -> Option<String> {
+    let key_names = |t: &TableSchema| {
+        t.columns
+            .iter()
+            .filter(|c| c.key)
+            .map(|c| c.name.clone())
+            .collect::<Vec<_>>()
+    };
+    let (old_keys, new_keys) = (key_names(known), key_names(schema));
+    if !has_key(schema) || old_keys == new_keys || known.columns.len() != schema.columns.len() {
+        return None;
+    }
+    let cols: Vec<String> = new_keys.iter().map(|c| quote_ident(c)).collect();
+    Some(format!(
+        "create unique index if not exists {} on {name} ({})",
+        quote_ident(&format!("{}_pgshift_{}", schema.table, new_keys.join("_"))),
+        cols.join(", ")
+    ))
+}
+
+async fn rename_columns(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: &str,
+    known: &TableSchema,
+    schema: &TableSchema,
+) -> Result<()> {
+    for (old, new) in known.columns.iter().zip(&schema.columns) {
+        if old.name != new.name {
+            tx.batch_execute(&format!(
+                "alter table {name} rename column {} to {}",
+                quote_ident(&old.name),
+                quote_ident(&new.name)
+            ))
+            .await
+            .map_err(|e| Error::postgres(format!("renaming column {} of {name}", old.name), e))?;
+        }
+    }
+    Ok(())
+}
+
+async fn add_and_drop_columns(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: &str,
+    known: &TableSchema,
+    schema: &TableSchema,
+) -> Result<()> {
+    for c in &schema.columns {
+        if !known.columns.iter().any(|k| k.name == c.name) {
+            let ty = target_type(tx, &c.type_name).await?;
+            tx.batch_execute(&format!(
+                "alter table {name} add column if not exists {} {ty}",
+                quote_ident(&c.name)
+            ))
+            .await
+            .map_err(|e| Error::postgres(format!("adding column {} to {name}", c.name), e))?;
+        }
+    }
+    for k in &known.columns {
+        if !schema.columns.iter().any(|c| c.name == k.name) {
+            tx.batch_execute(&format!(
+                "alter table {name} drop column if exists {}",
+                quote_ident(&k.name)
+            ))
+            .await
+            .map_err(|e| Error::postgres(format!("dropping column {} from {name}", k.name), e))?;
+        }
+    }
+    Ok(())
+}

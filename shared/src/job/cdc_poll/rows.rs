@@ -1,0 +1,133 @@
+//! The poller's rows: a Relation message becomes the relation's schema (and its stored
+//! version), a change becomes encoded rows in the batch (an UPDATE of the primary key as
+//! D + I, TOAST filled from a full old row; both in [`crate::change::decoder`]).
+
+use std::sync::Arc;
+
+use super::batch::{Batch, Row};
+use super::{Poller, Txn, parquet_for_cdc};
+use crate::change::Op;
+use crate::change::RowChange;
+use crate::change::decoder::{self, Relation, RelationInfo};
+use crate::error::{Error, Result};
+use crate::lsn::Lsn;
+use crate::pgoutput;
+use crate::source::CdcSource;
+use crate::staging::ObjectSink;
+use crate::staging::encode::{Encoding, cdc_csv_row, cdc_json_row};
+use crate::state::StateStore;
+
+impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
+    pub(super) async fn on_relation(&mut self, r: &pgoutput::Relation<'_>, lsn: Lsn) -> Result<()> {
+        let selected = self.opts.selection.selects(r.namespace, r.name);
+        let info = if selected {
+            let types: Vec<(u32, i32)> = r
+                .columns
+                .iter()
+                .map(|c| (c.type_oid, c.type_modifier))
+                .collect();
+            self.source.relation_info(r.rel_id, &types).await?
+        } else {
+            RelationInfo::default()
+        };
+        let (schema, pk) = decoder::table_schema(r, &info);
+        if self.relations.is_current(r.rel_id, &schema) {
+            return Ok(()); // Relation messages repeat in every peek.
+        }
+        let version_key = if selected {
+            self.versions
+                .version_for(self.sink, &schema, lsn, self.opts.commit_ts_column)
+                .await?
+        } else {
+            String::new()
+        };
+        self.relations.insert(
+            r.rel_id,
+            Relation {
+                schema: Arc::new(schema),
+                selected,
+                version_key,
+                pk,
+            },
+        );
+        Ok(())
+    }
+
+    pub(super) async fn stage_update(
+        &mut self,
+        batch: &mut Batch<S::Writer>,
+        t: &Txn,
+        lsn: Lsn,
+        u: &pgoutput::Update<'_>,
+    ) -> Result<()> {
+        let rel = self.relation(u.rel_id, lsn)?;
+        if !rel.selected {
+            return Ok(());
+        }
+        let rows = decoder::update_rows(&rel.pk, u);
+        if rows.key_changed {
+            let del = Row::new(Op::Delete, u.rel_id, rows.old, rows.old_is_full, None);
+            self.stage(batch, t, lsn, del).await?;
+            let ins = Row::new(Op::Insert, u.rel_id, None, false, Some(&rows.new));
+            self.stage(batch, t, lsn, ins).await
+        } else {
+            let upd = Row::new(
+                Op::Update,
+                u.rel_id,
+                rows.old,
+                rows.old_is_full,
+                Some(&rows.new),
+            );
+            self.stage(batch, t, lsn, upd).await
+        }
+    }
+
+    fn relation(&self, rel_id: u32, lsn: Lsn) -> Result<&Relation> {
+        self.relations.get(rel_id).ok_or_else(|| {
+            Error::Protocol(format!(
+                "change at {lsn} for relation {rel_id} before its Relation message"
+            ))
+        })
+    }
+
+    /// Encodes one row change into its table's file of the batch.
+    pub(super) async fn stage(
+        &mut self,
+        batch: &mut Batch<S::Writer>,
+        t: &Txn,
+        lsn: Lsn,
+        row: Row<'_, '_>,
+    ) -> Result<()> {
+        let Some(rel) = self.relations.get(row.rel_id) else {
+            return Err(Error::Protocol(format!(
+                "change at {lsn} for relation {} before its Relation message",
+                row.rel_id
+            )));
+        };
+        if !rel.selected {
+            return Ok(());
+        }
+        let (sink, opts) = (self.sink, self.opts);
+        let change = RowChange {
+            op: row.op,
+            table: &rel.schema,
+            lsn,
+            commit_lsn: t.final_lsn,
+            xid: t.xid,
+            commit_ts: t.commit_ts,
+            old: row.old,
+            old_is_full: row.old_is_full,
+            new: row.new,
+        };
+        let buf = &mut self.row_buf;
+        buf.clear();
+        match opts.format.encoding {
+            Encoding::Csv => cdc_csv_row(&change, opts.commit_ts_column, buf),
+            Encoding::Jsonl => cdc_json_row(&change, buf)?,
+            Encoding::Parquet => return Err(parquet_for_cdc()),
+        }
+        batch
+            .append(sink, opts.format, row.rel_id, rel, row.op, buf)
+            .await
+    }
+}
