@@ -17,7 +17,9 @@ use pgshift::staging::encode::Format;
 
 use crate::report;
 use crate::seams::{Seams, Target, lease_owner, read_selection, resolve, with_seams};
-use crate::{ApplyArgs, CdcArgs, FullLoadArgs, StatusArgs, TestEndpointArgs, ValidateArgs};
+use crate::{
+    ApplyArgs, CdcArgs, FullLoadArgs, StatusArgs, TeardownArgs, TestEndpointArgs, ValidateArgs,
+};
 
 fn print_json(value: serde_json::Result<serde_json::Value>, pretty: bool) {
     let text = match (value, pretty) {
@@ -222,4 +224,42 @@ pub(crate) async fn cdc(args: CdcArgs) -> pgshift::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
     }
+}
+
+pub(crate) async fn teardown(args: TeardownArgs) -> pgshift::Result<ExitCode> {
+    pgshift::config::check_task_name(&args.task)?;
+    let source = resolve(&SourceSpec::parse(&args.source, "--source")?).await?;
+    if !args.yes {
+        use std::io::{BufRead, IsTerminal, Write};
+        if !std::io::stdin().is_terminal() {
+            return Err(Error::config(
+                "--yes",
+                "teardown drops the task's replication slot: pass --yes when not at a terminal",
+            ));
+        }
+        eprint!(
+            "this drops the replication slot, publications and follow trigger of task {} on {}: CDC cannot continue from it.\ntype the task's name to go on: ",
+            args.task,
+            source.target()
+        );
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut answer)
+            .map_err(|e| Error::io("reading the answer", e))?;
+        if answer.trim() != args.task {
+            eprintln!("not confirmed; nothing dropped");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    let dropped = pgshift::job::teardown::run(&source, &args.task).await?;
+    if args.json {
+        print_json(serde_json::to_value(&dropped), false);
+    } else if dropped.is_empty() {
+        println!("task {}: nothing of it is left on the source", args.task);
+    } else {
+        println!("task {}: dropped {}", args.task, dropped.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
 }

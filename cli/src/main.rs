@@ -37,6 +37,23 @@ enum Command {
     Status(StatusArgs),
     /// Drain the task's slot into staged files (creates the publication and slot of a CDC-only task).
     Cdc(CdcArgs),
+    /// Drop everything pgshift created on the source for a task: its replication slot (which
+    /// holds WAL until dropped), publications and follow trigger. Staged data and state stay.
+    Teardown(TeardownArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct TeardownArgs {
+    #[arg(long, env = "PGSHIFT_TASK")]
+    pub(crate) task: String,
+    /// `postgres://..` or `secret:<arn>`.
+    #[arg(long, env = "PGSHIFT_SOURCE")]
+    pub(crate) source: String,
+    /// Do not ask (for scripts): without it, the task's name is asked for on a terminal.
+    #[arg(long)]
+    pub(crate) yes: bool,
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Args)]
@@ -238,5 +255,6 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
         Command::Validate(args) => commands::validate(args).await,
         Command::Status(args) => commands::status(args).await,
         Command::Cdc(args) => commands::cdc(args).await,
+        Command::Teardown(args) => commands::teardown(args).await,
     }
 }

@@ -193,6 +193,54 @@ impl Selection {
     }
 }
 
+impl Selection {
+    /// The selection as a SQL boolean over `schema_expr` and `table_expr` (text expressions),
+    /// matching exactly as [`Selection::selects`] does: `%` any run of characters, every other
+    /// character itself (`_` and `\` escaped), case-sensitive. The rules' names are quoted
+    /// literals (this is for function bodies, where nothing can be bound).
+    pub fn sql_predicate(&self, schema_expr: &str, table_expr: &str) -> String {
+        if self.rules.is_empty() {
+            return "true".to_owned();
+        }
+        let pattern = |p: &str| {
+            let escaped: String = p
+                .chars()
+                .flat_map(|c| match c {
+                    '\\' | '_' => vec!['\\', c],
+                    '\'' => vec!['\'', '\''],
+                    other => vec![other],
+                })
+                .collect();
+            format!("'{escaped}'")
+        };
+        let matches = |r: &Rule| {
+            format!(
+                "({schema_expr} like {} escape '\\' and {table_expr} like {} escape '\\')",
+                pattern(&r.schema),
+                pattern(&r.table)
+            )
+        };
+        let of = |exclude: bool| -> Vec<String> {
+            self.rules
+                .iter()
+                .filter(|r| (r.action == RuleAction::Exclude) == exclude)
+                .map(matches)
+                .collect()
+        };
+        let (include, exclude) = (of(false), of(true));
+        let included = if include.is_empty() {
+            "false".to_owned()
+        } else {
+            include.join(" or ")
+        };
+        if exclude.is_empty() {
+            format!("({included})")
+        } else {
+            format!("(({included}) and not ({}))", exclude.join(" or "))
+        }
+    }
+}
+
 /// DMS `%` matching: `%` is any run of characters; everything else matches itself exactly.
 fn like(pattern: &str, name: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
@@ -224,6 +272,22 @@ mod tests {
 
     fn rules(json: &str) -> Selection {
         Selection::from_json(json, "tables").unwrap()
+    }
+
+    #[test]
+    fn sql_predicates_quote_and_escape_the_patterns() {
+        let sel = rules(
+            r#"{"rules": [
+                {"rule-type": "selection", "rule-id": "1", "rule-name": "1",
+                 "object-locator": {"schema-name": "pub_%", "table-name": "it's\\%"}, "rule-action": "include"},
+                {"rule-type": "selection", "rule-id": "2", "rule-name": "2",
+                 "object-locator": {"schema-name": "%", "table-name": "tmp%"}, "rule-action": "exclude"}]}"#,
+        );
+        assert_eq!(
+            sel.sql_predicate("s", "t"),
+            r"(((s like 'pub\_%' escape '\' and t like 'it''s\\%' escape '\')) and not ((s like '%' escape '\' and t like 'tmp%' escape '\')))"
+        );
+        assert_eq!(Selection::all().sql_predicate("s", "t"), "true");
     }
 
     #[test]

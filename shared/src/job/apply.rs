@@ -102,17 +102,9 @@ pub async fn run<S: ObjectSink>(sink: &S, target: &PgConfig, task: &str) -> Resu
         report.load_rows = rows;
         report.position = l0;
     }
-    for key in layout::batch_manifest_keys(sink).await? {
+    let keys = layout::batch_manifest_keys(sink).await?;
+    for key in pending_batches(&keys, report.position)? {
         let m: BatchManifest = layout::get_json(sink, &key, "a batch manifest").await?;
-        if m.end_lsn <= report.position {
-            continue;
-        }
-        if m.start_lsn < report.position {
-            return Err(Error::Source(format!(
-                "{key} starts at {} but the target is at {}: batches overlap",
-                m.start_lsn, report.position
-            )));
-        }
         let changes =
             apply_batch(sink, &mut client, task, &m, report.position, &mut tables).await?;
         report.batches_applied += 1;
@@ -161,6 +153,29 @@ async fn apply_load<S: ObjectSink>(
         .await
         .map_err(|e| Error::postgres("committing the load", e))?;
     Ok(Some((rows, l0)))
+}
+
+/// The batches a target at `position` has not applied, in order: those ending after it,
+/// each starting where the one before ended or later (idle stretches leave gaps). A batch
+/// straddling the position means two batches overlap: an error, never a guess.
+fn pending_batches(keys: &[String], position: Lsn) -> Result<Vec<String>> {
+    let mut at = position;
+    let mut out = Vec::new();
+    for key in keys {
+        let (start, end) = layout::batch_range(key)
+            .ok_or_else(|| Error::Staged(format!("{key} is not a batch manifest key")))?;
+        if end <= position {
+            continue;
+        }
+        if start < at {
+            return Err(Error::Staged(format!(
+                "{key} starts at {start} but the target is at {at}: batches overlap"
+            )));
+        }
+        out.push(key.clone());
+        at = end;
+    }
+    Ok(out)
 }
 
 /// Loads one table inside the load's transaction: created if missing, truncated, filled from
@@ -311,4 +326,52 @@ async fn apply_batch<S: ObjectSink>(
         .await
         .map_err(|e| Error::postgres("committing a batch", e))?;
     Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::staging::MemorySink;
+    use crate::staging::layout::manifest_key;
+
+    #[tokio::test]
+    async fn a_rerun_resumes_after_the_applied_position_and_never_applies_twice() {
+        let sink = MemorySink::new();
+        let batches = [(0x10, 0x20), (0x20, 0x30), (0x38, 0x40)];
+        for (a, b) in batches {
+            sink.put(&manifest_key(Lsn(a), Lsn(b)), Bytes::from_static(b"{}"))
+                .await
+                .unwrap();
+        }
+        let keys = layout::batch_manifest_keys(&sink).await.unwrap();
+        let pending = |at: u64| pending_batches(&keys, Lsn(at));
+        assert_eq!(pending(0x10).unwrap().len(), 3, "from the load's L0");
+        assert_eq!(
+            pending(0x20).unwrap(),
+            [
+                manifest_key(Lsn(0x20), Lsn(0x30)),
+                manifest_key(Lsn(0x38), Lsn(0x40))
+            ],
+            "a crash after the first batch resumes with the second"
+        );
+        assert_eq!(pending(0x30).unwrap().len(), 1, "an idle gap is fine");
+        assert!(
+            pending(0x40).unwrap().is_empty(),
+            "everything applied: nothing twice"
+        );
+        let err = pending(0x18).unwrap_err();
+        assert!(
+            matches!(err, Error::Staged(_)) && err.to_string().contains("overlap"),
+            "{err}"
+        );
+        // Two manifests for overlapping stretches are refused too.
+        sink.put(
+            &manifest_key(Lsn(0x2C), Lsn(0x50)),
+            Bytes::from_static(b"{}"),
+        )
+        .await
+        .unwrap();
+        let keys = layout::batch_manifest_keys(&sink).await.unwrap();
+        assert!(pending_batches(&keys, Lsn(0x20)).is_err());
+    }
 }

@@ -73,6 +73,7 @@ use crate::job::ensure_task;
 use crate::job::options::CdcOptions;
 use crate::lsn::Lsn;
 use crate::pgoutput::{self, Message};
+use crate::source::publication::peek_names;
 use crate::source::{CdcSource, PeekRequest, PeekStream, PgSource, SlotState};
 use crate::staging::encode::Encoding;
 use crate::staging::layout::{self, BatchManifest, SchemaVersions, manifest_key};
@@ -114,6 +115,13 @@ pub async fn poll<Src: CdcSource, S: ObjectSink, St: StateStore>(
         return Err(parquet_for_cdc());
     }
     let started = Instant::now();
+    if opts.create_if_missing
+        && crate::state::records::get_task(state, &opts.task)
+            .await?
+            .is_none()
+    {
+        layout::check_writable(sink).await?;
+    }
     let task = ensure_task(
         source,
         state,
@@ -149,6 +157,7 @@ pub async fn poll<Src: CdcSource, S: ObjectSink, St: StateStore>(
         lease,
         relations: Relations::default(),
         versions: SchemaVersions::new(),
+        publications: String::new(),
         row_buf: Vec::with_capacity(1024),
     };
     // The drain future is large (S3 writers per table): keep it on the heap.
@@ -192,6 +201,8 @@ struct Poller<'a, Src: CdcSource, S: ObjectSink, St: StateStore> {
     lease: Lease,
     relations: Relations,
     versions: SchemaVersions,
+    /// The peek's `publication_names`.
+    publications: String,
     /// The encoded row being written (reused for every change).
     row_buf: Vec<u8>,
 }
@@ -227,13 +238,19 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         Ok(state)
     }
 
-    /// Step 2: the slot must be at the checkpoint (behind it after a crash between steps 5
-    /// and 6: advanced; ahead of it: changes nobody staged are gone).
-    async fn align_slot(&self) -> Result<SlotState> {
+    /// Step 2: the slot must be at the checkpoint. Behind it after a crash between steps 5
+    /// and 6, it is advanced — once every transaction in between is shown staged; ahead of
+    /// it, changes nobody staged are gone.
+    async fn align_slot(&self, since: Option<Lsn>) -> Result<SlotState> {
         let start = self.checkpoint();
         let state = self.slot_state().await?;
         let confirmed = state.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
         if confirmed < start {
+            let names = peek_names(
+                &self.task.publication,
+                since.is_some_and(|s| confirmed >= s),
+            );
+            self.justify_checkpoint(confirmed, start, names).await?;
             self.source.advance(&self.task.slot, start).await?;
         } else if confirmed > start {
             return Err(Error::SlotLost(format!(
@@ -244,10 +261,96 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         Ok(state)
     }
 
+    /// A checkpoint ahead of the slot is justified when every transaction of a selected table
+    /// committed between them is inside a committed batch (a crash between steps 5 and 6).
+    /// Anything else (edited or foreign state) would lose changes: a terminal error.
+    async fn justify_checkpoint(&self, confirmed: Lsn, start: Lsn, names: String) -> Result<()> {
+        let flush = self.source.drain_target().await?;
+        if start > flush {
+            return Err(Error::SlotLost(format!(
+                "the checkpoint {start} of task {} is ahead of the server's WAL ({flush}): the task's state is not this source's; restore it, or re-run the full load with CDC",
+                self.opts.task
+            )));
+        }
+        let staged: Vec<(Lsn, Lsn)> = layout::batch_manifest_keys(self.sink)
+            .await?
+            .iter()
+            .filter_map(|k| layout::batch_range(k))
+            .collect();
+        let mut peek = self
+            .source
+            .peek(&PeekRequest {
+                slot: self.task.slot.clone(),
+                publication: names,
+                upto: start,
+                max_changes: i32::MAX,
+                timeout: self.opts.source.statement_timeout,
+                deadline: false,
+                split: None,
+            })
+            .await?;
+        let mut selected = std::collections::HashMap::new();
+        let (mut changed, mut unstaged, mut first) = (false, 0u64, None);
+        while let Some((lsn, data)) = peek.next_row().await? {
+            let msg = pgoutput::decode(&data, false)
+                .map_err(|e| Error::Protocol(format!("{e} at {lsn}")))?;
+            let rel = match &msg {
+                Message::Relation(r) => {
+                    let yes = self.opts.selection.selects(r.namespace, r.name);
+                    selected.insert(r.rel_id, yes);
+                    continue;
+                }
+                Message::Begin(_) => {
+                    changed = false;
+                    continue;
+                }
+                Message::Commit(c) => {
+                    let covered = staged
+                        .iter()
+                        .any(|(s, e)| c.end_lsn > *s && c.end_lsn <= *e);
+                    if changed && c.end_lsn <= start && !covered {
+                        unstaged += 1;
+                        first.get_or_insert(c.commit_lsn);
+                    }
+                    continue;
+                }
+                Message::Insert(i) => i.rel_id,
+                Message::Update(u) => u.rel_id,
+                Message::Delete(d) => d.rel_id,
+                Message::Truncate(t) => t.rel_ids.first().copied().unwrap_or(0),
+                _ => continue,
+            };
+            changed |= selected.get(&rel).copied().unwrap_or(true);
+        }
+        peek.cancel().await;
+        match first {
+            None => Ok(()),
+            Some(at) => Err(Error::SlotLost(format!(
+                "the checkpoint {start} of task {} is ahead of what was staged: {unstaged} transactions between the slot's position {confirmed} and it (the first committed at {at}) were never staged, and advancing the slot would lose them; restore the task's state, or re-run the full load with CDC",
+                self.opts.task
+            ))),
+        }
+    }
+
     async fn drain(&mut self, started: Instant) -> Result<PollReport> {
         let opts = self.opts;
-        let state = self.align_slot().await?;
-        let target = self.source.drain_target().await?;
+        // The publications follow the selection; up to where the insert-only one exists
+        // (an earlier version's task) the main one is read alone (`source::publication`).
+        let pubs = self
+            .source
+            .sync_publications(&self.task.publication, &opts.selection)
+            .await?;
+        let server_version = self.source.prepare_peeks(&opts.decoding_work_mem).await?;
+        let state = self.align_slot(pubs.since).await?;
+        let mut target = self.source.drain_target().await?;
+        self.publications = match pubs.since {
+            Some(since) if self.checkpoint() >= since => peek_names(&self.task.publication, true),
+            Some(since) => {
+                target = target.min(since);
+                peek_names(&self.task.publication, false)
+            }
+            None => peek_names(&self.task.publication, false),
+        };
         let mut report = PollReport::new(
             &opts.task,
             &self.task.slot,
@@ -259,7 +362,6 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         report.slot_safe_wal_size = state.safe_wal_size;
         report.slot_wal_status = state.wal_status.clone();
         let mut last_commit_ts: Option<i64> = None;
-        let server_version = self.source.prepare_peeks(&opts.decoding_work_mem).await?;
         // A split that failed once is not tried again in this run.
         let mut split_allowed = opts.peek_sessions >= 2 && server_version >= 120_000;
         loop {
@@ -375,7 +477,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             .source
             .peek(&PeekRequest {
                 slot: self.task.slot.clone(),
-                publication: self.task.publication.clone(),
+                publication: self.publications.clone(),
                 upto: target,
                 max_changes: opts.max_peek_changes,
                 timeout,

@@ -61,6 +61,7 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
         let ids = plan.chunk_ids();
         return Ok((plan, ids));
     }
+    layout::check_writable(sink).await?;
     let mut cfg = opts.source.clone();
     cfg.application_name = "pgshift-plan".to_owned();
     let source = PgSource::from_control(&cfg, source::connect(&cfg).await?);

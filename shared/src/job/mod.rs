@@ -15,6 +15,7 @@ pub mod cdc_poll;
 pub mod full_load;
 pub mod options;
 pub mod status;
+pub mod teardown;
 pub mod test_endpoint;
 pub mod validate;
 
@@ -40,12 +41,27 @@ pub async fn ensure_task<Src: CdcSource, St: StateStore>(
     let replication = source.create_replication(&name, selection).await?;
     let record = TaskRecord {
         slot: name.clone(),
-        publication: name,
+        publication: name.clone(),
         start_lsn: replication.start_lsn,
         database: replication.database,
         created_by: created_by.to_owned(),
     };
-    records::create_task(state, task, record).await
+    match records::create_task(state, task, record).await {
+        Ok(r) => Ok(r),
+        // The task could not be recorded: what was just created on the source is dropped, so
+        // no slot is left holding WAL for a task that does not exist.
+        Err(e) => {
+            match source.drop_replication(&name).await {
+                Ok(dropped) => {
+                    tracing::warn!(task, ?dropped, error = %e, "the task could not be recorded; dropped what was created on the source")
+                }
+                Err(drop_err) => {
+                    tracing::error!(task, error = %e, %drop_err, "the task could not be recorded, and its slot could not be dropped: run pgshift teardown")
+                }
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Parses a Lambda event, naming the offending field on error (`endpoint.port: ...`).

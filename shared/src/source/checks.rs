@@ -485,20 +485,24 @@ async fn create_privilege_check(
             .map_err(|e| Error::postgres("reading publications", e))?;
         if let Some(row) = row {
             let all: bool = row.get(0);
-            return Ok(Check::pass(
-                "create_privilege",
-                format!(
-                    "publication {pub_name} exists ({}); pgshift reuses it",
-                    if all { "FOR ALL TABLES" } else { "FOR TABLE" }
-                ),
-            ));
+            return Ok(if all {
+                Check::new(
+                    "create_privilege",
+                    Status::Warn,
+                    format!(
+                        "publication {pub_name} is FOR ALL TABLES (an earlier pgshift): UPDATE and DELETE on any table without a replica identity fail on the source while it is"
+                    ),
+                    "run the task's next poll (pgshift cdc --once): it replaces the publication with the selected tables",
+                )
+            } else {
+                Check::pass(
+                    "create_privilege",
+                    format!(
+                        "publication {pub_name} exists; pgshift keeps it to the selected tables"
+                    ),
+                )
+            });
         }
-    }
-    if server.superuser {
-        return Ok(Check::pass(
-            "create_privilege",
-            "superuser: the publication is created FOR ALL TABLES, so new tables are captured",
-        ));
     }
     let can_create: bool = client
         .query_one(
@@ -517,7 +521,7 @@ async fn create_privilege_check(
                 server.user, server.database
             ),
             format!(
-                "GRANT CREATE ON DATABASE {} TO {}; or have the table owner run CREATE PUBLICATION and name it in the task",
+                "GRANT CREATE ON DATABASE {} TO {};",
                 quote_ident(&server.database),
                 quote_ident(&server.user)
             ),
@@ -525,25 +529,22 @@ async fn create_privilege_check(
     }
     let not_owned: Vec<&TableInfo> = tables.iter().filter(|t| !t.is_owner).collect();
     if not_owned.is_empty() {
-        Ok(Check::new(
+        return Ok(Check::pass(
             "create_privilege",
-            Status::Warn,
-            "CREATE on the database: the publication is created FOR TABLE the selected tables; tables created later need adding",
-            "ALTER PUBLICATION <name> ADD TABLE <new table>; after creating tables that must be captured",
-        ))
-    } else {
-        Ok(Check::new(
-            "create_privilege",
-            Status::Fail,
-            format!(
-                "{} does not own {} selected tables ({}): CREATE PUBLICATION .. FOR TABLE needs ownership",
-                server.user,
-                not_owned.len(),
-                names(&not_owned)
-            ),
-            "have a superuser (rds_superuser) run CREATE PUBLICATION pgshift_<task> FOR ALL TABLES; and name it in the task",
-        ))
+            "the publications list exactly the selected tables (never FOR ALL TABLES); each poll adds tables that newly match",
+        ));
     }
+    Ok(Check::new(
+        "create_privilege",
+        Status::Fail,
+        format!(
+            "{} does not own {} selected tables ({}): ALTER PUBLICATION .. ADD TABLE needs ownership, so their changes would not be captured",
+            server.user,
+            not_owned.len(),
+            names(&not_owned)
+        ),
+        "GRANT <owner role> TO <pgshift user>; (or run pgshift as the tables' owner)",
+    ))
 }
 
 fn hot_standby_check(server: &ServerInfo, settings: &HashMap<String, (String, String)>) -> Check {
@@ -677,11 +678,14 @@ fn replica_identity_check(tables: &[TableInfo]) -> Check {
         "replica_identity",
         Status::Warn,
         format!(
-            "{} tables have no primary key and no usable replica identity: {} (their updates and deletes carry no key; once published, UPDATE/DELETE on them fail on the source)",
+            "{} tables have no primary key and no usable replica identity: {}. They are published for insert and truncate only, so UPDATE and DELETE on them never fail on the source, and are not captured",
             missing.len(),
             names(&missing)
         ),
-        format!("add a primary key, or {}", fixes.join(" ")),
+        format!(
+            "to capture their updates and deletes, add a primary key, or {}",
+            fixes.join(" ")
+        ),
     )
 }
 

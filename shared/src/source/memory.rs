@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use super::{CdcSource, PeekRequest, PeekStream, Replication, SlotState};
+use super::{CdcSource, PeekRequest, PeekStream, Publications, Replication, SlotState};
 use crate::change::decoder::RelationInfo;
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
@@ -292,6 +292,23 @@ impl CdcSource for MemorySource {
         Ok(Replication {
             start_lsn: start,
             database: "memory".to_owned(),
+        })
+    }
+
+    async fn sync_publications(&self, _name: &str, _selection: &Selection) -> Result<Publications> {
+        Ok(Publications {
+            since: Some(Lsn::ZERO),
+            follows: true,
+            ..Publications::default()
+        })
+    }
+
+    async fn drop_replication(&self, name: &str) -> Result<Vec<String>> {
+        let existed = self.wal()?.slots.remove(name).is_some();
+        Ok(if existed {
+            vec![format!("replication slot {name}")]
+        } else {
+            Vec::new()
         })
     }
 

@@ -4,8 +4,8 @@
 //!   state, advance, the drain target, relation details, the peek), with the PostgreSQL
 //!   implementation [`PgSource`], an in-memory one ([`MemorySource`], for job-level tests) and
 //!   a fault-injecting wrapper ([`UnreliableSource`]).
-//! - [`connect`]: sessions (TLS, SCRAM, classification of failures); [`secret`](Aws secrets):
-//!   a DMS-shaped secret → connection settings.
+//! - [`connect()`]: sessions (TLS, SCRAM, classification of failures); `secret`: a DMS-shaped secret in
+//!   Secrets Manager → connection settings.
 //! - [`catalog`]: server facts, the tables, the ONE columns query; [`checks`]: the endpoint
 //!   checks; [`slot`]: publication and slot SQL; [`peek`]: the (split) peek;
 //!   [`snapshot`]: chunk sessions and their COPY; [`copy_text`]: COPY text → CSV, checksums.
@@ -24,9 +24,11 @@ pub mod catalog;
 pub mod checks;
 pub mod connect;
 pub mod copy_text;
+pub mod follow;
 mod memory;
 pub mod peek;
 mod pg;
+pub mod publication;
 mod secret;
 pub mod slot;
 pub mod snapshot;
@@ -36,6 +38,7 @@ pub use catalog::{ServerInfo, TableInfo};
 pub use connect::connect;
 pub use memory::{MemoryChange, MemorySource};
 pub use pg::PgSource;
+pub use publication::Publications;
 pub use slot::SlotState;
 pub use unreliable::{SourceFault, UnreliableSource};
 
@@ -70,12 +73,21 @@ pub struct PeekRequest {
 pub trait CdcSource: Send + Sync {
     type Peek: PeekStream;
 
-    /// Creates the task's publication (the selected tables) and slot `name`, or reuses them.
+    /// Creates the task's publications (the selected tables) and slot `name`, or reuses them.
     fn create_replication(
         &self,
         name: &str,
         selection: &Selection,
     ) -> impl Future<Output = Result<Replication>> + Send;
+    /// Brings the task's publications to the selection (and keeps following it).
+    fn sync_publications(
+        &self,
+        name: &str,
+        selection: &Selection,
+    ) -> impl Future<Output = Result<Publications>> + Send;
+    /// Drops the slot, publications and follow trigger of the task whose names are `name`
+    /// (teardown, and a first run that could not record the task). Returns what it dropped.
+    fn drop_replication(&self, name: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
     /// The slot's state; `None` when it does not exist.
     fn slot_state(&self, slot: &str) -> impl Future<Output = Result<Option<SlotState>>> + Send;
     /// Moves the slot's confirmed position to `to` (never backwards).

@@ -50,7 +50,7 @@ pub async fn prepare_peek_session(client: &Client, decoding_work_mem: &str) -> R
     Ok(version)
 }
 
-/// One peek of `slot` (or of its temporary copy), as bound by [`PEEK_BIND`].
+/// One peek of `slot` (or of its temporary copy), as bound by `PEEK_BIND`.
 #[derive(Debug, Clone)]
 pub struct Peek<'a> {
     pub slot: &'a str,
@@ -103,7 +103,7 @@ const PEEK_COPY: &str = "copy (select lsn, data from pg_logical_slot_peek_binary
 
 const COPY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 
-/// Splits the binary COPY of [`PEEK_COPY`] into `(lsn, data)` rows, whatever the pieces the
+/// Splits the binary COPY of `PEEK_COPY` into `(lsn, data)` rows, whatever the pieces the
 /// stream arrives in. A row inside one piece is a slice of it (no copy); one spanning pieces
 /// is joined (PostgreSQL sends each row of COPY TO as one CopyData message, so joins are rare:
 /// the header, or a client that splits messages). Every read is checked: malformed bytes are errors naming what is wrong.

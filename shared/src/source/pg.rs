@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex};
 use tokio_postgres::Client;
 
 use super::peek::{self, PgPeek};
-use super::{CdcSource, PeekRequest, Replication, SlotState, catalog, slot};
+use super::{
+    CdcSource, PeekRequest, Publications, Replication, SlotState, catalog, follow, publication,
+    slot,
+};
 use crate::change::decoder::RelationInfo;
 use crate::config::PgConfig;
 use crate::error::{Error, Result};
@@ -83,21 +86,46 @@ impl CdcSource for PgSource {
     type Peek = PgPeek;
 
     async fn create_replication(&self, name: &str, selection: &Selection) -> Result<Replication> {
+        // Publications first: they exist at every WAL position the slot will decode.
+        self.sync_publications(name, selection).await?;
         let server = catalog::server_info(&self.control).await?;
-        let tables = catalog::user_tables(&self.control, selection).await?;
-        slot::ensure_publication(
-            &self.control,
-            name,
-            server.superuser,
-            &tables,
-            server.version_num,
-        )
-        .await?;
         let (start_lsn, _) = slot::create_slot(&self.control, name, &server.database).await?;
         Ok(Replication {
             start_lsn,
             database: server.database,
         })
+    }
+
+    async fn sync_publications(&self, name: &str, selection: &Selection) -> Result<Publications> {
+        let server = catalog::server_info(&self.control).await?;
+        let tables = catalog::user_tables(&self.control, selection).await?;
+        let mut pubs = publication::sync(&self.control, name, &tables, server.version_num).await?;
+        pubs.follows = follow::ensure(
+            &self.control,
+            name,
+            selection,
+            server.version_num,
+            server.superuser,
+        )
+        .await?;
+        if !pubs.added.is_empty() || !pubs.dropped.is_empty() {
+            tracing::info!(publication = %name, added = ?pubs.added, dropped = ?pubs.dropped, insert_only = ?pubs.insert_only, "publications brought to the selection");
+        }
+        Ok(pubs)
+    }
+
+    async fn drop_replication(&self, name: &str) -> Result<Vec<String>> {
+        let mut dropped = Vec::new();
+        if slot::drop_slot(&self.control, name).await? {
+            dropped.push(format!("replication slot {name}"));
+        }
+        for p in publication::drop_all(&self.control, name).await? {
+            dropped.push(format!("publication {p}"));
+        }
+        if follow::drop(&self.control, name).await? {
+            dropped.push(format!("event trigger {}", follow::trigger_name(name)));
+        }
+        Ok(dropped)
     }
 
     async fn slot_state(&self, name: &str) -> Result<Option<SlotState>> {

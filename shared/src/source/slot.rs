@@ -8,8 +8,6 @@
 
 use tokio_postgres::Client;
 
-use super::catalog::TableInfo;
-use super::{quote_ident, quote_qualified};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 
@@ -99,54 +97,6 @@ pub async fn drain_target(client: &Client, max_wait: std::time::Duration) -> Res
     }
 }
 
-/// Creates the publication unless it exists (an existing one is reused, never replaced).
-/// `FOR ALL TABLES` when `all_tables` (a superuser), else `FOR TABLE` the given tables;
-/// partitioned tables publish through their root (PostgreSQL 13+).
-pub async fn ensure_publication(
-    client: &Client,
-    name: &str,
-    all_tables: bool,
-    tables: &[TableInfo],
-    version_num: i32,
-) -> Result<bool> {
-    let exists = client
-        .query_opt("select 1 from pg_publication where pubname = $1", &[&name])
-        .await
-        .map_err(|e| Error::postgres("reading publications", e))?
-        .is_some();
-    if exists {
-        return Ok(false);
-    }
-    let target = if all_tables {
-        "for all tables".to_owned()
-    } else {
-        let list: Vec<String> = tables
-            .iter()
-            .filter(|t| !t.is_partition)
-            .map(|t| quote_qualified(&t.schema, &t.name))
-            .collect();
-        if list.is_empty() {
-            return Err(Error::Source(
-                "no table is selected, and without superuser the publication must list tables"
-                    .to_owned(),
-            ));
-        }
-        format!("for table {}", list.join(", "))
-    };
-    let with = if version_num >= 130_000 {
-        " with (publish_via_partition_root = true)"
-    } else {
-        ""
-    };
-    let sql = format!("create publication {} {target}{with}", quote_ident(name));
-    match client.batch_execute(&sql).await {
-        Ok(()) => Ok(true),
-        // Created concurrently by another worker: reuse it.
-        Err(e) if e.code().is_some_and(|c| c.code() == "42710") => Ok(false),
-        Err(e) => Err(Error::postgres(format!("creating publication {name}"), e)),
-    }
-}
-
 /// Creates the logical slot (pgoutput) and returns its consistent point. A slot that already
 /// exists is reused when it fits (pgoutput, this database) and its confirmed position returned.
 pub async fn create_slot(client: &Client, slot: &str, database: &str) -> Result<(Lsn, bool)> {
@@ -189,6 +139,19 @@ pub async fn create_slot(client: &Client, slot: &str, database: &str) -> Result<
         }
         Err(e) => Err(Error::postgres(format!("creating slot {slot}"), e)),
     }
+}
+
+/// Drops the slot (teardown); false when it did not exist. An active slot (a running peek)
+/// is an error naming it.
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool> {
+    let dropped = client
+        .query_opt(
+            "select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("dropping replication slot {slot}"), e))?;
+    Ok(dropped.is_some())
 }
 
 /// Moves the slot's confirmed position to `to` (never backwards: a no-op when already there).

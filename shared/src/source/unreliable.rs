@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{CdcSource, PeekRequest, PeekStream, Replication, SlotState};
+use super::{CdcSource, PeekRequest, PeekStream, Publications, Replication, SlotState};
 use crate::change::decoder::RelationInfo;
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
@@ -61,6 +61,16 @@ impl<S: CdcSource> CdcSource for UnreliableSource<S> {
     async fn create_replication(&self, name: &str, selection: &Selection) -> Result<Replication> {
         self.alive()?;
         self.inner.create_replication(name, selection).await
+    }
+
+    async fn sync_publications(&self, name: &str, selection: &Selection) -> Result<Publications> {
+        self.alive()?;
+        self.inner.sync_publications(name, selection).await
+    }
+
+    async fn drop_replication(&self, name: &str) -> Result<Vec<String>> {
+        self.alive()?;
+        self.inner.drop_replication(name).await
     }
 
     async fn slot_state(&self, slot: &str) -> Result<Option<SlotState>> {

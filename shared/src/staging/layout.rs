@@ -27,6 +27,9 @@ use crate::table::TableSchema;
 pub const CDC_MANIFESTS: &str = "_manifests/cdc/";
 /// Where load manifests live.
 pub const LOAD_MANIFESTS: &str = "_manifests/load/";
+/// Written and deleted before a task's first slot is created: a stage that cannot be written
+/// fails the run before anything holds WAL on the source.
+pub const WRITE_CHECK_KEY: &str = "_manifests/_write_check";
 /// The chunk list of a plan too large to pass inline through Step Functions.
 pub const CHUNK_LIST_KEY: &str = "_manifests/load/_chunks.json";
 
@@ -58,6 +61,15 @@ pub fn table_prefix(schema: &str, table: &str) -> String {
 /// `_manifests/cdc/<C>-<E>.json`.
 pub fn manifest_key(start: Lsn, end: Lsn) -> String {
     format!("{CDC_MANIFESTS}{}-{}.json", start.key_hex(), end.key_hex())
+}
+
+/// The start and end of a batch from its manifest key (`None` for any other key).
+pub fn batch_range(key: &str) -> Option<(Lsn, Lsn)> {
+    let (start, end) = key
+        .strip_prefix(CDC_MANIFESTS)?
+        .strip_suffix(".json")?
+        .split_once('-')?;
+    Some((Lsn::from_key_hex(start).ok()?, Lsn::from_key_hex(end).ok()?))
 }
 
 /// The prefix of every manifest of a batch starting at `start`.
@@ -195,6 +207,14 @@ pub async fn put_json<S: ObjectSink, T: Serialize>(sink: &S, key: &str, value: &
     sink.put(key, Bytes::from(body)).await
 }
 
+/// Checks the stage takes a write (and a delete), naming it when it does not.
+pub async fn check_writable<S: ObjectSink>(sink: &S) -> Result<()> {
+    sink.put(WRITE_CHECK_KEY, Bytes::from_static(b"pgshift"))
+        .await
+        .map_err(|e| Error::Staged(format!("{} cannot be written: {e}", sink.describe())))?;
+    sink.delete(WRITE_CHECK_KEY).await
+}
+
 /// Reads an object that must exist.
 pub async fn get_required<S: ObjectSink>(sink: &S, key: &str) -> Result<Bytes> {
     sink.get(key).await?.ok_or_else(|| {
@@ -324,6 +344,9 @@ mod tests {
         let keys = vec![b.clone(), a.clone()];
         assert_eq!(existing_batch_end(&keys, Lsn(0xFF)), Some(Lsn(0x100)));
         assert_eq!(existing_batch_end(&keys, Lsn(0x100)), None);
+        assert_eq!(batch_range(&a), Some((Lsn(0xFF), Lsn(0x100))));
+        assert_eq!(batch_range("_manifests/cdc/zz-00.json"), None);
+        assert_eq!(batch_range("_manifests/load/x.json"), None);
     }
 
     #[test]

@@ -330,3 +330,47 @@ fn emf_names_dms_metrics() {
         "CDCLatencySource"
     );
 }
+
+#[tokio::test]
+async fn a_checkpoint_the_slot_cannot_justify_is_a_terminal_error_never_a_loss() {
+    let src = MemorySource::new();
+    let t = src.create_table("public", "t", &[("id", true), ("n", false)]);
+    let (sink, state) = (MemorySink::new(), MemoryStore::new());
+    let o = opts("edited");
+    let first = poll(&src, &sink, &state, &o).await.unwrap();
+    workload(&src, t, 0, &mut BTreeMap::new());
+    let edit = |to: Lsn| {
+        let state = state.clone();
+        async move {
+            let v = state.get("edited", "cdc").await.unwrap().unwrap();
+            let mut doc = v.doc;
+            doc["checkpoint"] = serde_json::json!(to.0);
+            doc["checkpoint_lsn"] = serde_json::json!(to.to_string());
+            state
+                .put("edited", "cdc", &doc, Some(v.version))
+                .await
+                .unwrap();
+        }
+    };
+    // Moved past changes nobody staged.
+    edit(src.flush_lsn()).await;
+    let err = poll(&src, &sink, &state, &o).await.unwrap_err();
+    assert!(matches!(err, Error::SlotLost(_)), "{err}");
+    assert!(err.to_string().contains("3 transactions"), "{err}");
+    assert_eq!(
+        src.confirmed(&first.slot),
+        Some(first.checkpoint),
+        "the slot was not advanced"
+    );
+    // Past the server's WAL.
+    edit(Lsn(src.flush_lsn().0 + 0x1000)).await;
+    let err = poll(&src, &sink, &state, &o).await.unwrap_err();
+    assert!(
+        err.to_string().contains("ahead of the server's WAL"),
+        "{err}"
+    );
+    // Put back, the run stages everything.
+    edit(first.checkpoint).await;
+    let r = poll(&src, &sink, &state, &o).await.unwrap();
+    assert_eq!(r.changes, 7);
+}
