@@ -75,6 +75,7 @@ pub(crate) async fn full_load(args: FullLoadArgs) -> pgshift::Result<ExitCode> {
         selection: read_selection(args.tables.as_deref())?,
         chunk_mib: args.chunk_mb,
         cdc: args.cdc,
+        replica_identity_full: args.replica_identity_full,
         ..TaskSettings::default()
     };
     if !(1..=64).contains(&args.parallel) {
@@ -202,6 +203,7 @@ pub(crate) async fn cdc(args: CdcArgs) -> pgshift::Result<ExitCode> {
         commit_ts_column: args.commit_ts_column,
         selection: read_selection(args.tables.as_deref())?,
         peek_sessions: args.peek_sessions,
+        replica_identity_full: args.replica_identity_full,
         ..TaskSettings::default()
     };
     let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;

@@ -101,6 +101,10 @@ pub(crate) struct FullLoadArgs {
     #[arg(long, default_value_t = 2)]
     pub(crate) parallel: usize,
     /// Create the publication and slot first, so `pgshift cdc` continues from the load.
+    /// Let pgshift set REPLICA IDENTITY FULL on selected tables without a key, so their
+    /// updates and deletes are captured too (without it they are captured insert-only).
+    #[arg(long, env = "PGSHIFT_REPLICA_IDENTITY_FULL")]
+    pub(crate) replica_identity_full: bool,
     #[arg(long)]
     pub(crate) cdc: bool,
     /// Target heap size of a chunk, MiB (small enough that local workers stay balanced).
@@ -182,6 +186,10 @@ pub(crate) struct CdcArgs {
     /// DMS table-mapping JSON file with selection rules (default: all user tables).
     #[arg(long, env = "PGSHIFT_TABLES")]
     pub(crate) tables: Option<std::path::PathBuf>,
+    /// Let pgshift set REPLICA IDENTITY FULL on selected tables without a key, so their
+    /// updates and deletes are captured too (without it they are captured insert-only).
+    #[arg(long, env = "PGSHIFT_REPLICA_IDENTITY_FULL")]
+    pub(crate) replica_identity_full: bool,
     /// Add the commit timestamp column to CSV rows.
     #[arg(long)]
     pub(crate) commit_ts_column: bool,

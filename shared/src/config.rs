@@ -394,6 +394,9 @@ pub struct LambdaEnv {
     pub chunk_mb: u64,
     /// `PGSHIFT_MAX_CONCURRENCY`: chunks exported at once by the state machine (default 8).
     pub max_concurrency: u32,
+    /// `PGSHIFT_REPLICA_IDENTITY_FULL`: pgshift may set REPLICA IDENTITY FULL on selected
+    /// tables without a key (default false: they are captured insert-only).
+    pub replica_identity_full: bool,
     /// `PGSHIFT_PEEK_SESSIONS`: backends a large CDC drain may decode with at once, 1 or 2
     /// (default 2).
     pub peek_sessions: u8,
@@ -443,6 +446,7 @@ impl LambdaEnv {
             |name: &str, default: u64, max: u64| parse_number(name, get(name), default, max);
         let commit_ts_column = flag("PGSHIFT_COMMIT_TS_COLUMN", false)?;
         let cdc = flag("PGSHIFT_CDC", true)?;
+        let replica_identity_full = flag("PGSHIFT_REPLICA_IDENTITY_FULL", false)?;
         let chunk_mb = number("PGSHIFT_CHUNK_MB", 256, 65_536)?;
         let max_concurrency = number("PGSHIFT_MAX_CONCURRENCY", 8, 1000)? as u32;
         let peek_sessions = number("PGSHIFT_PEEK_SESSIONS", 2, 2)? as u8;
@@ -458,6 +462,7 @@ impl LambdaEnv {
         }
         Ok(LambdaEnv {
             cdc,
+            replica_identity_full,
             chunk_mb,
             max_concurrency,
             peek_sessions,

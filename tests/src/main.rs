@@ -6,4 +6,5 @@ mod full_load;
 mod golden;
 mod lambda_runtime;
 mod migrate;
+mod safety;
 mod seams;

@@ -126,7 +126,7 @@ pub async fn poll<Src: CdcSource, S: ObjectSink, St: StateStore>(
         source,
         state,
         &opts.task,
-        &opts.selection,
+        &opts.capture(),
         opts.create_if_missing,
         "cdc",
     )
@@ -338,7 +338,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         // (an earlier version's task) the main one is read alone (`source::publication`).
         let pubs = self
             .source
-            .sync_publications(&self.task.publication, &opts.selection)
+            .sync_publications(&self.task.publication, &opts.capture())
             .await?;
         let server_version = self.source.prepare_peeks(&opts.decoding_work_mem).await?;
         let state = self.align_slot(pubs.since).await?;

@@ -38,7 +38,7 @@ use crate::lsn::Lsn;
 use crate::plan::{ChunkRange, ChunkSizing, Chunking, key_ranges, plan_table};
 use crate::source::copy_text::{RowChecksum, TextToCsv};
 use crate::source::snapshot::{self, ChunkSession};
-use crate::source::{self, PgSource, catalog, quote_ident};
+use crate::source::{self, Capture, PgSource, catalog, quote_ident};
 use crate::staging::ObjectSink;
 use crate::staging::decode::parse_csv_fields;
 use crate::staging::encode::parquet::ParquetEncoder;
@@ -70,15 +70,11 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
     let sizing = ChunkSizing::from_mib(opts.chunk_mib, server.version_num)?;
     // Slot first, then data: every change after L0 reaches CDC.
     let l0 = if opts.cdc {
-        let task = ensure_task(
-            &source,
-            state,
-            &opts.task,
-            &opts.selection,
-            true,
-            "full-load",
-        )
-        .await?;
+        let capture = Capture {
+            selection: opts.selection.clone(),
+            replica_identity_full: opts.replica_identity_full,
+        };
+        let task = ensure_task(&source, state, &opts.task, &capture, true, "full-load").await?;
         Some(task.start_lsn)
     } else {
         None

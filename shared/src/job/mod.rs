@@ -5,8 +5,7 @@
 
 use crate::config::slot_name;
 use crate::error::{Error, Result};
-use crate::selection::Selection;
-use crate::source::CdcSource;
+use crate::source::{Capture, CdcSource};
 use crate::state::StateStore;
 use crate::state::records::{self, TaskRecord};
 
@@ -25,7 +24,7 @@ pub async fn ensure_task<Src: CdcSource, St: StateStore>(
     source: &Src,
     state: &St,
     task: &str,
-    selection: &Selection,
+    capture: &Capture,
     create: bool,
     created_by: &str,
 ) -> Result<TaskRecord> {
@@ -38,7 +37,7 @@ pub async fn ensure_task<Src: CdcSource, St: StateStore>(
         )));
     }
     let name = slot_name(task);
-    let replication = source.create_replication(&name, selection).await?;
+    let replication = source.create_replication(&name, capture).await?;
     let record = TaskRecord {
         slot: name.clone(),
         publication: name.clone(),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::config::{LambdaEnv, PgConfig};
 use crate::plan::Chunking;
 use crate::selection::Selection;
+use crate::source::Capture;
 use crate::staging::encode::Format;
 
 /// The settings a task's jobs share, from the CLI or a Lambda's environment.
@@ -24,6 +25,8 @@ pub struct TaskSettings {
     pub chunk_mib: u64,
     /// The full load creates the slot first.
     pub cdc: bool,
+    /// pgshift may set REPLICA IDENTITY FULL on selected tables without a key.
+    pub replica_identity_full: bool,
 }
 
 impl Default for TaskSettings {
@@ -35,6 +38,7 @@ impl Default for TaskSettings {
             peek_sessions: 2,
             chunk_mib: 256,
             cdc: false,
+            replica_identity_full: false,
         }
     }
 }
@@ -48,6 +52,7 @@ impl From<&LambdaEnv> for TaskSettings {
             peek_sessions: env.peek_sessions,
             chunk_mib: env.chunk_mb,
             cdc: env.cdc,
+            replica_identity_full: env.replica_identity_full,
         }
     }
 }
@@ -67,6 +72,7 @@ impl TaskSettings {
         o.commit_ts_column = self.commit_ts_column;
         o.selection = self.selection.clone();
         o.peek_sessions = self.peek_sessions;
+        o.replica_identity_full = self.replica_identity_full;
         if let Some(left) = time_left {
             o.deadline = Some(Instant::now() + left);
             o.lease_ttl = left + Duration::from_secs(30);
@@ -88,6 +94,7 @@ impl TaskSettings {
         o.selection = self.selection.clone();
         o.chunk_mib = self.chunk_mib;
         o.cdc = self.cdc;
+        o.replica_identity_full = self.replica_identity_full;
         if let Some(left) = time_left {
             o.lease_ttl = left + Duration::from_secs(60);
         }
@@ -125,6 +132,18 @@ pub struct CdcOptions {
     pub decoding_work_mem: String,
     /// Create the publication and slot when the task has none (a CDC-only task).
     pub create_if_missing: bool,
+    /// pgshift may set REPLICA IDENTITY FULL on selected tables without a key.
+    pub replica_identity_full: bool,
+}
+
+impl CdcOptions {
+    /// What the task captures.
+    pub fn capture(&self) -> Capture {
+        Capture {
+            selection: self.selection.clone(),
+            replica_identity_full: self.replica_identity_full,
+        }
+    }
 }
 
 impl CdcOptions {
@@ -146,6 +165,7 @@ impl CdcOptions {
             owner: owner.into(),
             decoding_work_mem: "256MB".to_owned(),
             create_if_missing: true,
+            replica_identity_full: false,
         }
     }
 }
@@ -167,6 +187,8 @@ pub struct LoadOptions {
     pub lease_ttl: Duration,
     /// Page ranges (PostgreSQL 14+) or primary-key ranges.
     pub chunking: Chunking,
+    /// pgshift may set REPLICA IDENTITY FULL on selected tables without a key.
+    pub replica_identity_full: bool,
 }
 
 impl LoadOptions {
@@ -182,6 +204,7 @@ impl LoadOptions {
             owner: owner.into(),
             lease_ttl: Duration::from_secs(900),
             chunking: Chunking::Auto,
+            replica_identity_full: false,
         }
     }
 }

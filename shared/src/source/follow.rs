@@ -13,10 +13,10 @@
 
 use tokio_postgres::Client;
 
+use super::Capture;
 use super::publication::insert_only;
 use super::quote_ident;
 use crate::error::{Error, Result};
-use crate::selection::Selection;
 
 /// The event trigger's (and its function's) name for the task whose publication is `name`.
 pub fn trigger_name(name: &str) -> String {
@@ -24,7 +24,7 @@ pub fn trigger_name(name: &str) -> String {
 }
 
 /// The function's body for `selection`, in the schema `public`.
-fn body(name: &str, selection: &Selection, version_num: i32) -> String {
+fn body(name: &str, capture: &Capture, version_num: i32) -> String {
     let main = name.replace('\'', "''");
     let ins = insert_only(name).replace('\'', "''");
     let skip_partitions = if version_num >= 130_000 {
@@ -32,7 +32,12 @@ fn body(name: &str, selection: &Selection, version_num: i32) -> String {
     } else {
         "rel.relkind = 'p'"
     };
-    let selected = selection.sql_predicate("nsp", "rel.relname::text");
+    let selected = capture.selection.sql_predicate("nsp", "rel.relname::text");
+    let full = if capture.replica_identity_full {
+        "if not keyed and rel.relkind = 'r' then\n        execute format('alter table %I.%I replica identity full', nsp, rel.relname);\n        keyed := true;\n      end if;"
+    } else {
+        ""
+    };
     format!(
         r#"
 declare
@@ -56,6 +61,7 @@ begin
       end if;
       keyed := rel.relreplident in ('f', 'i') or (rel.relreplident = 'd' and exists (
         select 1 from pg_index i where i.indrelid = rel.oid and i.indisprimary));
+      {full}
       into_pub := case when keyed then '{main}' else '{ins}' end;
       out_pub := case when keyed then '{ins}' else '{main}' end;
       if exists (select 1 from pg_publication_rel pr join pg_publication p on p.oid = pr.prpubid
@@ -82,7 +88,7 @@ end
 pub async fn ensure(
     client: &Client,
     name: &str,
-    selection: &Selection,
+    capture: &Capture,
     version_num: i32,
     superuser: bool,
 ) -> Result<bool> {
@@ -90,7 +96,7 @@ pub async fn ensure(
         return Ok(false);
     }
     let trigger = trigger_name(name);
-    let body = body(name, selection, version_num);
+    let body = body(name, capture, version_num);
     let current: Option<String> = client
         .query_opt(
             "select p.prosrc from pg_proc p join pg_namespace n on n.oid = p.pronamespace \
@@ -112,14 +118,17 @@ pub async fn ensure(
         return Ok(true);
     }
     let func = format!("public.{}", quote_ident(&trigger));
+    // Under the task's publication lock: two first runs at once do this one after the other.
     let sql = format!(
-        "create or replace function {func}() returns event_trigger language plpgsql \
+        "select pg_advisory_xact_lock(hashtext('pgshift publication ' || '{lock}')); \
+         create or replace function {func}() returns event_trigger language plpgsql \
          security definer set search_path = pg_catalog, pg_temp as $pgshift${body}$pgshift$; \
          drop event trigger if exists {t}; \
          create event trigger {t} on ddl_command_end \
          when tag in ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE') \
          execute function {func}()",
-        t = quote_ident(&trigger)
+        t = quote_ident(&trigger),
+        lock = name.replace('\'', "''")
     );
     // One simple query: one implicit transaction, all of it or nothing.
     client

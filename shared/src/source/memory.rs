@@ -9,11 +9,10 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use super::{CdcSource, PeekRequest, PeekStream, Publications, Replication, SlotState};
+use super::{Capture, CdcSource, PeekRequest, PeekStream, Publications, Replication, SlotState};
 use crate::change::decoder::RelationInfo;
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
-use crate::selection::Selection;
 
 /// A change a test commits. Values are text (`None` is NULL); every column is `text`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -285,7 +284,7 @@ fn change(c: &MemoryChange) -> Bytes {
 impl CdcSource for MemorySource {
     type Peek = MemoryPeek;
 
-    async fn create_replication(&self, name: &str, _selection: &Selection) -> Result<Replication> {
+    async fn create_replication(&self, name: &str, _capture: &Capture) -> Result<Replication> {
         let mut wal = self.wal()?;
         let at = Lsn(wal.lsn);
         let start = *wal.slots.entry(name.to_owned()).or_insert(at);
@@ -295,7 +294,7 @@ impl CdcSource for MemorySource {
         })
     }
 
-    async fn sync_publications(&self, _name: &str, _selection: &Selection) -> Result<Publications> {
+    async fn sync_publications(&self, _name: &str, _capture: &Capture) -> Result<Publications> {
         Ok(Publications {
             since: Some(Lsn::ZERO),
             follows: true,
@@ -446,7 +445,7 @@ mod tests {
         let src = MemorySource::new();
         let t = src.create_table("public", "t", &[("id", true), ("v", false)]);
         let start = src
-            .create_replication("s", &Selection::all())
+            .create_replication("s", &Capture::default())
             .await
             .unwrap()
             .start_lsn;

@@ -50,6 +50,15 @@ pub struct Replication {
     pub database: String,
 }
 
+/// What a task captures: its selection, and whether pgshift may set REPLICA IDENTITY FULL on
+/// selected tables without a key (so their updates and deletes are captured too; it costs the
+/// source the whole old row in the WAL of each). Off, such tables are captured insert-only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capture {
+    pub selection: Selection,
+    pub replica_identity_full: bool,
+}
+
 /// One peek (see the CDC poller's module docs, step 3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeekRequest {
@@ -77,13 +86,13 @@ pub trait CdcSource: Send + Sync {
     fn create_replication(
         &self,
         name: &str,
-        selection: &Selection,
+        capture: &Capture,
     ) -> impl Future<Output = Result<Replication>> + Send;
     /// Brings the task's publications to the selection (and keeps following it).
     fn sync_publications(
         &self,
         name: &str,
-        selection: &Selection,
+        capture: &Capture,
     ) -> impl Future<Output = Result<Publications>> + Send;
     /// Drops the slot, publications and follow trigger of the task whose names are `name`
     /// (teardown, and a first run that could not record the task). Returns what it dropped.

@@ -8,14 +8,13 @@ use tokio_postgres::Client;
 
 use super::peek::{self, PgPeek};
 use super::{
-    CdcSource, PeekRequest, Publications, Replication, SlotState, catalog, follow, publication,
-    slot,
+    Capture, CdcSource, PeekRequest, Publications, Replication, SlotState, catalog, follow,
+    publication, slot,
 };
 use crate::change::decoder::RelationInfo;
 use crate::config::PgConfig;
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
-use crate::selection::Selection;
 
 /// The CDC poller's PostgreSQL source.
 pub struct PgSource {
@@ -85,9 +84,9 @@ impl PgSource {
 impl CdcSource for PgSource {
     type Peek = PgPeek;
 
-    async fn create_replication(&self, name: &str, selection: &Selection) -> Result<Replication> {
+    async fn create_replication(&self, name: &str, capture: &Capture) -> Result<Replication> {
         // Publications first: they exist at every WAL position the slot will decode.
-        self.sync_publications(name, selection).await?;
+        self.sync_publications(name, capture).await?;
         let server = catalog::server_info(&self.control).await?;
         let (start_lsn, _) = slot::create_slot(&self.control, name, &server.database).await?;
         Ok(Replication {
@@ -96,14 +95,17 @@ impl CdcSource for PgSource {
         })
     }
 
-    async fn sync_publications(&self, name: &str, selection: &Selection) -> Result<Publications> {
+    async fn sync_publications(&self, name: &str, capture: &Capture) -> Result<Publications> {
         let server = catalog::server_info(&self.control).await?;
-        let tables = catalog::user_tables(&self.control, selection).await?;
+        let mut tables = catalog::user_tables(&self.control, &capture.selection).await?;
+        if capture.replica_identity_full {
+            publication::set_replica_identity_full(&self.control, &mut tables).await?;
+        }
         let mut pubs = publication::sync(&self.control, name, &tables, server.version_num).await?;
         pubs.follows = follow::ensure(
             &self.control,
             name,
-            selection,
+            capture,
             server.version_num,
             server.superuser,
         )

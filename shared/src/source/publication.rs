@@ -446,6 +446,27 @@ async fn wal_insert_position(client: &Client) -> Result<Lsn> {
         .map_err(|e: LsnParseError| Error::Protocol(e.to_string()))
 }
 
+/// Sets REPLICA IDENTITY FULL on the selected plain tables (partitions included) that have no
+/// usable replica identity and that the role owns (the user opted in: `--replica-identity-full`).
+pub async fn set_replica_identity_full(client: &Client, tables: &mut [TableInfo]) -> Result<()> {
+    for t in tables.iter_mut() {
+        if t.kind == 'r' && t.is_owner && !t.has_replica_identity() {
+            client
+                .batch_execute(&format!("alter table {} replica identity full", t.quoted()))
+                .await
+                .map_err(|e| {
+                    Error::postgres(
+                        format!("setting REPLICA IDENTITY FULL on {}", t.display_name()),
+                        e,
+                    )
+                })?;
+            tracing::info!(table = %t.display_name(), "REPLICA IDENTITY FULL set (--replica-identity-full)");
+            t.replica_identity = 'f';
+        }
+    }
+    Ok(())
+}
+
 /// Drops the task's publications (teardown); missing ones are fine.
 pub async fn drop_all(client: &Client, name: &str) -> Result<Vec<String>> {
     let mut dropped = Vec::new();

@@ -115,9 +115,7 @@ pub async fn create_slot(client: &Client, slot: &str, database: &str) -> Result<
             Ok((lsn, true))
         }
         Err(e) if e.code().is_some_and(|c| c.code() == "42710") => {
-            let state = slot_state(client, slot)
-                .await?
-                .ok_or_else(|| Error::Source(format!("slot {slot} vanished while being reused")))?;
+            let state = settled_slot(client, slot).await?;
             if state.plugin != "pgoutput" || state.database != database {
                 return Err(Error::Source(format!(
                     "slot {slot} exists with plugin {} in database {}: drop it or choose another task name",
@@ -152,6 +150,23 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool> {
         .await
         .map_err(|e| Error::postgres(format!("dropping replication slot {slot}"), e))?;
     Ok(dropped.is_some())
+}
+
+/// The state of a slot that exists, once it has a confirmed position (a slot another session
+/// is still creating has none until it reaches its consistent point).
+async fn settled_slot(client: &Client, slot: &str) -> Result<SlotState> {
+    for _ in 0..600 {
+        let state = slot_state(client, slot)
+            .await?
+            .ok_or_else(|| Error::Source(format!("slot {slot} vanished while being reused")))?;
+        if state.confirmed_flush_lsn.is_some() {
+            return Ok(state);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Err(Error::Source(format!(
+        "slot {slot} is being created by another session and has no consistent point after a minute; a long-running transaction blocks it (pgshift test-endpoint lists them)"
+    )))
 }
 
 /// Moves the slot's confirmed position to `to` (never backwards: a no-op when already there).

@@ -7,11 +7,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{CdcSource, PeekRequest, PeekStream, Publications, Replication, SlotState};
+use super::{Capture, CdcSource, PeekRequest, PeekStream, Publications, Replication, SlotState};
 use crate::change::decoder::RelationInfo;
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
-use crate::selection::Selection;
 
 /// How the source fails.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,14 +57,14 @@ impl<S: CdcSource> UnreliableSource<S> {
 impl<S: CdcSource> CdcSource for UnreliableSource<S> {
     type Peek = UnreliablePeek<S::Peek>;
 
-    async fn create_replication(&self, name: &str, selection: &Selection) -> Result<Replication> {
+    async fn create_replication(&self, name: &str, capture: &Capture) -> Result<Replication> {
         self.alive()?;
-        self.inner.create_replication(name, selection).await
+        self.inner.create_replication(name, capture).await
     }
 
-    async fn sync_publications(&self, name: &str, selection: &Selection) -> Result<Publications> {
+    async fn sync_publications(&self, name: &str, capture: &Capture) -> Result<Publications> {
         self.alive()?;
-        self.inner.sync_publications(name, selection).await
+        self.inner.sync_publications(name, capture).await
     }
 
     async fn drop_replication(&self, name: &str) -> Result<Vec<String>> {

@@ -1,0 +1,467 @@
+//! pgshift never makes a source statement fail, and leaves nothing behind it cannot justify:
+//! exact publications (keyless tables insert-only), an earlier version's `FOR ALL TABLES`
+//! publication brought in line, new tables followed from their first row, teardown, no orphan
+//! slot after a failed first run, a checkpoint the slot cannot justify, racing first runs.
+
+use pgshift::error::Error;
+use pgshift::job::cdc_poll;
+use pgshift::job::options::CdcOptions;
+use pgshift::selection::Selection;
+use pgshift::state::StateStore;
+use pgshift_tests::{Staging, TempDir, TestDb, replay};
+
+fn opts(task: &str, db: &TestDb) -> CdcOptions {
+    let mut o = CdcOptions::new(task, db.config(), "owner");
+    o.peek_sessions = 1;
+    o
+}
+
+fn selection(json: &str) -> Selection {
+    Selection::from_json(json, "tables").unwrap()
+}
+
+/// `schema.table` of every table in a publication.
+async fn members(c: &tokio_postgres::Client, publication: &str) -> Vec<String> {
+    c.query(
+        "select n.nspname || '.' || c.relname from pg_publication_rel pr \
+         join pg_publication p on p.oid = pr.prpubid join pg_class c on c.oid = pr.prrelid \
+         join pg_namespace n on n.oid = c.relnamespace where p.pubname = $1 order by 1",
+        &[&publication],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Staged ops per table: `table → "IIUD.."` in order.
+async fn staged_ops<S: pgshift::staging::ObjectSink>(
+    sink: &S,
+) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for c in replay::read_changes(sink).await {
+        out.entry(c.table)
+            .or_insert_with(String::new)
+            .push_str(&c.op);
+    }
+    out
+}
+
+#[tokio::test]
+async fn keyless_tables_in_or_out_of_the_selection_never_fail_on_the_source() {
+    let Staging {
+        db,
+        sink,
+        state,
+        dir: _dir,
+    } = Staging::new("safe_keyless").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "create table public.other_nopk (x int); insert into public.other_nopk values (1);
+         create table public.sel_nopk (x int); insert into public.sel_nopk values (1);
+         create table public.sel_pk (id int primary key, v int);",
+    )
+    .await
+    .unwrap();
+    let mut o = opts("keyless", &db);
+    o.selection = selection(
+        r#"{"rules": [{"rule-type": "selection", "rule-id": "1", "rule-name": "1",
+            "object-locator": {"schema-name": "public", "table-name": "sel%"}, "rule-action": "include"}]}"#,
+    );
+    cdc_poll::run(&sink, &state, &o).await.unwrap();
+    assert_eq!(members(&c, "pgshift_keyless").await, ["public.sel_pk"]);
+    assert_eq!(
+        members(&c, "pgshift_keyless$ins").await,
+        ["public.sel_nopk"]
+    );
+    // Neither a table outside the selection nor a selected one without a key fails.
+    c.batch_execute(
+        "update public.other_nopk set x = 2; delete from public.other_nopk;
+         insert into public.sel_nopk values (2), (3); update public.sel_nopk set x = 4 where x = 1;
+         delete from public.sel_nopk where x = 2; truncate public.sel_nopk; insert into public.sel_nopk values (5);
+         insert into public.sel_pk values (1, 1); update public.sel_pk set v = 2; delete from public.sel_pk;",
+    )
+    .await
+    .expect("pgshift made a source statement fail");
+    cdc_poll::run(&sink, &state, &o).await.unwrap();
+    let ops = staged_ops(&sink).await;
+    assert_eq!(
+        ops.get("public.sel_nopk").map(String::as_str),
+        Some("IITI"),
+        "inserts and truncates only"
+    );
+    assert_eq!(ops.get("public.sel_pk").map(String::as_str), Some("IUD"));
+    assert!(!ops.contains_key("public.other_nopk"));
+
+    // The endpoint check names the tables and the fix.
+    let report = pgshift::job::test_endpoint::run(
+        &db.config(),
+        &pgshift::source::checks::CheckOptions {
+            selection: o.selection.clone(),
+            publication_name: Some("pgshift_keyless".to_owned()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let ri = report.check("replica_identity").unwrap();
+    assert!(
+        ri.detail.contains("public.sel_nopk") && ri.detail.contains("insert and truncate only"),
+        "{ri:?}"
+    );
+    assert!(ri.remedy.contains("REPLICA IDENTITY FULL"), "{ri:?}");
+
+    // Opted in, pgshift sets REPLICA IDENTITY FULL and the table moves to the main publication.
+    o.replica_identity_full = true;
+    cdc_poll::run(&sink, &state, &o).await.unwrap();
+    assert_eq!(
+        members(&c, "pgshift_keyless").await,
+        ["public.sel_nopk", "public.sel_pk"]
+    );
+    assert!(members(&c, "pgshift_keyless$ins").await.is_empty());
+    c.batch_execute("update public.sel_nopk set x = 6; delete from public.sel_nopk")
+        .await
+        .unwrap();
+    cdc_poll::run(&sink, &state, &o).await.unwrap();
+    let ops = staged_ops(&sink).await;
+    assert_eq!(
+        ops.get("public.sel_nopk").map(String::as_str),
+        Some("IITIUD")
+    );
+}
+
+#[tokio::test]
+async fn an_earlier_for_all_tables_publication_is_brought_in_line_without_a_loss() {
+    let Staging {
+        db,
+        sink,
+        state,
+        dir: _dir,
+    } = Staging::new("safe_upgrade").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "create table public.pk (id int primary key, v int);
+         create table public.nopk (x int);",
+    )
+    .await
+    .unwrap();
+    let o = opts("upgrade", &db);
+    cdc_poll::run(&sink, &state, &o).await.unwrap();
+    // As an earlier version left it: one publication FOR ALL TABLES (swapped in one
+    // transaction, so the slot decodes across it).
+    c.batch_execute(
+        "begin; drop publication \"pgshift_upgrade$ins\"; drop publication pgshift_upgrade;
+         create publication pgshift_upgrade for all tables; commit;",
+    )
+    .await
+    .unwrap();
+    assert!(
+        c.batch_execute("delete from public.nopk").await.is_err(),
+        "the outage being fixed"
+    );
+    c.batch_execute("insert into public.nopk values (1); insert into public.pk values (1, 1)")
+        .await
+        .unwrap();
+    // A poll replaces it once no transaction older than the insert-only publication runs
+    // (other tests' transactions on this cluster can defer it to a later poll), and stages
+    // what was written before.
+    let mut replaced = false;
+    for _ in 0..100 {
+        cdc_poll::run(&sink, &state, &o).await.unwrap();
+        let all: bool = c
+            .query_one(
+                "select puballtables from pg_publication where pubname = 'pgshift_upgrade'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if !all {
+            replaced = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        replaced,
+        "the FOR ALL TABLES publication was never replaced"
+    );
+    assert_eq!(members(&c, "pgshift_upgrade$ins").await, ["public.nopk"]);
+    c.batch_execute("delete from public.nopk where false; update public.nopk set x = 9; insert into public.nopk values (2); insert into public.pk values (2, 2)")
+        .await
+        .expect("no longer fails");
+    let r = cdc_poll::run(&sink, &state, &o).await.unwrap();
+    assert!(r.checkpoint >= r.target);
+    cdc_poll::run(&sink, &state, &o).await.unwrap();
+    let ops = staged_ops(&sink).await;
+    assert_eq!(
+        ops.get("public.nopk").map(String::as_str),
+        Some("II"),
+        "{ops:?}"
+    );
+    assert_eq!(
+        ops.get("public.pk").map(String::as_str),
+        Some("II"),
+        "{ops:?}"
+    );
+}
+
+#[tokio::test]
+async fn new_matching_tables_are_captured_from_their_first_row() {
+    let Staging {
+        db,
+        sink,
+        state,
+        dir: _dir,
+    } = Staging::new("safe_follow").await;
+    let c = db.client().await;
+    c.batch_execute("create table public.t_first (id int primary key)")
+        .await
+        .unwrap();
+    let mut o = opts("follow", &db);
+    o.selection = selection(
+        r#"{"rules": [{"rule-type": "selection", "rule-id": "1", "rule-name": "1",
+            "object-locator": {"schema-name": "public", "table-name": "t_%"}, "rule-action": "include"}]}"#,
+    );
+    cdc_poll::run(&sink, &state, &o).await.unwrap();
+    // Created and filled in one transaction, after the last poll.
+    c.batch_execute(
+        "begin; create table public.t_new (x int); insert into public.t_new values (1), (2); commit;
+         begin; create table public.t_keyed (id int primary key); insert into public.t_keyed values (1); commit;
+         create table public.other (x int); insert into public.other values (1);
+         update public.t_new set x = 3 where x = 1;",
+    )
+    .await
+    .expect("the follow trigger never fails a statement");
+    cdc_poll::run(&sink, &state, &o).await.unwrap();
+    let ops = staged_ops(&sink).await;
+    assert_eq!(
+        ops.get("public.t_new").map(String::as_str),
+        Some("II"),
+        "{ops:?}"
+    );
+    assert_eq!(
+        ops.get("public.t_keyed").map(String::as_str),
+        Some("I"),
+        "{ops:?}"
+    );
+    assert!(!ops.contains_key("public.other"));
+    // A key added later moves the table to the main publication in the same statement.
+    c.batch_execute(
+        "alter table public.t_new add primary key (x); update public.t_new set x = 4 where x = 3",
+    )
+    .await
+    .unwrap();
+    assert!(
+        members(&c, "pgshift_follow")
+            .await
+            .contains(&"public.t_new".to_owned())
+    );
+    cdc_poll::run(&sink, &state, &o).await.unwrap();
+    // The update changes the new primary key: D + I.
+    let ops = staged_ops(&sink).await;
+    assert_eq!(
+        ops.get("public.t_new").map(String::as_str),
+        Some("IIDI"),
+        "{ops:?}"
+    );
+}
+
+#[tokio::test]
+async fn teardown_drops_what_pgshift_created_and_says_so() {
+    let db = TestDb::new("safe_teardown").await;
+    let dir = TempDir::new("safe_teardown");
+    let c = db.client().await;
+    c.batch_execute("create table public.t (id int primary key)")
+        .await
+        .unwrap();
+    let url = pgshift_tests::url(&db.config());
+    let run = |args: &[&str]| {
+        std::process::Command::new(pgshift_tests::pgshift_bin())
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let stage = dir.path().join("stage");
+    let state = dir.path().join("state");
+    let out = run(&[
+        "cdc",
+        "--task",
+        "gone",
+        "--source",
+        &url,
+        "--stage",
+        stage.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "--once",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let count = |sql: &'static str| {
+        let c = &c;
+        async move { c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(
+        count("select count(*) from pg_replication_slots where slot_name = 'pgshift_gone'").await,
+        1
+    );
+    // Not at a terminal and without --yes: refused, nothing dropped.
+    let out = run(&["teardown", "--task", "gone", "--source", &url]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--yes"));
+    assert_eq!(
+        count("select count(*) from pg_replication_slots where slot_name = 'pgshift_gone'").await,
+        1
+    );
+    let out = run(&["teardown", "--task", "gone", "--source", &url, "--yes"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("replication slot pgshift_gone")
+            && said.contains("publication pgshift_gone$ins"),
+        "{said}"
+    );
+    assert_eq!(
+        count("select count(*) from pg_replication_slots where slot_name = 'pgshift_gone'").await,
+        0
+    );
+    assert_eq!(
+        count("select count(*) from pg_publication where pubname like 'pgshift_gone%'").await,
+        0
+    );
+    assert_eq!(
+        count("select count(*) from pg_event_trigger where evtname = 'pgshift_gone_follow'").await,
+        0
+    );
+    let out = run(&["teardown", "--task", "gone", "--source", &url, "--yes"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing of it is left"));
+}
+
+#[tokio::test]
+async fn a_first_run_that_cannot_write_its_stage_leaves_no_slot() {
+    let db = TestDb::new("safe_orphan").await;
+    let dir = TempDir::new("safe_orphan");
+    // The stage is a file, not a folder: nothing can be written under it.
+    let stage = dir.path().join("stage");
+    std::fs::write(&stage, b"not a folder").unwrap();
+    let sink = pgshift::staging::LocalSink::new(&stage);
+    let state = pgshift::state::FileStore::new(dir.path().join("state"));
+    let err = cdc_poll::run(&sink, &state, &opts("orphan", &db))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot be written"), "{err}");
+    let c = db.client().await;
+    let slots: i64 = c
+        .query_one(
+            "select count(*) from pg_replication_slots where slot_name = 'pgshift_orphan'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "no slot left holding WAL");
+}
+
+#[tokio::test]
+async fn a_checkpoint_ahead_of_what_was_staged_is_refused_and_loses_nothing() {
+    let Staging {
+        db,
+        sink,
+        state,
+        dir: _dir,
+    } = Staging::new("safe_ahead").await;
+    let c = db.client().await;
+    c.batch_execute("create table public.t (id int primary key)")
+        .await
+        .unwrap();
+    let o = opts("ahead", &db);
+    let first = cdc_poll::run(&sink, &state, &o).await.unwrap();
+    c.batch_execute("insert into public.t select generate_series(1, 10)")
+        .await
+        .unwrap();
+    let flush: String = c
+        .query_one("select pg_current_wal_flush_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let flush: pgshift::Lsn = flush.parse().unwrap();
+    // The state edited to skip the insert.
+    let v = state.get("ahead", "cdc").await.unwrap().unwrap();
+    let mut doc = v.doc;
+    doc["checkpoint"] = serde_json::json!(flush.0);
+    doc["checkpoint_lsn"] = serde_json::json!(flush.to_string());
+    state
+        .put("ahead", "cdc", &doc, Some(v.version))
+        .await
+        .unwrap();
+    let err = cdc_poll::run(&sink, &state, &o).await.unwrap_err();
+    assert!(
+        matches!(err, Error::SlotLost(_)) && err.to_string().contains("never staged"),
+        "{err}"
+    );
+    let confirmed: String = c
+        .query_one("select confirmed_flush_lsn::text from pg_replication_slots where slot_name = 'pgshift_ahead'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        confirmed.parse::<pgshift::Lsn>().unwrap(),
+        first.checkpoint,
+        "the slot did not move"
+    );
+    // Put back: all 10 rows are staged.
+    let v = state.get("ahead", "cdc").await.unwrap().unwrap();
+    let mut doc = v.doc;
+    doc["checkpoint"] = serde_json::json!(first.checkpoint.0);
+    doc["checkpoint_lsn"] = serde_json::json!(first.checkpoint.to_string());
+    state
+        .put("ahead", "cdc", &doc, Some(v.version))
+        .await
+        .unwrap();
+    assert_eq!(cdc_poll::run(&sink, &state, &o).await.unwrap().changes, 10);
+}
+
+#[tokio::test]
+async fn racing_first_runs_create_the_task_once_without_an_error() {
+    for round in 0..5 {
+        let Staging {
+            db,
+            sink,
+            state,
+            dir: _dir,
+        } = Staging::new("safe_race").await;
+        db.client()
+            .await
+            .batch_execute(
+                "create table public.t (id int primary key); create table public.u (x int)",
+            )
+            .await
+            .unwrap();
+        let mut a = opts(&format!("race{round}"), &db);
+        let mut b = a.clone();
+        a.owner = "a".to_owned();
+        b.owner = "b".to_owned();
+        let (ra, rb) = tokio::join!(
+            cdc_poll::run(&sink, &state, &a),
+            cdc_poll::run(&sink, &state, &b)
+        );
+        ra.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        rb.unwrap_or_else(|e| panic!("round {round}: {e}"));
+    }
+}
