@@ -14,9 +14,12 @@ use pgshift::job::validate as validate_job;
 use pgshift::job::{apply as apply_job, cdc_poll, status as status_job, test_endpoint};
 use pgshift::source::checks::{CheckOptions, Status};
 use pgshift::staging::encode::Format;
+use pgshift::state::records::Outcome;
 
 use crate::report;
-use crate::seams::{Seams, Target, lease_owner, read_selection, resolve, with_seams};
+use crate::seams::{
+    Seams, Target, lease_owner, read_selection, resolve, stop_on_signal, with_seams,
+};
 use crate::{
     ApplyArgs, CdcArgs, FullLoadArgs, StatusArgs, TeardownArgs, TestEndpointArgs, ValidateArgs,
 };
@@ -84,7 +87,8 @@ pub(crate) async fn full_load(args: FullLoadArgs) -> pgshift::Result<ExitCode> {
     pgshift::plan::ChunkSizing::from_mib(args.chunk_mb, 150_000)
         .map_err(|e| Error::config("--chunk-mb", e.to_string()))?;
     let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
-    let opts = settings.load_options(&args.task, seams.source.clone(), lease_owner(), None);
+    let mut opts = settings.load_options(&args.task, seams.source.clone(), lease_owner(), None);
+    opts.force_lease = args.force;
     let progress = Arc::new(Progress::default());
     let ticker = report::spawn_progress(progress.clone());
     let result = with_seams!(
@@ -209,6 +213,12 @@ pub(crate) async fn cdc(args: CdcArgs) -> pgshift::Result<ExitCode> {
     let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
     let mut opts = settings.cdc_options(&args.task, seams.source.clone(), lease_owner(), None);
     opts.max_batch_changes = args.max_batch_changes;
+    opts.force_lease = args.force;
+    // Short, and renewed at every peek and checkpoint: a killed run's lease does not lock the
+    // task out for long (and on this host it is taken over at once).
+    opts.lease_ttl = Duration::from_secs(120);
+    let stop = stop_on_signal();
+    opts.stop = Some(stop.clone());
     let interval = Duration::from_secs(args.interval.max(1));
     loop {
         let report = with_seams!(
@@ -222,7 +232,16 @@ pub(crate) async fn cdc(args: CdcArgs) -> pgshift::Result<ExitCode> {
         } else {
             println!("{}", report::poll_summary(&report));
         }
-        if !args.follow || !wait_or_interrupt(interval).await {
+        let held = matches!(report.outcome, Outcome::LeaseHeld { .. });
+        if !args.follow {
+            // --once did nothing: that is not a success a script may take for one.
+            return Ok(if held {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
+        if stop.load(std::sync::atomic::Ordering::Relaxed) || !wait_or_interrupt(interval).await {
             return Ok(ExitCode::SUCCESS);
         }
     }

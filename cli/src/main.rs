@@ -105,6 +105,10 @@ pub(crate) struct FullLoadArgs {
     /// updates and deletes are captured too (without it they are captured insert-only).
     #[arg(long, env = "PGSHIFT_REPLICA_IDENTITY_FULL")]
     pub(crate) replica_identity_full: bool,
+    /// Take the lease even from a live holder (a run that is still going will then fail its
+    /// next checkpoint move: nothing is staged twice).
+    #[arg(long)]
+    pub(crate) force: bool,
     #[arg(long)]
     pub(crate) cdc: bool,
     /// Target heap size of a chunk, MiB (small enough that local workers stay balanced).
@@ -190,6 +194,10 @@ pub(crate) struct CdcArgs {
     /// updates and deletes are captured too (without it they are captured insert-only).
     #[arg(long, env = "PGSHIFT_REPLICA_IDENTITY_FULL")]
     pub(crate) replica_identity_full: bool,
+    /// Take the lease even from a live holder (a run that is still going will then fail its
+    /// next checkpoint move: nothing is staged twice).
+    #[arg(long)]
+    pub(crate) force: bool,
     /// Add the commit timestamp column to CSV rows.
     #[arg(long)]
     pub(crate) commit_ts_column: bool,

@@ -72,9 +72,10 @@ pub(crate) fn endpoint_table(report: &EndpointReport) -> String {
 /// One line per poll.
 pub(crate) fn poll_summary(r: &PollReport) -> String {
     match &r.outcome {
-        Outcome::LeaseHeld { owner, .. } => format!(
-            "task {}: another poller ({owner}) holds the lease; nothing done",
-            r.task
+        Outcome::LeaseHeld { owner, expires_ms } => format!(
+            "task {}: another poller ({owner}) holds the lease until {}; nothing done (--force takes it)",
+            r.task,
+            pgshift::state::records::human_time(*expires_ms)
         ),
         outcome => format!(
             "task {}: {} changes in {} transactions, {} batches, {} bytes staged; checkpoint {} -> {} (target {}); slot {} retains {} bytes ({}){}",

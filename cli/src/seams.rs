@@ -147,10 +147,35 @@ pub(crate) async fn resolve(spec: &SourceSpec) -> pgshift::Result<PgConfig> {
     }
 }
 
-/// Who holds a lease taken by this process (shown by `status` and in lease-held reports).
+/// Who holds a lease taken by this process (`cli-<host>-<pid>`: a later run on this host
+/// takes it over at once when this process is gone).
 pub(crate) fn lease_owner() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "local".to_owned());
-    format!("cli-{host}-{}", std::process::id())
+    pgshift::state::records::local_owner()
+}
+
+/// A flag set by the first SIGINT or SIGTERM (a run then stops at its next commit boundary,
+/// releasing its lease); a second one exits at once.
+pub(crate) fn stop_on_signal() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if flag.swap(true, Ordering::Relaxed) {
+                eprintln!("stopping now");
+                std::process::exit(130);
+            }
+            eprintln!("stopping at the next commit boundary (again to stop now)");
+        }
+    });
+    stop
 }

@@ -107,7 +107,7 @@ pub enum Error {
     Conflict(String),
 
     /// Another live worker holds the lease of `what` (transient: retry after it expires).
-    #[error("{what} is held by {owner} until {until_ms}")]
+    #[error("{what} is held by {owner} until {} (a run of a dead process on this host is taken over at once; --force takes it)", crate::state::records::human_time(*until_ms))]
     LeaseHeld {
         what: String,
         owner: String,

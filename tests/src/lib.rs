@@ -277,9 +277,10 @@ impl Kill {
         use pgshift::state::unreliable::StoreCrash;
         let source = pgshift::source::PgSource::connect(&opts.source).await?;
         let sink_dies = |crash| UnreliableSink::new(sink.clone(), crash);
-        // The lease takes the first write of the `cdc` item; the checkpoint is the second.
+        // Writes of the `cdc` item: the lease, its renewal at the first peek, then the
+        // checkpoint.
         let store_dies = |crash| UnreliableStore::new(state.clone(), crash);
-        let checkpoint = || ("cdc".to_owned(), 1);
+        let checkpoint = || ("cdc".to_owned(), 2);
         match self {
             Kill::AfterPeek => {
                 poll(

@@ -465,3 +465,145 @@ async fn racing_first_runs_create_the_task_once_without_an_error() {
         rb.unwrap_or_else(|e| panic!("round {round}: {e}"));
     }
 }
+
+/// `pgshift cdc` of task `lease-kill` with `extra` arguments.
+fn cli_cdc(url: &str, dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let stage = dir.join("stage");
+    let state = dir.join("state");
+    let mut args = vec![
+        "cdc",
+        "--task",
+        "lease-kill",
+        "--source",
+        url,
+        "--stage",
+        stage.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    std::process::Command::new(pgshift_tests::pgshift_bin())
+        .args(&args)
+        .output()
+        .unwrap()
+}
+
+async fn hold_lease(state: &pgshift::state::FileStore, task: &str, owner: &str) {
+    let v = state.get(task, "cdc").await.unwrap().unwrap();
+    let mut doc = v.doc;
+    doc["lease_owner"] = serde_json::json!(owner);
+    doc["lease_expires_ms"] = serde_json::json!(pgshift::state::now_ms() + 600_000);
+    state.put(task, "cdc", &doc, Some(v.version)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_killed_run_does_not_lock_the_task_out_and_a_held_lease_is_an_error() {
+    let db = TestDb::new("safe_lease").await;
+    let dir = TempDir::new("safe_lease");
+    let c = db.client().await;
+    c.batch_execute("create table public.t (id int primary key)")
+        .await
+        .unwrap();
+    let url = pgshift_tests::url(&db.config());
+    let out = cli_cdc(&url, dir.path(), &["--once"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state = pgshift::state::FileStore::new(dir.path().join("state"));
+    // A run of this host that was killed (its pid is gone): taken over at once.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = gone.id();
+    gone.wait().unwrap();
+    let dead = pgshift::state::records::local_owner()
+        .replace(&std::process::id().to_string(), &dead_pid.to_string());
+    hold_lease(&state, "lease-kill", &dead).await;
+    c.batch_execute("insert into public.t values (1)")
+        .await
+        .unwrap();
+    let out = cli_cdc(&url, dir.path(), &["--once"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 changes"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // A live holder elsewhere: --once exits non-zero and says until when, in UTC.
+    hold_lease(&state, "lease-kill", "cli-another-host-4242").await;
+    let out = cli_cdc(&url, dir.path(), &["--once"]);
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("cli-another-host-4242") && said.contains(" UTC (in "),
+        "{said}"
+    );
+    // --force takes it.
+    c.batch_execute("insert into public.t values (2)")
+        .await
+        .unwrap();
+    let out = cli_cdc(&url, dir.path(), &["--once", "--force"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 changes"));
+}
+
+#[tokio::test]
+async fn sigint_stops_follow_promptly_and_releases_the_lease() {
+    let db = TestDb::new("safe_sigint").await;
+    let dir = TempDir::new("safe_sigint");
+    db.client()
+        .await
+        .batch_execute("create table public.t (id int primary key)")
+        .await
+        .unwrap();
+    let url = pgshift_tests::url(&db.config());
+    let stage = dir.path().join("stage");
+    let state_dir = dir.path().join("state");
+    let mut child = std::process::Command::new(pgshift_tests::pgshift_bin())
+        .args([
+            "cdc",
+            "--task",
+            "lease-sig",
+            "--source",
+            &url,
+            "--stage",
+            stage.to_str().unwrap(),
+            "--state",
+            state_dir.to_str().unwrap(),
+            "--follow",
+            "--interval",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first poll's line.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert!(line.contains("task lease-sig"), "{line}");
+    let started = std::time::Instant::now();
+    let pid = child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    let state = pgshift::state::FileStore::new(&state_dir);
+    let doc = state.get("lease-sig", "cdc").await.unwrap().unwrap().doc;
+    assert!(doc["lease_owner"].is_null(), "the lease is released: {doc}");
+}

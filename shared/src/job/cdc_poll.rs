@@ -137,6 +137,7 @@ pub async fn poll<Src: CdcSource, S: ObjectSink, St: StateStore>(
         &opts.owner,
         opts.lease_ttl,
         task.start_lsn,
+        opts.force_lease,
     )
     .await?
     {
@@ -212,10 +213,17 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         self.lease.checkpoint()
     }
 
+    /// Past the soft deadline, or asked to stop (SIGINT/SIGTERM of the CLI): the run stops
+    /// at the next commit boundary, releasing its lease.
     fn soft_deadline_passed(&self) -> bool {
         self.opts
             .deadline
             .is_some_and(|d| Instant::now() + self.opts.safety_margin >= d)
+            || self
+                .opts
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     fn hard_deadline_passed(&self) -> bool {
@@ -373,6 +381,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                 break;
             }
             report.peeks += 1;
+            self.lease.renew(self.state).await?;
             let split = if split_allowed {
                 self.split_point(target).await?
             } else {

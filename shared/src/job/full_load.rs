@@ -211,11 +211,19 @@ pub async fn export_chunk_in<S: ObjectSink, St: StateStore>(
     session: &mut ChunkSession,
 ) -> Result<ChunkRecord> {
     check_task_name(&opts.task)?;
-    let (mut record, version) =
-        match records::claim_chunk(state, &opts.task, id, &opts.owner, opts.lease_ttl).await? {
-            Claim::Done(record) => return Ok(record),
-            Claim::Claimed { record, version } => (record, version),
-        };
+    let (mut record, version) = match records::claim_chunk(
+        state,
+        &opts.task,
+        id,
+        &opts.owner,
+        opts.lease_ttl,
+        opts.force_lease,
+    )
+    .await?
+    {
+        Claim::Done(record) => return Ok(record),
+        Claim::Claimed { record, version } => (record, version),
+    };
     let (plan, _) = records::get_plan(state, &opts.task)
         .await?
         .ok_or_else(|| Error::Source(format!("task {} has no plan", opts.task)))?;

@@ -134,6 +134,10 @@ pub struct CdcOptions {
     pub create_if_missing: bool,
     /// pgshift may set REPLICA IDENTITY FULL on selected tables without a key.
     pub replica_identity_full: bool,
+    /// Take the lease even from a live holder (`--force`).
+    pub force_lease: bool,
+    /// Set to stop at the next commit boundary (the CLI's SIGINT/SIGTERM).
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl CdcOptions {
@@ -166,6 +170,8 @@ impl CdcOptions {
             decoding_work_mem: "256MB".to_owned(),
             create_if_missing: true,
             replica_identity_full: false,
+            force_lease: false,
+            stop: None,
         }
     }
 }
@@ -189,6 +195,8 @@ pub struct LoadOptions {
     pub chunking: Chunking,
     /// pgshift may set REPLICA IDENTITY FULL on selected tables without a key.
     pub replica_identity_full: bool,
+    /// Take chunk leases even from live holders (`--force`).
+    pub force_lease: bool,
 }
 
 impl LoadOptions {
@@ -205,6 +213,7 @@ impl LoadOptions {
             lease_ttl: Duration::from_secs(900),
             chunking: Chunking::Auto,
             replica_identity_full: false,
+            force_lease: false,
         }
     }
 }

@@ -37,10 +37,13 @@ fn lsn_col(row: &tokio_postgres::Row, i: usize) -> Result<Option<Lsn>> {
     .transpose()
 }
 
-const SLOT_STATE: &str = "select slot_name::text, coalesce(plugin::text, ''), coalesce(database::text, ''), active, \
- restart_lsn::text, confirmed_flush_lsn::text, coalesce(wal_status, ''), safe_wal_size, \
- coalesce(pg_wal_lsn_diff(pg_current_wal_flush_lsn(), restart_lsn), 0)::int8 \
- from pg_replication_slots where slot_name = $1";
+/// Version-aware without branching: `wal_status` and `safe_wal_size` exist from PostgreSQL 13,
+/// so they are read through `to_jsonb` of the row (absent on 12: empty and NULL).
+const SLOT_STATE: &str = "select s.slot_name::text, coalesce(s.plugin::text, ''), coalesce(s.database::text, ''), s.active, \
+ s.restart_lsn::text, s.confirmed_flush_lsn::text, coalesce(to_jsonb(s) ->> 'wal_status', ''), \
+ (to_jsonb(s) ->> 'safe_wal_size')::int8, \
+ coalesce(pg_wal_lsn_diff(pg_current_wal_flush_lsn(), s.restart_lsn), 0)::int8 \
+ from pg_replication_slots s where s.slot_name = $1";
 
 /// Reads a slot's state; `None` when it does not exist.
 pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>> {

@@ -125,6 +125,48 @@ impl PollReport {
     }
 }
 
+/// `YYYY-MM-DD HH:MM:SS UTC (in N s)` for a time in epoch milliseconds, as people read it.
+pub fn human_time(epoch_ms: u64) -> String {
+    let micros_since_2000 = (epoch_ms as i64 - 946_684_800_000) * 1000;
+    let at = crate::change::format_pg_timestamp(micros_since_2000, ' ');
+    let at = at.split('.').next().unwrap_or(&at).to_owned();
+    let now = now_ms();
+    if epoch_ms > now {
+        format!("{at} UTC (in {} s)", (epoch_ms - now).div_ceil(1000))
+    } else {
+        format!("{at} UTC")
+    }
+}
+
+/// This process as a lease owner: `cli-<host>-<pid>`.
+pub fn local_owner() -> String {
+    format!("cli-{}-{}", local_host(), std::process::id())
+}
+
+fn local_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "local".to_owned())
+}
+
+/// Whether a lease holder is a process of this host that no longer runs (a killed CLI run):
+/// its lease is taken over at once instead of waiting for it to expire. Owners of other hosts
+/// (and Lambda request ids) are never judged dead.
+pub fn holder_is_dead_here(owner: &str) -> bool {
+    let Some((host, pid)) = owner
+        .strip_prefix("cli-")
+        .and_then(|rest| rest.rsplit_once('-'))
+    else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    host == local_host()
+        && pid != std::process::id()
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// Reads the task item.
 pub async fn get_task<St: StateStore>(state: &St, task: &str) -> Result<Option<TaskRecord>> {
     match state.get(task, "task").await? {
@@ -163,17 +205,20 @@ pub struct Lease {
     pub task: String,
     pub rec: CdcRecord,
     version: u64,
+    ttl: Duration,
 }
 
 impl Lease {
-    /// Takes the lease when it is free, expired or `owner`'s (a new item starts at `start`).
-    /// `Err(Outcome::LeaseHeld)` when another live owner has it.
+    /// Takes the lease when it is free, expired, `owner`'s, held by a dead process of this
+    /// host, or `force`d (a new item starts at `start`). `Err(Outcome::LeaseHeld)` when another
+    /// live owner has it.
     pub async fn acquire<St: StateStore>(
         state: &St,
         task: &str,
         owner: &str,
         ttl: Duration,
         start: Lsn,
+        force: bool,
     ) -> Result<std::result::Result<Lease, Outcome>> {
         for _ in 0..5 {
             let now = now_ms();
@@ -191,6 +236,8 @@ impl Lease {
             if let Some(holder) = &rec.lease_owner
                 && holder != owner
                 && rec.lease_expires_ms > now
+                && !force
+                && !holder_is_dead_here(holder)
             {
                 return Ok(Err(Outcome::LeaseHeld {
                     owner: holder.clone(),
@@ -205,6 +252,7 @@ impl Lease {
                         task: task.to_owned(),
                         rec,
                         version,
+                        ttl,
                     }));
                 }
                 Err(Error::Conflict(_)) => continue,
@@ -239,6 +287,26 @@ impl Lease {
         if batch {
             rec.batch_seq += 1;
         }
+        // Each move renews the lease: a long drain keeps it while it makes progress.
+        rec.lease_expires_ms = now_ms() + self.ttl.as_millis() as u64;
+        let version = state
+            .put(&self.task, "cdc", &to_doc(&rec)?, Some(self.version))
+            .await
+            .map_err(|e| match e {
+                Error::Conflict(m) => {
+                    Error::Conflict(format!("lost the lease of task {}: {m}", self.task))
+                }
+                other => other,
+            })?;
+        self.rec = rec;
+        self.version = version;
+        Ok(())
+    }
+
+    /// Renews the lease (at each peek: a drain that makes progress keeps a short lease).
+    pub async fn renew<St: StateStore>(&mut self, state: &St) -> Result<()> {
+        let mut rec = self.rec.clone();
+        rec.lease_expires_ms = now_ms() + self.ttl.as_millis() as u64;
         let version = state
             .put(&self.task, "cdc", &to_doc(&rec)?, Some(self.version))
             .await
@@ -444,14 +512,16 @@ pub enum Claim {
     Claimed { record: ChunkRecord, version: u64 },
 }
 
-/// `pending → running(owner, lease)`, or a running chunk whose lease expired (or is ours)
-/// taken over. A live lease of another worker is [`Error::LeaseHeld`] (transient: retry later).
+/// `pending → running(owner, lease)`, or a running chunk whose lease expired (or is ours, or
+/// a dead process's of this host, or `force`d) taken over. A live lease of another worker is
+/// [`Error::LeaseHeld`] (transient: retry later).
 pub async fn claim_chunk<St: StateStore>(
     state: &St,
     task: &str,
     id: &ChunkId,
     owner: &str,
     ttl: Duration,
+    force: bool,
 ) -> Result<Claim> {
     let key = id.state_key();
     let stored = state.get(task, &key).await?.ok_or_else(|| {
@@ -471,6 +541,8 @@ pub async fn claim_chunk<St: StateStore>(
     if record.status == "running"
         && record.owner.as_deref() != Some(owner)
         && record.lease_expires_ms > now
+        && !force
+        && !record.owner.as_deref().is_some_and(holder_is_dead_here)
     {
         return Err(Error::LeaseHeld {
             what: format!("chunk {key}"),
@@ -558,13 +630,15 @@ mod tests {
 
         let ttl = Duration::from_secs(60);
         let Claim::Claimed { record, version } =
-            claim_chunk(&state, "t1", &ids[0], "a", ttl).await.unwrap()
+            claim_chunk(&state, "t1", &ids[0], "a", ttl, false)
+                .await
+                .unwrap()
         else {
             panic!("pending chunk not claimed")
         };
         assert_eq!((record.status.as_str(), record.attempts), ("running", 1));
         // Another worker is told who holds it; the holder may claim again (a retry).
-        match claim_chunk(&state, "t1", &ids[0], "b", ttl).await {
+        match claim_chunk(&state, "t1", &ids[0], "b", ttl, false).await {
             Err(Error::LeaseHeld { owner, .. }) => assert_eq!(owner, "a"),
             other => panic!("{other:?}"),
         }
@@ -579,7 +653,9 @@ mod tests {
         let Claim::Claimed {
             record,
             version: v2,
-        } = claim_chunk(&state, "t1", &ids[0], "a", ttl).await.unwrap()
+        } = claim_chunk(&state, "t1", &ids[0], "a", ttl, false)
+            .await
+            .unwrap()
         else {
             panic!("the holder's retry must claim")
         };
@@ -592,7 +668,9 @@ mod tests {
         let done = complete_chunk(&state, "t1", record, v2).await.unwrap();
         assert_eq!(done.status, "done");
         assert_eq!(
-            claim_chunk(&state, "t1", &ids[0], "b", ttl).await.unwrap(),
+            claim_chunk(&state, "t1", &ids[0], "b", ttl, false)
+                .await
+                .unwrap(),
             Claim::Done(done)
         );
 
@@ -600,7 +678,7 @@ mod tests {
         let Claim::Claimed {
             record: r1,
             version: v1,
-        } = claim_chunk(&state, "t1", &ids[1], "a", Duration::ZERO)
+        } = claim_chunk(&state, "t1", &ids[1], "a", Duration::ZERO, false)
             .await
             .unwrap()
         else {
@@ -609,7 +687,9 @@ mod tests {
         let Claim::Claimed {
             version: vb,
             record: rb,
-        } = claim_chunk(&state, "t1", &ids[1], "b", ttl).await.unwrap()
+        } = claim_chunk(&state, "t1", &ids[1], "b", ttl, false)
+            .await
+            .unwrap()
         else {
             panic!("an expired lease must be taken over")
         };
@@ -623,16 +703,65 @@ mod tests {
         complete_chunk(&state, "t1", rb, vb).await.unwrap();
     }
 
+    #[test]
+    fn a_dead_process_of_this_host_is_told_from_a_live_or_remote_one() {
+        // pid 0 never runs a CLI (`/proc/0` does not exist).
+        let dead = format!("cli-{}-0", local_host());
+        assert!(holder_is_dead_here(&dead));
+        assert!(!holder_is_dead_here(&local_owner()), "this process runs");
+        assert!(
+            !holder_is_dead_here("cli-other-host-0"),
+            "another host's process"
+        );
+        assert!(
+            !holder_is_dead_here("8f14e45f-ceea-467f-a0e6-2f8b1c2c3d4e"),
+            "a Lambda request"
+        );
+        assert!(human_time(now_ms() + 90_000).ends_with("(in 90 s)"));
+        assert_eq!(human_time(946_684_800_000), "2000-01-01 00:00:00 UTC");
+    }
+
+    #[tokio::test]
+    async fn a_dead_or_forced_holder_is_taken_over_at_once() {
+        let state = MemoryStore::new();
+        let ttl = Duration::from_secs(600);
+        let dead = format!("cli-{}-0", local_host());
+        Lease::acquire(&state, "t", &dead, ttl, Lsn(1), false)
+            .await
+            .unwrap()
+            .unwrap();
+        let mine = Lease::acquire(&state, "t", "me", ttl, Lsn(0), false)
+            .await
+            .unwrap();
+        assert!(mine.is_ok(), "a dead holder's lease is taken at once");
+        assert!(
+            Lease::acquire(&state, "t", "other", ttl, Lsn(0), false)
+                .await
+                .unwrap()
+                .is_err()
+        );
+        assert!(
+            Lease::acquire(&state, "t", "other", ttl, Lsn(0), true)
+                .await
+                .unwrap()
+                .is_ok(),
+            "--force"
+        );
+    }
+
     #[tokio::test]
     async fn the_checkpoint_moves_only_forward_and_only_under_the_lease() {
         let state = MemoryStore::new();
         let ttl = Duration::from_secs(60);
-        let mut lease = Lease::acquire(&state, "t", "a", ttl, Lsn(10))
+        let mut lease = Lease::acquire(&state, "t", "a", ttl, Lsn(10), false)
             .await
             .unwrap()
             .unwrap();
         assert_eq!(lease.checkpoint(), Lsn(10));
-        match Lease::acquire(&state, "t", "b", ttl, Lsn(0)).await.unwrap() {
+        match Lease::acquire(&state, "t", "b", ttl, Lsn(0), false)
+            .await
+            .unwrap()
+        {
             Err(Outcome::LeaseHeld { owner, .. }) => assert_eq!(owner, "a"),
             other => panic!("two owners: {other:?}"),
         }
@@ -653,7 +782,7 @@ mod tests {
             "{err}"
         );
         lease.release(&state, None).await;
-        let next = Lease::acquire(&state, "t", "b", ttl, Lsn(0))
+        let next = Lease::acquire(&state, "t", "b", ttl, Lsn(0), false)
             .await
             .unwrap()
             .unwrap();

@@ -129,13 +129,14 @@ async fn a_crash_at_every_step_then_a_rerun_stages_every_change_exactly_once() {
         None,
         None,
         None,
+        // Writes of `cdc`: the lease, its renewal at the peek, then the checkpoint.
         Some(StoreCrash::BeforePut {
             key: "cdc".to_owned(),
-            n: 1,
+            n: 2,
         }), // after the manifest
         Some(StoreCrash::AfterPut {
             key: "cdc".to_owned(),
-            n: 1,
+            n: 2,
         }), // after the checkpoint
         None,
         None,
@@ -179,6 +180,20 @@ async fn a_crash_at_every_step_then_a_rerun_stages_every_change_exactly_once() {
         assert!(matches!(r, Err(Error::Injected(_))), "round {round}: {r:?}");
         let after = checkpoint(&state, "crash").await;
         assert!(after >= before, "round {round}: the checkpoint went back");
+        let manifests = layout::batch_manifest_keys(&sink).await.unwrap();
+        let ahead = manifests
+            .iter()
+            .any(|k| layout::batch_range(k).is_some_and(|(s, _)| s == after));
+        match round {
+            // Killed before the manifest: nothing past the checkpoint is committed.
+            0..=2 => assert!(!ahead && after == before, "round {round}"),
+            // Killed between manifest and checkpoint: the manifest is there, the checkpoint not.
+            3 => assert!(ahead && after == before, "round {round}"),
+            // Killed after the checkpoint, or at the slot advance: it moved.
+            4 | 5 => assert!(after > before, "round {round}"),
+            // A connection cut mid-peek: wherever it fell.
+            _ => {}
+        }
         // The rerun (same owner: the dead process's lease is its own).
         let r = poll(&src, &sink, &state, &o).await.unwrap();
         assert_eq!(r.outcome, Outcome::Drained, "round {round}");
