@@ -607,3 +607,43 @@ async fn sigint_stops_follow_promptly_and_releases_the_lease() {
     let doc = state.get("lease-sig", "cdc").await.unwrap().unwrap().doc;
     assert!(doc["lease_owner"].is_null(), "the lease is released: {doc}");
 }
+
+#[tokio::test]
+async fn names_that_look_alike_or_like_pgshift_keys_never_collide() {
+    let Staging {
+        db,
+        sink,
+        state,
+        dir: _dir,
+    } = Staging::new("safe_names").await;
+    let target = TestDb::new("safe_names_dst").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "create schema \"a.b\"; create schema a; create schema _manifests;
+         create table \"a.b\".c (id int primary key, v text); insert into \"a.b\".c values (1, 'one');
+         create table a.\"b.c\" (id int primary key, v text); insert into a.\"b.c\" values (1, 'two'), (2, 'three');
+         create table _manifests.cdc (id int primary key, v text); insert into _manifests.cdc values (7, 'seven');",
+    )
+    .await
+    .unwrap();
+    let mut lo = pgshift::job::options::LoadOptions::new("names", db.config(), "loader");
+    lo.cdc = true;
+    let report = pgshift::job::full_load::run_local(&sink, &state, &lo, 1, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(report.rows, 4, "every table's rows, none overwritten");
+    c.batch_execute("insert into _manifests.cdc values (8, 'eight'); update a.\"b.c\" set v = 'deux' where id = 1")
+        .await
+        .unwrap();
+    cdc_poll::run(&sink, &state, &opts("names", &db))
+        .await
+        .unwrap();
+    let a = pgshift::job::apply::run(&sink, &target.config(), "names")
+        .await
+        .unwrap();
+    assert!(a.load_applied && a.batches_applied == 1, "{a:?}");
+    let v = pgshift::job::validate::run(&db.config(), &target.config(), &Selection::all())
+        .await
+        .unwrap();
+    assert!(v.equal, "{v:#?}");
+}

@@ -33,15 +33,28 @@ pub const WRITE_CHECK_KEY: &str = "_manifests/_write_check";
 /// The chunk list of a plan too large to pass inline through Step Functions.
 pub const CHUNK_LIST_KEY: &str = "_manifests/load/_chunks.json";
 
-/// A schema or table name as one object-key segment: `/`, `%`, `\`, control characters and
-/// the names `.`/`..` are percent-encoded; everything else (case included) is kept.
+/// A schema or table name as one object-key segment: `/`, `%`, `\`, control characters, the
+/// names `.`/`..` and a leading `_` (pgshift's own keys start with `_`: a schema named
+/// `_manifests` must not land among the manifests) are percent-encoded; everything else (case
+/// included) is kept. Injective: different names give different segments.
 pub fn key_segment(name: &str) -> String {
+    encode_segment(name, &[])
+}
+
+/// [`key_segment`] that also encodes `extra` characters (separators of a compound key).
+fn encode_segment(name: &str, extra: &[char]) -> String {
     if name == "." || name == ".." {
         return name.bytes().map(|b| format!("%{b:02X}")).collect();
     }
     let mut out = String::with_capacity(name.len());
-    for ch in name.chars() {
-        if ch == '/' || ch == '%' || ch == '\\' || ch.is_control() {
+    for (i, ch) in name.chars().enumerate() {
+        if ch == '/'
+            || ch == '%'
+            || ch == '\\'
+            || ch.is_control()
+            || (i == 0 && ch == '_')
+            || extra.contains(&ch)
+        {
             let mut buf = [0u8; 4];
             for b in ch.encode_utf8(&mut buf).bytes() {
                 out.push_str(&format!("%{b:02X}"));
@@ -107,13 +120,25 @@ pub fn chunk_key(schema: &str, table: &str, n: u32, format: Format) -> String {
     )
 }
 
-/// `_manifests/load/<schema>.<table>.json` (names escaped as in data keys).
+/// `_manifests/load/<schema>.<table>.json`: names escaped as in data keys, and `.` too, so
+/// `"a.b"."c"` and `"a"."b.c"` have different manifests.
 pub fn load_manifest_key(schema: &str, table: &str) -> String {
     format!(
         "{LOAD_MANIFESTS}{}.{}.json",
-        key_segment(schema),
-        key_segment(table)
+        encode_segment(schema, &['.']),
+        encode_segment(table, &['.'])
     )
+}
+
+/// `<schema>.<table>` for a state item's key, with `%`, `.` and `#` escaped (the separators of
+/// `chunk#<schema>.<table>#<n>`), so no two tables share an item.
+pub fn state_table_key(schema: &str, table: &str) -> String {
+    let esc = |s: &str| {
+        s.replace('%', "%25")
+            .replace('.', "%2E")
+            .replace('#', "%23")
+    };
+    format!("{}.{}", esc(schema), esc(table))
 }
 
 /// `<schema>/<table>/_schema/`.
@@ -333,6 +358,38 @@ mod tests {
         assert_eq!(key_segment("."), "%2E");
         assert_eq!(key_segment(".."), "%2E%2E");
         assert_eq!(key_segment("s p.\"q\""), "s p.\"q\"");
+        assert_eq!(key_segment("_manifests"), "%5Fmanifests");
+        assert_eq!(key_segment("a_b"), "a_b");
+    }
+
+    #[test]
+    fn every_key_is_injective_over_identifiers() {
+        let names = [
+            "a.b",
+            "a",
+            "b.c",
+            "c",
+            "_manifests",
+            "%5Fmanifests",
+            "cdc",
+            "a#1",
+            "x%2Ey",
+        ];
+        let mut loads = std::collections::HashSet::new();
+        let mut states = std::collections::HashSet::new();
+        let mut data = std::collections::HashSet::new();
+        for s in names {
+            for t in names {
+                assert!(loads.insert(load_manifest_key(s, t)), "{s}.{t}");
+                assert!(states.insert(state_table_key(s, t)), "{s}.{t}");
+                let f = Format::default();
+                assert!(data.insert(chunk_key(s, t, 0, f)), "{s}.{t}");
+                assert!(
+                    !chunk_key(s, t, 0, f).starts_with("_"),
+                    "{s}.{t}: among pgshift's keys"
+                );
+            }
+        }
     }
 
     #[test]
@@ -362,7 +419,7 @@ mod tests {
         );
         assert_eq!(
             load_manifest_key("s.x", "t/y"),
-            "_manifests/load/s.x.t%2Fy.json"
+            "_manifests/load/s%2Ex.t%2Fy.json"
         );
     }
 

@@ -466,9 +466,14 @@ pub struct ChunkId {
 }
 
 impl ChunkId {
-    /// The chunk's item: `chunk#<schema>.<table>#<n>`.
+    /// The chunk's item: `chunk#<schema>.<table>#<n>` (names escaped: no two tables share
+    /// an item).
     pub fn state_key(&self) -> String {
-        format!("chunk#{}.{}#{}", self.schema, self.table, self.n)
+        format!(
+            "chunk#{}#{}",
+            crate::staging::layout::state_table_key(&self.schema, &self.table),
+            self.n
+        )
     }
 }
 
