@@ -647,3 +647,117 @@ async fn names_that_look_alike_or_like_pgshift_keys_never_collide() {
         .unwrap();
     assert!(v.equal, "{v:#?}");
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn apply_refuses_staged_data_that_is_not_what_its_manifests_say() {
+    let Staging {
+        db,
+        sink,
+        state,
+        dir,
+    } = Staging::new("safe_verify").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "create table public.t (id int primary key, v text); insert into public.t values (0, 'z')",
+    )
+    .await
+    .unwrap();
+    let mut lo = pgshift::job::options::LoadOptions::new("verify", db.config(), "loader");
+    lo.cdc = true;
+    pgshift::job::full_load::run_local(&sink, &state, &lo, 1, Default::default())
+        .await
+        .unwrap();
+    let o = opts("verify", &db);
+    for i in 1..=3 {
+        c.batch_execute(&format!(
+            "insert into public.t values ({i}, 'v{i}'), ({}, 'w')",
+            i + 10
+        ))
+        .await
+        .unwrap();
+        cdc_poll::run(&sink, &state, &o).await.unwrap();
+    }
+    let manifests = replay::manifests(&sink).await;
+    assert_eq!(manifests.len(), 3);
+    let stage = dir.path().join("stage");
+    let middle = &manifests[1];
+    let data = stage.join(&middle.1.files[0].key);
+    let tampers: Vec<(&str, Box<dyn Fn(&std::path::Path)>)> = vec![
+        (
+            "missing",
+            Box::new(|s: &std::path::Path| std::fs::remove_file(s.join(&manifests[1].0)).unwrap()),
+        ),
+        (
+            "cut",
+            Box::new(|s: &std::path::Path| {
+                let p = s.join(data.strip_prefix(&stage).unwrap());
+                let body = std::fs::read_to_string(&p).unwrap();
+                let first_line = body.lines().next().unwrap();
+                std::fs::write(&p, format!("{first_line}\n")).unwrap();
+            }),
+        ),
+        (
+            "added",
+            Box::new(|s: &std::path::Path| {
+                let p = s.join(data.strip_prefix(&stage).unwrap());
+                let mut body = std::fs::read_to_string(&p).unwrap();
+                body.push_str("I,99,extra,\n");
+                std::fs::write(&p, body).unwrap();
+            }),
+        ),
+        (
+            "load gone",
+            Box::new(|s: &std::path::Path| {
+                std::fs::remove_dir_all(s.join("_manifests/load")).unwrap()
+            }),
+        ),
+    ];
+    for (what, tamper) in tampers {
+        let copy = dir.path().join(format!("copy-{}", what.replace(' ', "-")));
+        copy_dir(&stage, &copy);
+        tamper(&copy);
+        let target = TestDb::new("safe_verify_dst").await;
+        let err = pgshift::job::apply::run(
+            &pgshift::staging::LocalSink::new(&copy),
+            &target.config(),
+            "verify",
+        )
+        .await
+        .expect_err(what);
+        assert!(matches!(err, Error::Staged(_)), "{what}: {err}");
+        let said = err.to_string();
+        match what {
+            "missing" => assert!(
+                said.contains("missing") && said.contains(&manifests[2].0),
+                "{said}"
+            ),
+            "cut" | "added" => assert!(
+                said.contains(&middle.1.files[0].key) && said.contains("bytes"),
+                "{said}"
+            ),
+            _ => assert!(said.contains("load manifests"), "{said}"),
+        }
+    }
+    // Untouched, it applies and validates equal.
+    let target = TestDb::new("safe_verify_dst").await;
+    pgshift::job::apply::run(&sink, &target.config(), "verify")
+        .await
+        .unwrap();
+    let v = pgshift::job::validate::run(&db.config(), &target.config(), &Selection::all())
+        .await
+        .unwrap();
+    assert!(v.equal, "{v:#?}");
+}

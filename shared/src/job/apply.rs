@@ -95,16 +95,33 @@ pub async fn run<S: ObjectSink>(sink: &S, target: &PgConfig, task: &str) -> Resu
         .parse()
         .map_err(|e: crate::lsn::LsnParseError| Error::Source(format!("pgshift.applied: {e}")))?;
     let mut tables = Tables::default();
-    if !load_complete
-        && let Some((rows, l0)) = apply_load(sink, &mut client, task, &mut tables).await?
-    {
-        report.load_applied = true;
-        report.load_rows = rows;
-        report.position = l0;
-    }
     let keys = layout::batch_manifest_keys(sink).await?;
+    if !load_complete {
+        match apply_load(sink, &mut client, task, &mut tables).await? {
+            Some((rows, l0)) => {
+                report.load_applied = true;
+                report.load_rows = rows;
+                report.position = l0;
+            }
+            None => require_no_load(sink, &keys).await?,
+        }
+    }
+    let ends: std::collections::HashSet<Lsn> = keys
+        .iter()
+        .filter_map(|k| layout::batch_range(k))
+        .map(|(_, e)| e)
+        .collect();
     for key in pending_batches(&keys, report.position)? {
         let m: BatchManifest = layout::get_json(sink, &key, "a batch manifest").await?;
+        // The chain: the batch before this one must be in the stage.
+        if let Some(prev) = m.prev_end_lsn
+            && !ends.contains(&prev)
+        {
+            return Err(Error::Staged(format!(
+                "{key} follows a batch that ended at {prev}, whose manifest is missing from {}: staged data was lost or removed",
+                sink.describe()
+            )));
+        }
         let changes =
             apply_batch(sink, &mut client, task, &m, report.position, &mut tables).await?;
         report.batches_applied += 1;
@@ -153,6 +170,43 @@ async fn apply_load<S: ObjectSink>(
         .await
         .map_err(|e| Error::postgres("committing the load", e))?;
     Ok(Some((rows, l0)))
+}
+
+/// Without load manifests, batches that say the task began with a full load mean the load's
+/// manifests are gone: an error, not a target without its rows.
+async fn require_no_load<S: ObjectSink>(sink: &S, keys: &[String]) -> Result<()> {
+    let Some(first) = keys.first() else {
+        return Ok(());
+    };
+    let m: BatchManifest = layout::get_json(sink, first, "a batch manifest").await?;
+    if m.after_load {
+        return Err(Error::Staged(format!(
+            "the task began with a full load, but its load manifests ({}) are missing from {}",
+            layout::LOAD_MANIFESTS,
+            sink.describe()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a staged object is what its manifest says: its size, and its checksum when the
+/// manifest has one.
+fn verify_object(key: &str, body: &[u8], bytes: u64, checksum: Option<&str>) -> Result<()> {
+    if body.len() as u64 != bytes {
+        return Err(Error::Staged(format!(
+            "{key} has {} bytes, its manifest says {bytes}: the object was cut or changed",
+            body.len()
+        )));
+    }
+    if let Some(want) = checksum {
+        let got = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(body));
+        if got != want {
+            return Err(Error::Staged(format!(
+                "{key} does not match its manifest's checksum ({got}, want {want}): the object was changed"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The batches a target at `position` has not applied, in order: those ending after it,
@@ -219,7 +273,9 @@ async fn load_table<S: ObjectSink>(
         cols.join(", ")
     );
     for chunk in &m.chunks {
-        let body = gunzip(&chunk.key, layout::get_required(sink, &chunk.key).await?)?;
+        let stored = layout::get_required(sink, &chunk.key).await?;
+        verify_object(&chunk.key, &stored, chunk.bytes, None)?;
+        let body = gunzip(&chunk.key, stored)?;
         let csv = if m.format.encoding == Encoding::Jsonl {
             jsonl_to_csv(&body, &m.columns)?
         } else {
@@ -283,8 +339,18 @@ async fn apply_batch<S: ObjectSink>(
                 file.key
             )));
         }
-        let body = gunzip(&file.key, layout::get_required(sink, &file.key).await?)?;
+        let stored = layout::get_required(sink, &file.key).await?;
+        verify_object(&file.key, &stored, file.bytes, file.checksum.as_deref())?;
+        let body = gunzip(&file.key, stored)?;
         let changes = read_changes(m, file, &body, &schemas)?;
+        if changes.len() as u64 != file.rows {
+            return Err(Error::Staged(format!(
+                "{} has {} rows, its manifest says {}",
+                file.key,
+                changes.len(),
+                file.rows
+            )));
+        }
         let mut current = usize::MAX;
         for (si, change) in changes {
             let schema = &schemas[si].1.schema;

@@ -734,6 +734,8 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             format: opts.format,
             commit_ts_column: opts.commit_ts_column,
             files,
+            prev_end_lsn: self.lease.rec.last_batch_end,
+            after_load: self.task.created_by == "full-load",
         };
         let key = manifest_key(batch.start, end);
         layout::put_json(self.sink, &key, &manifest).await?;

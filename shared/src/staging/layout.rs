@@ -160,6 +160,9 @@ pub struct BatchFile {
     pub truncates: u64,
     /// Schema versions used, each with the first row it applies to.
     pub schema_versions: Vec<SchemaSegment>,
+    /// xxh3-64 of the stored bytes (16 hex digits): readers verify the object is whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +188,13 @@ pub struct BatchManifest {
     pub format: Format,
     pub commit_ts_column: bool,
     pub files: Vec<BatchFile>,
+    /// Where the task's previous batch ended (`None` for its first): a reader that does not
+    /// find that batch knows one is missing.
+    #[serde(default)]
+    pub prev_end_lsn: Option<Lsn>,
+    /// The task began with a full load: its load manifests must exist.
+    #[serde(default)]
+    pub after_load: bool,
 }
 
 /// `<schema>/<table>/_schema/<lsn>.json`.

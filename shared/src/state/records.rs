@@ -45,6 +45,9 @@ pub struct CdcRecord {
     pub lease_expires_ms: u64,
     #[serde(default)]
     pub last_poll: Option<serde_json::Value>,
+    /// Where the last committed batch ended (its manifest's `end_lsn`).
+    #[serde(default)]
+    pub last_batch_end: Option<Lsn>,
 }
 
 /// How a poll run ended.
@@ -286,6 +289,7 @@ impl Lease {
         rec.checkpoint_lsn = to;
         if batch {
             rec.batch_seq += 1;
+            rec.last_batch_end = Some(to);
         }
         // Each move renews the lease: a long drain keeps it while it makes progress.
         rec.lease_expires_ms = now_ms() + self.ttl.as_millis() as u64;

@@ -109,7 +109,7 @@ impl<W: ObjectWriter> Batch<W> {
         let mut files = Vec::with_capacity(self.files.len());
         for (_, f) in std::mem::take(&mut self.files) {
             let rows = f.writer.rows;
-            let bytes = f.writer.finish().await?;
+            let (bytes, checksum) = f.writer.finish_hashed().await?;
             files.push(BatchFile {
                 key: f.key,
                 schema: f.schema,
@@ -121,6 +121,7 @@ impl<W: ObjectWriter> Batch<W> {
                 deletes: f.counts[2],
                 truncates: f.counts[3],
                 schema_versions: f.segments,
+                checksum: Some(checksum),
             });
         }
         Ok(files)

@@ -256,6 +256,8 @@ const FLUSH_BYTES: usize = 256 << 10;
 pub struct EncodedWriter<W: ObjectWriter> {
     inner: W,
     gz: Option<GzEncoder<Vec<u8>>>,
+    /// xxh3-64 of the bytes stored (what a reader verifies).
+    hash: xxhash_rust::xxh3::Xxh3,
     /// Uncompressed bytes written.
     pub raw_bytes: u64,
     pub rows: u64,
@@ -268,6 +270,7 @@ impl<W: ObjectWriter> EncodedWriter<W> {
             gz: format
                 .gzip
                 .then(|| GzEncoder::new(Vec::with_capacity(FLUSH_BYTES), Compression::fast())),
+            hash: xxhash_rust::xxh3::Xxh3::new(),
             raw_bytes: 0,
             rows: 0,
         }
@@ -284,25 +287,35 @@ impl<W: ObjectWriter> EncodedWriter<W> {
         self.rows += rows;
         // Uncompressed rows go straight to the writer, which buffers its own part / block.
         let Some(gz) = &mut self.gz else {
+            self.hash.update(row);
             return self.inner.write(row).await;
         };
         gz.write_all(row).map_err(|e| Error::io("compressing", e))?;
         if gz.get_ref().len() >= FLUSH_BYTES {
             let data = std::mem::take(gz.get_mut());
+            self.hash.update(&data);
             self.inner.write(&data).await?;
         }
         Ok(())
     }
 
     /// Completes the object; returns the stored (possibly compressed) size.
-    pub async fn finish(mut self) -> Result<u64> {
+    pub async fn finish(self) -> Result<u64> {
+        Ok(self.finish_hashed().await?.0)
+    }
+
+    /// Completes the object; returns the stored size and the xxh3-64 (16 hex digits) of the
+    /// stored bytes.
+    pub async fn finish_hashed(mut self) -> Result<(u64, String)> {
         if let Some(gz) = self.gz.take() {
             let rest = gz.finish().map_err(|e| Error::io("compressing", e))?;
             if !rest.is_empty() {
+                self.hash.update(&rest);
                 self.inner.write(&rest).await?;
             }
         }
-        self.inner.finish().await
+        let hash = format!("{:016x}", self.hash.digest());
+        Ok((self.inner.finish().await?, hash))
     }
 
     pub async fn abort(self) {
