@@ -396,7 +396,7 @@ async fn a_checkpoint_ahead_of_what_was_staged_is_refused_and_loses_nothing() {
         .await
         .unwrap();
     let flush: String = c
-        .query_one("select pg_current_wal_flush_lsn()::text", &[])
+        .query_one("select pg_current_wal_insert_lsn()::text", &[])
         .await
         .unwrap()
         .get(0);
@@ -648,6 +648,9 @@ async fn names_that_look_alike_or_like_pgshift_keys_never_collide() {
     assert!(v.equal, "{v:#?}");
 }
 
+/// Changes a copy of a stage folder.
+type Tamper<'a> = Box<dyn Fn(&std::path::Path) + 'a>;
+
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
@@ -695,7 +698,7 @@ async fn apply_refuses_staged_data_that_is_not_what_its_manifests_say() {
     let stage = dir.path().join("stage");
     let middle = &manifests[1];
     let data = stage.join(&middle.1.files[0].key);
-    let tampers: Vec<(&str, Box<dyn Fn(&std::path::Path)>)> = vec![
+    let tampers: Vec<(&str, Tamper)> = vec![
         (
             "missing",
             Box::new(|s: &std::path::Path| std::fs::remove_file(s.join(&manifests[1].0)).unwrap()),

@@ -66,6 +66,12 @@ pub struct Peek<'a> {
 /// Starts a peek: binds its values, then opens the binary COPY whose rows [`PeekRows`] splits.
 /// The stream's first piece comes once the server has decoded the whole range.
 pub async fn start_peek(client: &Client, peek: &Peek<'_>) -> Result<tokio_postgres::CopyOutStream> {
+    // The bind below runs under the session's current statement_timeout, which the previous
+    // peek may have left very short (the time then left before its deadline).
+    client
+        .batch_execute("set statement_timeout = 0")
+        .await
+        .map_err(|e| Error::postgres("resetting the peek session's statement_timeout", e))?;
     client
         .execute(
             PEEK_BIND,
