@@ -89,6 +89,7 @@ pub(crate) async fn full_load(args: FullLoadArgs) -> pgshift::Result<ExitCode> {
     let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
     let mut opts = settings.load_options(&args.task, seams.source.clone(), lease_owner(), None);
     opts.force_lease = args.force;
+    opts.allow_empty = args.allow_empty;
     let progress = Arc::new(Progress::default());
     let ticker = report::spawn_progress(progress.clone());
     let result = with_seams!(
@@ -214,6 +215,7 @@ pub(crate) async fn cdc(args: CdcArgs) -> pgshift::Result<ExitCode> {
     let mut opts = settings.cdc_options(&args.task, seams.source.clone(), lease_owner(), None);
     opts.max_batch_changes = args.max_batch_changes;
     opts.force_lease = args.force;
+    opts.allow_empty = args.allow_empty;
     // Short, and renewed at every peek and checkpoint: a killed run's lease does not lock the
     // task out for long (and on this host it is taken over at once).
     opts.lease_ttl = Duration::from_secs(120);

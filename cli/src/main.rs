@@ -109,6 +109,9 @@ pub(crate) struct FullLoadArgs {
     /// next checkpoint move: nothing is staged twice).
     #[arg(long)]
     pub(crate) force: bool,
+    /// Go on when selection rules match no table (a task for tables not created yet).
+    #[arg(long)]
+    pub(crate) allow_empty: bool,
     #[arg(long)]
     pub(crate) cdc: bool,
     /// Target heap size of a chunk, MiB (small enough that local workers stay balanced).
@@ -198,6 +201,9 @@ pub(crate) struct CdcArgs {
     /// next checkpoint move: nothing is staged twice).
     #[arg(long)]
     pub(crate) force: bool,
+    /// Go on when selection rules match no table (a task for tables not created yet).
+    #[arg(long)]
+    pub(crate) allow_empty: bool,
     /// Add the commit timestamp column to CSV rows.
     #[arg(long)]
     pub(crate) commit_ts_column: bool,

@@ -180,6 +180,43 @@ impl Selection {
         ))
     }
 
+    /// Include and explicit rules (wildcards too) that match no table of `tables`: a typo such
+    /// as `pubic` or `tt%` selects nothing and would move nothing without a word.
+    pub fn rules_matching_nothing<'a>(&'a self, tables: &[(String, String)]) -> Vec<&'a Rule> {
+        self.rules
+            .iter()
+            .filter(|r| r.action != RuleAction::Exclude)
+            .filter(|r| {
+                !tables
+                    .iter()
+                    .any(|(s, t)| like(&r.schema, s) && like(&r.table, t))
+            })
+            .collect()
+    }
+
+    /// The error for rules that match nothing (`None` when every rule matches a table).
+    pub fn empty_rules_error(
+        &self,
+        tables: &[(String, String)],
+        field: &str,
+    ) -> Option<crate::Error> {
+        let rules = self.rules_matching_nothing(tables);
+        if rules.is_empty() {
+            return None;
+        }
+        let names: Vec<String> = rules
+            .iter()
+            .map(|r| format!("{}.{} (rule-id {})", r.schema, r.table, r.id))
+            .collect();
+        Some(Error::config(
+            field,
+            format!(
+                "selection rules match no table: {} (names are case-sensitive; --allow-empty to go on)",
+                names.join(", ")
+            ),
+        ))
+    }
+
     /// Explicit and wildcard-free include rules whose table does not exist in `tables`
     /// (a likely typo, reported instead of silently moving nothing).
     pub fn unmatched_exact<'a>(&'a self, tables: &[(String, String)]) -> Vec<&'a Rule> {

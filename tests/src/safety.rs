@@ -764,3 +764,79 @@ async fn apply_refuses_staged_data_that_is_not_what_its_manifests_say() {
         .unwrap();
     assert!(v.equal, "{v:#?}");
 }
+
+#[tokio::test]
+async fn selection_typos_are_an_error_unless_allowed() {
+    let db = TestDb::new("safe_typo").await;
+    let dir = TempDir::new("safe_typo");
+    db.client()
+        .await
+        .batch_execute("create table public.t1 (id int primary key)")
+        .await
+        .unwrap();
+    let url = pgshift_tests::url(&db.config());
+    let mapping = dir.path().join("tables.json");
+    let run = |cmd: &str, task: &str, extra: &[&str]| {
+        let stage = dir.path().join(format!("stage-{task}"));
+        let state = dir.path().join(format!("state-{task}"));
+        let mut args = vec![
+            cmd,
+            "--task",
+            task,
+            "--source",
+            &url,
+            "--stage",
+            stage.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+            "--tables",
+            mapping.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        std::process::Command::new(pgshift_tests::pgshift_bin())
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    for (schema, table) in [("pubic", "t1"), ("public", "tt%")] {
+        std::fs::write(
+            &mapping,
+            format!(
+                r#"{{"rules": [{{"rule-type": "selection", "rule-id": "7", "rule-name": "7",
+                "object-locator": {{"schema-name": "{schema}", "table-name": "{table}"}}, "rule-action": "include"}}]}}"#
+            ),
+        )
+        .unwrap();
+        for (cmd, extra) in [("cdc", &["--once"][..]), ("full-load", &["--cdc"][..])] {
+            let out = run(cmd, "typo", extra);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{cmd} {schema}.{table}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let said = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                said.contains("match no table") && said.contains("rule-id 7"),
+                "{said}"
+            );
+        }
+        let slots: i64 = db
+            .client()
+            .await
+            .query_one(
+                "select count(*) from pg_replication_slots where slot_name = 'pgshift_typo'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(slots, 0, "nothing created for a typo");
+    }
+    let out = run("cdc", "typo-ok", &["--once", "--allow-empty"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -73,6 +73,7 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
         let capture = Capture {
             selection: opts.selection.clone(),
             replica_identity_full: opts.replica_identity_full,
+            allow_empty: opts.allow_empty,
         };
         let task = ensure_task(&source, state, &opts.task, &capture, true, "full-load").await?;
         Some(task.start_lsn)
@@ -81,6 +82,13 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
     };
     let tables = catalog::user_tables(client, &opts.selection).await?;
     check_tables(&tables, &opts.selection, &server)?;
+    if !opts.allow_empty {
+        let all = catalog::user_tables(client, &crate::selection::Selection::all()).await?;
+        let found: Vec<(String, String)> = all.into_iter().map(|t| (t.schema, t.name)).collect();
+        if let Some(e) = opts.selection.empty_rules_error(&found, "tables") {
+            return Err(e);
+        }
+    }
     let schema_lsn = match l0 {
         Some(l) => l,
         None => snapshot::wal_position(client).await?,

@@ -136,6 +136,8 @@ pub struct CdcOptions {
     pub replica_identity_full: bool,
     /// Take the lease even from a live holder (`--force`).
     pub force_lease: bool,
+    /// Selection rules may match no table.
+    pub allow_empty: bool,
     /// Set to stop at the next commit boundary (the CLI's SIGINT/SIGTERM).
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
@@ -146,6 +148,7 @@ impl CdcOptions {
         Capture {
             selection: self.selection.clone(),
             replica_identity_full: self.replica_identity_full,
+            allow_empty: self.allow_empty,
         }
     }
 }
@@ -171,6 +174,7 @@ impl CdcOptions {
             create_if_missing: true,
             replica_identity_full: false,
             force_lease: false,
+            allow_empty: false,
             stop: None,
         }
     }
@@ -197,6 +201,8 @@ pub struct LoadOptions {
     pub replica_identity_full: bool,
     /// Take chunk leases even from live holders (`--force`).
     pub force_lease: bool,
+    /// Selection rules may match no table.
+    pub allow_empty: bool,
 }
 
 impl LoadOptions {
@@ -214,6 +220,7 @@ impl LoadOptions {
             chunking: Chunking::Auto,
             replica_identity_full: false,
             force_lease: false,
+            allow_empty: false,
         }
     }
 }

@@ -57,6 +57,8 @@ pub struct Replication {
 pub struct Capture {
     pub selection: Selection,
     pub replica_identity_full: bool,
+    /// Selection rules may match no table (a task for tables that do not exist yet).
+    pub allow_empty: bool,
 }
 
 /// One peek (see the CDC poller's module docs, step 3).

@@ -15,6 +15,7 @@ use crate::change::decoder::RelationInfo;
 use crate::config::PgConfig;
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
+use crate::selection::Selection;
 
 /// The CDC poller's PostgreSQL source.
 pub struct PgSource {
@@ -85,6 +86,14 @@ impl CdcSource for PgSource {
     type Peek = PgPeek;
 
     async fn create_replication(&self, name: &str, capture: &Capture) -> Result<Replication> {
+        if !capture.allow_empty {
+            let tables = catalog::user_tables(&self.control, &Selection::all()).await?;
+            let found: Vec<(String, String)> =
+                tables.into_iter().map(|t| (t.schema, t.name)).collect();
+            if let Some(e) = capture.selection.empty_rules_error(&found, "tables") {
+                return Err(e);
+            }
+        }
         // Publications first: they exist at every WAL position the slot will decode.
         self.sync_publications(name, capture).await?;
         let server = catalog::server_info(&self.control).await?;
