@@ -840,3 +840,35 @@ async fn selection_typos_are_an_error_unless_allowed() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn a_killed_writers_temporary_files_are_cleaned_by_the_next_run() {
+    let Staging {
+        db,
+        sink,
+        state,
+        dir,
+    } = Staging::new("safe_tmp").await;
+    db.client()
+        .await
+        .batch_execute("create table public.t (id int primary key)")
+        .await
+        .unwrap();
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let folder = dir.path().join("stage/public/t");
+    std::fs::create_dir_all(&folder).unwrap();
+    let stale = folder.join(format!(".LOAD00000001.csv.tmp-{dead}-0123abcd"));
+    let live = folder.join(format!(
+        ".LOAD00000002.csv.tmp-{}-0123abcd",
+        std::process::id()
+    ));
+    std::fs::write(&stale, b"half a chunk").unwrap();
+    std::fs::write(&live, b"being written").unwrap();
+    cdc_poll::run(&sink, &state, &opts("tmp", &db))
+        .await
+        .unwrap();
+    assert!(!stale.exists(), "a dead writer's file is removed");
+    assert!(live.exists(), "a live writer's file is kept");
+}

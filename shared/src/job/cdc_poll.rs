@@ -149,6 +149,7 @@ pub async fn poll<Src: CdcSource, S: ObjectSink, St: StateStore>(
             return Ok(report);
         }
     };
+    sink.sweep().await?;
     let mut poller = Poller {
         source,
         sink,

@@ -62,6 +62,7 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
         return Ok((plan, ids));
     }
     layout::check_writable(sink).await?;
+    sink.sweep().await?;
     let mut cfg = opts.source.clone();
     cfg.application_name = "pgshift-plan".to_owned();
     let source = PgSource::from_control(&cfg, source::connect(&cfg).await?);

@@ -34,7 +34,26 @@ fn tmp_path(path: &Path) -> PathBuf {
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("object");
-    path.with_file_name(format!(".{name}.tmp-{}", uuid::Uuid::new_v4().simple()))
+    path.with_file_name(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ))
+}
+
+/// Whether a temporary file was left by a writer that is gone: its process (named in the file)
+/// no longer runs; an older name without a pid, once it is an hour old.
+fn left_by_dead_writer(name: &str, age: std::time::Duration) -> bool {
+    let Some(rest) = name.rsplit_once(".tmp-").map(|(_, r)| r) else {
+        return false;
+    };
+    match rest
+        .split_once('-')
+        .and_then(|(pid, _)| pid.parse::<u32>().ok())
+    {
+        Some(pid) => pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists(),
+        None => age > std::time::Duration::from_secs(3600),
+    }
 }
 
 async fn ensure_parent(path: &Path) -> Result<()> {
@@ -409,6 +428,42 @@ impl ObjectSink for LocalSink {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io(format!("deleting {}", path.display()), e)),
         }
+    }
+
+    async fn sweep(&self) -> Result<u64> {
+        let mut removed = 0;
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(mut entries) = tokio::fs::read_dir(&dir).await else {
+                continue;
+            };
+            while let Ok(Some(entry)) = entries.next_entry().await {
+                let path = entry.path();
+                let Ok(meta) = entry.metadata().await else {
+                    continue;
+                };
+                if meta.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let age = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .unwrap_or_default();
+                if name.starts_with('.')
+                    && left_by_dead_writer(&name, age)
+                    && tokio::fs::remove_file(&path).await.is_ok()
+                {
+                    removed += 1;
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(folder = %self.root.display(), removed, "removed temporary files of killed writers");
+        }
+        Ok(removed)
     }
 
     fn describe(&self) -> String {

@@ -33,6 +33,11 @@ pub trait ObjectSink: Send + Sync + 'static {
     fn delete(&self, key: &str) -> impl Future<Output = Result<()>> + Send;
     /// Where this sink writes (`s3://bucket/prefix`, a folder), for messages.
     fn describe(&self) -> String;
+    /// Removes what killed writers left behind (a folder's temporary files of processes that
+    /// are gone; S3's lifecycle rule reaps incomplete uploads). Returns how many were removed.
+    fn sweep(&self) -> impl Future<Output = Result<u64>> + Send {
+        std::future::ready(Ok(0))
+    }
 }
 
 /// A streaming write of one object.

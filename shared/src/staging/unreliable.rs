@@ -147,6 +147,11 @@ impl<S: ObjectSink> ObjectSink for UnreliableSink<S> {
     fn describe(&self) -> String {
         format!("unreliable {}", self.inner.describe())
     }
+
+    async fn sweep(&self) -> Result<u64> {
+        self.alive()?;
+        self.inner.sweep().await
+    }
 }
 
 impl<S: ObjectSink> UnreliableSink<S> {
