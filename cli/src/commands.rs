@@ -276,7 +276,21 @@ pub(crate) async fn teardown(args: TeardownArgs) -> pgshift::Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     }
-    let dropped = pgshift::job::teardown::run(&source, &args.task).await?;
+    let dropped = if args.reset {
+        match Target::parse_state(&args.state)? {
+            Target::Local(dir) => {
+                let store = pgshift::state::FileStore::new(dir);
+                pgshift::job::teardown::reset(&source, &store, &args.task).await?
+            }
+            Target::Aws(table) => {
+                let aws = Aws::from_env().await;
+                let store = pgshift::state::DynamoStore::new(aws.dynamodb(), table);
+                pgshift::job::teardown::reset(&source, &store, &args.task).await?
+            }
+        }
+    } else {
+        pgshift::job::teardown::run(&source, &args.task).await?
+    };
     if args.json {
         print_json(serde_json::to_value(&dropped), false);
     } else if dropped.is_empty() {

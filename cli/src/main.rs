@@ -52,6 +52,13 @@ pub(crate) struct TeardownArgs {
     /// Do not ask (for scripts): without it, the task's name is asked for on a terminal.
     #[arg(long)]
     pub(crate) yes: bool,
+    /// Also delete the task's state (plan, chunks, checkpoint, task record), so its next full
+    /// load starts it over: the way back after its slot or publication was lost.
+    #[arg(long)]
+    pub(crate) reset: bool,
+    /// A folder, or `dynamodb://table` (default ./pgshift-data/state); with --reset.
+    #[arg(long, env = "PGSHIFT_STATE", default_value = "./pgshift-data/state")]
+    pub(crate) state: String,
     #[arg(long)]
     pub(crate) json: bool,
 }

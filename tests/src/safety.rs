@@ -872,3 +872,92 @@ async fn a_killed_writers_temporary_files_are_cleaned_by_the_next_run() {
     assert!(!stale.exists(), "a dead writer's file is removed");
     assert!(live.exists(), "a live writer's file is kept");
 }
+
+#[tokio::test]
+async fn a_lost_slot_or_publication_has_a_working_way_back() {
+    let db = TestDb::new("safe_back").await;
+    let target = TestDb::new("safe_back_dst").await;
+    let dir = TempDir::new("safe_back");
+    let c = db.client().await;
+    c.batch_execute(
+        "create table public.t (id int primary key, v text); insert into public.t values (1, 'a')",
+    )
+    .await
+    .unwrap();
+    let url = pgshift_tests::url(&db.config());
+    let stage = dir.path().join("stage");
+    let state = dir.path().join("state");
+    let (stage, state) = (stage.to_str().unwrap(), state.to_str().unwrap());
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(pgshift_tests::pgshift_bin())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let task = ["--task", "back"];
+    let seams = ["--stage", stage, "--state", state];
+    let load = || run(&[&["full-load", "--cdc", "--source", &url][..], &task, &seams].concat());
+    let poll = || run(&[&["cdc", "--once", "--source", &url][..], &task, &seams].concat());
+    let start_over = || {
+        let (code, said) = run(&[
+            &["teardown", "--reset", "--yes", "--source", &url][..],
+            &task,
+            &["--state", state],
+        ]
+        .concat());
+        assert_eq!(code, Some(0), "{said}");
+        assert!(
+            said.contains("publication pgshift_back") && said.contains("task record"),
+            "{said}"
+        );
+    };
+    let apply_and_validate = || async {
+        pgshift::job::apply::run(
+            &pgshift::staging::LocalSink::new(stage),
+            &target.config(),
+            "back",
+        )
+        .await
+        .unwrap();
+        let v = pgshift::job::validate::run(&db.config(), &target.config(), &Selection::all())
+            .await
+            .unwrap();
+        assert!(v.equal, "{v:#?}");
+    };
+    assert_eq!(load().0, Some(0));
+    c.batch_execute("insert into public.t values (2, 'b')")
+        .await
+        .unwrap();
+    assert_eq!(poll().0, Some(0));
+    apply_and_validate().await;
+
+    for lose in [
+        "select pg_drop_replication_slot('pgshift_back')",
+        "drop publication pgshift_back",
+    ] {
+        c.batch_execute(lose).await.unwrap();
+        c.batch_execute("insert into public.t select max(id) + 1, 'lost?' from public.t")
+            .await
+            .unwrap();
+        let (code, said) = poll();
+        assert_eq!(code, Some(1), "{lose}: {said}");
+        assert!(
+            said.contains("start the task over") && said.contains("--reset"),
+            "{lose}: {said}"
+        );
+        // The way back the message names: teardown --reset, a new full load, CDC, apply.
+        start_over();
+        let (code, said) = load();
+        assert_eq!(code, Some(0), "{lose}: {said}");
+        c.batch_execute("update public.t set v = 'after' where id = 1")
+            .await
+            .unwrap();
+        assert_eq!(poll().0, Some(0), "{lose}");
+        apply_and_validate().await;
+    }
+}

@@ -47,7 +47,8 @@ pub struct ApplyReport {
 
 const BOOKKEEPING: &str = "create schema if not exists pgshift; \
  create table if not exists pgshift.applied (task text primary key, load_complete boolean not null default false, \
- position text not null default '0/0', batches bigint not null default 0, updated_at timestamptz not null default now())";
+ position text not null default '0/0', batches bigint not null default 0, updated_at timestamptz not null default now()); \
+ alter table pgshift.applied add column if not exists l0 text";
 
 fn gunzip(key: &str, body: Bytes) -> Result<Vec<u8>> {
     if !key.ends_with(".gz") {
@@ -80,7 +81,7 @@ pub async fn run<S: ObjectSink>(sink: &S, target: &PgConfig, task: &str) -> Resu
         .map_err(|e| Error::postgres("registering the task in the target", e))?;
     let row = client
         .query_one(
-            "select load_complete, position from pgshift.applied where task = $1",
+            "select load_complete, position, l0 from pgshift.applied where task = $1",
             &[&task],
         )
         .await
@@ -89,8 +90,18 @@ pub async fn run<S: ObjectSink>(sink: &S, target: &PgConfig, task: &str) -> Resu
         task: task.to_owned(),
         ..ApplyReport::default()
     };
-    let load_complete: bool = row.get(0);
+    let mut load_complete: bool = row.get(0);
     let position_text: String = row.get(1);
+    let applied_l0: Option<String> = row.get(2);
+    // A task started over (teardown --reset, a new full load) stages a load from a new L0:
+    // the target is reloaded from it (the load truncates what it loads).
+    if load_complete
+        && let Some(l0) = staged_load_l0(sink).await?
+        && applied_l0.is_some_and(|a| a != l0.to_string())
+    {
+        tracing::info!(task, l0 = %l0, "a new full load was staged: reloading the target");
+        load_complete = false;
+    }
     report.position = position_text
         .parse()
         .map_err(|e: crate::lsn::LsnParseError| Error::Source(format!("pgshift.applied: {e}")))?;
@@ -161,7 +172,7 @@ async fn apply_load<S: ObjectSink>(
         }
     }
     tx.execute(
-        "update pgshift.applied set load_complete = true, position = $2, updated_at = now() where task = $1",
+        "update pgshift.applied set load_complete = true, position = $2, l0 = $2, updated_at = now() where task = $1",
         &[&task, &l0.to_string()],
     )
     .await
@@ -170,6 +181,15 @@ async fn apply_load<S: ObjectSink>(
         .await
         .map_err(|e| Error::postgres("committing the load", e))?;
     Ok(Some((rows, l0)))
+}
+
+/// The L0 of the staged load (from its first table's manifest), if a load is staged.
+async fn staged_load_l0<S: ObjectSink>(sink: &S) -> Result<Option<Lsn>> {
+    let Some(key) = layout::load_manifest_keys(sink).await?.into_iter().next() else {
+        return Ok(None);
+    };
+    let m: LoadManifest = layout::get_json(sink, &key, "a load manifest").await?;
+    Ok(m.l0)
 }
 
 /// Without load manifests, batches that say the task began with a full load mean the load's

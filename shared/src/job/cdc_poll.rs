@@ -10,7 +10,7 @@
 //! 1. **Lease.** A conditional write on the task's `cdc` item takes the lease when it is free,
 //!    expired or ours. Another live owner → the run exits cleanly ([`Outcome::LeaseHeld`]).
 //! 2. **Checkpoint.** `C` (a commit end LSN) is read. A missing slot, or one whose WAL is lost,
-//!    is a terminal error telling the user to re-run the full load. A slot behind `C` (a crash
+//!    is a terminal error telling the user how to start the task over. A slot behind `C` (a crash
 //!    between steps 5 and 6 last time) is advanced to `C` first; a slot *ahead* of `C` would
 //!    mean changes nobody staged are gone, which is a terminal error too.
 //! 3. **Peek** up to `U`, the WAL flush position taken at start once it has reached the insert
@@ -81,6 +81,13 @@ use crate::staging::{ObjectSink, ObjectWriter};
 use crate::state::StateStore;
 use crate::state::records::{Lease, TaskRecord};
 use crate::state::records::{Outcome, PollReport};
+
+/// The way to start a task over once its slot cannot serve it (tested: `tests/src/safety.rs`).
+fn start_over(task: &str) -> String {
+    format!(
+        "start the task over: pgshift teardown --task {task} --source <url> --state <state> --reset --yes, then pgshift full-load --task {task} --cdc (apply then reloads the target)"
+    )
+}
 
 fn parquet_for_cdc() -> Error {
     Error::config(
@@ -235,13 +242,15 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         let name = &self.task.slot;
         let state = self.source.slot_state(name).await?.ok_or_else(|| {
             Error::SlotLost(format!(
-                "replication slot {name} of task {} does not exist (dropped?): changes since the checkpoint cannot be recovered; re-run the full load with CDC",
-                self.opts.task
+                "replication slot {name} of task {} does not exist (dropped?): changes since the checkpoint cannot be recovered; {}",
+                self.opts.task,
+                start_over(&self.opts.task)
             ))
         })?;
         if state.wal_status == "lost" {
             return Err(Error::SlotLost(format!(
-                "replication slot {name} lost WAL it needed (wal_status = lost, max_slot_wal_keep_size exceeded): changes were lost on the source; re-run the full load with CDC"
+                "replication slot {name} lost WAL it needed (wal_status = lost, max_slot_wal_keep_size exceeded): changes were lost on the source; {}",
+                start_over(&self.opts.task)
             )));
         }
         Ok(state)
@@ -263,8 +272,9 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             self.source.advance(&self.task.slot, start).await?;
         } else if confirmed > start {
             return Err(Error::SlotLost(format!(
-                "slot {} is at {confirmed}, past the checkpoint {start}: something else consumed it and those changes were never staged; re-run the full load with CDC",
-                self.task.slot
+                "slot {} is at {confirmed}, past the checkpoint {start}: something else consumed it and those changes were never staged; {}",
+                self.task.slot,
+                start_over(&self.opts.task)
             )));
         }
         Ok(state)
@@ -277,8 +287,9 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         let flush = self.source.drain_target().await?;
         if start > flush {
             return Err(Error::SlotLost(format!(
-                "the checkpoint {start} of task {} is ahead of the server's WAL ({flush}): the task's state is not this source's; restore it, or re-run the full load with CDC",
-                self.opts.task
+                "the checkpoint {start} of task {} is ahead of the server's WAL ({flush}): the task's state is not this source's; restore it, or {}",
+                self.opts.task,
+                start_over(&self.opts.task)
             )));
         }
         let staged: Vec<(Lsn, Lsn)> = layout::batch_manifest_keys(self.sink)
@@ -335,8 +346,9 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         match first {
             None => Ok(()),
             Some(at) => Err(Error::SlotLost(format!(
-                "the checkpoint {start} of task {} is ahead of what was staged: {unstaged} transactions between the slot's position {confirmed} and it (the first committed at {at}) were never staged, and advancing the slot would lose them; restore the task's state, or re-run the full load with CDC",
-                self.opts.task
+                "the checkpoint {start} of task {} is ahead of what was staged: {unstaged} transactions between the slot's position {confirmed} and it (the first committed at {at}) were never staged, and advancing the slot would lose them; restore the task's state, or {}",
+                self.opts.task,
+                start_over(&self.opts.task)
             ))),
         }
     }
@@ -502,6 +514,12 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                 Ok(rows) => rows,
                 // The server cut the peek at the time left: a clean stop, the open batch
                 // abandoned, committed ones kept.
+                Err(Error::SlotLost(why)) => {
+                    return Err(Error::SlotLost(format!(
+                        "{why}; {}",
+                        start_over(&opts.task)
+                    )));
+                }
                 Err(Error::Deadline(why)) => {
                     tracing::info!(task = %opts.task, reason = %why, "the peek reached the deadline");
                     report.outcome = Outcome::DeadlineReached;

@@ -882,7 +882,7 @@ fn task_slot_verdict(lost: bool, fits: bool, at_risk: bool) -> (Status, &'static
     if lost {
         (
             Status::Fail,
-            "the slot lost WAL it needed: drop it and re-run the full load with CDC",
+            "the slot lost WAL it needed: start the task over (pgshift teardown --reset, then pgshift full-load --cdc)",
         )
     } else if !fits {
         (

@@ -310,6 +310,20 @@ impl PeekStream for PgPeek {
                         self.slot
                     )));
                 }
+                // A publication the slot decodes with did not exist at a position it must
+                // decode: it was dropped while the task needed it.
+                Some(Err(e))
+                    if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) =>
+                {
+                    let detail = e
+                        .as_db_error()
+                        .map(|d| d.message().to_owned())
+                        .unwrap_or_default();
+                    return Err(Error::SlotLost(format!(
+                        "slot {} cannot decode its changes: {detail} (a publication was dropped while the task needed it)",
+                        self.slot
+                    )));
+                }
                 Some(Err(e)) => {
                     return Err(Error::postgres(
                         format!("reading changes of slot {}", self.slot),

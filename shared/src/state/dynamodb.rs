@@ -177,6 +177,18 @@ impl StateStore for DynamoStore {
         }
     }
 
+    async fn delete(&self, task: &str, key: &str) -> Result<()> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(task.to_owned()))
+            .key("sk", AttributeValue::S(key.to_owned()))
+            .send()
+            .await
+            .map_err(|e| sdk_error("dynamodb", format!("deleting {task}/{key}"), e))?;
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         format!("dynamodb://{}", self.table)
     }

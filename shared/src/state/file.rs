@@ -43,13 +43,12 @@ impl FileStore {
         }
     }
 
-    fn put_blocking(
+    /// Under the task's lock: applies `change` to its items and replaces the file.
+    fn update_blocking<T>(
         &self,
         task: &str,
-        key: &str,
-        doc: &Value,
-        expected: Option<u64>,
-    ) -> Result<u64> {
+        change: impl FnOnce(&mut BTreeMap<String, (u64, Value)>) -> Result<T>,
+    ) -> Result<T> {
         let (path, lock_path) = self.paths(task)?;
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| Error::io(format!("creating {}", self.dir.display()), e))?;
@@ -62,12 +61,7 @@ impl FileStore {
         lock.lock()
             .map_err(|e| Error::io(format!("locking {}", lock_path.display()), e))?;
         let mut all = Self::read_all(&path)?;
-        let current = all.get(key).map(|(v, _)| *v);
-        if current != expected {
-            return Err(conflict(task, key, expected));
-        }
-        let version = expected.unwrap_or(0) + 1;
-        all.insert(key.to_owned(), (version, doc.clone()));
+        let out = change(&mut all)?;
         let tmp = path.with_extension(format!("json.tmp-{}", uuid::Uuid::new_v4().simple()));
         let text =
             serde_json::to_vec_pretty(&all).map_err(|e| Error::config("state", e.to_string()))?;
@@ -76,7 +70,25 @@ impl FileStore {
         std::fs::rename(&tmp, &path)
             .map_err(|e| Error::io(format!("replacing {}", path.display()), e))?;
         drop(lock);
-        Ok(version)
+        Ok(out)
+    }
+
+    fn put_blocking(
+        &self,
+        task: &str,
+        key: &str,
+        doc: &Value,
+        expected: Option<u64>,
+    ) -> Result<u64> {
+        self.update_blocking(task, |all| {
+            let current = all.get(key).map(|(v, _)| *v);
+            if current != expected {
+                return Err(conflict(task, key, expected));
+            }
+            let version = expected.unwrap_or(0) + 1;
+            all.insert(key.to_owned(), (version, doc.clone()));
+            Ok(version)
+        })
     }
 }
 
@@ -99,6 +111,19 @@ impl StateStore for FileStore {
         tokio::task::spawn_blocking(move || this.put_blocking(&task, &key, &doc, expected))
             .await
             .map_err(|e| Error::io("state write task", std::io::Error::other(e.to_string())))?
+    }
+
+    async fn delete(&self, task: &str, key: &str) -> Result<()> {
+        let this = self.clone();
+        let (task, key) = (task.to_owned(), key.to_owned());
+        tokio::task::spawn_blocking(move || {
+            this.update_blocking(&task, |all| {
+                all.remove(&key);
+                Ok(())
+            })
+        })
+        .await
+        .map_err(|e| Error::io("state write task", std::io::Error::other(e.to_string())))?
     }
 
     fn describe(&self) -> String {

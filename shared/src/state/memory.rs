@@ -51,6 +51,13 @@ impl StateStore for MemoryStore {
         Ok(version)
     }
 
+    async fn delete(&self, task: &str, key: &str) -> Result<()> {
+        if let Ok(mut m) = self.items.lock() {
+            m.remove(&(task.to_owned(), key.to_owned()));
+        }
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         "memory".to_owned()
     }

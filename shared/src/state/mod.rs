@@ -34,6 +34,9 @@ pub trait StateStore: Send + Sync + 'static {
         expected: Option<u64>,
     ) -> impl Future<Output = Result<u64>> + Send;
     /// Where the state lives, for messages.
+    /// Deletes an item (no error when it does not exist): a task started over (`teardown
+    /// --reset`), never a job's step.
+    fn delete(&self, task: &str, key: &str) -> impl Future<Output = Result<()>> + Send;
     fn describe(&self) -> String;
 }
 

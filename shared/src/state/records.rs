@@ -339,6 +339,32 @@ impl Lease {
     }
 }
 
+/// Deletes the task's state (chunk items, plan, CDC checkpoint, then the task item, so a
+/// partial reset is finished by a rerun): the task starts over with its next full load. Only
+/// with nothing running for the task (teardown refuses while its slot is active).
+pub async fn reset_task<St: StateStore>(state: &St, task: &str) -> Result<Vec<String>> {
+    let mut deleted = Vec::new();
+    if let Some((plan, _)) = get_plan(state, task).await? {
+        for id in plan.chunk_ids() {
+            state.delete(task, &id.state_key()).await?;
+        }
+        deleted.push(format!(
+            "the plan and its {} chunks",
+            plan.chunk_ids().len()
+        ));
+        state.delete(task, "plan").await?;
+    }
+    if get_cdc(state, task).await?.is_some() {
+        state.delete(task, "cdc").await?;
+        deleted.push("the CDC checkpoint".to_owned());
+    }
+    if get_task(state, task).await?.is_some() {
+        state.delete(task, "task").await?;
+        deleted.push("the task record".to_owned());
+    }
+    Ok(deleted)
+}
+
 /// One table of a plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlannedTable {

@@ -94,6 +94,11 @@ impl<St: StateStore> StateStore for UnreliableStore<St> {
         }
     }
 
+    async fn delete(&self, task: &str, key: &str) -> Result<()> {
+        self.alive()?;
+        self.inner.delete(task, key).await
+    }
+
     fn describe(&self) -> String {
         format!("unreliable {}", self.inner.describe())
     }

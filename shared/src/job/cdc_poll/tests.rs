@@ -326,7 +326,7 @@ async fn a_lost_slot_is_a_terminal_error_naming_the_remedy() {
     let err = poll(&src, &sink, &state, &o).await.unwrap_err();
     assert!(matches!(err, Error::SlotLost(_)), "{err}");
     assert!(!err.is_transient());
-    assert!(err.to_string().contains("re-run the full load"), "{err}");
+    assert!(err.to_string().contains("start the task over"), "{err}");
 }
 
 #[test]
