@@ -127,6 +127,8 @@ fn normalize(all: &BTreeMap<String, Vec<u8>>) -> String {
             let mut doc: serde_json::Value = serde_json::from_slice(v).unwrap();
             for chunk in doc["chunks"].as_array_mut().unwrap() {
                 chunk["start_lsn"] = serde_json::Value::Null;
+                chunk["snapshot"] = serde_json::json!("<run-dependent>");
+                chunk["snapshot_lsn"] = serde_json::Value::Null;
             }
             *v = serde_json::to_vec_pretty(&doc).unwrap();
         }
@@ -169,10 +171,13 @@ fn normalize(all: &BTreeMap<String, Vec<u8>>) -> String {
 /// Masks transaction ids, timestamps and sizes that follow from them.
 fn mask(line: &str) -> String {
     let mut s = line.to_owned();
-    for field in ["\"xid\":", "\"lease_expires_ms\": ", "\"bytes\": "] {
+    for field in ["\"xid\":", "\"lease_expires_ms\":", "\"bytes\":"] {
         let mut from = 0;
         while let Some(at) = s[from..].find(field) {
-            let start = from + at + field.len();
+            let mut start = from + at + field.len();
+            if s[start..].starts_with(' ') {
+                start += 1;
+            }
             let end = s[start..]
                 .find(|c: char| !c.is_ascii_digit())
                 .map_or(s.len(), |e| start + e);

@@ -22,6 +22,8 @@ const SCHEMA: &str = "create table public.accounts (id int primary key, balance 
  create table public.events (id bigserial primary key, account int, at timestamptz default now(), payload jsonb);
  insert into public.accounts select g, 0, 'n' || g from generate_series(1, 20000) g;
  insert into public.docs select g, (select string_agg(md5((g * 1000 + k)::text), '') from generate_series(1, 120) k), 0 from generate_series(1, 40) g;
+ create table public.history (account int, delta int, at timestamptz default now());
+ insert into public.history select g % 100, g from generate_series(1, 5000) g;
  analyze;";
 
 async fn prove<S: ObjectSink + Clone, St: StateStore + Clone>(
@@ -107,7 +109,7 @@ async fn prove<S: ObjectSink + Clone, St: StateStore + Clone>(
         .await
         .unwrap();
     assert!(report.equal, "{report:#?}");
-    assert_eq!(report.tables.len(), 3);
+    assert_eq!(report.tables.len(), 4);
 }
 
 /// The workload: updates, inserts, deletes, primary-key moves and updates that leave the
@@ -132,7 +134,7 @@ fn statement(i: i64) -> String {
             i % 1000
         ),
         1 => format!(
-            "begin; update public.accounts set balance = balance - 1 where id = {id}; insert into public.events (account, payload) values ({id}, '{{\"i\": {i}}}'); commit;"
+            "begin; update public.accounts set balance = balance - 1 where id = {id}; insert into public.events (account, payload) values ({id}, '{{\"i\": {i}}}'); insert into public.history (account, delta) values ({id}, -1); commit;"
         ),
         2 => format!(
             "delete from public.accounts where id = {}",

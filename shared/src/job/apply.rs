@@ -32,7 +32,9 @@ use crate::lsn::Lsn;
 use crate::source::{self, quote_ident, quote_qualified};
 use crate::staging::ObjectSink;
 use crate::staging::encode::Encoding;
-use crate::staging::layout::{self, BatchManifest, LoadManifest, StoredSchema};
+use crate::staging::layout::{
+    self, BatchFile, BatchManifest, LoadManifest, Snapshot, StoredSchema,
+};
 
 /// What an apply run did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -117,6 +119,7 @@ pub async fn run<S: ObjectSink>(sink: &S, target: &PgConfig, task: &str) -> Resu
             None => require_no_load(sink, &keys).await?,
         }
     }
+    let snapshots = load_snapshots(sink).await?;
     let ends: std::collections::HashSet<Lsn> = keys
         .iter()
         .filter_map(|k| layout::batch_range(k))
@@ -133,8 +136,12 @@ pub async fn run<S: ObjectSink>(sink: &S, target: &PgConfig, task: &str) -> Resu
                 sink.describe()
             )));
         }
-        let changes =
-            apply_batch(sink, &mut client, task, &m, report.position, &mut tables).await?;
+        let at = Applying {
+            task,
+            position: report.position,
+            snapshots: &snapshots,
+        };
+        let changes = apply_batch(sink, &mut client, &m, &at, &mut tables).await?;
         report.batches_applied += 1;
         report.changes_applied += changes;
         report.position = m.end_lsn;
@@ -331,14 +338,66 @@ async fn load_table<S: ObjectSink>(
     Ok(m.rows)
 }
 
+/// What a batch is applied against: the task, the target's position, and the load's
+/// single-snapshot tables.
+struct Applying<'a> {
+    task: &'a str,
+    position: Lsn,
+    snapshots: &'a HashMap<(String, String), (Snapshot, Lsn)>,
+}
+
+/// The tables the load exported from one snapshot (keyless ones always are), with that
+/// snapshot and the WAL position after it: CDC changes of transactions it saw are skipped.
+async fn load_snapshots<S: ObjectSink>(
+    sink: &S,
+) -> Result<HashMap<(String, String), (Snapshot, Lsn)>> {
+    let mut out = HashMap::new();
+    for key in layout::load_manifest_keys(sink).await? {
+        let m: LoadManifest = layout::get_json(sink, &key, "a load manifest").await?;
+        if let [chunk] = m.chunks.as_slice()
+            && let (Some(text), Some(lsn)) = (&chunk.snapshot, chunk.snapshot_lsn)
+        {
+            let snap = Snapshot::parse(text)
+                .ok_or_else(|| Error::Staged(format!("{key}: malformed snapshot {text:?}")))?;
+            out.insert((m.schema.clone(), m.table.clone()), (snap, lsn));
+        }
+    }
+    Ok(out)
+}
+
+/// Which rows of a file the load's snapshot already holds (their transaction committed
+/// before the chunk was read): only for a batch that starts before the snapshot's position.
+fn seen_rows(m: &BatchManifest, file: &BatchFile, at: &Applying<'_>) -> Result<Vec<bool>> {
+    let Some((snap, lsn)) = at.snapshots.get(&(file.schema.clone(), file.table.clone())) else {
+        return Ok(Vec::new());
+    };
+    if m.start_lsn >= *lsn || file.xids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut seen = Vec::with_capacity(file.rows as usize);
+    for run in &file.xids {
+        let saw = snap.saw(run.xid);
+        seen.extend(std::iter::repeat_n(saw, run.rows as usize));
+    }
+    if seen.len() as u64 != file.rows {
+        return Err(Error::Staged(format!(
+            "{}: its transaction runs cover {} rows, the file has {}",
+            file.key,
+            seen.len(),
+            file.rows
+        )));
+    }
+    Ok(seen)
+}
+
 async fn apply_batch<S: ObjectSink>(
     sink: &S,
     client: &mut Client,
-    task: &str,
     m: &BatchManifest,
-    position: Lsn,
+    at: &Applying<'_>,
     tables: &mut Tables,
 ) -> Result<u64> {
+    let (task, position) = (at.task, at.position);
     let tx = client
         .transaction()
         .await
@@ -371,8 +430,12 @@ async fn apply_batch<S: ObjectSink>(
                 file.rows
             )));
         }
+        let seen = seen_rows(m, file, at)?;
         let mut current = usize::MAX;
-        for (si, change) in changes {
+        for (row, (si, change)) in changes.into_iter().enumerate() {
+            if seen.get(row).copied().unwrap_or(false) {
+                continue; // already in the load's snapshot
+            }
             let schema = &schemas[si].1.schema;
             if si != current {
                 sync_columns(&tx, tables, schema).await?;

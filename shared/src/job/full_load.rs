@@ -176,7 +176,9 @@ async fn chunk_table(
     sizing: ChunkSizing,
     chunking: Chunking,
 ) -> Result<Vec<ChunkRange>> {
-    if t.kind == 'p' {
+    // A keyless table is exported from one snapshot: its CDC changes the snapshot saw are
+    // skipped by readers (no key to make a second copy harmless).
+    if t.kind == 'p' || cols.key_order.is_empty() {
         return Ok(vec![ChunkRange::Whole]);
     }
     let by_key = chunking == Chunking::Keys || sizing.version_num < 140_000;
@@ -242,6 +244,8 @@ pub async fn export_chunk_in<S: ObjectSink, St: StateStore>(
     record.bytes = done.bytes;
     record.checksum = done.checksum;
     record.start_lsn = Some(done.start_lsn);
+    record.snapshot = Some(done.snapshot.0);
+    record.snapshot_lsn = Some(done.snapshot.1);
     records::complete_chunk(state, &opts.task, record, version).await
 }
 
@@ -251,6 +255,7 @@ struct Exported {
     bytes: u64,
     checksum: RowChecksum,
     start_lsn: Lsn,
+    snapshot: (String, Lsn),
 }
 
 /// Turns COPY text into the chunk's encoding, row by row, counting and summing the rows.
@@ -359,6 +364,7 @@ async fn copy_chunk<S: ObjectSink>(
 ) -> Result<Exported> {
     let client = session.begin(&opts.source).await?;
     let start_lsn = snapshot::wal_position(&client).await?;
+    let snapshot = snapshot::current_snapshot(&client).await?;
     let stream = snapshot::copy_chunk(
         &client,
         &table.schema,
@@ -389,6 +395,7 @@ async fn copy_chunk<S: ObjectSink>(
         bytes,
         checksum,
         start_lsn,
+        snapshot,
     })
 }
 

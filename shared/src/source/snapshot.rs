@@ -25,6 +25,23 @@ pub async fn wal_position(client: &Client) -> Result<Lsn> {
         .map_err(|e: LsnParseError| Error::Protocol(e.to_string()))
 }
 
+/// The chunk's snapshot, as `txid_current_snapshot()` prints it (every supported version),
+/// and the WAL insert position after it (every transaction it saw committed before that).
+pub async fn current_snapshot(client: &Client) -> Result<(String, Lsn)> {
+    let row = client
+        .query_one(
+            "select txid_current_snapshot()::text, pg_current_wal_insert_lsn()::text",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::postgres("reading the chunk's snapshot", e))?;
+    let lsn: String = row.get(1);
+    let lsn = lsn
+        .parse()
+        .map_err(|e: LsnParseError| Error::Protocol(e.to_string()))?;
+    Ok((row.get(0), lsn))
+}
+
 /// A worker's source session, kept from one chunk to the next (the CLI's workers export many
 /// chunks each; a Lambda invocation exports one). Reusing it saves, per chunk, a backend
 /// start, the TLS handshake, the SCRAM exchange and the catalog-cache warm-up — tens of

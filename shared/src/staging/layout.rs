@@ -146,6 +146,55 @@ pub fn schema_prefix(schema: &str, table: &str) -> String {
     format!("{}/_schema/", table_prefix(schema, table))
 }
 
+/// A run of rows of one transaction in a file (a keyless table's files list them, so a reader
+/// can skip what a chunk's snapshot already saw).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XidRun {
+    pub xid: u32,
+    pub rows: u64,
+}
+
+/// A chunk's snapshot, as `txid_current_snapshot()` prints it (`xmin:xmax:xip,..`, 64-bit
+/// transaction ids): which transactions the chunk's rows already include.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub xmin: u64,
+    pub xmax: u64,
+    pub xip: Vec<u64>,
+}
+
+impl Snapshot {
+    pub fn parse(text: &str) -> Option<Snapshot> {
+        let mut parts = text.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let xip = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<_>>()?,
+        };
+        parts
+            .next()
+            .is_none()
+            .then_some(Snapshot { xmin, xmax, xip })
+    }
+
+    /// Whether the transaction `xid` (32 bits, as pgoutput gives it; taken in the epoch that
+    /// puts it nearest to `xmax`) had committed when the snapshot was taken.
+    pub fn saw(&self, xid: u32) -> bool {
+        let epoch = self.xmax & !0xFFFF_FFFF;
+        let mut full = epoch | u64::from(xid);
+        if full > self.xmax + (1 << 31) {
+            full = full.wrapping_sub(1 << 32);
+        } else if full + (1 << 31) < self.xmax {
+            full += 1 << 32;
+        }
+        full < self.xmin || (full < self.xmax && !self.xip.contains(&full))
+    }
+}
+
 /// One file of a batch, as the manifest lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchFile {
@@ -163,6 +212,9 @@ pub struct BatchFile {
     /// xxh3-64 of the stored bytes (16 hex digits): readers verify the object is whole.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checksum: Option<String>,
+    /// A keyless table's rows by transaction, in order (empty for keyed tables).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub xids: Vec<XidRun>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -400,6 +452,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn snapshots_tell_which_transactions_they_saw() {
+        let s = Snapshot::parse("100:105:101,103").unwrap();
+        assert!(s.saw(99) && s.saw(100) && s.saw(102) && s.saw(104));
+        assert!(!s.saw(101) && !s.saw(103) && !s.saw(105) && !s.saw(200));
+        assert_eq!(Snapshot::parse("7:7:").unwrap().xip, Vec::<u64>::new());
+        assert!(Snapshot::parse("x:1:").is_none() && Snapshot::parse("1:2:3:4").is_none());
+        // Across a 32-bit wraparound: xmax in epoch 1, an xid just before it in epoch 0.
+        let s = Snapshot::parse("4294967290:4294967300:").unwrap();
+        assert!(s.saw(4_294_967_295), "epoch 0, before xmin's end");
+        assert!(s.saw(2), "epoch 1 (4294967298), below xmax");
+        assert!(!s.saw(5), "epoch 1 (4294967301), not yet");
     }
 
     #[test]

@@ -448,6 +448,8 @@ pub async fn create_plan<St: StateStore>(
             bytes: 0,
             checksum: RowChecksum::default(),
             start_lsn: None,
+            snapshot: None,
+            snapshot_lsn: None,
         };
         match state
             .put(task, &id.state_key(), &to_doc(&record)?, None)
@@ -524,6 +526,14 @@ pub struct ChunkRecord {
     pub bytes: u64,
     pub checksum: RowChecksum,
     pub start_lsn: Option<Lsn>,
+    /// The chunk's snapshot (`txid_current_snapshot()`): CDC changes of transactions it saw
+    /// are already in the chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// The WAL insert position read after the snapshot was taken: every transaction it saw
+    /// committed before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_lsn: Option<Lsn>,
 }
 
 /// Reads a chunk item.

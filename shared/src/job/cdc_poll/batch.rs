@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::lsn::Lsn;
 use crate::pgoutput::Value;
 use crate::staging::encode::{EncodedWriter, Format};
-use crate::staging::layout::{BatchFile, SchemaSegment, cdc_file_key};
+use crate::staging::layout::{BatchFile, SchemaSegment, XidRun, cdc_file_key};
 use crate::staging::{ObjectSink, ObjectWriter};
 
 struct TableFile<W: ObjectWriter> {
@@ -19,6 +19,8 @@ struct TableFile<W: ObjectWriter> {
     table: String,
     counts: [u64; 4],
     segments: Vec<SchemaSegment>,
+    /// Rows by transaction, for a keyless table (readers skip what a chunk's snapshot saw).
+    xids: Option<Vec<XidRun>>,
 }
 
 pub(super) struct Batch<W: ObjectWriter> {
@@ -61,6 +63,7 @@ impl<W: ObjectWriter> Batch<W> {
         rel_id: u32,
         rel: &Relation,
         op: Op,
+        xid: u32,
         row: &[u8],
     ) -> Result<()> {
         let file = match self.files.entry(rel_id) {
@@ -79,6 +82,7 @@ impl<W: ObjectWriter> Batch<W> {
                         key: rel.version_key.clone(),
                         first_row: 0,
                     }],
+                    xids: rel.pk.is_empty().then(Vec::new),
                 })
             }
         };
@@ -93,6 +97,12 @@ impl<W: ObjectWriter> Batch<W> {
             });
         }
         file.writer.write_row(row).await?;
+        if let Some(runs) = &mut file.xids {
+            match runs.last_mut() {
+                Some(run) if run.xid == xid => run.rows += 1,
+                _ => runs.push(XidRun { xid, rows: 1 }),
+            }
+        }
         file.counts[match op {
             Op::Insert => 0,
             Op::Update => 1,
@@ -122,6 +132,7 @@ impl<W: ObjectWriter> Batch<W> {
                 truncates: f.counts[3],
                 schema_versions: f.segments,
                 checksum: Some(checksum),
+                xids: f.xids.unwrap_or_default(),
             });
         }
         Ok(files)

@@ -127,7 +127,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             Encoding::Parquet => return Err(parquet_for_cdc()),
         }
         batch
-            .append(sink, opts.format, row.rel_id, rel, row.op, buf)
+            .append(sink, opts.format, row.rel_id, rel, row.op, t.xid, buf)
             .await
     }
 }
