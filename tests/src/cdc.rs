@@ -669,7 +669,10 @@ async fn a_first_half_cut_by_the_change_limit_drains_the_rest_with_one_session()
     }
     let r = poll(&sink, &state, &o).await;
     assert_eq!(r.changes, 1000);
-    assert_eq!(r.split_peeks, 0, "{r:#?}");
+    // WAL is cluster-wide: other tests' writes can put the split point before these changes,
+    // so the first half is not always the one cut (the exact path is the job test
+    // `a_first_half_cut_by_the_change_limit_leaves_the_rest_to_one_session`).
+    assert!(r.split_peeks <= 1, "{r:#?}");
     assert!(r.peeks >= 5, "200-change peeks of 1000 changes: {r:#?}");
     let changes = check_tables(&sink, &db, &["t"]).await;
     assert_eq!(changes.len(), 1000);
@@ -751,7 +754,7 @@ async fn a_dropped_slot_is_a_clear_terminal_error() {
         .unwrap();
     let err = cdc_poll::run(&sink, &state, &o).await.unwrap_err();
     assert!(!err.is_transient());
-    assert!(err.to_string().contains("re-run the full load"), "{err}");
+    assert!(err.to_string().contains("start the task over"), "{err}");
 }
 
 #[tokio::test]

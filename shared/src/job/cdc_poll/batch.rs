@@ -55,7 +55,8 @@ impl<W: ObjectWriter> Batch<W> {
     }
 
     /// Appends one encoded row of `rel` to its table's file (opened on its first row; a new
-    /// schema version starts a segment).
+    /// schema version starts a segment), of transaction `xid`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn append<S: ObjectSink<Writer = W>>(
         &mut self,
         sink: &S,

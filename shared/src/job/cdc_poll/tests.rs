@@ -288,6 +288,36 @@ async fn split_peeks_stage_what_one_session_stages_and_survive_a_failed_second_h
 }
 
 #[tokio::test]
+async fn a_first_half_cut_by_the_change_limit_leaves_the_rest_to_one_session() {
+    let src = MemorySource::new();
+    let t = src.create_table("public", "t", &[("id", true), ("n", false)]);
+    let (sink, state) = (MemorySink::new(), MemoryStore::new());
+    let mut o = opts("cut");
+    o.max_peek_changes = 20;
+    poll(&src, &sink, &state, &o).await.unwrap();
+    for i in 0..50 {
+        src.commit(vec![MemoryChange::Insert {
+            rel: t,
+            new: v(&[&i.to_string(), "1"]),
+        }]);
+    }
+    let r = poll(&src, &sink, &state, &o).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Drained);
+    assert_eq!(r.changes, 50);
+    assert_eq!(
+        r.split_peeks, 0,
+        "the cut first half turns splitting off: {r:?}"
+    );
+    assert!(r.peeks >= 3, "{r:?}");
+    let (staged, inserts) = replay(&sink).await;
+    assert_eq!(
+        (staged.len(), inserts),
+        (50, 50),
+        "every change exactly once"
+    );
+}
+
+#[tokio::test]
 async fn a_peek_longer_than_the_time_left_is_cut_and_retried_whole() {
     let src = MemorySource::new();
     let t = src.create_table("public", "t", &[("id", true), ("n", false)]);
