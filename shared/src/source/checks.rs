@@ -214,21 +214,14 @@ fn tls_check(server: &ServerInfo) -> Check {
 fn version_check(server: &ServerInfo) -> Check {
     let v = server.version_num;
     let detail = format!("PostgreSQL {}", server.version);
-    if v < 100_000 {
+    if v < 120_000 {
         Check::new(
             "version",
             Status::Fail,
-            format!("{detail}: logical decoding with pgoutput needs PostgreSQL 10 or later"),
-            "upgrade the source to a supported PostgreSQL (14 or later recommended)",
-        )
-    } else if v < 110_000 {
-        Check::new(
-            "version",
-            Status::Warn,
             format!(
-                "{detail}: full load works; CDC needs pg_replication_slot_advance (PostgreSQL 11+)"
+                "{detail}: pgshift needs PostgreSQL 12 or later (slot copies, version-aware catalog reads; tested on 12 to 18)"
             ),
-            "upgrade to PostgreSQL 11 or later for CDC (14+ for TID range chunking)",
+            "upgrade the source to a supported PostgreSQL (14 or later recommended)",
         )
     } else if v < 140_000 {
         Check::pass(
