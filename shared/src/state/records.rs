@@ -792,6 +792,14 @@ mod tests {
                 .is_ok(),
             "--force"
         );
+        // The same for a chunk a killed worker of this host was exporting.
+        let p = create_plan(&state, "c", plan(), |id| format!("k{}", id.n))
+            .await
+            .unwrap();
+        let id = &p.chunk_ids()[0];
+        claim_chunk(&state, "c", id, &dead, ttl, false).await.unwrap();
+        let taken = claim_chunk(&state, "c", id, "me", ttl, false).await.unwrap();
+        assert!(matches!(taken, Claim::Claimed { .. }), "{taken:?}");
     }
 
     #[tokio::test]
