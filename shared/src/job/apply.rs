@@ -70,43 +70,12 @@ pub async fn run<S: ObjectSink>(sink: &S, target: &PgConfig, task: &str) -> Resu
     let mut cfg = target.clone();
     cfg.application_name = "pgshift-apply".to_owned();
     let mut client = source::connect(&cfg).await?;
-    client
-        .batch_execute(BOOKKEEPING)
-        .await
-        .map_err(|e| Error::postgres("creating pgshift.applied in the target", e))?;
-    client
-        .execute(
-            "insert into pgshift.applied (task) values ($1) on conflict do nothing",
-            &[&task],
-        )
-        .await
-        .map_err(|e| Error::postgres("registering the task in the target", e))?;
-    let row = client
-        .query_one(
-            "select load_complete, position, l0 from pgshift.applied where task = $1",
-            &[&task],
-        )
-        .await
-        .map_err(|e| Error::postgres("reading the applied position", e))?;
+    let (load_complete, position) = open_target(sink, &client, task).await?;
     let mut report = ApplyReport {
         task: task.to_owned(),
+        position,
         ..ApplyReport::default()
     };
-    let mut load_complete: bool = row.get(0);
-    let position_text: String = row.get(1);
-    let applied_l0: Option<String> = row.get(2);
-    // A task started over (teardown --reset, a new full load) stages a load from a new L0:
-    // the target is reloaded from it (the load truncates what it loads).
-    if load_complete
-        && let Some(l0) = staged_load_l0(sink).await?
-        && applied_l0.is_some_and(|a| a != l0.to_string())
-    {
-        tracing::info!(task, l0 = %l0, "a new full load was staged: reloading the target");
-        load_complete = false;
-    }
-    report.position = position_text
-        .parse()
-        .map_err(|e: crate::lsn::LsnParseError| Error::Source(format!("pgshift.applied: {e}")))?;
     let mut tables = Tables::default();
     let keys = layout::batch_manifest_keys(sink).await?;
     if !load_complete {
@@ -188,6 +157,45 @@ async fn apply_load<S: ObjectSink>(
         .await
         .map_err(|e| Error::postgres("committing the load", e))?;
     Ok(Some((rows, l0)))
+}
+
+/// The target's bookkeeping created if missing, and where it stands: whether the load is
+/// applied (a task started over stages a load from a new L0: then it is not) and its position.
+async fn open_target<S: ObjectSink>(sink: &S, client: &Client, task: &str) -> Result<(bool, Lsn)> {
+    client
+        .batch_execute(BOOKKEEPING)
+        .await
+        .map_err(|e| Error::postgres("creating pgshift.applied in the target", e))?;
+    client
+        .execute(
+            "insert into pgshift.applied (task) values ($1) on conflict do nothing",
+            &[&task],
+        )
+        .await
+        .map_err(|e| Error::postgres("registering the task in the target", e))?;
+    let row = client
+        .query_one(
+            "select load_complete, position, l0 from pgshift.applied where task = $1",
+            &[&task],
+        )
+        .await
+        .map_err(|e| Error::postgres("reading the applied position", e))?;
+    let mut load_complete: bool = row.get(0);
+    let position_text: String = row.get(1);
+    let applied_l0: Option<String> = row.get(2);
+    let position = position_text
+        .parse()
+        .map_err(|e: crate::lsn::LsnParseError| Error::Source(format!("pgshift.applied: {e}")))?;
+    // A task started over (teardown --reset, a new full load) stages a load from a new L0:
+    // the target is reloaded from it (the load truncates what it loads).
+    if load_complete
+        && let Some(l0) = staged_load_l0(sink).await?
+        && applied_l0.is_some_and(|a| a != l0.to_string())
+    {
+        tracing::info!(task, l0 = %l0, "a new full load was staged: reloading the target");
+        load_complete = false;
+    }
+    Ok((load_complete, position))
 }
 
 /// The L0 of the staged load (from its first table's manifest), if a load is staged.
@@ -390,6 +398,40 @@ fn seen_rows(m: &BatchManifest, file: &BatchFile, at: &Applying<'_>) -> Result<V
     Ok(seen)
 }
 
+/// A batch file read, verified against its manifest (size, checksum, rows) and decoded, with
+/// the schema versions its rows use.
+async fn read_file<S: ObjectSink>(
+    sink: &S,
+    m: &BatchManifest,
+    file: &BatchFile,
+) -> Result<(Vec<(u64, StoredSchema)>, Vec<(usize, changes::Change)>)> {
+    let mut schemas = Vec::new();
+    for seg in &file.schema_versions {
+        let s: StoredSchema = serde_json::from_slice(&layout::get_required(sink, &seg.key).await?)
+            .map_err(|e| Error::Source(format!("{}: {e}", seg.key)))?;
+        schemas.push((seg.first_row, s));
+    }
+    if schemas.is_empty() {
+        return Err(Error::Source(format!(
+            "{}: no schema version in the manifest",
+            file.key
+        )));
+    }
+    let stored = layout::get_required(sink, &file.key).await?;
+    verify_object(&file.key, &stored, file.bytes, file.checksum.as_deref())?;
+    let body = gunzip(&file.key, stored)?;
+    let changes = read_changes(m, file, &body, &schemas)?;
+    if changes.len() as u64 != file.rows {
+        return Err(Error::Staged(format!(
+            "{} has {} rows, its manifest says {}",
+            file.key,
+            changes.len(),
+            file.rows
+        )));
+    }
+    Ok((schemas, changes))
+}
+
 async fn apply_batch<S: ObjectSink>(
     sink: &S,
     client: &mut Client,
@@ -405,31 +447,7 @@ async fn apply_batch<S: ObjectSink>(
     let mut applied = 0u64;
     let mut statements: HashMap<String, tokio_postgres::Statement> = HashMap::new();
     for file in &m.files {
-        let mut schemas = Vec::new();
-        for seg in &file.schema_versions {
-            let s: StoredSchema =
-                serde_json::from_slice(&layout::get_required(sink, &seg.key).await?)
-                    .map_err(|e| Error::Source(format!("{}: {e}", seg.key)))?;
-            schemas.push((seg.first_row, s));
-        }
-        if schemas.is_empty() {
-            return Err(Error::Source(format!(
-                "{}: no schema version in the manifest",
-                file.key
-            )));
-        }
-        let stored = layout::get_required(sink, &file.key).await?;
-        verify_object(&file.key, &stored, file.bytes, file.checksum.as_deref())?;
-        let body = gunzip(&file.key, stored)?;
-        let changes = read_changes(m, file, &body, &schemas)?;
-        if changes.len() as u64 != file.rows {
-            return Err(Error::Staged(format!(
-                "{} has {} rows, its manifest says {}",
-                file.key,
-                changes.len(),
-                file.rows
-            )));
-        }
+        let (schemas, changes) = read_file(sink, m, file).await?;
         let seen = seen_rows(m, file, at)?;
         let mut current = usize::MAX;
         for (row, (si, change)) in changes.into_iter().enumerate() {

@@ -94,6 +94,31 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
         Some(l) => l,
         None => snapshot::wal_position(client).await?,
     };
+    let planned = plan_tables(sink, client, &tables, schema_lsn, sizing, opts).await?;
+    let plan = PlanRecord {
+        tables: planned,
+        format: opts.format,
+        l0,
+        status: "planned".to_owned(),
+    };
+    let format = opts.format;
+    let plan = records::create_plan(state, &opts.task, plan, |id| {
+        chunk_key(&id.schema, &id.table, id.n, format)
+    })
+    .await?;
+    let ids = plan.chunk_ids();
+    Ok((plan, ids))
+}
+
+/// Each selected table's schema version written (at `schema_lsn`) and its chunks planned.
+async fn plan_tables<S: ObjectSink>(
+    sink: &S,
+    client: &tokio_postgres::Client,
+    tables: &[catalog::TableInfo],
+    schema_lsn: Lsn,
+    sizing: ChunkSizing,
+    opts: &LoadOptions,
+) -> Result<Vec<PlannedTable>> {
     let mut versions = SchemaVersions::new();
     let mut planned = Vec::new();
     // Partitions load through their root when it is selected (its COPY reads them all, and
@@ -124,19 +149,7 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
             estimated_rows: t.estimated_rows.max(0.0),
         });
     }
-    let plan = PlanRecord {
-        tables: planned,
-        format: opts.format,
-        l0,
-        status: "planned".to_owned(),
-    };
-    let format = opts.format;
-    let plan = records::create_plan(state, &opts.task, plan, |id| {
-        chunk_key(&id.schema, &id.table, id.n, format)
-    })
-    .await?;
-    let ids = plan.chunk_ids();
-    Ok((plan, ids))
+    Ok(planned)
 }
 
 /// The selection matched what it names exactly, and every selected table is readable.
