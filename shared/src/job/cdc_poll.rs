@@ -389,7 +389,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                 .max(Duration::from_millis(1)),
             None => opts.source.statement_timeout,
         };
-        let mut peek = self
+        let started = self
             .source
             .peek(&PeekRequest {
                 slot: self.task.slot.clone(),
@@ -400,7 +400,18 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                 deadline: opts.deadline.is_some(),
                 split,
             })
-            .await?;
+            .await;
+        let mut peek = match started {
+            Ok(peek) => peek,
+            // Cut at the time left before its first row: the same clean stop as below.
+            Err(Error::Deadline(why)) => {
+                tracing::info!(task = %opts.task, reason = %why, "the peek reached the deadline");
+                report.outcome = Outcome::DeadlineReached;
+                cursor.stopped_early = true;
+                return Ok(PeekEnd { incomplete: false });
+            }
+            Err(e) => return Err(e),
+        };
         tracing::debug!(task = %opts.task, split = ?split, "peek started (the server decodes before the first row)");
         let mut incomplete = false;
         loop {

@@ -268,7 +268,7 @@ impl PgPeek {
                 decoding_work_mem: decoding_work_mem.to_owned(),
             })
         });
-        let copy = start_peek(
+        let started = start_peek(
             session,
             &Peek {
                 slot: &req.slot,
@@ -278,7 +278,22 @@ impl PgPeek {
                 timeout: req.timeout,
             },
         )
-        .await?;
+        .await;
+        let copy = match started {
+            Ok(copy) => copy,
+            // The server can cut the peek at the time left before its first row arrives.
+            Err(Error::Postgres {
+                source: Some(e), ..
+            }) if req.deadline
+                && e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) =>
+            {
+                return Err(Error::Deadline(format!(
+                    "the peek of slot {} reached the deadline",
+                    req.slot
+                )));
+            }
+            Err(e) => return Err(e),
+        };
         Ok(PgPeek {
             stream: Box::pin(copy),
             rows: PeekRows::new(),
