@@ -167,6 +167,7 @@ pub async fn poll<Src: CdcSource, S: ObjectSink, St: StateStore>(
         relations: Relations::default(),
         versions: SchemaVersions::new(),
         publications: String::new(),
+        xid_horizon: crate::state::records::snapshot_horizon(state, &opts.task).await?,
         row_buf: Vec::with_capacity(1024),
     };
     // The drain future is large (S3 writers per table): keep it on the heap.
@@ -212,6 +213,8 @@ struct Poller<'a, Src: CdcSource, S: ObjectSink, St: StateStore> {
     versions: SchemaVersions,
     /// The peek's `publication_names`.
     publications: String,
+    /// Batches starting before this may hold transactions a load snapshot saw.
+    xid_horizon: Option<Lsn>,
     /// The encoded row being written (reused for every change).
     row_buf: Vec<u8>,
 }
@@ -628,6 +631,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
     /// A batch starting at the checkpoint, bound to an existing manifest's end if there is one.
     async fn new_batch(&self) -> Result<Batch<S::Writer>> {
         let mut b = Batch::empty(self.checkpoint());
+        b.record_xids = self.xid_horizon.is_some_and(|h| b.start < h);
         let existing = self.sink.list(&layout::manifest_prefix(b.start)).await?;
         b.must_end = layout::existing_batch_end(&existing, b.start);
         Ok(b)

@@ -365,6 +365,34 @@ pub async fn reset_task<St: StateStore>(state: &St, task: &str) -> Result<Vec<St
     Ok(deleted)
 }
 
+/// The WAL position past every single-snapshot chunk of the task's load (a keyless table's is
+/// one): CDC batches that start later hold no transaction a load snapshot saw, so they need not
+/// list rows by transaction. `None` without a load.
+pub async fn snapshot_horizon<St: StateStore>(state: &St, task: &str) -> Result<Option<Lsn>> {
+    let Some((plan, _)) = get_plan(state, task).await? else {
+        return Ok(None);
+    };
+    let mut horizon = None;
+    for t in plan.tables.iter().filter(|t| t.chunks.len() == 1) {
+        let id = ChunkId {
+            schema: t.schema.clone(),
+            table: t.table.clone(),
+            n: 0,
+        };
+        match get_chunk(state, task, &id)
+            .await?
+            .map(|c| (c.status, c.snapshot_lsn))
+        {
+            Some((status, Some(lsn))) if status == "done" => {
+                horizon = horizon.max(Some(lsn));
+            }
+            // Not exported yet: its snapshot is still to come, after anything staged now.
+            _ => return Ok(Some(Lsn(u64::MAX))),
+        }
+    }
+    Ok(horizon)
+}
+
 /// One table of a plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlannedTable {

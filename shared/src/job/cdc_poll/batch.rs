@@ -36,6 +36,9 @@ pub(super) struct Batch<W: ObjectWriter> {
     pub(super) last_commit: Lsn,
     pub(super) last_end: Lsn,
     pub(super) last_commit_ts: i64,
+    /// List a keyless table's rows by transaction (only while a load snapshot may have seen
+    /// them: see `records::snapshot_horizon`).
+    pub(super) record_xids: bool,
 }
 
 impl<W: ObjectWriter> Batch<W> {
@@ -51,6 +54,7 @@ impl<W: ObjectWriter> Batch<W> {
             last_commit: Lsn::ZERO,
             last_end: Lsn::ZERO,
             last_commit_ts: 0,
+            record_xids: false,
         }
     }
 
@@ -83,7 +87,7 @@ impl<W: ObjectWriter> Batch<W> {
                         key: rel.version_key.clone(),
                         first_row: 0,
                     }],
-                    xids: rel.pk.is_empty().then(Vec::new),
+                    xids: (self.record_xids && rel.pk.is_empty()).then(Vec::new),
                 })
             }
         };
