@@ -150,7 +150,8 @@ pub async fn sync(
         }
         // An earlier version's task: step 1, then step 2 when it can be done now.
         (true, InsertOnly::Missing) => {
-            let xid = plan.apply(client, false, None, false).await?;
+            // Step 1 creates the insert-only publication (so it has the creating xid).
+            let xid = plan.apply(client, false, None, false).await?.unwrap_or(0);
             plan.finish_step_two(client, xid).await?;
         }
         (true, InsertOnly::Created { xid }) => plan.finish_step_two(client, xid).await?,
@@ -259,7 +260,7 @@ impl<'a> Plan<'a> {
         exact: bool,
         since: Option<Lsn>,
         new_task: bool,
-    ) -> Result<i64> {
+    ) -> Result<Option<i64>> {
         begin(client, self.name).await?;
         let done = self.apply_inner(client, exact, since, new_task).await;
         finish(client, done).await
@@ -271,12 +272,10 @@ impl<'a> Plan<'a> {
         exact: bool,
         since: Option<Lsn>,
         new_task: bool,
-    ) -> Result<i64> {
-        let xid: i64 = tx
-            .query_one("select txid_current()", &[])
-            .await
-            .map_err(|e| Error::postgres("starting the publication sync", e))?
-            .get(0);
+    ) -> Result<Option<i64>> {
+        // No transaction id unless something is written: a sync that changes nothing writes no
+        // WAL (the drain target that follows would otherwise wait for its flush).
+        let mut xid = None;
         let existing: Vec<String> = tx
             .query(
                 "select pubname::text from pg_publication where pubname = any($1)",
@@ -305,7 +304,13 @@ impl<'a> Plan<'a> {
             } else {
                 self.create(tx, pubname, publish, wants).await?;
                 if pubname == ins && since.is_none() && !new_task {
-                    comment(tx, &ins, &format!("pgshift created by {xid}")).await?;
+                    let id: i64 = tx
+                        .query_one("select txid_current()", &[])
+                        .await
+                        .map_err(|e| Error::postgres("reading the creating transaction", e))?
+                        .get(0);
+                    comment(tx, &ins, &format!("pgshift created by {id}")).await?;
+                    xid = Some(id);
                 }
             }
         }
