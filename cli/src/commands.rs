@@ -1,5 +1,5 @@
 //! One function per command: validate the flags, build the seams and the job's options
-//! (through the library's one mapping, `job::options::TaskSettings`), run, print.
+//! (through the library's one mapping, `options::TaskSettings`), run, print.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,9 +9,9 @@ use pgshift::Error;
 use pgshift::aws::Aws;
 use pgshift::config::SourceSpec;
 use pgshift::job::full_load::{self, Progress};
-use pgshift::job::options::TaskSettings;
 use pgshift::job::validate as validate_job;
 use pgshift::job::{apply as apply_job, cdc_poll, status as status_job, test_endpoint};
+use pgshift::options::TaskSettings;
 use pgshift::source::checks::{CheckOptions, Status};
 use pgshift::staging::encode::Format;
 use pgshift::state::records::Outcome;

@@ -13,6 +13,8 @@
 //!   every one), [`state`] (task state: [`state::StateStore`]; [`state::records`] holds every
 //!   transition), each with a real, a local, an in-memory and a fault-injecting implementation.
 //! - [`pgoutput`]: a pure decoder of the pgoutput protocol; [`change`]: decoded row changes.
+//! - [`task`]: what a task's jobs share (its first run's task item); [`options`]: the one
+//!   configuration → job options mapping.
 //! - [`job`]: what the functions and the CLI run, each its effect order over the seams.
 //!
 //! The design (data formats, the CDC effect order) is in `DESIGN.md` of the project.
@@ -25,6 +27,7 @@ pub mod job;
 #[cfg(feature = "lambda")]
 pub mod lambda;
 pub mod lsn;
+pub mod options;
 pub mod pgoutput;
 pub mod plan;
 pub mod selection;
@@ -32,6 +35,7 @@ pub mod source;
 pub mod staging;
 pub mod state;
 pub mod table;
+pub mod task;
 
 pub use error::{Error, Result};
 pub use lsn::Lsn;

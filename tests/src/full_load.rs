@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use pgshift::job::cdc_poll;
 use pgshift::job::full_load::{self, Progress};
-use pgshift::job::options::{CdcOptions, LoadOptions};
+use pgshift::options::{CdcOptions, LoadOptions};
 use pgshift::selection::Selection;
 use pgshift::staging::ObjectSink;
 use pgshift::staging::decode::parse_csv_fields;

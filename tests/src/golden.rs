@@ -51,7 +51,7 @@ async fn staged(format: &str) -> BTreeMap<String, Vec<u8>> {
     let sink = MemorySink::new();
     let state = MemoryStore::new();
     let task = format!("golden-{}", format.replace('.', "-"));
-    let mut load = pgshift::job::options::LoadOptions::new(&task, db.config(), "golden");
+    let mut load = pgshift::options::LoadOptions::new(&task, db.config(), "golden");
     load.cdc = true;
     load.format = Format::parse(format, "format").unwrap();
     pgshift::job::full_load::run_local(&sink, &state, &load, 1, Default::default())
@@ -61,7 +61,7 @@ async fn staged(format: &str) -> BTreeMap<String, Vec<u8>> {
     for sql in WORKLOAD {
         c.batch_execute(sql).await.unwrap();
     }
-    let mut cdc = pgshift::job::options::CdcOptions::new(&task, db.config(), "golden");
+    let mut cdc = pgshift::options::CdcOptions::new(&task, db.config(), "golden");
     cdc.format = Format::parse(format, "format").unwrap();
     cdc.peek_sessions = 1;
     cdc.max_batch_changes = 4; // several batches

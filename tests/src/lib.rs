@@ -265,7 +265,7 @@ impl Kill {
         self,
         sink: &S,
         state: &St,
-        opts: &pgshift::job::options::CdcOptions,
+        opts: &pgshift::options::CdcOptions,
     ) -> pgshift::Result<pgshift::state::records::PollReport>
     where
         S: pgshift::staging::ObjectSink + Clone,

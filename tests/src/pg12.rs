@@ -4,7 +4,7 @@
 //! validate, and the endpoint checks.
 
 use pgshift::config::PgConfig;
-use pgshift::job::options::{CdcOptions, LoadOptions};
+use pgshift::options::{CdcOptions, LoadOptions};
 use pgshift::selection::Selection;
 use pgshift_tests::{TempDir, TestDb, env};
 

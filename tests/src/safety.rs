@@ -5,7 +5,7 @@
 
 use pgshift::error::Error;
 use pgshift::job::cdc_poll;
-use pgshift::job::options::CdcOptions;
+use pgshift::options::CdcOptions;
 use pgshift::selection::Selection;
 use pgshift::state::StateStore;
 use pgshift_tests::{Staging, TempDir, TestDb, replay};
@@ -626,7 +626,7 @@ async fn names_that_look_alike_or_like_pgshift_keys_never_collide() {
     )
     .await
     .unwrap();
-    let mut lo = pgshift::job::options::LoadOptions::new("names", db.config(), "loader");
+    let mut lo = pgshift::options::LoadOptions::new("names", db.config(), "loader");
     lo.cdc = true;
     let report = pgshift::job::full_load::run_local(&sink, &state, &lo, 1, Default::default())
         .await
@@ -678,7 +678,7 @@ async fn apply_refuses_staged_data_that_is_not_what_its_manifests_say() {
     )
     .await
     .unwrap();
-    let mut lo = pgshift::job::options::LoadOptions::new("verify", db.config(), "loader");
+    let mut lo = pgshift::options::LoadOptions::new("verify", db.config(), "loader");
     lo.cdc = true;
     pgshift::job::full_load::run_local(&sink, &state, &lo, 1, Default::default())
         .await
@@ -980,7 +980,7 @@ async fn a_keyless_table_arrives_exactly_once_through_load_and_cdc() {
         .await
         .unwrap();
         let task = format!("nokey-{}", format.replace('.', "-"));
-        let mut lo = pgshift::job::options::LoadOptions::new(&task, db.config(), "loader");
+        let mut lo = pgshift::options::LoadOptions::new(&task, db.config(), "loader");
         lo.cdc = true;
         lo.format = pgshift::staging::encode::Format::parse(format, "format").unwrap();
         lo.chunk_mib = 1;

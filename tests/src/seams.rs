@@ -7,7 +7,7 @@ use bytes::Bytes;
 use pgshift::aws::Aws;
 use pgshift::error::Error;
 use pgshift::job::cdc_poll;
-use pgshift::job::options::CdcOptions;
+use pgshift::options::CdcOptions;
 use pgshift::source::{CdcSource, PeekRequest, PeekStream, PgSource};
 use pgshift::staging::{MemorySink, ObjectSink, ObjectWriter, S3Sink};
 use pgshift::state::records::Outcome;

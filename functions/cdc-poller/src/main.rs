@@ -5,8 +5,8 @@
 use lambda_runtime::{Diagnostic, LambdaEvent, service_fn};
 use pgshift::Error;
 use pgshift::job::cdc_poll;
-use pgshift::job::options::TaskSettings;
 use pgshift::lambda::StagedDeps;
+use pgshift::options::TaskSettings;
 use pgshift::state::records::PollReport;
 
 async fn handle(

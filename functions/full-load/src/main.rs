@@ -5,8 +5,8 @@
 use lambda_runtime::{Diagnostic, LambdaEvent, service_fn};
 use pgshift::Error;
 use pgshift::job::full_load::{self, FullLoadEvent};
-use pgshift::job::options::{LoadOptions, TaskSettings};
 use pgshift::lambda::StagedDeps;
+use pgshift::options::{LoadOptions, TaskSettings};
 
 async fn handle(
     deps: &StagedDeps,

@@ -69,9 +69,8 @@ use crate::change::decoder::{self, Keep, Relations};
 use crate::change::{Op, format_pg_timestamp, pg_now};
 use crate::config::check_task_name;
 use crate::error::{Error, Result};
-use crate::job::ensure_task;
-use crate::job::options::CdcOptions;
 use crate::lsn::Lsn;
+use crate::options::CdcOptions;
 use crate::pgoutput::{self, Message};
 use crate::source::publication::peek_names;
 use crate::source::{CdcSource, PeekRequest, PeekStream, PgSource};
@@ -81,6 +80,7 @@ use crate::staging::{ObjectSink, ObjectWriter};
 use crate::state::StateStore;
 use crate::state::records::{Lease, TaskRecord};
 use crate::state::records::{Outcome, PollReport};
+use crate::task::ensure_task;
 
 /// The way to start a task over once its slot cannot serve it (tested: `tests/src/safety.rs`).
 fn start_over(task: &str) -> String {

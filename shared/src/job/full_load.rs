@@ -32,9 +32,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::check_task_name;
 use crate::error::{Error, Result};
-use crate::job::ensure_task;
-use crate::job::options::LoadOptions;
 use crate::lsn::Lsn;
+use crate::options::LoadOptions;
 use crate::plan::{ChunkRange, ChunkSizing, Chunking, key_ranges, plan_table};
 use crate::source::copy_text::{RowChecksum, TextToCsv};
 use crate::source::snapshot::{self, ChunkSession};
@@ -43,12 +42,11 @@ use crate::staging::ObjectSink;
 use crate::staging::decode::parse_csv_fields;
 use crate::staging::encode::parquet::ParquetEncoder;
 use crate::staging::encode::{EncodedWriter, Encoding, Format, load_json_row};
-use crate::staging::layout::{
-    self, CHUNK_LIST_KEY, LoadManifest, SchemaVersions, chunk_key, load_manifest_key,
-};
+use crate::staging::layout::{self, LoadManifest, SchemaVersions, chunk_key, load_manifest_key};
 use crate::state::StateStore;
 use crate::state::records::{self, ChunkId, ChunkRecord, Claim, PlanRecord, PlannedTable};
 use crate::table::TableSchema;
+use crate::task::ensure_task;
 
 /// Plans the load (idempotent). Returns the plan and the chunk list.
 pub async fn plan<S: ObjectSink, St: StateStore>(
@@ -472,100 +470,6 @@ pub async fn finish<S: ObjectSink, St: StateStore>(
     Ok(manifests)
 }
 
-/// The full-load function's event: one of the state machine's three steps.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FullLoadEvent {
-    Plan,
-    ExportChunk { chunk: ChunkId },
-    Finish,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawEvent {
-    action: Action,
-    #[serde(default)]
-    chunk: Option<ChunkId>,
-}
-
-#[derive(Deserialize)]
-enum Action {
-    Plan,
-    ExportChunk,
-    Finish,
-}
-
-impl FullLoadEvent {
-    /// Parses `{"action": "Plan" | "ExportChunk" | "Finish", "chunk": {..}}`, naming the field
-    /// that is wrong.
-    pub fn from_json(value: serde_json::Value) -> Result<FullLoadEvent> {
-        let raw: RawEvent = crate::job::parse_event(value)?;
-        match (raw.action, raw.chunk) {
-            (Action::Plan, None) => Ok(FullLoadEvent::Plan),
-            (Action::Finish, None) => Ok(FullLoadEvent::Finish),
-            (Action::ExportChunk, Some(chunk)) => Ok(FullLoadEvent::ExportChunk { chunk }),
-            (Action::ExportChunk, None) => Err(Error::event(
-                "chunk",
-                "ExportChunk needs the chunk to export",
-            )),
-            (_, Some(_)) => Err(Error::event("chunk", "only ExportChunk takes a chunk")),
-        }
-    }
-}
-
-/// Plans of more chunks than this go to the Map state as an S3 object (Distributed Map).
-pub const INLINE_CHUNK_LIMIT: usize = 1000;
-
-/// The Plan step's result for the state machine.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PlanOutput {
-    pub task: String,
-    pub chunk_count: usize,
-    /// The chunks, when at most [`INLINE_CHUNK_LIMIT`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub chunks: Option<Vec<ChunkId>>,
-    /// Otherwise the staged JSON array of chunks, for the Distributed Map's ItemReader.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub chunk_manifest: Option<ChunkManifestRef>,
-    pub max_concurrency: u32,
-    pub l0: Option<Lsn>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChunkManifestRef {
-    pub bucket: String,
-    pub key: String,
-}
-
-/// The Plan step's output for the state machine: the chunks inline, or (more than
-/// [`INLINE_CHUNK_LIMIT`]) staged as [`CHUNK_LIST_KEY`] for a Distributed Map, whose bucket
-/// and key `locate` gives.
-pub async fn plan_output<S: ObjectSink>(
-    sink: &S,
-    task: &str,
-    plan: &PlanRecord,
-    ids: Vec<ChunkId>,
-    max_concurrency: u32,
-    locate: impl Fn(&str) -> Result<(String, String)>,
-) -> Result<PlanOutput> {
-    let mut out = PlanOutput {
-        task: task.to_owned(),
-        chunk_count: ids.len(),
-        chunks: None,
-        chunk_manifest: None,
-        max_concurrency,
-        l0: plan.l0,
-    };
-    if ids.len() <= INLINE_CHUNK_LIMIT {
-        out.chunks = Some(ids);
-    } else {
-        layout::put_json(sink, CHUNK_LIST_KEY, &ids).await?;
-        let (bucket, key) = locate(CHUNK_LIST_KEY)?;
-        out.chunk_manifest = Some(ChunkManifestRef { bucket, key });
-    }
-    Ok(out)
-}
-
 /// Progress of a local run, shared by its workers.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -658,6 +562,10 @@ pub async fn run_local<S: ObjectSink + Clone, St: StateStore + Clone>(
         rows_per_sec: rows as f64 / elapsed.as_secs_f64().max(1e-9),
     })
 }
+
+mod step;
+
+pub use step::{ChunkManifestRef, FullLoadEvent, INLINE_CHUNK_LIMIT, PlanOutput, plan_output};
 
 #[cfg(test)]
 mod tests {

@@ -51,7 +51,7 @@ pub struct TaskSpec {
 impl TestEndpointEvent {
     /// Parses an event, naming the offending field on error (`endpoint.port: ...`).
     pub fn from_json(value: serde_json::Value) -> Result<TestEndpointEvent> {
-        let event: TestEndpointEvent = super::parse_event(value)?;
+        let event: TestEndpointEvent = crate::task::parse_event(value)?;
         if event.endpoint.is_some() && event.secret_arn.is_some() {
             return Err(Error::event(
                 "endpoint",

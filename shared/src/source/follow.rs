@@ -106,14 +106,7 @@ pub async fn ensure(
         .await
         .map_err(|e| Error::postgres("reading the follow trigger's function", e))?
         .map(|r| r.get(0));
-    let has_trigger = client
-        .query_opt(
-            "select 1 from pg_event_trigger where evtname = $1",
-            &[&trigger],
-        )
-        .await
-        .map_err(|e| Error::postgres("reading event triggers", e))?
-        .is_some();
+    let has_trigger = trigger_exists(client, &trigger).await?;
     if current.as_deref() == Some(body.as_str()) && has_trigger {
         return Ok(true);
     }
@@ -138,17 +131,21 @@ pub async fn ensure(
     Ok(true)
 }
 
-/// Drops the event trigger and its function (teardown); missing ones are fine.
-pub async fn drop(client: &Client, name: &str) -> Result<bool> {
-    let trigger = trigger_name(name);
-    let existed = client
+async fn trigger_exists(client: &Client, trigger: &str) -> Result<bool> {
+    Ok(client
         .query_opt(
             "select 1 from pg_event_trigger where evtname = $1",
             &[&trigger],
         )
         .await
         .map_err(|e| Error::postgres("reading event triggers", e))?
-        .is_some();
+        .is_some())
+}
+
+/// Drops the event trigger and its function (teardown); missing ones are fine.
+pub async fn drop(client: &Client, name: &str) -> Result<bool> {
+    let trigger = trigger_name(name);
+    let existed = trigger_exists(client, &trigger).await?;
     client
         .batch_execute(&format!(
             "drop event trigger if exists {t}; drop function if exists public.{t}()",

@@ -293,24 +293,19 @@ impl Lease {
         }
         // Each move renews the lease: a long drain keeps it while it makes progress.
         rec.lease_expires_ms = now_ms() + self.ttl.as_millis() as u64;
-        let version = state
-            .put(&self.task, "cdc", &to_doc(&rec)?, Some(self.version))
-            .await
-            .map_err(|e| match e {
-                Error::Conflict(m) => {
-                    Error::Conflict(format!("lost the lease of task {}: {m}", self.task))
-                }
-                other => other,
-            })?;
-        self.rec = rec;
-        self.version = version;
-        Ok(())
+        self.write(state, rec).await
     }
 
     /// Renews the lease (at each peek: a drain that makes progress keeps a short lease).
     pub async fn renew<St: StateStore>(&mut self, state: &St) -> Result<()> {
         let mut rec = self.rec.clone();
         rec.lease_expires_ms = now_ms() + self.ttl.as_millis() as u64;
+        self.write(state, rec).await
+    }
+
+    /// Writes `rec` under the lease: conditional on the version it holds (a lost race means
+    /// another poller took the lease).
+    async fn write<St: StateStore>(&mut self, state: &St, rec: CdcRecord) -> Result<()> {
         let version = state
             .put(&self.task, "cdc", &to_doc(&rec)?, Some(self.version))
             .await
