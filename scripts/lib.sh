@@ -224,7 +224,8 @@ pgshift_start_moto() {
   pgshift_run_dir
   pgshift_ensure_venv
   port=$(free_port)
-  "$PGSHIFT_VENV/bin/moto_server" -H 127.0.0.1 -p "$port" >"$PGSHIFT_RUN_DIR/moto.log" 2>&1 &
+  # moto_server with DynamoDB's conditional writes atomic (scripts/moto-server.py says why).
+  "$PGSHIFT_VENV/bin/python" "$PGSHIFT_ROOT/scripts/moto-server.py" -H 127.0.0.1 -p "$port" >"$PGSHIFT_RUN_DIR/moto.log" 2>&1 &
   PGSHIFT_PIDS+=($!)
   for _ in $(seq 1 100); do
     if python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/moto-api/data.json', timeout=1)" 2>/dev/null; then
