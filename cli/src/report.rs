@@ -251,7 +251,7 @@ pub(crate) fn status_text(s: &TaskStatus) -> String {
 /// One line per apply run.
 pub(crate) fn apply_summary(report: &ApplyReport) -> String {
     format!(
-        "task {}: {}{} batches, {} changes applied; target at {}",
+        "task {}: {}{} batches, {} changes applied ({} set-based); target at {}",
         report.task,
         if report.load_applied {
             format!("load applied ({} rows); ", report.load_rows)
@@ -260,6 +260,7 @@ pub(crate) fn apply_summary(report: &ApplyReport) -> String {
         },
         report.batches_applied,
         report.changes_applied,
+        report.changes_set_based,
         report.position
     )
 }

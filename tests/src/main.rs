@@ -1,5 +1,6 @@
 //! Integration tests: real PostgreSQL and a local AWS emulator (see `scripts/test.sh`).
 
+mod apply;
 mod cdc;
 mod endpoint;
 mod full_load;

@@ -8,12 +8,15 @@
 //!    its staged schema if missing, truncated, filled with `COPY FROM` from its chunk files, and
 //!    the task's row set to `load_complete`, `position = L0`. A crash rolls all of it back.
 //! 3. **CDC**: the batch manifests are read in LSN order; a batch whose end is at or before the
-//!    position is skipped (already applied). Each batch is one transaction: its tables' changes
-//!    in commit order (inserts and updates as upserts by primary key, deletes by key, truncates),
-//!    columns added or dropped where a schema version changes, and the position moved to the
-//!    batch's end, conditional on it still being the batch's start. A crash mid-batch rolls the
-//!    batch back; the rerun applies it once. Unchanged TOAST values are left out of the update,
-//!    so the target keeps its current value.
+//!    position is skipped (already applied). Each batch is one transaction: each table's
+//!    changes in commit order, in runs applied set-based (`apply/batch.rs`: copied into a
+//!    temporary table, reduced to the net effect per key, then one delete, one update and one
+//!    insert) between the changes that need their order kept (truncates, schema versions with
+//!    their columns added or dropped, a keyless table's updates and deletes), which go row by
+//!    row; then the position moves to the batch's end, conditional on it still being the
+//!    batch's start. A crash mid-batch rolls the batch back; the rerun applies it once.
+//!    Unchanged TOAST values are left out of the update, so the target keeps its current
+//!    value (or the one an earlier change of the batch gave it).
 //!
 //! Tables are applied one after another inside a batch (each in commit order); the target
 //! tables pgshift creates have no foreign keys, so the end state is the source's.
@@ -35,6 +38,7 @@ use crate::staging::encode::Encoding;
 use crate::staging::layout::{
     self, BatchFile, BatchManifest, LoadManifest, Snapshot, StoredSchema,
 };
+use crate::table::TableSchema;
 
 /// What an apply run did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -44,6 +48,9 @@ pub struct ApplyReport {
     pub load_rows: u64,
     pub batches_applied: u64,
     pub changes_applied: u64,
+    /// Of those, the changes applied set-based (the rest went row by row).
+    #[serde(default)]
+    pub changes_set_based: u64,
     pub position: Lsn,
 }
 
@@ -110,18 +117,24 @@ pub async fn run<S: ObjectSink>(sink: &S, target: &PgConfig, task: &str) -> Resu
             position: report.position,
             snapshots: &snapshots,
         };
-        let changes = apply_batch(sink, &mut client, &m, &at, &mut tables).await?;
+        let (changes, set_based) = apply_batch(sink, &mut client, &m, &at, &mut tables).await?;
         report.batches_applied += 1;
         report.changes_applied += changes;
+        report.changes_set_based += set_based;
         report.position = m.end_lsn;
     }
     Ok(report)
 }
 
+mod batch;
 mod changes;
 mod target;
 
-use changes::{change_statements, has_key, jsonl_to_csv, quoted_keys, read_changes};
+use batch::Run;
+use changes::{
+    Change, Changes, change_statements, has_key, is_partial_insert, jsonl_to_csv, move_row,
+    quoted_keys,
+};
 use target::{Tables, ensure_table, sync_columns};
 
 async fn apply_load<S: ObjectSink>(
@@ -398,13 +411,12 @@ fn seen_rows(m: &BatchManifest, file: &BatchFile, at: &Applying<'_>) -> Result<V
     Ok(seen)
 }
 
-/// A batch file read, verified against its manifest (size, checksum, rows) and decoded, with
-/// the schema versions its rows use.
+/// A batch file read and verified against its manifest (size, checksum), with the schema
+/// versions its rows use. Its row count is checked as it is applied.
 async fn read_file<S: ObjectSink>(
     sink: &S,
-    m: &BatchManifest,
     file: &BatchFile,
-) -> Result<(Vec<(u64, StoredSchema)>, Vec<(usize, changes::Change)>)> {
+) -> Result<(Vec<(u64, StoredSchema)>, Vec<u8>)> {
     let mut schemas = Vec::new();
     for seg in &file.schema_versions {
         let s: StoredSchema = serde_json::from_slice(&layout::get_required(sink, &seg.key).await?)
@@ -419,62 +431,101 @@ async fn read_file<S: ObjectSink>(
     }
     let stored = layout::get_required(sink, &file.key).await?;
     verify_object(&file.key, &stored, file.bytes, file.checksum.as_deref())?;
-    let body = gunzip(&file.key, stored)?;
-    let changes = read_changes(m, file, &body, &schemas)?;
-    if changes.len() as u64 != file.rows {
-        return Err(Error::Staged(format!(
-            "{} has {} rows, its manifest says {}",
-            file.key,
-            changes.len(),
-            file.rows
-        )));
-    }
-    Ok((schemas, changes))
+    Ok((schemas, gunzip(&file.key, stored)?))
 }
 
+/// Applies one batch in one target transaction: each file's changes in commit order, in runs
+/// applied set-based ([`batch::Run`]) between the changes that need order (truncates, schema
+/// versions, a keyless table's updates and deletes, key moves of a non-primary replica
+/// identity), which are applied row by row; then the applied position moves to its end.
 async fn apply_batch<S: ObjectSink>(
     sink: &S,
     client: &mut Client,
     m: &BatchManifest,
     at: &Applying<'_>,
     tables: &mut Tables,
-) -> Result<u64> {
+) -> Result<(u64, u64)> {
     let (task, position) = (at.task, at.position);
     let tx = client
         .transaction()
         .await
         .map_err(|e| Error::postgres("starting a batch transaction", e))?;
-    let mut applied = 0u64;
+    let (mut applied, mut set_based) = (0u64, 0u64);
     let mut statements: HashMap<String, tokio_postgres::Statement> = HashMap::new();
     for file in &m.files {
-        let (schemas, changes) = read_file(sink, m, file).await?;
+        let (schemas, body) = read_file(sink, file).await?;
         let seen = seen_rows(m, file, at)?;
+        let mut changes = Changes::new(m, file, &body, &schemas);
         let mut current = usize::MAX;
-        for (row, (si, change)) in changes.into_iter().enumerate() {
-            if seen.get(row).copied().unwrap_or(false) {
+        let mut run: Option<Run> = None;
+        // A keyed delete is held one row: the next may be the insert of its key change.
+        let mut held: Option<Change> = None;
+        let mut rows = 0u64;
+        while let Some(next) = changes.next_change() {
+            let (si, change) = next?;
+            let row = rows;
+            rows += 1;
+            if seen.get(row as usize).copied().unwrap_or(false) {
                 continue; // already in the load's snapshot
             }
             let schema = &schemas[si].1.schema;
+            let name = quote_qualified(&schema.schema, &schema.table);
             if si != current {
+                if current != usize::MAX {
+                    let before = &schemas[current].1.schema;
+                    if let Some(d) = held.take() {
+                        push(&mut run, before, &d, &mut set_based);
+                    }
+                    if let Some(r) = run.take() {
+                        r.apply(&tx).await?;
+                    }
+                }
                 sync_columns(&tx, tables, schema).await?;
                 current = si;
             }
-            let name = quote_qualified(&schema.schema, &schema.table);
-            for (sql, values) in change_statements(schema, &name, &change, &file.key)? {
-                if !statements.contains_key(&sql) {
-                    let types = vec![Type::TEXT; values.len()];
-                    let st = tx.prepare_typed(&sql, &types).await.map_err(|e| {
-                        Error::postgres(format!("preparing a change for {name}"), e)
-                    })?;
-                    statements.insert(sql.clone(), st);
-                }
-                let params: Vec<&(dyn ToSql + Sync)> =
-                    values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-                tx.execute(&statements[&sql], &params)
-                    .await
-                    .map_err(|e| Error::postgres(format!("applying a change to {name}"), e))?;
-            }
             applied += 1;
+            if let Some(d) = held.take() {
+                if is_partial_insert(schema, &change) {
+                    if let Some(r) = run.take() {
+                        r.apply(&tx).await?;
+                    }
+                    let [moved, insert] = move_row(schema, &name, &d, &change)?;
+                    if execute(&tx, &mut statements, &name, &moved).await? == 0 {
+                        execute(&tx, &mut statements, &name, &insert).await?;
+                    }
+                    continue;
+                }
+                push(&mut run, schema, &d, &mut set_based);
+            }
+            if Run::takes(schema, &change) {
+                if change.op == "D" {
+                    held = Some(change);
+                    continue;
+                }
+                push(&mut run, schema, &change, &mut set_based);
+                if let Some(r) = run.as_mut().filter(|r| r.full()) {
+                    r.copy(&tx).await?;
+                }
+                continue;
+            }
+            if let Some(r) = run.take() {
+                r.apply(&tx).await?;
+            }
+            for statement in change_statements(schema, &name, &change, &file.key)? {
+                execute(&tx, &mut statements, &name, &statement).await?;
+            }
+        }
+        if let (Some(d), Some((_, s))) = (held.take(), schemas.get(current)) {
+            push(&mut run, &s.schema, &d, &mut set_based);
+        }
+        if let Some(r) = run.take() {
+            r.apply(&tx).await?;
+        }
+        if rows != file.rows {
+            return Err(Error::Staged(format!(
+                "{} has {rows} rows, its manifest says {}",
+                file.key, file.rows
+            )));
         }
     }
     let moved = tx
@@ -492,7 +543,37 @@ async fn apply_batch<S: ObjectSink>(
     tx.commit()
         .await
         .map_err(|e| Error::postgres("committing a batch", e))?;
-    Ok(applied)
+    Ok((applied, set_based))
+}
+
+/// Adds a change to the file's current run (started if none).
+fn push(run: &mut Option<Run>, schema: &TableSchema, change: &Change, set_based: &mut u64) {
+    let name = quote_qualified(&schema.schema, &schema.table);
+    run.get_or_insert_with(|| Run::new(schema, &name))
+        .push(change);
+    *set_based += 1;
+}
+
+/// Runs one row-by-row statement (prepared once per batch), returning the rows it touched.
+async fn execute(
+    tx: &tokio_postgres::Transaction<'_>,
+    statements: &mut HashMap<String, tokio_postgres::Statement>,
+    name: &str,
+    (sql, values): &changes::Statement,
+) -> Result<u64> {
+    if !statements.contains_key(sql) {
+        let types = vec![Type::TEXT; values.len()];
+        let st = tx
+            .prepare_typed(sql, &types)
+            .await
+            .map_err(|e| Error::postgres(format!("preparing a change for {name}"), e))?;
+        statements.insert(sql.clone(), st);
+    }
+    let params: Vec<&(dyn ToSql + Sync)> =
+        values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+    tx.execute(&statements[sql], &params)
+        .await
+        .map_err(|e| Error::postgres(format!("applying a change to {name}"), e))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::source::quote_ident;
-use crate::staging::decode::{CsvRows, parse_csv_fields};
+use crate::staging::decode::parse_csv_fields;
 use crate::staging::encode::Encoding;
 use crate::staging::layout::{BatchFile, BatchManifest, StoredSchema};
 use crate::table::{ColumnSchema, TableSchema};
@@ -27,13 +27,13 @@ pub(super) fn jsonl_to_csv(body: &[u8], columns: &[String]) -> Result<Vec<u8>> {
 
 /// One staged CDC change, decoded for applying.
 pub(super) struct Change {
-    op: String,
+    pub(super) op: String,
     /// Key column values (old key for U and D).
-    key: Vec<(String, Option<String>)>,
+    pub(super) key: Vec<(String, Option<String>)>,
     /// New row: present columns only (unchanged TOAST ones are absent).
-    after: Vec<(String, Option<String>)>,
+    pub(super) after: Vec<(String, Option<String>)>,
     /// Old row under REPLICA IDENTITY FULL (JSON Lines only).
-    before: Vec<(String, Option<String>)>,
+    pub(super) before: Vec<(String, Option<String>)>,
 }
 
 pub(super) type Statement = (String, Vec<Option<String>>);
@@ -86,6 +86,50 @@ fn delete_by_key(schema: &TableSchema, name: &str, change: &Change) -> Result<St
         format!("delete from {name} where {}", conds.join(" and ")),
         change.key.iter().map(|(_, v)| v.clone()).collect(),
     ))
+}
+
+/// A primary-key change whose new row left an unchanged TOAST value out (the server sends
+/// the old key only, without REPLICA IDENTITY FULL): staged as D(old key) + I(new row without
+/// that column), applied as one `UPDATE` that moves the row, so the value stays. The second
+/// statement inserts the new row when the old one is not in the target.
+pub(super) fn move_row(
+    schema: &TableSchema,
+    name: &str,
+    delete: &Change,
+    insert_row: &Change,
+) -> Result<[Statement; 2]> {
+    let n = insert_row.after.len();
+    let set: Vec<String> = insert_row
+        .after
+        .iter()
+        .enumerate()
+        .map(|(i, (c, _))| Ok(format!("{} = {}", quote_ident(c), cast(schema, i, c)?)))
+        .collect::<Result<_>>()?;
+    let conds: Vec<String> = delete
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, (c, _))| Ok(format!("{} = {}", quote_ident(c), cast(schema, n + i, c)?)))
+        .collect::<Result<_>>()?;
+    let mut values: Vec<Option<String>> = insert_row.after.iter().map(|(_, v)| v.clone()).collect();
+    values.extend(delete.key.iter().map(|(_, v)| v.clone()));
+    Ok([
+        (
+            format!(
+                "update {name} set {} where {}",
+                set.join(", "),
+                conds.join(" and ")
+            ),
+            values,
+        ),
+        insert(schema, name, insert_row, "")?,
+    ])
+}
+
+/// Whether an insert leaves columns out: the new row of a key change with an unchanged TOAST
+/// value (see [`move_row`]).
+pub(super) fn is_partial_insert(schema: &TableSchema, change: &Change) -> bool {
+    change.op == "I" && change.after.len() < schema.columns.len()
 }
 
 /// Inserts the change's new row, with `conflict` (an `on conflict` clause, or nothing).
@@ -175,24 +219,101 @@ pub(super) fn change_statements(
     }
 }
 
-pub(super) fn read_changes(
-    m: &BatchManifest,
-    file: &BatchFile,
-    body: &[u8],
-    schemas: &[(u64, StoredSchema)],
-) -> Result<Vec<(usize, Change)>> {
-    if m.format.encoding == Encoding::Jsonl {
-        read_jsonl(file, body, schemas)
-    } else {
-        read_csv(m, file, body, schemas)
+/// A staged CDC file's changes, read one at a time (nothing but the current row is held
+/// besides the file itself), each with the index of the schema version its row uses.
+pub(super) struct Changes<'a> {
+    key: &'a str,
+    body: &'a [u8],
+    pos: usize,
+    row: u64,
+    jsonl: bool,
+    offset: usize,
+    schemas: &'a [(u64, StoredSchema)],
+    fields: Vec<Option<Vec<u8>>>,
+}
+
+impl<'a> Changes<'a> {
+    pub(super) fn new(
+        m: &BatchManifest,
+        file: &'a BatchFile,
+        body: &'a [u8],
+        schemas: &'a [(u64, StoredSchema)],
+    ) -> Changes<'a> {
+        Changes {
+            key: &file.key,
+            body,
+            pos: 0,
+            row: 0,
+            jsonl: m.format.encoding == Encoding::Jsonl,
+            offset: if m.commit_ts_column { 2 } else { 1 },
+            schemas,
+            fields: Vec::new(),
+        }
+    }
+
+    /// The next change, `None` at the end of the file.
+    pub(super) fn next_change(&mut self) -> Option<Result<(usize, Change)>> {
+        let line = if self.jsonl {
+            loop {
+                let rest = &self.body[self.pos..];
+                if rest.is_empty() {
+                    return None;
+                }
+                let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |o| o + 1);
+                self.pos += end;
+                if end > 1 || rest[0] != b'\n' {
+                    break &rest[..end];
+                }
+            }
+        } else {
+            let rest = &self.body[self.pos..];
+            if rest.is_empty() {
+                return None;
+            }
+            match csv_row_end(rest) {
+                Some(end) => {
+                    self.pos += end;
+                    &rest[..end]
+                }
+                None => {
+                    self.pos = self.body.len();
+                    return Some(Err(Error::Staged(format!(
+                        "{}: the file ends inside a row",
+                        self.key
+                    ))));
+                }
+            }
+        };
+        let i = self.row;
+        self.row += 1;
+        let si = schema_index(self.schemas, i);
+        Some(if self.jsonl {
+            jsonl_change(self.key, line).map(|c| (si, c))
+        } else {
+            let (cols, offset) = (&self.schemas[si].1.schema.columns, self.offset);
+            csv_change(self.key, i, line, cols, offset, &mut self.fields).map(|c| (si, c))
+        })
     }
 }
 
-fn read_jsonl(
-    file: &BatchFile,
-    body: &[u8],
-    schemas: &[(u64, StoredSchema)],
-) -> Result<Vec<(usize, Change)>> {
+/// The length of the first CSV row of `rest` (with its newline; a newline inside quotes is
+/// data), or `None` when it does not end.
+fn csv_row_end(rest: &[u8]) -> Option<usize> {
+    let mut in_quotes = false;
+    let mut pos = 0;
+    while let Some(off) = memchr::memchr2(b'"', b'\n', &rest[pos..]) {
+        let at = pos + off;
+        pos = at + 1;
+        if rest[at] == b'"' {
+            in_quotes = !in_quotes;
+        } else if !in_quotes {
+            return Some(pos);
+        }
+    }
+    None
+}
+
+fn jsonl_change(key: &str, line: &[u8]) -> Result<Change> {
     let obj = |x: &serde_json::Value| -> Vec<(String, Option<String>)> {
         x.as_object()
             .map(|o| {
@@ -202,77 +323,51 @@ fn read_jsonl(
             })
             .unwrap_or_default()
     };
-    let mut out = Vec::new();
-    for (i, line) in body
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .enumerate()
-    {
-        let v: serde_json::Value = serde_json::from_slice(line)
-            .map_err(|e| Error::Staged(format!("{}: malformed line: {e}", file.key)))?;
-        out.push((
-            schema_index(schemas, i as u64),
-            Change {
-                op: v["op"].as_str().unwrap_or("").to_owned(),
-                key: obj(&v["key"]),
-                after: obj(&v["after"]),
-                before: obj(&v["before"]),
-            },
-        ));
-    }
-    Ok(out)
+    let v: serde_json::Value = serde_json::from_slice(line)
+        .map_err(|e| Error::Staged(format!("{key}: malformed line: {e}")))?;
+    Ok(Change {
+        op: v["op"].as_str().unwrap_or("").to_owned(),
+        key: obj(&v["key"]),
+        after: obj(&v["after"]),
+        before: obj(&v["before"]),
+    })
 }
 
-fn read_csv(
-    m: &BatchManifest,
-    file: &BatchFile,
-    body: &[u8],
-    schemas: &[(u64, StoredSchema)],
-) -> Result<Vec<(usize, Change)>> {
-    let mut rows = Vec::new();
-    let mut split = CsvRows::new();
-    split.feed(body, |r| {
-        rows.push(r.to_vec());
-        Ok(())
-    })?;
-    split.finish()?;
-    let mut out = Vec::new();
-    let mut fields = Vec::new();
-    let offset = if m.commit_ts_column { 2 } else { 1 };
+fn csv_change(
+    key: &str,
+    i: u64,
+    row: &[u8],
+    cols: &[ColumnSchema],
+    offset: usize,
+    fields: &mut Vec<Option<Vec<u8>>>,
+) -> Result<Change> {
     let text = |f: &Option<Vec<u8>>| f.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
-    for (i, row) in rows.iter().enumerate() {
-        parse_csv_fields(row, &mut fields)?;
-        let si = schema_index(schemas, i as u64);
-        let cols = &schemas[si].1.schema.columns;
-        if fields.len() != cols.len() + offset + 1 {
-            return Err(Error::Staged(format!(
-                "{} row {i}: {} fields for {} columns",
-                file.key,
-                fields.len(),
-                cols.len()
-            )));
-        }
-        let unchanged: Vec<usize> = text(&fields[cols.len() + offset])
-            .unwrap_or_default()
-            .split(';')
-            .filter_map(|n| n.parse::<usize>().ok())
-            .collect();
-        let values = |keep: &dyn Fn(usize, &ColumnSchema) -> bool| {
-            cols.iter()
-                .enumerate()
-                .filter(|(j, c)| keep(*j, c))
-                .map(|(j, c)| (c.name.clone(), text(&fields[j + offset])))
-                .collect()
-        };
-        let change = Change {
-            op: text(&fields[0]).unwrap_or_default(),
-            after: values(&|j, _| !unchanged.contains(&(j + 1))),
-            key: values(&|_, c| c.key),
-            before: Vec::new(),
-        };
-        out.push((si, change));
+    parse_csv_fields(row, fields)?;
+    if fields.len() != cols.len() + offset + 1 {
+        return Err(Error::Staged(format!(
+            "{key} row {i}: {} fields for {} columns",
+            fields.len(),
+            cols.len()
+        )));
     }
-    Ok(out)
+    let unchanged: Vec<usize> = text(&fields[cols.len() + offset])
+        .unwrap_or_default()
+        .split(';')
+        .filter_map(|n| n.parse::<usize>().ok())
+        .collect();
+    let values = |keep: &dyn Fn(usize, &ColumnSchema) -> bool| {
+        cols.iter()
+            .enumerate()
+            .filter(|(j, c)| keep(*j, c))
+            .map(|(j, c)| (c.name.clone(), text(&fields[j + offset])))
+            .collect()
+    };
+    Ok(Change {
+        op: text(&fields[0]).unwrap_or_default(),
+        after: values(&|j, _| !unchanged.contains(&(j + 1))),
+        key: values(&|_, c| c.key),
+        before: Vec::new(),
+    })
 }
 
 pub(super) fn schema_index(schemas: &[(u64, StoredSchema)], row: u64) -> usize {

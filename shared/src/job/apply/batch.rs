@@ -1,0 +1,313 @@
+//! Set-based apply of a run of changes (what DMS calls batch-optimized apply).
+//!
+//! A run is a stretch of one file (one table, one schema version) with no truncate and no
+//! change that needs its neighbours in order. Its rows are copied, in commit order with a
+//! sequence number, into a temporary table with `COPY`, then reduced to the net effect per
+//! key and applied with three statements:
+//!
+//! 1. keys whose last change is a delete are deleted;
+//! 2. every other key's row is folded from its changes after its last delete: an insert sets
+//!    every column, an update the columns it carries (an unchanged TOAST value is not
+//!    carried: the latest change that carried the column wins, else the target keeps its
+//!    value) and updated in place (`UPDATE .. FROM`);
+//! 3. the folded rows whose key is not in the target are inserted.
+//!
+//! The end state is the one applying every change in commit order gives: within a run a key's
+//! changes touch only that key's row (a key change is staged as D(old) + I(new), two keys).
+//! A keyless table's run holds inserts only and is inserted in commit order; its updates and
+//! deletes end the run and are applied row by row. Memory: the copy buffer
+//! ([`COPY_CHUNK`]), whatever the run's size.
+
+use bytes::Bytes;
+use futures_util::SinkExt;
+use tokio_postgres::Transaction;
+
+use super::changes::{Change, has_key};
+use crate::error::{Error, Result};
+use crate::source::quote_ident;
+use crate::staging::encode::csv_field;
+use crate::table::TableSchema;
+
+/// Bytes buffered before they are copied into the run's temporary table.
+pub(super) const COPY_CHUNK: usize = 4 << 20;
+
+const RUN: &str = "pg_temp.pgshift_run";
+const NET: &str = "pg_temp.pgshift_net";
+
+/// One run being collected.
+pub(super) struct Run {
+    schema: TableSchema,
+    name: String,
+    keyed: bool,
+    buf: Vec<u8>,
+    rows: u64,
+    created: bool,
+    /// Some update left a column out (an unchanged TOAST value): the fold is per column.
+    partial: bool,
+    /// Some change deleted.
+    deletes: bool,
+}
+
+impl Run {
+    pub(super) fn new(schema: &TableSchema, name: &str) -> Run {
+        Run {
+            schema: schema.clone(),
+            name: name.to_owned(),
+            keyed: has_key(schema),
+            buf: Vec::new(),
+            rows: 0,
+            created: false,
+            partial: false,
+            deletes: false,
+        }
+    }
+
+    /// Whether a change of this table can join a run: inserts, updates and deletes by key of a
+    /// keyed table whose key it does not move; inserts of a keyless one.
+    pub(super) fn takes(schema: &TableSchema, change: &Change) -> bool {
+        if !has_key(schema) {
+            return change.op == "I";
+        }
+        match change.op.as_str() {
+            "I" => true,
+            "D" => !change.key.is_empty(),
+            // An update that moves its key (possible for a replica identity that is not the
+            // primary key), or whose new key is not in the row, goes row by row.
+            "U" => schema.columns.iter().filter(|c| c.key).all(|c| {
+                let new = change.after.iter().find(|(n, _)| *n == c.name);
+                let old = change.key.iter().find(|(n, _)| *n == c.name);
+                matches!((new, old), (Some((_, a)), Some((_, b))) if a == b)
+            }),
+            _ => false,
+        }
+    }
+
+    /// Adds a change (one [`Run::takes`]) to the run.
+    pub(super) fn push(&mut self, change: &Change) {
+        let seq = self.rows.to_string();
+        self.rows += 1;
+        csv_field(&mut self.buf, Some(seq.as_bytes()));
+        self.buf.push(b',');
+        csv_field(&mut self.buf, Some(change.op.as_bytes()));
+        let mut unchanged = String::new();
+        let mut values: Vec<Option<&str>> = Vec::with_capacity(self.schema.columns.len());
+        for (j, c) in self.schema.columns.iter().enumerate() {
+            let v = match change.op.as_str() {
+                "D" => {
+                    if c.key {
+                        find(&change.key, &c.name).flatten()
+                    } else {
+                        None
+                    }
+                }
+                _ => match find(&change.after, &c.name) {
+                    Some(v) => v,
+                    None if change.op == "U" => {
+                        unchanged.push_str(&format!(",{j}"));
+                        None
+                    }
+                    None => None,
+                },
+            };
+            values.push(v);
+        }
+        if !unchanged.is_empty() {
+            unchanged.push(',');
+            self.partial = true;
+        }
+        if change.op == "D" {
+            self.deletes = true;
+        }
+        self.buf.push(b',');
+        csv_field(
+            &mut self.buf,
+            (!unchanged.is_empty()).then_some(unchanged.as_bytes()),
+        );
+        for v in values {
+            self.buf.push(b',');
+            csv_field(&mut self.buf, v.map(str::as_bytes));
+        }
+        self.buf.push(b'\n');
+    }
+
+    /// Whether the buffer should be copied now.
+    pub(super) fn full(&self) -> bool {
+        self.buf.len() >= COPY_CHUNK
+    }
+
+    /// Copies what is buffered into the run's temporary table.
+    pub(super) async fn copy(&mut self, tx: &Transaction<'_>) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        if !self.created {
+            let cols: Vec<String> = (0..self.schema.columns.len())
+                .map(|j| format!("c{j} text"))
+                .collect();
+            tx.batch_execute(&format!(
+                "drop table if exists {RUN}; create temp table pgshift_run (seq bigint, op text, u text, {}) on commit drop",
+                cols.join(", ")
+            ))
+            .await
+            .map_err(|e| Error::postgres(format!("staging changes of {}", self.name), e))?;
+            self.created = true;
+        }
+        let sink = tx
+            .copy_in::<_, Bytes>(&format!("copy {RUN} from stdin with (format csv)"))
+            .await
+            .map_err(|e| Error::postgres(format!("copying changes of {}", self.name), e))?;
+        let mut sink = std::pin::pin!(sink);
+        let chunk = Bytes::from(std::mem::take(&mut self.buf));
+        sink.send(chunk)
+            .await
+            .map_err(|e| Error::postgres(format!("copying changes of {}", self.name), e))?;
+        sink.as_mut()
+            .finish()
+            .await
+            .map_err(|e| Error::postgres(format!("copying changes of {}", self.name), e))?;
+        Ok(())
+    }
+
+    /// Applies the run: copies what is left, then the set-based statements.
+    pub(super) async fn apply(mut self, tx: &Transaction<'_>) -> Result<()> {
+        self.copy(tx).await?;
+        if self.rows == 0 {
+            return Ok(());
+        }
+        let sql = self.statements();
+        tx.batch_execute(&sql).await.map_err(|e| {
+            Error::postgres(format!("applying a batch of changes to {}", self.name), e)
+        })
+    }
+
+    /// `c<j>::<type>`: column `j` of a staged row as its type.
+    fn typed(&self, alias: &str, j: usize) -> String {
+        format!("{alias}.c{j}::{}", self.schema.columns[j].type_name)
+    }
+
+    /// The statements that apply the copied run.
+    fn statements(&self) -> String {
+        let cols = &self.schema.columns;
+        let all: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
+        let mut sql = String::new();
+        if self.rows > 1000 {
+            sql.push_str(&format!("analyze {RUN}; "));
+        }
+        if !self.keyed {
+            let values: Vec<String> = (0..cols.len()).map(|j| self.typed("r", j)).collect();
+            sql.push_str(&format!(
+                "insert into {} ({}) select {} from {RUN} r order by r.seq",
+                self.name,
+                all.join(", "),
+                values.join(", ")
+            ));
+            return sql;
+        }
+        let keys: Vec<usize> = (0..cols.len()).filter(|j| cols[*j].key).collect();
+        let rest: Vec<usize> = (0..cols.len()).filter(|j| !cols[*j].key).collect();
+        let key_typed =
+            |alias: &str| -> Vec<String> { keys.iter().map(|j| self.typed(alias, *j)).collect() };
+        let key_match = |t: &str, other: &dyn Fn(usize) -> String| -> String {
+            keys.iter()
+                .map(|j| format!("{t}.{} = {}", quote_ident(&cols[*j].name), other(*j)))
+                .collect::<Vec<_>>()
+                .join(" and ")
+        };
+        let last = format!(
+            "(select distinct on ({k}) * from {RUN} r order by {k}, r.seq desc)",
+            k = key_typed("r").join(", ")
+        );
+        if self.deletes {
+            sql.push_str(&format!(
+                "delete from {} t using {last} l where l.op = 'D' and {}; ",
+                self.name,
+                key_match("t", &|j| self.typed("l", j))
+            ));
+        }
+        if !self.partial {
+            // Every change carries its whole row: the last one per key is the row.
+            let values: Vec<String> = (0..cols.len()).map(|j| self.typed("l", j)).collect();
+            let conflict = if rest.is_empty() {
+                "do nothing".to_owned()
+            } else {
+                let set: Vec<String> = rest
+                    .iter()
+                    .map(|j| format!("{0} = excluded.{0}", quote_ident(&cols[*j].name)))
+                    .collect();
+                format!("do update set {}", set.join(", "))
+            };
+            let key_names: Vec<String> = keys.iter().map(|j| quote_ident(&cols[*j].name)).collect();
+            sql.push_str(&format!(
+                "insert into {} ({}) select {} from {last} l where l.op <> 'D' on conflict ({}) {conflict}",
+                self.name,
+                all.join(", "),
+                values.join(", "),
+                key_names.join(", ")
+            ));
+            return sql;
+        }
+        // Per column: the latest change after the key's last delete that carried it.
+        let carried = |j: usize| format!("(x.op = 'I' or x.u is null or strpos(x.u, ',{j},') = 0)");
+        let mut net_cols: Vec<String> = keys
+            .iter()
+            .map(|j| format!("{} as k{j}", self.typed("x", *j)))
+            .collect();
+        for j in &rest {
+            net_cols.push(format!(
+                "(array_agg(x.c{j} order by x.seq desc) filter (where {c}))[1] as v{j}, bool_or({c}) as s{j}",
+                c = carried(*j)
+            ));
+        }
+        let kx = key_typed("x").join(", ");
+        sql.push_str(&format!(
+            "drop table if exists {NET}; create temp table pgshift_net on commit drop as \
+             select {} from (select r.*, max(case when r.op = 'D' then r.seq end) over (partition by {}) d from {RUN} r) x \
+             where x.op <> 'D' and x.seq > coalesce(x.d, -1) group by {kx}; ",
+            net_cols.join(", "),
+            key_typed("r").join(", ")
+        ));
+        let n_key = |j: usize| format!("n.k{j}");
+        if !rest.is_empty() {
+            let set: Vec<String> = rest
+                .iter()
+                .map(|j| {
+                    let c = quote_ident(&cols[*j].name);
+                    format!(
+                        "{c} = case when n.s{j} then n.v{j}::{} else t.{c} end",
+                        cols[*j].type_name
+                    )
+                })
+                .collect();
+            sql.push_str(&format!(
+                "update {} t set {} from {NET} n where {}; ",
+                self.name,
+                set.join(", "),
+                key_match("t", &n_key)
+            ));
+        }
+        let values: Vec<String> = (0..cols.len())
+            .map(|j| {
+                if cols[j].key {
+                    format!("n.k{j}")
+                } else {
+                    format!("case when n.s{j} then n.v{j}::{} end", cols[j].type_name)
+                }
+            })
+            .collect();
+        sql.push_str(&format!(
+            "insert into {0} ({1}) select {2} from {NET} n where not exists (select 1 from {0} t where {3})",
+            self.name,
+            all.join(", "),
+            values.join(", "),
+            key_match("t", &n_key)
+        ));
+        sql
+    }
+}
+
+/// The value of column `name` in a staged row, `None` when the row does not carry it.
+fn find<'a>(row: &'a [(String, Option<String>)], name: &str) -> Option<Option<&'a str>> {
+    row.iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_deref())
+}
