@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Apply benchmark (prints figures; not a test): how fast a PG -> PG target catches up, pgshift
+# against PostgreSQL's own logical replication subscriber, on the same backlog in one run.
+#
+# On a throwaway cluster: `pgbench -i -s 5` (database bench), then
+#   pgshift  `full-load --cdc` staged and applied to database pgs (before the workload);
+#   native   database native gets the same tables (pg_dump), a publication and a slot made
+#            before the workload, and a subscription created disabled on that slot;
+# then `pgbench` (TPC-B-like: 3 updates and an insert per transaction) runs TXNS transactions,
+# and each side catches up on the same backlog:
+#   pgshift  `cdc --once` (drains the slot into the folder) + `apply` (the figure is their sum,
+#            and apply alone), both timed, peak RSS of apply;
+#   native   the subscription enabled, timed until its slot confirmed the workload's end.
+# Both targets are validated equal to the source. Then a single transaction of BIG_ROWS
+# inserted rows (plus an update of all of them) is staged and applied: apply's time and peak
+# RSS (a batch of one transaction).
+#
+#   ./scripts/bench-apply.sh [TXNS] [BIG_ROWS]    (defaults 40000, 1000000)
+#   PGSHIFT_BENCH_BIN=<pgshift binary> measures another build against the same baseline.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "$0")/lib.sh"
+cd "$PGSHIFT_ROOT"
+trap pgshift_cleanup EXIT
+TXNS=${1:-40000}
+BIG_ROWS=${2:-1000000}
+
+pgshift_cargo_env
+pgshift_ensure_postgres
+if [ -n "${PGSHIFT_BENCH_BIN:-}" ]; then
+  bin=$PGSHIFT_BENCH_BIN
+else
+  cargo build -q --release -p pgshift-cli
+  bin=$CARGO_TARGET_DIR/release/pgshift
+fi
+pgshift_start_pg apply logical
+export PGPASSWORD=$PGSHIFT_PG_PASSWORD
+port=$PG_PORT_apply
+psql_() { psql -X -q -At -h 127.0.0.1 -p "$port" -U postgres "$@"; }
+base="postgres://postgres:${PGSHIFT_PG_PASSWORD}@127.0.0.1:${port}"
+src="$base/bench?sslmode=disable" pgs="$base/pgs?sslmode=disable"
+work=$PGSHIFT_RUN_DIR/bench-apply
+stage=(--stage "$work/stage" --state "$work/state")
+now() { date +%s.%N; }
+secs() { python3 -c "print(f'{$2 - $1:.2f}')"; }
+export PGSHIFT_LOG=${PGSHIFT_LOG:-warn}
+
+for db in bench pgs native; do psql_ -d postgres -c "create database $db"; done
+pgbench -q -i -s 5 -h 127.0.0.1 -p "$port" -U postgres bench >/dev/null 2>&1
+
+# pgshift: the load (with the task's slot), applied before the workload.
+"$bin" full-load --task bench --source "$src" "${stage[@]}" --cdc >/dev/null
+"$bin" apply --task bench --target "$pgs" "${stage[@]}" >/dev/null
+# native: the same tables and rows, a publication, a slot, a disabled subscription.
+pg_dump -h 127.0.0.1 -p "$port" -U postgres -t 'pgbench_*' bench | psql_ -d native >/dev/null
+psql_ -d bench -c "create publication native_pub for table pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history" \
+  -c "select 1 from pg_create_logical_replication_slot('native_slot', 'pgoutput')" >/dev/null
+psql_ -d native -c "create subscription native_sub connection 'host=127.0.0.1 port=$port user=postgres password=$PGSHIFT_PG_PASSWORD dbname=bench sslmode=disable' publication native_pub with (connect = true, create_slot = false, slot_name = 'native_slot', enabled = false, copy_data = false)" >/dev/null
+
+log "pgbench: $TXNS transactions"
+pgbench -n -c 2 -j 2 -t $((TXNS / 2)) -h 127.0.0.1 -p "$port" -U postgres bench >/dev/null 2>&1
+end_lsn=$(psql_ -d bench -c "select pg_current_wal_lsn()")
+psql_ -d bench -c "checkpoint" >/dev/null
+
+# pgshift: drain, then apply.
+t0=$(now)
+"$bin" cdc --task bench --source "$src" "${stage[@]}" --once --json >"$work/cdc.json"
+t1=$(now)
+/usr/bin/time -f "%e %M" -o "$work/apply.time" "$bin" apply --task bench --target "$pgs" "${stage[@]}" --json >"$work/apply.json"
+t2=$(now)
+read -r _ apply_kb <"$work/apply.time"
+
+# native: enable, wait until the slot confirmed the workload's end.
+t3=$(now)
+psql_ -d native -c "alter subscription native_sub enable"
+until [ "$(psql_ -d bench -c "select confirmed_flush_lsn >= '$end_lsn' from pg_replication_slots where slot_name = 'native_slot'")" = t ]; do
+  sleep 0.02
+done
+t4=$(now)
+psql_ -d native -c "alter subscription native_sub disable"
+
+"$bin" validate --task bench --source "$src" --target "$pgs" "${stage[@]}" >"$work/validate-pgs.txt" || {
+  cat "$work/validate-pgs.txt"
+  echo "pgshift's target differs from the source" >&2
+  exit 1
+}
+"$bin" validate --task bench --source "$src" --target "$base/native?sslmode=disable" "${stage[@]}" >"$work/validate-native.txt" || {
+  cat "$work/validate-native.txt"
+  echo "the native subscriber's target differs from the source" >&2
+  exit 1
+}
+
+# One big transaction: BIG_ROWS inserts and BIG_ROWS updates of them.
+psql_ -d bench -c "create table big (id int primary key, v int, pad text)" \
+  -c "begin" -c "insert into big select g, 0, md5(g::text) from generate_series(1, $BIG_ROWS) g" \
+  -c "update big set v = 1" -c "commit" >/dev/null
+"$bin" cdc --task bench --source "$src" "${stage[@]}" --once --json >"$work/cdc-big.json"
+/usr/bin/time -f "%e %M" -o "$work/big.time" "$bin" apply --task bench --target "$pgs" "${stage[@]}" --json >"$work/apply-big.json"
+read -r big_s big_kb <"$work/big.time"
+[ "$(psql_ -d pgs -c "select count(*) filter (where v = 1) from big")" = "$BIG_ROWS" ] || {
+  echo "the big transaction did not apply" >&2
+  exit 1
+}
+
+python3 - "$work" "$TXNS" "$(secs "$t0" "$t1")" "$(secs "$t1" "$t2")" "$apply_kb" "$(secs "$t3" "$t4")" "$BIG_ROWS" "$big_s" "$big_kb" <<'PY'
+import json, sys
+work, txns = sys.argv[1], int(sys.argv[2])
+cdc_s, apply_s, apply_kb, native_s = float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+big_rows, big_s, big_kb = int(sys.argv[7]), float(sys.argv[8]), int(sys.argv[9])
+a = json.load(open(f"{work}/apply.json"))
+changes = a["changes_applied"]
+total = cdc_s + apply_s
+print(f"backlog               {changes} row changes (pgbench TPC-B-like, {txns} transactions), {a['batches_applied']} batches, {a.get('changes_set_based', 0)} set-based")
+print(f"native subscriber     {native_s:8.2f} s  {changes / native_s:10.0f} changes/s")
+print(f"pgshift cdc + apply   {total:8.2f} s  {changes / total:10.0f} changes/s  (cdc --once {cdc_s:.2f} s, apply {apply_s:.2f} s)")
+print(f"ratio                 {native_s / total:8.2f}  (pgshift speed / native; goal >= 2)")
+print(f"  apply alone         {native_s / apply_s:8.2f}  ({changes / apply_s:.0f} changes/s)")
+print(f"apply peak RSS        {apply_kb / 1024:8.1f} MB")
+print(f"one transaction       {2 * big_rows} row changes ({big_rows} inserts + {big_rows} updates): apply {big_s:.2f} s, peak RSS {big_kb / 1024:.1f} MB (goal < 100 MB)")
+print("both targets validated equal to the source")
+PY
