@@ -33,11 +33,11 @@ use crate::config::{PgConfig, check_task_name};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::source::{self, quote_ident, quote_qualified};
-use crate::staging::ObjectSink;
 use crate::staging::encode::Encoding;
 use crate::staging::layout::{
     self, BatchFile, BatchManifest, LoadManifest, Snapshot, StoredSchema,
 };
+use crate::staging::{ObjectReader, ObjectSink};
 use crate::table::TableSchema;
 
 /// What an apply run did.
@@ -411,12 +411,11 @@ fn seen_rows(m: &BatchManifest, file: &BatchFile, at: &Applying<'_>) -> Result<V
     Ok(seen)
 }
 
-/// A batch file read and verified against its manifest (size, checksum), with the schema
-/// versions its rows use. Its row count is checked as it is applied.
-async fn read_file<S: ObjectSink>(
+/// The schema versions a batch file's rows use.
+async fn file_schemas<S: ObjectSink>(
     sink: &S,
     file: &BatchFile,
-) -> Result<(Vec<(u64, StoredSchema)>, Vec<u8>)> {
+) -> Result<Vec<(u64, StoredSchema)>> {
     let mut schemas = Vec::new();
     for seg in &file.schema_versions {
         let s: StoredSchema = serde_json::from_slice(&layout::get_required(sink, &seg.key).await?)
@@ -429,9 +428,105 @@ async fn read_file<S: ObjectSink>(
             file.key
         )));
     }
-    let stored = layout::get_required(sink, &file.key).await?;
-    verify_object(&file.key, &stored, file.bytes, file.checksum.as_deref())?;
-    Ok((schemas, gunzip(&file.key, stored)?))
+    Ok(schemas)
+}
+
+/// A staged batch file's bytes as they are read (never whole): counted and hashed for the
+/// check against its manifest, decompressed when gzipped.
+struct FileBytes<'f> {
+    file: &'f BatchFile,
+    reader: ObjectReader,
+    read: u64,
+    hash: xxhash_rust::xxh3::Xxh3,
+    gz: Option<flate2::write::GzDecoder<Vec<u8>>>,
+    done: bool,
+}
+
+impl<'f> FileBytes<'f> {
+    async fn open<S: ObjectSink>(sink: &S, file: &'f BatchFile) -> Result<FileBytes<'f>> {
+        let reader = sink.reader(&file.key).await?.ok_or_else(|| {
+            Error::Staged(format!(
+                "{} is listed in a manifest but missing from {}",
+                file.key,
+                sink.describe()
+            ))
+        })?;
+        Ok(FileBytes {
+            file,
+            reader,
+            read: 0,
+            hash: xxhash_rust::xxh3::Xxh3::new(),
+            gz: file
+                .key
+                .ends_with(".gz")
+                .then(|| flate2::write::GzDecoder::new(Vec::new())),
+            done: false,
+        })
+    }
+
+    async fn raw(&mut self) -> Result<Option<Bytes>> {
+        if self.done {
+            return Ok(None);
+        }
+        let piece = self.reader.next().await?;
+        match &piece {
+            Some(b) => {
+                self.read += b.len() as u64;
+                self.hash.update(b);
+            }
+            None => self.done = true,
+        }
+        Ok(piece)
+    }
+
+    /// The next piece of the file's (decompressed) bytes; `None` at its end.
+    async fn next(&mut self) -> Result<Option<Bytes>> {
+        use std::io::Write;
+        let key = &self.file.key;
+        loop {
+            let piece = self.raw().await?;
+            let Some(gz) = self.gz.as_mut() else {
+                return Ok(piece);
+            };
+            match piece {
+                Some(b) => gz
+                    .write_all(&b)
+                    .map_err(|e| Error::io(format!("decompressing {key}"), e))?,
+                None => gz
+                    .try_finish()
+                    .map_err(|e| Error::io(format!("decompressing {key}"), e))?,
+            }
+            let out = std::mem::take(gz.get_mut());
+            if !out.is_empty() {
+                return Ok(Some(Bytes::from(out)));
+            }
+            if self.done {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reads what is left and checks the whole object is what its manifest says (its size,
+    /// and its checksum when the manifest has one).
+    async fn verify(mut self) -> Result<()> {
+        while self.raw().await?.is_some() {}
+        let (key, want) = (&self.file.key, self.file.bytes);
+        if self.read != want {
+            return Err(Error::Staged(format!(
+                "{key} has {} bytes, its manifest says {want}: the object was cut or changed",
+                self.read
+            )));
+        }
+        if let Some(want) = &self.file.checksum {
+            let got = format!("{:016x}", self.hash.digest());
+            if &got != want {
+                return Err(Error::Staged(format!(
+                    "{key} does not match its manifest's checksum ({got}, want {want}): the object was changed"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Applies one batch in one target transaction: each file's changes in commit order, in runs
@@ -453,80 +548,29 @@ async fn apply_batch<S: ObjectSink>(
     let (mut applied, mut set_based) = (0u64, 0u64);
     let mut statements: HashMap<String, tokio_postgres::Statement> = HashMap::new();
     for file in &m.files {
-        let (schemas, body) = read_file(sink, file).await?;
+        let schemas = file_schemas(sink, file).await?;
         let seen = seen_rows(m, file, at)?;
-        let mut changes = Changes::new(m, file, &body, &schemas);
-        let mut current = usize::MAX;
-        let mut run: Option<Run> = None;
-        // A keyed delete is held one row: the next may be the insert of its key change.
-        let mut held: Option<Change> = None;
-        let mut rows = 0u64;
-        while let Some(next) = changes.next_change() {
-            let (si, change) = next?;
-            let row = rows;
-            rows += 1;
-            if seen.get(row as usize).copied().unwrap_or(false) {
-                continue; // already in the load's snapshot
-            }
-            let schema = &schemas[si].1.schema;
-            let name = quote_qualified(&schema.schema, &schema.table);
-            if si != current {
-                if current != usize::MAX {
-                    let before = &schemas[current].1.schema;
-                    if let Some(d) = held.take() {
-                        push(&mut run, before, &d, &mut set_based);
-                    }
-                    if let Some(r) = run.take() {
-                        r.apply(&tx).await?;
-                    }
-                }
-                sync_columns(&tx, tables, schema).await?;
-                current = si;
-            }
-            applied += 1;
-            if let Some(d) = held.take() {
-                if is_partial_insert(schema, &change) {
-                    if let Some(r) = run.take() {
-                        r.apply(&tx).await?;
-                    }
-                    let [moved, insert] = move_row(schema, &name, &d, &change)?;
-                    if execute(&tx, &mut statements, &name, &moved).await? == 0 {
-                        execute(&tx, &mut statements, &name, &insert).await?;
-                    }
-                    continue;
-                }
-                push(&mut run, schema, &d, &mut set_based);
-            }
-            if Run::takes(schema, &change) {
-                if change.op == "D" {
-                    held = Some(change);
-                    continue;
-                }
-                push(&mut run, schema, &change, &mut set_based);
-                if let Some(r) = run.as_mut().filter(|r| r.full()) {
-                    r.copy(&tx).await?;
-                }
-                continue;
-            }
-            if let Some(r) = run.take() {
-                r.apply(&tx).await?;
-            }
-            for statement in change_statements(schema, &name, &change, &file.key)? {
-                execute(&tx, &mut statements, &name, &statement).await?;
-            }
-        }
-        if let (Some(d), Some((_, s))) = (held.take(), schemas.get(current)) {
-            push(&mut run, &s.schema, &d, &mut set_based);
-        }
-        if let Some(r) = run.take() {
-            r.apply(&tx).await?;
-        }
-        if rows != file.rows {
-            return Err(Error::Staged(format!(
-                "{} has {rows} rows, its manifest says {}",
-                file.key, file.rows
-            )));
-        }
+        let mut bytes = FileBytes::open(sink, file).await?;
+        let mut changes = Changes::new(m, file, &schemas);
+        // An object that is not what its manifest says is named as such, whatever broke first.
+        let applied_file = apply_file(
+            &tx,
+            file,
+            &schemas,
+            &seen,
+            &mut bytes,
+            &mut changes,
+            tables,
+            &mut statements,
+        )
+        .await;
+        let checked = bytes.verify().await;
+        let (n, s) = match (applied_file, checked) {
+            (_, Err(e)) | (Err(e), Ok(())) => return Err(e),
+            (Ok(counts), Ok(())) => counts,
+        };
+        applied += n;
+        set_based += s;
     }
     let moved = tx
         .execute(
@@ -543,6 +587,103 @@ async fn apply_batch<S: ObjectSink>(
     tx.commit()
         .await
         .map_err(|e| Error::postgres("committing a batch", e))?;
+    Ok((applied, set_based))
+}
+
+/// Applies one batch file's changes inside the batch's transaction; returns how many were
+/// applied and how many of those set-based.
+#[allow(clippy::too_many_arguments)]
+async fn apply_file(
+    tx: &tokio_postgres::Transaction<'_>,
+    file: &BatchFile,
+    schemas: &[(u64, StoredSchema)],
+    seen: &[bool],
+    bytes: &mut FileBytes<'_>,
+    changes: &mut Changes<'_>,
+    tables: &mut Tables,
+    statements: &mut HashMap<String, tokio_postgres::Statement>,
+) -> Result<(u64, u64)> {
+    let (mut applied, mut set_based) = (0u64, 0u64);
+    let mut current = usize::MAX;
+    let mut run: Option<Run> = None;
+    // A keyed delete is held one row: the next may be the insert of its key change.
+    let mut held: Option<Change> = None;
+    let mut rows = 0u64;
+    loop {
+        let (si, change) = match changes.next_change(bytes.done) {
+            Some(next) => next?,
+            None if bytes.done => break,
+            None => {
+                if let Some(piece) = bytes.next().await? {
+                    changes.feed(&piece);
+                }
+                continue;
+            }
+        };
+        let row = rows;
+        rows += 1;
+        if seen.get(row as usize).copied().unwrap_or(false) {
+            continue; // already in the load's snapshot
+        }
+        let schema = &schemas[si].1.schema;
+        let name = quote_qualified(&schema.schema, &schema.table);
+        if si != current {
+            if current != usize::MAX {
+                let before = &schemas[current].1.schema;
+                if let Some(d) = held.take() {
+                    push(&mut run, before, &d, &mut set_based);
+                }
+                if let Some(r) = run.take() {
+                    r.apply(tx).await?;
+                }
+            }
+            sync_columns(tx, tables, schema).await?;
+            current = si;
+        }
+        applied += 1;
+        if let Some(d) = held.take() {
+            if is_partial_insert(schema, &change) {
+                if let Some(r) = run.take() {
+                    r.apply(tx).await?;
+                }
+                let [moved, insert] = move_row(schema, &name, &d, &change)?;
+                if execute(tx, statements, &name, &moved).await? == 0 {
+                    execute(tx, statements, &name, &insert).await?;
+                }
+                continue;
+            }
+            push(&mut run, schema, &d, &mut set_based);
+        }
+        if Run::takes(schema, &change) {
+            if change.op == "D" {
+                held = Some(change);
+                continue;
+            }
+            push(&mut run, schema, &change, &mut set_based);
+            if let Some(r) = run.as_mut().filter(|r| r.full()) {
+                r.copy(tx).await?;
+            }
+            continue;
+        }
+        if let Some(r) = run.take() {
+            r.apply(tx).await?;
+        }
+        for statement in change_statements(schema, &name, &change, &file.key)? {
+            execute(tx, statements, &name, &statement).await?;
+        }
+    }
+    if let (Some(d), Some((_, s))) = (held.take(), schemas.get(current)) {
+        push(&mut run, &s.schema, &d, &mut set_based);
+    }
+    if let Some(r) = run.take() {
+        r.apply(tx).await?;
+    }
+    if rows != file.rows {
+        return Err(Error::Staged(format!(
+            "{} has {rows} rows, its manifest says {}",
+            file.key, file.rows
+        )));
+    }
     Ok((applied, set_based))
 }
 

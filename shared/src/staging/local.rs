@@ -371,6 +371,30 @@ impl ObjectSink for LocalSink {
         }
     }
 
+    async fn reader(&self, key: &str) -> Result<Option<super::ObjectReader>> {
+        use tokio::io::AsyncReadExt;
+        let path = self.path(key)?;
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        };
+        let stream =
+            futures_util::stream::try_unfold((file, path), |(mut file, path)| async move {
+                let mut buf = vec![0u8; super::READ_PIECE];
+                let n = file
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+                if n == 0 {
+                    return Ok(None);
+                }
+                buf.truncate(n);
+                Ok(Some((Bytes::from(buf), (file, path))))
+            });
+        Ok(Some(super::ObjectReader::new(stream)))
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<String>> {
         // Walk from the deepest folder the prefix names.
         let dir_part = prefix.rsplit_once('/').map(|(d, _)| d).unwrap_or("");

@@ -27,6 +27,12 @@ pub trait ObjectSink: Send + Sync + 'static {
     fn put(&self, key: &str, body: Bytes) -> impl Future<Output = Result<()>> + Send;
     /// Reads an object; `None` when it does not exist.
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<Bytes>>> + Send;
+    /// Reads an object in pieces, so a large one is never held whole; `None` when it does
+    /// not exist. (By default: read whole, one piece.)
+    fn reader(&self, key: &str) -> impl Future<Output = Result<Option<ObjectReader>>> + Send {
+        let got = self.get(key);
+        async move { Ok(got.await?.map(ObjectReader::whole)) }
+    }
     /// Keys starting with `prefix`, sorted.
     fn list(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
     /// Deletes an object (no error when it does not exist).
@@ -39,6 +45,29 @@ pub trait ObjectSink: Send + Sync + 'static {
         std::future::ready(Ok(0))
     }
 }
+
+/// The pieces of an object being read ([`ObjectSink::reader`]).
+pub struct ObjectReader(std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Bytes>> + Send>>);
+
+impl ObjectReader {
+    pub fn new(stream: impl futures_util::Stream<Item = Result<Bytes>> + Send + 'static) -> Self {
+        ObjectReader(Box::pin(stream))
+    }
+
+    /// An object already read whole.
+    pub fn whole(body: Bytes) -> Self {
+        ObjectReader::new(futures_util::stream::iter([Ok(body)]))
+    }
+
+    /// The next piece, `None` at the end.
+    pub async fn next(&mut self) -> Result<Option<Bytes>> {
+        use futures_util::StreamExt;
+        self.0.next().await.transpose()
+    }
+}
+
+/// Bytes a reader asks for at a time.
+pub const READ_PIECE: usize = 1 << 20;
 
 /// A streaming write of one object.
 pub trait ObjectWriter: Send {

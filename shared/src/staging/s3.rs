@@ -239,6 +239,41 @@ impl ObjectSink for S3Sink {
         Ok(Some(body.into_bytes()))
     }
 
+    async fn reader(&self, key: &str) -> Result<Option<super::ObjectReader>> {
+        let key = self.full_key(key)?;
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                if e.as_service_error().is_some_and(|se| se.is_no_such_key()) {
+                    return Ok(None);
+                }
+                return Err(sdk_error("s3", format!("reading {key}"), e));
+            }
+        };
+        let stream =
+            futures_util::stream::try_unfold((out.body, key), |(mut body, key)| async move {
+                match body.try_next().await {
+                    Ok(Some(b)) => Ok(Some((b, (body, key)))),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(Error::Aws {
+                        service: "s3",
+                        context: format!("reading {key}"),
+                        detail: e.to_string(),
+                        transient: true,
+                        source: Some(Box::new(e)),
+                    }),
+                }
+            });
+        Ok(Some(super::ObjectReader::new(stream)))
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let full = if self.prefix.is_empty() {
             prefix.to_owned()

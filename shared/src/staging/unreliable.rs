@@ -134,6 +134,14 @@ impl<S: ObjectSink> ObjectSink for UnreliableSink<S> {
         self.inner.get(key).await
     }
 
+    async fn reader(&self, key: &str) -> Result<Option<super::ObjectReader>> {
+        self.alive()?;
+        if self.hits(key, true) {
+            return Err(crash("reading", key));
+        }
+        self.inner.reader(key).await
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<String>> {
         self.alive()?;
         self.inner.list(prefix).await

@@ -219,11 +219,11 @@ pub(super) fn change_statements(
     }
 }
 
-/// A staged CDC file's changes, read one at a time (nothing but the current row is held
-/// besides the file itself), each with the index of the schema version its row uses.
+/// A staged CDC file's changes, decoded one at a time as its bytes arrive (only the current
+/// piece of the file is held), each with the index of the schema version its row uses.
 pub(super) struct Changes<'a> {
     key: &'a str,
-    body: &'a [u8],
+    buf: Vec<u8>,
     pos: usize,
     row: u64,
     jsonl: bool,
@@ -236,12 +236,11 @@ impl<'a> Changes<'a> {
     pub(super) fn new(
         m: &BatchManifest,
         file: &'a BatchFile,
-        body: &'a [u8],
         schemas: &'a [(u64, StoredSchema)],
     ) -> Changes<'a> {
         Changes {
             key: &file.key,
-            body,
+            buf: Vec::new(),
             pos: 0,
             row: 0,
             jsonl: m.format.encoding == Encoding::Jsonl,
@@ -251,39 +250,48 @@ impl<'a> Changes<'a> {
         }
     }
 
-    /// The next change, `None` at the end of the file.
-    pub(super) fn next_change(&mut self) -> Option<Result<(usize, Change)>> {
-        let line = if self.jsonl {
-            loop {
-                let rest = &self.body[self.pos..];
-                if rest.is_empty() {
-                    return None;
-                }
-                let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |o| o + 1);
-                self.pos += end;
-                if end > 1 || rest[0] != b'\n' {
-                    break &rest[..end];
-                }
-            }
-        } else {
-            let rest = &self.body[self.pos..];
+    /// The next bytes of the file.
+    pub(super) fn feed(&mut self, data: &[u8]) {
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next change; `None` when the bytes fed so far hold no whole row (at the `end` of
+    /// the file: when there is none left).
+    pub(super) fn next_change(&mut self, end: bool) -> Option<Result<(usize, Change)>> {
+        let line = loop {
+            let rest = &self.buf[self.pos..];
             if rest.is_empty() {
                 return None;
             }
-            match csv_row_end(rest) {
-                Some(end) => {
-                    self.pos += end;
-                    &rest[..end]
-                }
+            let len = if self.jsonl {
+                memchr::memchr(b'\n', rest).map(|o| o + 1)
+            } else {
+                csv_row_end(rest)
+            };
+            let len = match len {
+                Some(len) => len,
+                None if !end => return None,
+                // A last JSON line may lack its newline; a CSV row may not.
+                None if self.jsonl => rest.len(),
                 None => {
-                    self.pos = self.body.len();
+                    self.pos = self.buf.len();
                     return Some(Err(Error::Staged(format!(
                         "{}: the file ends inside a row",
                         self.key
                     ))));
                 }
+            };
+            let (start, blank) = (self.pos, rest[0] == b'\n');
+            self.pos += len;
+            if !(self.jsonl && blank) {
+                break start..start + len;
             }
         };
+        let line = &self.buf[line];
         let i = self.row;
         self.row += 1;
         let si = schema_index(self.schemas, i);
