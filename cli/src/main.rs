@@ -107,7 +107,6 @@ pub(crate) struct FullLoadArgs {
     /// Chunks exported at once.
     #[arg(long, default_value_t = 2)]
     pub(crate) parallel: usize,
-    /// Create the publication and slot first, so `pgshift cdc` continues from the load.
     /// Let pgshift set REPLICA IDENTITY FULL on selected tables without a key, so their
     /// updates and deletes are captured too (without it they are captured insert-only).
     #[arg(long, env = "PGSHIFT_REPLICA_IDENTITY_FULL")]
@@ -119,6 +118,7 @@ pub(crate) struct FullLoadArgs {
     /// Go on when selection rules match no table (a task for tables not created yet).
     #[arg(long)]
     pub(crate) allow_empty: bool,
+    /// Create the publication and slot first, so `pgshift cdc` continues from the load.
     #[arg(long)]
     pub(crate) cdc: bool,
     /// Target heap size of a chunk, MiB (small enough that local workers stay balanced).

@@ -414,3 +414,131 @@ pub(super) fn has_key(schema: &TableSchema) -> bool {
     let keys = schema.columns.iter().filter(|c| c.key).count();
     keys > 0 && !(schema.replica_identity == "f" && keys == schema.columns.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lsn::Lsn;
+    use crate::staging::encode::Format;
+    use crate::table::ColumnSchema;
+
+    fn schema() -> StoredSchema {
+        let col = |name: &str, key| ColumnSchema {
+            name: name.to_owned(),
+            type_name: "text".to_owned(),
+            type_oid: 25,
+            type_modifier: -1,
+            key,
+        };
+        StoredSchema {
+            lsn: Lsn(1),
+            schema: TableSchema {
+                schema: "public".to_owned(),
+                table: "t".to_owned(),
+                columns: vec![col("id", true), col("body", false)],
+                replica_identity: "d".to_owned(),
+            },
+            csv_cdc_layout: Vec::new(),
+        }
+    }
+
+    fn manifest(format: &str) -> (BatchManifest, BatchFile) {
+        let file = BatchFile {
+            key: "public/t/cdc/x".to_owned(),
+            schema: "public".to_owned(),
+            table: "t".to_owned(),
+            rows: 3,
+            bytes: 0,
+            inserts: 2,
+            updates: 1,
+            deletes: 0,
+            truncates: 0,
+            schema_versions: Vec::new(),
+            checksum: None,
+            xids: Vec::new(),
+        };
+        let m = BatchManifest {
+            task: "t".to_owned(),
+            batch_seq: 0,
+            start_lsn: Lsn(1),
+            end_lsn: Lsn(2),
+            first_commit_lsn: Lsn(1),
+            last_commit_lsn: Lsn(2),
+            last_commit_ts: String::new(),
+            transactions: 1,
+            changes: 3,
+            format: Format::parse(format, "format").unwrap(),
+            commit_ts_column: false,
+            files: vec![file.clone()],
+            prev_end_lsn: None,
+            after_load: false,
+        };
+        (m, file)
+    }
+
+    type Seen = Vec<(
+        String,
+        Vec<(String, Option<String>)>,
+        Vec<(String, Option<String>)>,
+    )>;
+
+    /// Decodes `body` fed in pieces of `piece` bytes.
+    fn decode(format: &str, body: &[u8], piece: usize) -> Result<Seen> {
+        let (m, file) = manifest(format);
+        let schemas = [(0, schema())];
+        let mut changes = Changes::new(&m, &file, &schemas);
+        let mut pieces = body.chunks(piece);
+        let mut out = Vec::new();
+        let mut end = false;
+        loop {
+            match changes.next_change(end) {
+                Some(c) => {
+                    let (_, c) = c?;
+                    out.push((c.op, c.key, c.after));
+                }
+                None if end => return Ok(out),
+                None => match pieces.next() {
+                    Some(p) => changes.feed(p),
+                    None => end = true,
+                },
+            }
+        }
+    }
+
+    #[test]
+    fn changes_decode_alike_however_the_file_is_cut_into_pieces() {
+        let csv = b"I,1,\"two\nlines, \"\"quoted\"\"\",\nU,1,,2\nI,2,,\n";
+        let whole = decode("csv", csv, csv.len()).unwrap();
+        assert_eq!(whole.len(), 3);
+        assert_eq!(
+            whole[0].2[1].1.as_deref(),
+            Some("two\nlines, \"quoted\""),
+            "a quoted newline is data"
+        );
+        assert_eq!(whole[1].2.len(), 1, "the unchanged body is left out");
+        assert_eq!(whole[2].2[1].1, None, "NULL");
+        for piece in [1, 2, 7] {
+            assert_eq!(
+                decode("csv", csv, piece).unwrap(),
+                whole,
+                "pieces of {piece}"
+            );
+        }
+        // A CSV file cut inside a row is an error, not a shorter file.
+        let err = decode("csv", &csv[..csv.len() - 3], 5).unwrap_err();
+        assert!(err.to_string().contains("ends inside a row"), "{err}");
+
+        // JSON Lines: blank lines skipped, a last line without its newline read.
+        let jsonl = b"{\"op\":\"I\",\"after\":{\"id\":\"1\",\"body\":\"a\\nb\"}}\n\n{\"op\":\"D\",\"key\":{\"id\":\"1\"}}";
+        let whole = decode("jsonl", jsonl, jsonl.len()).unwrap();
+        assert_eq!(whole.len(), 2);
+        assert_eq!(whole[1].0, "D");
+        for piece in [1, 3, 10] {
+            assert_eq!(
+                decode("jsonl", jsonl, piece).unwrap(),
+                whole,
+                "pieces of {piece}"
+            );
+        }
+    }
+}
