@@ -127,3 +127,65 @@ async fn a_batch_of_every_shape_of_change_applies_set_based_csv() {
 async fn a_batch_of_every_shape_of_change_applies_set_based_jsonl() {
     converges("jsonl", "batch_apply_jsonl").await;
 }
+
+/// A target that already has the source's foreign keys (the user brought the schema): the
+/// load fills the referencing table before the referenced one and truncates both, and a
+/// batch applies the child's file before the parent's; neither trips the keys.
+#[tokio::test]
+async fn a_target_with_foreign_keys_loads_and_applies() {
+    const DDL: &str = "create table public.parent (id int primary key, name text);
+     create table public.child (id int primary key, parent_id int not null references public.parent (id), note text);";
+    let s = Staging::new("batch_apply_fk_src").await;
+    let target = TestDb::new("batch_apply_fk_dst").await;
+    let c = s.db.client().await;
+    c.batch_execute(DDL).await.unwrap();
+    c.batch_execute(
+        "insert into public.parent select g, 'p' || g from generate_series(1, 20) g;
+         insert into public.child select g, g, 'c' from generate_series(1, 20) g;",
+    )
+    .await
+    .unwrap();
+    let t = target.client().await;
+    t.batch_execute(DDL).await.unwrap();
+    // Rows the load replaces (a truncate of parent alone would be refused).
+    t.batch_execute("insert into public.parent values (99, 'old'); insert into public.child values (99, 99, 'old')")
+        .await
+        .unwrap();
+    let task = "batch-apply-fk";
+    let mut lo = LoadOptions::new(task, s.db.config(), "loader");
+    lo.cdc = true;
+    full_load::run_local(&s.sink, &s.state, &lo, 1, Arc::new(Progress::default()))
+        .await
+        .unwrap();
+    let loaded = apply::run(&s.sink, &target.config(), task).await.unwrap();
+    assert!(loaded.load_applied, "{loaded:?}");
+    c.batch_execute(
+        "begin; insert into public.parent values (100, 'new'); insert into public.child values (100, 100, 'new'); commit;
+         begin; delete from public.child where parent_id = 1; delete from public.parent where id = 1; commit;
+         update public.child set parent_id = 100 where id = 2;",
+    )
+    .await
+    .unwrap();
+    cdc_poll::run(
+        &s.sink,
+        &s.state,
+        &CdcOptions::new(task, s.db.config(), "poller"),
+    )
+    .await
+    .unwrap();
+    let report = apply::run(&s.sink, &target.config(), task).await.unwrap();
+    assert_eq!(report.batches_applied, 1, "{report:?}");
+    let v = validate::run(&s.db.config(), &target.config(), &Selection::all())
+        .await
+        .unwrap();
+    assert!(v.equal, "{v:#?}");
+    // The keys are still there, and hold.
+    let err = t
+        .batch_execute("insert into public.child values (500, 12345, 'orphan')")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION)
+    );
+}

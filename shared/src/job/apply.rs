@@ -18,8 +18,9 @@
 //!    Unchanged TOAST values are left out of the update, so the target keeps its current
 //!    value (or the one an earlier change of the batch gave it).
 //!
-//! Tables are applied one after another inside a batch (each in commit order); the target
-//! tables pgshift creates have no foreign keys, so the end state is the source's.
+//! Tables are applied one after another inside a batch (each in commit order), as a native
+//! subscriber does: with `session_replication_role = replica`, so a target that has foreign
+//! keys (brought by the user) does not check them against a half-applied batch.
 
 use std::collections::HashMap;
 
@@ -78,6 +79,7 @@ pub async fn run<S: ObjectSink>(sink: &S, target: &PgConfig, task: &str) -> Resu
     cfg.application_name = "pgshift-apply".to_owned();
     let mut client = source::connect(&cfg).await?;
     let (load_complete, position) = open_target(sink, &client, task).await?;
+    replica_role(&client).await?;
     let mut report = ApplyReport {
         task: task.to_owned(),
         position,
@@ -151,11 +153,29 @@ async fn apply_load<S: ObjectSink>(
         .transaction()
         .await
         .map_err(|e| Error::postgres("starting the load transaction", e))?;
-    let mut rows = 0;
-    let mut l0 = Lsn::ZERO;
+    tx.batch_execute("set constraints all deferred")
+        .await
+        .map_err(|e| Error::postgres("deferring the target's constraints", e))?;
+    let mut manifests = Vec::with_capacity(keys.len());
     for key in keys {
         let m: LoadManifest = layout::get_json(sink, &key, "a load manifest").await?;
-        rows += load_table(sink, &tx, &m, tables).await?;
+        let stored = layout::first_schema(sink, &m.schema, &m.table).await?;
+        ensure_table(&tx, &stored.schema).await?;
+        manifests.push((m, stored));
+    }
+    // One TRUNCATE of every loaded table: tables that reference each other are emptied
+    // together (a foreign key refuses a truncate of its referenced table alone).
+    let names: Vec<String> = manifests
+        .iter()
+        .map(|(m, _)| quote_qualified(&m.schema, &m.table))
+        .collect();
+    tx.batch_execute(&format!("truncate {}", names.join(", ")))
+        .await
+        .map_err(|e| Error::postgres("truncating the tables to load in the target", e))?;
+    let mut rows = 0;
+    let mut l0 = Lsn::ZERO;
+    for (m, stored) in manifests {
+        rows += load_table(sink, &tx, &m, stored, tables).await?;
         if let Some(l) = m.l0 {
             l0 = l;
         }
@@ -170,6 +190,31 @@ async fn apply_load<S: ObjectSink>(
         .await
         .map_err(|e| Error::postgres("committing the load", e))?;
     Ok(Some((rows, l0)))
+}
+
+/// Runs the session as PostgreSQL's own subscriber does (`session_replication_role =
+/// replica`): the target's foreign keys and user triggers do not fire for what apply writes,
+/// so tables may be loaded and batches applied table by table whatever their references (the
+/// source already enforced them). It takes a superuser (or, on 15+, `GRANT SET ON PARAMETER
+/// session_replication_role`); without it, deferrable constraints are deferred to commit and
+/// a target with other foreign keys gets them checked statement by statement.
+async fn replica_role(client: &Client) -> Result<bool> {
+    match client
+        .batch_execute("set session_replication_role = replica")
+        .await
+    {
+        Ok(()) => Ok(true),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            tracing::warn!(
+                "the target role may not set session_replication_role: its foreign keys and triggers fire during apply (deferrable constraints are deferred to each commit)"
+            );
+            Ok(false)
+        }
+        Err(e) => Err(Error::postgres(
+            "setting session_replication_role on the target",
+            e,
+        )),
+    }
 }
 
 /// The target's bookkeeping created if missing, and where it stands: whether the load is
@@ -280,12 +325,13 @@ fn pending_batches(keys: &[String], position: Lsn) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Loads one table inside the load's transaction: created if missing, truncated, filled from
+/// Loads one table inside the load's transaction (created and emptied before): filled from
 /// its chunk files. Returns its rows.
 async fn load_table<S: ObjectSink>(
     sink: &S,
     tx: &tokio_postgres::Transaction<'_>,
     m: &LoadManifest,
+    stored: StoredSchema,
     tables: &mut Tables,
 ) -> Result<u64> {
     if m.format.encoding == Encoding::Parquet {
@@ -294,12 +340,7 @@ async fn load_table<S: ObjectSink>(
             "apply reads csv or jsonl staging; this load is parquet",
         ));
     }
-    let stored = layout::first_schema(sink, &m.schema, &m.table).await?;
-    ensure_table(tx, &stored.schema).await?;
     let name = quote_qualified(&m.schema, &m.table);
-    tx.batch_execute(&format!("truncate {name}"))
-        .await
-        .map_err(|e| Error::postgres(format!("truncating {name}"), e))?;
     let cols: Vec<String> = m.columns.iter().map(|c| quote_ident(c)).collect();
     let keys: Vec<String> = quoted_keys(&stored.schema);
     let keyed = has_key(&stored.schema);
@@ -545,6 +586,9 @@ async fn apply_batch<S: ObjectSink>(
         .transaction()
         .await
         .map_err(|e| Error::postgres("starting a batch transaction", e))?;
+    tx.batch_execute("set constraints all deferred")
+        .await
+        .map_err(|e| Error::postgres("deferring the target's constraints", e))?;
     let (mut applied, mut set_based) = (0u64, 0u64);
     let mut statements: HashMap<String, tokio_postgres::Statement> = HashMap::new();
     for file in &m.files {
