@@ -24,7 +24,8 @@ const SCHEMA: &str = "create table public.k (id int primary key, a int not null,
 /// Transactions that all land in one batch: chains of updates of one key, updates leaving a
 /// TOAST value unchanged (of loaded rows and of rows inserted earlier in the batch), delete and
 /// re-insert of a key, insert then delete, primary-key moves and swaps, a composite key,
-/// REPLICA IDENTITY FULL, a keyless table with duplicates deleted one at a time, a truncate
+/// REPLICA IDENTITY FULL, a keyless table with duplicates deleted one at a time and updates
+/// (in CSV staged as D + I: CSV carries no old row), a truncate
 /// between inserts, and a column added midway.
 const WORKLOAD: &[&str] = &[
     "update public.k set a = a + 1 where id <= 100",
@@ -55,6 +56,8 @@ const WORKLOAD: &[&str] = &[
     "insert into public.h values (1, 'h'), (1, 'h'), (9, null)",
     "delete from public.h where ctid = (select ctid from public.h where g = 1 limit 1)",
     "insert into public.h values (2, 'after delete')",
+    "update public.h set note = 'changed' where g = 2",
+    "update public.h set g = g + 10 where note is null",
     "insert into public.t values (11, 11)",
     "truncate public.t",
     "insert into public.t values (1, 100), (2, 200)",

@@ -65,7 +65,12 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             return Ok(());
         }
         let rows = decoder::update_rows(&rel.pk, u);
-        if rows.key_changed {
+        // CSV rows carry no old row: an update of a table without a primary key (captured
+        // under REPLICA IDENTITY FULL) is staged as D(old row) + I(new row) there, the only
+        // form a reader (apply) can find the row by. JSON Lines keeps the U with its `before`.
+        let keyless_in_csv =
+            rel.pk.is_empty() && rows.old_is_full && self.opts.format.encoding == Encoding::Csv;
+        if rows.key_changed || keyless_in_csv {
             let del = Row::new(Op::Delete, u.rel_id, rows.old, rows.old_is_full, None);
             self.stage(batch, t, lsn, del).await?;
             let ins = Row::new(Op::Insert, u.rel_id, None, false, Some(&rows.new));
