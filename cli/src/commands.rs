@@ -21,7 +21,8 @@ use crate::seams::{
     Seams, Target, lease_owner, read_selection, resolve, stop_on_signal, with_seams,
 };
 use crate::{
-    ApplyArgs, CdcArgs, FullLoadArgs, StatusArgs, TeardownArgs, TestEndpointArgs, ValidateArgs,
+    ApplyArgs, CdcArgs, CutoverArgs, FullLoadArgs, StatusArgs, TeardownArgs, TestEndpointArgs,
+    ValidateArgs,
 };
 
 fn print_json(value: serde_json::Result<serde_json::Value>, pretty: bool) {
@@ -112,30 +113,42 @@ pub(crate) async fn full_load(args: FullLoadArgs) -> pgshift::Result<ExitCode> {
 
 pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
     pgshift::config::check_task_name(&args.task)?;
-    let stage = Target::parse_stage(&args.stage)?;
+    let until = match args.until.as_deref() {
+        None => None,
+        Some(u) => Some(until_position(u, args.source.as_deref()).await?),
+    };
+    if until.is_some() && args.follow {
+        return Err(Error::config(
+            "--until",
+            "stops at a position; --follow never stops: give one of them",
+        ));
+    }
     let spec = SourceSpec::parse(&args.target, "--target")?;
-    let aws = if stage.is_aws() || matches!(spec, SourceSpec::Secret(_)) {
-        Some(Aws::from_env().await)
-    } else {
-        None
-    };
-    let target = match (&spec, &aws) {
-        (SourceSpec::Secret(_), Some(aws)) => aws.resolve(&spec, None).await?,
-        _ => resolve(&spec).await?,
-    };
+    let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
+    let target = &seams.source;
     loop {
-        let report = match &stage {
-            Target::Local(dir) => {
-                apply_job::run(&pgshift::staging::LocalSink::new(dir), &target, &args.task).await?
+        let report = with_seams!(
+            &seams.stage,
+            &seams.state,
+            seams.aws.as_ref(),
+            |sink, store| {
+                match until {
+                    Some(u) => {
+                        apply_job::run_until(
+                            &sink,
+                            &store,
+                            target,
+                            &args.task,
+                            u,
+                            Duration::from_secs(args.interval.clamp(1, 10)),
+                            Duration::from_secs(args.wait),
+                        )
+                        .await
+                    }
+                    None => apply_job::run(&sink, target, &args.task).await,
+                }
             }
-            Target::Aws(url) => {
-                let aws = aws
-                    .as_ref()
-                    .ok_or_else(|| Error::config("aws", "AWS configuration was not loaded"))?;
-                let sink = pgshift::staging::S3Sink::new(aws.s3(), url)?;
-                apply_job::run(&sink, &target, &args.task).await?
-            }
-        };
+        )?;
         if args.json {
             print_json(serde_json::to_value(&report), false);
         } else {
@@ -145,6 +158,96 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
     }
+}
+
+/// `--until`: a WAL position, or `caught-up` (the source's current position, read now).
+async fn until_position(until: &str, source: Option<&str>) -> pgshift::Result<pgshift::lsn::Lsn> {
+    if until != "caught-up" {
+        return until.parse().map_err(|_| {
+            Error::config(
+                "--until",
+                format!("{until:?} is neither a WAL position (X/Y) nor caught-up"),
+            )
+        });
+    }
+    let Some(source) = source else {
+        return Err(Error::config(
+            "--until",
+            "caught-up needs --source (or PGSHIFT_SOURCE): the source's position is what the target catches up with",
+        ));
+    };
+    let spec = SourceSpec::parse(source, "--source")?;
+    let cfg = match &spec {
+        SourceSpec::Secret(_) => Aws::from_env().await.resolve(&spec, None).await?,
+        _ => resolve(&spec).await?,
+    };
+    source_position(&cfg).await
+}
+
+/// The source's WAL insert position now.
+async fn source_position(cfg: &pgshift::config::PgConfig) -> pgshift::Result<pgshift::lsn::Lsn> {
+    let client = pgshift::source::connect(cfg).await?;
+    pgshift::source::snapshot::wal_position(&client).await
+}
+
+/// Finishes a migration: apply until caught up with the source, sequences, validate.
+pub(crate) async fn cutover(args: CutoverArgs) -> pgshift::Result<ExitCode> {
+    pgshift::config::check_task_name(&args.task)?;
+    let selection = read_selection(args.tables.as_deref())?;
+    let spec = SourceSpec::parse(&args.source, "--source")?;
+    let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
+    let target_spec = SourceSpec::parse(&args.target, "--target")?;
+    let target = match (&target_spec, &seams.aws) {
+        (SourceSpec::Secret(_), Some(aws)) => aws.resolve(&target_spec, None).await?,
+        (SourceSpec::Secret(_), None) => Aws::from_env().await.resolve(&target_spec, None).await?,
+        _ => resolve(&target_spec).await?,
+    };
+    let until = source_position(&seams.source).await?;
+    let every = Duration::from_secs(args.interval.clamp(1, 60));
+    let applied = with_seams!(
+        &seams.stage,
+        &seams.state,
+        seams.aws.as_ref(),
+        |sink, store| {
+            apply_job::run_until(
+                &sink,
+                &store,
+                &target,
+                &args.task,
+                until,
+                every,
+                Duration::from_secs(args.wait),
+            )
+            .await
+        }
+    )?;
+    let source_client = pgshift::source::connect(&seams.source).await?;
+    let target_client = pgshift::source::connect(&target).await?;
+    let sequences =
+        pgshift::target::sync_sequences(&source_client, &target_client, &selection).await?;
+    let validation = validate_job::run(&seams.source, &target, &selection).await?;
+    let equal = validation.equal;
+    if args.json {
+        print_json(
+            Ok(serde_json::json!({
+                "until": until,
+                "apply": applied,
+                "sequences": sequences,
+                "validate": validation,
+            })),
+            true,
+        );
+    } else {
+        print!(
+            "{}",
+            report::cutover_text(until, &applied, &sequences, &validation, &args.task)
+        );
+    }
+    Ok(if equal {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 pub(crate) async fn validate(args: ValidateArgs) -> pgshift::Result<ExitCode> {
@@ -171,7 +274,11 @@ pub(crate) async fn status(args: StatusArgs) -> pgshift::Result<ExitCode> {
         Some(s) => Some(resolve(&SourceSpec::parse(s, "--source")?).await?),
         None => None,
     };
-    let status = match &state {
+    let target = match &args.target {
+        Some(t) => Some(resolve(&SourceSpec::parse(t, "--target")?).await?),
+        None => None,
+    };
+    let mut status = match &state {
         Target::Local(dir) => {
             status_job::run(
                 &pgshift::state::FileStore::new(dir),
@@ -186,6 +293,9 @@ pub(crate) async fn status(args: StatusArgs) -> pgshift::Result<ExitCode> {
             status_job::run(&store, &args.task, source.as_ref()).await?
         }
     };
+    if let Some(target) = &target {
+        status_job::with_target(&mut status, target).await?;
+    }
     if args.json {
         print_json(serde_json::to_value(&status), true);
     } else {

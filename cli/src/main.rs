@@ -33,6 +33,9 @@ enum Command {
     Apply(ApplyArgs),
     /// Compare source and target table by table (row counts, checksums, differing keys).
     Validate(ValidateArgs),
+    /// Finish a PG -> PG migration (writes to the source stopped): apply until caught up with
+    /// the source, set the target's sequences to the source's values, validate, say what next.
+    Cutover(CutoverArgs),
     /// Show a task: load progress per table, CDC checkpoint, lag and slot health.
     Status(StatusArgs),
     /// Drain the task's slot into staged files (creates the publication and slot of a CDC-only task).
@@ -145,6 +148,45 @@ pub(crate) struct ApplyArgs {
     pub(crate) follow: bool,
     #[arg(long, default_value_t = 10)]
     pub(crate) interval: u64,
+    /// Apply until the target has everything up to a WAL position (`X/Y`), or `caught-up`:
+    /// the source's current position when apply starts (needs --source). Staged batches are
+    /// applied as CDC stages them (run `pgshift cdc --follow` or the Lambda alongside).
+    #[arg(long)]
+    pub(crate) until: Option<String>,
+    /// The source, for `--until caught-up`.
+    #[arg(long, env = "PGSHIFT_SOURCE")]
+    pub(crate) source: Option<String>,
+    /// With --until: seconds to wait for CDC to stage up to the position before giving up.
+    #[arg(long, default_value_t = 600)]
+    pub(crate) wait: u64,
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct CutoverArgs {
+    #[arg(long, env = "PGSHIFT_TASK")]
+    pub(crate) task: String,
+    /// `postgres://..` or `secret:<arn>` of the source (writes to it stopped).
+    #[arg(long, env = "PGSHIFT_SOURCE")]
+    pub(crate) source: String,
+    /// `postgres://..` or `secret:<arn>` of the target.
+    #[arg(long, env = "PGSHIFT_TARGET")]
+    pub(crate) target: String,
+    #[arg(long, env = "PGSHIFT_STAGE", default_value = "./pgshift-data/stage")]
+    pub(crate) stage: String,
+    #[arg(long, env = "PGSHIFT_STATE", default_value = "./pgshift-data/state")]
+    pub(crate) state: String,
+    /// DMS table-mapping JSON file with selection rules (default: all user tables).
+    #[arg(long, env = "PGSHIFT_TABLES")]
+    pub(crate) tables: Option<std::path::PathBuf>,
+    /// Seconds between apply runs while waiting for CDC (`pgshift cdc --follow` or the
+    /// scheduled poller, running alongside) to stage the last changes.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) interval: u64,
+    /// Seconds to wait for CDC to stage up to the source's position before giving up.
+    #[arg(long, default_value_t = 600)]
+    pub(crate) wait: u64,
     #[arg(long)]
     pub(crate) json: bool,
 }
@@ -177,6 +219,9 @@ pub(crate) struct StatusArgs {
     /// The source, for live lag and slot health (optional).
     #[arg(long, env = "PGSHIFT_SOURCE")]
     pub(crate) source: Option<String>,
+    /// A PG -> PG target, for its applied position and lag (optional).
+    #[arg(long, env = "PGSHIFT_TARGET")]
+    pub(crate) target: Option<String>,
     #[arg(long)]
     pub(crate) json: bool,
 }
@@ -282,6 +327,7 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
         Command::FullLoad(args) => commands::full_load(args).await,
         Command::Apply(args) => commands::apply(args).await,
         Command::Validate(args) => commands::validate(args).await,
+        Command::Cutover(args) => commands::cutover(args).await,
         Command::Status(args) => commands::status(args).await,
         Command::Cdc(args) => commands::cdc(args).await,
         Command::Teardown(args) => commands::teardown(args).await,

@@ -245,6 +245,73 @@ pub(crate) fn status_text(s: &TaskStatus) -> String {
             s.slot_wal_status.as_deref().unwrap_or("-")
         );
     }
+    if let Some(t) = &s.target {
+        match &t.applied {
+            None => {
+                let _ = writeln!(out, "target      apply never ran for this task");
+            }
+            Some(a) => {
+                let _ = writeln!(
+                    out,
+                    "target      applied to {} ({} batches{}); {} bytes of staged batches to apply, lag {}",
+                    a.position,
+                    a.batches,
+                    if a.load_complete {
+                        ", load applied"
+                    } else {
+                        ", load not applied"
+                    },
+                    t.behind_bytes.unwrap_or(0),
+                    t.lag_seconds
+                        .map_or("-".to_owned(), |l| format!("{l:.1} s"))
+                );
+            }
+        }
+    }
+    out
+}
+
+/// What `cutover` did and what the user does next.
+pub(crate) fn cutover_text(
+    until: pgshift::lsn::Lsn,
+    applied: &ApplyReport,
+    sequences: &[pgshift::target::SequenceSync],
+    validation: &pgshift::job::validate::ValidateReport,
+    task: &str,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "caught up   the target is at {} (the source was at {until}); {} batches, {} changes applied now",
+        applied.position, applied.batches_applied, applied.changes_applied
+    );
+    let set = sequences.iter().filter(|s| s.set).count();
+    let _ = writeln!(
+        out,
+        "sequences   {set} of {} set to the source's values",
+        sequences.len()
+    );
+    for s in sequences.iter().filter(|s| !s.set) {
+        let _ = writeln!(
+            out,
+            "  missing on the target: {}.{} (source at {})",
+            s.schema,
+            s.name,
+            s.last_value.map_or("unused".to_owned(), |v| v.to_string())
+        );
+    }
+    out.push_str(&validate_table(validation));
+    if validation.equal {
+        let _ = writeln!(
+            out,
+            "next        point the applications at the target; then `pgshift teardown --task {task}` drops the slot and publications on the source"
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "next        the target differs (above): keep the source in service, find the cause, run cutover again"
+        );
+    }
     out
 }
 

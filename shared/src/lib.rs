@@ -35,6 +35,7 @@ pub mod source;
 pub mod staging;
 pub mod state;
 pub mod table;
+pub mod target;
 pub mod task;
 
 pub use error::{Error, Result};

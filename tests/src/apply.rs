@@ -192,3 +192,157 @@ async fn a_target_with_foreign_keys_loads_and_applies() {
         Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION)
     );
 }
+
+/// The end of a migration through the CLI: `apply --until caught-up` waits for CDC (running
+/// alongside) to stage the last changes, `status --target` shows the target caught up, and
+/// `cutover` sets the target's sequences (serial, identity, and one no table owns) to the
+/// source's values and validates.
+#[tokio::test]
+async fn cutover_catches_up_sets_sequences_and_validates() {
+    const DDL: &str = "create table public.orders (id serial primary key, v int);
+     create table public.items (id bigint generated always as identity primary key, o int);
+     create sequence public.tickets start 100;";
+    let source = TestDb::new("cutover_src").await;
+    let target = TestDb::new("cutover_dst").await;
+    let dir = pgshift_tests::TempDir::new("cutover");
+    let c = source.client().await;
+    c.batch_execute(DDL).await.unwrap();
+    c.batch_execute("insert into public.orders (v) select g from generate_series(1, 50) g; insert into public.items (o) select g from generate_series(1, 30) g;")
+        .await
+        .unwrap();
+    // The user brought the schema (with its sequences) to the target.
+    let t = target.client().await;
+    t.batch_execute(DDL).await.unwrap();
+    let (src, dst) = (
+        pgshift_tests::url(&source.config()),
+        pgshift_tests::url(&target.config()),
+    );
+    let stage = dir.path().join("stage");
+    let state = dir.path().join("state");
+    let (stage, state) = (stage.to_str().unwrap(), state.to_str().unwrap());
+    let run = |args: Vec<&str>| {
+        let out = std::process::Command::new(pgshift_tests::pgshift_bin())
+            .args(&args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let common = ["--task", "cutover", "--stage", stage, "--state", state];
+    let with = |args: &[&'static str], extra: &[&str]| -> Vec<String> {
+        args.iter()
+            .chain(extra.iter())
+            .chain(common.iter())
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let run_s = |v: Vec<String>| run(v.iter().map(String::as_str).collect());
+    let (code, out, err) = run_s(with(&["full-load", "--cdc", "--source"], &[&src]));
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = run_s(with(&["apply", "--target"], &[&dst]));
+    assert_eq!(code, Some(0), "{out}{err}");
+
+    // Writes, then the writes stop; CDC (following, started a moment later) stages them while
+    // apply waits for it.
+    c.batch_execute("insert into public.orders (v) values (1), (2); insert into public.items (o) values (7); select nextval('public.tickets'), nextval('public.tickets'); update public.orders set v = -1 where id = 3;")
+        .await
+        .unwrap();
+    let follow = {
+        let v = with(&["cdc", "--follow", "--interval", "1", "--source"], &[&src]);
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        std::process::Command::new(pgshift_tests::pgshift_bin())
+            .args(&v)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (code, out, err) = run_s(with(
+        &[
+            "apply",
+            "--until",
+            "caught-up",
+            "--interval",
+            "1",
+            "--wait",
+            "60",
+            "--target",
+        ],
+        &[&dst, "--source", &src],
+    ));
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("changes applied"), "{out}");
+    let v: i32 = t
+        .query_one("select v from public.orders where id = 3", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        v, -1,
+        "apply --until waited for the change staged after it started"
+    );
+
+    let (code, out, err) = run(vec![
+        "status", "--task", "cutover", "--state", state, "--target", &dst, "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["target"]["behind_bytes"], 0, "{status:#}");
+    assert_eq!(status["target"]["lag_seconds"], 0.0, "{status:#}");
+    assert!(
+        status["target"]["applied"]["last_commit_ts"].is_string(),
+        "{status:#}"
+    );
+
+    // Sequences differ before cutover (apply does not touch them).
+    let next = |seq: &'static str| {
+        let t = &t;
+        async move {
+            let v: i64 = t
+                .query_one(&format!("select nextval('{seq}')"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            v
+        }
+    };
+    let (code, out, err) = run_s(with(
+        &["cutover", "--wait", "60", "--target"],
+        &[&dst, "--source", &src],
+    ));
+    // CDC stops (SIGINT: it releases its lease).
+    let pid = follow.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let stopped = follow.wait_with_output().unwrap();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        stopped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stopped.stderr)
+    );
+    assert!(out.contains("3 of 3 set"), "{out}");
+    assert!(
+        out.contains("target equals source") && out.contains("teardown"),
+        "{out}"
+    );
+    assert_eq!(next("public.orders_id_seq").await, 53);
+    assert_eq!(next("public.items_id_seq").await, 32);
+    assert_eq!(next("public.tickets").await, 102);
+
+    // Bad input is named.
+    let (code, _, err) = run_s(with(&["apply", "--until", "soon", "--target"], &[&dst]));
+    assert_ne!(code, Some(0));
+    assert!(err.contains("--until") && err.contains("soon"), "{err}");
+    let (code, _, err) = run_s(with(
+        &["apply", "--until", "caught-up", "--target"],
+        &[&dst],
+    ));
+    assert_ne!(code, Some(0));
+    assert!(err.contains("needs --source"), "{err}");
+}

@@ -39,6 +39,8 @@ use crate::staging::layout::{
     self, BatchFile, BatchManifest, LoadManifest, Snapshot, StoredSchema,
 };
 use crate::staging::{ObjectReader, ObjectSink};
+use crate::state::StateStore;
+use crate::state::records;
 use crate::table::TableSchema;
 
 /// What an apply run did.
@@ -54,11 +56,6 @@ pub struct ApplyReport {
     pub changes_set_based: u64,
     pub position: Lsn,
 }
-
-const BOOKKEEPING: &str = "create schema if not exists pgshift; \
- create table if not exists pgshift.applied (task text primary key, load_complete boolean not null default false, \
- position text not null default '0/0', batches bigint not null default 0, updated_at timestamptz not null default now()); \
- alter table pgshift.applied add column if not exists l0 text";
 
 fn gunzip(key: &str, body: Bytes) -> Result<Vec<u8>> {
     if !key.ends_with(".gz") {
@@ -126,6 +123,69 @@ pub async fn run<S: ObjectSink>(sink: &S, target: &PgConfig, task: &str) -> Resu
         report.position = m.end_lsn;
     }
     Ok(report)
+}
+
+/// Applies until the target holds everything the source committed up to `until`: batches are
+/// applied as they are staged while CDC (another process, or the scheduled Lambda) moves the
+/// checkpoint, every `every`; done once what CDC staged (read before an apply run, so every
+/// batch up to it is in the stage) or the target's position is at or past `until`.
+pub async fn run_until<S: ObjectSink, St: StateStore>(
+    sink: &S,
+    state: &St,
+    target: &PgConfig,
+    task: &str,
+    until: Lsn,
+    every: std::time::Duration,
+    wait: std::time::Duration,
+) -> Result<ApplyReport> {
+    let mut total = ApplyReport {
+        task: task.to_owned(),
+        ..ApplyReport::default()
+    };
+    let started = std::time::Instant::now();
+    loop {
+        // Staged through: the checkpoint, or the target of a poll that drained everything
+        // (a drain ending on a commit leaves the checkpoint at it, short of the WAL after).
+        let checkpoint = records::get_cdc(state, task).await?.map(|c| {
+            let drained = c
+                .last_poll
+                .and_then(|v| serde_json::from_value::<records::PollReport>(v).ok())
+                .filter(|p| matches!(p.outcome, records::Outcome::Drained))
+                .map_or(Lsn::ZERO, |p| p.target);
+            Lsn(c.checkpoint).max(drained)
+        });
+        let r = run(sink, target, task).await?;
+        total.load_applied |= r.load_applied;
+        total.load_rows += r.load_rows;
+        total.batches_applied += r.batches_applied;
+        total.changes_applied += r.changes_applied;
+        total.changes_set_based += r.changes_set_based;
+        total.position = r.position;
+        if checkpoint.is_some_and(|c| c >= until) || r.position >= until {
+            return Ok(total);
+        }
+        // A task whose CDC has not polled yet has no checkpoint: wait for it; one that
+        // pgshift never created for CDC cannot get there.
+        if checkpoint.is_none() && records::get_task(state, task).await?.is_none() {
+            return Err(Error::config(
+                "until",
+                format!(
+                    "task {task} has no state in {}: run `pgshift full-load --cdc` or `pgshift cdc` (or their Lambdas) to stage changes up to {until}",
+                    state.describe()
+                ),
+            ));
+        }
+        let staged = checkpoint.unwrap_or(Lsn::ZERO);
+        if started.elapsed() >= wait {
+            return Err(Error::Source(format!(
+                "the target of task {task} is at {}, CDC staged through {staged}, not yet {until} after {} s: is `pgshift cdc --follow` (or the scheduled poller) running?",
+                r.position,
+                wait.as_secs()
+            )));
+        }
+        tracing::info!(task, target = %r.position, staged = %staged, until = %until, "waiting for CDC to stage up to the position");
+        tokio::time::sleep(every).await;
+    }
 }
 
 mod batch;
@@ -221,7 +281,7 @@ async fn replica_role(client: &Client) -> Result<bool> {
 /// applied (a task started over stages a load from a new L0: then it is not) and its position.
 async fn open_target<S: ObjectSink>(sink: &S, client: &Client, task: &str) -> Result<(bool, Lsn)> {
     client
-        .batch_execute(BOOKKEEPING)
+        .batch_execute(crate::target::BOOKKEEPING)
         .await
         .map_err(|e| Error::postgres("creating pgshift.applied in the target", e))?;
     client
@@ -387,7 +447,7 @@ async fn load_table<S: ObjectSink>(
     }
     if keyed {
         tx.batch_execute(&format!(
-            "insert into {name} ({0}) select {0} from pg_temp.pgshift_load on conflict ({1}) do nothing; drop table pg_temp.pgshift_load",
+            "insert into {name} ({0}) overriding system value select {0} from pg_temp.pgshift_load on conflict ({1}) do nothing; drop table pg_temp.pgshift_load",
             cols.join(", "),
             keys.join(", ")
         ))
@@ -618,8 +678,8 @@ async fn apply_batch<S: ObjectSink>(
     }
     let moved = tx
         .execute(
-            "update pgshift.applied set position = $2, batches = batches + 1, updated_at = now() where task = $1 and position = $3",
-            &[&task, &m.end_lsn.to_string(), &position.to_string()],
+            "update pgshift.applied set position = $2, batches = batches + 1, updated_at = now(), last_commit_ts = coalesce(nullif($4, '')::timestamptz, last_commit_ts) where task = $1 and position = $3",
+            &[&task, &m.end_lsn.to_string(), &position.to_string(), &m.last_commit_ts],
         )
         .await
         .map_err(|e| Error::postgres("moving the applied position", e))?;

@@ -9,6 +9,7 @@ use crate::lsn::Lsn;
 use crate::source::{self, slot};
 use crate::state::StateStore;
 use crate::state::records::{self, ChunkId, PlanRecord, PollReport};
+use crate::target::Applied;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TableProgress {
@@ -35,6 +36,24 @@ pub struct TaskStatus {
     pub lag_bytes: Option<u64>,
     pub slot_retained_bytes: Option<i64>,
     pub slot_wal_status: Option<String>,
+    /// The end of the last batch staged (what a target can be caught up with).
+    #[serde(default)]
+    pub last_batch_end: Option<Lsn>,
+    /// When a target was given: where its apply stands.
+    #[serde(default)]
+    pub target: Option<TargetStatus>,
+}
+
+/// Where a PG -> PG target's apply stands against what is staged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetStatus {
+    /// `None`: apply never ran against this target.
+    pub applied: Option<Applied>,
+    /// WAL bytes of staged batches not applied yet.
+    pub behind_bytes: Option<u64>,
+    /// 0 when every staged batch is applied; else seconds since the source committed the last
+    /// change the target has.
+    pub lag_seconds: Option<f64>,
 }
 
 /// Reads a task's status; `source` adds live lag and slot health.
@@ -75,11 +94,34 @@ pub async fn run<St: StateStore>(
         lag_bytes: None,
         slot_retained_bytes: None,
         slot_wal_status: None,
+        last_batch_end: cdc.as_ref().and_then(|c| c.last_batch_end),
+        target: None,
     };
     if let (Some(cfg), Some(slot_name)) = (source_cfg, status.slot.clone()) {
         live_slot(&mut status, cfg, &slot_name).await?;
     }
     Ok(status)
+}
+
+/// Adds where a target's apply of the task stands.
+pub async fn with_target(status: &mut TaskStatus, target: &PgConfig) -> Result<()> {
+    let client = source::connect(target).await?;
+    let applied = crate::target::applied(&client, &status.task).await?;
+    let (behind_bytes, lag_seconds) = match (&applied, status.last_batch_end) {
+        (Some(a), Some(end)) if a.position >= end => (Some(0), Some(0.0)),
+        (Some(a), Some(end)) => (
+            Some(end.bytes_since(a.position)),
+            a.seconds_since_last_commit,
+        ),
+        (Some(_), None) => (Some(0), Some(0.0)),
+        (None, _) => (None, None),
+    };
+    status.target = Some(TargetStatus {
+        applied,
+        behind_bytes,
+        lag_seconds,
+    });
+    Ok(())
 }
 
 /// Chunks done and rows loaded per planned table.

@@ -196,7 +196,7 @@ impl Run {
         if !self.keyed {
             let values: Vec<String> = (0..cols.len()).map(|j| self.typed("r", j)).collect();
             sql.push_str(&format!(
-                "insert into {} ({}) select {} from {RUN} r order by r.seq",
+                "insert into {} ({}) overriding system value select {} from {RUN} r order by r.seq",
                 self.name,
                 all.join(", "),
                 values.join(", ")
@@ -238,7 +238,7 @@ impl Run {
             };
             let key_names: Vec<String> = keys.iter().map(|j| quote_ident(&cols[*j].name)).collect();
             sql.push_str(&format!(
-                "insert into {} ({}) select {} from {last} l where l.op <> 'D' on conflict ({}) {conflict}",
+                "insert into {} ({}) overriding system value select {} from {last} l where l.op <> 'D' on conflict ({}) {conflict}",
                 self.name,
                 all.join(", "),
                 values.join(", "),
@@ -295,7 +295,7 @@ impl Run {
             })
             .collect();
         sql.push_str(&format!(
-            "insert into {0} ({1}) select {2} from {NET} n where not exists (select 1 from {0} t where {3})",
+            "insert into {0} ({1}) overriding system value select {2} from {NET} n where not exists (select 1 from {0} t where {3})",
             self.name,
             all.join(", "),
             values.join(", "),

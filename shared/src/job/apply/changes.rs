@@ -143,7 +143,7 @@ fn insert(schema: &TableSchema, name: &str, change: &Change, conflict: &str) -> 
         .collect::<Result<_>>()?;
     Ok((
         format!(
-            "insert into {name} ({}) values ({}){conflict}",
+            "insert into {name} ({}) overriding system value values ({}){conflict}",
             cols.join(", "),
             params.join(", ")
         ),
