@@ -123,6 +123,12 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
             "stops at a position; --follow never stops: give one of them",
         ));
     }
+    if args.parallel == 0 {
+        return Err(Error::config("--parallel", "must be at least 1"));
+    }
+    let opts = apply_job::ApplyOptions {
+        load_workers: args.parallel,
+    };
     let spec = SourceSpec::parse(&args.target, "--target")?;
     let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
     let target = &seams.source;
@@ -139,13 +145,16 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
                             &store,
                             target,
                             &args.task,
-                            u,
-                            Duration::from_secs(args.interval.clamp(1, 10)),
-                            Duration::from_secs(args.wait),
+                            &apply_job::Until {
+                                position: u,
+                                every: Duration::from_secs(args.interval.clamp(1, 10)),
+                                wait: Duration::from_secs(args.wait),
+                            },
+                            opts,
                         )
                         .await
                     }
-                    None => apply_job::run(&sink, target, &args.task).await,
+                    None => apply_job::run_with(&sink, target, &args.task, opts).await,
                 }
             }
         )?;
@@ -214,9 +223,12 @@ pub(crate) async fn cutover(args: CutoverArgs) -> pgshift::Result<ExitCode> {
                 &store,
                 &target,
                 &args.task,
-                until,
-                every,
-                Duration::from_secs(args.wait),
+                &apply_job::Until {
+                    position: until,
+                    every,
+                    wait: Duration::from_secs(args.wait),
+                },
+                apply_job::ApplyOptions::default(),
             )
             .await
         }

@@ -159,6 +159,9 @@ pub(crate) struct ApplyArgs {
     /// With --until: seconds to wait for CDC to stage up to the position before giving up.
     #[arg(long, default_value_t = 600)]
     pub(crate) wait: u64,
+    /// Target connections loading the full load's chunks at once.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) parallel: usize,
     #[arg(long)]
     pub(crate) json: bool,
 }

@@ -321,7 +321,16 @@ pub(crate) fn apply_summary(report: &ApplyReport) -> String {
         "task {}: {}{} batches, {} changes applied ({} set-based); target at {}",
         report.task,
         if report.load_applied {
-            format!("load applied ({} rows); ", report.load_rows)
+            format!(
+                "load applied ({} rows, {} chunks{}); ",
+                report.load_rows,
+                report.load_chunks,
+                if report.load_chunks_resumed > 0 {
+                    format!(", {} loaded by an earlier run", report.load_chunks_resumed)
+                } else {
+                    String::new()
+                }
+            )
         } else {
             String::new()
         },

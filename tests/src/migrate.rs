@@ -312,7 +312,7 @@ async fn cli_full_load_cdc_apply_validate_status() {
     assert_eq!(code, Some(0), "{out}{err}");
     let (code, out, err) = run(&[&["apply", "--target", &dst][..], &common].concat());
     assert_eq!(code, Some(0), "{out}{err}");
-    assert!(out.contains("load applied (5000 rows)"), "{out}");
+    assert!(out.contains("load applied (5000 rows, "), "{out}");
     let (code, out, err) = run(&[
         &["validate", "--source", &src, "--target", &dst][..],
         &common,

@@ -25,7 +25,6 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use futures_util::SinkExt;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 use tokio_postgres::types::{ToSql, Type};
@@ -33,8 +32,7 @@ use tokio_postgres::types::{ToSql, Type};
 use crate::config::{PgConfig, check_task_name};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
-use crate::source::{self, quote_ident, quote_qualified};
-use crate::staging::encode::Encoding;
+use crate::source::{self, quote_qualified};
 use crate::staging::layout::{
     self, BatchFile, BatchManifest, LoadManifest, Snapshot, StoredSchema,
 };
@@ -49,6 +47,11 @@ pub struct ApplyReport {
     pub task: String,
     pub load_applied: bool,
     pub load_rows: u64,
+    /// Load chunks applied by this run, and those a killed earlier run had applied.
+    #[serde(default)]
+    pub load_chunks: u64,
+    #[serde(default)]
+    pub load_chunks_resumed: u64,
     pub batches_applied: u64,
     pub changes_applied: u64,
     /// Of those, the changes applied set-based (the rest went row by row).
@@ -57,20 +60,31 @@ pub struct ApplyReport {
     pub position: Lsn,
 }
 
-fn gunzip(key: &str, body: Bytes) -> Result<Vec<u8>> {
-    if !key.ends_with(".gz") {
-        return Ok(body.to_vec());
+/// How apply runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyOptions {
+    /// Target connections loading chunks at once.
+    pub load_workers: usize,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions { load_workers: 2 }
     }
-    use std::io::Read;
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(&body[..])
-        .read_to_end(&mut out)
-        .map_err(|e| Error::io(format!("decompressing {key}"), e))?;
-    Ok(out)
 }
 
 /// Applies everything staged that the target has not applied yet.
 pub async fn run<S: ObjectSink>(sink: &S, target: &PgConfig, task: &str) -> Result<ApplyReport> {
+    run_with(sink, target, task, ApplyOptions::default()).await
+}
+
+/// [`run`], with options.
+pub async fn run_with<S: ObjectSink>(
+    sink: &S,
+    target: &PgConfig,
+    task: &str,
+    opts: ApplyOptions,
+) -> Result<ApplyReport> {
     check_task_name(task)?;
     let mut cfg = target.clone();
     cfg.application_name = "pgshift-apply".to_owned();
@@ -85,11 +99,22 @@ pub async fn run<S: ObjectSink>(sink: &S, target: &PgConfig, task: &str) -> Resu
     let mut tables = Tables::default();
     let keys = layout::batch_manifest_keys(sink).await?;
     if !load_complete {
-        match apply_load(sink, &mut client, task, &mut tables).await? {
-            Some((rows, l0)) => {
+        match load::apply_load(
+            sink,
+            &mut client,
+            &cfg,
+            task,
+            opts.load_workers,
+            &mut tables,
+        )
+        .await?
+        {
+            Some(loaded) => {
                 report.load_applied = true;
-                report.load_rows = rows;
-                report.position = l0;
+                report.load_rows = loaded.rows;
+                report.load_chunks = loaded.chunks;
+                report.load_chunks_resumed = loaded.resumed;
+                report.position = loaded.l0;
             }
             None => require_no_load(sink, &keys).await?,
         }
@@ -125,6 +150,17 @@ pub async fn run<S: ObjectSink>(sink: &S, target: &PgConfig, task: &str) -> Resu
     Ok(report)
 }
 
+/// Where [`run_until`] stops, and how it waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Until {
+    /// The WAL position the target must hold everything up to.
+    pub position: Lsn,
+    /// Between apply runs.
+    pub every: std::time::Duration,
+    /// At most, for CDC to stage up to the position.
+    pub wait: std::time::Duration,
+}
+
 /// Applies until the target holds everything the source committed up to `until`: batches are
 /// applied as they are staged while CDC (another process, or the scheduled Lambda) moves the
 /// checkpoint, every `every`; done once what CDC staged (read before an apply run, so every
@@ -134,10 +170,14 @@ pub async fn run_until<S: ObjectSink, St: StateStore>(
     state: &St,
     target: &PgConfig,
     task: &str,
-    until: Lsn,
-    every: std::time::Duration,
-    wait: std::time::Duration,
+    until: &Until,
+    opts: ApplyOptions,
 ) -> Result<ApplyReport> {
+    let Until {
+        position: until,
+        every,
+        wait,
+    } = *until;
     let mut total = ApplyReport {
         task: task.to_owned(),
         ..ApplyReport::default()
@@ -154,9 +194,11 @@ pub async fn run_until<S: ObjectSink, St: StateStore>(
                 .map_or(Lsn::ZERO, |p| p.target);
             Lsn(c.checkpoint).max(drained)
         });
-        let r = run(sink, target, task).await?;
+        let r = run_with(sink, target, task, opts).await?;
         total.load_applied |= r.load_applied;
         total.load_rows += r.load_rows;
+        total.load_chunks += r.load_chunks;
+        total.load_chunks_resumed += r.load_chunks_resumed;
         total.batches_applied += r.batches_applied;
         total.changes_applied += r.changes_applied;
         total.changes_set_based += r.changes_set_based;
@@ -190,67 +232,12 @@ pub async fn run_until<S: ObjectSink, St: StateStore>(
 
 mod batch;
 mod changes;
+mod load;
 mod target;
 
 use batch::Run;
-use changes::{
-    Change, Changes, change_statements, has_key, is_partial_insert, jsonl_to_csv, move_row,
-    quoted_keys,
-};
-use target::{Tables, ensure_table, sync_columns};
-
-async fn apply_load<S: ObjectSink>(
-    sink: &S,
-    client: &mut Client,
-    task: &str,
-    tables: &mut Tables,
-) -> Result<Option<(u64, Lsn)>> {
-    let keys = layout::load_manifest_keys(sink).await?;
-    if keys.is_empty() {
-        return Ok(None);
-    }
-    let tx = client
-        .transaction()
-        .await
-        .map_err(|e| Error::postgres("starting the load transaction", e))?;
-    tx.batch_execute("set constraints all deferred")
-        .await
-        .map_err(|e| Error::postgres("deferring the target's constraints", e))?;
-    let mut manifests = Vec::with_capacity(keys.len());
-    for key in keys {
-        let m: LoadManifest = layout::get_json(sink, &key, "a load manifest").await?;
-        let stored = layout::first_schema(sink, &m.schema, &m.table).await?;
-        ensure_table(&tx, &stored.schema).await?;
-        manifests.push((m, stored));
-    }
-    // One TRUNCATE of every loaded table: tables that reference each other are emptied
-    // together (a foreign key refuses a truncate of its referenced table alone).
-    let names: Vec<String> = manifests
-        .iter()
-        .map(|(m, _)| quote_qualified(&m.schema, &m.table))
-        .collect();
-    tx.batch_execute(&format!("truncate {}", names.join(", ")))
-        .await
-        .map_err(|e| Error::postgres("truncating the tables to load in the target", e))?;
-    let mut rows = 0;
-    let mut l0 = Lsn::ZERO;
-    for (m, stored) in manifests {
-        rows += load_table(sink, &tx, &m, stored, tables).await?;
-        if let Some(l) = m.l0 {
-            l0 = l;
-        }
-    }
-    tx.execute(
-        "update pgshift.applied set load_complete = true, position = $2, l0 = $2, updated_at = now() where task = $1",
-        &[&task, &l0.to_string()],
-    )
-    .await
-    .map_err(|e| Error::postgres("recording the load in pgshift.applied", e))?;
-    tx.commit()
-        .await
-        .map_err(|e| Error::postgres("committing the load", e))?;
-    Ok(Some((rows, l0)))
-}
+use changes::{Change, Changes, change_statements, is_partial_insert, move_row};
+use target::{Tables, sync_columns};
 
 /// Runs the session as PostgreSQL's own subscriber does (`session_replication_role =
 /// replica`): the target's foreign keys and user triggers do not fire for what apply writes,
@@ -342,26 +329,6 @@ async fn require_no_load<S: ObjectSink>(sink: &S, keys: &[String]) -> Result<()>
     Ok(())
 }
 
-/// Checks a staged object is what its manifest says: its size, and its checksum when the
-/// manifest has one.
-fn verify_object(key: &str, body: &[u8], bytes: u64, checksum: Option<&str>) -> Result<()> {
-    if body.len() as u64 != bytes {
-        return Err(Error::Staged(format!(
-            "{key} has {} bytes, its manifest says {bytes}: the object was cut or changed",
-            body.len()
-        )));
-    }
-    if let Some(want) = checksum {
-        let got = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(body));
-        if got != want {
-            return Err(Error::Staged(format!(
-                "{key} does not match its manifest's checksum ({got}, want {want}): the object was changed"
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// The batches a target at `position` has not applied, in order: those ending after it,
 /// each starting where the one before ended or later (idle stretches leave gaps). A batch
 /// straddling the position means two batches overlap: an error, never a guess.
@@ -383,81 +350,6 @@ fn pending_batches(keys: &[String], position: Lsn) -> Result<Vec<String>> {
         at = end;
     }
     Ok(out)
-}
-
-/// Loads one table inside the load's transaction (created and emptied before): filled from
-/// its chunk files. Returns its rows.
-async fn load_table<S: ObjectSink>(
-    sink: &S,
-    tx: &tokio_postgres::Transaction<'_>,
-    m: &LoadManifest,
-    stored: StoredSchema,
-    tables: &mut Tables,
-) -> Result<u64> {
-    if m.format.encoding == Encoding::Parquet {
-        return Err(Error::config(
-            "format",
-            "apply reads csv or jsonl staging; this load is parquet",
-        ));
-    }
-    let name = quote_qualified(&m.schema, &m.table);
-    let cols: Vec<String> = m.columns.iter().map(|c| quote_ident(c)).collect();
-    let keys: Vec<String> = quoted_keys(&stored.schema);
-    let keyed = has_key(&stored.schema);
-    // Chunks are read at different moments: a row updated during the load can be in two
-    // chunks. Keyed tables load through a temporary table keeping one version per key;
-    // CDC from L0 then brings every row to its final state.
-    let into = if keyed {
-        tx.batch_execute(&format!(
-            "drop table if exists pg_temp.pgshift_load; create temp table pgshift_load (like {name}) on commit drop"
-        ))
-        .await
-        .map_err(|e| Error::postgres(format!("staging the load of {name}"), e))?;
-        "pg_temp.pgshift_load".to_owned()
-    } else {
-        name.clone()
-    };
-    let copy = format!(
-        "copy {into} ({}) from stdin with (format csv)",
-        cols.join(", ")
-    );
-    for chunk in &m.chunks {
-        let stored = layout::get_required(sink, &chunk.key).await?;
-        verify_object(&chunk.key, &stored, chunk.bytes, None)?;
-        let body = gunzip(&chunk.key, stored)?;
-        let csv = if m.format.encoding == Encoding::Jsonl {
-            jsonl_to_csv(&body, &m.columns)?
-        } else {
-            body
-        };
-        let sink_in = tx
-            .copy_in::<_, Bytes>(&copy)
-            .await
-            .map_err(|e| Error::postgres(format!("starting COPY into {name}"), e))?;
-        let mut sink_in = std::pin::pin!(sink_in);
-        sink_in
-            .send(Bytes::from(csv))
-            .await
-            .map_err(|e| Error::postgres(format!("copying into {name}"), e))?;
-        sink_in
-            .as_mut()
-            .finish()
-            .await
-            .map_err(|e| Error::postgres(format!("finishing COPY into {name}"), e))?;
-    }
-    if keyed {
-        tx.batch_execute(&format!(
-            "insert into {name} ({0}) overriding system value select {0} from pg_temp.pgshift_load on conflict ({1}) do nothing; drop table pg_temp.pgshift_load",
-            cols.join(", "),
-            keys.join(", ")
-        ))
-        .await
-        .map_err(|e| Error::postgres(format!("loading {name}"), e))?;
-    }
-    tables
-        .known
-        .insert((m.schema.clone(), m.table.clone()), stored.schema);
-    Ok(m.rows)
 }
 
 /// What a batch is applied against: the task, the target's position, and the load's
@@ -534,8 +426,11 @@ async fn file_schemas<S: ObjectSink>(
 
 /// A staged batch file's bytes as they are read (never whole): counted and hashed for the
 /// check against its manifest, decompressed when gzipped.
-struct FileBytes<'f> {
-    file: &'f BatchFile,
+struct FileBytes {
+    key: String,
+    /// The size and checksum its manifest gives.
+    want_bytes: u64,
+    want_checksum: Option<String>,
     reader: ObjectReader,
     read: u64,
     hash: xxhash_rust::xxh3::Xxh3,
@@ -543,22 +438,27 @@ struct FileBytes<'f> {
     done: bool,
 }
 
-impl<'f> FileBytes<'f> {
-    async fn open<S: ObjectSink>(sink: &S, file: &'f BatchFile) -> Result<FileBytes<'f>> {
-        let reader = sink.reader(&file.key).await?.ok_or_else(|| {
+impl FileBytes {
+    async fn open<S: ObjectSink>(
+        sink: &S,
+        key: &str,
+        want_bytes: u64,
+        want_checksum: Option<&str>,
+    ) -> Result<FileBytes> {
+        let reader = sink.reader(key).await?.ok_or_else(|| {
             Error::Staged(format!(
-                "{} is listed in a manifest but missing from {}",
-                file.key,
+                "{key} is listed in a manifest but missing from {}",
                 sink.describe()
             ))
         })?;
         Ok(FileBytes {
-            file,
+            key: key.to_owned(),
+            want_bytes,
+            want_checksum: want_checksum.map(str::to_owned),
             reader,
             read: 0,
             hash: xxhash_rust::xxh3::Xxh3::new(),
-            gz: file
-                .key
+            gz: key
                 .ends_with(".gz")
                 .then(|| flate2::write::GzDecoder::new(Vec::new())),
             done: false,
@@ -583,7 +483,7 @@ impl<'f> FileBytes<'f> {
     /// The next piece of the file's (decompressed) bytes; `None` at its end.
     async fn next(&mut self) -> Result<Option<Bytes>> {
         use std::io::Write;
-        let key = &self.file.key;
+        let key = self.key.clone();
         loop {
             let piece = self.raw().await?;
             let Some(gz) = self.gz.as_mut() else {
@@ -611,14 +511,14 @@ impl<'f> FileBytes<'f> {
     /// and its checksum when the manifest has one).
     async fn verify(mut self) -> Result<()> {
         while self.raw().await?.is_some() {}
-        let (key, want) = (&self.file.key, self.file.bytes);
+        let (key, want) = (&self.key, self.want_bytes);
         if self.read != want {
             return Err(Error::Staged(format!(
                 "{key} has {} bytes, its manifest says {want}: the object was cut or changed",
                 self.read
             )));
         }
-        if let Some(want) = &self.file.checksum {
+        if let Some(want) = &self.want_checksum {
             let got = format!("{:016x}", self.hash.digest());
             if &got != want {
                 return Err(Error::Staged(format!(
@@ -654,7 +554,8 @@ async fn apply_batch<S: ObjectSink>(
     for file in &m.files {
         let schemas = file_schemas(sink, file).await?;
         let seen = seen_rows(m, file, at)?;
-        let mut bytes = FileBytes::open(sink, file).await?;
+        let mut bytes =
+            FileBytes::open(sink, &file.key, file.bytes, file.checksum.as_deref()).await?;
         let mut changes = Changes::new(m, file, &schemas);
         // An object that is not what its manifest says is named as such, whatever broke first.
         let applied_file = apply_file(
@@ -702,7 +603,7 @@ async fn apply_file(
     file: &BatchFile,
     schemas: &[(u64, StoredSchema)],
     seen: &[bool],
-    bytes: &mut FileBytes<'_>,
+    bytes: &mut FileBytes,
     changes: &mut Changes<'_>,
     tables: &mut Tables,
     statements: &mut HashMap<String, tokio_postgres::Statement>,

@@ -1,0 +1,294 @@
+//! The staged full load applied to the target: in parallel over N connections, one transaction
+//! per chunk that also records the chunk in `pgshift.loaded`, so a killed load resumes at the
+//! chunk instead of from zero.
+//!
+//! # Effect order
+//!
+//! 1. One transaction: `pgshift.loaded` created if missing; rows of an earlier load of the
+//!    task (another L0) removed; the tables created if missing; when no chunk of this load is
+//!    recorded yet, every loaded table truncated in one statement (a foreign key refuses a
+//!    truncate of its referenced table alone). A crash here leaves nothing half done.
+//! 2. Each chunk not recorded yet, on one of N connections, in its own transaction: its file
+//!    streamed (never held whole) with `COPY` — a keyed table's through a temporary table and
+//!    `INSERT .. ON CONFLICT DO NOTHING` (chunks are read at different moments: a row updated
+//!    during the load can be in two; CDC from L0 brings it to its final state) — its size
+//!    checked against the manifest, then its row in `pgshift.loaded`. A crash rolls back that
+//!    chunk only; the rerun skips every recorded one.
+//! 3. One transaction: the task's `load_complete` and position L0 in `pgshift.applied`.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use futures_util::SinkExt;
+use tokio_postgres::Client;
+
+use super::changes::{has_key, jsonl_to_csv, quoted_keys};
+use super::target::{Tables, ensure_table};
+use super::{FileBytes, replica_role};
+use crate::config::PgConfig;
+use crate::error::{Error, Result};
+use crate::lsn::Lsn;
+use crate::source::{self, quote_ident, quote_qualified};
+use crate::staging::ObjectSink;
+use crate::staging::encode::Encoding;
+use crate::staging::layout::{self, LoadManifest, StoredSchema};
+
+const LOADED: &str = "create table if not exists pgshift.loaded (task text not null, chunk text not null, \
+ l0 text not null, rows bigint not null, loaded_at timestamptz not null default now(), primary key (task, chunk))";
+
+/// What applying the load did.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Loaded {
+    pub(super) rows: u64,
+    pub(super) l0: Lsn,
+    /// Chunks loaded by this run.
+    pub(super) chunks: u64,
+    /// Chunks an earlier, killed run had loaded (skipped).
+    pub(super) resumed: u64,
+}
+
+/// One table of the load, as the chunk workers need it.
+struct LoadTable {
+    manifest: LoadManifest,
+    name: String,
+    copy: String,
+    keyed: bool,
+    insert: String,
+}
+
+/// Applies the staged load (if any) with `workers` connections; `None` without one.
+pub(super) async fn apply_load<S: ObjectSink>(
+    sink: &S,
+    client: &mut Client,
+    cfg: &PgConfig,
+    task: &str,
+    workers: usize,
+    tables: &mut Tables,
+) -> Result<Option<Loaded>> {
+    let keys = layout::load_manifest_keys(sink).await?;
+    if keys.is_empty() {
+        return Ok(None);
+    }
+    let mut manifests: Vec<(LoadManifest, StoredSchema)> = Vec::with_capacity(keys.len());
+    let mut l0 = Lsn::ZERO;
+    for key in keys {
+        let m: LoadManifest = layout::get_json(sink, &key, "a load manifest").await?;
+        if m.format.encoding == Encoding::Parquet {
+            return Err(Error::config(
+                "format",
+                "apply reads csv or jsonl staging; this load is parquet",
+            ));
+        }
+        if let Some(l) = m.l0 {
+            l0 = l;
+        }
+        let stored = layout::first_schema(sink, &m.schema, &m.table).await?;
+        manifests.push((m, stored));
+    }
+
+    // 1. Bookkeeping, tables, and the truncate of a load that has not started.
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| Error::postgres("starting the load's preparation", e))?;
+    tx.batch_execute(LOADED)
+        .await
+        .map_err(|e| Error::postgres("creating pgshift.loaded in the target", e))?;
+    tx.execute(
+        "delete from pgshift.loaded where task = $1 and l0 <> $2",
+        &[&task, &l0.to_string()],
+    )
+    .await
+    .map_err(|e| Error::postgres("clearing an earlier load's chunks", e))?;
+    let done: HashSet<String> = tx
+        .query("select chunk from pgshift.loaded where task = $1", &[&task])
+        .await
+        .map_err(|e| Error::postgres("reading the loaded chunks", e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for (_, stored) in &manifests {
+        ensure_table(&tx, &stored.schema).await?;
+    }
+    if done.is_empty() {
+        let names: Vec<String> = manifests
+            .iter()
+            .map(|(m, _)| quote_qualified(&m.schema, &m.table))
+            .collect();
+        tx.batch_execute(&format!("truncate {}", names.join(", ")))
+            .await
+            .map_err(|e| Error::postgres("truncating the tables to load in the target", e))?;
+    }
+    tx.commit()
+        .await
+        .map_err(|e| Error::postgres("committing the load's preparation", e))?;
+
+    // 2. The chunks not loaded yet, on `workers` connections.
+    let mut rows = 0;
+    let mut work = VecDeque::new();
+    let mut load_tables = Vec::with_capacity(manifests.len());
+    let mut resumed = 0;
+    for (t, (m, stored)) in manifests.into_iter().enumerate() {
+        rows += m.rows;
+        for (c, chunk) in m.chunks.iter().enumerate() {
+            if done.contains(&chunk.key) {
+                resumed += 1;
+            } else {
+                work.push_back((t, c));
+            }
+        }
+        let name = quote_qualified(&m.schema, &m.table);
+        let cols: Vec<String> = m.columns.iter().map(|c| quote_ident(c)).collect();
+        let keyed = has_key(&stored.schema);
+        let into = if keyed { "pg_temp.pgshift_load" } else { &name };
+        load_tables.push(LoadTable {
+            copy: format!(
+                "copy {into} ({}) from stdin with (format csv)",
+                cols.join(", ")
+            ),
+            insert: format!(
+                "insert into {name} ({0}) overriding system value select {0} from pg_temp.pgshift_load on conflict ({1}) do nothing",
+                cols.join(", "),
+                quoted_keys(&stored.schema).join(", ")
+            ),
+            name,
+            keyed,
+            manifest: m,
+        });
+        tables.known.insert(
+            (stored.schema.schema.clone(), stored.schema.table.clone()),
+            stored.schema,
+        );
+    }
+    let chunks = work.len() as u64;
+    let work = Mutex::new(work);
+    let workers = workers.clamp(1, chunks.max(1) as usize);
+    let l0_text = l0.to_string();
+    let (work, load_tables, l0_text) = (&work, &load_tables, &l0_text);
+    let mut running = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        running.push(async move {
+            let mut client = source::connect(cfg).await?;
+            replica_role(&client).await?;
+            loop {
+                let next = work.lock().ok().and_then(|mut w| w.pop_front());
+                let Some((t, c)) = next else {
+                    return Ok::<(), Error>(());
+                };
+                load_chunk(sink, &mut client, &load_tables[t], c, task, l0_text).await?;
+            }
+        });
+    }
+    futures_util::future::try_join_all(running).await?;
+
+    // 3. The load is complete.
+    client
+        .execute(
+            "update pgshift.applied set load_complete = true, position = $2, l0 = $2, updated_at = now() where task = $1",
+            &[&task, &l0.to_string()],
+        )
+        .await
+        .map_err(|e| Error::postgres("recording the load in pgshift.applied", e))?;
+    Ok(Some(Loaded {
+        rows,
+        l0,
+        chunks,
+        resumed,
+    }))
+}
+
+/// Loads one chunk in its own transaction, recorded in `pgshift.loaded`.
+async fn load_chunk<S: ObjectSink>(
+    sink: &S,
+    client: &mut Client,
+    t: &LoadTable,
+    c: usize,
+    task: &str,
+    l0: &str,
+) -> Result<()> {
+    let chunk = &t.manifest.chunks[c];
+    let name = &t.name;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| Error::postgres(format!("starting a chunk of {name}"), e))?;
+    tx.batch_execute("set constraints all deferred")
+        .await
+        .map_err(|e| Error::postgres("deferring the target's constraints", e))?;
+    if t.keyed {
+        tx.batch_execute(&format!(
+            "drop table if exists pg_temp.pgshift_load; create temp table pgshift_load (like {name}) on commit drop"
+        ))
+        .await
+        .map_err(|e| Error::postgres(format!("staging a chunk of {name}"), e))?;
+    }
+    let mut bytes = FileBytes::open(sink, &chunk.key, chunk.bytes, None).await?;
+    let copied = copy_chunk(&tx, t, &mut bytes).await;
+    // An object that is not what its manifest says is named as such, whatever broke first.
+    let checked = bytes.verify().await;
+    match (copied, checked) {
+        (_, Err(e)) | (Err(e), Ok(())) => return Err(e),
+        (Ok(()), Ok(())) => {}
+    }
+    if t.keyed {
+        tx.batch_execute(&format!("{}; drop table pg_temp.pgshift_load", t.insert))
+            .await
+            .map_err(|e| Error::postgres(format!("loading {name}"), e))?;
+    }
+    tx.execute(
+        "insert into pgshift.loaded (task, chunk, l0, rows) values ($1, $2, $3, $4)",
+        &[&task, &chunk.key, &l0, &(chunk.rows as i64)],
+    )
+    .await
+    .map_err(|e| Error::postgres("recording a loaded chunk", e))?;
+    tx.commit()
+        .await
+        .map_err(|e| Error::postgres(format!("committing a chunk of {name}"), e))
+}
+
+/// Streams a chunk file into the table's `COPY` (JSON Lines converted line by line).
+async fn copy_chunk(
+    tx: &tokio_postgres::Transaction<'_>,
+    t: &LoadTable,
+    bytes: &mut FileBytes,
+) -> Result<()> {
+    let name = &t.name;
+    let sink_in = tx
+        .copy_in::<_, Bytes>(&t.copy)
+        .await
+        .map_err(|e| Error::postgres(format!("starting COPY into {name}"), e))?;
+    let mut sink_in = std::pin::pin!(sink_in);
+    let jsonl = t.manifest.format.encoding == Encoding::Jsonl;
+    let mut partial: Vec<u8> = Vec::new();
+    while let Some(piece) = bytes.next().await? {
+        let out = if jsonl {
+            partial.extend_from_slice(&piece);
+            let Some(end) = memchr::memrchr(b'\n', &partial) else {
+                continue;
+            };
+            let csv = jsonl_to_csv(&partial[..=end], &t.manifest.columns)?;
+            partial.drain(..=end);
+            Bytes::from(csv)
+        } else {
+            piece
+        };
+        sink_in
+            .send(out)
+            .await
+            .map_err(|e| Error::postgres(format!("copying into {name}"), e))?;
+    }
+    if !partial.is_empty() {
+        let csv = jsonl_to_csv(&partial, &t.manifest.columns)?;
+        sink_in
+            .send(Bytes::from(csv))
+            .await
+            .map_err(|e| Error::postgres(format!("copying into {name}"), e))?;
+    }
+    sink_in
+        .as_mut()
+        .finish()
+        .await
+        .map_err(|e| Error::postgres(format!("finishing COPY into {name}"), e))?;
+    Ok(())
+}
