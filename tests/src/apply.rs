@@ -19,14 +19,16 @@ const SCHEMA: &str = "create table public.k (id int primary key, a int not null,
  insert into public.full_k select g, 0, (select string_agg(md5((g * 1000 + i)::text), '') from generate_series(1, 400) i) from generate_series(1, 50) g;
  insert into public.two select g, 'y' || (g % 3), 0 from generate_series(1, 60) g;
  insert into public.h select g % 5, 'h' from generate_series(1, 20) g;
- insert into public.t select g, g from generate_series(1, 10) g;";
+ insert into public.t select g, g from generate_series(1, 10) g;
+ create table public.cov (a int, b text, c int, primary key (a) include (b));
+ insert into public.cov select g, 'b' || g, g from generate_series(1, 20) g;";
 
 /// Transactions that all land in one batch: chains of updates of one key, updates leaving a
 /// TOAST value unchanged (of loaded rows and of rows inserted earlier in the batch), delete and
 /// re-insert of a key, insert then delete, primary-key moves and swaps, a composite key,
 /// REPLICA IDENTITY FULL, a keyless table with duplicates deleted one at a time and updates
 /// (in CSV staged as D + I: CSV carries no old row), a truncate
-/// between inserts, and a column added midway.
+/// between inserts, a column added midway, and a covering primary key (`INCLUDE`).
 const WORKLOAD: &[&str] = &[
     "update public.k set a = a + 1 where id <= 100",
     "update public.k set a = a + 1 where id <= 50",
@@ -66,6 +68,9 @@ const WORKLOAD: &[&str] = &[
     "update public.k set z = id where id <= 20",
     "insert into public.k values (4000, 4, null, 4, 44)",
     "update public.k set a = a + 1 where id <= 20",
+    "update public.cov set b = 'changed' where a <= 5",
+    "update public.cov set c = -c, b = b || '!' where a > 15",
+    "delete from public.cov where a = 10",
 ];
 
 async fn converges(format: &str, prefix: &str) {
@@ -104,7 +109,7 @@ async fn converges(format: &str, prefix: &str) {
         .await
         .unwrap();
     assert!(v.equal, "{v:#?}");
-    assert_eq!(v.tables.len(), 5);
+    assert_eq!(v.tables.len(), 6);
     // Unchanged TOAST values kept, in rows loaded and rows inserted in the batch.
     let big: Vec<(i32, i32)> = target
         .client()
@@ -119,6 +124,18 @@ async fn converges(format: &str, prefix: &str) {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     assert_eq!(big, [(10, 12800), (3000, 9601)]);
+    // A covering primary key's INCLUDE column is not a key column.
+    let key: Vec<String> = target
+        .client()
+        .await
+        .query_one(
+            "select array_agg(a.attname::text order by a.attnum) from pg_index i join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any (i.indkey) where i.indrelid = 'public.cov'::regclass and i.indisprimary",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(key, ["a"]);
 }
 
 #[tokio::test]

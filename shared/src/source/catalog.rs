@@ -206,9 +206,10 @@ pub struct Columns {
 }
 
 /// The one columns query: name, type oid, modifier, `format_type` (no modifier printed when
-/// there is none) and the position in the primary key.
+/// there is none) and the position in the primary key (its key columns: a covering key's
+/// `INCLUDE` columns are not key columns).
 const COLUMNS: &str = "select a.attname::text, a.atttypid, a.atttypmod, format_type(a.atttypid, nullif(a.atttypmod, -1)), \
- array_position(i.indkey::int2[], a.attnum)::int4 \
+ array_position((i.indkey::int2[])[0:i.indnkeyatts - 1], a.attnum)::int4 \
  from pg_attribute a left join pg_index i on i.indrelid = a.attrelid and i.indisprimary \
  where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped order by a.attnum";
 
@@ -243,14 +244,15 @@ pub async fn table_columns(client: &Client, oid: u32, name: &str) -> Result<Colu
     })
 }
 
-/// Primary-key column names of a relation, in key order (empty when it has none).
+/// Primary-key column names of a relation, in key order (empty when it has none; `INCLUDE`
+/// columns left out).
 pub async fn primary_key_columns(client: &Client, rel_id: u32) -> Result<Vec<String>> {
     let rows = client
         .query(
             "select a.attname::text from pg_index i \
              join lateral unnest(i.indkey) with ordinality k(attnum, ord) on true \
              join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum \
-             where i.indrelid = $1 and i.indisprimary order by k.ord",
+             where i.indrelid = $1 and i.indisprimary and k.ord <= i.indnkeyatts order by k.ord",
             &[&rel_id],
         )
         .await
