@@ -4,9 +4,10 @@
 //!
 //! 1. The target gets `pgshift.applied (task, load_complete, position, batches)`: the applied
 //!    position lives in the target, written in the same transaction as the data it covers.
-//! 2. **Load** (once): in one transaction, every table of the load manifests is created from
-//!    its staged schema if missing, truncated, filled with `COPY FROM` from its chunk files, and
-//!    the task's row set to `load_complete`, `position = L0`. A crash rolls all of it back.
+//! 2. **Load** (once; `apply/load.rs`): the tables created if missing and truncated together,
+//!    then each chunk in its own transaction on one of N connections, recorded in
+//!    `pgshift.loaded` (a crash loses at most the chunks in flight; the rerun skips the
+//!    recorded ones), then the task's row set to `load_complete`, `position = L0`.
 //! 3. **CDC**: the batch manifests are read in LSN order; a batch whose end is at or before the
 //!    position is skipped (already applied). Each batch is one transaction: each table's
 //!    changes in commit order, in runs applied set-based (`apply/batch.rs`: copied into a
