@@ -173,6 +173,9 @@ pub(crate) fn validate_table(r: &ValidateReport) -> String {
             t.target_checksum.map_or("-".to_owned(), |c| c.hex()),
             t.ranges
         );
+        for d in &t.schema_differences {
+            let _ = writeln!(out, "      schema: {d}");
+        }
         for r in t.differing_ranges.iter().take(10) {
             let _ = writeln!(
                 out,

@@ -435,3 +435,45 @@ async fn a_killed_parallel_load_resumes_at_the_chunk() {
         .unwrap();
     assert!(!again.load_applied, "{again:?}");
 }
+
+/// A target whose columns differ from the source's is a named difference, not an error.
+#[tokio::test]
+async fn validate_names_schema_differences() {
+    let source = TestDb::new("validate_schema_src").await;
+    let target = TestDb::new("validate_schema_dst").await;
+    source
+        .client()
+        .await
+        .batch_execute("create table public.t (id int primary key, a int, b text); insert into public.t select g, g, 'x' from generate_series(1, 10) g;
+             create table public.same (id int primary key); insert into public.same values (1);")
+        .await
+        .unwrap();
+    target
+        .client()
+        .await
+        .batch_execute("create table public.t (id int primary key, a bigint, c int); insert into public.t select g, g, 0 from generate_series(1, 10) g;
+             create table public.same (id int primary key); insert into public.same values (1);")
+        .await
+        .unwrap();
+    let v = validate::run(&source.config(), &target.config(), &Selection::all())
+        .await
+        .unwrap();
+    assert!(!v.equal, "{v:#?}");
+    let t = v.tables.iter().find(|t| t.table == "t").unwrap();
+    assert!(!t.equal);
+    assert_eq!(t.target_rows, Some(10), "rows still counted");
+    assert_eq!(
+        t.schema_differences,
+        [
+            "column \"a\": integer on the source, bigint on the target",
+            "column \"b\" (text) missing on the target",
+            "column \"c\" (integer) only on the target",
+        ],
+        "{t:#?}"
+    );
+    let same = v.tables.iter().find(|t| t.table == "same").unwrap();
+    assert!(
+        same.equal && same.schema_differences.is_empty(),
+        "{same:#?}"
+    );
+}

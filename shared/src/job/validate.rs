@@ -34,6 +34,9 @@ pub struct TableCheck {
     pub differing_ranges: Vec<RangeCheck>,
     /// Up to ten keys whose rows differ (missing on one side or different values).
     pub differing_keys: Vec<String>,
+    /// Columns missing on the target, only on the target, or of another type there.
+    #[serde(default)]
+    pub schema_differences: Vec<String>,
 }
 
 /// One primary-key range `[lower, upper)` (open ends are `None`).
@@ -217,6 +220,15 @@ async fn check_table(
         .await
         .map_err(|e| Error::postgres("checking the target table", e))?
         .get(0);
+    let schema_differences = if exists {
+        column_differences(tgt, t, &cols.columns).await?
+    } else {
+        Vec::new()
+    };
+    // Without a source column on the target its rows cannot be compared: counted only.
+    let comparable = !schema_differences
+        .iter()
+        .any(|d| d.contains("missing on the target"));
     let small = (t.estimated_rows as u64) < KEY_DIFF_MAX_ROWS;
     let (bounds, key_sql) = key_ranges(src, t, &cols, range_rows).await?;
     let (mut s, mut d) = (Side::default(), Side::default());
@@ -235,6 +247,10 @@ async fn check_table(
         if !exists {
             continue;
         }
+        if !comparable {
+            d.rows += count_rows(tgt, t, &f).await?;
+            continue;
+        }
         let (tr, tsm, tk) = scan(tgt, &t.schema, &t.name, &columns, &key_cols, small, &f).await?;
         d.rows += tr;
         d.sum = d.sum.combine(tsm);
@@ -251,13 +267,14 @@ async fn check_table(
     // Nothing was ever staged for an empty table that never changed: a missing target table
     // equals it; with rows on the source it is a difference.
     let equal = if exists {
-        s.rows == d.rows && s.sum == d.sum
+        schema_differences.is_empty() && s.rows == d.rows && s.sum == d.sum
     } else {
         s.rows == 0
     };
     let differing_keys = match (exists, equal) {
         (false, _) => s.keys.keys().take(10).cloned().collect(),
         (true, true) => Vec::new(),
+        (true, false) if !comparable => Vec::new(),
         (true, false) => differing_keys(&s.keys, &d.keys),
     };
     Ok(TableCheck {
@@ -271,7 +288,65 @@ async fn check_table(
         ranges: bounds.len(),
         differing_ranges,
         differing_keys,
+        schema_differences,
     })
+}
+
+/// How the target table's columns differ from the source's (by name; types by `format_type`).
+async fn column_differences(
+    tgt: &Client,
+    t: &catalog::TableInfo,
+    source: &[crate::table::ColumnSchema],
+) -> Result<Vec<String>> {
+    let name = quote_qualified(&t.schema, &t.name);
+    let oid: u32 = tgt
+        .query_one("select to_regclass($1)::oid", &[&name])
+        .await
+        .map_err(|e| Error::postgres("checking the target table", e))?
+        .get(0);
+    let target = catalog::table_columns(tgt, oid, &t.display_name()).await?;
+    let mut out = Vec::new();
+    for c in source {
+        match target.columns.iter().find(|x| x.name == c.name) {
+            None => out.push(format!(
+                "column {} ({}) missing on the target",
+                quote_ident(&c.name),
+                c.type_name
+            )),
+            Some(x) if x.type_name != c.type_name => out.push(format!(
+                "column {}: {} on the source, {} on the target",
+                quote_ident(&c.name),
+                c.type_name,
+                x.type_name
+            )),
+            Some(_) => {}
+        }
+    }
+    for x in &target.columns {
+        if !source.iter().any(|c| c.name == x.name) {
+            out.push(format!(
+                "column {} ({}) only on the target",
+                quote_ident(&x.name),
+                x.type_name
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The target's rows in a range (when its columns cannot be compared).
+async fn count_rows(tgt: &Client, t: &catalog::TableInfo, filter: &str) -> Result<u64> {
+    // `filter` is empty or ` where ..` (as for `scan`).
+    let sql = format!(
+        "select count(*) from {}{filter}",
+        quote_qualified(&t.schema, &t.name)
+    );
+    let n: i64 = tgt
+        .query_one(&sql, &[])
+        .await
+        .map_err(|e| Error::postgres("counting target rows", e))?
+        .get(0);
+    Ok(n as u64)
 }
 
 /// Up to ten keys whose rows differ: missing on the target or different, then extra there.
