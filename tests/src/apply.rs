@@ -445,7 +445,7 @@ async fn validate_names_schema_differences() {
         .client()
         .await
         .batch_execute("create table public.t (id int primary key, a int, b text); insert into public.t select g, g, 'x' from generate_series(1, 10) g;
-             create table public.same (id int primary key); insert into public.same values (1);")
+             create table public.same (id int primary key); insert into public.same values (1); analyze;")
         .await
         .unwrap();
     target
@@ -476,4 +476,14 @@ async fn validate_names_schema_differences() {
         same.equal && same.schema_differences.is_empty(),
         "{same:#?}"
     );
+    // Compared in key ranges, the same.
+    let v = validate::run_with_ranges(&source.config(), &target.config(), &Selection::all(), 3)
+        .await
+        .unwrap();
+    let t = v.tables.iter().find(|t| t.table == "t").unwrap();
+    assert!(
+        t.ranges > 1 && !t.equal && t.target_rows == Some(10),
+        "{t:#?}"
+    );
+    assert_eq!(t.schema_differences.len(), 3);
 }
