@@ -27,12 +27,7 @@ BIG_ROWS=${2:-1000000}
 
 pgshift_cargo_env
 pgshift_ensure_postgres
-if [ -n "${PGSHIFT_BENCH_BIN:-}" ]; then
-  bin=$PGSHIFT_BENCH_BIN
-else
-  cargo build -q --release -p pgshift-cli
-  bin=$CARGO_TARGET_DIR/release/pgshift
-fi
+pgshift_bench_bin
 pgshift_start_pg apply logical
 export PGPASSWORD=$PGSHIFT_PG_PASSWORD
 port=$PG_PORT_apply

@@ -23,13 +23,7 @@ RUNS=${2:-3}
 
 pgshift_cargo_env
 pgshift_ensure_postgres
-# PGSHIFT_BENCH_BIN measures another build (e.g. an earlier commit's) against the same baseline.
-if [ -n "${PGSHIFT_BENCH_BIN:-}" ]; then
-  bin=$PGSHIFT_BENCH_BIN
-else
-  cargo build -q --release -p pgshift-cli
-  bin=$CARGO_TARGET_DIR/release/pgshift
-fi
+pgshift_bench_bin
 pgshift_start_pg bench logical
 export PGPASSWORD=$PGSHIFT_PG_PASSWORD
 psql_() { psql -X -q -At -h 127.0.0.1 -p "$PG_PORT_bench" -U postgres "$@"; }

@@ -219,6 +219,17 @@ pgshift_tls_files() {
   )
 }
 
+# The pgshift binary a benchmark measures, in $bin: PGSHIFT_BENCH_BIN (another build, e.g. an
+# earlier commit's, against the same baseline), else this tree's release build.
+pgshift_bench_bin() {
+  if [ -n "${PGSHIFT_BENCH_BIN:-}" ]; then
+    bin=$PGSHIFT_BENCH_BIN
+  else
+    cargo build -q --release -p pgshift-cli
+    bin=$CARGO_TARGET_DIR/release/pgshift
+  fi
+}
+
 pgshift_start_moto() {
   local port
   pgshift_run_dir

@@ -237,29 +237,11 @@ async fn cutover_catches_up_sets_sequences_and_validates() {
     let stage = dir.path().join("stage");
     let state = dir.path().join("state");
     let (stage, state) = (stage.to_str().unwrap(), state.to_str().unwrap());
-    let run = |args: Vec<&str>| {
-        let out = std::process::Command::new(pgshift_tests::pgshift_bin())
-            .args(&args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
     let common = ["--task", "cutover", "--stage", stage, "--state", state];
-    let with = |args: &[&'static str], extra: &[&str]| -> Vec<String> {
-        args.iter()
-            .chain(extra.iter())
-            .chain(common.iter())
-            .map(|s| s.to_string())
-            .collect()
-    };
-    let run_s = |v: Vec<String>| run(v.iter().map(String::as_str).collect());
-    let (code, out, err) = run_s(with(&["full-load", "--cdc", "--source"], &[&src]));
+    let cli = |args: &[&str]| pgshift_tests::run_cli(&[args, &common[..]].concat());
+    let (code, out, err) = cli(&["full-load", "--cdc", "--source", &src]);
     assert_eq!(code, Some(0), "{out}{err}");
-    let (code, out, err) = run_s(with(&["apply", "--target"], &[&dst]));
+    let (code, out, err) = cli(&["apply", "--target", &dst]);
     assert_eq!(code, Some(0), "{out}{err}");
 
     // Writes, then the writes stop; CDC (following, started a moment later) stages them while
@@ -268,7 +250,11 @@ async fn cutover_catches_up_sets_sequences_and_validates() {
         .await
         .unwrap();
     let follow = {
-        let v = with(&["cdc", "--follow", "--interval", "1", "--source"], &[&src]);
+        let v = [
+            &["cdc", "--follow", "--interval", "1", "--source", &src][..],
+            &common,
+        ]
+        .concat();
         std::thread::sleep(std::time::Duration::from_millis(1500));
         std::process::Command::new(pgshift_tests::pgshift_bin())
             .args(&v)
@@ -277,19 +263,19 @@ async fn cutover_catches_up_sets_sequences_and_validates() {
             .spawn()
             .unwrap()
     };
-    let (code, out, err) = run_s(with(
-        &[
-            "apply",
-            "--until",
-            "caught-up",
-            "--interval",
-            "1",
-            "--wait",
-            "60",
-            "--target",
-        ],
-        &[&dst, "--source", &src],
-    ));
+    let (code, out, err) = cli(&[
+        "apply",
+        "--until",
+        "caught-up",
+        "--interval",
+        "1",
+        "--wait",
+        "60",
+        "--target",
+        &dst,
+        "--source",
+        &src,
+    ]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("changes applied"), "{out}");
     let v: i32 = t
@@ -302,7 +288,7 @@ async fn cutover_catches_up_sets_sequences_and_validates() {
         "apply --until waited for the change staged after it started"
     );
 
-    let (code, out, err) = run(vec![
+    let (code, out, err) = pgshift_tests::run_cli(&[
         "status", "--task", "cutover", "--state", state, "--target", &dst, "--json",
     ]);
     assert_eq!(code, Some(0), "{err}");
@@ -326,10 +312,9 @@ async fn cutover_catches_up_sets_sequences_and_validates() {
             v
         }
     };
-    let (code, out, err) = run_s(with(
-        &["cutover", "--wait", "60", "--target"],
-        &[&dst, "--source", &src],
-    ));
+    let (code, out, err) = cli(&[
+        "cutover", "--wait", "60", "--target", &dst, "--source", &src,
+    ]);
     // CDC stops (SIGINT: it releases its lease).
     let pid = follow.id().to_string();
     std::process::Command::new("kill")
@@ -353,15 +338,15 @@ async fn cutover_catches_up_sets_sequences_and_validates() {
     assert_eq!(next("public.tickets").await, 102);
 
     // Bad input is named.
-    let (code, _, err) = run_s(with(&["apply", "--until", "soon", "--target"], &[&dst]));
+    let (code, _, err) = cli(&["apply", "--until", "soon", "--target", &dst]);
     assert_ne!(code, Some(0));
     assert!(err.contains("--until") && err.contains("soon"), "{err}");
-    let (code, _, err) = run_s(with(
-        &["apply", "--until", "caught-up", "--target"],
-        &[&dst],
-    ));
+    let (code, _, err) = cli(&["apply", "--until", "caught-up", "--target", &dst]);
     assert_ne!(code, Some(0));
     assert!(err.contains("needs --source"), "{err}");
+    let (code, _, err) = cli(&["apply", "--parallel", "0", "--target", &dst]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("--parallel"), "{err}");
 }
 
 /// A load applied in parallel whose apply dies reading a chunk: the chunks committed before

@@ -173,6 +173,19 @@ pub fn pgshift_bin() -> std::path::PathBuf {
     bin
 }
 
+/// Runs the `pgshift` binary: exit code (`None` when killed by a signal), stdout, stderr.
+pub fn run_cli(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(pgshift_bin())
+        .args(args)
+        .output()
+        .expect("run pgshift");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub mod replay;
 
 /// A folder of its own for one test, removed when dropped.

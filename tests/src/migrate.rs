@@ -283,17 +283,7 @@ async fn cli_full_load_cdc_apply_validate_status() {
     let stage = dir.path().join("stage");
     let state = dir.path().join("state");
     let (stage, state) = (stage.to_str().unwrap(), state.to_str().unwrap());
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(pgshift_tests::pgshift_bin())
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = pgshift_tests::run_cli;
     let common = ["--task", "cli-flow", "--stage", stage, "--state", state];
     let (code, out, err) = run(&[
         &["full-load", "--source", &src, "--cdc", "--parallel", "2"][..],

@@ -212,31 +212,14 @@ impl ObjectSink for S3Sink {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        let key = self.full_key(key)?;
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .send()
-            .await
-        {
-            Ok(o) => o,
-            Err(e) => {
-                if e.as_service_error().is_some_and(|se| se.is_no_such_key()) {
-                    return Ok(None);
-                }
-                return Err(sdk_error("s3", format!("reading {key}"), e));
-            }
+        let Some(mut reader) = self.reader(key).await? else {
+            return Ok(None);
         };
-        let body = out.body.collect().await.map_err(|e| Error::Aws {
-            service: "s3",
-            context: format!("reading {key}"),
-            detail: e.to_string(),
-            transient: true,
-            source: Some(Box::new(e)),
-        })?;
-        Ok(Some(body.into_bytes()))
+        let mut body = Vec::new();
+        while let Some(piece) = reader.next().await? {
+            body.extend_from_slice(&piece);
+        }
+        Ok(Some(Bytes::from(body)))
     }
 
     async fn reader(&self, key: &str) -> Result<Option<super::ObjectReader>> {

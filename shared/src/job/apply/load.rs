@@ -24,8 +24,9 @@ use futures_util::SinkExt;
 use tokio_postgres::Client;
 
 use super::changes::{has_key, jsonl_to_csv, quoted_keys};
+use super::file::FileBytes;
+use super::replica_role;
 use super::target::{Tables, ensure_table};
-use super::{FileBytes, replica_role};
 use crate::config::PgConfig;
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;

@@ -1,0 +1,271 @@
+//! One staged CDC file of a batch: its bytes read in pieces and verified against its manifest
+//! ([`FileBytes`], also used for load chunks), and its changes applied in commit order inside
+//! the batch's transaction — in set-based runs ([`super::batch::Run`]) between the changes that
+//! need their order kept, which go row by row.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use tokio_postgres::types::{ToSql, Type};
+
+use super::batch::Run;
+use super::changes::{self, Change, Changes, change_statements, is_partial_insert, move_row};
+use super::target::{Tables, sync_columns};
+use crate::error::{Error, Result};
+use crate::source::quote_qualified;
+use crate::staging::layout::{self, BatchFile, StoredSchema};
+use crate::staging::{ObjectReader, ObjectSink};
+use crate::table::TableSchema;
+
+/// The schema versions a batch file's rows use.
+pub(super) async fn file_schemas<S: ObjectSink>(
+    sink: &S,
+    file: &BatchFile,
+) -> Result<Vec<(u64, StoredSchema)>> {
+    let mut schemas = Vec::new();
+    for seg in &file.schema_versions {
+        let s: StoredSchema = serde_json::from_slice(&layout::get_required(sink, &seg.key).await?)
+            .map_err(|e| Error::Source(format!("{}: {e}", seg.key)))?;
+        schemas.push((seg.first_row, s));
+    }
+    if schemas.is_empty() {
+        return Err(Error::Source(format!(
+            "{}: no schema version in the manifest",
+            file.key
+        )));
+    }
+    Ok(schemas)
+}
+
+/// A staged batch file's bytes as they are read (never whole): counted and hashed for the
+/// check against its manifest, decompressed when gzipped.
+pub(super) struct FileBytes {
+    key: String,
+    /// The size and checksum its manifest gives.
+    want_bytes: u64,
+    want_checksum: Option<String>,
+    reader: ObjectReader,
+    read: u64,
+    hash: xxhash_rust::xxh3::Xxh3,
+    gz: Option<flate2::write::GzDecoder<Vec<u8>>>,
+    done: bool,
+}
+
+impl FileBytes {
+    pub(super) async fn open<S: ObjectSink>(
+        sink: &S,
+        key: &str,
+        want_bytes: u64,
+        want_checksum: Option<&str>,
+    ) -> Result<FileBytes> {
+        let reader = sink.reader(key).await?.ok_or_else(|| {
+            Error::Staged(format!(
+                "{key} is listed in a manifest but missing from {}",
+                sink.describe()
+            ))
+        })?;
+        Ok(FileBytes {
+            key: key.to_owned(),
+            want_bytes,
+            want_checksum: want_checksum.map(str::to_owned),
+            reader,
+            read: 0,
+            hash: xxhash_rust::xxh3::Xxh3::new(),
+            gz: key
+                .ends_with(".gz")
+                .then(|| flate2::write::GzDecoder::new(Vec::new())),
+            done: false,
+        })
+    }
+
+    async fn raw(&mut self) -> Result<Option<Bytes>> {
+        if self.done {
+            return Ok(None);
+        }
+        let piece = self.reader.next().await?;
+        match &piece {
+            Some(b) => {
+                self.read += b.len() as u64;
+                self.hash.update(b);
+            }
+            None => self.done = true,
+        }
+        Ok(piece)
+    }
+
+    /// The next piece of the file's (decompressed) bytes; `None` at its end.
+    pub(super) async fn next(&mut self) -> Result<Option<Bytes>> {
+        use std::io::Write;
+        let key = self.key.clone();
+        loop {
+            let piece = self.raw().await?;
+            let Some(gz) = self.gz.as_mut() else {
+                return Ok(piece);
+            };
+            match piece {
+                Some(b) => gz
+                    .write_all(&b)
+                    .map_err(|e| Error::io(format!("decompressing {key}"), e))?,
+                None => gz
+                    .try_finish()
+                    .map_err(|e| Error::io(format!("decompressing {key}"), e))?,
+            }
+            let out = std::mem::take(gz.get_mut());
+            if !out.is_empty() {
+                return Ok(Some(Bytes::from(out)));
+            }
+            if self.done {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reads what is left and checks the whole object is what its manifest says (its size,
+    /// and its checksum when the manifest has one).
+    pub(super) async fn verify(mut self) -> Result<()> {
+        while self.raw().await?.is_some() {}
+        let (key, want) = (&self.key, self.want_bytes);
+        if self.read != want {
+            return Err(Error::Staged(format!(
+                "{key} has {} bytes, its manifest says {want}: the object was cut or changed",
+                self.read
+            )));
+        }
+        if let Some(want) = &self.want_checksum {
+            let got = format!("{:016x}", self.hash.digest());
+            if &got != want {
+                return Err(Error::Staged(format!(
+                    "{key} does not match its manifest's checksum ({got}, want {want}): the object was changed"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Applies one batch file's changes inside the batch's transaction; returns how many were
+/// applied and how many of those set-based.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn apply_file(
+    tx: &tokio_postgres::Transaction<'_>,
+    file: &BatchFile,
+    schemas: &[(u64, StoredSchema)],
+    seen: &[bool],
+    bytes: &mut FileBytes,
+    changes: &mut Changes<'_>,
+    tables: &mut Tables,
+    statements: &mut HashMap<String, tokio_postgres::Statement>,
+) -> Result<(u64, u64)> {
+    let (mut applied, mut set_based) = (0u64, 0u64);
+    let mut current = usize::MAX;
+    let mut run: Option<Run> = None;
+    // A keyed delete is held one row: the next may be the insert of its key change.
+    let mut held: Option<Change> = None;
+    let mut rows = 0u64;
+    loop {
+        let (si, change) = match changes.next_change(bytes.done) {
+            Some(next) => next?,
+            None if bytes.done => break,
+            None => {
+                if let Some(piece) = bytes.next().await? {
+                    changes.feed(&piece);
+                }
+                continue;
+            }
+        };
+        let row = rows;
+        rows += 1;
+        if seen.get(row as usize).copied().unwrap_or(false) {
+            continue; // already in the load's snapshot
+        }
+        let schema = &schemas[si].1.schema;
+        let name = quote_qualified(&schema.schema, &schema.table);
+        if si != current {
+            if current != usize::MAX {
+                let before = &schemas[current].1.schema;
+                if let Some(d) = held.take() {
+                    push(&mut run, before, &d, &mut set_based);
+                }
+                if let Some(r) = run.take() {
+                    r.apply(tx).await?;
+                }
+            }
+            sync_columns(tx, tables, schema).await?;
+            current = si;
+        }
+        applied += 1;
+        if let Some(d) = held.take() {
+            if is_partial_insert(schema, &change) {
+                if let Some(r) = run.take() {
+                    r.apply(tx).await?;
+                }
+                let [moved, insert] = move_row(schema, &name, &d, &change)?;
+                if execute(tx, statements, &name, &moved).await? == 0 {
+                    execute(tx, statements, &name, &insert).await?;
+                }
+                continue;
+            }
+            push(&mut run, schema, &d, &mut set_based);
+        }
+        if Run::takes(schema, &change) {
+            if change.op == "D" {
+                held = Some(change);
+                continue;
+            }
+            push(&mut run, schema, &change, &mut set_based);
+            if let Some(r) = run.as_mut().filter(|r| r.full()) {
+                r.copy(tx).await?;
+            }
+            continue;
+        }
+        if let Some(r) = run.take() {
+            r.apply(tx).await?;
+        }
+        for statement in change_statements(schema, &name, &change, &file.key)? {
+            execute(tx, statements, &name, &statement).await?;
+        }
+    }
+    if let (Some(d), Some((_, s))) = (held.take(), schemas.get(current)) {
+        push(&mut run, &s.schema, &d, &mut set_based);
+    }
+    if let Some(r) = run.take() {
+        r.apply(tx).await?;
+    }
+    if rows != file.rows {
+        return Err(Error::Staged(format!(
+            "{} has {rows} rows, its manifest says {}",
+            file.key, file.rows
+        )));
+    }
+    Ok((applied, set_based))
+}
+
+/// Adds a change to the file's current run (started if none).
+fn push(run: &mut Option<Run>, schema: &TableSchema, change: &Change, set_based: &mut u64) {
+    let name = quote_qualified(&schema.schema, &schema.table);
+    run.get_or_insert_with(|| Run::new(schema, &name))
+        .push(change);
+    *set_based += 1;
+}
+
+/// Runs one row-by-row statement (prepared once per batch), returning the rows it touched.
+async fn execute(
+    tx: &tokio_postgres::Transaction<'_>,
+    statements: &mut HashMap<String, tokio_postgres::Statement>,
+    name: &str,
+    (sql, values): &changes::Statement,
+) -> Result<u64> {
+    if !statements.contains_key(sql) {
+        let types = vec![Type::TEXT; values.len()];
+        let st = tx
+            .prepare_typed(sql, &types)
+            .await
+            .map_err(|e| Error::postgres(format!("preparing a change for {name}"), e))?;
+        statements.insert(sql.clone(), st);
+    }
+    let params: Vec<&(dyn ToSql + Sync)> =
+        values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+    tx.execute(&statements[sql], &params)
+        .await
+        .map_err(|e| Error::postgres(format!("applying a change to {name}"), e))
+}
