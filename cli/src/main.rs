@@ -159,9 +159,17 @@ pub(crate) struct ApplyArgs {
     /// With --until: seconds to wait for CDC to stage up to the position before giving up.
     #[arg(long, default_value_t = 600)]
     pub(crate) wait: u64,
-    /// Target connections loading the full load's chunks at once.
+    /// Target connections loading the full load's chunks at once (and building the
+    /// indexes and constraints after it).
     #[arg(long, default_value_t = 2)]
     pub(crate) parallel: usize,
+    /// How the target's tables are prepared for the load (DMS's TargetTablePrepMode):
+    /// `create` builds the source's schema (types, sequences, tables with defaults, checks and
+    /// generated columns before the load; keys, indexes and foreign keys after it) and
+    /// truncates tables that exist; `truncate` expects your tables and empties them; `keep`
+    /// expects your tables and keeps their rows.
+    #[arg(long, env = "PGSHIFT_TARGET_PREP", default_value = "create")]
+    pub(crate) target_prep: String,
     #[arg(long)]
     pub(crate) json: bool,
 }

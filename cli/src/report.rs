@@ -341,5 +341,20 @@ pub(crate) fn apply_summary(report: &ApplyReport) -> String {
         report.changes_applied,
         report.changes_set_based,
         report.position
-    )
+    ) + &schema_lines(report)
+}
+
+/// The staged schema's statements run, and each one the target refused (or not carried).
+fn schema_lines(report: &ApplyReport) -> String {
+    let mut out = String::new();
+    if report.schema_items > 0 {
+        out.push_str(&format!(
+            "\nschema: {} statements run (pre-data before the load, post-data after it)",
+            report.schema_items
+        ));
+    }
+    for s in &report.schema_skipped {
+        out.push_str(&format!("\n  not created: {s}"));
+    }
+    out
 }

@@ -129,7 +129,7 @@ async fn converges(format: &str, prefix: &str) {
         .client()
         .await
         .query_one(
-            "select array_agg(a.attname::text order by a.attnum) from pg_index i join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any (i.indkey) where i.indrelid = 'public.cov'::regclass and i.indisprimary",
+            "select array_agg(a.attname::text order by a.attnum) from pg_index i join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any ((i.indkey::int2[])[0:i.indnkeyatts - 1]) where i.indrelid = 'public.cov'::regclass and i.indisprimary",
             &[],
         )
         .await
@@ -380,7 +380,10 @@ async fn a_killed_parallel_load_resumes_at_the_chunk() {
         .unwrap()
         .len() as u64;
     assert!(chunks >= 4, "{chunks} chunks of big");
-    let opts = apply::ApplyOptions { load_workers: 2 };
+    let opts = apply::ApplyOptions {
+        load_workers: 2,
+        ..Default::default()
+    };
     // The apply dies reading the fourth chunk file (each worker had committed one by then).
     let dying = pgshift::staging::UnreliableSink::new(
         s.sink.clone(),

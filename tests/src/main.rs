@@ -10,3 +10,4 @@ mod migrate;
 mod pg12;
 mod safety;
 mod seams;
+mod target_schema;

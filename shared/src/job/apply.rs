@@ -4,10 +4,12 @@
 //!
 //! 1. The target gets `pgshift.applied (task, load_complete, position, batches)`: the applied
 //!    position lives in the target, written in the same transaction as the data it covers.
-//! 2. **Load** (once; `apply/load.rs`): the tables created if missing and truncated together,
-//!    then each chunk in its own transaction on one of N connections, recorded in
-//!    `pgshift.loaded` (a crash loses at most the chunks in flight; the rerun skips the
-//!    recorded ones), then the task's row set to `load_complete`, `position = L0`.
+//! 2. **Load** (once; `apply/load.rs`): the source's schema built as pg_restore would
+//!    (`apply/schema.rs`: pre-data, then the load, then post-data in parallel; or the user's
+//!    tables with `--target-prep truncate|keep`), the tables truncated together, each chunk in
+//!    its own transaction on one of N connections, recorded in `pgshift.loaded` (a crash loses
+//!    at most the chunks in flight; the rerun skips the recorded ones), then the task's row
+//!    set to `load_complete`, `position = L0`.
 //! 3. **CDC**: the batch manifests are read in LSN order; a batch whose end is at or before the
 //!    position is skipped (already applied). Each batch is one transaction: each table's
 //!    changes in commit order, in runs applied set-based (`apply/batch.rs`: copied into a
@@ -54,6 +56,12 @@ pub struct ApplyReport {
     #[serde(default)]
     pub changes_set_based: u64,
     pub position: Lsn,
+    /// Statements of the staged schema run on the target (pre-data and post-data).
+    #[serde(default)]
+    pub schema_items: u64,
+    /// What of the staged schema the target refused, with why (and what was not carried).
+    #[serde(default)]
+    pub schema_skipped: Vec<String>,
 }
 
 /// How apply runs.
@@ -61,11 +69,16 @@ pub struct ApplyReport {
 pub struct ApplyOptions {
     /// Target connections loading chunks at once.
     pub load_workers: usize,
+    /// How the target's tables are prepared for the load.
+    pub target_prep: TargetPrep,
 }
 
 impl Default for ApplyOptions {
     fn default() -> Self {
-        ApplyOptions { load_workers: 2 }
+        ApplyOptions {
+            load_workers: 2,
+            target_prep: TargetPrep::Create,
+        }
     }
 }
 
@@ -101,6 +114,7 @@ pub async fn run_with<S: ObjectSink>(
             &cfg,
             task,
             opts.load_workers,
+            opts.target_prep,
             &mut tables,
         )
         .await?
@@ -111,6 +125,8 @@ pub async fn run_with<S: ObjectSink>(
                 report.load_chunks = loaded.chunks;
                 report.load_chunks_resumed = loaded.resumed;
                 report.position = loaded.l0;
+                report.schema_items = loaded.schema.items;
+                report.schema_skipped = loaded.schema.skipped;
             }
             None => require_no_load(sink, &keys).await?,
         }
@@ -198,6 +214,8 @@ pub async fn run_until<S: ObjectSink, St: StateStore>(
         total.batches_applied += r.batches_applied;
         total.changes_applied += r.changes_applied;
         total.changes_set_based += r.changes_set_based;
+        total.schema_items += r.schema_items;
+        total.schema_skipped.extend(r.schema_skipped);
         total.position = r.position;
         if checkpoint.is_some_and(|c| c >= until) || r.position >= until {
             return Ok(total);
@@ -230,7 +248,10 @@ mod batch;
 mod changes;
 mod file;
 mod load;
+mod schema;
 mod target;
+
+pub use schema::TargetPrep;
 
 use changes::Changes;
 use file::{FileBytes, apply_file, file_schemas};

@@ -5,7 +5,8 @@
 //! **Plan.** With CDC on, the publication and slot are created first and the slot's consistent
 //! point `L0` recorded in the task item (a clear error if an old transaction blocks slot
 //! creation past `lock_timeout`). Then the selected tables are listed, cut into chunks
-//! ([`crate::plan`]), each table's schema written beside its data, and the plan item plus one
+//! ([`crate::plan`]), each table's schema written beside its data, the tables' DDL staged as
+//! pg_dump's pre-data and post-data sections ([`crate::source::ddl`]), and the plan item plus one
 //! `pending` item per chunk stored. A plan that exists is returned as it is: Plan is idempotent.
 //!
 //! **ExportChunk.** The chunk item moves `pending → running(owner, lease)` with a conditional
@@ -93,6 +94,15 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
         None => snapshot::wal_position(client).await?,
     };
     let planned = plan_tables(sink, client, &tables, schema_lsn, sizing, opts).await?;
+    // The schema as pg_dump's sections, for apply to build the target from.
+    let has_root = tables.iter().any(|t| t.kind == 'p');
+    let oids: Vec<u32> = tables
+        .iter()
+        .filter(|t| !(has_root && t.is_partition))
+        .map(|t| t.oid)
+        .collect();
+    let ddl = crate::source::ddl::read(client, &oids).await?;
+    layout::put_json(sink, crate::source::ddl::DDL_KEY, &ddl).await?;
     let plan = PlanRecord {
         tables: planned,
         format: opts.format,

@@ -207,11 +207,12 @@ pub struct Columns {
 
 /// The one columns query: name, type oid, modifier, `format_type` (no modifier printed when
 /// there is none) and the position in the primary key (its key columns: a covering key's
-/// `INCLUDE` columns are not key columns).
+/// `INCLUDE` columns are not key columns). Generated columns are left out, as pgoutput leaves
+/// them out: the target computes them (the staged schema creates them as generated).
 const COLUMNS: &str = "select a.attname::text, a.atttypid, a.atttypmod, format_type(a.atttypid, nullif(a.atttypmod, -1)), \
  array_position((i.indkey::int2[])[0:i.indnkeyatts - 1], a.attnum)::int4 \
  from pg_attribute a left join pg_index i on i.indrelid = a.attrelid and i.indisprimary \
- where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped order by a.attnum";
+ where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped and a.attgenerated = '' order by a.attnum";
 
 /// Reads a table's columns (see [`Columns`]); `name` is for messages.
 pub async fn table_columns(client: &Client, oid: u32, name: &str) -> Result<Columns> {

@@ -24,6 +24,7 @@ pub mod catalog;
 pub mod checks;
 pub mod connect;
 pub mod copy_text;
+pub mod ddl;
 pub mod follow;
 mod memory;
 pub mod peek;

@@ -4,19 +4,27 @@
 //!
 //! # Effect order
 //!
+//! 0. `--target-prep create` with a staged schema (`source::ddl`): pre-data, statement by
+//!    statement (`apply/schema.rs`); `truncate` and `keep`: every loaded table must exist.
 //! 1. One transaction: `pgshift.loaded` created if missing; rows of an earlier load of the
-//!    task (another L0) removed; the tables created if missing; when no chunk of this load is
-//!    recorded yet, every loaded table truncated in one statement (a foreign key refuses a
-//!    truncate of its referenced table alone). A crash here leaves nothing half done.
+//!    task (another L0) removed; the tables created if missing (`create`); when no chunk of this
+//!    load is recorded yet, every loaded table truncated in one statement (a foreign key refuses
+//!    a truncate of its referenced table alone; not with `keep`). A crash here leaves nothing
+//!    half done.
 //! 2. Each chunk not recorded yet, on one of N connections, in its own transaction: its file
-//!    streamed (never held whole) with `COPY` — a keyed table's through a temporary table and
-//!    `INSERT .. ON CONFLICT DO NOTHING` (chunks are read at different moments: a row updated
-//!    during the load can be in two; CDC from L0 brings it to its final state) — its size
-//!    checked against the manifest, then its row in `pgshift.loaded`. A crash rolls back that
-//!    chunk only; the rerun skips every recorded one.
-//! 3. One transaction: the task's `load_complete` and position L0 in `pgshift.applied`.
+//!    streamed (never held whole) with `COPY`, its size checked against the manifest, then its
+//!    row in `pgshift.loaded`. A crash rolls back that chunk only; the rerun skips every
+//!    recorded one. A table without a unique index on the target (pre-data builds keys only
+//!    after the load) takes plain `COPY`; one loaded in a single chunk takes `TRUNCATE` + `COPY
+//!    .. FREEZE` in that transaction (no vacuum needed after). A table with a unique index
+//!    takes `COPY` into a temporary table and `INSERT .. ON CONFLICT DO NOTHING` (chunks are
+//!    read at different moments: a row updated during the load can be in two; CDC from L0
+//!    brings it to its final state).
+//! 3. post-data in parallel (`create` with a staged schema: keys, after removing rows a plain
+//!    load holds twice; indexes; `ANALYZE`; foreign keys), then one transaction: the task's
+//!    `load_complete` and position L0 in `pgshift.applied`.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -26,10 +34,12 @@ use tokio_postgres::Client;
 use super::changes::{has_key, jsonl_to_csv, quoted_keys};
 use super::file::FileBytes;
 use super::replica_role;
+use super::schema::{self, SchemaRun, TargetPrep};
 use super::target::{Tables, ensure_table};
 use crate::config::PgConfig;
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
+use crate::source::ddl::{DDL_KEY, SchemaDdl};
 use crate::source::{self, quote_ident, quote_qualified};
 use crate::staging::ObjectSink;
 use crate::staging::encode::Encoding;
@@ -39,7 +49,7 @@ const LOADED: &str = "create table if not exists pgshift.loaded (task text not n
  l0 text not null, rows bigint not null, loaded_at timestamptz not null default now(), primary key (task, chunk))";
 
 /// What applying the load did.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Default)]
 pub(super) struct Loaded {
     pub(super) rows: u64,
     pub(super) l0: Lsn,
@@ -47,6 +57,8 @@ pub(super) struct Loaded {
     pub(super) chunks: u64,
     /// Chunks an earlier, killed run had loaded (skipped).
     pub(super) resumed: u64,
+    /// The staged schema's statements run, and those the target refused.
+    pub(super) schema: SchemaRun,
 }
 
 /// One table of the load, as the chunk workers need it.
@@ -56,6 +68,9 @@ struct LoadTable {
     copy: String,
     keyed: bool,
     insert: String,
+    /// `COPY .. FREEZE` after a `TRUNCATE` in the chunk's transaction: a plain table of one
+    /// chunk whose rows pgshift owns.
+    freeze: bool,
 }
 
 /// Applies the staged load (if any) with `workers` connections; `None` without one.
@@ -65,6 +80,7 @@ pub(super) async fn apply_load<S: ObjectSink>(
     cfg: &PgConfig,
     task: &str,
     workers: usize,
+    prep: TargetPrep,
     tables: &mut Tables,
 ) -> Result<Option<Loaded>> {
     let keys = layout::load_manifest_keys(sink).await?;
@@ -86,6 +102,42 @@ pub(super) async fn apply_load<S: ObjectSink>(
         }
         let stored = layout::first_schema(sink, &m.schema, &m.table).await?;
         manifests.push((m, stored));
+    }
+    let names: Vec<String> = manifests
+        .iter()
+        .map(|(m, _)| quote_qualified(&m.schema, &m.table))
+        .collect();
+
+    // 0. pre-data, or the user's tables checked.
+    let mut schema = SchemaRun::default();
+    let ddl: Option<SchemaDdl> = match sink.get(DDL_KEY).await? {
+        Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| {
+            Error::Staged(format!(
+                "{DDL_KEY} in {} is malformed: {e}",
+                sink.describe()
+            ))
+        })?),
+        None => None,
+    };
+    match (prep, &ddl) {
+        (TargetPrep::Create, Some(ddl)) => {
+            schema.skipped.extend(ddl.skipped.iter().cloned());
+            schema::pre_data(client, ddl, &mut schema).await?;
+        }
+        (TargetPrep::Create, None) => {}
+        (TargetPrep::Truncate | TargetPrep::Keep, _) => {
+            let missing = schema::missing_tables(client, &names).await?;
+            if !missing.is_empty() {
+                return Err(Error::config(
+                    "target-prep",
+                    format!(
+                        "{} expects the tables in the target, which has no {}: create them, or use --target-prep create",
+                        prep.as_str(),
+                        missing.join(", ")
+                    ),
+                ));
+            }
+        }
     }
 
     // 1. Bookkeeping, tables, and the truncate of a load that has not started.
@@ -109,14 +161,22 @@ pub(super) async fn apply_load<S: ObjectSink>(
         .iter()
         .map(|r| r.get(0))
         .collect();
-    for (_, stored) in &manifests {
-        ensure_table(&tx, &stored.schema).await?;
+    let mut plain = Vec::with_capacity(manifests.len());
+    for ((_, stored), name) in manifests.iter().zip(&names) {
+        if prep == TargetPrep::Create {
+            ensure_table(&tx, &stored.schema).await?;
+        }
+        let relkind: String = tx
+            .query_one(
+                "select coalesce((select relkind::text from pg_class where oid = to_regclass($1)), '')",
+                &[name],
+            )
+            .await
+            .map_err(|e| Error::postgres(format!("looking for {name} in the target"), e))?
+            .get(0);
+        plain.push((!schema::has_unique_index(&tx, name).await?, relkind == "r"));
     }
-    if done.is_empty() {
-        let names: Vec<String> = manifests
-            .iter()
-            .map(|(m, _)| quote_qualified(&m.schema, &m.table))
-            .collect();
+    if done.is_empty() && prep != TargetPrep::Keep {
         tx.batch_execute(&format!("truncate {}", names.join(", ")))
             .await
             .map_err(|e| Error::postgres("truncating the tables to load in the target", e))?;
@@ -130,8 +190,10 @@ pub(super) async fn apply_load<S: ObjectSink>(
     let mut work = VecDeque::new();
     let mut load_tables = Vec::with_capacity(manifests.len());
     let mut resumed = 0;
+    let mut loaded = HashMap::new();
     for (t, (m, stored)) in manifests.into_iter().enumerate() {
         rows += m.rows;
+        let (plain, ordinary) = plain[t];
         for (c, chunk) in m.chunks.iter().enumerate() {
             if done.contains(&chunk.key) {
                 resumed += 1;
@@ -142,11 +204,21 @@ pub(super) async fn apply_load<S: ObjectSink>(
         let name = quote_qualified(&m.schema, &m.table);
         let cols: Vec<String> = m.columns.iter().map(|c| quote_ident(c)).collect();
         let keyed = has_key(&stored.schema);
-        let into = if keyed { "pg_temp.pgshift_load" } else { &name };
+        let freeze = plain && ordinary && prep != TargetPrep::Keep && m.chunks.len() == 1;
+        loaded.insert(
+            name.clone(),
+            (keyed && plain && m.chunks.len() > 1).then(|| quoted_keys(&stored.schema)),
+        );
+        let into = if keyed && !plain {
+            "pg_temp.pgshift_load"
+        } else {
+            &name
+        };
         load_tables.push(LoadTable {
             copy: format!(
-                "copy {into} ({}) from stdin with (format csv)",
-                cols.join(", ")
+                "copy {into} ({}) from stdin with (format csv{})",
+                cols.join(", "),
+                if freeze { ", freeze" } else { "" }
             ),
             insert: format!(
                 "insert into {name} ({0}) overriding system value select {0} from pg_temp.pgshift_load on conflict ({1}) do nothing",
@@ -154,7 +226,8 @@ pub(super) async fn apply_load<S: ObjectSink>(
                 quoted_keys(&stored.schema).join(", ")
             ),
             name,
-            keyed,
+            keyed: keyed && !plain,
+            freeze,
             manifest: m,
         });
         tables.known.insert(
@@ -164,6 +237,7 @@ pub(super) async fn apply_load<S: ObjectSink>(
     }
     let chunks = work.len() as u64;
     let work = Mutex::new(work);
+    let workers_all = workers.max(1);
     let workers = workers.clamp(1, chunks.max(1) as usize);
     let l0_text = l0.to_string();
     let (work, load_tables, l0_text) = (&work, &load_tables, &l0_text);
@@ -183,7 +257,10 @@ pub(super) async fn apply_load<S: ObjectSink>(
     }
     futures_util::future::try_join_all(running).await?;
 
-    // 3. The load is complete.
+    // 3. post-data, then the load is complete.
+    if let (TargetPrep::Create, Some(ddl)) = (prep, &ddl) {
+        schema::post_data(cfg, ddl, workers_all, &loaded, &mut schema).await?;
+    }
     client
         .execute(
             "update pgshift.applied set load_complete = true, position = $2, l0 = $2, updated_at = now() where task = $1",
@@ -196,6 +273,7 @@ pub(super) async fn apply_load<S: ObjectSink>(
         l0,
         chunks,
         resumed,
+        schema,
     }))
 }
 
@@ -217,6 +295,11 @@ async fn load_chunk<S: ObjectSink>(
     tx.batch_execute("set constraints all deferred")
         .await
         .map_err(|e| Error::postgres("deferring the target's constraints", e))?;
+    if t.freeze {
+        tx.batch_execute(&format!("truncate only {name}"))
+            .await
+            .map_err(|e| Error::postgres(format!("emptying {name} for COPY FREEZE"), e))?;
+    }
     if t.keyed {
         tx.batch_execute(&format!(
             "drop table if exists pg_temp.pgshift_load; create temp table pgshift_load (like {name}) on commit drop"
