@@ -443,31 +443,52 @@ async fn apply_batch<S: ObjectSink>(
         .map_err(|e| Error::postgres("deferring the target's constraints", e))?;
     let (mut applied, mut set_based) = (0u64, 0u64);
     let mut statements: HashMap<String, tokio_postgres::Statement> = HashMap::new();
+    // A file's last run executes while the next file is read and decoded: its statements are
+    // sent first, so the target runs them before anything of the next file (another table,
+    // with its own temporary tables); reading overlaps the target's work.
+    let mut pending: Option<batch::Run> = None;
     for file in &m.files {
-        let schemas = file_schemas(sink, file).await?;
-        let seen = seen_rows(m, file, at)?;
-        let mut bytes =
-            FileBytes::open(sink, &file.key, file.bytes, file.checksum.as_deref()).await?;
-        let mut changes = Changes::new(m, file, &schemas);
-        // An object that is not what its manifest says is named as such, whatever broke first.
-        let applied_file = apply_file(
-            &tx,
-            file,
-            &schemas,
-            &seen,
-            &mut bytes,
-            &mut changes,
-            tables,
-            &mut statements,
-        )
-        .await;
-        let checked = bytes.verify().await;
-        let (n, s) = match (applied_file, checked) {
-            (_, Err(e)) | (Err(e), Ok(())) => return Err(e),
-            (Ok(counts), Ok(())) => counts,
+        let last = pending.take();
+        let previous = async {
+            match last {
+                Some(r) => r.apply(&tx).await,
+                None => Ok(()),
+            }
         };
+        let this = async {
+            let schemas = file_schemas(sink, file).await?;
+            let seen = seen_rows(m, file, at)?;
+            let mut bytes =
+                FileBytes::open(sink, &file.key, file.bytes, file.checksum.as_deref()).await?;
+            let mut changes = Changes::new(m, file, &schemas);
+            // An object that is not what its manifest says is named as such, whatever broke
+            // first.
+            let applied_file = apply_file(
+                &tx,
+                file,
+                &schemas,
+                &seen,
+                &mut bytes,
+                &mut changes,
+                tables,
+                &mut statements,
+            )
+            .await;
+            let checked = bytes.verify().await;
+            match (applied_file, checked) {
+                (_, Err(e)) | (Err(e), Ok(())) => Err(e),
+                (Ok(counts), Ok(())) => Ok(counts),
+            }
+        };
+        let (done, read) = futures_util::future::join(previous, this).await;
+        done?;
+        let (n, s, run) = read?;
         applied += n;
         set_based += s;
+        pending = run;
+    }
+    if let Some(r) = pending {
+        r.apply(&tx).await?;
     }
     let moved = tx
         .execute(

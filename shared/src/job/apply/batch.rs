@@ -14,8 +14,8 @@
 //!
 //! The end state is the one applying every change in commit order gives: within a run a key's
 //! changes touch only that key's row (a key change is staged as D(old) + I(new), two keys).
-//! A keyless table's run holds inserts only and is inserted in commit order; its updates and
-//! deletes end the run and are applied row by row. Memory: the copy buffer
+//! A keyless table's run holds inserts only and is copied straight into the table in commit
+//! order; its updates and deletes end the run and are applied row by row. Memory: the copy buffer
 //! ([`COPY_CHUNK`]), whatever the run's size.
 
 use bytes::Bytes;
@@ -31,8 +31,9 @@ use crate::table::TableSchema;
 /// Bytes buffered before they are copied into the run's temporary table.
 pub(super) const COPY_CHUNK: usize = 4 << 20;
 
-const RUN: &str = "pg_temp.pgshift_run";
-const NET: &str = "pg_temp.pgshift_net";
+/// Runs of a process get their own temporary tables: a batch's runs of different tables are
+/// in flight at once (the next file is read while the last run's statements execute).
+static RUN_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// One run being collected.
 pub(super) struct Run {
@@ -46,10 +47,14 @@ pub(super) struct Run {
     partial: bool,
     /// Some change deleted.
     deletes: bool,
+    /// Its temporary tables: the copied changes, and the folded rows.
+    run_table: String,
+    net_table: String,
 }
 
 impl Run {
     pub(super) fn new(schema: &TableSchema, name: &str) -> Run {
+        let id = RUN_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Run {
             schema: schema.clone(),
             name: name.to_owned(),
@@ -59,6 +64,8 @@ impl Run {
             created: false,
             partial: false,
             deletes: false,
+            run_table: format!("pgshift_run_{id}"),
+            net_table: format!("pgshift_net_{id}"),
         }
     }
 
@@ -84,6 +91,21 @@ impl Run {
 
     /// Adds a change (one [`Run::takes`]) to the run.
     pub(super) fn push(&mut self, change: &Change) {
+        if !self.keyed {
+            // Inserts only: copied straight into the table, in commit order.
+            self.rows += 1;
+            for (j, c) in self.schema.columns.iter().enumerate() {
+                if j > 0 {
+                    self.buf.push(b',');
+                }
+                csv_field(
+                    &mut self.buf,
+                    find(&change.after, &c.name).flatten().map(str::as_bytes),
+                );
+            }
+            self.buf.push(b'\n');
+            return;
+        }
         let seq = self.rows.to_string();
         self.rows += 1;
         csv_field(&mut self.buf, Some(seq.as_bytes()));
@@ -140,12 +162,24 @@ impl Run {
         if self.buf.is_empty() {
             return Ok(());
         }
-        if !self.created {
+        let into = if self.keyed {
+            format!("pg_temp.{}", self.run_table)
+        } else {
+            let cols: Vec<String> = self
+                .schema
+                .columns
+                .iter()
+                .map(|c| quote_ident(&c.name))
+                .collect();
+            format!("{} ({})", self.name, cols.join(", "))
+        };
+        if self.keyed && !self.created {
             let cols: Vec<String> = (0..self.schema.columns.len())
                 .map(|j| format!("c{j} text"))
                 .collect();
             tx.batch_execute(&format!(
-                "drop table if exists {RUN}; create temp table pgshift_run (seq bigint, op text, u text, {}) on commit drop",
+                "create temp table {} (seq bigint, op text, u text, {}) on commit drop",
+                self.run_table,
                 cols.join(", ")
             ))
             .await
@@ -153,7 +187,7 @@ impl Run {
             self.created = true;
         }
         let sink = tx
-            .copy_in::<_, Bytes>(&format!("copy {RUN} from stdin with (format csv)"))
+            .copy_in::<_, Bytes>(&format!("copy {into} from stdin with (format csv)"))
             .await
             .map_err(|e| Error::postgres(format!("copying changes of {}", self.name), e))?;
         let mut sink = std::pin::pin!(sink);
@@ -171,7 +205,7 @@ impl Run {
     /// Applies the run: copies what is left, then the set-based statements.
     pub(super) async fn apply(mut self, tx: &Transaction<'_>) -> Result<()> {
         self.copy(tx).await?;
-        if self.rows == 0 {
+        if self.rows == 0 || !self.keyed {
             return Ok(());
         }
         let sql = self.statements();
@@ -189,19 +223,12 @@ impl Run {
     fn statements(&self) -> String {
         let cols = &self.schema.columns;
         let all: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
+        let run = format!("pg_temp.{}", self.run_table);
+        let net = format!("pg_temp.{}", self.net_table);
         let mut sql = String::new();
-        if self.rows > 1000 {
-            sql.push_str(&format!("analyze {RUN}; "));
-        }
-        if !self.keyed {
-            let values: Vec<String> = (0..cols.len()).map(|j| self.typed("r", j)).collect();
-            sql.push_str(&format!(
-                "insert into {} ({}) overriding system value select {} from {RUN} r order by r.seq",
-                self.name,
-                all.join(", "),
-                values.join(", ")
-            ));
-            return sql;
+        // Statistics for the joins of deletes and partial rows (an upsert joins nothing).
+        if self.rows > 1000 && (self.deletes || self.partial) {
+            sql.push_str(&format!("analyze {run}; "));
         }
         let keys: Vec<usize> = (0..cols.len()).filter(|j| cols[*j].key).collect();
         let rest: Vec<usize> = (0..cols.len()).filter(|j| !cols[*j].key).collect();
@@ -214,7 +241,7 @@ impl Run {
                 .join(" and ")
         };
         let last = format!(
-            "(select distinct on ({k}) * from {RUN} r order by {k}, r.seq desc)",
+            "(select distinct on ({k}) * from {run} r order by {k}, r.seq desc)",
             k = key_typed("r").join(", ")
         );
         if self.deletes {
@@ -260,9 +287,10 @@ impl Run {
         }
         let kx = key_typed("x").join(", ");
         sql.push_str(&format!(
-            "drop table if exists {NET}; create temp table pgshift_net on commit drop as \
-             select {} from (select r.*, max(case when r.op = 'D' then r.seq end) over (partition by {}) d from {RUN} r) x \
+            "create temp table {} on commit drop as \
+             select {} from (select r.*, max(case when r.op = 'D' then r.seq end) over (partition by {}) d from {run} r) x \
              where x.op <> 'D' and x.seq > coalesce(x.d, -1) group by {kx}; ",
+            self.net_table,
             net_cols.join(", "),
             key_typed("r").join(", ")
         ));
@@ -279,7 +307,7 @@ impl Run {
                 })
                 .collect();
             sql.push_str(&format!(
-                "update {} t set {} from {NET} n where {}; ",
+                "update {} t set {} from {net} n where {}; ",
                 self.name,
                 set.join(", "),
                 key_match("t", &n_key)
@@ -295,7 +323,7 @@ impl Run {
             })
             .collect();
         sql.push_str(&format!(
-            "insert into {0} ({1}) overriding system value select {2} from {NET} n where not exists (select 1 from {0} t where {3})",
+            "insert into {0} ({1}) overriding system value select {2} from {net} n where not exists (select 1 from {0} t where {3})",
             self.name,
             all.join(", "),
             values.join(", "),

@@ -144,7 +144,8 @@ impl FileBytes {
 }
 
 /// Applies one batch file's changes inside the batch's transaction; returns how many were
-/// applied and how many of those set-based.
+/// applied and how many of those set-based, and its last run, copied or not, for the caller
+/// to apply (while it reads the next file).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn apply_file(
     tx: &tokio_postgres::Transaction<'_>,
@@ -155,7 +156,7 @@ pub(super) async fn apply_file(
     changes: &mut Changes<'_>,
     tables: &mut Tables,
     statements: &mut HashMap<String, tokio_postgres::Statement>,
-) -> Result<(u64, u64)> {
+) -> Result<(u64, u64, Option<Run>)> {
     let (mut applied, mut set_based) = (0u64, 0u64);
     let mut current = usize::MAX;
     let mut run: Option<Run> = None;
@@ -228,16 +229,17 @@ pub(super) async fn apply_file(
     if let (Some(d), Some((_, s))) = (held.take(), schemas.get(current)) {
         push(&mut run, &s.schema, &d, &mut set_based);
     }
-    if let Some(r) = run.take() {
-        r.apply(tx).await?;
-    }
     if rows != file.rows {
         return Err(Error::Staged(format!(
             "{} has {rows} rows, its manifest says {}",
             file.key, file.rows
         )));
     }
-    Ok((applied, set_based))
+    // Copied now: what is left of the run is one request, sent before the next file is read.
+    if let Some(r) = run.as_mut() {
+        r.copy(tx).await?;
+    }
+    Ok((applied, set_based, run))
 }
 
 /// Adds a change to the file's current run (started if none).
