@@ -269,3 +269,59 @@ async fn target_prep_truncate_and_keep_use_the_users_tables() {
         }
     }
 }
+
+/// A full load staged as Parquet applies (every staged kind back to PostgreSQL's input text,
+/// NaN, infinities, BC dates, NULL against empty strings), in chunks, and CDC applies on top.
+#[tokio::test]
+async fn a_parquet_load_applies() {
+    let s = Staging::new("parquet_apply_src").await;
+    let target = TestDb::new("parquet_apply_dst").await;
+    let c = s.db.client().await;
+    c.batch_execute(
+        "create table public.types (id int primary key, i2 int2, i8 int8, f4 float4, f8 float8, b bool, d date,
+           ts timestamp, tz timestamptz, n numeric(12,3), nu numeric, t text, j jsonb, arr int[], iv interval, u uuid, pad text);
+         insert into public.types select g, (g % 30000)::int2, g::int8 * 1000000007, g / 7.0, g / 3.0, g % 2 = 0,
+           date '2000-01-01' + g, timestamp '2000-01-01 00:00:00.123456' + g * interval '1 minute',
+           timestamptz '2020-02-29 12:00:00+05' + g * interval '1 second', g / 8.0, g / 9.0,
+           'row ' || g || ', \"quoted\"' || chr(10) || 'é', jsonb_build_object('g', g), array[g, -g], g * interval '1 hour',
+           md5(g::text)::uuid, repeat('x', 200)
+         from generate_series(1, 20000) g;
+         insert into public.types (id, f4, f8, d, ts, tz, n, nu, t) values
+           (-1, 'NaN', '-Infinity', 'infinity', '-infinity', 'infinity', 'NaN', 'Infinity', ''),
+           (-2, 'Infinity', 'NaN', '0044-03-15 BC', '0001-01-01 00:00:00 BC', '-infinity', -0.001, '-Infinity', null),
+           (-3, 1e-7, 1.7976931348623157e308, '-infinity', '2024-02-29 23:59:59.999999', '1900-01-01 00:00:00+00', 999999999.999, 1e-40, 'x');
+         analyze;",
+    )
+    .await
+    .unwrap();
+    let task = "parquet-apply";
+    let mut lo = LoadOptions::new(task, s.db.config(), "loader");
+    lo.format = pgshift::staging::encode::Format::parse("parquet", "format").unwrap();
+    lo.chunk_mib = 1;
+    lo.cdc = true;
+    full_load::run_local(&s.sink, &s.state, &lo, 2, Arc::new(Progress::default()))
+        .await
+        .unwrap();
+    let report = apply::run(&s.sink, &target.config(), task).await.unwrap();
+    assert!(report.load_applied, "{report:?}");
+    assert!(report.load_chunks >= 3, "{report:?}");
+    let v = validate::run(&s.db.config(), &target.config(), &Selection::all())
+        .await
+        .unwrap();
+    assert!(v.equal, "{v:#?}");
+    c.batch_execute("update public.types set f8 = f8 * 2 where id % 5 = 0; delete from public.types where id = -2")
+        .await
+        .unwrap();
+    cdc_poll::run(
+        &s.sink,
+        &s.state,
+        &CdcOptions::new(task, s.db.config(), "poller"),
+    )
+    .await
+    .unwrap();
+    apply::run(&s.sink, &target.config(), task).await.unwrap();
+    let v = validate::run(&s.db.config(), &target.config(), &Selection::all())
+        .await
+        .unwrap();
+    assert!(v.equal, "{v:#?}");
+}

@@ -43,6 +43,7 @@ use crate::source::ddl::{DDL_KEY, SchemaDdl};
 use crate::source::{self, quote_ident, quote_qualified};
 use crate::staging::ObjectSink;
 use crate::staging::encode::Encoding;
+use crate::staging::encode::parquet_read::ParquetRows;
 use crate::staging::layout::{self, LoadManifest, StoredSchema};
 
 const LOADED: &str = "create table if not exists pgshift.loaded (task text not null, chunk text not null, \
@@ -91,12 +92,6 @@ pub(super) async fn apply_load<S: ObjectSink>(
     let mut l0 = Lsn::ZERO;
     for key in keys {
         let m: LoadManifest = layout::get_json(sink, &key, "a load manifest").await?;
-        if m.format.encoding == Encoding::Parquet {
-            return Err(Error::config(
-                "format",
-                "apply reads csv or jsonl staging; this load is parquet",
-            ));
-        }
         if let Some(l) = m.l0 {
             l0 = l;
         }
@@ -308,7 +303,11 @@ async fn load_chunk<S: ObjectSink>(
         .map_err(|e| Error::postgres(format!("staging a chunk of {name}"), e))?;
     }
     let mut bytes = FileBytes::open(sink, &chunk.key, chunk.bytes, None).await?;
-    let copied = copy_chunk(&tx, t, &mut bytes).await;
+    let copied = if t.manifest.format.encoding == Encoding::Parquet {
+        copy_parquet_chunk(&tx, t, &chunk.key, &mut bytes).await
+    } else {
+        copy_chunk(&tx, t, &mut bytes).await
+    };
     // An object that is not what its manifest says is named as such, whatever broke first.
     let checked = bytes.verify().await;
     match (copied, checked) {
@@ -329,6 +328,63 @@ async fn load_chunk<S: ObjectSink>(
     tx.commit()
         .await
         .map_err(|e| Error::postgres(format!("committing a chunk of {name}"), e))
+}
+
+/// A file removed when dropped.
+struct Spooled(std::path::PathBuf);
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+static SPOOLED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A Parquet chunk: spooled to a local temporary file (Parquet is read from its footer, so
+/// it cannot stream), then read a record batch at a time into the table's `COPY` as CSV.
+async fn copy_parquet_chunk(
+    tx: &tokio_postgres::Transaction<'_>,
+    t: &LoadTable,
+    key: &str,
+    bytes: &mut FileBytes,
+) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let n = SPOOLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let spooled = Spooled(
+        std::env::temp_dir().join(format!("pgshift-load-{}-{n}.parquet", std::process::id())),
+    );
+    let mut file = tokio::fs::File::create(&spooled.0)
+        .await
+        .map_err(|e| Error::io(format!("spooling {key} to {}", spooled.0.display()), e))?;
+    while let Some(piece) = bytes.next().await? {
+        file.write_all(&piece)
+            .await
+            .map_err(|e| Error::io(format!("spooling {key} to {}", spooled.0.display()), e))?;
+    }
+    file.flush()
+        .await
+        .map_err(|e| Error::io(format!("spooling {key} to {}", spooled.0.display()), e))?;
+    drop(file);
+    let mut rows = ParquetRows::open(&spooled.0, key, &t.manifest.columns)?;
+    let name = &t.name;
+    let sink_in = tx
+        .copy_in::<_, Bytes>(&t.copy)
+        .await
+        .map_err(|e| Error::postgres(format!("starting COPY into {name}"), e))?;
+    let mut sink_in = std::pin::pin!(sink_in);
+    while let Some(csv) = rows.next_csv()? {
+        sink_in
+            .send(Bytes::from(csv))
+            .await
+            .map_err(|e| Error::postgres(format!("copying into {name}"), e))?;
+    }
+    sink_in
+        .as_mut()
+        .finish()
+        .await
+        .map_err(|e| Error::postgres(format!("finishing COPY into {name}"), e))?;
+    Ok(())
 }
 
 /// Streams a chunk file into the table's `COPY` (JSON Lines converted line by line).

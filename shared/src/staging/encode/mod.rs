@@ -24,6 +24,7 @@ use crate::pgoutput::Value;
 use crate::staging::ObjectWriter;
 
 pub mod parquet;
+pub mod parquet_read;
 
 /// Row encoding of staged files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
