@@ -10,6 +10,9 @@
 # and each side catches up on the same backlog:
 #   pgshift  `cdc --once` (drains the slot into the folder) + `apply` (the figure is their sum,
 #            and apply alone), both timed, peak RSS of apply;
+#   pgshift  pipelined (a second task, its own slot and target database pgp, loaded the same
+#            way): `apply --until <end> --source --max-batch-changes 25000`, which drains
+#            CDC in batches of 25,000 changes while it applies them;
 #   native   the subscription enabled, timed until its slot confirmed the workload's end.
 # Both targets are validated equal to the source. Then a single transaction of BIG_ROWS
 # inserted rows (plus an update of all of them) is staged and applied: apply's time and peak
@@ -40,12 +43,16 @@ now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.2f}')"; }
 export PGSHIFT_LOG=${PGSHIFT_LOG:-warn}
 
-for db in bench pgs native; do psql_ -d postgres -c "create database $db"; done
+for db in bench pgs pgp native; do psql_ -d postgres -c "create database $db"; done
 pgbench -q -i -s 5 -h 127.0.0.1 -p "$port" -U postgres bench >/dev/null 2>&1
 
 # pgshift: the load (with the task's slot), applied before the workload.
 "$bin" full-load --task bench --source "$src" "${stage[@]}" --cdc >/dev/null
 "$bin" apply --task bench --target "$pgs" "${stage[@]}" >/dev/null
+pgp="$base/pgp?sslmode=disable"
+pipe=(--stage "$work/pipe-stage" --state "$work/pipe-state")
+"$bin" full-load --task pipe --source "$src" "${pipe[@]}" --cdc >/dev/null
+"$bin" apply --task pipe --target "$pgp" "${pipe[@]}" >/dev/null
 # native: the same tables and rows, a publication, a slot, a disabled subscription.
 pg_dump -h 127.0.0.1 -p "$port" -U postgres -t 'pgbench_*' bench | psql_ -d native >/dev/null
 psql_ -d bench -c "create publication native_pub for table pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history" \
@@ -65,6 +72,12 @@ t1=$(now)
 t2=$(now)
 read -r _ apply_kb <"$work/apply.time"
 
+# pgshift pipelined: drain and apply at once.
+t5=$(now)
+/usr/bin/time -f "%e %M" -o "$work/pipe.time" "$bin" apply --task pipe --target "$pgp" "${pipe[@]}" --until "$end_lsn" --source "$src" --max-batch-changes 25000 --json >"$work/pipe.json"
+t6=$(now)
+read -r _ pipe_kb <"$work/pipe.time"
+
 # native: enable, wait until the slot confirmed the workload's end.
 t3=$(now)
 psql_ -d native -c "alter subscription native_sub enable"
@@ -77,6 +90,11 @@ psql_ -d native -c "alter subscription native_sub disable"
 "$bin" validate --task bench --source "$src" --target "$pgs" "${stage[@]}" >"$work/validate-pgs.txt" || {
   cat "$work/validate-pgs.txt"
   echo "pgshift's target differs from the source" >&2
+  exit 1
+}
+"$bin" validate --task pipe --source "$src" --target "$pgp" "${pipe[@]}" >"$work/validate-pgp.txt" || {
+  cat "$work/validate-pgp.txt"
+  echo "pgshift's pipelined target differs from the source" >&2
   exit 1
 }
 "$bin" validate --task bench --source "$src" --target "$base/native?sslmode=disable" "${stage[@]}" >"$work/validate-native.txt" || {
@@ -97,11 +115,13 @@ read -r big_s big_kb <"$work/big.time"
   exit 1
 }
 
-python3 - "$work" "$TXNS" "$(secs "$t0" "$t1")" "$(secs "$t1" "$t2")" "$apply_kb" "$(secs "$t3" "$t4")" "$BIG_ROWS" "$big_s" "$big_kb" <<'PY'
+python3 - "$work" "$TXNS" "$(secs "$t0" "$t1")" "$(secs "$t1" "$t2")" "$apply_kb" "$(secs "$t3" "$t4")" "$BIG_ROWS" "$big_s" "$big_kb" "$(secs "$t5" "$t6")" "$pipe_kb" <<'PY'
 import json, sys
 work, txns = sys.argv[1], int(sys.argv[2])
 cdc_s, apply_s, apply_kb, native_s = float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
 big_rows, big_s, big_kb = int(sys.argv[7]), float(sys.argv[8]), int(sys.argv[9])
+pipe_s, pipe_kb = float(sys.argv[10]), int(sys.argv[11])
+p = json.load(open(f"{work}/pipe.json"))
 a = json.load(open(f"{work}/apply.json"))
 changes = a["changes_applied"]
 total = cdc_s + apply_s
@@ -109,6 +129,8 @@ print(f"backlog               {changes} row changes (pgbench TPC-B-like, {txns} 
 print(f"native subscriber     {native_s:8.2f} s  {changes / native_s:10.0f} changes/s")
 print(f"pgshift cdc + apply   {total:8.2f} s  {changes / total:10.0f} changes/s  (cdc --once {cdc_s:.2f} s, apply {apply_s:.2f} s)")
 print(f"ratio                 {native_s / total:8.2f}  (pgshift speed / native; goal >= 2)")
+print(f"pgshift pipelined     {pipe_s:8.2f} s  {changes / pipe_s:10.0f} changes/s  (apply --until --source: {p['batches_applied']} batches drained and applied at once, peak RSS {pipe_kb / 1024:.1f} MB)")
+print(f"ratio pipelined       {native_s / pipe_s:8.2f}  (goal >= 2)")
 print(f"  apply alone         {native_s / apply_s:8.2f}  ({changes / apply_s:.0f} changes/s)")
 print(f"apply peak RSS        {apply_kb / 1024:8.1f} MB")
 print(f"one transaction       {2 * big_rows} row changes ({big_rows} inserts + {big_rows} updates): apply {big_s:.2f} s, peak RSS {big_kb / 1024:.1f} MB (goal < 100 MB)")

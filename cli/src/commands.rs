@@ -113,9 +113,32 @@ pub(crate) async fn full_load(args: FullLoadArgs) -> pgshift::Result<ExitCode> {
 
 pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
     pgshift::config::check_task_name(&args.task)?;
+    let source = match args.source.as_deref() {
+        Some(s) => Some(resolve_source(s).await?),
+        None => None,
+    };
     let until = match args.until.as_deref() {
         None => None,
-        Some(u) => Some(until_position(u, args.source.as_deref()).await?),
+        Some(u) => Some(until_position(u, source.as_ref()).await?),
+    };
+    if args.max_batch_changes == 0 {
+        return Err(Error::config("--max-batch-changes", "must be at least 1"));
+    }
+    // With --until and the source, CDC is drained here, alongside apply.
+    let drain = match (&until, source) {
+        (Some(_), Some(source)) => {
+            let settings = TaskSettings {
+                format: Format::parse(&args.format, "--format")?,
+                selection: read_selection(args.tables.as_deref())?,
+                ..TaskSettings::default()
+            };
+            let mut cdc = settings.cdc_options(&args.task, source, lease_owner(), None);
+            cdc.max_batch_changes = args.max_batch_changes;
+            cdc.create_if_missing = false;
+            cdc.lease_ttl = Duration::from_secs(120);
+            Some(cdc)
+        }
+        _ => None,
     };
     if until.is_some() && args.follow {
         return Err(Error::config(
@@ -139,8 +162,24 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
             &seams.state,
             seams.aws.as_ref(),
             |sink, store| {
-                match until {
-                    Some(u) => {
+                match (until, &drain) {
+                    (Some(u), Some(cdc)) => {
+                        apply_job::catch_up(
+                            &sink,
+                            &store,
+                            cdc,
+                            target,
+                            &args.task,
+                            &apply_job::Until {
+                                position: u,
+                                every: Duration::from_millis(50),
+                                wait: Duration::from_secs(args.wait),
+                            },
+                            opts,
+                        )
+                        .await
+                    }
+                    (Some(u), None) => {
                         apply_job::run_until(
                             &sink,
                             &store,
@@ -155,7 +194,7 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
                         )
                         .await
                     }
-                    None => apply_job::run_with(&sink, target, &args.task, opts).await,
+                    (None, _) => apply_job::run_with(&sink, target, &args.task, opts).await,
                 }
             }
         )?;
@@ -170,8 +209,20 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
     }
 }
 
+/// The source's connection settings from `--source` (a URL or `secret:<arn>`).
+async fn resolve_source(source: &str) -> pgshift::Result<pgshift::config::PgConfig> {
+    let spec = SourceSpec::parse(source, "--source")?;
+    match &spec {
+        SourceSpec::Secret(_) => Aws::from_env().await.resolve(&spec, None).await,
+        _ => resolve(&spec).await,
+    }
+}
+
 /// `--until`: a WAL position, or `caught-up` (the source's current position, read now).
-async fn until_position(until: &str, source: Option<&str>) -> pgshift::Result<pgshift::lsn::Lsn> {
+async fn until_position(
+    until: &str,
+    source: Option<&pgshift::config::PgConfig>,
+) -> pgshift::Result<pgshift::lsn::Lsn> {
     if until != "caught-up" {
         return until.parse().map_err(|_| {
             Error::config(
@@ -186,12 +237,7 @@ async fn until_position(until: &str, source: Option<&str>) -> pgshift::Result<pg
             "caught-up needs --source (or PGSHIFT_SOURCE): the source's position is what the target catches up with",
         ));
     };
-    let spec = SourceSpec::parse(source, "--source")?;
-    let cfg = match &spec {
-        SourceSpec::Secret(_) => Aws::from_env().await.resolve(&spec, None).await?,
-        _ => resolve(&spec).await?,
-    };
-    source_position(&cfg).await
+    source_position(source).await
 }
 
 /// The source's WAL insert position now.
@@ -214,14 +260,24 @@ pub(crate) async fn cutover(args: CutoverArgs) -> pgshift::Result<ExitCode> {
     };
     let until = source_position(&seams.source).await?;
     let every = Duration::from_secs(args.interval.clamp(1, 60));
+    // CDC drained here, alongside apply (a poller holding the lease is left to it).
+    let settings = TaskSettings {
+        selection: selection.clone(),
+        ..TaskSettings::default()
+    };
+    let mut cdc = settings.cdc_options(&args.task, seams.source.clone(), lease_owner(), None);
+    cdc.max_batch_changes = 250_000;
+    cdc.create_if_missing = false;
+    cdc.lease_ttl = Duration::from_secs(120);
     let applied = with_seams!(
         &seams.stage,
         &seams.state,
         seams.aws.as_ref(),
         |sink, store| {
-            apply_job::run_until(
+            apply_job::catch_up(
                 &sink,
                 &store,
+                &cdc,
                 &target,
                 &args.task,
                 &apply_job::Until {

@@ -150,12 +150,27 @@ pub(crate) struct ApplyArgs {
     pub(crate) interval: u64,
     /// Apply until the target has everything up to a WAL position (`X/Y`), or `caught-up`:
     /// the source's current position when apply starts (needs --source). Staged batches are
-    /// applied as CDC stages them (run `pgshift cdc --follow` or the Lambda alongside).
+    /// applied as CDC stages them: by this process with --source, else by `pgshift cdc
+    /// --follow` or the Lambda running alongside.
     #[arg(long)]
     pub(crate) until: Option<String>,
-    /// The source, for `--until caught-up`.
+    /// The source: with --until, CDC is drained here too (the slot read while batches are
+    /// applied, as a native subscriber does; another poller holding the task's lease is left
+    /// to drain). `--until caught-up` needs it.
     #[arg(long, env = "PGSHIFT_SOURCE")]
     pub(crate) source: Option<String>,
+    /// With --until and --source: the task's table mapping (the publication follows it, as
+    /// for `pgshift cdc`).
+    #[arg(long, env = "PGSHIFT_TABLES")]
+    pub(crate) tables: Option<std::path::PathBuf>,
+    /// With --until and --source: the format of the batches CDC stages.
+    #[arg(long, env = "PGSHIFT_FORMAT", default_value = "csv")]
+    pub(crate) format: String,
+    /// With --until and --source: changes per staged batch (smaller batches start apply
+    /// sooner but fold less; a peek decodes before it streams, so on a small machine one
+    /// large batch catches up fastest).
+    #[arg(long, default_value_t = 250_000)]
+    pub(crate) max_batch_changes: u64,
     /// With --until: seconds to wait for CDC to stage up to the position before giving up.
     #[arg(long, default_value_t = 600)]
     pub(crate) wait: u64,
@@ -191,8 +206,8 @@ pub(crate) struct CutoverArgs {
     /// DMS table-mapping JSON file with selection rules (default: all user tables).
     #[arg(long, env = "PGSHIFT_TABLES")]
     pub(crate) tables: Option<std::path::PathBuf>,
-    /// Seconds between apply runs while waiting for CDC (`pgshift cdc --follow` or the
-    /// scheduled poller, running alongside) to stage the last changes.
+    /// Seconds between tries while another poller (`pgshift cdc --follow`, the scheduled
+    /// Lambda) holds the task's lease; without one, cutover drains CDC itself.
     #[arg(long, default_value_t = 1)]
     pub(crate) interval: u64,
     /// Seconds to wait for CDC to stage up to the source's position before giving up.

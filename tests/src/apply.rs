@@ -475,3 +475,63 @@ async fn validate_names_schema_differences() {
     );
     assert_eq!(t.schema_differences.len(), 3);
 }
+
+/// `apply --until caught-up --source` with nothing else running drains CDC itself, in batches
+/// of `--max-batch-changes`, applying each as it is staged, and stops caught up.
+#[tokio::test]
+async fn apply_until_drains_cdc_itself() {
+    let source = TestDb::new("until_drain_src").await;
+    let target = TestDb::new("until_drain_dst").await;
+    let dir = pgshift_tests::TempDir::new("until-drain");
+    let c = source.client().await;
+    c.batch_execute(
+        "create table public.acc (id int primary key, v int); insert into public.acc select g, 0 from generate_series(1, 200) g;",
+    )
+    .await
+    .unwrap();
+    let (src, dst) = (
+        pgshift_tests::url(&source.config()),
+        pgshift_tests::url(&target.config()),
+    );
+    let stage = dir.path().join("stage");
+    let state = dir.path().join("state");
+    let (stage, state) = (stage.to_str().unwrap(), state.to_str().unwrap());
+    let common = ["--task", "until-drain", "--stage", stage, "--state", state];
+    let cli = |args: &[&str]| pgshift_tests::run_cli(&[args, &common[..]].concat());
+    let (code, out, err) = cli(&["full-load", "--cdc", "--source", &src]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    for i in 0..10 {
+        c.batch_execute(&format!(
+            "update public.acc set v = v + {i} where id % 10 = {i}; insert into public.acc values ({}, {i})",
+            1000 + i
+        ))
+        .await
+        .unwrap();
+    }
+    let (code, out, err) = cli(&[
+        "apply",
+        "--until",
+        "caught-up",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--max-batch-changes",
+        "30",
+        "--wait",
+        "60",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(report["load_applied"].as_bool().unwrap(), "{report:#}");
+    assert!(
+        report["batches_applied"].as_u64().unwrap() >= 5,
+        "30 changes a batch: {report:#}"
+    );
+    assert_eq!(report["changes_applied"], 210, "{report:#}");
+    let v = validate::run(&source.config(), &target.config(), &Selection::all())
+        .await
+        .unwrap();
+    assert!(v.equal, "{v:#?}");
+}

@@ -29,7 +29,7 @@ use crate::staging::encode::csv_field;
 use crate::table::TableSchema;
 
 /// Bytes buffered before they are copied into the run's temporary table.
-pub(super) const COPY_CHUNK: usize = 4 << 20;
+pub(super) const COPY_CHUNK: usize = 256 << 10;
 
 /// Runs of a process get their own temporary tables: a batch's runs of different tables are
 /// in flight at once (the next file is read while the last run's statements execute).
@@ -43,6 +43,9 @@ pub(super) struct Run {
     buf: Vec<u8>,
     rows: u64,
     created: bool,
+    /// The run's `COPY`, open while changes are decoded: the target takes in each piece while
+    /// the next is being read.
+    copying: Option<std::pin::Pin<Box<tokio_postgres::CopyInSink<Bytes>>>>,
     /// Some update left a column out (an unchanged TOAST value): the fold is per column.
     partial: bool,
     /// Some change deleted.
@@ -62,6 +65,7 @@ impl Run {
             buf: Vec::new(),
             rows: 0,
             created: false,
+            copying: None,
             partial: false,
             deletes: false,
             run_table: format!("pgshift_run_{id}"),
@@ -157,7 +161,8 @@ impl Run {
         self.buf.len() >= COPY_CHUNK
     }
 
-    /// Copies what is buffered into the run's temporary table.
+    /// Sends what is buffered into the run's `COPY` (opened, after its temporary table, on
+    /// the first call).
     pub(super) async fn copy(&mut self, tx: &Transaction<'_>) -> Result<()> {
         if self.buf.is_empty() {
             return Ok(());
@@ -186,25 +191,38 @@ impl Run {
             .map_err(|e| Error::postgres(format!("staging changes of {}", self.name), e))?;
             self.created = true;
         }
-        let sink = tx
-            .copy_in::<_, Bytes>(&format!("copy {into} from stdin with (format csv)"))
-            .await
-            .map_err(|e| Error::postgres(format!("copying changes of {}", self.name), e))?;
-        let mut sink = std::pin::pin!(sink);
+        if self.copying.is_none() {
+            let sink = tx
+                .copy_in::<_, Bytes>(&format!("copy {into} from stdin with (format csv)"))
+                .await
+                .map_err(|e| Error::postgres(format!("copying changes of {}", self.name), e))?;
+            self.copying = Some(Box::pin(sink));
+        }
         let chunk = Bytes::from(std::mem::take(&mut self.buf));
-        sink.send(chunk)
-            .await
-            .map_err(|e| Error::postgres(format!("copying changes of {}", self.name), e))?;
-        sink.as_mut()
-            .finish()
-            .await
-            .map_err(|e| Error::postgres(format!("copying changes of {}", self.name), e))?;
+        if let Some(sink) = self.copying.as_mut() {
+            sink.send(chunk)
+                .await
+                .map_err(|e| Error::postgres(format!("copying changes of {}", self.name), e))?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is buffered and ends the run's `COPY`: the run is in its temporary table (or,
+    /// for a keyless table, in the table).
+    pub(super) async fn finish_copy(&mut self, tx: &Transaction<'_>) -> Result<()> {
+        self.copy(tx).await?;
+        if let Some(mut sink) = self.copying.take() {
+            sink.as_mut()
+                .finish()
+                .await
+                .map_err(|e| Error::postgres(format!("copying changes of {}", self.name), e))?;
+        }
         Ok(())
     }
 
     /// Applies the run: copies what is left, then the set-based statements.
     pub(super) async fn apply(mut self, tx: &Transaction<'_>) -> Result<()> {
-        self.copy(tx).await?;
+        self.finish_copy(tx).await?;
         if self.rows == 0 || !self.keyed {
             return Ok(());
         }
@@ -227,7 +245,7 @@ impl Run {
         let net = format!("pg_temp.{}", self.net_table);
         let mut sql = String::new();
         // Statistics for the joins of deletes and partial rows (an upsert joins nothing).
-        if self.rows > 1000 && (self.deletes || self.partial) {
+        if self.rows > 1000 && (self.partial || self.deletes) {
             sql.push_str(&format!("analyze {run}; "));
         }
         let keys: Vec<usize> = (0..cols.len()).filter(|j| cols[*j].key).collect();

@@ -237,7 +237,7 @@ pub(super) async fn apply_file(
     }
     // Copied now: what is left of the run is one request, sent before the next file is read.
     if let Some(r) = run.as_mut() {
-        r.copy(tx).await?;
+        r.finish_copy(tx).await?;
     }
     Ok((applied, set_based, run))
 }
