@@ -164,7 +164,7 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
             |sink, store| {
                 match (until, &drain) {
                     (Some(u), Some(cdc)) => {
-                        apply_job::catch_up(
+                        Box::pin(apply_job::catch_up(
                             &sink,
                             &store,
                             cdc,
@@ -176,7 +176,7 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
                                 wait: Duration::from_secs(args.wait),
                             },
                             opts,
-                        )
+                        ))
                         .await
                     }
                     (Some(u), None) => {
@@ -274,7 +274,7 @@ pub(crate) async fn cutover(args: CutoverArgs) -> pgshift::Result<ExitCode> {
         &seams.state,
         seams.aws.as_ref(),
         |sink, store| {
-            apply_job::catch_up(
+            Box::pin(apply_job::catch_up(
                 &sink,
                 &store,
                 &cdc,
@@ -286,7 +286,7 @@ pub(crate) async fn cutover(args: CutoverArgs) -> pgshift::Result<ExitCode> {
                     wait: Duration::from_secs(args.wait),
                 },
                 apply_job::ApplyOptions::default(),
-            )
+            ))
             .await
         }
     )?;
