@@ -80,7 +80,12 @@ pub async fn flush_lsn(client: &Client) -> Result<Lsn> {
 
 /// The drain target: the flush position once it has reached the WAL insert position seen now
 /// (with `synchronous_commit = off` a commit is inserted before the WAL writer flushes it,
-/// up to `wal_writer_delay` later). Waits at most `max_wait`, then takes what is flushed.
+/// up to `wal_writer_delay` later). Rather than wait for the WAL writer, the session commits
+/// a transaction holding one transactional logical message (prefix `pgshift.flush`, empty;
+/// pgoutput does not pass messages on unless asked) with `synchronous_commit = on`: its
+/// commit flushes the WAL up to it (some 100 bytes of WAL and one xid; PostgreSQL 15+, whose
+/// pgoutput skips the empty transaction; before 15, on a standby, or when it is refused, the
+/// wait alone). Waits at most `max_wait`, then takes what is flushed.
 pub async fn drain_target(client: &Client, max_wait: std::time::Duration) -> Result<Lsn> {
     let text: String = client
         .query_one("select pg_current_wal_insert_lsn()::text", &[])
@@ -91,12 +96,35 @@ pub async fn drain_target(client: &Client, max_wait: std::time::Duration) -> Res
         .parse()
         .map_err(|e: crate::lsn::LsnParseError| Error::Source(e.to_string()))?;
     let started = std::time::Instant::now();
+    let mut flushed = flush_lsn(client).await?;
+    // Before 15, pgoutput passes on empty transactions: the flush would be a transaction of
+    // its own in every poll.
+    let skips_empty: bool = flushed < inserted
+        && client
+            .query_one(
+                "select current_setting('server_version_num')::int >= 150000",
+                &[],
+            )
+            .await
+            .map_err(|e| Error::postgres("reading the server version", e))?
+            .get(0);
+    if skips_empty
+        && client
+            .batch_execute(
+                "begin; set local synchronous_commit = on; select pg_logical_emit_message(true, 'pgshift.flush', ''); commit",
+            )
+            .await
+            .is_err()
+    {
+        // A standby (no xid there) or a read-only session: the WAL writer will flush.
+        let _ = client.batch_execute("rollback").await;
+    }
     loop {
-        let flushed = flush_lsn(client).await?;
         if flushed >= inserted || started.elapsed() >= max_wait {
             return Ok(flushed);
         }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        flushed = flush_lsn(client).await?;
     }
 }
 
