@@ -132,11 +132,13 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
                 selection: read_selection(args.tables.as_deref())?,
                 ..TaskSettings::default()
             };
-            let mut cdc = settings.cdc_options(&args.task, source, lease_owner(), None);
-            cdc.max_batch_changes = args.max_batch_changes;
-            cdc.create_if_missing = false;
-            cdc.lease_ttl = Duration::from_secs(120);
-            Some(cdc)
+            Some(pgshift::migration::drain_options(
+                &settings,
+                &args.task,
+                source,
+                lease_owner(),
+                args.max_batch_changes,
+            ))
         }
         _ => None,
     };
@@ -164,7 +166,7 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
             |sink, store| {
                 match (until, &drain) {
                     (Some(u), Some(cdc)) => {
-                        Box::pin(apply_job::catch_up(
+                        Box::pin(pgshift::migration::catch_up(
                             &sink,
                             &store,
                             cdc,
@@ -265,16 +267,19 @@ pub(crate) async fn cutover(args: CutoverArgs) -> pgshift::Result<ExitCode> {
         selection: selection.clone(),
         ..TaskSettings::default()
     };
-    let mut cdc = settings.cdc_options(&args.task, seams.source.clone(), lease_owner(), None);
-    cdc.max_batch_changes = 250_000;
-    cdc.create_if_missing = false;
-    cdc.lease_ttl = Duration::from_secs(120);
+    let cdc = pgshift::migration::drain_options(
+        &settings,
+        &args.task,
+        seams.source.clone(),
+        lease_owner(),
+        250_000,
+    );
     let applied = with_seams!(
         &seams.stage,
         &seams.state,
         seams.aws.as_ref(),
         |sink, store| {
-            Box::pin(apply_job::catch_up(
+            Box::pin(pgshift::migration::catch_up(
                 &sink,
                 &store,
                 &cdc,

@@ -27,6 +27,7 @@ pub mod job;
 #[cfg(feature = "lambda")]
 pub mod lambda;
 pub mod lsn;
+pub mod migration;
 pub mod options;
 pub mod pgoutput;
 pub mod plan;

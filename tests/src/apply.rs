@@ -186,19 +186,10 @@ async fn a_target_with_foreign_keys_loads_and_applies() {
     )
     .await
     .unwrap();
-    cdc_poll::run(
-        &s.sink,
-        &s.state,
-        &CdcOptions::new(task, s.db.config(), "poller"),
-    )
-    .await
-    .unwrap();
+    s.poll(task).await;
     let report = apply::run(&s.sink, &target.config(), task).await.unwrap();
     assert_eq!(report.batches_applied, 1, "{report:?}");
-    let v = validate::run(&s.db.config(), &target.config(), &Selection::all())
-        .await
-        .unwrap();
-    assert!(v.equal, "{v:#?}");
+    pgshift_tests::assert_same(&s.db.config(), &target.config()).await;
     // The keys are still there, and hold.
     let err = t
         .batch_execute("insert into public.child values (500, 12345, 'orphan')")
@@ -221,7 +212,6 @@ async fn cutover_catches_up_sets_sequences_and_validates() {
      create sequence public.tickets start 100;";
     let source = TestDb::new("cutover_src").await;
     let target = TestDb::new("cutover_dst").await;
-    let dir = pgshift_tests::TempDir::new("cutover");
     let c = source.client().await;
     c.batch_execute(DDL).await.unwrap();
     c.batch_execute("insert into public.orders (v) select g from generate_series(1, 50) g; insert into public.items (o) select g from generate_series(1, 30) g;")
@@ -230,15 +220,10 @@ async fn cutover_catches_up_sets_sequences_and_validates() {
     // The user brought the schema (with its sequences) to the target.
     let t = target.client().await;
     t.batch_execute(DDL).await.unwrap();
-    let (src, dst) = (
-        pgshift_tests::url(&source.config()),
-        pgshift_tests::url(&target.config()),
-    );
-    let stage = dir.path().join("stage");
-    let state = dir.path().join("state");
-    let (stage, state) = (stage.to_str().unwrap(), state.to_str().unwrap());
-    let common = ["--task", "cutover", "--stage", stage, "--state", state];
-    let cli = |args: &[&str]| pgshift_tests::run_cli(&[args, &common[..]].concat());
+    let task = pgshift_tests::CliTask::new("cutover", &source.config(), &target.config());
+    let (src, dst, state) = (task.src.clone(), task.dst.clone(), task.state.as_str());
+    let common = task.common();
+    let cli = |args: &[&str]| task.run(args);
     let (code, out, err) = cli(&["full-load", "--cdc", "--source", &src]);
     assert_eq!(code, Some(0), "{out}{err}");
     let (code, out, err) = cli(&["apply", "--target", &dst]);
@@ -413,10 +398,7 @@ async fn a_killed_parallel_load_resumes_at_the_chunk() {
         chunks + 1,
         "every chunk once: {report:?}"
     );
-    let v = validate::run(&s.db.config(), &target.config(), &Selection::all())
-        .await
-        .unwrap();
-    assert!(v.equal, "{v:#?}");
+    pgshift_tests::assert_same(&s.db.config(), &target.config()).await;
     // Applied: a rerun loads nothing again.
     let again = apply::run_with(&s.sink, &target.config(), task, opts)
         .await
@@ -482,23 +464,16 @@ async fn validate_names_schema_differences() {
 async fn apply_until_drains_cdc_itself() {
     let source = TestDb::new("until_drain_src").await;
     let target = TestDb::new("until_drain_dst").await;
-    let dir = pgshift_tests::TempDir::new("until-drain");
     let c = source.client().await;
     c.batch_execute(
         "create table public.acc (id int primary key, v int); insert into public.acc select g, 0 from generate_series(1, 200) g;",
     )
     .await
     .unwrap();
-    let (src, dst) = (
-        pgshift_tests::url(&source.config()),
-        pgshift_tests::url(&target.config()),
-    );
-    let stage = dir.path().join("stage");
-    let state = dir.path().join("state");
-    let (stage, state) = (stage.to_str().unwrap(), state.to_str().unwrap());
-    let common = ["--task", "until-drain", "--stage", stage, "--state", state];
-    let cli = |args: &[&str]| pgshift_tests::run_cli(&[args, &common[..]].concat());
-    let (code, out, err) = cli(&["full-load", "--cdc", "--source", &src]);
+    let task = pgshift_tests::CliTask::new("until-drain", &source.config(), &target.config());
+    let (src, dst) = (&task.src, &task.dst);
+    let cli = |args: &[&str]| task.run(args);
+    let (code, out, err) = cli(&["full-load", "--cdc", "--source", src]);
     assert_eq!(code, Some(0), "{out}{err}");
     for i in 0..10 {
         c.batch_execute(&format!(
@@ -513,9 +488,9 @@ async fn apply_until_drains_cdc_itself() {
         "--until",
         "caught-up",
         "--source",
-        &src,
+        src,
         "--target",
-        &dst,
+        dst,
         "--max-batch-changes",
         "30",
         "--wait",
@@ -530,8 +505,5 @@ async fn apply_until_drains_cdc_itself() {
         "30 changes a batch: {report:#}"
     );
     assert_eq!(report["changes_applied"], 210, "{report:#}");
-    let v = validate::run(&source.config(), &target.config(), &Selection::all())
-        .await
-        .unwrap();
-    assert!(v.equal, "{v:#?}");
+    pgshift_tests::assert_same(&source.config(), &target.config()).await;
 }

@@ -253,6 +253,65 @@ impl Staging {
             dir,
         }
     }
+
+    /// One CDC poll of `task` into this stage, with the default options.
+    pub async fn poll(&self, task: &str) -> pgshift::state::records::PollReport {
+        let opts = pgshift::options::CdcOptions::new(task, self.db.config(), "poller");
+        pgshift::job::cdc_poll::run(&self.sink, &self.state, &opts)
+            .await
+            .unwrap_or_else(|e| panic!("cdc poll of {task}: {e}"))
+    }
+}
+
+/// Asserts `validate` finds the target equal to the source (every table).
+pub async fn assert_same(source: &PgConfig, target: &PgConfig) {
+    let v = pgshift::job::validate::run(source, target, &pgshift::selection::Selection::all())
+        .await
+        .unwrap_or_else(|e| panic!("validate: {e}"));
+    assert!(v.equal, "{v:#?}");
+}
+
+/// The `pgshift` command for one task of a test: its own stage and state folders, and the
+/// source's and target's URLs.
+pub struct CliTask {
+    pub src: String,
+    pub dst: String,
+    /// The state folder (`--state`), for commands that take no `--stage`.
+    pub state: String,
+    common: Vec<String>,
+    _dir: TempDir,
+}
+
+impl CliTask {
+    pub fn new(task: &str, source: &PgConfig, target: &PgConfig) -> CliTask {
+        let dir = TempDir::new(task);
+        let path = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+        CliTask {
+            src: url(source),
+            dst: url(target),
+            state: path("state"),
+            common: vec![
+                "--task".to_owned(),
+                task.to_owned(),
+                "--stage".to_owned(),
+                path("stage"),
+                "--state".to_owned(),
+                path("state"),
+            ],
+            _dir: dir,
+        }
+    }
+
+    /// Runs `pgshift <args> --task .. --stage .. --state ..`: (exit code, stdout, stderr).
+    pub fn run(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let common: Vec<&str> = self.common.iter().map(String::as_str).collect();
+        run_cli(&[args, &common[..]].concat())
+    }
+
+    /// The `--task .. --stage .. --state ..` arguments, for a command run another way.
+    pub fn common(&self) -> Vec<&str> {
+        self.common.iter().map(String::as_str).collect()
+    }
 }
 
 /// Where a test kills a poll run, as a crash of the process would (the steps of DESIGN §4),

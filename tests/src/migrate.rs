@@ -271,20 +271,14 @@ async fn apply_interrupted_mid_batch_resumes_without_duplicates() {
 async fn cli_full_load_cdc_apply_validate_status() {
     let source = TestDb::new("cli_flow_src").await;
     let target = TestDb::new("cli_flow_dst").await;
-    let dir = TempDir::new("cli_flow");
     let c = source.client().await;
     c.batch_execute("create table public.t (id int primary key, v text); insert into public.t select g, md5(g::text) from generate_series(1, 5000) g;")
         .await
         .unwrap();
-    let (src, dst) = (
-        pgshift_tests::url(&source.config()),
-        pgshift_tests::url(&target.config()),
-    );
-    let stage = dir.path().join("stage");
-    let state = dir.path().join("state");
-    let (stage, state) = (stage.to_str().unwrap(), state.to_str().unwrap());
+    let task = pgshift_tests::CliTask::new("cli-flow", &source.config(), &target.config());
+    let (src, dst, state) = (task.src.clone(), task.dst.clone(), task.state.as_str());
     let run = pgshift_tests::run_cli;
-    let common = ["--task", "cli-flow", "--stage", stage, "--state", state];
+    let common = task.common();
     let (code, out, err) = run(&[
         &["full-load", "--source", &src, "--cdc", "--parallel", "2"][..],
         &common,

@@ -3,10 +3,9 @@
 
 use std::sync::Arc;
 
+use pgshift::job::apply;
 use pgshift::job::full_load::{self, Progress};
-use pgshift::job::{apply, cdc_poll, validate};
-use pgshift::options::{CdcOptions, LoadOptions};
-use pgshift::selection::Selection;
+use pgshift::options::LoadOptions;
 use pgshift::staging::ObjectSink;
 use pgshift_tests::{Staging, TestDb};
 use tokio_postgres::error::SqlState;
@@ -180,18 +179,9 @@ async fn apply_builds_the_sources_schema_around_the_load() {
     )
     .await
     .unwrap();
-    cdc_poll::run(
-        &s.sink,
-        &s.state,
-        &CdcOptions::new(task, s.db.config(), "poller"),
-    )
-    .await
-    .unwrap();
+    s.poll(task).await;
     apply::run(&s.sink, &target.config(), task).await.unwrap();
-    let v = validate::run(&s.db.config(), &target.config(), &Selection::all())
-        .await
-        .unwrap();
-    assert!(v.equal, "{v:#?}");
+    pgshift_tests::assert_same(&s.db.config(), &target.config()).await;
     assert_eq!(
         count(
             &t,
@@ -305,23 +295,11 @@ async fn a_parquet_load_applies() {
     let report = apply::run(&s.sink, &target.config(), task).await.unwrap();
     assert!(report.load_applied, "{report:?}");
     assert!(report.load_chunks >= 3, "{report:?}");
-    let v = validate::run(&s.db.config(), &target.config(), &Selection::all())
-        .await
-        .unwrap();
-    assert!(v.equal, "{v:#?}");
+    pgshift_tests::assert_same(&s.db.config(), &target.config()).await;
     c.batch_execute("update public.types set f8 = f8 * 2 where id % 5 = 0; delete from public.types where id = -2")
         .await
         .unwrap();
-    cdc_poll::run(
-        &s.sink,
-        &s.state,
-        &CdcOptions::new(task, s.db.config(), "poller"),
-    )
-    .await
-    .unwrap();
+    s.poll(task).await;
     apply::run(&s.sink, &target.config(), task).await.unwrap();
-    let v = validate::run(&s.db.config(), &target.config(), &Selection::all())
-        .await
-        .unwrap();
-    assert!(v.equal, "{v:#?}");
+    pgshift_tests::assert_same(&s.db.config(), &target.config()).await;
 }

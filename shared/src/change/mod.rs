@@ -72,15 +72,9 @@ impl RowChange<'_> {
     }
 }
 
-/// Formats microseconds since 2000-01-01 UTC as `YYYY-MM-DD?HH:MM:SS.ffffff` with `sep`
-/// between date and time (`T` for RFC 3339, a space for DMS CSV).
-pub fn format_pg_timestamp(micros_since_2000: i64, sep: char) -> String {
-    let unix_micros = micros_since_2000.saturating_add(crate::pgoutput::PG_EPOCH_OFFSET_MICROS);
-    let secs = unix_micros.div_euclid(1_000_000);
-    let frac = unix_micros.rem_euclid(1_000_000);
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+/// (year, month, day) of a day count since 1970-01-01, proleptic Gregorian (year 0 is 1 BC;
+/// Howard Hinnant's algorithm).
+pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -89,7 +83,18 @@ pub fn format_pg_timestamp(micros_since_2000: i64, sep: char) -> String {
     let mp = (5 * doy + 2) / 153;
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// Formats microseconds since 2000-01-01 UTC as `YYYY-MM-DD?HH:MM:SS.ffffff` with `sep`
+/// between date and time (`T` for RFC 3339, a space for DMS CSV).
+pub fn format_pg_timestamp(micros_since_2000: i64, sep: char) -> String {
+    let unix_micros = micros_since_2000.saturating_add(crate::pgoutput::PG_EPOCH_OFFSET_MICROS);
+    let secs = unix_micros.div_euclid(1_000_000);
+    let frac = unix_micros.rem_euclid(1_000_000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let (year, month, day) = civil_from_days(days);
     format!(
         "{year:04}-{month:02}-{day:02}{sep}{:02}:{:02}:{:02}.{frac:06}",
         sod / 3600,

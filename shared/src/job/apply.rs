@@ -196,7 +196,7 @@ pub async fn run_until<S: ObjectSink, St: StateStore>(
     };
     let started = std::time::Instant::now();
     loop {
-        let checkpoint = staged_through(state, task).await?;
+        let checkpoint = records::staged_through(state, task).await?;
         let r = run_with(sink, target, task, opts).await?;
         total.load_applied |= r.load_applied;
         total.load_rows += r.load_rows;
@@ -232,75 +232,6 @@ pub async fn run_until<S: ObjectSink, St: StateStore>(
         }
         tracing::info!(task, target = %r.position, staged = %staged, until = %until, "waiting for CDC to stage up to the position");
         tokio::time::sleep(every).await;
-    }
-}
-
-/// How far CDC has staged a task: the checkpoint, or the target of a poll that drained
-/// everything (a drain ending on a commit leaves the checkpoint at it, short of the WAL
-/// after); `None` before its first poll.
-async fn staged_through<St: StateStore>(state: &St, task: &str) -> Result<Option<Lsn>> {
-    Ok(records::get_cdc(state, task).await?.map(|c| {
-        let drained = c
-            .last_poll
-            .and_then(|v| serde_json::from_value::<records::PollReport>(v).ok())
-            .filter(|p| matches!(p.outcome, records::Outcome::Drained))
-            .map_or(Lsn::ZERO, |p| p.target);
-        Lsn(c.checkpoint).max(drained)
-    }))
-}
-
-/// [`run_until`] with CDC drained in the same process: the poller ([`crate::job::cdc_poll`],
-/// with `cdc`'s options) stages batches while apply applies each one as its manifest appears,
-/// so reading the slot and writing the target overlap (as a native subscriber's walsender and
-/// apply worker do). Small batches (`cdc.max_batch_changes`) start apply sooner. Another
-/// poller holding the task's lease (a `cdc --follow`, the scheduled Lambda) is left to drain;
-/// this one retries every `until.every`. Done when apply is; a poller error ends the run.
-pub async fn catch_up<S: ObjectSink, St: StateStore>(
-    sink: &S,
-    state: &St,
-    cdc: &crate::options::CdcOptions,
-    target: &PgConfig,
-    task: &str,
-    until: &Until,
-    opts: ApplyOptions,
-) -> Result<ApplyReport> {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut cdc = cdc.clone();
-    cdc.stop = Some(stop.clone());
-    let cdc = &cdc;
-    let drain = async {
-        loop {
-            let report = crate::job::cdc_poll::run(sink, state, cdc).await?;
-            if stop.load(Ordering::Relaxed)
-                || staged_through(state, task)
-                    .await?
-                    .is_some_and(|s| s >= until.position)
-            {
-                return Ok::<(), Error>(());
-            }
-            let pause = match report.outcome {
-                records::Outcome::LeaseHeld { .. } => until.every,
-                _ => std::time::Duration::from_millis(20),
-            };
-            tokio::time::sleep(pause).await;
-        }
-    };
-    let apply = run_until(sink, state, target, task, until, opts);
-    let (drain, apply) = (std::pin::pin!(drain), std::pin::pin!(apply));
-    match futures_util::future::select(apply, drain).await {
-        futures_util::future::Either::Left((applied, drain)) => {
-            stop.store(true, Ordering::Relaxed);
-            let drained = drain.await;
-            let applied = applied?;
-            drained?;
-            Ok(applied)
-        }
-        futures_util::future::Either::Right((drained, apply)) => {
-            drained?;
-            apply.await
-        }
     }
 }
 

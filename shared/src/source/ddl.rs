@@ -34,7 +34,9 @@ pub enum DdlKind {
     Type,
     Sequence,
     Table,
-    /// Check constraints, sequence ownership and values, and other `ALTER`s after the tables.
+    /// A check constraint (`object` is its name).
+    Check,
+    /// Sequence ownership and values, after the tables.
     Alter,
     PrimaryKey,
     Unique,
@@ -127,8 +129,9 @@ pub async fn read(client: &Client, tables: &[u32]) -> Result<SchemaDdl> {
         add_schema(s, &mut out);
     }
     out.pre_data.append(&mut types.items);
-    sequences(client, &rels, &mut out).await?;
+    let sequence_alters = sequences(client, &rels, &mut out).await?;
     tables_sql(client, &rels, &mut out).await?;
+    out.pre_data.extend(sequence_alters);
     post_data(client, &rels, &mut out).await?;
     // Tables named as pgshift quotes them everywhere else (every identifier quoted).
     for item in out.pre_data.iter_mut().chain(out.post_data.iter_mut()) {
@@ -322,7 +325,7 @@ async fn types(client: &Client, rels: &[u32]) -> Result<Types> {
 
 /// Sequences the relations own (serial columns; identity columns make their own) and those
 /// their defaults call, with their options and current values.
-async fn sequences(client: &Client, rels: &[u32], out: &mut SchemaDdl) -> Result<()> {
+async fn sequences(client: &Client, rels: &[u32], out: &mut SchemaDdl) -> Result<Vec<DdlItem>> {
     let rows = client
         .query(
             "with used as ( \
@@ -411,13 +414,11 @@ async fn sequences(client: &Client, rels: &[u32], out: &mut SchemaDdl) -> Result
             sql: r.get(0),
         });
     }
-    // Ownership and values go after the tables ([`tables_sql`] appends them).
-    out.post_data.append(&mut after);
-    Ok(())
+    // Ownership and values go after the tables: returned for the caller to place there.
+    Ok(after)
 }
 
-/// The tables (with partitioning and partitions), then their check constraints, then the
-/// sequences' ownership and values (held in `post_data` by [`sequences`] until now).
+/// The tables (with partitioning and partitions), then their check constraints.
 async fn tables_sql(client: &Client, rels: &[u32], out: &mut SchemaDdl) -> Result<()> {
     let rows = client
         .query(
@@ -441,6 +442,8 @@ async fn tables_sql(client: &Client, rels: &[u32], out: &mut SchemaDdl) -> Resul
                case when c.relkind = 'p' then ' partition by ' || pg_get_partkeydef(c.oid) else '' end, \
                coalesce((select array_agg('alter table ' || quote_ident(n.nspname) || '.' || quote_ident(c.relname) || \
                    ' add constraint ' || quote_ident(k.conname) || ' ' || pg_get_constraintdef(k.oid) order by k.conname) \
+                 from pg_constraint k where k.conrelid = c.oid and k.contype = 'c' and k.conislocal), '{}'), \
+               coalesce((select array_agg(quote_ident(k.conname) order by k.conname) \
                  from pg_constraint k where k.conrelid = c.oid and k.contype = 'c' and k.conislocal), '{}') \
              from unnest($1::oid[]) with ordinality o(oid, ord) \
              join pg_class c on c.oid = o.oid join pg_namespace n on n.oid = c.relnamespace \
@@ -461,17 +464,17 @@ async fn tables_sql(client: &Client, rels: &[u32], out: &mut SchemaDdl) -> Resul
             table: Some(name.clone()),
             sql: r.get(3),
         });
-        for sql in r.get::<_, Vec<String>>(4) {
+        let names: Vec<String> = r.get(5);
+        for (sql, check) in r.get::<_, Vec<String>>(4).into_iter().zip(names) {
             checks.push(DdlItem {
-                kind: DdlKind::Alter,
-                object: name.clone(),
+                kind: DdlKind::Check,
+                object: check,
                 table: Some(name.clone()),
                 sql,
             });
         }
     }
     out.pre_data.append(&mut checks);
-    out.pre_data.append(&mut out.post_data);
     Ok(())
 }
 

@@ -202,6 +202,20 @@ pub async fn get_cdc<St: StateStore>(state: &St, task: &str) -> Result<Option<Cd
     }
 }
 
+/// How far CDC has staged a task: the checkpoint, or the target of a poll that drained
+/// everything (a drain ending on a commit leaves the checkpoint at it, short of the WAL
+/// after); `None` before its first poll.
+pub async fn staged_through<St: StateStore>(state: &St, task: &str) -> Result<Option<Lsn>> {
+    Ok(get_cdc(state, task).await?.map(|c| {
+        let drained = c
+            .last_poll
+            .and_then(|v| serde_json::from_value::<PollReport>(v).ok())
+            .filter(|p| matches!(p.outcome, Outcome::Drained))
+            .map_or(Lsn::ZERO, |p| p.target);
+        Lsn(c.checkpoint).max(drained)
+    }))
+}
+
 /// The poller's lease on the `cdc` item, and the checkpoint it moves.
 #[derive(Debug, Clone)]
 pub struct Lease {

@@ -367,24 +367,49 @@ async fn copy_parquet_chunk(
         .map_err(|e| Error::io(format!("spooling {key} to {}", spooled.0.display()), e))?;
     drop(file);
     let mut rows = ParquetRows::open(&spooled.0, key, &t.manifest.columns)?;
-    let name = &t.name;
-    let sink_in = tx
-        .copy_in::<_, Bytes>(&t.copy)
-        .await
-        .map_err(|e| Error::postgres(format!("starting COPY into {name}"), e))?;
-    let mut sink_in = std::pin::pin!(sink_in);
+    let mut copy = TableCopy::start(tx, t).await?;
     while let Some(csv) = rows.next_csv()? {
-        sink_in
-            .send(Bytes::from(csv))
-            .await
-            .map_err(|e| Error::postgres(format!("copying into {name}"), e))?;
+        copy.send(Bytes::from(csv)).await?;
     }
-    sink_in
-        .as_mut()
-        .finish()
-        .await
-        .map_err(|e| Error::postgres(format!("finishing COPY into {name}"), e))?;
-    Ok(())
+    copy.finish().await
+}
+
+/// The table's `COPY .. FROM STDIN`, open, with errors that name the table.
+struct TableCopy<'a> {
+    name: &'a str,
+    sink: std::pin::Pin<Box<tokio_postgres::CopyInSink<Bytes>>>,
+}
+
+impl<'a> TableCopy<'a> {
+    async fn start(
+        tx: &tokio_postgres::Transaction<'_>,
+        t: &'a LoadTable,
+    ) -> Result<TableCopy<'a>> {
+        let sink = tx
+            .copy_in::<_, Bytes>(&t.copy)
+            .await
+            .map_err(|e| Error::postgres(format!("starting COPY into {}", t.name), e))?;
+        Ok(TableCopy {
+            name: &t.name,
+            sink: Box::pin(sink),
+        })
+    }
+
+    async fn send(&mut self, bytes: Bytes) -> Result<()> {
+        self.sink
+            .send(bytes)
+            .await
+            .map_err(|e| Error::postgres(format!("copying into {}", self.name), e))
+    }
+
+    async fn finish(mut self) -> Result<()> {
+        self.sink
+            .as_mut()
+            .finish()
+            .await
+            .map_err(|e| Error::postgres(format!("finishing COPY into {}", self.name), e))?;
+        Ok(())
+    }
 }
 
 /// Streams a chunk file into the table's `COPY` (JSON Lines converted line by line).
@@ -393,12 +418,7 @@ async fn copy_chunk(
     t: &LoadTable,
     bytes: &mut FileBytes,
 ) -> Result<()> {
-    let name = &t.name;
-    let sink_in = tx
-        .copy_in::<_, Bytes>(&t.copy)
-        .await
-        .map_err(|e| Error::postgres(format!("starting COPY into {name}"), e))?;
-    let mut sink_in = std::pin::pin!(sink_in);
+    let mut copy = TableCopy::start(tx, t).await?;
     let jsonl = t.manifest.format.encoding == Encoding::Jsonl;
     let mut partial: Vec<u8> = Vec::new();
     while let Some(piece) = bytes.next().await? {
@@ -413,22 +433,11 @@ async fn copy_chunk(
         } else {
             piece
         };
-        sink_in
-            .send(out)
-            .await
-            .map_err(|e| Error::postgres(format!("copying into {name}"), e))?;
+        copy.send(out).await?;
     }
     if !partial.is_empty() {
         let csv = jsonl_to_csv(&partial, &t.manifest.columns)?;
-        sink_in
-            .send(Bytes::from(csv))
-            .await
-            .map_err(|e| Error::postgres(format!("copying into {name}"), e))?;
+        copy.send(Bytes::from(csv)).await?;
     }
-    sink_in
-        .as_mut()
-        .finish()
-        .await
-        .map_err(|e| Error::postgres(format!("finishing COPY into {name}"), e))?;
-    Ok(())
+    copy.finish().await
 }

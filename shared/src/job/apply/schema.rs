@@ -95,26 +95,15 @@ async fn present(client: &Client, item: &DdlItem) -> Result<bool> {
                 .query_one("select to_regclass($1) is not null", &[&item.object])
                 .await
         }
-        DdlKind::PrimaryKey | DdlKind::Unique | DdlKind::Exclusion | DdlKind::ForeignKey => {
+        DdlKind::PrimaryKey
+        | DdlKind::Unique
+        | DdlKind::Exclusion
+        | DdlKind::ForeignKey
+        | DdlKind::Check => {
             client
                 .query_one(
                     "select exists (select 1 from pg_constraint where conrelid = to_regclass($1) and quote_ident(conname) = $2)",
                     &[&item.table.clone().unwrap_or_default(), &item.object],
-                )
-                .await
-        }
-        DdlKind::Alter if item.sql.contains(" add constraint ") => {
-            let name = item
-                .sql
-                .split(" add constraint ")
-                .nth(1)
-                .and_then(|rest| rest.split(" CHECK ").next())
-                .unwrap_or_default()
-                .to_owned();
-            client
-                .query_one(
-                    "select exists (select 1 from pg_constraint where conrelid = to_regclass($1) and quote_ident(conname) = $2)",
-                    &[&item.table.clone().unwrap_or_default(), &name],
                 )
                 .await
         }
@@ -132,6 +121,7 @@ fn describe(item: &DdlItem) -> String {
         DdlKind::Type => "type",
         DdlKind::Sequence => "sequence",
         DdlKind::Table => "table",
+        DdlKind::Check => "check constraint",
         DdlKind::Alter => "statement on",
         DdlKind::PrimaryKey => "primary key",
         DdlKind::Unique => "unique constraint",

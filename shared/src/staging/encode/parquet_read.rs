@@ -180,23 +180,9 @@ fn float(
     Ok(())
 }
 
-/// (year, month, day) of a day count since 1970-01-01, proleptic Gregorian (year 0 = 1 BC).
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
 fn ymd(out: &mut String, days: i64) -> bool {
     use std::fmt::Write;
-    let (y, m, d) = civil_from_days(days);
+    let (y, m, d) = crate::change::civil_from_days(days);
     let bc = y <= 0;
     let _ = write!(out, "{:04}-{m:02}-{d:02}", if bc { 1 - y } else { y });
     bc
