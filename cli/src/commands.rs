@@ -174,7 +174,7 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
                             &args.task,
                             &apply_job::Until {
                                 position: u,
-                                every: Duration::from_millis(50),
+                                every: Duration::from_millis(20),
                                 wait: Duration::from_secs(args.wait),
                             },
                             opts,

@@ -16,6 +16,16 @@ pub struct ColumnSchema {
     pub key: bool,
 }
 
+impl ColumnSchema {
+    /// Whether two equal values of its type can be spelt differently (`5` and `5.000`, `A`
+    /// and `a` under a case-insensitive collation): then a key's new spelling must be written
+    /// even when an equal key is already there. Integer keys cannot (and an identity column,
+    /// which is one, cannot be set).
+    pub fn spellings_differ(&self) -> bool {
+        !matches!(self.type_oid, 20 | 21 | 23 | 26)
+    }
+}
+
 /// A table as of one schema version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableSchema {

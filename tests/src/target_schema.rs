@@ -24,7 +24,7 @@ const SOURCE: &str = "create schema app;
  create table app.events (id int, at date not null, v text, primary key (id, at)) partition by range (at);
  create table app.events_2025 partition of app.events for values from ('2025-01-01') to ('2026-01-01');
  create table app.events_2026 partition of app.events for values from ('2026-01-01') to ('2027-01-01');
- create table app.nokey (a int, b text);
+ create table app.nokey (a int, b text) with (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.05);
  create function app.touch() returns trigger language plpgsql as $$ begin return new; end $$;
  create trigger parent_touch before update on app.parent for each row execute function app.touch();
  insert into app.parent (name) select 'p' || g from generate_series(1, 100) g;
@@ -137,6 +137,19 @@ async fn apply_builds_the_sources_schema_around_the_load() {
     assert_eq!(
         count(&t, "select count(*) from pg_attribute where attrelid = 'app.child'::regclass and attname = 'note' and attcollation = 'pg_catalog.\"C\"'::regcollation").await,
         1
+    );
+    // Storage parameters, as pg_dump carries them.
+    let opts: Vec<String> = t
+        .query_one(
+            "select reloptions::text[] from pg_class where oid = 'app.nokey'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        opts,
+        ["fillfactor=70", "autovacuum_vacuum_scale_factor=0.05"]
     );
     // post-data: keys, the unique constraint, indexes, the foreign key; the duplicates gone.
     assert_eq!(

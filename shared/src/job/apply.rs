@@ -94,72 +94,113 @@ pub async fn run_with<S: ObjectSink>(
     task: &str,
     opts: ApplyOptions,
 ) -> Result<ApplyReport> {
-    check_task_name(task)?;
-    let mut cfg = target.clone();
-    cfg.application_name = "pgshift-apply".to_owned();
-    let mut client = source::connect(&cfg).await?;
-    let (load_complete, position) = open_target(sink, &client, task).await?;
-    replica_role(&client).await?;
     let mut report = ApplyReport {
         task: task.to_owned(),
-        position,
         ..ApplyReport::default()
     };
-    let mut tables = Tables::default();
-    let keys = layout::batch_manifest_keys(sink).await?;
-    if !load_complete {
-        match load::apply_load(
-            sink,
-            &mut client,
-            &cfg,
-            task,
-            opts.load_workers,
-            opts.target_prep,
-            &mut tables,
-        )
-        .await?
-        {
-            Some(loaded) => {
-                report.load_applied = true;
-                report.load_rows = loaded.rows;
-                report.load_chunks = loaded.chunks;
-                report.load_chunks_resumed = loaded.resumed;
-                report.position = loaded.l0;
-                report.schema_items = loaded.schema.items;
-                report.schema_skipped = loaded.schema.skipped;
-            }
-            None => require_no_load(sink, &keys).await?,
-        }
-    }
-    let snapshots = load_snapshots(sink).await?;
-    let ends: std::collections::HashSet<Lsn> = keys
-        .iter()
-        .filter_map(|k| layout::batch_range(k))
-        .map(|(_, e)| e)
-        .collect();
-    for key in pending_batches(&keys, report.position)? {
-        let m: BatchManifest = layout::get_json(sink, &key, "a batch manifest").await?;
-        // The chain: the batch before this one must be in the stage.
-        if let Some(prev) = m.prev_end_lsn
-            && !ends.contains(&prev)
-        {
-            return Err(Error::Staged(format!(
-                "{key} follows a batch that ended at {prev}, whose manifest is missing from {}: staged data was lost or removed",
-                sink.describe()
-            )));
-        }
-        let at = Applying {
-            task,
-            position: report.position,
-            snapshots: &snapshots,
-        };
-        let (changes, set_based) = apply_batch(sink, &mut client, &m, &at, &mut tables).await?;
-        report.batches_applied += 1;
-        report.changes_applied += changes;
-        report.changes_set_based += set_based;
-        report.position = m.end_lsn;
-    }
+    let mut session = Session::open(sink, target, task, opts, &mut report).await?;
+    session.apply_pending(sink, &mut report).await?;
     Ok(report)
+}
+
+/// A target connection set up to apply a task's batches (kept across [`run_until`]'s rounds).
+struct Session {
+    client: Client,
+    task: String,
+    tables: Tables,
+    snapshots: HashMap<(String, String), (Snapshot, Lsn)>,
+    /// The target has the task's load (or it has none): later rounds only apply batches.
+    load_complete: bool,
+}
+
+impl Session {
+    /// Connects, creates the bookkeeping, and applies the load if the target lacks it.
+    async fn open<S: ObjectSink>(
+        sink: &S,
+        target: &PgConfig,
+        task: &str,
+        opts: ApplyOptions,
+        report: &mut ApplyReport,
+    ) -> Result<Session> {
+        check_task_name(task)?;
+        let mut cfg = target.clone();
+        cfg.application_name = "pgshift-apply".to_owned();
+        let mut client = source::connect(&cfg).await?;
+        let (mut load_complete, position) = open_target(sink, &client, task).await?;
+        replica_role(&client).await?;
+        report.position = position;
+        let mut tables = Tables::default();
+        if !load_complete {
+            match load::apply_load(
+                sink,
+                &mut client,
+                &cfg,
+                task,
+                opts.load_workers,
+                opts.target_prep,
+                &mut tables,
+            )
+            .await?
+            {
+                Some(loaded) => {
+                    report.load_applied = true;
+                    report.load_rows += loaded.rows;
+                    report.load_chunks += loaded.chunks;
+                    report.load_chunks_resumed += loaded.resumed;
+                    report.position = loaded.l0;
+                    report.schema_items += loaded.schema.items;
+                    report.schema_skipped.extend(loaded.schema.skipped);
+                    load_complete = true;
+                }
+                None => require_no_load(sink, &layout::batch_manifest_keys(sink).await?).await?,
+            }
+        }
+        Ok(Session {
+            client,
+            task: task.to_owned(),
+            tables,
+            snapshots: load_snapshots(sink).await?,
+            load_complete,
+        })
+    }
+
+    /// Applies every staged batch after `report.position`, moving it.
+    async fn apply_pending<S: ObjectSink>(
+        &mut self,
+        sink: &S,
+        report: &mut ApplyReport,
+    ) -> Result<()> {
+        let keys = layout::batch_manifest_keys(sink).await?;
+        let ends: std::collections::HashSet<Lsn> = keys
+            .iter()
+            .filter_map(|k| layout::batch_range(k))
+            .map(|(_, e)| e)
+            .collect();
+        for key in pending_batches(&keys, report.position)? {
+            let m: BatchManifest = layout::get_json(sink, &key, "a batch manifest").await?;
+            // The chain: the batch before this one must be in the stage.
+            if let Some(prev) = m.prev_end_lsn
+                && !ends.contains(&prev)
+            {
+                return Err(Error::Staged(format!(
+                    "{key} follows a batch that ended at {prev}, whose manifest is missing from {}: staged data was lost or removed",
+                    sink.describe()
+                )));
+            }
+            let at = Applying {
+                task: &self.task,
+                position: report.position,
+                snapshots: &self.snapshots,
+            };
+            let (changes, set_based) =
+                apply_batch(sink, &mut self.client, &m, &at, &mut self.tables).await?;
+            report.batches_applied += 1;
+            report.changes_applied += changes;
+            report.changes_set_based += set_based;
+            report.position = m.end_lsn;
+        }
+        Ok(())
+    }
 }
 
 /// Where [`run_until`] stops, and how it waits.
@@ -195,20 +236,17 @@ pub async fn run_until<S: ObjectSink, St: StateStore>(
         ..ApplyReport::default()
     };
     let started = std::time::Instant::now();
+    // One connection for every round once the target has the load.
+    let mut session: Option<Session> = None;
     loop {
         let checkpoint = records::staged_through(state, task).await?;
-        let r = run_with(sink, target, task, opts).await?;
-        total.load_applied |= r.load_applied;
-        total.load_rows += r.load_rows;
-        total.load_chunks += r.load_chunks;
-        total.load_chunks_resumed += r.load_chunks_resumed;
-        total.batches_applied += r.batches_applied;
-        total.changes_applied += r.changes_applied;
-        total.changes_set_based += r.changes_set_based;
-        total.schema_items += r.schema_items;
-        total.schema_skipped.extend(r.schema_skipped);
-        total.position = r.position;
-        if checkpoint.is_some_and(|c| c >= until) || r.position >= until {
+        let mut s = match session.take() {
+            Some(s) if s.load_complete => s,
+            _ => Session::open(sink, target, task, opts, &mut total).await?,
+        };
+        s.apply_pending(sink, &mut total).await?;
+        session = Some(s);
+        if checkpoint.is_some_and(|c| c >= until) || total.position >= until {
             return Ok(total);
         }
         // A task whose CDC has not polled yet has no checkpoint: wait for it; one that
@@ -226,11 +264,11 @@ pub async fn run_until<S: ObjectSink, St: StateStore>(
         if started.elapsed() >= wait {
             return Err(Error::Source(format!(
                 "the target of task {task} is at {}, CDC staged through {staged}, not yet {until} after {} s: is `pgshift cdc --follow` (or the scheduled poller) running?",
-                r.position,
+                total.position,
                 wait.as_secs()
             )));
         }
-        tracing::info!(task, target = %r.position, staged = %staged, until = %until, "waiting for CDC to stage up to the position");
+        tracing::info!(task, target = %total.position, staged = %staged, until = %until, "waiting for CDC to stage up to the position");
         tokio::time::sleep(every).await;
     }
 }

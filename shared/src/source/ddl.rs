@@ -439,7 +439,9 @@ async fn tables_sql(client: &Client, rels: &[u32], out: &mut SchemaDdl) -> Resul
                  from pg_attribute a join pg_type ty on ty.oid = a.atttypid \
                  left join pg_attrdef ad on ad.adrelid = a.attrelid and ad.adnum = a.attnum \
                  where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped), '') || ')' end || \
-               case when c.relkind = 'p' then ' partition by ' || pg_get_partkeydef(c.oid) else '' end, \
+               case when c.relkind = 'p' then ' partition by ' || pg_get_partkeydef(c.oid) else '' end || \
+               coalesce(' with (' || (select string_agg(quote_ident(split_part(o, '=', 1)) || ' = ' || \
+                   quote_literal(substr(o, strpos(o, '=') + 1)), ', ') from unnest(c.reloptions) o) || ')', ''), \
                coalesce((select array_agg('alter table ' || quote_ident(n.nspname) || '.' || quote_ident(c.relname) || \
                    ' add constraint ' || quote_ident(k.conname) || ' ' || pg_get_constraintdef(k.oid) order by k.conname) \
                  from pg_constraint k where k.conrelid = c.oid and k.contype = 'c' and k.conislocal), '{}'), \

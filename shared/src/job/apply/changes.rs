@@ -155,10 +155,17 @@ fn insert(schema: &TableSchema, name: &str, change: &Change, conflict: &str) -> 
 /// from the new row's first removes the old row).
 fn upsert(schema: &TableSchema, name: &str, change: &Change) -> Result<Vec<Statement>> {
     let keys: Vec<String> = quoted_keys(schema);
+    // Key columns included: the source's spelling of an equal key value (`5.000`, `5`) wins
+    // (not integer ones: never spelt two ways, and an identity column cannot be set).
     let updates: Vec<String> = change
         .after
         .iter()
-        .filter(|(c, _)| !schema.columns.iter().any(|k| k.key && k.name == *c))
+        .filter(|(c, _)| {
+            !schema
+                .columns
+                .iter()
+                .any(|k| k.key && k.name == *c && !k.spellings_differ())
+        })
         .map(|(c, _)| format!("{0} = excluded.{0}", quote_ident(c)))
         .collect();
     let conflict = if updates.is_empty() {

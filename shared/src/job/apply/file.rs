@@ -222,6 +222,10 @@ pub(super) async fn apply_file(
         if let Some(r) = run.take() {
             r.apply(tx).await?;
         }
+        if change.op == "T" {
+            truncate(tx, &name).await?;
+            continue;
+        }
         for statement in change_statements(schema, &name, &change, &file.key)? {
             execute(tx, statements, &name, &statement).await?;
         }
@@ -270,4 +274,27 @@ async fn execute(
     tx.execute(&statements[sql], &params)
         .await
         .map_err(|e| Error::postgres(format!("applying a change to {name}"), e))
+}
+
+/// A staged truncate. The source truncated every table a foreign key ties to this one in the
+/// same statement, but the batch applies them one file at a time, and the target refuses to
+/// truncate a table another one references on its own (whatever the replication role). Then
+/// the rows are deleted instead (in the replica role no foreign-key trigger fires; the
+/// referencing table's own truncate follows in the batch): the same end state, never a
+/// cascade into a table the source kept.
+async fn truncate(tx: &tokio_postgres::Transaction<'_>, name: &str) -> Result<()> {
+    tx.batch_execute("savepoint pgshift_truncate")
+        .await
+        .map_err(|e| Error::postgres(format!("truncating {name}"), e))?;
+    match tx.batch_execute(&format!("truncate {name}")).await {
+        Ok(()) => tx.batch_execute("release savepoint pgshift_truncate").await,
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED) => {
+            tx.batch_execute(&format!(
+                "rollback to savepoint pgshift_truncate; delete from {name}; release savepoint pgshift_truncate"
+            ))
+            .await
+        }
+        Err(e) => Err(e),
+    }
+    .map_err(|e| Error::postgres(format!("truncating {name}"), e))
 }
