@@ -194,10 +194,10 @@ impl Run {
             self.write_row(&line);
             return;
         }
-        if let Some(older) = self.latest.get(&key).copied() {
-            if let Some(old) = self.folded[older].take() {
-                self.folded_bytes -= old.len();
-            }
+        if let Some(older) = self.latest.get(&key).copied()
+            && let Some(old) = self.folded[older].take()
+        {
+            self.folded_bytes -= old.len();
         }
         self.latest.insert(key, self.folded.len());
         self.folded_bytes += line.len();
