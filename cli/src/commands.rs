@@ -89,6 +89,7 @@ pub(crate) async fn full_load(args: FullLoadArgs) -> pgshift::Result<ExitCode> {
         .map_err(|e| Error::config("--chunk-mb", e.to_string()))?;
     let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
     let mut opts = settings.load_options(&args.task, seams.source.clone(), lease_owner(), None);
+    opts.events = events_for(args.events_bus.as_deref(), seams.aws.as_ref()).await?;
     opts.force_lease = args.force;
     opts.allow_empty = args.allow_empty;
     let progress = Arc::new(Progress::default());
@@ -125,7 +126,7 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
         return Err(Error::config("--max-batch-changes", "must be at least 1"));
     }
     // With --until and the source, CDC is drained here, alongside apply.
-    let drain = match (&until, source) {
+    let mut drain = match (&until, source) {
         (Some(_), Some(source)) => {
             let settings = TaskSettings {
                 format: Format::parse(&args.format, "--format")?,
@@ -157,9 +158,13 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
     };
     let spec = SourceSpec::parse(&args.target, "--target")?;
     let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
+    let events = events_for(args.events_bus.as_deref(), seams.aws.as_ref()).await?;
+    if let Some(cdc) = drain.as_mut() {
+        cdc.events = events.clone();
+    }
     let target = &seams.source;
     loop {
-        let report = with_seams!(
+        let applied = with_seams!(
             &seams.stage,
             &seams.state,
             seams.aws.as_ref(),
@@ -199,7 +204,17 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
                     (None, _) => apply_job::run_with(&sink, target, &args.task, opts).await,
                 }
             }
-        )?;
+        );
+        let report = match applied {
+            Ok(report) => report,
+            Err(e) => {
+                use pgshift::events::{Job, TaskStateChanged};
+                events
+                    .announce(&[TaskStateChanged::from_error(&args.task, Job::Apply, &e).event()])
+                    .await;
+                return Err(e);
+            }
+        };
         if args.json {
             print_json(serde_json::to_value(&report), false);
         } else {
@@ -209,6 +224,30 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
     }
+}
+
+/// `--events-bus`: off unless given; EventBridge on the bus (the AWS clients of the stage
+/// and state when they are on AWS, else from the environment).
+async fn events_for(
+    bus: Option<&str>,
+    aws: Option<&Aws>,
+) -> pgshift::Result<pgshift::events::Events> {
+    let Some(bus) = bus.map(str::trim).filter(|b| !b.is_empty() && *b != "none") else {
+        return Ok(pgshift::events::Events::off());
+    };
+    let bus = pgshift::config::check_bus(bus).map_err(|_| {
+        Error::config(
+            "--events-bus",
+            format!(
+                "{bus:?} is not an EventBridge bus name (letters, digits, / . - _) or event-bus ARN"
+            ),
+        )
+    })?;
+    let aws = match aws {
+        Some(aws) => aws.clone(),
+        None => Aws::from_env().await,
+    };
+    Ok(pgshift::events::for_bus(&aws, Some(&bus)))
 }
 
 /// The source's connection settings from `--source` (a URL or `secret:<arn>`).
@@ -397,6 +436,7 @@ pub(crate) async fn cdc(args: CdcArgs) -> pgshift::Result<ExitCode> {
     };
     let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
     let mut opts = settings.cdc_options(&args.task, seams.source.clone(), lease_owner(), None);
+    opts.events = events_for(args.events_bus.as_deref(), seams.aws.as_ref()).await?;
     opts.max_batch_changes = args.max_batch_changes;
     opts.force_lease = args.force;
     opts.allow_empty = args.allow_empty;

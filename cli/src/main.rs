@@ -90,6 +90,11 @@ pub(crate) struct TestEndpointArgs {
 
 #[derive(Args)]
 pub(crate) struct FullLoadArgs {
+    /// EventBridge bus for pgshift's events (`Batch Committed`, `Table Loaded`, `Load
+    /// Finished`, `Task State Changed`): a bus name, an event-bus ARN, or `default`. None
+    /// unless given.
+    #[arg(long, env = "PGSHIFT_EVENTS_BUS")]
+    pub(crate) events_bus: Option<String>,
     #[arg(long, env = "PGSHIFT_TASK")]
     pub(crate) task: String,
     /// `postgres://..` or `secret:<arn>`.
@@ -134,6 +139,11 @@ pub(crate) struct FullLoadArgs {
 
 #[derive(Args)]
 pub(crate) struct ApplyArgs {
+    /// EventBridge bus for pgshift's events (`Batch Committed`, `Table Loaded`, `Load
+    /// Finished`, `Task State Changed`): a bus name, an event-bus ARN, or `default`. None
+    /// unless given.
+    #[arg(long, env = "PGSHIFT_EVENTS_BUS")]
+    pub(crate) events_bus: Option<String>,
     #[arg(long, env = "PGSHIFT_TASK")]
     pub(crate) task: String,
     #[arg(long, env = "PGSHIFT_STAGE", default_value = "./pgshift-data/stage")]
@@ -254,6 +264,11 @@ pub(crate) struct StatusArgs {
 
 #[derive(Args)]
 pub(crate) struct CdcArgs {
+    /// EventBridge bus for pgshift's events (`Batch Committed`, `Table Loaded`, `Load
+    /// Finished`, `Task State Changed`): a bus name, an event-bus ARN, or `default`. None
+    /// unless given.
+    #[arg(long, env = "PGSHIFT_EVENTS_BUS")]
+    pub(crate) events_bus: Option<String>,
     #[arg(long, env = "PGSHIFT_TASK")]
     pub(crate) task: String,
     /// `postgres://..` or `secret:<arn>`.

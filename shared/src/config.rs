@@ -400,6 +400,42 @@ pub struct LambdaEnv {
     /// `PGSHIFT_PEEK_SESSIONS`: backends a large CDC drain may decode with at once, 1 or 2
     /// (default 2).
     pub peek_sessions: u8,
+    /// `PGSHIFT_EVENTS_BUS`: the EventBridge bus events go to (name or ARN; the default bus
+    /// when unset, none with `none`).
+    pub events_bus: Option<String>,
+    /// `PGSHIFT_SLOT_LAG_ALERT_BYTES`: retained WAL past which the slot is announced as
+    /// lagging (default 1 GiB).
+    pub slot_lag_alert_bytes: u64,
+}
+
+/// An EventBridge bus name (`[/\.\-_A-Za-z0-9]{1,256}`) or ARN, else an error naming it.
+pub fn check_bus(bus: &str) -> Result<String> {
+    let bus = bus.trim();
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 256
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '-' | '_'))
+    };
+    let ok = match bus.strip_prefix("arn:") {
+        Some(rest) => {
+            rest.contains(":events:")
+                && rest
+                    .split_once(":event-bus/")
+                    .is_some_and(|(_, n)| name_ok(n))
+        }
+        None => name_ok(bus),
+    };
+    if ok {
+        Ok(bus.to_owned())
+    } else {
+        Err(Error::config(
+            "events bus",
+            format!(
+                "{bus:?} is not an EventBridge bus name (letters, digits, / . - _) or event-bus ARN"
+            ),
+        ))
+    }
 }
 
 impl LambdaEnv {
@@ -450,6 +486,12 @@ impl LambdaEnv {
         let chunk_mb = number("PGSHIFT_CHUNK_MB", 256, 65_536)?;
         let max_concurrency = number("PGSHIFT_MAX_CONCURRENCY", 8, 1000)? as u32;
         let peek_sessions = number("PGSHIFT_PEEK_SESSIONS", 2, 2)? as u8;
+        let slot_lag_alert_bytes = number("PGSHIFT_SLOT_LAG_ALERT_BYTES", 1 << 30, u64::MAX)?;
+        let events_bus = match get("PGSHIFT_EVENTS_BUS") {
+            None => Some("default".to_owned()),
+            Some(v) if v == "none" => None,
+            Some(v) => Some(check_bus(&v)?),
+        };
         let selection = match get("PGSHIFT_TABLE_MAPPINGS") {
             None => crate::selection::Selection::all(),
             Some(json) => crate::selection::Selection::from_json(&json, "PGSHIFT_TABLE_MAPPINGS")?,
@@ -461,6 +503,8 @@ impl LambdaEnv {
             })?;
         }
         Ok(LambdaEnv {
+            events_bus,
+            slot_lag_alert_bytes,
             cdc,
             replica_identity_full,
             chunk_mb,

@@ -26,6 +26,8 @@ pub struct StagedDeps {
     pub secret: String,
     pub sink: crate::staging::S3Sink,
     pub state: crate::state::DynamoStore,
+    /// `PGSHIFT_EVENTS_BUS` (the default bus when unset).
+    pub events: crate::events::Events,
 }
 
 impl StagedDeps {
@@ -42,7 +44,9 @@ impl StagedDeps {
         let aws = crate::aws::Aws::from_env().await;
         let sink = crate::staging::S3Sink::new(aws.s3(), &stage)?;
         let state = crate::state::DynamoStore::new(aws.dynamodb(), table);
+        let events = crate::events::for_bus(&aws, env.events_bus.as_deref());
         Ok(StagedDeps {
+            events,
             aws,
             env,
             task,

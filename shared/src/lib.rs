@@ -23,6 +23,7 @@ pub mod aws;
 pub mod change;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod job;
 #[cfg(feature = "lambda")]
 pub mod lambda;

@@ -27,6 +27,8 @@ pub struct TaskSettings {
     pub cdc: bool,
     /// pgshift may set REPLICA IDENTITY FULL on selected tables without a key.
     pub replica_identity_full: bool,
+    /// Retained WAL past which the slot is announced as lagging.
+    pub slot_lag_alert_bytes: u64,
 }
 
 impl Default for TaskSettings {
@@ -39,6 +41,7 @@ impl Default for TaskSettings {
             chunk_mib: 256,
             cdc: false,
             replica_identity_full: false,
+            slot_lag_alert_bytes: 1 << 30,
         }
     }
 }
@@ -53,6 +56,7 @@ impl From<&LambdaEnv> for TaskSettings {
             chunk_mib: env.chunk_mb,
             cdc: env.cdc,
             replica_identity_full: env.replica_identity_full,
+            slot_lag_alert_bytes: env.slot_lag_alert_bytes,
         }
     }
 }
@@ -73,6 +77,7 @@ impl TaskSettings {
         o.selection = self.selection.clone();
         o.peek_sessions = self.peek_sessions;
         o.replica_identity_full = self.replica_identity_full;
+        o.slot_lag_alert_bytes = self.slot_lag_alert_bytes;
         if let Some(left) = time_left {
             o.deadline = Some(Instant::now() + left);
             o.lease_ttl = left + Duration::from_secs(30);
@@ -140,6 +145,10 @@ pub struct CdcOptions {
     pub allow_empty: bool,
     /// Set to stop at the next commit boundary (the CLI's SIGINT/SIGTERM).
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Where `Batch Committed` and `Task State Changed` go (off by default).
+    pub events: crate::events::Events,
+    /// Retained WAL past which the slot is announced as lagging (`Task State Changed`).
+    pub slot_lag_alert_bytes: u64,
 }
 
 impl CdcOptions {
@@ -176,6 +185,8 @@ impl CdcOptions {
             force_lease: false,
             allow_empty: false,
             stop: None,
+            events: crate::events::Events::off(),
+            slot_lag_alert_bytes: 1 << 30,
         }
     }
 }
@@ -203,6 +214,8 @@ pub struct LoadOptions {
     pub force_lease: bool,
     /// Selection rules may match no table.
     pub allow_empty: bool,
+    /// Where `Table Loaded`, `Load Finished` and a failed load's `Task State Changed` go.
+    pub events: crate::events::Events,
 }
 
 impl LoadOptions {
@@ -221,6 +234,7 @@ impl LoadOptions {
             replica_identity_full: false,
             force_lease: false,
             allow_empty: false,
+            events: crate::events::Events::off(),
         }
     }
 }

@@ -322,9 +322,14 @@ async fn a_worker_session_serves_many_chunks_and_survives_a_cut() {
         "a new session after the cut, then kept"
     );
     assert_eq!(rows, 40_000);
-    let ms = full_load::finish(&l.sink, &l.state, "session")
-        .await
-        .unwrap();
+    let ms = full_load::finish(
+        &l.sink,
+        &l.state,
+        "session",
+        &pgshift::events::Events::off(),
+    )
+    .await
+    .unwrap();
     assert_eq!(ms[0].rows, 40_000);
 }
 
@@ -430,7 +435,9 @@ async fn a_killed_export_is_retried_into_one_complete_object() {
         "no half object is visible"
     );
     assert!(
-        full_load::finish(&l.sink, &l.state, "kill").await.is_err(),
+        full_load::finish(&l.sink, &l.state, "kill", &pgshift::events::Events::off())
+            .await
+            .is_err(),
         "finish refuses unfinished chunks"
     );
 
@@ -452,7 +459,9 @@ async fn a_killed_export_is_retried_into_one_complete_object() {
         .await
         .unwrap();
     assert_eq!(again.attempts, 2, "a done chunk is not exported again");
-    let ms = full_load::finish(&l.sink, &l.state, "kill").await.unwrap();
+    let ms = full_load::finish(&l.sink, &l.state, "kill", &pgshift::events::Events::off())
+        .await
+        .unwrap();
     let m = &ms[0];
     assert_eq!(m.rows, 50_000);
     let objects = l.sink.list("public/t/LOAD").await.unwrap();

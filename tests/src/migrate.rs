@@ -380,7 +380,9 @@ async fn a_row_read_by_two_chunks_applies_once() {
             .await
             .unwrap();
     }
-    let ms = full_load::finish(&sink, &state, "dup").await.unwrap();
+    let ms = full_load::finish(&sink, &state, "dup", &pgshift::events::Events::off())
+        .await
+        .unwrap();
     assert_eq!(ms[0].rows, 20_001, "row 1 was read by two chunks");
     let co = CdcOptions::new("dup", source.config(), "poller");
     cdc_poll::run(&sink, &state, &co).await.unwrap();

@@ -25,12 +25,13 @@ async fn run(
         return Err(Error::event("event", "must be a JSON object"));
     }
     let remaining = pgshift::lambda::remaining(&event.context);
-    let opts = TaskSettings::from(&deps.env).cdc_options(
+    let mut opts = TaskSettings::from(&deps.env).cdc_options(
         &deps.task,
         deps.source().await?,
         event.context.request_id.clone(),
         Some(remaining),
     );
+    opts.events = deps.events.clone();
     let report = cdc_poll::run(&deps.sink, &deps.state, &opts).await?;
     // CloudWatch Embedded Metric Format: one line on stdout becomes the metrics.
     println!("{}", cdc_poll::emf_line(&report));

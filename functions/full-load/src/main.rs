@@ -54,7 +54,8 @@ async fn run(
             json(&record)
         }
         FullLoadEvent::Finish => {
-            let manifests = full_load::finish(&deps.sink, &deps.state, &deps.task).await?;
+            let manifests =
+                full_load::finish(&deps.sink, &deps.state, &deps.task, &deps.events).await?;
             let rows: u64 = manifests.iter().map(|m| m.rows).sum();
             Ok(serde_json::json!({"task": deps.task, "tables": manifests.len(), "rows": rows}))
         }

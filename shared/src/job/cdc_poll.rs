@@ -69,6 +69,7 @@ use crate::change::decoder::{self, Keep, Relations};
 use crate::change::{Op, format_pg_timestamp, pg_now};
 use crate::config::check_task_name;
 use crate::error::{Error, Result};
+use crate::events::{BatchCommitted, Job, TaskState, TaskStateChanged};
 use crate::lsn::Lsn;
 use crate::options::CdcOptions;
 use crate::pgoutput::{self, Message};
@@ -170,13 +171,65 @@ pub async fn poll<Src: CdcSource, S: ObjectSink, St: StateStore>(
         xid_horizon: crate::state::records::snapshot_horizon(state, &opts.task).await?,
         row_buf: Vec::with_capacity(1024),
     };
+    let before = poller
+        .lease
+        .rec
+        .last_poll
+        .clone()
+        .and_then(|v| serde_json::from_value::<PollReport>(v).ok());
     // The drain future is large (S3 writers per table): keep it on the heap.
-    let result = Box::pin(poller.drain(started)).await;
+    let mut result = Box::pin(poller.drain(started)).await;
     // An injected fault stands for a process that died: it releases nothing.
-    if !matches!(result, Err(Error::Injected(_))) {
-        poller.lease.release(state, result.as_ref().ok()).await;
+    if matches!(result, Err(Error::Injected(_))) {
+        return result;
     }
+    if opts.events.enabled() {
+        let change = match &result {
+            Ok(report) => lag_change(opts, before.as_ref(), report),
+            Err(e) => Some(TaskStateChanged::from_error(&opts.task, Job::Cdc, e)),
+        };
+        if let Some(mut change) = change {
+            change.slot = Some(poller.task.slot.clone());
+            if let Ok(r) = &result {
+                change.slot_retained_bytes = Some(r.slot_retained_bytes);
+            }
+            let sent = opts.events.announce(&[change.event()]).await;
+            if let Ok(r) = result.as_mut() {
+                r.events_put += sent.put;
+                r.events_failed += sent.failed;
+            }
+        }
+    }
+    poller.lease.release(state, result.as_ref().ok()).await;
     result
+}
+
+/// `Task State Changed` when the slot's retained WAL crossed the alert threshold since the
+/// last poll (either way).
+fn lag_change(
+    opts: &CdcOptions,
+    before: Option<&PollReport>,
+    now: &PollReport,
+) -> Option<TaskStateChanged> {
+    let limit = opts.slot_lag_alert_bytes as i64;
+    let was = before.is_some_and(|b| b.slot_retained_bytes > limit);
+    let is = now.slot_retained_bytes > limit;
+    let bytes = now.slot_retained_bytes;
+    match (was, is) {
+        (false, true) => Some(TaskStateChanged::new(
+            &opts.task,
+            TaskState::SlotLagging,
+            format!(
+                "the slot retains {bytes} bytes of WAL, more than the alert threshold of {limit}"
+            ),
+        )),
+        (true, false) => Some(TaskStateChanged::new(
+            &opts.task,
+            TaskState::SlotCaughtUp,
+            format!("the slot retains {bytes} bytes of WAL, under the alert threshold of {limit}"),
+        )),
+        _ => None,
+    }
 }
 
 struct Txn {
@@ -244,6 +297,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
     async fn drain(&mut self, started: Instant) -> Result<PollReport> {
         let opts = self.opts;
         let (mut report, target, server_version) = self.begin_drain().await?;
+        self.reannounce(&mut report).await?;
         let mut last_commit_ts: Option<i64> = None;
         // A split that failed once is not tried again in this run.
         let mut split_allowed = opts.peek_sessions >= 2 && server_version >= 120_000;
@@ -341,6 +395,56 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         report.slot_safe_wal_size = state.safe_wal_size;
         report.slot_wal_status = state.wal_status.clone();
         Ok((report, target, server_version))
+    }
+
+    /// With events on, before the drain: the batches committed after the last one announced
+    /// (a put that failed, a run that died after its checkpoint moved) are announced again,
+    /// at most [`REANNOUNCE_MAX`] a poll. The first poll with events on starts at the
+    /// checkpoint (history is not announced); with events off the mark is dropped.
+    async fn reannounce(&mut self, report: &mut PollReport) -> Result<()> {
+        let events = &self.opts.events;
+        let checkpoint = self.checkpoint();
+        let Some(through) = self
+            .lease
+            .rec
+            .announced_through
+            .filter(|_| events.enabled())
+        else {
+            self.lease.rec.announced_through = events.enabled().then_some(checkpoint);
+            return Ok(());
+        };
+        if through >= checkpoint {
+            return Ok(());
+        }
+        let stage = self.sink.describe();
+        let mut at = through;
+        for key in layout::batch_manifest_keys(self.sink).await? {
+            let Some((start, end)) = layout::batch_range(&key) else {
+                continue;
+            };
+            if end <= at || start < at || end > checkpoint {
+                continue;
+            }
+            if report.events_put >= REANNOUNCE_MAX {
+                break;
+            }
+            let m: BatchManifest = layout::get_json(self.sink, &key, "a batch manifest").await?;
+            let sent = events
+                .announce(&[BatchCommitted::from_manifest(&stage, &key, &m, true).event()])
+                .await;
+            report.events_put += sent.put;
+            report.events_failed += sent.failed;
+            if sent.failed > 0 {
+                break;
+            }
+            at = end;
+        }
+        // Past the last batch (an idle stretch moved the checkpoint without one): caught up.
+        if report.events_failed == 0 && self.lease.rec.last_batch_end.is_none_or(|e| e <= at) {
+            at = checkpoint;
+        }
+        self.lease.rec.announced_through = Some(at);
+        Ok(())
     }
 
     async fn finish_report(
@@ -673,8 +777,26 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                 "the deadline passed before the checkpoint could move".to_owned(),
             ));
         }
+        // Every batch before this one was announced (idle stretches between are no batches).
+        let announced_before = self
+            .lease
+            .rec
+            .announced_through
+            .is_some_and(|a| manifest.prev_end_lsn.is_none_or(|p| a >= p));
         // Step 5.
         self.lease.move_checkpoint(self.state, end, true).await?;
+        // The record is durable: announce it (a failed put is re-announced by a later poll).
+        if opts.events.enabled() {
+            let event =
+                BatchCommitted::from_manifest(&self.sink.describe(), &key, &manifest, false);
+            let sent = opts.events.announce(&[event.event()]).await;
+            report.events_put += sent.put;
+            report.events_failed += sent.failed;
+            if sent.failed == 0 && announced_before {
+                // Carried by the lease's next write (the next batch, or the release).
+                self.lease.rec.announced_through = Some(end);
+            }
+        }
         report.batches.push(key);
         report.transactions += manifest.transactions;
         report.changes += manifest.changes;
@@ -684,6 +806,9 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         Ok(Some(batch.last_commit_ts))
     }
 }
+
+/// Batches one poll re-announces at most.
+const REANNOUNCE_MAX: u64 = 100;
 
 fn txn_of(txn: &Option<Txn>, lsn: Lsn) -> Result<&Txn> {
     txn.as_ref()

@@ -420,11 +420,13 @@ async fn copy_chunk<S: ObjectSink>(
     })
 }
 
-/// Checks every chunk is done, writes the per-table manifests, marks the plan complete.
+/// Checks every chunk is done, writes the per-table manifests, marks the plan complete; then
+/// announces `Table Loaded` for each table and `Load Finished` (events never fail the load).
 pub async fn finish<S: ObjectSink, St: StateStore>(
     sink: &S,
     state: &St,
     task: &str,
+    events: &crate::events::Events,
 ) -> Result<Vec<LoadManifest>> {
     check_task_name(task)?;
     let (plan, version) = records::get_plan(state, task)
@@ -477,6 +479,41 @@ pub async fn finish<S: ObjectSink, St: StateStore>(
         layout::put_json(sink, &load_manifest_key(&m.schema, &m.table), m).await?;
     }
     records::complete_plan(state, task, plan, version).await?;
+    if events.enabled() {
+        use crate::events::{LoadFinished, TableLoaded, VERSION};
+        let stage = sink.describe();
+        let mut all: Vec<crate::events::Event> = manifests
+            .iter()
+            .map(|m| {
+                TableLoaded {
+                    version: VERSION,
+                    task: task.to_owned(),
+                    stage: stage.clone(),
+                    schema: m.schema.clone(),
+                    table: m.table.clone(),
+                    manifest_key: load_manifest_key(&m.schema, &m.table),
+                    rows: m.rows,
+                    bytes: m.bytes,
+                    chunks: m.chunks.len(),
+                    l0: m.l0,
+                }
+                .event()
+            })
+            .collect();
+        all.push(
+            LoadFinished {
+                version: VERSION,
+                task: task.to_owned(),
+                stage,
+                tables: manifests.len(),
+                rows: manifests.iter().map(|m| m.rows).sum(),
+                bytes: manifests.iter().map(|m| m.bytes).sum(),
+                l0: manifests.first().and_then(|m| m.l0),
+            }
+            .event(),
+        );
+        events.announce(&all).await;
+    }
     Ok(manifests)
 }
 
@@ -512,7 +549,10 @@ pub async fn run_local<S: ObjectSink + Clone, St: StateStore + Clone>(
 ) -> Result<LoadReport> {
     use std::sync::atomic::Ordering::Relaxed;
     let started = Instant::now();
-    let (plan, ids) = plan(sink, state, opts).await?;
+    let (plan, ids) = match plan(sink, state, opts).await {
+        Ok(planned) => planned,
+        Err(e) => return Err(load_failed(opts, e).await),
+    };
     progress.chunks_total.store(ids.len() as u64, Relaxed);
     let queue = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(
         ids.clone(),
@@ -556,9 +596,12 @@ pub async fn run_local<S: ObjectSink + Clone, St: StateStore + Clone>(
         }
     }
     if let Some(e) = first_err {
-        return Err(e);
+        return Err(load_failed(opts, e).await);
     }
-    let manifests = finish(sink, state, &opts.task).await?;
+    let manifests = match finish(sink, state, &opts.task, &opts.events).await {
+        Ok(m) => m,
+        Err(e) => return Err(load_failed(opts, e).await),
+    };
     let rows: u64 = manifests.iter().map(|m| m.rows).sum();
     let elapsed = started.elapsed();
     Ok(LoadReport {
@@ -571,6 +614,15 @@ pub async fn run_local<S: ObjectSink + Clone, St: StateStore + Clone>(
         elapsed_ms: elapsed.as_millis() as u64,
         rows_per_sec: rows as f64 / elapsed.as_secs_f64().max(1e-9),
     })
+}
+
+/// Announces a failed load (`Task State Changed`), returning its error.
+async fn load_failed(opts: &LoadOptions, e: Error) -> Error {
+    use crate::events::{Job, TaskStateChanged};
+    opts.events
+        .announce(&[TaskStateChanged::from_error(&opts.task, Job::Load, &e).event()])
+        .await;
+    e
 }
 
 mod step;

@@ -48,6 +48,10 @@ pub struct CdcRecord {
     /// Where the last committed batch ended (its manifest's `end_lsn`).
     #[serde(default)]
     pub last_batch_end: Option<Lsn>,
+    /// With events on: every batch ending at or before this was announced (`Batch Committed`);
+    /// the next poll re-announces the ones after it. `None` with events off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announced_through: Option<Lsn>,
 }
 
 /// How a poll run ended.
@@ -93,6 +97,11 @@ pub struct PollReport {
     /// Seconds between the last staged commit and now (0 when nothing was waiting).
     pub latency_secs: f64,
     pub elapsed_ms: u64,
+    /// Events put on the bus, and those whose put failed (re-announced by a later poll).
+    #[serde(default)]
+    pub events_put: u64,
+    #[serde(default)]
+    pub events_failed: u64,
 }
 
 impl PollReport {
@@ -124,6 +133,8 @@ impl PollReport {
             slot_wal_status: String::new(),
             latency_secs: 0.0,
             elapsed_ms: 0,
+            events_put: 0,
+            events_failed: 0,
         }
     }
 }

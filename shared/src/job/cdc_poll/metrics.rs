@@ -17,7 +17,9 @@ pub fn emf_line(report: &PollReport) -> String {
                     {"Name": "CDCRowsStaged", "Unit": "Count"},
                     {"Name": "CDCBytesStaged", "Unit": "Bytes"},
                     {"Name": "SlotRetainedBytes", "Unit": "Bytes"},
-                    {"Name": "SlotSafeWalSize", "Unit": "Bytes"}
+                    {"Name": "SlotSafeWalSize", "Unit": "Bytes"},
+                    {"Name": "EventsPut", "Unit": "Count"},
+                    {"Name": "EventsFailed", "Unit": "Count"}
                 ]
             }]
         },
@@ -28,6 +30,8 @@ pub fn emf_line(report: &PollReport) -> String {
         "CDCBytesStaged": report.bytes_staged,
         "SlotRetainedBytes": report.slot_retained_bytes,
         "SlotSafeWalSize": report.slot_safe_wal_size.unwrap_or(-1),
+        "EventsPut": report.events_put,
+        "EventsFailed": report.events_failed,
     })
     .to_string()
 }

@@ -419,3 +419,79 @@ async fn a_checkpoint_the_slot_cannot_justify_is_a_terminal_error_never_a_loss()
     let r = poll(&src, &sink, &state, &o).await.unwrap();
     assert_eq!(r.changes, 7);
 }
+
+/// Events: every committed batch is announced once, after its checkpoint moved; a put that
+/// fails loses no batch and the next poll announces it again (flagged `reannounced`), then
+/// carries on; a lost slot is a `Task State Changed`.
+#[tokio::test]
+async fn batches_are_announced_and_a_failed_put_is_reannounced() {
+    use crate::events::{BATCH_COMMITTED, Events, MemoryEvents, TASK_STATE_CHANGED};
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    let src = MemorySource::new();
+    let t = src.create_table("public", "t", &[("id", true), ("n", false)]);
+    let (sink, state) = (MemorySink::new(), MemoryStore::new());
+    let bus = Arc::new(MemoryEvents::default());
+    let mut o = opts("events");
+    o.events = Events::to(bus.clone());
+    poll(&src, &sink, &state, &o).await.unwrap();
+    let mut model = BTreeMap::new();
+    let batches = |bus: &MemoryEvents| -> Vec<(String, bool, Lsn)> {
+        bus.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.detail_type == BATCH_COMMITTED)
+            .map(|e| {
+                (
+                    e.detail["manifest_key"].as_str().unwrap().to_owned(),
+                    e.detail["reannounced"].as_bool().unwrap(),
+                    e.detail["end_lsn"].as_str().unwrap().parse().unwrap(),
+                )
+            })
+            .collect()
+    };
+    workload(&src, t, 1, &mut model);
+    let r = poll(&src, &sink, &state, &o).await.unwrap();
+    assert!(!r.batches.is_empty());
+    assert_eq!(r.events_put, r.batches.len() as u64);
+    let first = batches(&bus);
+    assert_eq!(
+        first.iter().map(|b| b.0.clone()).collect::<Vec<_>>(),
+        r.batches
+    );
+    assert!(first.iter().all(|b| !b.1));
+    // The bus fails: the batches are staged and the checkpoint moves all the same.
+    bus.fail.store(true, Ordering::Relaxed);
+    workload(&src, t, 2, &mut model);
+    let failed = poll(&src, &sink, &state, &o).await.unwrap();
+    assert!(!failed.batches.is_empty());
+    assert_eq!(failed.events_failed, failed.batches.len() as u64);
+    assert_eq!(checkpoint(&state, "events").await, failed.checkpoint);
+    // Back: the next poll announces the missed batches first, then its own.
+    bus.fail.store(false, Ordering::Relaxed);
+    workload(&src, t, 3, &mut model);
+    let next = poll(&src, &sink, &state, &o).await.unwrap();
+    let all = batches(&bus);
+    let again: Vec<String> = all.iter().filter(|b| b.1).map(|b| b.0.clone()).collect();
+    assert_eq!(again, failed.batches);
+    let fresh: Vec<String> = all[first.len() + again.len()..]
+        .iter()
+        .map(|b| b.0.clone())
+        .collect();
+    assert_eq!(fresh, next.batches);
+    // Every staged batch announced, in order, and nothing pending.
+    let keys = layout::batch_manifest_keys(&sink).await.unwrap();
+    assert_eq!(all.iter().map(|b| b.0.clone()).collect::<Vec<_>>(), keys);
+    let rec = get_cdc(&state, "events").await.unwrap().unwrap();
+    assert_eq!(rec.announced_through, Some(rec.checkpoint_lsn));
+    let quiet = poll(&src, &sink, &state, &o).await.unwrap();
+    assert_eq!(quiet.events_put, 0);
+    // A lost slot: the error, and the event saying so.
+    src.drop_slot(&quiet.slot);
+    poll(&src, &sink, &state, &o).await.unwrap_err();
+    let last = bus.events.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last.detail_type, TASK_STATE_CHANGED);
+    assert_eq!(last.detail["state"], "SlotLost");
+    assert_eq!(last.detail["task"], "events");
+}
