@@ -366,7 +366,7 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
     match cli.command {
         Command::TestEndpoint(args) => commands::test_endpoint(args).await,
         Command::FullLoad(args) => commands::full_load(args).await,
-        Command::Apply(args) => commands::apply(args).await,
+        Command::Apply(args) => Box::pin(commands::apply(args)).await,
         Command::Validate(args) => commands::validate(args).await,
         Command::Cutover(args) => commands::cutover(args).await,
         Command::Status(args) => commands::status(args).await,
