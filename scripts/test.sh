@@ -13,7 +13,8 @@
 #
 # Tests find the services through PGSHIFT_TEST_PG_URL, PGSHIFT_TEST_PG_REPLICA_URL,
 # PGSHIFT_TEST_PG12_URL (PostgreSQL 12, the oldest supported major),
-# PGSHIFT_TEST_CA_FILE, AWS_ENDPOINT_URL, PGSHIFT_LAMBDA_DIR and PGSHIFT_CARGO_LAMBDA; set them
+# PGSHIFT_TEST_CA_FILE, PGSHIFT_TEST_PYTHON (with jsonschema), AWS_ENDPOINT_URL, PGSHIFT_LAMBDA_DIR
+# and PGSHIFT_CARGO_LAMBDA; set them
 # yourself and run `cargo nextest run` to use your own servers (LocalStack included).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -56,6 +57,8 @@ export PGSHIFT_TEST_PG_REPLICA_URL="postgres://postgres:${PGSHIFT_PG_PASSWORD}@1
 export PGSHIFT_TEST_PG12_URL="postgres://postgres@127.0.0.1:${PG_PORT_pg12}/postgres?sslmode=disable"
 export PGSHIFT_TEST_CA_FILE="$PGSHIFT_RUN_DIR/ca.crt"
 export PGSHIFT_TEST_CORPUS="${PGSHIFT_TEST_CORPUS:-$PGSHIFT_ROOT/../shared/corpus}"
+# The emulator's virtualenv has `jsonschema`: tests validate events against infra/events/.
+export PGSHIFT_TEST_PYTHON="$PGSHIFT_VENV/bin/python"
 
 # The CLI tests run the built `pgshift` binary; test runners build only test targets.
 cargo build --workspace --bins

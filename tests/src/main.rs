@@ -3,6 +3,7 @@
 mod apply;
 mod cdc;
 mod endpoint;
+mod events;
 mod full_load;
 mod golden;
 mod lambda_runtime;

@@ -107,12 +107,36 @@ pub async fn run<S: ObjectSink, St: StateStore>(
     if opts.format.encoding == Encoding::Parquet {
         return Err(parquet_for_cdc());
     }
-    let source = PgSource::connect(&opts.source).await?;
+    let source = match PgSource::connect(&opts.source).await {
+        Ok(source) => source,
+        Err(e) => return Err(failed(opts, e).await),
+    };
     poll(&source, sink, state, opts).await
+}
+
+/// A poll's error, announced (`Task State Changed`) with events on.
+async fn failed(opts: &CdcOptions, e: Error) -> Error {
+    if opts.events.enabled() && !matches!(e, Error::Injected(_)) {
+        let change = TaskStateChanged::from_error(&opts.task, Job::Cdc, &e);
+        opts.events.announce(&[change.event()]).await;
+    }
+    e
 }
 
 /// Runs one poll over any source: lease, drain, release.
 pub async fn poll<Src: CdcSource, S: ObjectSink, St: StateStore>(
+    source: &Src,
+    sink: &S,
+    state: &St,
+    opts: &CdcOptions,
+) -> Result<PollReport> {
+    match Box::pin(poll_once(source, sink, state, opts)).await {
+        Ok(report) => Ok(report),
+        Err(e) => Err(failed(opts, e).await),
+    }
+}
+
+async fn poll_once<Src: CdcSource, S: ObjectSink, St: StateStore>(
     source: &Src,
     sink: &S,
     state: &St,
@@ -183,22 +207,15 @@ pub async fn poll<Src: CdcSource, S: ObjectSink, St: StateStore>(
     if matches!(result, Err(Error::Injected(_))) {
         return result;
     }
-    if opts.events.enabled() {
-        let change = match &result {
-            Ok(report) => lag_change(opts, before.as_ref(), report),
-            Err(e) => Some(TaskStateChanged::from_error(&opts.task, Job::Cdc, e)),
-        };
-        if let Some(mut change) = change {
-            change.slot = Some(poller.task.slot.clone());
-            if let Ok(r) = &result {
-                change.slot_retained_bytes = Some(r.slot_retained_bytes);
-            }
-            let sent = opts.events.announce(&[change.event()]).await;
-            if let Ok(r) = result.as_mut() {
-                r.events_put += sent.put;
-                r.events_failed += sent.failed;
-            }
-        }
+    if let Ok(report) = result.as_mut()
+        && opts.events.enabled()
+        && let Some(mut change) = lag_change(opts, before.as_ref(), report)
+    {
+        change.slot = Some(poller.task.slot.clone());
+        change.slot_retained_bytes = Some(report.slot_retained_bytes);
+        let sent = opts.events.announce(&[change.event()]).await;
+        report.events_put += sent.put;
+        report.events_failed += sent.failed;
     }
     poller.lease.release(state, result.as_ref().ok()).await;
     result
