@@ -100,10 +100,10 @@ pgshift_package() {
   case $arch in x86_64) flag=--x86-64 ;; arm64) flag=--arm64 ;; *) log "unknown architecture $arch"; return 2 ;; esac
   pgshift_ensure_tools
   PGSHIFT_LAMBDA_DIR="$CARGO_TARGET_DIR/lambda-$arch"
-  log "cargo lambda build --release $flag (test-endpoint, full-load, cdc-poller)"
+  log "cargo lambda build --release $flag (test-endpoint, full-load, cdc-poller, apply)"
   # cargo-lambda finds zig (the cross linker, from the ziglang wheel) on PATH.
   PATH="$PGSHIFT_TOOLS_VENV/bin:$PATH" "$PGSHIFT_CARGO_LAMBDA" lambda build --release "$flag" --quiet \
-    -p test-endpoint -p full-load -p cdc-poller --lambda-dir "$PGSHIFT_LAMBDA_DIR"
+    -p test-endpoint -p full-load -p cdc-poller -p apply --lambda-dir "$PGSHIFT_LAMBDA_DIR"
 }
 
 as_postgres() {

@@ -155,6 +155,7 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
     let opts = apply_job::ApplyOptions {
         load_workers: args.parallel,
         target_prep: args.target_prep.parse()?,
+        ..apply_job::ApplyOptions::default()
     };
     let spec = SourceSpec::parse(&args.target, "--target")?;
     let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;

@@ -20,6 +20,11 @@ impl Aws {
         Aws { config }
     }
 
+    /// The SDK configuration (for clients a function builds itself).
+    pub fn sdk_config(&self) -> &SdkConfig {
+        &self.config
+    }
+
     /// Whether a custom endpoint (an emulator) is configured.
     pub fn has_custom_endpoint(&self) -> bool {
         self.config.endpoint_url().is_some()

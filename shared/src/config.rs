@@ -406,6 +406,18 @@ pub struct LambdaEnv {
     /// `PGSHIFT_SLOT_LAG_ALERT_BYTES`: retained WAL past which the slot is announced as
     /// lagging (default 1 GiB).
     pub slot_lag_alert_bytes: u64,
+    /// `PGSHIFT_TARGET_SECRET_ARN` (the apply function): the target's credentials.
+    pub target_secret_arn: Option<String>,
+    /// `PGSHIFT_TARGET_SSLMODE`: TLS mode for a target secret that does not say (default
+    /// `require`).
+    pub target_sslmode: Option<SslMode>,
+    /// `PGSHIFT_TARGET_PREP`: create (default), truncate or keep.
+    pub target_prep: Option<String>,
+    /// `PGSHIFT_APPLY_PARALLEL`: target connections loading chunks at once (default 2).
+    pub apply_parallel: usize,
+    /// `PGSHIFT_APPLY_QUEUE_URL`: the apply function's queue, where it leaves itself a
+    /// message to go on when its time runs out.
+    pub apply_queue_url: Option<String>,
 }
 
 /// An EventBridge bus name (`[/\.\-_A-Za-z0-9]{1,256}`) or ARN, else an error naming it.
@@ -456,15 +468,26 @@ impl LambdaEnv {
                 .map(|v| v.trim().to_owned())
                 .filter(|v| !v.is_empty())
         };
-        let source_sslmode = match get("PGSHIFT_SOURCE_SSLMODE") {
-            None => None,
-            Some(v) => Some(SslMode::parse(&v).ok_or_else(|| {
+        let sslmode = |name: &str| match get(name) {
+            None => Ok(None),
+            Some(v) => SslMode::parse(&v).map(Some).ok_or_else(|| {
                 Error::config(
-                    "PGSHIFT_SOURCE_SSLMODE",
+                    name,
                     format!("{v:?} is not one of disable, prefer, require, verify-ca, verify-full"),
                 )
-            })?),
+            }),
         };
+        let source_sslmode = sslmode("PGSHIFT_SOURCE_SSLMODE")?;
+        let target_sslmode = sslmode("PGSHIFT_TARGET_SSLMODE")?;
+        let target_prep = get("PGSHIFT_TARGET_PREP");
+        if let Some(p) = &target_prep
+            && !matches!(p.as_str(), "create" | "truncate" | "keep")
+        {
+            return Err(Error::config(
+                "PGSHIFT_TARGET_PREP",
+                format!("{p:?} is not one of create, truncate, keep"),
+            ));
+        }
         if let Some(stage) = get("PGSHIFT_STAGE")
             && !stage.starts_with("s3://")
         {
@@ -487,6 +510,7 @@ impl LambdaEnv {
         let max_concurrency = number("PGSHIFT_MAX_CONCURRENCY", 8, 1000)? as u32;
         let peek_sessions = number("PGSHIFT_PEEK_SESSIONS", 2, 2)? as u8;
         let slot_lag_alert_bytes = number("PGSHIFT_SLOT_LAG_ALERT_BYTES", 1 << 30, u64::MAX)?;
+        let apply_parallel = number("PGSHIFT_APPLY_PARALLEL", 2, 64)?.max(1) as usize;
         let events_bus = match get("PGSHIFT_EVENTS_BUS") {
             None => Some("default".to_owned()),
             Some(v) if v == "none" => None,
@@ -503,6 +527,11 @@ impl LambdaEnv {
             })?;
         }
         Ok(LambdaEnv {
+            target_secret_arn: get("PGSHIFT_TARGET_SECRET_ARN"),
+            target_sslmode,
+            target_prep,
+            apply_parallel,
+            apply_queue_url: get("PGSHIFT_APPLY_QUEUE_URL"),
             events_bus,
             slot_lag_alert_bytes,
             cdc,

@@ -62,6 +62,9 @@ pub struct ApplyReport {
     /// What of the staged schema the target refused, with why (and what was not carried).
     #[serde(default)]
     pub schema_skipped: Vec<String>,
+    /// The deadline came before every staged batch was applied (the next run goes on).
+    #[serde(default)]
+    pub stopped_at_deadline: bool,
 }
 
 /// How apply runs.
@@ -71,6 +74,9 @@ pub struct ApplyOptions {
     pub load_workers: usize,
     /// How the target's tables are prepared for the load.
     pub target_prep: TargetPrep,
+    /// Stop cleanly before this (a Lambda's time): no chunk or batch is started after it; what
+    /// was applied stays, the next run resumes at the chunk or batch.
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl Default for ApplyOptions {
@@ -78,6 +84,7 @@ impl Default for ApplyOptions {
         ApplyOptions {
             load_workers: 2,
             target_prep: TargetPrep::Create,
+            deadline: None,
         }
     }
 }
@@ -103,6 +110,16 @@ pub async fn run_with<S: ObjectSink>(
     Ok(report)
 }
 
+/// Whether the stage holds CDC batches of a task whose full load is not staged yet (its
+/// `Load Finished` is to come): nothing can be applied before it.
+pub async fn waiting_for_load<S: ObjectSink>(sink: &S) -> Result<bool> {
+    if !layout::load_manifest_keys(sink).await?.is_empty() {
+        return Ok(false);
+    }
+    let keys = layout::batch_manifest_keys(sink).await?;
+    Ok(require_no_load(sink, &keys).await.is_err())
+}
+
 /// A target connection set up to apply a task's batches (kept across [`run_until`]'s rounds).
 struct Session {
     client: Client,
@@ -111,6 +128,7 @@ struct Session {
     snapshots: HashMap<(String, String), (Snapshot, Lsn)>,
     /// The target has the task's load (or it has none): later rounds only apply batches.
     load_complete: bool,
+    deadline: Option<std::time::Instant>,
 }
 
 impl Session {
@@ -138,6 +156,7 @@ impl Session {
                 task,
                 opts.load_workers,
                 opts.target_prep,
+                opts.deadline,
                 &mut tables,
             )
             .await?
@@ -161,6 +180,7 @@ impl Session {
             tables,
             snapshots: load_snapshots(sink).await?,
             load_complete,
+            deadline: opts.deadline,
         })
     }
 
@@ -177,6 +197,13 @@ impl Session {
             .map(|(_, e)| e)
             .collect();
         for key in pending_batches(&keys, report.position)? {
+            if self
+                .deadline
+                .is_some_and(|d| std::time::Instant::now() >= d)
+            {
+                report.stopped_at_deadline = true;
+                break;
+            }
             let m: BatchManifest = layout::get_json(sink, &key, "a batch manifest").await?;
             // The chain: the batch before this one must be in the stage.
             if let Some(prev) = m.prev_end_lsn

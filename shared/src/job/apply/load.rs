@@ -82,6 +82,7 @@ pub(super) async fn apply_load<S: ObjectSink>(
     task: &str,
     workers: usize,
     prep: TargetPrep,
+    deadline: Option<std::time::Instant>,
     tables: &mut Tables,
 ) -> Result<Option<Loaded>> {
     let keys = layout::load_manifest_keys(sink).await?;
@@ -242,6 +243,9 @@ pub(super) async fn apply_load<S: ObjectSink>(
             let mut client = source::connect(cfg).await?;
             replica_role(&client).await?;
             loop {
+                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    return Ok(());
+                }
                 let next = work.lock().ok().and_then(|mut w| w.pop_front());
                 let Some((t, c)) = next else {
                     return Ok::<(), Error>(());
@@ -251,6 +255,12 @@ pub(super) async fn apply_load<S: ObjectSink>(
         });
     }
     futures_util::future::try_join_all(running).await?;
+    let left = work.lock().map(|w| w.len()).unwrap_or(0);
+    if left > 0 {
+        return Err(Error::Deadline(format!(
+            "{left} chunks of the load are left; the next run resumes at them"
+        )));
+    }
 
     // 3. post-data, then the load is complete.
     if let (TargetPrep::Create, Some(ddl)) = (prep, &ddl) {
