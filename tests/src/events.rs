@@ -11,15 +11,15 @@ use pgshift::options::LoadOptions;
 use pgshift_tests::{Staging, env, unique_name};
 
 /// A bus (created or not), a FIFO queue and a rule on the bus for `task`'s events.
-struct Route {
-    bus: String,
-    queue_url: String,
+pub(crate) struct Route {
+    pub(crate) bus: String,
+    pub(crate) queue_url: String,
     sqs: aws_sdk_sqs::Client,
     eb: aws_sdk_eventbridge::Client,
 }
 
 impl Route {
-    async fn new(prefix: &str) -> Route {
+    pub(crate) async fn new(prefix: &str) -> Route {
         let _ = env("AWS_ENDPOINT_URL");
         let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .load()
@@ -51,7 +51,7 @@ impl Route {
     }
 
     /// Creates the bus and the rule (`source` pgshift, this task) delivering to the queue.
-    async fn connect(&self, task: &str) {
+    pub(crate) async fn connect(&self, task: &str) {
         self.eb
             .create_event_bus()
             .name(&self.bus)
@@ -100,7 +100,7 @@ impl Route {
     }
 
     /// Every event the queue holds now, in order.
-    async fn drain(&self) -> Vec<serde_json::Value> {
+    pub(crate) async fn drain(&self) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
         loop {
             let got = self
@@ -131,7 +131,7 @@ impl Route {
 
 /// Validates events against `infra/events/<detail-type>.schema.json` with Python's
 /// `jsonschema` (the test virtualenv's), panicking with what is wrong.
-fn validate(events: &[serde_json::Value]) {
+pub(crate) fn validate(events: &[serde_json::Value]) {
     let python = env("PGSHIFT_TEST_PYTHON");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/events");
     let file = std::env::temp_dir().join(format!("{}.json", unique_name("events")));

@@ -384,3 +384,137 @@ async fn packaged_lambdas_cold_start_figures() {
         );
     }
 }
+
+/// The apply function as the stack runs it: the task's events, routed by a rule to an SQS
+/// FIFO queue, each invoke it with one message; the messages arrive duplicated, out of order
+/// and one of them never; the target ends equal to the source, and a duplicate is a no-op.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apply_function_follows_its_queue_through_lost_and_repeated_messages() {
+    use std::sync::Arc;
+    let db = TestDb::new("rt_apply_src").await;
+    let target = TestDb::new("rt_apply_dst").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "create table orders (id int primary key, note text not null, n int default 0);
+         insert into orders select g, 'o' || g from generate_series(1, 3000) g;
+         create table lines (order_id int references orders (id), k int, primary key (order_id, k));
+         insert into lines select g, 1 from generate_series(1, 3000) g;",
+    )
+    .await
+    .unwrap();
+    let task = unique_name("rt-apply").replace('_', "-");
+    let (mut vars, sink, state) = setup_aws(&task, &db).await;
+    let aws = Aws::from_env().await;
+    let tcfg = target.config();
+    let target_secret = aws
+        .secrets()
+        .create_secret()
+        .name(unique_name("pgshift/rt-target"))
+        .secret_string(
+            json!({
+                "engine": "postgres", "host": tcfg.host, "port": tcfg.port,
+                "username": tcfg.user,
+                "password": tcfg.password.as_ref().map(|p| p.expose_secret().to_owned()),
+                "dbname": target.name
+            })
+            .to_string(),
+        )
+        .send()
+        .await
+        .expect("create secret")
+        .arn()
+        .expect("secret arn")
+        .to_owned();
+    let route = crate::events::Route::new("pgshift-rt-apply").await;
+    route.connect(&task).await;
+    vars.push(("PGSHIFT_TARGET_SECRET_ARN", target_secret));
+    vars.push(("PGSHIFT_TARGET_SSLMODE", tcfg.sslmode.as_str().to_owned()));
+    vars.push(("PGSHIFT_EVENTS_BUS", route.bus.clone()));
+    vars.push(("PGSHIFT_APPLY_QUEUE_URL", route.queue_url.clone()));
+    let events = pgshift::events::for_bus(&aws, Some(&route.bus));
+
+    // The load and three CDC polls, each announcing on the bus.
+    let source_cfg = db.config();
+    let mut lo = pgshift::options::LoadOptions::new(&task, source_cfg.clone(), "loader");
+    lo.cdc = true;
+    lo.events = events.clone();
+    pgshift::job::full_load::run_local(
+        &sink,
+        &state,
+        &lo,
+        2,
+        Arc::new(pgshift::job::full_load::Progress::default()),
+    )
+    .await
+    .unwrap();
+    let mut co = pgshift::options::CdcOptions::new(&task, source_cfg, "poller");
+    co.events = events.clone();
+    for round in 0..3 {
+        c.batch_execute(&format!(
+            "update orders set n = n + 1, note = 'r{round}' where id % 3 = {round};
+             delete from lines where order_id % 7 = {round};
+             insert into orders values ({0}, 'new', 0); insert into lines values ({0}, 2);",
+            10_000 + round
+        ))
+        .await
+        .unwrap();
+        let r = pgshift::job::cdc_poll::run(&sink, &state, &co)
+            .await
+            .unwrap();
+        assert_eq!(r.batches.len(), 1, "{r:?}");
+    }
+    let delivered = route.drain().await;
+    crate::events::validate(&delivered);
+    let wanted: Vec<&Value> = delivered
+        .iter()
+        .filter(|e| e["detail-type"] == "Load Finished" || e["detail-type"] == "Batch Committed")
+        .collect();
+    assert_eq!(wanted.len(), 4, "{delivered:#?}");
+
+    let api = RuntimeApi::start();
+    let function = api.function("apply", &vars);
+    let invoke = |e: &Value, n: usize| {
+        api.invoke(
+            "apply",
+            Payload::Json(json!({"Records": [{
+                "messageId": format!("m{n}"), "eventSource": "aws:sqs",
+                "body": e.to_string(),
+            }]})),
+        )
+        .unwrap_or_else(|err| panic!("apply failed: {err}\n{}", function.log()))
+    };
+    // Out of order: the second batch's message first (it applies the load and every batch
+    // staged up to now), then the load's, a duplicate, the first batch's; the third batch's
+    // message is lost.
+    let first = invoke(wanted[2], 0);
+    assert_eq!(first["outcome"], "applied", "{first:#}");
+    assert_eq!(first["load_applied"], true, "{first:#}");
+    assert_eq!(first["batches_applied"], 3, "{first:#}");
+    for (n, e) in [wanted[0], wanted[2], wanted[1]].into_iter().enumerate() {
+        let again = invoke(e, n + 1);
+        assert_eq!(again["batches_applied"], 0, "{again:#}");
+        assert_eq!(again["load_applied"], false, "{again:#}");
+    }
+    pgshift_tests::assert_same(&db.config(), &target.config()).await;
+    // Another task's message or an unrelated one changes nothing.
+    let other = invoke(
+        &json!({"source": "pgshift", "detail-type": "Batch Committed", "detail": {"task": "someone-else"}}),
+        9,
+    );
+    assert_eq!(other["outcome"], "ignored", "{other:#}");
+    // More changes: the next message brings the target level again.
+    c.batch_execute("truncate lines; update orders set note = 'after'")
+        .await
+        .unwrap();
+    pgshift::job::cdc_poll::run(&sink, &state, &co)
+        .await
+        .unwrap();
+    let next = route.drain().await;
+    let batch = next
+        .iter()
+        .find(|e| e["detail-type"] == "Batch Committed")
+        .expect("the batch's event");
+    let applied = invoke(batch, 10);
+    assert_eq!(applied["batches_applied"], 1, "{applied:#}");
+    pgshift_tests::assert_same(&db.config(), &target.config()).await;
+}
