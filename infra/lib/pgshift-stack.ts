@@ -17,6 +17,7 @@ import {
 } from 'aws-cdk-lib';
 import * as cloudwatch from 'aws-cdk-lib/aws-cloudwatch';
 import * as dynamodb from 'aws-cdk-lib/aws-dynamodb';
+import * as events from 'aws-cdk-lib/aws-events';
 import * as iam from 'aws-cdk-lib/aws-iam';
 import * as lambda from 'aws-cdk-lib/aws-lambda';
 import * as logs from 'aws-cdk-lib/aws-logs';
@@ -42,9 +43,10 @@ export class PgshiftStack extends Stack {
     super(scope, id, props);
     this.templateOptions.description =
       'pgshift: PostgreSQL to S3 full load and change data capture without a replication instance. ' +
-      'Three Rust Lambda functions (endpoint test, full load, scheduled CDC poller), a Step Functions ' +
-      'full-load state machine, an S3 staging bucket and a DynamoDB state table. infra/ synthesizes ' +
-      'the same stack with CDK; infra/README.md explains the parameters and prerequisites.';
+      'Rust Lambda functions (endpoint test, full load, scheduled CDC poller, and with a target the ' +
+      'event-driven apply), a Step Functions full-load state machine, an S3 staging bucket and a ' +
+      'DynamoDB state table; events on EventBridge. infra/ synthesizes the same stack with CDK; ' +
+      'infra/README.md explains the parameters and prerequisites.';
     this.templateOptions.metadata = {
       'AWS::CloudFormation::Interface': {
         ParameterGroups: [
@@ -57,6 +59,10 @@ export class PgshiftStack extends Stack {
             Parameters: ['TaskName', 'TableMappings', 'StageFormat', 'ChunkMb', 'MaxConcurrency'],
           },
           { Label: { default: 'CDC poller' }, Parameters: ['PollSchedule', 'PollerState', 'PollerTimeoutSeconds'] },
+          {
+            Label: { default: 'Events and apply to a PostgreSQL target' },
+            Parameters: ['EventsBusName', 'TargetSecretArn', 'TargetSslMode', 'TargetPrep', 'ApplyLagAlarmSeconds'],
+          },
           {
             Label: { default: 'Operations' },
             Parameters: ['LogRetentionDays', 'LatencyAlarmSeconds', 'RetainedBytesAlarmThreshold', 'AlarmTopicArn'],
@@ -146,6 +152,39 @@ export class PgshiftStack extends Stack {
       description:
         "The poller's Lambda timeout; it stops cleanly before it, at a batch boundary, and the next tick goes on. Keep it at most the schedule's period: with reserved concurrency 1, ticks that wait behind a longer run can expire into the dead-letter queue.",
     });
+    const eventsBus = new CfnParameter(this, 'EventsBusName', {
+      type: 'String',
+      default: 'default',
+      allowedPattern: '[/\\.\\-_A-Za-z0-9]{1,256}',
+      description:
+        'An existing EventBridge bus (name) pgshift puts its events on (Batch Committed, Table Loaded, Load Finished, Task State Changed); `default` is the account\'s default bus.',
+    });
+    const targetSecretArn = new CfnParameter(this, 'TargetSecretArn', {
+      type: 'String',
+      default: '',
+      allowedPattern: '(arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+)?',
+      description:
+        'Secrets Manager secret of a PostgreSQL target ({host, port, username, password, dbname}). Set, the stack adds the apply function, fed by a rule on the bus through an SQS FIFO queue; empty, no apply.',
+    });
+    const targetSslMode = new CfnParameter(this, 'TargetSslMode', {
+      type: 'String',
+      default: 'require',
+      allowedValues: ['require', 'verify-ca', 'verify-full'],
+      description: 'TLS mode for a target secret that does not name one.',
+    });
+    const targetPrep = new CfnParameter(this, 'TargetPrep', {
+      type: 'String',
+      default: 'create',
+      allowedValues: ['create', 'truncate', 'keep'],
+      description:
+        "How apply prepares the target for the load (DMS's TargetTablePrepMode): create builds the source's schema; truncate and keep use the tables the target has.",
+    });
+    const applyLagAlarm = new CfnParameter(this, 'ApplyLagAlarmSeconds', {
+      type: 'Number',
+      default: 900,
+      minValue: 60,
+      description: "Alarm when the apply queue's oldest message is older than this.",
+    });
     const logRetention = new CfnParameter(this, 'LogRetentionDays', {
       type: 'Number',
       default: '30',
@@ -179,6 +218,9 @@ export class PgshiftStack extends Stack {
     });
     const hasAlarmTopic = new CfnCondition(this, 'HasAlarmTopic', {
       expression: Fn.conditionNot(Fn.conditionEquals(alarmTopic.valueAsString, '')),
+    });
+    const hasTarget = new CfnCondition(this, 'HasTarget', {
+      expression: Fn.conditionNot(Fn.conditionEquals(targetSecretArn.valueAsString, '')),
     });
 
     // ------------------------------------------------------------------ staged data and state
@@ -250,6 +292,8 @@ export class PgshiftStack extends Stack {
     const testEndpointLogs = logGroup('TestEndpointLogGroup', '/aws/lambda/${AWS::StackName}-test-endpoint');
     const fullLoadLogs = logGroup('FullLoadLogGroup', '/aws/lambda/${AWS::StackName}-full-load');
     const pollerLogs = logGroup('CdcPollerLogGroup', '/aws/lambda/${AWS::StackName}-cdc-poller');
+    const applyLogs = logGroup('ApplyLogGroup', '/aws/lambda/${AWS::StackName}-apply');
+    applyLogs.cfnOptions.condition = hasTarget;
     const stateMachineLogs = logGroup('StateMachineLogGroup', '/aws/vendedlogs/states/${AWS::StackName}-full-load');
 
     // ------------------------------------------------------------------ least-privilege roles
@@ -303,21 +347,103 @@ export class PgshiftStack extends Stack {
       ownLogs(testEndpointLogs),
       readSecret,
     ]);
+    const putEvents: Statement = {
+      Sid: 'PutEvents',
+      Effect: 'Allow',
+      Action: 'events:PutEvents',
+      Resource: Fn.sub('arn:${AWS::Partition}:events:${AWS::Region}:${AWS::AccountId}:event-bus/${EventsBusName}'),
+    };
     const fullLoadRole = lambdaRole('FullLoadRole', 'pgshift-full-load', [
       ownLogs(fullLoadLogs),
       readSecret,
       ...stageAccess,
+      putEvents,
     ]);
     const pollerRole = lambdaRole('CdcPollerRole', 'pgshift-cdc-poller', [
       ownLogs(pollerLogs),
       readSecret,
       ...stageAccess,
       { Sid: 'ReportFailedRuns', Effect: 'Allow', Action: 'sqs:SendMessage', Resource: dlq.attrArn },
+      putEvents,
     ]);
+
+    // ------------------------------------------------------------------ event-driven apply queue
+    const applyDlq = new sqs.CfnQueue(this, 'ApplyDeadLetterQueue', {
+      fifoQueue: true,
+      messageRetentionPeriod: 1209600,
+      sqsManagedSseEnabled: true,
+    });
+    applyDlq.cfnOptions.condition = hasTarget;
+    const applyQueue = new sqs.CfnQueue(this, 'ApplyQueue', {
+      fifoQueue: true,
+      contentBasedDeduplication: true,
+      visibilityTimeout: 960,
+      messageRetentionPeriod: 1209600,
+      sqsManagedSseEnabled: true,
+      redrivePolicy: { deadLetterTargetArn: applyDlq.attrArn, maxReceiveCount: 5 },
+    });
+    applyQueue.cfnOptions.condition = hasTarget;
+    const applyRule = new events.CfnRule(this, 'ApplyRule', {
+      description: Fn.sub('pgshift ${TaskName}: staged batches and the finished load, to the apply queue'),
+      eventBusName: eventsBus.valueAsString,
+      eventPattern: {
+        source: ['pgshift'],
+        'detail-type': ['Batch Committed', 'Load Finished'],
+        detail: { task: [taskName.valueAsString] },
+      },
+      targets: [{ id: 'apply-queue', arn: applyQueue.attrArn, sqsParameters: { messageGroupId: taskName.valueAsString } }],
+    });
+    applyRule.cfnOptions.condition = hasTarget;
+    const applyQueuePolicy = new sqs.CfnQueuePolicy(this, 'ApplyQueuePolicy', {
+      queues: [applyQueue.ref],
+      policyDocument: {
+        Version: '2012-10-17',
+        Statement: [
+          {
+            Sid: 'FromTheRule',
+            Effect: 'Allow',
+            Principal: { Service: 'events.amazonaws.com' },
+            Action: 'sqs:SendMessage',
+            Resource: applyQueue.attrArn,
+            Condition: { ArnEquals: { 'aws:SourceArn': applyRule.attrArn } },
+          },
+        ],
+      },
+    });
+    applyQueuePolicy.cfnOptions.condition = hasTarget;
+    const applyRole = lambdaRole('ApplyRole', 'pgshift-apply', [
+      ownLogs(applyLogs),
+      {
+        Sid: 'ReadTargetSecret',
+        Effect: 'Allow',
+        Action: 'secretsmanager:GetSecretValue',
+        Resource: targetSecretArn.valueAsString,
+      },
+      { Sid: 'ReadStage', Effect: 'Allow', Action: 's3:GetObject', Resource: Fn.sub('${StageBucket.Arn}/${TaskName}/*') },
+      stageAccess[1],
+      {
+        Sid: 'OwnQueue',
+        Effect: 'Allow',
+        Action: [
+          'sqs:ReceiveMessage',
+          'sqs:DeleteMessage',
+          'sqs:GetQueueAttributes',
+          'sqs:ChangeMessageVisibility',
+          'sqs:SendMessage',
+        ],
+        Resource: applyQueue.attrArn,
+      },
+      putEvents,
+    ]);
+    applyRole.cfnOptions.condition = hasTarget;
 
     // Only with a customer managed key on the secret / only in a VPC. Network-interface actions
     // have no resource-level permissions in EC2.
-    const roles = [testEndpointRole.ref, fullLoadRole.ref, pollerRole.ref];
+    const roles = Fn.conditionIf(
+      hasTarget.logicalId,
+      [testEndpointRole.ref, fullLoadRole.ref, pollerRole.ref, applyRole.ref],
+      [testEndpointRole.ref, fullLoadRole.ref, pollerRole.ref],
+    ) as unknown as string[];
     const secretKeyPolicy = new iam.CfnPolicy(this, 'SourceSecretKeyPolicy', {
       policyName: 'pgshift-secret-key',
       roles,
@@ -363,6 +489,7 @@ export class PgshiftStack extends Stack {
       PGSHIFT_TABLE_MAPPINGS: tableMappings.valueAsString,
       PGSHIFT_CHUNK_MB: chunkMb.valueAsString,
       PGSHIFT_MAX_CONCURRENCY: maxConcurrency.valueAsString,
+      PGSHIFT_EVENTS_BUS: eventsBus.valueAsString,
     };
     const vpcConfig = Fn.conditionIf(
       inVpc.logicalId,
@@ -378,6 +505,7 @@ export class PgshiftStack extends Stack {
       memory: number,
       timeout: number,
       reserved?: number,
+      extraEnvironment: Record<string, string> = {},
     ) => {
       const fn = new RustFunction(this, id, {
         manifestPath: path.join(REPO_ROOT, 'Cargo.toml'),
@@ -385,7 +513,7 @@ export class PgshiftStack extends Stack {
         bundling: { architecture: lambda.Architecture.ARM_64 },
         role: iam.Role.fromRoleArn(this, `${id}RoleRef`, role.attrArn, { mutable: false }),
         description,
-        environment,
+        environment: { ...environment, ...extraEnvironment },
         memorySize: memory,
         reservedConcurrentExecutions: reserved,
       });
@@ -425,6 +553,30 @@ export class PgshiftStack extends Stack {
       pollerTimeout.valueAsNumber,
       1,
     );
+
+    const applyFn = rustFunction(
+      'ApplyFunction',
+      'apply',
+      "pgshift apply (PG -> PG; driven by the task's events through its queue)",
+      applyRole,
+      applyLogs,
+      1024,
+      900,
+      undefined,
+      {
+        PGSHIFT_TARGET_SECRET_ARN: targetSecretArn.valueAsString,
+        PGSHIFT_TARGET_SSLMODE: targetSslMode.valueAsString,
+        PGSHIFT_TARGET_PREP: targetPrep.valueAsString,
+        PGSHIFT_APPLY_QUEUE_URL: applyQueue.ref,
+      },
+    );
+    applyFn.cfnOptions.condition = hasTarget;
+    const applyMapping = new lambda.CfnEventSourceMapping(this, 'ApplyFunctionQueue', {
+      eventSourceArn: applyQueue.attrArn,
+      functionName: applyFn.ref,
+      batchSize: 1,
+    });
+    applyMapping.cfnOptions.condition = hasTarget;
 
     // A failed run is retried by the next tick, never by Lambda; the failure is kept in the DLQ.
     new lambda.CfnEventInvokeConfig(this, 'CdcPollerFunctionEventInvokeConfig', {
@@ -585,6 +737,33 @@ export class PgshiftStack extends Stack {
       treatMissingData: 'notBreaching',
     });
 
+    alarm('ApplyFailuresAlarm', {
+      alarmDescription: Fn.sub('pgshift ${TaskName}: apply gave up on messages (in the apply dead-letter queue)'),
+      namespace: 'AWS/SQS',
+      metricName: 'ApproximateNumberOfMessagesVisible',
+      dimensions: [{ name: 'QueueName', value: applyDlq.attrQueueName }],
+      statistic: 'Maximum',
+      period: 300,
+      evaluationPeriods: 1,
+      threshold: 0,
+      comparisonOperator: 'GreaterThanThreshold',
+      treatMissingData: 'notBreaching',
+    }).cfnOptions.condition = hasTarget;
+    alarm('ApplyLagAlarm', {
+      alarmDescription: Fn.sub(
+        "pgshift ${TaskName}: the target is behind (the apply queue's oldest message is older than ${ApplyLagAlarmSeconds} s)",
+      ),
+      namespace: 'AWS/SQS',
+      metricName: 'ApproximateAgeOfOldestMessage',
+      dimensions: [{ name: 'QueueName', value: applyQueue.attrQueueName }],
+      statistic: 'Maximum',
+      period: 300,
+      evaluationPeriods: 1,
+      threshold: applyLagAlarm.valueAsNumber,
+      comparisonOperator: 'GreaterThanThreshold',
+      treatMissingData: 'notBreaching',
+    }).cfnOptions.condition = hasTarget;
+
     // ------------------------------------------------------------------ outputs
     const output = (id: string, value: string, description?: string) =>
       new CfnOutput(this, id, { value, description });
@@ -601,6 +780,12 @@ export class PgshiftStack extends Stack {
       Fn.join('_', Fn.split('-', Fn.sub('pgshift_${TaskName}'))),
       'The logical replication slot on the source (drop it when the task ends).',
     );
+    new CfnOutput(this, 'ApplyFunctionName', { value: applyFn.ref, condition: hasTarget });
+    new CfnOutput(this, 'ApplyQueueUrl', {
+      value: applyQueue.ref,
+      description: "The apply function's queue (the task's events).",
+      condition: hasTarget,
+    });
   }
 }
 

@@ -102,7 +102,7 @@ test('CDK has the parameters, conditions, outputs and interface of template.yaml
 
 test('every function is arm64 on provided.al2023 with its own role and log group', () => {
   const fns = Object.entries<Json>(cdk.Resources).filter(([, r]) => r.Type === 'AWS::Lambda::Function');
-  assert.equal(fns.length, 3);
+  assert.equal(fns.length, 4);
   const roles = new Set<string>();
   for (const [id, fn] of fns) {
     assert.deepEqual(fn.Properties.Architectures, ['arm64'], id);
@@ -113,7 +113,7 @@ test('every function is arm64 on provided.al2023 with its own role and log group
     const logs = role.Properties.Policies[0].PolicyDocument.Statement.find((s: Json) => s.Sid === 'WriteOwnLogs');
     assert.deepEqual(logs.Resource, { 'Fn::GetAtt': [group, 'Arn'] }, `${id} writes another log group`);
   }
-  assert.equal(roles.size, 3, 'functions share a role');
+  assert.equal(roles.size, 4, 'functions share a role');
   assert.equal(cdk.Resources.CdcPollerFunction.Properties.ReservedConcurrentExecutions, 1);
 });
 
