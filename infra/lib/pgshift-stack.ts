@@ -369,12 +369,14 @@ export class PgshiftStack extends Stack {
 
     // ------------------------------------------------------------------ event-driven apply queue
     const applyDlq = new sqs.CfnQueue(this, 'ApplyDeadLetterQueue', {
+      queueName: Fn.sub('${AWS::StackName}-apply-dlq.fifo'),
       fifoQueue: true,
       messageRetentionPeriod: 1209600,
       sqsManagedSseEnabled: true,
     });
     applyDlq.cfnOptions.condition = hasTarget;
     const applyQueue = new sqs.CfnQueue(this, 'ApplyQueue', {
+      queueName: Fn.sub('${AWS::StackName}-apply.fifo'),
       fifoQueue: true,
       contentBasedDeduplication: true,
       visibilityTimeout: 960,

@@ -24,7 +24,7 @@ import botocore.exceptions
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import sam_template  # noqa: E402
 
-BINARIES = ["test-endpoint", "full-load", "cdc-poller"]
+BINARIES = ["test-endpoint", "full-load", "cdc-poller", "apply"]
 failures = []
 
 
@@ -78,6 +78,11 @@ def main(lambda_dir):
         SecretString=json.dumps({"host": "127.0.0.1", "port": 5432, "username": "u", "password": "p", "dbname": "d"}),
     )["ARN"]
 
+    target_secret = c("secretsmanager").create_secret(
+        Name=f"pgshift-ci-target-{suffix}",
+        SecretString=json.dumps({"host": "127.0.0.1", "port": 5433, "username": "u", "password": "p", "dbname": "t"}),
+    )["ARN"]
+
     template = sam_template.yaml_parse(sam_template.ROOT.joinpath("template.yaml").read_text())
     body = sam_template.translate(sam_template.packaged(template, code_bucket, "code"), {})
     task = "orders-eu"
@@ -89,6 +94,7 @@ def main(lambda_dir):
             {"ParameterKey": "TaskName", "ParameterValue": task},
             {"ParameterKey": "LogRetentionDays", "ParameterValue": "14"},
             {"ParameterKey": "StageFormat", "ParameterValue": "jsonl.gz"},
+            {"ParameterKey": "TargetSecretArn", "ParameterValue": target_secret},
         ],
         Capabilities=["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM", "CAPABILITY_AUTO_EXPAND"],
     )
@@ -103,7 +109,8 @@ def main(lambda_dir):
         return
     out = {o["OutputKey"]: o["OutputValue"] for o in desc.get("Outputs", [])}
     for key in ["StageBucketName", "StageUri", "StateTableName", "FullLoadStateMachineArn", "TestEndpointFunctionName",
-                "FullLoadFunctionName", "CdcPollerFunctionName", "PollerDeadLetterQueueUrl", "SlotName"]:
+                "FullLoadFunctionName", "CdcPollerFunctionName", "PollerDeadLetterQueueUrl", "SlotName",
+                "ApplyFunctionName", "ApplyQueueUrl"]:
         check(bool(out.get(key)), f"output {key} = {out.get(key)}")
     check(out.get("SlotName") == "pgshift_orders_eu", "slot name follows the task name")
     check(out.get("StageUri") == f"s3://{out.get('StageBucketName')}/{task}", "stage URI is bucket/task")
@@ -149,10 +156,14 @@ def main(lambda_dir):
         names = iam.list_role_policies(RoleName=role)["PolicyNames"]
         docs = [iam.get_role_policy(RoleName=role, PolicyName=n)["PolicyDocument"] for n in names]
         text = json.dumps(docs)
-        check(secret in text, f"{name}: may read the source secret")
+        if b == "apply":
+            check(target_secret in text and secret not in text, f"{name}: may read the target secret, not the source's")
+        else:
+            check(secret in text, f"{name}: may read the source secret")
         check(iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"] == [], f"{name}: no managed policies")
         check("ec2:CreateNetworkInterface" not in text, f"{name}: no VPC permissions outside a VPC")
-        check(("s3:PutObject" in text) == (b != "test-endpoint"), f"{name}: S3 writes only for the data functions")
+        check(("s3:PutObject" in text) == (b not in ("test-endpoint", "apply")),
+              f"{name}: S3 writes only for the functions that stage")
     concurrency = lam.get_function_concurrency(FunctionName=f"{stack}-cdc-poller").get("ReservedConcurrentExecutions")
     check(concurrency == 1, f"poller reserved concurrency 1 ({concurrency})")
 
@@ -166,13 +177,18 @@ def main(lambda_dir):
     sqs = c("sqs")
     attrs = sqs.get_queue_attributes(QueueUrl=out["PollerDeadLetterQueueUrl"], AttributeNames=["All"])["Attributes"]
     check(attrs.get("MessageRetentionPeriod") == "1209600", "dead-letter queue keeps failures 14 days")
+    attrs = sqs.get_queue_attributes(QueueUrl=out["ApplyQueueUrl"], AttributeNames=["All"])["Attributes"]
+    check(attrs.get("FifoQueue") == "true", "the apply queue is FIFO")
+    check("deadLetterTargetArn" in attrs.get("RedrivePolicy", ""), "the apply queue has a dead-letter queue")
+    rules = c("events").list_rules(NamePrefix=stack)["Rules"] + c("events").list_rules()["Rules"]
+    check(any("Batch Committed" in (r.get("EventPattern") or "") for r in rules), "a rule routes Batch Committed to the apply queue")
 
     # Every resource of the template exists, except the types moto 5.2.5 skips without a word
     # (cfn-lint and the CDK comparison cover those); it also ignores Architectures, point-in-time
     # recovery and DefinitionSubstitutions, so those are not checked here either.
     created = {r["LogicalResourceId"] for r in cfn.list_stack_resources(StackName=stack)["StackResourceSummaries"]}
     skipped_types = {"AWS::CloudWatch::Alarm", "AWS::Lambda::EventInvokeConfig", "AWS::S3::BucketPolicy",
-                     "AWS::Scheduler::Schedule"}
+                     "AWS::Scheduler::Schedule", "AWS::SQS::QueuePolicy"}
     conditional = {"SourceSecretKeyPolicy", "VpcAccessPolicy"}
     skipped = []
     for logical, res in body["Resources"].items():
