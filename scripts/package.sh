@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Packages the three Lambda functions as AWS runs them: `cargo lambda build --release` for
+# Packages the four Lambda functions as AWS runs them: `cargo lambda build --release` for
 # arm64 (what template.yaml and the CDK app deploy) and x86_64, one `bootstrap` per function,
 # zipped for upload. Prints each file's size.
 #
@@ -16,7 +16,7 @@ archs=("$@")
 [ ${#archs[@]} -gt 0 ] || archs=(arm64 x86_64)
 for arch in "${archs[@]}"; do
   pgshift_package "$arch"
-  for fn in test-endpoint full-load cdc-poller; do
+  for fn in test-endpoint full-load cdc-poller apply; do
     dir="$PGSHIFT_LAMBDA_DIR/$fn"
     (cd "$dir" && rm -f bootstrap.zip && python3 -c "import zipfile,sys; z=zipfile.ZipFile('bootstrap.zip','w',zipfile.ZIP_DEFLATED); i=zipfile.ZipInfo('bootstrap'); i.external_attr=0o755<<16; i.compress_type=zipfile.ZIP_DEFLATED; z.writestr(i, open('bootstrap','rb').read()); z.close()")
     awk -v a="$arch" -v f="$fn" -v b="$(stat -c %s "$dir/bootstrap")" -v z="$(stat -c %s "$dir/bootstrap.zip")" -v d="$dir" \

@@ -398,6 +398,18 @@ async fn a_killed_parallel_load_resumes_at_the_chunk() {
         load_workers: 2,
         ..Default::default()
     };
+    // Out of time (a Lambda's deadline) before any chunk: a clean stop naming what is left.
+    let late = apply::ApplyOptions {
+        deadline: Some(std::time::Instant::now()),
+        ..opts
+    };
+    let err = apply::run_with(&s.sink, &target.config(), task, late)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, pgshift::Error::Deadline(m) if m.contains(&format!("{} chunks", chunks + 1))),
+        "{err}"
+    );
     // The apply dies reading the fourth chunk file (each worker had committed one by then).
     let dying = pgshift::staging::UnreliableSink::new(
         s.sink.clone(),
@@ -433,6 +445,21 @@ async fn a_killed_parallel_load_resumes_at_the_chunk() {
         .await
         .unwrap();
     assert!(!again.load_applied, "{again:?}");
+    // CDC out of time: no batch is started past the deadline; the next run applies it.
+    c.batch_execute("update public.big set pad = pad || 'x' where id <= 10")
+        .await
+        .unwrap();
+    s.poll(task).await;
+    let stopped = apply::run_with(&s.sink, &target.config(), task, late)
+        .await
+        .unwrap();
+    assert!(stopped.stopped_at_deadline, "{stopped:?}");
+    assert_eq!(stopped.batches_applied, 0, "{stopped:?}");
+    let rest = apply::run_with(&s.sink, &target.config(), task, opts)
+        .await
+        .unwrap();
+    assert_eq!(rest.batches_applied, 1, "{rest:?}");
+    pgshift_tests::assert_same(&s.db.config(), &target.config()).await;
 }
 
 /// A target whose columns differ from the source's is a named difference, not an error.

@@ -356,8 +356,12 @@ async fn packaged_lambdas_cold_start_figures() {
         ),
         ("PGSHIFT_STAGE", "s3://cold-start/x".to_owned()),
         ("PGSHIFT_STATE_TABLE", "cold-start".to_owned()),
+        (
+            "PGSHIFT_TARGET_SECRET_ARN",
+            "arn:aws:secretsmanager:us-east-1:123456789012:secret:none".to_owned(),
+        ),
     ];
-    for function in ["test-endpoint", "full-load", "cdc-poller"] {
+    for function in ["test-endpoint", "full-load", "cdc-poller", "apply"] {
         let started = Instant::now();
         let proc = api.function(function, &vars);
         let err = api
