@@ -149,18 +149,7 @@ impl Session {
         report.position = position;
         let mut tables = Tables::default();
         if !load_complete {
-            match load::apply_load(
-                sink,
-                &mut client,
-                &cfg,
-                task,
-                opts.load_workers,
-                opts.target_prep,
-                opts.deadline,
-                &mut tables,
-            )
-            .await?
-            {
+            match load::apply_load(sink, &mut client, &cfg, task, opts, &mut tables).await? {
                 Some(loaded) => {
                     report.load_applied = true;
                     report.load_rows += loaded.rows;

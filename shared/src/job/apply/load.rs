@@ -80,11 +80,10 @@ pub(super) async fn apply_load<S: ObjectSink>(
     client: &mut Client,
     cfg: &PgConfig,
     task: &str,
-    workers: usize,
-    prep: TargetPrep,
-    deadline: Option<std::time::Instant>,
+    opts: super::ApplyOptions,
     tables: &mut Tables,
 ) -> Result<Option<Loaded>> {
+    let (workers, prep, deadline) = (opts.load_workers, opts.target_prep, opts.deadline);
     let keys = layout::load_manifest_keys(sink).await?;
     if keys.is_empty() {
         return Ok(None);
