@@ -59,7 +59,10 @@ impl Deps {
 }
 
 async fn handle(deps: &Deps, event: LambdaEvent<Value>) -> Result<Value, Diagnostic> {
-    run(deps, event).await.map_err(pgshift::lambda::diagnostic)
+    // The apply future is large (a batch's reads and the target's writes): on the heap.
+    Box::pin(run(deps, event))
+        .await
+        .map_err(pgshift::lambda::diagnostic)
 }
 
 /// The messages' events that concern this task (others are counted and left).
