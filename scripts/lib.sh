@@ -18,6 +18,11 @@ PGSHIFT_SAM_CLI_VERSION=1.170.0
 # pinned; unpacked outside $HOME so the postgres user can run it.
 PGSHIFT_PG12_VERSION=12.22.0-beta.15
 PGSHIFT_PG12_DIR=${PGSHIFT_PG12_DIR:-/var/tmp/pgshift-pg12-$PGSHIFT_PG12_VERSION}
+# LocalStack for the LocalStack lane (scripts/test-localstack.sh), pinned, host mode (no Docker),
+# in a third virtualenv; newer localstack-core releases break on this Python, and these pins keep
+# its dependencies at versions that work with it.
+PGSHIFT_LOCALSTACK_VENV=${PGSHIFT_LOCALSTACK_VENV:-$PGSHIFT_ROOT/.venv-localstack}
+PGSHIFT_LOCALSTACK_PINS="localstack-core[runtime]==4.9.2 cbor2<6 pyopenssl<26 cryptography>=45,<47 psutil<7 service-identity"
 PGSHIFT_RUN_DIR=""
 PGSHIFT_PIDS=()
 PGSHIFT_PG_DIRS=()
@@ -93,7 +98,7 @@ pgshift_ensure_infra_npm() {
   fi
 }
 
-# pgshift_package ARCH (x86_64 | arm64): the three Lambda bootstraps, release profile, in
+# pgshift_package ARCH (x86_64 | arm64): the four Lambda bootstraps, release profile, in
 # $CARGO_TARGET_DIR/lambda-ARCH/<function>/bootstrap. Sets PGSHIFT_LAMBDA_DIR.
 pgshift_package() {
   local arch=$1 flag
@@ -252,6 +257,59 @@ pgshift_start_moto() {
   log "AWS emulator (moto $PGSHIFT_MOTO_VERSION) on $AWS_ENDPOINT_URL"
 }
 
+pgshift_ensure_localstack() {
+  if [ "$(cat "$PGSHIFT_LOCALSTACK_VENV/.pgshift-pins" 2>/dev/null)" != "$PGSHIFT_LOCALSTACK_PINS" ]; then
+    log "creating $PGSHIFT_LOCALSTACK_VENV with $PGSHIFT_LOCALSTACK_PINS"
+    python3 -m venv "$PGSHIFT_LOCALSTACK_VENV"
+    # shellcheck disable=SC2086
+    "$PGSHIFT_LOCALSTACK_VENV/bin/pip" install -q --disable-pip-version-check $PGSHIFT_LOCALSTACK_PINS
+    printf '%s' "$PGSHIFT_LOCALSTACK_PINS" > "$PGSHIFT_LOCALSTACK_VENV/.pgshift-pins"
+  fi
+}
+
+# pgshift_start_localstack [SFN_MOCK_CONFIG] -> sets PGSHIFT_LOCALSTACK_URL: LocalStack in host
+# mode on a free port of 127.0.0.1, its files under the run folder (and the S3 store it keeps
+# in the system temp folder whatever TMPDIR says removed by pgshift_stop_localstack).
+pgshift_start_localstack() {
+  local port dir
+  pgshift_run_dir
+  pgshift_ensure_localstack
+  port=$(free_port)
+  dir=$PGSHIFT_RUN_DIR/localstack
+  mkdir -p "$dir/fs" "$dir/tmp"
+  PGSHIFT_LOCALSTACK_S3_STORE_WAS_THERE=$([ -e /tmp/localstack-s3-storage ] && echo 1 || echo "")
+  (cd "$dir" && exec env OVERRIDE_IN_DOCKER=0 GATEWAY_LISTEN="127.0.0.1:$port" FILESYSTEM_ROOT="$dir/fs" \
+    SKIP_SSL_CERT_DOWNLOAD=1 DISABLE_EVENTS=1 TMPDIR="$dir/tmp" LOCALSTACK_TELEMETRY=0 \
+    SFN_MOCK_CONFIG="${1:-}" "$PGSHIFT_LOCALSTACK_VENV/bin/python" -m localstack.runtime.main >"$dir/localstack.log" 2>&1) &
+  PGSHIFT_LOCALSTACK_PID=$!
+  for _ in $(seq 1 300); do
+    if python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/_localstack/health', timeout=1)" 2>/dev/null; then
+      PGSHIFT_LOCALSTACK_URL=http://127.0.0.1:$port
+      log "LocalStack (localstack-core 4.9.2, host mode) on $PGSHIFT_LOCALSTACK_URL"
+      return 0
+    fi
+    sleep 0.2
+  done
+  cat "$dir/localstack.log" >&2
+  log "LocalStack did not start"
+  return 1
+}
+
+# Stops LocalStack (it may ignore SIGTERM while stacks are in flight: then SIGKILL).
+pgshift_stop_localstack() {
+  [ -n "${PGSHIFT_LOCALSTACK_PID:-}" ] || return 0
+  kill "$PGSHIFT_LOCALSTACK_PID" 2>/dev/null || true
+  for _ in $(seq 1 50); do
+    kill -0 "$PGSHIFT_LOCALSTACK_PID" 2>/dev/null || break
+    sleep 0.2
+  done
+  kill -9 "$PGSHIFT_LOCALSTACK_PID" 2>/dev/null || true
+  wait "$PGSHIFT_LOCALSTACK_PID" 2>/dev/null || true
+  pkill -9 -f "localstack.runtime.main" -P "$PGSHIFT_LOCALSTACK_PID" 2>/dev/null || true
+  if [ -z "${PGSHIFT_LOCALSTACK_S3_STORE_WAS_THERE:-}" ]; then rm -rf /tmp/localstack-s3-storage; fi
+  PGSHIFT_LOCALSTACK_PID=""
+}
+
 # Step Functions executions run their states (Pass/Map/Choice) instead of returning at once.
 # (After any CloudFormation deploy: moto keeps stack-created state machines out of this mode.)
 pgshift_moto_execute_state_machines() {
@@ -266,6 +324,7 @@ PY
 
 pgshift_cleanup() {
   local pid dir ctl
+  pgshift_stop_localstack
   for dir in "${PGSHIFT_PG_DIRS[@]}"; do
     ctl=pg_ctl
     if [ -f "$dir/../pg_ctl.cmd" ]; then ctl=$(cat "$dir/../pg_ctl.cmd"); fi

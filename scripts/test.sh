@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test command: starts everything the tests need on 127.0.0.1 (two throwaway PostgreSQL 15
 # clusters from the machine's packages and the moto AWS emulator in a project-local virtualenv),
-# runs the tests of the whole workspace against them, and stops what it started.
+# runs the tests of the whole workspace against them, then the LocalStack lane
+# (scripts/test-localstack.sh: the AWS-facing tests on LocalStack, and the state machine
+# executed), and stops what it started.
 #
 #   ./scripts/test.sh [extra cargo-nextest / cargo test arguments]
 #
@@ -62,8 +64,16 @@ export PGSHIFT_TEST_PYTHON="$PGSHIFT_VENV/bin/python"
 
 # The CLI tests run the built `pgshift` binary; test runners build only test targets.
 cargo build --workspace --bins
+# The LocalStack lane's own tests (localstack::) run in scripts/test-localstack.sh, below.
+status=0
 if command -v cargo-nextest >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast "$@"
+  cargo nextest run --workspace --no-fail-fast -E 'not test(/^localstack::/)' "$@" || status=$?
 else
-  cargo test --workspace --no-fail-fast "$@"
+  cargo test --workspace --no-fail-fast "$@" -- --skip localstack:: || status=$?
 fi
+
+# The AWS-facing tests again, on LocalStack (DynamoDB on moto).
+log "the LocalStack lane (scripts/test-localstack.sh)"
+lane=0
+PGSHIFT_LAMBDA_DIR=$PGSHIFT_LAMBDA_DIR PGSHIFT_CARGO_LAMBDA=$PGSHIFT_CARGO_LAMBDA ./scripts/test-localstack.sh || lane=$?
+[ "$status" -eq 0 ] && [ "$lane" -eq 0 ]

@@ -25,14 +25,21 @@ impl Aws {
         &self.config
     }
 
-    /// Whether a custom endpoint (an emulator) is configured.
+    /// Whether a custom endpoint (an emulator) is configured for every service.
     pub fn has_custom_endpoint(&self) -> bool {
         self.config.endpoint_url().is_some()
     }
 
+    /// Whether S3 goes to a custom endpoint: the global one, or `AWS_ENDPOINT_URL_S3` (which
+    /// the SDK honours on its own, and which wins).
+    pub fn s3_has_custom_endpoint(&self) -> bool {
+        self.has_custom_endpoint()
+            || std::env::var("AWS_ENDPOINT_URL_S3").is_ok_and(|v| !v.trim().is_empty())
+    }
+
     pub fn s3(&self) -> aws_sdk_s3::Client {
         let conf = aws_sdk_s3::config::Builder::from(&self.config)
-            .force_path_style(self.has_custom_endpoint())
+            .force_path_style(self.s3_has_custom_endpoint())
             .build();
         aws_sdk_s3::Client::from_conf(conf)
     }

@@ -10,10 +10,19 @@ pub fn init_tracing() {
 
 /// The runtime's error report for a job error, logged once here.
 pub fn diagnostic(err: Error) -> lambda_runtime::Diagnostic {
-    tracing::error!(error = %err, kind = err.kind(), transient = err.is_transient(), "job failed");
+    diagnostic_in(err, None)
+}
+
+/// [`diagnostic`], the message prefixed with what failed (`chunk public.orders#3`): a state
+/// machine's failure cause names it.
+pub fn diagnostic_in(err: Error, what: Option<&str>) -> lambda_runtime::Diagnostic {
+    tracing::error!(error = %err, kind = err.kind(), transient = err.is_transient(), what, "job failed");
     lambda_runtime::Diagnostic {
         error_type: err.kind().to_owned(),
-        error_message: err.to_string(),
+        error_message: match what {
+            Some(w) => format!("{w}: {err}"),
+            None => err.to_string(),
+        },
     }
 }
 

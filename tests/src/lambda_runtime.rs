@@ -336,6 +336,16 @@ async fn packaged_lambdas_run_through_the_runtime_api() {
         "{err}"
     );
     assert!(!err.contains("Transient"), "{err}");
+    // A chunk's failure names the chunk (the state machine's LoadFailed cause carries it).
+    let err = api
+        .invoke(
+            "full-load",
+            Payload::Json(
+                json!({"action": "ExportChunk", "chunk": {"schema": "public", "table": "nope", "n": 7}}),
+            ),
+        )
+        .expect_err("a chunk the plan does not have must fail");
+    assert!(err.contains("chunk public.nope#7"), "{err}");
     // The functions keep serving after an error (the runtime reports it; no crash).
     let again = api
         .invoke("full-load", Payload::Fixture("full-load-finish.json"))

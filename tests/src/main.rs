@@ -7,6 +7,7 @@ mod events;
 mod full_load;
 mod golden;
 mod lambda_runtime;
+mod localstack;
 mod migrate;
 mod pg12;
 mod safety;

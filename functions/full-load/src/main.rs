@@ -12,7 +12,22 @@ async fn handle(
     deps: &StagedDeps,
     event: LambdaEvent<serde_json::Value>,
 ) -> Result<serde_json::Value, Diagnostic> {
-    run(deps, event).await.map_err(pgshift::lambda::diagnostic)
+    let chunk = chunk_label(&event.payload);
+    run(deps, event)
+        .await
+        .map_err(|e| pgshift::lambda::diagnostic_in(e, chunk.as_deref()))
+}
+
+/// `chunk <schema>.<table>#<n>` of an ExportChunk event, for its error message (the state
+/// machine's failure cause).
+fn chunk_label(payload: &serde_json::Value) -> Option<String> {
+    let c = payload.get("chunk")?;
+    Some(format!(
+        "chunk {}.{}#{}",
+        c.get("schema")?.as_str()?,
+        c.get("table")?.as_str()?,
+        c.get("n")?.as_u64()?
+    ))
 }
 
 async fn options(deps: &StagedDeps, ctx: &lambda_runtime::Context) -> pgshift::Result<LoadOptions> {
