@@ -13,7 +13,7 @@ async fn handle(
     event: LambdaEvent<serde_json::Value>,
 ) -> Result<serde_json::Value, Diagnostic> {
     let chunk = chunk_label(&event.payload);
-    run(deps, event)
+    Box::pin(run(deps, event))
         .await
         .map_err(|e| pgshift::lambda::diagnostic_in(e, chunk.as_deref()))
 }
