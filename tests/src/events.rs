@@ -229,9 +229,18 @@ async fn a_load_and_cdc_put_their_events_and_a_failed_put_is_reannounced() {
     assert_eq!(got[0]["detail"]["changes"], 60);
     assert_eq!(got[0]["detail"]["tables"][0]["table"], "a");
 
-    // A bus that does not exist refuses the put: the batch is staged all the same.
+    // EventBridge unreachable (the put fails whatever the emulator): the batch is staged all
+    // the same.
     let mut broken = co.clone();
-    broken.events = events::for_bus(&aws, Some(&format!("{}-missing", route.bus)));
+    let unreachable = aws_sdk_eventbridge::Client::from_conf(
+        aws_sdk_eventbridge::config::Builder::from(aws.sdk_config())
+            .endpoint_url("http://127.0.0.1:9")
+            .build(),
+    );
+    broken.events = events::Events::to(Arc::new(events::EventBridge::new(
+        unreachable,
+        route.bus.clone(),
+    )));
     c.batch_execute("delete from public.b where id <= 3")
         .await
         .unwrap();
@@ -270,7 +279,6 @@ async fn a_load_and_cdc_put_their_events_and_a_failed_put_is_reannounced() {
     // A source that refuses the poll: the failure is an event an operator's rule can route.
     let mut bad = co.clone();
     bad.source.dbname = "pgshift_no_such_database".to_owned();
-    bad.source.password = Some(secrecy::SecretString::from("s3cret-not-shown"));
     pgshift::job::cdc_poll::run(&s.sink, &s.state, &bad)
         .await
         .unwrap_err();
@@ -279,10 +287,10 @@ async fn a_load_and_cdc_put_their_events_and_a_failed_put_is_reannounced() {
     let failed = of_type(&got, events::TASK_STATE_CHANGED);
     assert_eq!(failed.len(), 1, "{got:#?}");
     assert_eq!(failed[0]["detail"]["state"], "PollFailed");
-    assert!(
-        !failed[0]["detail"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("wrong")
-    );
+    let message = failed[0]["detail"]["message"].as_str().unwrap();
+    assert!(message.contains("pgshift_no_such_database"), "{message}");
+    if let Some(pw) = &co.source.password {
+        use secrecy::ExposeSecret;
+        assert!(!message.contains(pw.expose_secret()), "{message}");
+    }
 }
