@@ -4,7 +4,8 @@
 # pgshift's users test: staging to S3, Secrets Manager credentials, the packaged Lambdas through
 # the runtime API, events through a rule to an SQS queue, and the full-load state machine
 # executed on its Step Functions (tests/src/localstack.rs, with the mocked Lambda integrations
-# of tests/fixtures/sfn-mock.json). DynamoDB stays on moto through the service-specific
+# of tests/fixtures/sfn-mock.json), and a CloudFormation deploy of template.yaml
+# (infra/test/deploy_localstack.py). DynamoDB stays on moto through the service-specific
 # endpoint (AWS_ENDPOINT_URL_DYNAMODB): LocalStack's downloads a JVM at run time, and so does its
 # Lambda service (the functions run through the runtime API instead).
 #
@@ -45,6 +46,13 @@ export AWS_ENDPOINT_URL=$PGSHIFT_LOCALSTACK_URL
 export AWS_ENDPOINT_URL_DYNAMODB=$moto_url
 export PGSHIFT_TEST_PYTHON="$PGSHIFT_VENV/bin/python"
 
+# The template on LocalStack's CloudFormation (without what LocalStack cannot create here:
+# the functions and the table; the script names them).
+pgshift_ensure_tools
+deploy=0
+log "deploying template.yaml to LocalStack (CloudFormation)"
+"$PGSHIFT_TOOLS_VENV/bin/python" infra/test/deploy_localstack.py || deploy=$?
+
 # The CLI tests among them run the built binary.
 cargo build --workspace --bins
 filter='test(/^localstack::/) | test(/^events::/) | test(/^lambda_runtime::/)'
@@ -59,5 +67,7 @@ cargo nextest run -p pgshift-tests --test integration --no-fail-fast -E "$filter
 passed=$(grep -oE '[0-9]+ passed' "$out" | tail -1 | grep -oE '[0-9]+' || echo 0)
 failed=$(grep -oE '[0-9]+ failed' "$out" | tail -1 | grep -oE '[0-9]+' || echo 0)
 if [ "$status" -ne 0 ] && [ "$failed" = 0 ]; then failed=1; fi
+# The deployment counts as one more.
+if [ "$deploy" -eq 0 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); status=1; fi
 echo "localstack lane: $passed passed, $failed failed"
 exit "$status"
