@@ -202,3 +202,55 @@ async fn the_full_load_state_machine_runs_its_paths() {
         "{events:?}"
     );
 }
+
+/// Service-specific endpoints only (`AWS_ENDPOINT_URL_S3` for LocalStack's S3,
+/// `AWS_ENDPOINT_URL_DYNAMODB` for moto's DynamoDB, no `AWS_ENDPOINT_URL`), as users split
+/// services between emulators: the CLI stages to S3 with path-style addressing (an emulator on
+/// 127.0.0.1 serves no virtual-hosted buckets) and keeps its state on the other emulator.
+#[tokio::test]
+async fn the_cli_follows_service_specific_endpoints() {
+    let s3_endpoint = env("AWS_ENDPOINT_URL");
+    let dynamodb_endpoint = env("AWS_ENDPOINT_URL_DYNAMODB");
+    let aws = pgshift::aws::Aws::from_env().await;
+    let bucket = pgshift_tests::emulator_bucket(&aws, "pgshift-split").await;
+    let db = pgshift_tests::TestDb::new("ls_split").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "create table public.t (id int primary key, v text); insert into public.t values (1, 'a'), (2, 'b');",
+    )
+    .await
+    .unwrap();
+    let url = pgshift_tests::url(&db.config());
+    let stage = format!("s3://{bucket}/split");
+    let state = format!("dynamodb://{}", pgshift_tests::unique_name("pgshift-split"));
+    let out = std::process::Command::new(pgshift_tests::pgshift_bin())
+        .args([
+            "full-load",
+            "--task",
+            "split",
+            "--source",
+            &url,
+            "--stage",
+            &stage,
+            "--state",
+            &state,
+            "--json",
+        ])
+        .env_remove("AWS_ENDPOINT_URL")
+        .env("AWS_ENDPOINT_URL_S3", &s3_endpoint)
+        .env("AWS_ENDPOINT_URL_DYNAMODB", &dynamodb_endpoint)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["rows"], 2, "{report}");
+    let sink = pgshift::staging::S3Sink::new(aws.s3(), &stage).unwrap();
+    let keys = pgshift::staging::ObjectSink::list(&sink, "public/t/")
+        .await
+        .unwrap();
+    assert!(keys.iter().any(|k| k.contains("LOAD")), "{keys:?}");
+}
