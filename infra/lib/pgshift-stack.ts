@@ -58,7 +58,10 @@ export class PgshiftStack extends Stack {
             Label: { default: 'Task' },
             Parameters: ['TaskName', 'TableMappings', 'StageFormat', 'ChunkMb', 'MaxConcurrency'],
           },
-          { Label: { default: 'CDC poller' }, Parameters: ['PollSchedule', 'PollerState', 'PollerTimeoutSeconds'] },
+          {
+            Label: { default: 'CDC poller' },
+            Parameters: ['PollSchedule', 'PollerState', 'PollerTimeoutSeconds', 'PollerReservedConcurrency'],
+          },
           {
             Label: { default: 'Events and apply to a PostgreSQL target' },
             Parameters: ['EventsBusName', 'TargetSecretArn', 'TargetSslMode', 'TargetPrep', 'ApplyLagAlarmSeconds'],
@@ -81,7 +84,9 @@ export class PgshiftStack extends Stack {
     });
     const sourceSecretArn = new CfnParameter(this, 'SourceSecretArn', {
       type: 'String',
-      allowedPattern: 'arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+',
+      allowedPattern: 'arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+-[A-Za-z0-9]{6}',
+      constraintDescription:
+        "the secret's complete ARN, with the six characters Secrets Manager appends (a partial ARN is denied by IAM)",
       description: 'Secrets Manager secret of the source, in the DMS shape {host, port, username, password, dbname}.',
     });
     const secretKey = new CfnParameter(this, 'SourceSecretKmsKeyArn', {
@@ -139,10 +144,18 @@ export class PgshiftStack extends Stack {
     });
     const pollerState = new CfnParameter(this, 'PollerState', {
       type: 'String',
-      default: 'ENABLED',
+      default: 'DISABLED',
       allowedValues: ['ENABLED', 'DISABLED'],
       description:
-        "DISABLED keeps the schedule off (for example until the full load's Plan created the slot; a poller on a task without a slot creates one, a CDC-only task).",
+        'ENABLED starts the schedule. Deploy DISABLED, start the full load (its Plan creates the slot), then enable; enabled first, the poller creates the slot itself (a CDC-only task).',
+    });
+    const pollerReserved = new CfnParameter(this, 'PollerReservedConcurrency', {
+      type: 'Number',
+      default: 0,
+      minValue: 0,
+      maxValue: 1,
+      description:
+        '1 reserves one concurrent execution for the poller (at most one runs; the lease already ensures one drains). 0 (default) reserves none: a new or low-quota account refuses a reservation that leaves it fewer than 10 unreserved.',
     });
     const pollerTimeout = new CfnParameter(this, 'PollerTimeoutSeconds', {
       type: 'Number',
@@ -150,7 +163,7 @@ export class PgshiftStack extends Stack {
       minValue: 30,
       maxValue: 900,
       description:
-        "The poller's Lambda timeout; it stops cleanly before it, at a batch boundary, and the next tick goes on. Keep it at most the schedule's period: with reserved concurrency 1, ticks that wait behind a longer run can expire into the dead-letter queue.",
+        "The poller's Lambda timeout; it stops cleanly before it, at a batch boundary, and the next tick goes on. Keep it at most the schedule's period: a tick that starts while the last run holds the lease exits at once (and with reserved concurrency 1 waiting ticks can expire into the dead-letter queue).",
     });
     const eventsBus = new CfnParameter(this, 'EventsBusName', {
       type: 'String',
@@ -162,7 +175,8 @@ export class PgshiftStack extends Stack {
     const targetSecretArn = new CfnParameter(this, 'TargetSecretArn', {
       type: 'String',
       default: '',
-      allowedPattern: '(arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+)?',
+      allowedPattern: '(arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+-[A-Za-z0-9]{6})?',
+      constraintDescription: 'empty, or the secret\'s complete ARN (with the six characters Secrets Manager appends)',
       description:
         'Secrets Manager secret of a PostgreSQL target ({host, port, username, password, dbname}). Set, the stack adds the apply function, fed by a rule on the bus through an SQS FIFO queue; empty, no apply.',
     });
@@ -218,6 +232,9 @@ export class PgshiftStack extends Stack {
     });
     const hasAlarmTopic = new CfnCondition(this, 'HasAlarmTopic', {
       expression: Fn.conditionNot(Fn.conditionEquals(alarmTopic.valueAsString, '')),
+    });
+    const hasPollerReservation = new CfnCondition(this, 'HasPollerReservation', {
+      expression: Fn.conditionEquals(pollerReserved.valueAsNumber, 1),
     });
     const hasTarget = new CfnCondition(this, 'HasTarget', {
       expression: Fn.conditionNot(Fn.conditionEquals(targetSecretArn.valueAsString, '')),
@@ -523,7 +540,12 @@ export class PgshiftStack extends Stack {
       cfn.overrideLogicalId(id);
       cfn.functionName = Fn.sub(`\${AWS::StackName}-${binary}`);
       cfn.timeout = timeout;
-      cfn.loggingConfig = { logGroup: group.ref, logFormat: 'Text' };
+      cfn.loggingConfig = {
+        logGroup: group.ref,
+        logFormat: 'JSON',
+        applicationLogLevel: 'INFO',
+        systemLogLevel: 'WARN',
+      };
       cfn.vpcConfig = vpcConfig;
       return cfn;
     };
@@ -553,8 +575,12 @@ export class PgshiftStack extends Stack {
       pollerLogs,
       1024,
       pollerTimeout.valueAsNumber,
-      1,
     );
+    poller.reservedConcurrentExecutions = Fn.conditionIf(
+      hasPollerReservation.logicalId,
+      pollerReserved.valueAsNumber,
+      Aws.NO_VALUE,
+    ) as unknown as number;
 
     const applyFn = rustFunction(
       'ApplyFunction',

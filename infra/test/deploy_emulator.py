@@ -95,6 +95,7 @@ def main(lambda_dir):
             {"ParameterKey": "LogRetentionDays", "ParameterValue": "14"},
             {"ParameterKey": "StageFormat", "ParameterValue": "jsonl.gz"},
             {"ParameterKey": "TargetSecretArn", "ParameterValue": target_secret},
+            {"ParameterKey": "PollerReservedConcurrency", "ParameterValue": "1"},
         ],
         Capabilities=["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM", "CAPABILITY_AUTO_EXPAND"],
     )
@@ -165,7 +166,7 @@ def main(lambda_dir):
         check(("s3:PutObject" in text) == (b not in ("test-endpoint", "apply")),
               f"{name}: S3 writes only for the functions that stage")
     concurrency = lam.get_function_concurrency(FunctionName=f"{stack}-cdc-poller").get("ReservedConcurrentExecutions")
-    check(concurrency == 1, f"poller reserved concurrency 1 ({concurrency})")
+    check(concurrency == 1, f"poller reserved concurrency 1 when asked ({concurrency})")
 
     sfn = c("stepfunctions")
     sm = sfn.describe_state_machine(stateMachineArn=out["FullLoadStateMachineArn"])

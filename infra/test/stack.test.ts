@@ -114,7 +114,15 @@ test('every function is arm64 on provided.al2023 with its own role and log group
     assert.deepEqual(logs.Resource, { 'Fn::GetAtt': [group, 'Arn'] }, `${id} writes another log group`);
   }
   assert.equal(roles.size, 4, 'functions share a role');
-  assert.equal(cdk.Resources.CdcPollerFunction.Properties.ReservedConcurrentExecutions, 1);
+  // Reserved concurrency only when asked (new accounts refuse it): the lease keeps one poller.
+  assert.deepEqual(cdk.Resources.CdcPollerFunction.Properties.ReservedConcurrentExecutions, {
+    'Fn::If': ['HasPollerReservation', { Ref: 'PollerReservedConcurrency' }, { Ref: 'AWS::NoValue' }],
+  });
+  for (const [id, fn] of fns) {
+    const logging = fn.Properties.LoggingConfig;
+    assert.equal(logging.LogFormat, 'JSON', `${id} logs JSON`);
+    assert.equal(logging.ApplicationLogLevel, 'INFO', id);
+  }
 });
 
 test('no function statement allows "*" except network interfaces in a VPC', () => {

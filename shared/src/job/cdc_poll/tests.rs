@@ -374,6 +374,21 @@ fn emf_names_dms_metrics() {
         v["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"],
         "CDCLatencySource"
     );
+    // An unknown safe_wal_size is no data point (not -1); a known one is.
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v["_aws"]["CloudWatchMetrics"][0]["Metrics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["Name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(!names(&v).contains(&"SlotSafeWalSize".to_owned()));
+    assert!(v.get("SlotSafeWalSize").is_none());
+    report.slot_safe_wal_size = Some(4096);
+    let v: serde_json::Value = serde_json::from_str(&emf_line(&report)).unwrap();
+    assert!(names(&v).contains(&"SlotSafeWalSize".to_owned()));
+    assert_eq!(v["SlotSafeWalSize"], 4096);
 }
 
 #[tokio::test]
