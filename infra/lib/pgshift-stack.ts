@@ -11,6 +11,7 @@ import {
   CfnOutput,
   CfnParameter,
   CfnResource,
+  CfnRule,
   Fn,
   Stack,
   StackProps,
@@ -56,7 +57,15 @@ export class PgshiftStack extends Stack {
           },
           {
             Label: { default: 'Task' },
-            Parameters: ['TaskName', 'TableMappings', 'StageFormat', 'ChunkMb', 'MaxConcurrency'],
+            Parameters: [
+              'TaskName',
+              'TableMappings',
+              'CaptureChanges',
+              'StageFormat',
+              'CommitTimestampColumn',
+              'ChunkMb',
+              'MaxConcurrency',
+            ],
           },
           {
             Label: { default: 'CDC poller' },
@@ -116,11 +125,34 @@ export class PgshiftStack extends Stack {
       default: '',
       description: 'DMS table-mapping JSON (selection rules); empty selects every user table.',
     });
+    const captureChanges = new CfnParameter(this, 'CaptureChanges', {
+      type: 'String',
+      default: 'true',
+      allowedValues: ['true', 'false'],
+      description:
+        "true: the full load creates the slot first and CDC follows from its consistent point. false: a full-load-only task (no slot pinning WAL; the poller's schedule stays disabled).",
+    });
     const stageFormat = new CfnParameter(this, 'StageFormat', {
       type: 'String',
       default: 'csv',
-      allowedValues: ['csv', 'csv.gz', 'jsonl', 'jsonl.gz'],
-      description: 'Format of staged full-load and CDC files.',
+      allowedValues: ['csv', 'csv.gz', 'jsonl', 'jsonl.gz', 'parquet'],
+      description: 'Format of staged files (parquet is for full-load-only tasks).',
+    });
+    const commitTs = new CfnParameter(this, 'CommitTimestampColumn', {
+      type: 'String',
+      default: 'false',
+      allowedValues: ['true', 'false'],
+      description: "true adds the source commit timestamp column to CDC rows (DMS's TimestampColumnName).",
+    });
+    new CfnRule(this, 'ParquetIsForFullLoadOnly', {
+      ruleCondition: Fn.conditionEquals(stageFormat.valueAsString, 'parquet'),
+      assertions: [
+        {
+          assert: Fn.conditionEquals(captureChanges.valueAsString, 'false'),
+          assertDescription:
+            'parquet is written by the full load only; with CaptureChanges=true stage csv, csv.gz, jsonl or jsonl.gz',
+        },
+      ],
     });
     const chunkMb = new CfnParameter(this, 'ChunkMb', {
       type: 'Number',
@@ -235,6 +267,9 @@ export class PgshiftStack extends Stack {
     });
     const hasPollerReservation = new CfnCondition(this, 'HasPollerReservation', {
       expression: Fn.conditionEquals(pollerReserved.valueAsNumber, 1),
+    });
+    const capturesChanges = new CfnCondition(this, 'CapturesChanges', {
+      expression: Fn.conditionEquals(captureChanges.valueAsString, 'true'),
     });
     const hasTarget = new CfnCondition(this, 'HasTarget', {
       expression: Fn.conditionNot(Fn.conditionEquals(targetSecretArn.valueAsString, '')),
@@ -505,6 +540,8 @@ export class PgshiftStack extends Stack {
       PGSHIFT_STAGE: Fn.sub('s3://${StageBucket}/${TaskName}'),
       PGSHIFT_STATE_TABLE: table.ref,
       PGSHIFT_FORMAT: stageFormat.valueAsString,
+      PGSHIFT_CDC: captureChanges.valueAsString,
+      PGSHIFT_COMMIT_TS_COLUMN: commitTs.valueAsString,
       PGSHIFT_TABLE_MAPPINGS: tableMappings.valueAsString,
       PGSHIFT_CHUNK_MB: chunkMb.valueAsString,
       PGSHIFT_MAX_CONCURRENCY: maxConcurrency.valueAsString,
@@ -636,7 +673,7 @@ export class PgshiftStack extends Stack {
       name: Fn.sub('${AWS::StackName}-cdc-poll'),
       description: Fn.sub('pgshift CDC poller for task ${TaskName}'),
       scheduleExpression: pollSchedule.valueAsString,
-      state: pollerState.valueAsString,
+      state: Fn.conditionIf(capturesChanges.logicalId, pollerState.valueAsString, 'DISABLED').toString(),
       flexibleTimeWindow: { mode: 'OFF' },
       target: {
         arn: poller.attrArn,

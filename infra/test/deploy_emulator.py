@@ -152,7 +152,8 @@ def main(lambda_dir):
         env = conf["Environment"]["Variables"]
         check(env["PGSHIFT_TASK"] == task and env["PGSHIFT_STAGE"] == out["StageUri"]
               and env["PGSHIFT_STATE_TABLE"] == out["StateTableName"] and env["PGSHIFT_SOURCE_SECRET_ARN"] == secret
-              and env["PGSHIFT_FORMAT"] == "jsonl.gz", f"{name}: environment wired to the stack")
+              and env["PGSHIFT_FORMAT"] == "jsonl.gz" and env["PGSHIFT_CDC"] == "true"
+              and env["PGSHIFT_COMMIT_TS_COLUMN"] == "false", f"{name}: environment wired to the stack")
         role = conf["Role"].rsplit("/", 1)[1]
         names = iam.list_role_policies(RoleName=role)["PolicyNames"]
         docs = [iam.get_role_policy(RoleName=role, PolicyName=n)["PolicyDocument"] for n in names]
