@@ -236,14 +236,7 @@ async fn events_for(
     let Some(bus) = bus.map(str::trim).filter(|b| !b.is_empty() && *b != "none") else {
         return Ok(pgshift::events::Events::off());
     };
-    let bus = pgshift::config::check_bus(bus).map_err(|_| {
-        Error::config(
-            "--events-bus",
-            format!(
-                "{bus:?} is not an EventBridge bus name (letters, digits, / . - _) or event-bus ARN"
-            ),
-        )
-    })?;
+    let bus = pgshift::config::check_bus(bus, "--events-bus")?;
     let aws = match aws {
         Some(aws) => aws.clone(),
         None => Aws::from_env().await,

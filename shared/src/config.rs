@@ -7,7 +7,6 @@
 //! they never reach `Debug`, logs or error messages, and a malformed URL is reported without
 //! echoing it.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,6 +16,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+
+mod lambda_env;
+pub use lambda_env::{LambdaEnv, check_bus};
 
 /// How the connection uses TLS, with libpq's meanings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -369,218 +371,6 @@ impl SourceSpec {
     }
 }
 
-/// Settings of a Lambda function, read once at cold start from its environment.
-#[derive(Debug, Clone, Default)]
-pub struct LambdaEnv {
-    /// `PGSHIFT_SOURCE_SECRET_ARN`: default source when an event names none.
-    pub source_secret_arn: Option<String>,
-    /// `PGSHIFT_SOURCE_SSLMODE`: TLS mode applied to secrets that do not say (default `require`).
-    pub source_sslmode: Option<SslMode>,
-    /// `PGSHIFT_TASK`: the task id.
-    pub task: Option<String>,
-    /// `PGSHIFT_STAGE`: `s3://bucket/prefix`.
-    pub stage: Option<String>,
-    /// `PGSHIFT_STATE_TABLE`: the DynamoDB table.
-    pub state_table: Option<String>,
-    /// `PGSHIFT_FORMAT`: csv (default), csv.gz, jsonl, jsonl.gz.
-    pub format: crate::staging::encode::Format,
-    /// `PGSHIFT_COMMIT_TS_COLUMN`: `true` adds the commit timestamp column to CSV.
-    pub commit_ts_column: bool,
-    /// `PGSHIFT_TABLE_MAPPINGS`: DMS table-mapping JSON (selection rules).
-    pub selection: crate::selection::Selection,
-    /// `PGSHIFT_CDC`: the full load creates the slot first (default true).
-    pub cdc: bool,
-    /// `PGSHIFT_CHUNK_MB`: target heap size of a full-load chunk (default 256).
-    pub chunk_mb: u64,
-    /// `PGSHIFT_MAX_CONCURRENCY`: chunks exported at once by the state machine (default 8).
-    pub max_concurrency: u32,
-    /// `PGSHIFT_REPLICA_IDENTITY_FULL`: pgshift may set REPLICA IDENTITY FULL on selected
-    /// tables without a key (default false: they are captured insert-only).
-    pub replica_identity_full: bool,
-    /// `PGSHIFT_PEEK_SESSIONS`: backends a large CDC drain may decode with at once, 1 or 2
-    /// (default 2).
-    pub peek_sessions: u8,
-    /// `PGSHIFT_EVENTS_BUS`: the EventBridge bus events go to (name or ARN; the default bus
-    /// when unset, none with `none`).
-    pub events_bus: Option<String>,
-    /// `PGSHIFT_SLOT_LAG_ALERT_BYTES`: retained WAL past which the slot is announced as
-    /// lagging (default 1 GiB).
-    pub slot_lag_alert_bytes: u64,
-    /// `PGSHIFT_TARGET_SECRET_ARN` (the apply function): the target's credentials.
-    pub target_secret_arn: Option<String>,
-    /// `PGSHIFT_TARGET_SSLMODE`: TLS mode for a target secret that does not say (default
-    /// `require`).
-    pub target_sslmode: Option<SslMode>,
-    /// `PGSHIFT_TARGET_PREP`: create (default), truncate or keep.
-    pub target_prep: Option<String>,
-    /// `PGSHIFT_APPLY_PARALLEL`: target connections loading chunks at once (default 2).
-    pub apply_parallel: usize,
-    /// `PGSHIFT_APPLY_QUEUE_URL`: the apply function's queue, where it leaves itself a
-    /// message to go on when its time runs out.
-    pub apply_queue_url: Option<String>,
-}
-
-/// An EventBridge bus name (`[/\.\-_A-Za-z0-9]{1,256}`) or ARN, else an error naming it.
-pub fn check_bus(bus: &str) -> Result<String> {
-    let bus = bus.trim();
-    let name_ok = |n: &str| {
-        !n.is_empty()
-            && n.len() <= 256
-            && n.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '-' | '_'))
-    };
-    let ok = match bus.strip_prefix("arn:") {
-        Some(rest) => {
-            rest.contains(":events:")
-                && rest
-                    .split_once(":event-bus/")
-                    .is_some_and(|(_, n)| name_ok(n))
-        }
-        None => name_ok(bus),
-    };
-    if ok {
-        Ok(bus.to_owned())
-    } else {
-        Err(Error::config(
-            "events bus",
-            format!(
-                "{bus:?} is not an EventBridge bus name (letters, digits, / . - _) or event-bus ARN"
-            ),
-        ))
-    }
-}
-
-impl LambdaEnv {
-    /// Builds from key/value pairs (the process environment in `main`, a map in tests).
-    pub fn from_pairs<I, K, V>(pairs: I) -> Result<LambdaEnv>
-    where
-        I: IntoIterator<Item = (K, V)>,
-        K: AsRef<str>,
-        V: AsRef<str>,
-    {
-        let map: HashMap<String, String> = pairs
-            .into_iter()
-            .filter(|(k, _)| k.as_ref().starts_with("PGSHIFT_"))
-            .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
-            .collect();
-        let get = |k: &str| {
-            map.get(k)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
-        let sslmode = |name: &str| match get(name) {
-            None => Ok(None),
-            Some(v) => SslMode::parse(&v).map(Some).ok_or_else(|| {
-                Error::config(
-                    name,
-                    format!("{v:?} is not one of disable, prefer, require, verify-ca, verify-full"),
-                )
-            }),
-        };
-        let source_sslmode = sslmode("PGSHIFT_SOURCE_SSLMODE")?;
-        let target_sslmode = sslmode("PGSHIFT_TARGET_SSLMODE")?;
-        let target_prep = get("PGSHIFT_TARGET_PREP");
-        if let Some(p) = &target_prep
-            && !matches!(p.as_str(), "create" | "truncate" | "keep")
-        {
-            return Err(Error::config(
-                "PGSHIFT_TARGET_PREP",
-                format!("{p:?} is not one of create, truncate, keep"),
-            ));
-        }
-        if let Some(stage) = get("PGSHIFT_STAGE")
-            && !stage.starts_with("s3://")
-        {
-            return Err(Error::config(
-                "PGSHIFT_STAGE",
-                "must be an s3://bucket/prefix URL",
-            ));
-        }
-        let format = match get("PGSHIFT_FORMAT") {
-            None => crate::staging::encode::Format::default(),
-            Some(f) => crate::staging::encode::Format::parse(&f, "PGSHIFT_FORMAT")?,
-        };
-        let flag = |name: &str, default: bool| parse_flag(name, get(name), default);
-        let number =
-            |name: &str, default: u64, max: u64| parse_number(name, get(name), default, max);
-        let commit_ts_column = flag("PGSHIFT_COMMIT_TS_COLUMN", false)?;
-        let cdc = flag("PGSHIFT_CDC", true)?;
-        let replica_identity_full = flag("PGSHIFT_REPLICA_IDENTITY_FULL", false)?;
-        let chunk_mb = number("PGSHIFT_CHUNK_MB", 256, 65_536)?;
-        let max_concurrency = number("PGSHIFT_MAX_CONCURRENCY", 8, 1000)? as u32;
-        let peek_sessions = number("PGSHIFT_PEEK_SESSIONS", 2, 2)? as u8;
-        let slot_lag_alert_bytes = number("PGSHIFT_SLOT_LAG_ALERT_BYTES", 1 << 30, u64::MAX)?;
-        let apply_parallel = number("PGSHIFT_APPLY_PARALLEL", 2, 64)?.max(1) as usize;
-        let events_bus = match get("PGSHIFT_EVENTS_BUS") {
-            None => Some("default".to_owned()),
-            Some(v) if v == "none" => None,
-            Some(v) => Some(check_bus(&v)?),
-        };
-        let selection = match get("PGSHIFT_TABLE_MAPPINGS") {
-            None => crate::selection::Selection::all(),
-            Some(json) => crate::selection::Selection::from_json(&json, "PGSHIFT_TABLE_MAPPINGS")?,
-        };
-        if let Some(task) = get("PGSHIFT_TASK") {
-            check_task_name(&task).map_err(|e| match e {
-                Error::Config { reason, .. } => Error::config("PGSHIFT_TASK", reason),
-                other => other,
-            })?;
-        }
-        Ok(LambdaEnv {
-            target_secret_arn: get("PGSHIFT_TARGET_SECRET_ARN"),
-            target_sslmode,
-            target_prep,
-            apply_parallel,
-            apply_queue_url: get("PGSHIFT_APPLY_QUEUE_URL"),
-            events_bus,
-            slot_lag_alert_bytes,
-            cdc,
-            replica_identity_full,
-            chunk_mb,
-            max_concurrency,
-            peek_sessions,
-            format,
-            commit_ts_column,
-            selection,
-            source_secret_arn: get("PGSHIFT_SOURCE_SECRET_ARN"),
-            source_sslmode,
-            task: get("PGSHIFT_TASK"),
-            stage: get("PGSHIFT_STAGE"),
-            state_table: get("PGSHIFT_STATE_TABLE"),
-        })
-    }
-}
-
-/// `true`/`1` or `false`/`0`; `default` when unset.
-fn parse_flag(name: &str, value: Option<String>, default: bool) -> Result<bool> {
-    match value.as_deref() {
-        None => Ok(default),
-        Some("false") | Some("0") => Ok(false),
-        Some("true") | Some("1") => Ok(true),
-        Some(other) => Err(Error::config(
-            name,
-            format!("{other:?} is not true or false"),
-        )),
-    }
-}
-
-/// A whole number in `1..=max`; `default` when unset.
-fn parse_number(name: &str, value: Option<String>, default: u64, max: u64) -> Result<u64> {
-    match value {
-        None => Ok(default),
-        Some(v) => v
-            .parse::<u64>()
-            .ok()
-            .filter(|n| (1..=max).contains(n))
-            .ok_or_else(|| {
-                Error::config(
-                    name,
-                    format!("{v:?} is not a whole number between 1 and {max}"),
-                )
-            }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -684,28 +474,6 @@ mod tests {
             SourceSpec::parse("postgres://h/db", "source").unwrap(),
             SourceSpec::Direct(_)
         ));
-    }
-
-    #[test]
-    fn lambda_env_is_validated() {
-        let env = LambdaEnv::from_pairs([
-            ("PGSHIFT_SOURCE_SECRET_ARN", "arn:x"),
-            ("PGSHIFT_STAGE", "s3://b/p"),
-            ("HOME", "/root"),
-        ])
-        .unwrap();
-        assert_eq!(env.source_secret_arn.as_deref(), Some("arn:x"));
-        let err = LambdaEnv::from_pairs([("PGSHIFT_STAGE", "/tmp/x")]).unwrap_err();
-        assert!(err.to_string().contains("PGSHIFT_STAGE"));
-        let err = LambdaEnv::from_pairs([("PGSHIFT_SOURCE_SSLMODE", "on")]).unwrap_err();
-        assert!(err.to_string().contains("PGSHIFT_SOURCE_SSLMODE"));
-        assert_eq!(env.peek_sessions, 2);
-        let one = LambdaEnv::from_pairs([("PGSHIFT_PEEK_SESSIONS", "1")]).unwrap();
-        assert_eq!(one.peek_sessions, 1);
-        for bad in ["0", "3", "two"] {
-            let err = LambdaEnv::from_pairs([("PGSHIFT_PEEK_SESSIONS", bad)]).unwrap_err();
-            assert!(err.to_string().contains("PGSHIFT_PEEK_SESSIONS"), "{err}");
-        }
     }
 }
 

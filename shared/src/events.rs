@@ -253,6 +253,56 @@ pub enum Job {
     Apply,
 }
 
+/// Detail-types that ask the apply function to apply (`Apply Continue`: the message it leaves
+/// itself when its time runs out).
+pub const APPLY_TRIGGERS: [&str; 3] = [BATCH_COMMITTED, LOAD_FINISHED, APPLY_CONTINUE];
+pub const APPLY_CONTINUE: &str = "Apply Continue";
+
+/// Of an SQS event's messages (EventBridge events a rule delivered), how many ask `task`'s
+/// apply to run and how many do not concern it. A malformed event is an error naming the
+/// message.
+pub fn apply_triggers(payload: &serde_json::Value, task: &str) -> Result<(usize, usize)> {
+    use serde_json::Value;
+    let records = payload
+        .get("Records")
+        .and_then(Value::as_array)
+        .ok_or_else(|| Error::event("Records", "must be the SQS event's list of messages"))?;
+    let (mut ours, mut others) = (0, 0);
+    for (i, r) in records.iter().enumerate() {
+        let body = r
+            .get("body")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::event(format!("Records[{i}].body"), "must be a string"))?;
+        let e: Value = serde_json::from_str(body).map_err(|e| {
+            Error::event(
+                format!("Records[{i}].body"),
+                format!("is not an EventBridge event: {e}"),
+            )
+        })?;
+        let detail_type = e.get("detail-type").and_then(Value::as_str).unwrap_or("");
+        let for_task = e.pointer("/detail/task").and_then(Value::as_str);
+        if e.get("source").and_then(Value::as_str) == Some(SOURCE)
+            && APPLY_TRIGGERS.contains(&detail_type)
+            && for_task == Some(task)
+        {
+            ours += 1;
+        } else {
+            tracing::warn!(index = i, detail_type, task = ?for_task, "a message that is not this task's trigger; left alone");
+            others += 1;
+        }
+    }
+    Ok((ours, others))
+}
+
+/// The message the apply function leaves on its queue to go on in its next invocation.
+pub fn apply_continue(task: &str, why: &str) -> serde_json::Value {
+    serde_json::json!({
+        "source": SOURCE,
+        "detail-type": APPLY_CONTINUE,
+        "detail": {"version": VERSION, "task": task, "reason": why},
+    })
+}
+
 /// Where events go: EventBridge, or (tests) memory.
 pub trait EventSink: Send + Sync {
     /// Puts the events (all or an error).
@@ -461,5 +511,47 @@ pub fn for_bus(aws: &crate::aws::Aws, bus: Option<&str>) -> Events {
     match bus.map(str::trim) {
         None | Some("" | "none" | "off") => Events::off(),
         Some(bus) => Events::to(Arc::new(EventBridge::new(aws.eventbridge(), bus))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn message(body: serde_json::Value) -> serde_json::Value {
+        json!({"messageId": "1", "body": body.to_string(), "eventSource": "aws:sqs"})
+    }
+
+    #[test]
+    fn only_this_tasks_triggers_count() {
+        let ours = json!({"source": "pgshift", "detail-type": "Batch Committed", "detail": {"task": "t1"}});
+        let other_task =
+            json!({"source": "pgshift", "detail-type": "Load Finished", "detail": {"task": "t2"}});
+        let other_type =
+            json!({"source": "pgshift", "detail-type": "Table Loaded", "detail": {"task": "t1"}});
+        let payload = json!({"Records": [
+            message(ours),
+            message(other_task),
+            message(other_type),
+            message(apply_continue("t1", "time ran out")),
+        ]});
+        assert_eq!(apply_triggers(&payload, "t1").unwrap(), (2, 2));
+    }
+
+    #[test]
+    fn malformed_messages_are_named() {
+        let err = apply_triggers(&json!({"nope": 1}), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("Records"), "{err}");
+        let err = apply_triggers(&json!({"Records": [{"body": "{not json"}]}), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("Records[0].body"), "{err}");
+        let err = apply_triggers(&json!({"Records": [{"body": 5}]}), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("Records[0].body"), "{err}");
     }
 }

@@ -164,17 +164,12 @@ enum Payload {
     Json(Value),
 }
 
-async fn setup_aws(task: &str, db: &TestDb) -> (Vec<(&'static str, String)>, S3Sink, DynamoStore) {
-    let aws = Aws::from_env().await;
-    let bucket = pgshift_tests::emulator_bucket(&aws, "pgshift-rt").await;
-    let table = unique_name("pgshift-rt-state");
-    let state = DynamoStore::new(aws.dynamodb(), &table);
-    state.ensure_table().await.expect("state table");
+/// A Secrets Manager secret of `db`'s credentials, in the DMS / RDS shape; its ARN.
+async fn db_secret(aws: &Aws, prefix: &str, db: &TestDb) -> String {
     let cfg = db.config();
-    let secret = aws
-        .secrets()
+    aws.secrets()
         .create_secret()
-        .name(unique_name("pgshift/rt-source"))
+        .name(unique_name(prefix))
         .secret_string(
             json!({
                 "engine": "postgres", "host": cfg.host, "port": cfg.port,
@@ -189,7 +184,16 @@ async fn setup_aws(task: &str, db: &TestDb) -> (Vec<(&'static str, String)>, S3S
         .expect("create secret")
         .arn()
         .expect("secret arn")
-        .to_owned();
+        .to_owned()
+}
+
+async fn setup_aws(task: &str, db: &TestDb) -> (Vec<(&'static str, String)>, S3Sink, DynamoStore) {
+    let aws = Aws::from_env().await;
+    let bucket = pgshift_tests::emulator_bucket(&aws, "pgshift-rt").await;
+    let table = unique_name("pgshift-rt-state");
+    let state = DynamoStore::new(aws.dynamodb(), &table);
+    state.ensure_table().await.expect("state table");
+    let secret = db_secret(&aws, "pgshift/rt-source", db).await;
     let stage = format!("s3://{bucket}/{task}");
     let sink = S3Sink::new(aws.s3(), &stage).expect("sink");
     // What template.yaml's Globals give every function (credentials and the emulator come
@@ -420,25 +424,7 @@ async fn the_apply_function_follows_its_queue_through_lost_and_repeated_messages
     let (mut vars, sink, state) = setup_aws(&task, &db).await;
     let aws = Aws::from_env().await;
     let tcfg = target.config();
-    let target_secret = aws
-        .secrets()
-        .create_secret()
-        .name(unique_name("pgshift/rt-target"))
-        .secret_string(
-            json!({
-                "engine": "postgres", "host": tcfg.host, "port": tcfg.port,
-                "username": tcfg.user,
-                "password": tcfg.password.as_ref().map(|p| p.expose_secret().to_owned()),
-                "dbname": target.name
-            })
-            .to_string(),
-        )
-        .send()
-        .await
-        .expect("create secret")
-        .arn()
-        .expect("secret arn")
-        .to_owned();
+    let target_secret = db_secret(&aws, "pgshift/rt-target", &target).await;
     let route = crate::events::Route::new("pgshift-rt-apply").await;
     route.connect(&task).await;
     vars.push(("PGSHIFT_TARGET_SECRET_ARN", target_secret));

@@ -18,8 +18,6 @@ use pgshift::events::{Events, Job, TaskStateChanged};
 use pgshift::job::apply::{self, ApplyOptions, TargetPrep};
 use serde_json::{Value, json};
 
-/// Detail-types that ask for an apply.
-const TRIGGERS: [&str; 3] = ["Batch Committed", "Load Finished", "Apply Continue"];
 /// Time kept back from the invocation's deadline for the commit in flight and the reply.
 const MARGIN: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -65,41 +63,8 @@ async fn handle(deps: &Deps, event: LambdaEvent<Value>) -> Result<Value, Diagnos
         .map_err(pgshift::lambda::diagnostic)
 }
 
-/// The messages' events that concern this task (others are counted and left).
-fn triggers(payload: &Value, task: &str) -> pgshift::Result<(usize, usize)> {
-    let records = payload
-        .get("Records")
-        .and_then(Value::as_array)
-        .ok_or_else(|| Error::event("Records", "must be the SQS event's list of messages"))?;
-    let (mut ours, mut others) = (0, 0);
-    for (i, r) in records.iter().enumerate() {
-        let body = r
-            .get("body")
-            .and_then(Value::as_str)
-            .ok_or_else(|| Error::event(format!("Records[{i}].body"), "must be a string"))?;
-        let e: Value = serde_json::from_str(body).map_err(|e| {
-            Error::event(
-                format!("Records[{i}].body"),
-                format!("is not an EventBridge event: {e}"),
-            )
-        })?;
-        let detail_type = e.get("detail-type").and_then(Value::as_str).unwrap_or("");
-        let for_task = e.pointer("/detail/task").and_then(Value::as_str);
-        if e.get("source").and_then(Value::as_str) == Some("pgshift")
-            && TRIGGERS.contains(&detail_type)
-            && for_task == Some(task)
-        {
-            ours += 1;
-        } else {
-            tracing::warn!(index = i, detail_type, task = ?for_task, "a message that is not this task's trigger; left alone");
-            others += 1;
-        }
-    }
-    Ok((ours, others))
-}
-
 async fn run(deps: &Deps, event: LambdaEvent<Value>) -> pgshift::Result<Value> {
-    let (ours, others) = triggers(&event.payload, &deps.task)?;
+    let (ours, others) = pgshift::events::apply_triggers(&event.payload, &deps.task)?;
     if ours == 0 {
         return Ok(json!({"task": deps.task, "outcome": "ignored", "messages_ignored": others}));
     }
@@ -158,11 +123,7 @@ async fn continue_later(deps: &Deps, why: &str) -> pgshift::Result<()> {
             "{why}; PGSHIFT_APPLY_QUEUE_URL is not set, so the message is left for SQS to deliver again"
         )));
     };
-    let body = json!({
-        "source": "pgshift",
-        "detail-type": "Apply Continue",
-        "detail": {"version": 1, "task": deps.task, "reason": why},
-    });
+    let body = pgshift::events::apply_continue(&deps.task, why);
     deps.sqs
         .send_message()
         .queue_url(url)
@@ -188,34 +149,4 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let deps = Deps::from_env().await?;
     let deps = &deps;
     lambda_runtime::run(service_fn(move |event| handle(deps, event))).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn message(body: Value) -> Value {
-        json!({"messageId": "1", "body": body.to_string(), "eventSource": "aws:sqs"})
-    }
-
-    #[test]
-    fn only_this_tasks_triggers_count() {
-        let ours = json!({"source": "pgshift", "detail-type": "Batch Committed", "detail": {"task": "t1"}});
-        let other_task =
-            json!({"source": "pgshift", "detail-type": "Load Finished", "detail": {"task": "t2"}});
-        let other_type =
-            json!({"source": "pgshift", "detail-type": "Table Loaded", "detail": {"task": "t1"}});
-        let payload = json!({"Records": [message(ours), message(other_task), message(other_type)]});
-        assert_eq!(triggers(&payload, "t1").unwrap(), (1, 2));
-    }
-
-    #[test]
-    fn malformed_messages_are_named() {
-        let err = triggers(&json!({"nope": 1}), "t").unwrap_err().to_string();
-        assert!(err.contains("Records"), "{err}");
-        let err = triggers(&json!({"Records": [{"body": "{not json"}]}), "t")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("Records[0].body"), "{err}");
-    }
 }

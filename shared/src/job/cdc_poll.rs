@@ -69,7 +69,7 @@ use crate::change::decoder::{self, Keep, Relations};
 use crate::change::{Op, format_pg_timestamp, pg_now};
 use crate::config::check_task_name;
 use crate::error::{Error, Result};
-use crate::events::{BatchCommitted, Job, TaskState, TaskStateChanged};
+use crate::events::BatchCommitted;
 use crate::lsn::Lsn;
 use crate::options::CdcOptions;
 use crate::pgoutput::{self, Message};
@@ -82,6 +82,7 @@ use crate::state::StateStore;
 use crate::state::records::{Lease, TaskRecord};
 use crate::state::records::{Outcome, PollReport};
 use crate::task::ensure_task;
+use events::{failed, lag_change};
 
 /// The way to start a task over once its slot cannot serve it (tested: `tests/src/safety.rs`).
 fn start_over(task: &str) -> String {
@@ -112,15 +113,6 @@ pub async fn run<S: ObjectSink, St: StateStore>(
         Err(e) => return Err(failed(opts, e).await),
     };
     poll(&source, sink, state, opts).await
-}
-
-/// A poll's error, announced (`Task State Changed`) with events on.
-async fn failed(opts: &CdcOptions, e: Error) -> Error {
-    if opts.events.enabled() && !matches!(e, Error::Injected(_)) {
-        let change = TaskStateChanged::from_error(&opts.task, Job::Cdc, &e);
-        opts.events.announce(&[change.event()]).await;
-    }
-    e
 }
 
 /// Runs one poll over any source: lease, drain, release.
@@ -219,34 +211,6 @@ async fn poll_once<Src: CdcSource, S: ObjectSink, St: StateStore>(
     }
     poller.lease.release(state, result.as_ref().ok()).await;
     result
-}
-
-/// `Task State Changed` when the slot's retained WAL crossed the alert threshold since the
-/// last poll (either way).
-fn lag_change(
-    opts: &CdcOptions,
-    before: Option<&PollReport>,
-    now: &PollReport,
-) -> Option<TaskStateChanged> {
-    let limit = opts.slot_lag_alert_bytes as i64;
-    let was = before.is_some_and(|b| b.slot_retained_bytes > limit);
-    let is = now.slot_retained_bytes > limit;
-    let bytes = now.slot_retained_bytes;
-    match (was, is) {
-        (false, true) => Some(TaskStateChanged::new(
-            &opts.task,
-            TaskState::SlotLagging,
-            format!(
-                "the slot retains {bytes} bytes of WAL, more than the alert threshold of {limit}"
-            ),
-        )),
-        (true, false) => Some(TaskStateChanged::new(
-            &opts.task,
-            TaskState::SlotCaughtUp,
-            format!("the slot retains {bytes} bytes of WAL, under the alert threshold of {limit}"),
-        )),
-        _ => None,
-    }
 }
 
 struct Txn {
@@ -412,56 +376,6 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         report.slot_safe_wal_size = state.safe_wal_size;
         report.slot_wal_status = state.wal_status.clone();
         Ok((report, target, server_version))
-    }
-
-    /// With events on, before the drain: the batches committed after the last one announced
-    /// (a put that failed, a run that died after its checkpoint moved) are announced again,
-    /// at most [`REANNOUNCE_MAX`] a poll. The first poll with events on starts at the
-    /// checkpoint (history is not announced); with events off the mark is dropped.
-    async fn reannounce(&mut self, report: &mut PollReport) -> Result<()> {
-        let events = &self.opts.events;
-        let checkpoint = self.checkpoint();
-        let Some(through) = self
-            .lease
-            .rec
-            .announced_through
-            .filter(|_| events.enabled())
-        else {
-            self.lease.rec.announced_through = events.enabled().then_some(checkpoint);
-            return Ok(());
-        };
-        if through >= checkpoint {
-            return Ok(());
-        }
-        let stage = self.sink.describe();
-        let mut at = through;
-        for key in layout::batch_manifest_keys(self.sink).await? {
-            let Some((start, end)) = layout::batch_range(&key) else {
-                continue;
-            };
-            if end <= at || start < at || end > checkpoint {
-                continue;
-            }
-            if report.events_put >= REANNOUNCE_MAX {
-                break;
-            }
-            let m: BatchManifest = layout::get_json(self.sink, &key, "a batch manifest").await?;
-            let sent = events
-                .announce(&[BatchCommitted::from_manifest(&stage, &key, &m, true).event()])
-                .await;
-            report.events_put += sent.put;
-            report.events_failed += sent.failed;
-            if sent.failed > 0 {
-                break;
-            }
-            at = end;
-        }
-        // Past the last batch (an idle stretch moved the checkpoint without one): caught up.
-        if report.events_failed == 0 && self.lease.rec.last_batch_end.is_none_or(|e| e <= at) {
-            at = checkpoint;
-        }
-        self.lease.rec.announced_through = Some(at);
-        Ok(())
     }
 
     async fn finish_report(
@@ -824,9 +738,6 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
     }
 }
 
-/// Batches one poll re-announces at most.
-const REANNOUNCE_MAX: u64 = 100;
-
 fn txn_of(txn: &Option<Txn>, lsn: Lsn) -> Result<&Txn> {
     txn.as_ref()
         .ok_or_else(|| Error::Protocol(format!("change at {lsn} outside a transaction")))
@@ -834,6 +745,7 @@ fn txn_of(txn: &Option<Txn>, lsn: Lsn) -> Result<&Txn> {
 
 mod align;
 mod batch;
+mod events;
 mod metrics;
 mod rows;
 
