@@ -80,6 +80,11 @@ pub(crate) async fn full_load(args: FullLoadArgs) -> pgshift::Result<ExitCode> {
         chunk_mib: args.chunk_mb,
         cdc: args.cdc,
         replica_identity_full: args.replica_identity_full,
+        capture_ddl: args.capture_ddl,
+        ddl_schema: pgshift::config::check_schema_name(
+            &args.ddl_artifacts_schema,
+            "--ddl-artifacts-schema",
+        )?,
         ..TaskSettings::default()
     };
     if !(1..=64).contains(&args.parallel) {
@@ -426,6 +431,11 @@ pub(crate) async fn cdc(args: CdcArgs) -> pgshift::Result<ExitCode> {
         selection: read_selection(args.tables.as_deref())?,
         peek_sessions: args.peek_sessions,
         replica_identity_full: args.replica_identity_full,
+        capture_ddl: args.capture_ddl,
+        ddl_schema: pgshift::config::check_schema_name(
+            &args.ddl_artifacts_schema,
+            "--ddl-artifacts-schema",
+        )?,
         ..TaskSettings::default()
     };
     let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;

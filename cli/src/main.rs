@@ -119,6 +119,14 @@ pub(crate) struct FullLoadArgs {
     /// updates and deletes are captured too (without it they are captured insert-only).
     #[arg(long, env = "PGSHIFT_REPLICA_IDENTITY_FULL")]
     pub(crate) replica_identity_full: bool,
+    /// Capture schema changes (DDL) in order with the data, with an event trigger pgshift
+    /// creates when its role may (DMS's `captureDDLs`): `true` or `false`.
+    #[arg(long, env = "PGSHIFT_CAPTURE_DDL", default_value = "true", action = clap::ArgAction::Set)]
+    pub(crate) capture_ddl: bool,
+    /// The schema of pgshift's event-trigger functions on the source (DMS's
+    /// `ddlArtifactsSchema`).
+    #[arg(long, env = "PGSHIFT_DDL_ARTIFACTS_SCHEMA", default_value = "public")]
+    pub(crate) ddl_artifacts_schema: String,
     /// Take the lease even from a live holder (a run that is still going will then fail its
     /// next checkpoint move: nothing is staged twice).
     #[arg(long)]
@@ -290,6 +298,14 @@ pub(crate) struct CdcArgs {
     /// updates and deletes are captured too (without it they are captured insert-only).
     #[arg(long, env = "PGSHIFT_REPLICA_IDENTITY_FULL")]
     pub(crate) replica_identity_full: bool,
+    /// Capture schema changes (DDL) in order with the data, with an event trigger pgshift
+    /// creates when its role may (DMS's `captureDDLs`): `true` or `false`.
+    #[arg(long, env = "PGSHIFT_CAPTURE_DDL", default_value = "true", action = clap::ArgAction::Set)]
+    pub(crate) capture_ddl: bool,
+    /// The schema of pgshift's event-trigger functions on the source (DMS's
+    /// `ddlArtifactsSchema`).
+    #[arg(long, env = "PGSHIFT_DDL_ARTIFACTS_SCHEMA", default_value = "public")]
+    pub(crate) ddl_artifacts_schema: String,
     /// Take the lease even from a live holder (a run that is still going will then fail its
     /// next checkpoint move: nothing is staged twice).
     #[arg(long)]

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 mod lambda_env;
-pub use lambda_env::{LambdaEnv, check_bus};
+pub use lambda_env::{LambdaEnv, check_bus, check_schema_name};
 
 /// How the connection uses TLS, with libpq's meanings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -29,6 +29,10 @@ pub struct TaskSettings {
     pub replica_identity_full: bool,
     /// Retained WAL past which the slot is announced as lagging.
     pub slot_lag_alert_bytes: u64,
+    /// Capture schema changes with the event trigger (DMS's `captureDDLs`).
+    pub capture_ddl: bool,
+    /// The schema of pgshift's trigger functions (DMS's `ddlArtifactsSchema`; empty: public).
+    pub ddl_schema: String,
 }
 
 impl Default for TaskSettings {
@@ -42,6 +46,8 @@ impl Default for TaskSettings {
             cdc: false,
             replica_identity_full: false,
             slot_lag_alert_bytes: 1 << 30,
+            capture_ddl: true,
+            ddl_schema: String::new(),
         }
     }
 }
@@ -57,6 +63,8 @@ impl From<&LambdaEnv> for TaskSettings {
             cdc: env.cdc,
             replica_identity_full: env.replica_identity_full,
             slot_lag_alert_bytes: env.slot_lag_alert_bytes,
+            capture_ddl: env.capture_ddl,
+            ddl_schema: env.ddl_schema.clone(),
         }
     }
 }
@@ -78,6 +86,8 @@ impl TaskSettings {
         o.peek_sessions = self.peek_sessions;
         o.replica_identity_full = self.replica_identity_full;
         o.slot_lag_alert_bytes = self.slot_lag_alert_bytes;
+        o.capture_ddl = self.capture_ddl;
+        o.ddl_schema = self.ddl_schema.clone();
         if let Some(left) = time_left {
             o.deadline = Some(Instant::now() + left);
             o.lease_ttl = left + Duration::from_secs(30);
@@ -100,6 +110,8 @@ impl TaskSettings {
         o.chunk_mib = self.chunk_mib;
         o.cdc = self.cdc;
         o.replica_identity_full = self.replica_identity_full;
+        o.capture_ddl = self.capture_ddl;
+        o.ddl_schema = self.ddl_schema.clone();
         if let Some(left) = time_left {
             o.lease_ttl = left + Duration::from_secs(60);
         }
@@ -149,6 +161,10 @@ pub struct CdcOptions {
     pub events: crate::events::Events,
     /// Retained WAL past which the slot is announced as lagging (`Task State Changed`).
     pub slot_lag_alert_bytes: u64,
+    /// Capture schema changes with the event trigger (DMS's `captureDDLs`; on by default).
+    pub capture_ddl: bool,
+    /// The schema of pgshift's trigger functions (DMS's `ddlArtifactsSchema`; empty: public).
+    pub ddl_schema: String,
 }
 
 impl CdcOptions {
@@ -158,6 +174,8 @@ impl CdcOptions {
             selection: self.selection.clone(),
             replica_identity_full: self.replica_identity_full,
             allow_empty: self.allow_empty,
+            ddl: self.capture_ddl,
+            ddl_schema: self.ddl_schema.clone(),
         }
     }
 }
@@ -187,6 +205,8 @@ impl CdcOptions {
             stop: None,
             events: crate::events::Events::off(),
             slot_lag_alert_bytes: 1 << 30,
+            capture_ddl: true,
+            ddl_schema: String::new(),
         }
     }
 }
@@ -216,6 +236,10 @@ pub struct LoadOptions {
     pub allow_empty: bool,
     /// Where `Table Loaded`, `Load Finished` and a failed load's `Task State Changed` go.
     pub events: crate::events::Events,
+    /// Capture schema changes with the event trigger (DMS's `captureDDLs`; on by default).
+    pub capture_ddl: bool,
+    /// The schema of pgshift's trigger functions (DMS's `ddlArtifactsSchema`; empty: public).
+    pub ddl_schema: String,
 }
 
 impl LoadOptions {
@@ -235,6 +259,8 @@ impl LoadOptions {
             force_lease: false,
             allow_empty: false,
             events: crate::events::Events::off(),
+            capture_ddl: true,
+            ddl_schema: String::new(),
         }
     }
 }

@@ -146,6 +146,7 @@ async fn a_peek_longer_than_the_time_left_is_cut_by_the_server_as_a_deadline() {
         timeout: Duration::from_millis(1),
         deadline,
         split: None,
+        messages: false,
     };
     // The cut arrives before the first row or with it, as the server's timer falls.
     let first_row = |req: PeekRequest| {

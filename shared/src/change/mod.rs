@@ -129,4 +129,5 @@ mod tests {
     }
 }
 
+pub mod ddl;
 pub mod decoder;

@@ -33,6 +33,12 @@ pub struct LambdaEnv {
     /// `PGSHIFT_REPLICA_IDENTITY_FULL`: pgshift may set REPLICA IDENTITY FULL on selected
     /// tables without a key (default false: they are captured insert-only).
     pub replica_identity_full: bool,
+    /// `PGSHIFT_CAPTURE_DDL`: capture schema changes with pgshift's event trigger (default
+    /// true; DMS's `captureDDLs`).
+    pub capture_ddl: bool,
+    /// `PGSHIFT_DDL_ARTIFACTS_SCHEMA`: the schema of pgshift's trigger functions (default
+    /// public; DMS's `ddlArtifactsSchema`).
+    pub ddl_schema: String,
     /// `PGSHIFT_PEEK_SESSIONS`: backends a large CDC drain may decode with at once, 1 or 2
     /// (default 2).
     pub peek_sessions: u8,
@@ -142,6 +148,11 @@ impl LambdaEnv {
         let commit_ts_column = flag("PGSHIFT_COMMIT_TS_COLUMN", false)?;
         let cdc = flag("PGSHIFT_CDC", true)?;
         let replica_identity_full = flag("PGSHIFT_REPLICA_IDENTITY_FULL", false)?;
+        let capture_ddl = flag("PGSHIFT_CAPTURE_DDL", true)?;
+        let ddl_schema = match get("PGSHIFT_DDL_ARTIFACTS_SCHEMA") {
+            None => String::new(),
+            Some(s) => check_schema_name(&s, "PGSHIFT_DDL_ARTIFACTS_SCHEMA")?,
+        };
         let chunk_mb = number("PGSHIFT_CHUNK_MB", 256, 65_536)?;
         let max_concurrency = number("PGSHIFT_MAX_CONCURRENCY", 8, 1000)? as u32;
         let peek_sessions = number("PGSHIFT_PEEK_SESSIONS", 2, 2)? as u8;
@@ -172,6 +183,8 @@ impl LambdaEnv {
             slot_lag_alert_bytes,
             cdc,
             replica_identity_full,
+            capture_ddl,
+            ddl_schema,
             chunk_mb,
             max_concurrency,
             peek_sessions,
@@ -215,6 +228,17 @@ fn parse_number(name: &str, value: Option<String>, default: u64, max: u64) -> Re
                 )
             }),
     }
+}
+
+/// A schema name given in configuration: 1 to 63 bytes, no NUL (it is always quoted).
+pub fn check_schema_name(name: &str, field: &str) -> Result<String> {
+    if name.is_empty() || name.len() > 63 || name.contains('\0') {
+        return Err(Error::config(
+            field,
+            "must be a schema name of 1 to 63 bytes",
+        ));
+    }
+    Ok(name.to_owned())
 }
 
 #[cfg(test)]

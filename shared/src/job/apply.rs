@@ -516,6 +516,7 @@ async fn apply_batch<S: ObjectSink>(
             // first.
             let applied_file = apply_file(
                 &tx,
+                (m.start_lsn, m.end_lsn),
                 file,
                 &schemas,
                 &seen,

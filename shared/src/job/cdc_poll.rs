@@ -186,6 +186,8 @@ async fn poll_once<Src: CdcSource, S: ObjectSink, St: StateStore>(
         publications: String::new(),
         xid_horizon: crate::state::records::snapshot_horizon(state, &opts.task).await?,
         row_buf: Vec::with_capacity(1024),
+        messages: false,
+        histories: std::collections::HashMap::new(),
     };
     let before = poller
         .lease
@@ -251,6 +253,10 @@ struct Poller<'a, Src: CdcSource, S: ObjectSink, St: StateStore> {
     xid_horizon: Option<Lsn>,
     /// The encoded row being written (reused for every change).
     row_buf: Vec<u8>,
+    /// Peeks decode logical messages (PostgreSQL 14+): the schema-change messages.
+    messages: bool,
+    /// Relations' definitions by id (`_manifests/schema/relations/`), read once a run.
+    histories: std::collections::HashMap<u32, layout::RelationHistory>,
 }
 
 impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
@@ -355,6 +361,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             .sync_publications(&self.task.publication, &opts.capture())
             .await?;
         let server_version = self.source.prepare_peeks(&opts.decoding_work_mem).await?;
+        self.messages = server_version >= 140_000;
         let state = self.align_slot(pubs.since).await?;
         let mut target = self.source.drain_target().await?;
         self.publications = match pubs.since {
@@ -437,6 +444,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                 timeout,
                 deadline: opts.deadline.is_some(),
                 split,
+                messages: self.messages,
             })
             .await;
         let mut peek = match started {
@@ -594,7 +602,11 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                     self.stage(&mut cur.batch, t, lsn, row).await?;
                 }
             }
-            Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
+            Message::Message(m) => {
+                txn_of(&cur.txn, lsn)?;
+                self.on_logical_message(&m, lsn, &mut cur.batch).await?;
+            }
+            Message::Origin(_) | Message::Type(_) => {}
             Message::StreamStart(_)
             | Message::StreamStop
             | Message::StreamCommit(_)
@@ -745,6 +757,7 @@ fn txn_of(txn: &Option<Txn>, lsn: Lsn) -> Result<&Txn> {
 
 mod align;
 mod batch;
+mod ddl;
 mod events;
 mod metrics;
 mod rows;

@@ -74,6 +74,8 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
             selection: opts.selection.clone(),
             replica_identity_full: opts.replica_identity_full,
             allow_empty: opts.allow_empty,
+            ddl: opts.capture_ddl,
+            ddl_schema: opts.ddl_schema.clone(),
         };
         let task = ensure_task(&source, state, &opts.task, &capture, true, "full-load").await?;
         Some(task.start_lsn)
@@ -143,6 +145,7 @@ async fn plan_tables<S: ObjectSink>(
         versions
             .version_for(sink, &schema, schema_lsn, opts.commit_ts_column)
             .await?;
+        record_definition(sink, client, t.oid, schema_lsn).await?;
         let chunks = chunk_table(client, t, &cols, sizing, opts.chunking).await?;
         planned.push(PlannedTable {
             types: cols
@@ -158,6 +161,27 @@ async fn plan_tables<S: ObjectSink>(
         });
     }
     Ok(planned)
+}
+
+/// The table's definition at the load (attribute numbers, defaults, generated columns), where
+/// CDC finds what a later schema change started from.
+async fn record_definition<S: ObjectSink>(
+    sink: &S,
+    client: &tokio_postgres::Client,
+    oid: u32,
+    at: Lsn,
+) -> Result<()> {
+    let Some(row) = client
+        .query_opt(crate::change::ddl::DEFINITION_SQL, &[&oid])
+        .await
+        .map_err(|e| Error::postgres("reading a table's definition", e))?
+    else {
+        return Ok(());
+    };
+    let definition = crate::change::ddl::parse_definition(row.get(0))?;
+    let mut history = layout::relation_history(sink, oid).await?;
+    history.record(at, Some(definition));
+    layout::put_json(sink, &layout::relation_key(oid), &history).await
 }
 
 /// The selection matched what it names exactly, and every selected table is readable.

@@ -23,7 +23,65 @@ pub fn trigger_name(name: &str) -> String {
     format!("{name}_follow")
 }
 
-/// The function's body for `selection`, in the schema `public`.
+/// Whether the trigger sends schema-change messages: asked for, and a server whose pgoutput
+/// decodes them (14+).
+fn captures_ddl(capture: &Capture, version_num: i32) -> bool {
+    capture.ddl && version_num >= 140_000
+}
+
+/// The statements that send a table's definition (`rel.oid`) as a transactional logical
+/// message, never failing the user's statement.
+fn emit_definition(name: &str) -> String {
+    format!(
+        r#"
+      begin
+        execute $def${sql}$def$ into def using rel.oid;
+        perform pg_logical_emit_message(true, '{prefix}',
+          '{{"tag":' || to_json(tg_tag)::text || ',"definition":' || def || '}}');
+      exception when others then
+        raise warning 'pgshift: the schema change of % is not captured (%)', obj.objid::regclass, sqlerrm;
+      end;"#,
+        sql = crate::change::ddl::DEFINITION_SQL,
+        prefix = crate::change::ddl::message_prefix(name).replace('\'', "''")
+    )
+}
+
+/// The drop trigger's body: a message naming each selected table dropped.
+fn drop_body(name: &str, capture: &Capture) -> String {
+    let selected = capture
+        .selection
+        .sql_predicate("obj.schema_name", "obj.object_name");
+    let prefix = crate::change::ddl::message_prefix(name).replace('\'', "''");
+    format!(
+        r#"
+declare
+  obj record;
+begin
+  for obj in select * from pg_event_trigger_dropped_objects()
+             where object_type = 'table' and not is_temporary loop
+    begin
+      if {selected} then
+        perform pg_logical_emit_message(true, '{prefix}', json_build_object('tag', tg_tag,
+          'dropped', json_build_object('relid', obj.objid::int8, 'schema', obj.schema_name,
+          'table', obj.object_name))::text);
+      end if;
+    exception when others then
+      raise warning 'pgshift: the drop of %.% is not captured (%)', obj.schema_name, obj.object_name, sqlerrm;
+    end;
+  end loop;
+exception when others then
+  raise warning 'pgshift: %', sqlerrm;
+end
+"#
+    )
+}
+
+/// The drop trigger's (and its function's) name.
+pub fn drop_trigger_name(name: &str) -> String {
+    format!("{name}_ddl_drop")
+}
+
+/// The function's body for `selection`, in the artifacts schema.
 fn body(name: &str, capture: &Capture, version_num: i32) -> String {
     let main = name.replace('\'', "''");
     let ins = insert_only(name).replace('\'', "''");
@@ -38,6 +96,11 @@ fn body(name: &str, capture: &Capture, version_num: i32) -> String {
     } else {
         ""
     };
+    let emit = if captures_ddl(capture, version_num) {
+        emit_definition(name)
+    } else {
+        String::new()
+    };
     format!(
         r#"
 declare
@@ -47,6 +110,7 @@ declare
   keyed boolean;
   into_pub text;
   out_pub text;
+  def text;
 begin
   for obj in select objid from pg_event_trigger_ddl_commands() where object_type = 'table' loop
     begin
@@ -59,6 +123,7 @@ begin
       if not {selected} then
         continue;
       end if;
+      {emit}
       keyed := rel.relreplident in ('f', 'i') or (rel.relreplident = 'd' and exists (
         select 1 from pg_index i where i.indrelid = rel.oid and i.indisprimary));
       {full}
@@ -83,8 +148,19 @@ end
     )
 }
 
-/// Creates (or updates, when the selection changed) the event trigger and its function.
-/// Returns false, changing nothing, when the role may not create event triggers.
+/// The schema holding the trigger functions (DMS's `ddlArtifactsSchema`; `public` unless set).
+pub fn artifacts_schema(capture: &Capture) -> &str {
+    if capture.ddl_schema.is_empty() {
+        "public"
+    } else {
+        &capture.ddl_schema
+    }
+}
+
+/// Creates (or updates, when the selection or the capture changed) the event triggers and
+/// their functions: the follow trigger (which also sends the schema-change messages) and, when
+/// schema changes are captured, the drop trigger. Returns false, changing nothing, when the
+/// role may not create event triggers.
 pub async fn ensure(
     client: &Client,
     name: &str,
@@ -95,31 +171,52 @@ pub async fn ensure(
     if !superuser {
         return Ok(false);
     }
+    let schema = artifacts_schema(capture);
     let trigger = trigger_name(name);
+    let drop_trigger = drop_trigger_name(name);
     let body = body(name, capture, version_num);
-    let current: Option<String> = client
-        .query_opt(
-            "select p.prosrc from pg_proc p join pg_namespace n on n.oid = p.pronamespace \
-             where n.nspname = 'public' and p.proname = $1",
-            &[&trigger],
-        )
-        .await
-        .map_err(|e| Error::postgres("reading the follow trigger's function", e))?
-        .map(|r| r.get(0));
-    let has_trigger = trigger_exists(client, &trigger).await?;
-    if current.as_deref() == Some(body.as_str()) && has_trigger {
+    let ddl = captures_ddl(capture, version_num);
+    let drop_body = drop_body(name, capture);
+    let current = function_body(client, schema, &trigger).await?;
+    let current_drop = function_body(client, schema, &drop_trigger).await?;
+    let up_to_date = current.as_deref() == Some(body.as_str())
+        && trigger_exists(client, &trigger).await?
+        && if ddl {
+            current_drop.as_deref() == Some(drop_body.as_str())
+                && trigger_exists(client, &drop_trigger).await?
+        } else {
+            !trigger_exists(client, &drop_trigger).await?
+        };
+    if up_to_date {
         return Ok(true);
     }
-    let func = format!("public.{}", quote_ident(&trigger));
+    let q = quote_ident(schema);
+    let func = format!("{q}.{}", quote_ident(&trigger));
+    let drop_func = format!("{q}.{}", quote_ident(&drop_trigger));
+    let drops = if ddl {
+        format!(
+            "create or replace function {drop_func}() returns event_trigger language plpgsql \
+             security definer set search_path = pg_catalog, pg_temp as $pgshift${drop_body}$pgshift$; \
+             drop event trigger if exists {t}; \
+             create event trigger {t} on sql_drop execute function {drop_func}();",
+            t = quote_ident(&drop_trigger)
+        )
+    } else {
+        format!(
+            "drop event trigger if exists {};",
+            quote_ident(&drop_trigger)
+        )
+    };
     // Under the task's publication lock: two first runs at once do this one after the other.
     let sql = format!(
         "select pg_advisory_xact_lock(hashtext('pgshift publication ' || '{lock}')); \
+         create schema if not exists {q}; \
          create or replace function {func}() returns event_trigger language plpgsql \
          security definer set search_path = pg_catalog, pg_temp as $pgshift${body}$pgshift$; \
          drop event trigger if exists {t}; \
          create event trigger {t} on ddl_command_end \
          when tag in ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE') \
-         execute function {func}()",
+         execute function {func}(); {drops}",
         t = quote_ident(&trigger),
         lock = name.replace('\'', "''")
     );
@@ -129,6 +226,18 @@ pub async fn ensure(
         .await
         .map_err(|e| Error::postgres("creating the follow trigger", e))?;
     Ok(true)
+}
+
+async fn function_body(client: &Client, schema: &str, function: &str) -> Result<Option<String>> {
+    Ok(client
+        .query_opt(
+            "select p.prosrc from pg_proc p join pg_namespace n on n.oid = p.pronamespace \
+             where n.nspname = $1 and p.proname = $2",
+            &[&schema, &function],
+        )
+        .await
+        .map_err(|e| Error::postgres("reading the follow trigger's function", e))?
+        .map(|r| r.get(0)))
 }
 
 async fn trigger_exists(client: &Client, trigger: &str) -> Result<bool> {
@@ -142,16 +251,32 @@ async fn trigger_exists(client: &Client, trigger: &str) -> Result<bool> {
         .is_some())
 }
 
-/// Drops the event trigger and its function (teardown); missing ones are fine.
+/// Drops the event triggers and their functions, wherever they live (teardown); missing
+/// ones are fine.
 pub async fn drop(client: &Client, name: &str) -> Result<bool> {
-    let trigger = trigger_name(name);
-    let existed = trigger_exists(client, &trigger).await?;
-    client
-        .batch_execute(&format!(
-            "drop event trigger if exists {t}; drop function if exists public.{t}()",
-            t = quote_ident(&trigger)
-        ))
-        .await
-        .map_err(|e| Error::postgres("dropping the follow trigger", e))?;
+    let mut existed = false;
+    for trigger in [trigger_name(name), drop_trigger_name(name)] {
+        existed |= trigger_exists(client, &trigger).await?;
+        let functions: Vec<String> = client
+            .query(
+                "select quote_ident(n.nspname) || '.' || quote_ident(p.proname) from pg_proc p \
+                 join pg_namespace n on n.oid = p.pronamespace \
+                 where p.proname = $1 and p.prorettype = 'event_trigger'::regtype",
+                &[&trigger],
+            )
+            .await
+            .map_err(|e| Error::postgres("finding the follow trigger's functions", e))?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut sql = format!("drop event trigger if exists {};", quote_ident(&trigger));
+        for f in functions {
+            sql.push_str(&format!(" drop function if exists {f}();"));
+        }
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| Error::postgres("dropping the follow trigger", e))?;
+    }
     Ok(existed)
 }

@@ -346,6 +346,14 @@ impl CdcSource for MemorySource {
         Ok(wal.max_slots - wal.slots.len() as i64)
     }
 
+    /// The memory source has no catalog: schema changes are seen from Relation messages.
+    async fn table_definition(
+        &self,
+        _rel_id: u32,
+    ) -> Result<Option<crate::change::ddl::TableDefinition>> {
+        Ok(None)
+    }
+
     async fn relation_info(&self, rel_id: u32, types: &[(u32, i32)]) -> Result<RelationInfo> {
         let wal = self.wal()?;
         let table = wal
@@ -466,6 +474,7 @@ mod tests {
             timeout: std::time::Duration::from_secs(1),
             deadline: false,
             split: None,
+            messages: false,
         };
         let mut p = src.peek(&req).await.unwrap();
         let mut tags = String::new();

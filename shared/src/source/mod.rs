@@ -60,6 +60,10 @@ pub struct Capture {
     pub replica_identity_full: bool,
     /// Selection rules may match no table (a task for tables that do not exist yet).
     pub allow_empty: bool,
+    /// Capture schema changes with the event trigger's messages (DMS's `captureDDLs`).
+    pub ddl: bool,
+    /// The schema of the trigger functions (DMS's `ddlArtifactsSchema`); empty: `public`.
+    pub ddl_schema: String,
 }
 
 /// One peek (see the CDC poller's module docs, step 3).
@@ -79,6 +83,8 @@ pub struct PeekRequest {
     /// Split at this position: the first half reads transactions committed before it, a
     /// second session those from it on.
     pub split: Option<Lsn>,
+    /// Decode logical messages too (the schema-change messages; PostgreSQL 14+).
+    pub messages: bool,
 }
 
 /// What the CDC poller needs of a source.
@@ -114,6 +120,12 @@ pub trait CdcSource: Send + Sync {
         rel_id: u32,
         types: &[(u32, i32)],
     ) -> impl Future<Output = Result<RelationInfo>> + Send;
+    /// A relation's definition now ([`crate::change::ddl::DEFINITION_SQL`]); `None` when it
+    /// no longer exists (or the source cannot say).
+    fn table_definition(
+        &self,
+        rel_id: u32,
+    ) -> impl Future<Output = Result<Option<crate::change::ddl::TableDefinition>>> + Send;
     /// Prepares the peek session; returns `server_version_num`.
     fn prepare_peeks(&self, decoding_work_mem: &str) -> impl Future<Output = Result<i32>> + Send;
     /// Starts a peek.

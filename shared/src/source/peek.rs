@@ -61,6 +61,8 @@ pub struct Peek<'a> {
     pub max_changes: i32,
     /// The session's `statement_timeout` (0 = none).
     pub timeout: std::time::Duration,
+    /// Ask pgoutput for logical messages too (PostgreSQL 14+: the schema-change messages).
+    pub messages: bool,
 }
 
 /// Starts a peek: binds its values, then opens the binary COPY whose rows [`PeekRows`] splits.
@@ -86,7 +88,11 @@ pub async fn start_peek(client: &Client, peek: &Peek<'_>) -> Result<tokio_postgr
         .await
         .map_err(|e| Error::postgres("binding the peek", e))?;
     client
-        .copy_out(PEEK_COPY)
+        .copy_out(if peek.messages {
+            PEEK_COPY_MESSAGES
+        } else {
+            PEEK_COPY
+        })
         .await
         .map_err(|e| Error::postgres(format!("peeking slot {}", peek.slot), e))
 }
@@ -106,6 +112,12 @@ const PEEK_COPY: &str = "copy (select lsn, data from pg_logical_slot_peek_binary
  current_setting('pgshift.peek_slot'), current_setting('pgshift.peek_upto')::pg_lsn, \
  current_setting('pgshift.peek_changes')::int4, 'proto_version', '1', \
  'publication_names', current_setting('pgshift.peek_publication'))) to stdout with (format binary)";
+
+/// [`PEEK_COPY`] with pgoutput's `messages` option (PostgreSQL 14+; older servers refuse it).
+const PEEK_COPY_MESSAGES: &str = "copy (select lsn, data from pg_logical_slot_peek_binary_changes(\
+ current_setting('pgshift.peek_slot'), current_setting('pgshift.peek_upto')::pg_lsn, \
+ current_setting('pgshift.peek_changes')::int4, 'proto_version', '1', \
+ 'publication_names', current_setting('pgshift.peek_publication'), 'messages', 'true')) to stdout with (format binary)";
 
 const COPY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 
@@ -276,6 +288,7 @@ impl PgPeek {
                 upto: req.split.unwrap_or(req.upto),
                 max_changes: req.max_changes,
                 timeout: req.timeout,
+                messages: req.messages,
             },
         )
         .await;
@@ -405,6 +418,7 @@ impl SecondHalf {
                 publication: &plan.req.publication,
                 upto: plan.req.upto,
                 max_changes: plan.req.max_changes,
+                messages: plan.req.messages,
                 timeout: plan.req.timeout,
             };
             let rows = start_peek(&client, &peek).await?;

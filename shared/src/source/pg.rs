@@ -190,6 +190,21 @@ impl CdcSource for PgSource {
         })
     }
 
+    async fn table_definition(
+        &self,
+        rel_id: u32,
+    ) -> Result<Option<crate::change::ddl::TableDefinition>> {
+        let row = self
+            .control
+            .query_opt(crate::change::ddl::DEFINITION_SQL, &[&rel_id])
+            .await
+            .map_err(|e| {
+                Error::postgres(format!("reading the definition of relation {rel_id}"), e)
+            })?;
+        row.map(|r| crate::change::ddl::parse_definition(r.get(0)))
+            .transpose()
+    }
+
     async fn prepare_peeks(&self, decoding_work_mem: &str) -> Result<i32> {
         if let Ok(mut m) = self.decoding_work_mem.lock() {
             decoding_work_mem.clone_into(&mut m);

@@ -108,6 +108,14 @@ impl<S: CdcSource> CdcSource for UnreliableSource<S> {
         self.inner.relation_info(rel_id, types).await
     }
 
+    async fn table_definition(
+        &self,
+        rel_id: u32,
+    ) -> Result<Option<crate::change::ddl::TableDefinition>> {
+        self.alive()?;
+        self.inner.table_definition(rel_id).await
+    }
+
     async fn prepare_peeks(&self, decoding_work_mem: &str) -> Result<i32> {
         self.alive()?;
         self.inner.prepare_peeks(decoding_work_mem).await

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ObjectSink;
 use super::encode::Format;
+use crate::change::ddl::{SchemaChange, TableDefinition};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::source::copy_text::RowChecksum;
@@ -258,6 +259,64 @@ pub struct StoredSchema {
     pub schema: TableSchema,
     /// The columns of a CDC CSV row, in order.
     pub csv_cdc_layout: Vec<String>,
+    /// What changed the table here (DESIGN §12): absent for the load's version and for a
+    /// shape seen only in a Relation message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ddl: Option<SchemaChange>,
+}
+
+/// Where a relation's definitions are kept, by relation id (the full load's, then one per
+/// schema change): the poller finds what a change started from here, whatever the table is
+/// called now.
+pub const RELATIONS_PREFIX: &str = "_manifests/schema/relations/";
+
+/// `_manifests/schema/relations/<relid>.json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RelationHistory {
+    pub relid: u32,
+    /// In LSN order; a `None` definition: dropped there.
+    pub versions: Vec<DefinitionAt>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DefinitionAt {
+    pub lsn: Lsn,
+    pub definition: Option<TableDefinition>,
+}
+
+impl RelationHistory {
+    /// The definition in force just before `lsn`.
+    pub fn before(&self, lsn: Lsn) -> Option<&TableDefinition> {
+        self.versions
+            .iter()
+            .rev()
+            .find(|v| v.lsn < lsn)
+            .and_then(|v| v.definition.as_ref())
+    }
+
+    /// Records the definition from `lsn` on (a retry records the same again).
+    pub fn record(&mut self, lsn: Lsn, definition: Option<TableDefinition>) {
+        self.versions.retain(|v| v.lsn != lsn);
+        let at = self.versions.partition_point(|v| v.lsn < lsn);
+        self.versions.insert(at, DefinitionAt { lsn, definition });
+    }
+}
+
+pub fn relation_key(relid: u32) -> String {
+    format!("{RELATIONS_PREFIX}{relid}.json")
+}
+
+/// A relation's stored history (empty when none is stored).
+pub async fn relation_history<S: ObjectSink>(sink: &S, relid: u32) -> Result<RelationHistory> {
+    let key = relation_key(relid);
+    match sink.get(&key).await? {
+        None => Ok(RelationHistory {
+            relid,
+            versions: Vec::new(),
+        }),
+        Some(body) => serde_json::from_slice(&body)
+            .map_err(|e| Error::Staged(format!("{key} is not a relation history: {e}"))),
+    }
 }
 
 /// A table's load manifest.
@@ -374,6 +433,19 @@ impl SchemaVersions {
         lsn: Lsn,
         commit_ts_column: bool,
     ) -> Result<String> {
+        if let Some(key) = self.current(sink, schema, commit_ts_column).await? {
+            return Ok(key);
+        }
+        self.write(sink, schema, lsn, commit_ts_column, None).await
+    }
+
+    /// The key of the latest stored version when it matches `schema` (and the layout).
+    pub async fn current<S: ObjectSink>(
+        &mut self,
+        sink: &S,
+        schema: &TableSchema,
+        commit_ts_column: bool,
+    ) -> Result<Option<String>> {
         let prefix = schema_prefix(&schema.schema, &schema.table);
         if !self.latest.contains_key(&prefix) {
             let latest = match sink.list(&prefix).await?.last() {
@@ -392,14 +464,56 @@ impl SchemaVersions {
             && stored.schema.same_shape(schema)
             && stored.csv_cdc_layout == layout
         {
-            return Ok(key.clone());
+            return Ok(Some(key.clone()));
         }
-        let key = format!("{prefix}{}.json", lsn.key_hex());
+        Ok(None)
+    }
+
+    /// Writes the version a schema change starts at `lsn` (always: a change that keeps the
+    /// columns, a default or a rename of the table, is a version too).
+    pub async fn version_for_change<S: ObjectSink>(
+        &mut self,
+        sink: &S,
+        schema: &TableSchema,
+        lsn: Lsn,
+        commit_ts_column: bool,
+        change: SchemaChange,
+    ) -> Result<String> {
+        self.write(sink, schema, lsn, commit_ts_column, Some(change))
+            .await
+    }
+
+    async fn write<S: ObjectSink>(
+        &mut self,
+        sink: &S,
+        schema: &TableSchema,
+        lsn: Lsn,
+        commit_ts_column: bool,
+        ddl: Option<SchemaChange>,
+    ) -> Result<String> {
+        let prefix = schema_prefix(&schema.schema, &schema.table);
         let stored = StoredSchema {
             lsn,
             schema: schema.clone(),
-            csv_cdc_layout: layout,
+            csv_cdc_layout: csv_cdc_layout(schema, commit_ts_column),
+            ddl,
         };
+        let want = serde_json::to_value(&stored)
+            .map_err(|e| Error::Staged(format!("encoding a schema version: {e}")))?;
+        // Keys never collide: a different version at the same position (the load's and a
+        // change's, or two changes of one statement) takes the next suffix, which sorts after
+        // it; a retry finds its own version and rewrites it.
+        let mut key = format!("{prefix}{}.json", lsn.key_hex());
+        for n in 1..=99 {
+            let existing = match sink.get(&key).await? {
+                None => break,
+                Some(body) => serde_json::from_slice::<serde_json::Value>(&body).ok(),
+            };
+            if existing.as_ref() == Some(&want) {
+                break;
+            }
+            key = format!("{prefix}{}_{n:02}.json", lsn.key_hex());
+        }
         put_json(sink, &key, &stored).await?;
         self.latest.insert(prefix, Some((key.clone(), stored)));
         Ok(key)

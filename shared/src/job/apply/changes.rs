@@ -445,6 +445,7 @@ mod tests {
                 columns: vec![col("id", true), col("body", false)],
                 replica_identity: "d".to_owned(),
             },
+            ddl: None,
             csv_cdc_layout: Vec::new(),
         }
     }

@@ -10,8 +10,9 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::batch::Run;
 use super::changes::{self, Change, Changes, change_statements, is_partial_insert, move_row};
-use super::target::{Tables, sync_columns};
+use super::target::{Tables, apply_schema_change, sync_columns};
 use crate::error::{Error, Result};
+use crate::lsn::Lsn;
 use crate::source::quote_qualified;
 use crate::staging::layout::{self, BatchFile, StoredSchema};
 use crate::staging::{ObjectReader, ObjectSink};
@@ -149,6 +150,7 @@ impl FileBytes {
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn apply_file(
     tx: &tokio_postgres::Transaction<'_>,
+    batch: (Lsn, Lsn),
     file: &BatchFile,
     schemas: &[(u64, StoredSchema)],
     seen: &[bool],
@@ -163,6 +165,9 @@ pub(super) async fn apply_file(
     // A keyed delete is held one row: the next may be the insert of its key change.
     let mut held: Option<Change> = None;
     let mut rows = 0u64;
+    // Schema versions are brought in one after another, each before its first row (several
+    // may start at one row, or after the last).
+    let mut next_segment = 0usize;
     loop {
         let (si, change) = match changes.next_change(bytes.done) {
             Some(next) => next?,
@@ -179,21 +184,19 @@ pub(super) async fn apply_file(
         if seen.get(row as usize).copied().unwrap_or(false) {
             continue; // already in the load's snapshot
         }
+        if next_segment < schemas.len() && schemas[next_segment].0 <= row {
+            let ctx = (batch, &mut held, &mut run, &mut set_based);
+            next_segment = bring_in(tx, schemas, ctx, current, next_segment, row, tables).await?;
+            current = next_segment - 1;
+        }
+        if si != current {
+            return Err(Error::Staged(format!(
+                "{}: row {row} has schema version {si}, its segments say {current}",
+                file.key
+            )));
+        }
         let schema = &schemas[si].1.schema;
         let name = quote_qualified(&schema.schema, &schema.table);
-        if si != current {
-            if current != usize::MAX {
-                let before = &schemas[current].1.schema;
-                if let Some(d) = held.take() {
-                    push(&mut run, before, &d, &mut set_based);
-                }
-                if let Some(r) = run.take() {
-                    r.apply(tx).await?;
-                }
-            }
-            sync_columns(tx, tables, schema).await?;
-            current = si;
-        }
         applied += 1;
         if let Some(d) = held.take() {
             if is_partial_insert(schema, &change) {
@@ -230,6 +233,11 @@ pub(super) async fn apply_file(
             execute(tx, statements, &name, &statement).await?;
         }
     }
+    if next_segment < schemas.len() {
+        let ctx = (batch, &mut held, &mut run, &mut set_based);
+        bring_in(tx, schemas, ctx, current, next_segment, u64::MAX, tables).await?;
+        current = schemas.len() - 1;
+    }
     if let (Some(d), Some((_, s))) = (held.take(), schemas.get(current)) {
         push(&mut run, &s.schema, &d, &mut set_based);
     }
@@ -244,6 +252,47 @@ pub(super) async fn apply_file(
         r.finish_copy(tx).await?;
     }
     Ok((applied, set_based, run))
+}
+
+type Pending<'a> = (
+    (Lsn, Lsn),
+    &'a mut Option<Change>,
+    &'a mut Option<Run>,
+    &'a mut u64,
+);
+
+/// Brings in every schema version from `next` that starts at or before `row`: what the
+/// current one holds back is applied first, then each version in order — a schema change of
+/// this batch as its operations say, any other by its columns. Returns the next version.
+async fn bring_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    schemas: &[(u64, StoredSchema)],
+    (batch, held, run, set_based): Pending<'_>,
+    current: usize,
+    mut next: usize,
+    row: u64,
+    tables: &mut Tables,
+) -> Result<usize> {
+    if current != usize::MAX {
+        let before = &schemas[current].1.schema;
+        if let Some(d) = held.take() {
+            push(run, before, &d, set_based);
+        }
+        if let Some(r) = run.take() {
+            r.apply(tx).await?;
+        }
+    }
+    while next < schemas.len() && schemas[next].0 <= row {
+        let stored = &schemas[next].1;
+        match &stored.ddl {
+            Some(change) if batch.0 < change.lsn && change.lsn <= batch.1 => {
+                apply_schema_change(tx, tables, &stored.schema, change).await?;
+            }
+            _ => sync_columns(tx, tables, &stored.schema).await?,
+        }
+        next += 1;
+    }
+    Ok(next)
 }
 
 /// Adds a change to the file's current run (started if none).

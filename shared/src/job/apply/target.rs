@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use super::changes::{has_key, quoted_keys};
+use crate::change::ddl::{SchemaChange, SchemaOp};
 use crate::error::{Error, Result};
 use crate::source::{quote_ident, quote_qualified};
 use crate::table::TableSchema;
@@ -75,7 +76,25 @@ pub(super) async fn sync_columns(
 ) -> Result<()> {
     let id = (schema.schema.clone(), schema.table.clone());
     let Some(known) = tables.known.get(&id) else {
-        ensure_table(tx, schema).await?;
+        // Not seen by this run: the target's table as it is (an earlier run may have left
+        // it at an older version), given the columns it lacks; none is dropped on a guess.
+        match target_columns(tx, &schema.schema, &schema.table).await? {
+            None => ensure_table(tx, schema).await?,
+            Some(have) => {
+                let name = quote_qualified(&schema.schema, &schema.table);
+                for c in schema.columns.iter().filter(|c| !have.contains(&c.name)) {
+                    let ty = target_type(tx, &c.type_name).await?;
+                    tx.batch_execute(&format!(
+                        "alter table {name} add column if not exists {} {ty}",
+                        quote_ident(&c.name)
+                    ))
+                    .await
+                    .map_err(|e| {
+                        Error::postgres(format!("adding column {} to {name}", c.name), e)
+                    })?;
+                }
+            }
+        }
         tables.known.insert(id, schema.clone());
         return Ok(());
     };
@@ -183,4 +202,229 @@ async fn add_and_drop_columns(
         }
     }
     Ok(())
+}
+
+/// The target table's columns that rows are written to (generated ones left out); `None`
+/// when it does not exist.
+async fn target_columns(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    table: &str,
+) -> Result<Option<Vec<String>>> {
+    let rel = quote_qualified(schema, table);
+    let rows = tx
+        .query(
+            "select a.attname::text from pg_attribute a where a.attrelid = to_regclass($1) \
+             and a.attnum > 0 and not a.attisdropped and a.attgenerated = '' order by a.attnum",
+            &[&rel],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("reading the columns of {rel} in the target"), e))?;
+    if rows.is_empty() {
+        let exists: bool = tx
+            .query_one("select to_regclass($1) is not null", &[&rel])
+            .await
+            .map_err(|e| Error::postgres(format!("looking for {rel} in the target"), e))?
+            .get(0);
+        return Ok(exists.then(Vec::new));
+    }
+    Ok(Some(rows.into_iter().map(|r| r.get(0)).collect()))
+}
+
+/// A schema change of this batch (DESIGN §12), run as its operations say, inside the batch's
+/// transaction; `schema` is the table's row shape after it.
+pub(super) async fn apply_schema_change(
+    tx: &tokio_postgres::Transaction<'_>,
+    tables: &mut Tables,
+    schema: &TableSchema,
+    change: &SchemaChange,
+) -> Result<()> {
+    let name = quote_qualified(&schema.schema, &schema.table);
+    let run = |sql: String, what: String| async move {
+        tx.batch_execute(&sql)
+            .await
+            .map_err(|e| Error::postgres(format!("{what} ({} at {})", change.tag, change.lsn), e))
+    };
+    let col = |c: &str| quote_ident(c);
+    for op in &change.ops {
+        match op {
+            SchemaOp::CreateTable { sql } => {
+                run(
+                    format!(
+                        "create schema if not exists {}; {sql}",
+                        quote_ident(&schema.schema)
+                    ),
+                    format!("creating {name}"),
+                )
+                .await?;
+            }
+            SchemaOp::RenameTable {
+                from_schema,
+                from_table,
+            } => {
+                let from = quote_qualified(from_schema, from_table);
+                if target_columns(tx, from_schema, from_table).await?.is_none()
+                    || target_columns(tx, &schema.schema, &schema.table)
+                        .await?
+                        .is_some()
+                {
+                    continue; // already where it belongs
+                }
+                if from_schema != &schema.schema {
+                    run(
+                        format!(
+                            "create schema if not exists {0}; alter table {from} set schema {0}",
+                            quote_ident(&schema.schema)
+                        ),
+                        format!("moving {from} to schema {}", schema.schema),
+                    )
+                    .await?;
+                }
+                if from_table != &schema.table {
+                    let moved = quote_qualified(&schema.schema, from_table);
+                    run(
+                        format!("alter table {moved} rename to {}", col(&schema.table)),
+                        format!("renaming {moved} to {}", schema.table),
+                    )
+                    .await?;
+                }
+                if let Some(k) = tables
+                    .known
+                    .remove(&(from_schema.clone(), from_table.clone()))
+                {
+                    tables
+                        .known
+                        .insert((schema.schema.clone(), schema.table.clone()), k);
+                }
+            }
+            SchemaOp::DropTable => {
+                run(
+                    format!("drop table if exists {name}"),
+                    format!("dropping {name}"),
+                )
+                .await?;
+                tables
+                    .known
+                    .remove(&(schema.schema.clone(), schema.table.clone()));
+                return Ok(());
+            }
+            SchemaOp::AddColumn {
+                column,
+                type_name,
+                definition,
+                existing_rows,
+                default,
+                generated,
+            } => {
+                let sql = match existing_rows {
+                    Some(v) if !generated => {
+                        let not_null = if definition.ends_with(" not null") {
+                            " not null"
+                        } else {
+                            ""
+                        };
+                        let then = match default {
+                            Some(d) => format!("set default {d}"),
+                            None => "drop default".to_owned(),
+                        };
+                        format!(
+                            "alter table {name} add column if not exists {c} {type_name} default {v}::{type_name}{not_null}; \
+                             alter table {name} alter column {c} {then}",
+                            c = col(column),
+                            v = quote_literal(v)
+                        )
+                    }
+                    _ => format!("alter table {name} add column if not exists {definition}"),
+                };
+                run(sql, format!("adding column {column} to {name}")).await?;
+            }
+            SchemaOp::DropColumn { column } => {
+                run(
+                    format!("alter table {name} drop column if exists {}", col(column)),
+                    format!("dropping column {column} from {name}"),
+                )
+                .await?;
+            }
+            SchemaOp::RenameColumn { from, to } => {
+                run(
+                    format!(
+                        "alter table {name} rename column {} to {}",
+                        col(from),
+                        col(to)
+                    ),
+                    format!("renaming column {from} of {name} to {to}"),
+                )
+                .await?;
+            }
+            SchemaOp::AlterType {
+                column,
+                type_name,
+                using,
+            } => {
+                run(
+                    format!(
+                        "alter table {name} alter column {} type {type_name} using {using}",
+                        col(column)
+                    ),
+                    format!("changing the type of {column} of {name} to {type_name}"),
+                )
+                .await?;
+            }
+            SchemaOp::SetDefault { column, default } => {
+                let what = match default {
+                    Some(d) => format!("set default {d}"),
+                    None => "drop default".to_owned(),
+                };
+                run(
+                    format!("alter table {name} alter column {} {what}", col(column)),
+                    format!("changing the default of {column} of {name}"),
+                )
+                .await?;
+            }
+            SchemaOp::SetNotNull { column, not_null } => {
+                let what = if *not_null {
+                    "set not null"
+                } else {
+                    "drop not null"
+                };
+                run(
+                    format!("alter table {name} alter column {} {what}", col(column)),
+                    format!("changing NOT NULL of {column} of {name}"),
+                )
+                .await?;
+            }
+            SchemaOp::SetPrimaryKey { columns } => {
+                let current: Option<String> = tx
+                    .query_opt(
+                        "select conname::text from pg_constraint where conrelid = to_regclass($1) and contype = 'p'",
+                        &[&name],
+                    )
+                    .await
+                    .map_err(|e| Error::postgres(format!("reading the primary key of {name}"), e))?
+                    .map(|r| r.get(0));
+                let mut sql = String::new();
+                if let Some(c) = current {
+                    sql.push_str(&format!("alter table {name} drop constraint {};", col(&c)));
+                }
+                if !columns.is_empty() {
+                    let cols: Vec<String> = columns.iter().map(|c| col(c)).collect();
+                    sql.push_str(&format!(
+                        "alter table {name} add primary key ({})",
+                        cols.join(", ")
+                    ));
+                }
+                run(sql, format!("changing the primary key of {name}")).await?;
+            }
+        }
+    }
+    tables.known.insert(
+        (schema.schema.clone(), schema.table.clone()),
+        schema.clone(),
+    );
+    Ok(())
+}
+
+/// A string literal (standard-conforming strings).
+fn quote_literal(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
 }

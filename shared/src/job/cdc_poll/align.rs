@@ -81,6 +81,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                 timeout: self.opts.source.statement_timeout,
                 deadline: false,
                 split: None,
+                messages: self.messages,
             })
             .await?;
         let mut selected = std::collections::HashMap::new();

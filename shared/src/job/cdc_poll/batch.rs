@@ -71,26 +71,7 @@ impl<W: ObjectWriter> Batch<W> {
         xid: u32,
         row: &[u8],
     ) -> Result<()> {
-        let file = match self.files.entry(rel_id) {
-            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::btree_map::Entry::Vacant(e) => {
-                let schema = &rel.schema;
-                let key = cdc_file_key(&schema.schema, &schema.table, self.start, format);
-                let writer = sink.writer(&key).await?;
-                e.insert(TableFile {
-                    writer: EncodedWriter::new(writer, format),
-                    key,
-                    schema: schema.schema.clone(),
-                    table: schema.table.clone(),
-                    counts: [0; 4],
-                    segments: vec![SchemaSegment {
-                        key: rel.version_key.clone(),
-                        first_row: 0,
-                    }],
-                    xids: (self.record_xids && rel.pk.is_empty()).then(Vec::new),
-                })
-            }
-        };
+        let file = self.file_for(sink, format, rel_id, rel).await?;
         if file
             .segments
             .last()
@@ -116,6 +97,60 @@ impl<W: ObjectWriter> Batch<W> {
         }] += 1;
         self.changes += 1;
         self.bytes += row.len() as u64;
+        Ok(())
+    }
+
+    /// The table file of `rel` in this batch, opened (empty) on first use.
+    async fn file_for<S: ObjectSink<Writer = W>>(
+        &mut self,
+        sink: &S,
+        format: Format,
+        rel_id: u32,
+        rel: &Relation,
+    ) -> Result<&mut TableFile<W>> {
+        let record_xids = self.record_xids;
+        Ok(match self.files.entry(rel_id) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let schema = &rel.schema;
+                let key = cdc_file_key(&schema.schema, &schema.table, self.start, format);
+                let writer = sink.writer(&key).await?;
+                e.insert(TableFile {
+                    writer: EncodedWriter::new(writer, format),
+                    key,
+                    schema: schema.schema.clone(),
+                    table: schema.table.clone(),
+                    counts: [0; 4],
+                    segments: vec![SchemaSegment {
+                        key: rel.version_key.clone(),
+                        first_row: 0,
+                    }],
+                    xids: (record_xids && rel.pk.is_empty()).then(Vec::new),
+                })
+            }
+        })
+    }
+
+    /// A schema change of `rel` (its new version in `rel.version_key`): a segment of its file
+    /// starting at the next row, the file opened (with no rows yet) if need be, so the change
+    /// is applied in order with the table's rows even when no row follows it in the batch.
+    pub(super) async fn schema_change<S: ObjectSink<Writer = W>>(
+        &mut self,
+        sink: &S,
+        format: Format,
+        rel_id: u32,
+        rel: &Relation,
+    ) -> Result<()> {
+        let file = self.file_for(sink, format, rel_id, rel).await?;
+        let first_row = file.writer.rows;
+        match file.segments.last() {
+            // A file just opened for this change starts at it.
+            Some(last) if last.first_row == first_row && last.key == rel.version_key => {}
+            _ => file.segments.push(SchemaSegment {
+                key: rel.version_key.clone(),
+                first_row,
+            }),
+        }
         Ok(())
     }
 

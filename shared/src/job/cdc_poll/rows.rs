@@ -35,9 +35,23 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             return Ok(()); // Relation messages repeat in every peek.
         }
         let version_key = if selected {
-            self.versions
-                .version_for(self.sink, &schema, lsn, self.opts.commit_ts_column)
+            match self
+                .versions
+                .current(self.sink, &schema, self.opts.commit_ts_column)
                 .await?
+            {
+                Some(key) => key,
+                // New columns no schema-change message explained: the catalog says what
+                // they mean when it still has them.
+                None => match self.catalog_change(r.rel_id, &schema, lsn).await? {
+                    Some(rel) => rel.version_key,
+                    None => {
+                        self.versions
+                            .version_for(self.sink, &schema, lsn, self.opts.commit_ts_column)
+                            .await?
+                    }
+                },
+            }
         } else {
             String::new()
         };

@@ -1,0 +1,174 @@
+//! The poller's schema changes (DESIGN §12): the event trigger's transactional logical
+//! messages, decoded between the data changes, and — where none came (PostgreSQL 12/13,
+//! capture off or not permitted) — a Relation message whose columns differ, explained from the
+//! catalog. Each becomes a schema version with its meaning ([`crate::change::ddl`]) and a
+//! segment of the table's file at the next row, so apply runs it in order with the rows.
+
+use std::sync::Arc;
+
+use super::Poller;
+use super::batch::Batch;
+use crate::change::ddl::{self, ChangeOrigin, DdlMessage, SchemaChange, SchemaOp, TableDefinition};
+use crate::change::decoder::Relation;
+use crate::error::Result;
+use crate::lsn::Lsn;
+use crate::pgoutput::LogicalMessage;
+use crate::source::CdcSource;
+use crate::staging::ObjectSink;
+use crate::staging::layout::{self, RelationHistory};
+use crate::state::StateStore;
+use crate::table::TableSchema;
+
+impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
+    /// A logical message inside a transaction: this task's schema-change messages are staged,
+    /// others (other tasks', other applications') are left alone.
+    pub(super) async fn on_logical_message(
+        &mut self,
+        m: &LogicalMessage<'_>,
+        lsn: Lsn,
+        batch: &mut Batch<S::Writer>,
+    ) -> Result<()> {
+        if m.flags & 1 == 0 || m.prefix != ddl::message_prefix(&self.task.publication) {
+            return Ok(());
+        }
+        match ddl::parse_message(m.content, lsn)? {
+            DdlMessage::Changed { tag, definition } => {
+                if !self
+                    .opts
+                    .selection
+                    .selects(&definition.schema, &definition.table)
+                {
+                    return Ok(());
+                }
+                let prev = self.history(definition.relid).await?.before(lsn).cloned();
+                if prev.as_ref() == Some(&definition) {
+                    return Ok(()); // an ALTER that changed nothing pgshift carries
+                }
+                let change = SchemaChange {
+                    lsn,
+                    tag,
+                    origin: ChangeOrigin::Message,
+                    ops: ddl::diff(prev.as_ref(), &definition),
+                    definition: Some(definition.clone()),
+                };
+                let rel = self.record_change(definition.row_schema(), change).await?;
+                batch
+                    .schema_change(self.sink, self.opts.format, definition.relid, &rel)
+                    .await
+            }
+            DdlMessage::Dropped { tag, dropped } => {
+                if !self.opts.selection.selects(&dropped.schema, &dropped.table) {
+                    return Ok(());
+                }
+                let Some(prev) = self.history(dropped.relid).await?.before(lsn).cloned() else {
+                    return Ok(()); // never staged: nothing to drop downstream
+                };
+                let mut schema = prev.row_schema();
+                schema.schema = dropped.schema.clone();
+                schema.table = dropped.table.clone();
+                let change = SchemaChange {
+                    lsn,
+                    tag,
+                    origin: ChangeOrigin::Message,
+                    ops: vec![SchemaOp::DropTable],
+                    definition: None,
+                };
+                let rel = self
+                    .record_change_of(dropped.relid, schema, change, None)
+                    .await?;
+                batch
+                    .schema_change(self.sink, self.opts.format, dropped.relid, &rel)
+                    .await
+            }
+        }
+    }
+
+    /// A Relation message of a selected table whose columns match no stored version and no
+    /// message: what changed, from the catalog's definition now, when it still has these
+    /// columns (else `None`: a later change moved on, and the version carries no meaning).
+    pub(super) async fn catalog_change(
+        &mut self,
+        rel_id: u32,
+        schema: &TableSchema,
+        lsn: Lsn,
+    ) -> Result<Option<Relation>> {
+        let Some(definition) = self.source.table_definition(rel_id).await? else {
+            return Ok(None);
+        };
+        let now = definition.row_schema();
+        if !now.same_shape(schema) || now.schema != schema.schema || now.table != schema.table {
+            tracing::warn!(task = %self.opts.task, table = %definition.qualified(), %lsn, "the table changed again since this change: its new columns are staged without what the change meant");
+            return Ok(None);
+        }
+        let prev = self.history(rel_id).await?.before(lsn).cloned();
+        let change = SchemaChange {
+            lsn,
+            tag: "ALTER TABLE".to_owned(),
+            origin: ChangeOrigin::Catalog,
+            ops: ddl::diff(prev.as_ref(), &definition),
+            definition: Some(definition),
+        };
+        // The Relation message's own schema (its type names) is the version's.
+        Ok(Some(
+            self.record_change_of(rel_id, schema.clone(), change, None)
+                .await?,
+        ))
+    }
+
+    async fn record_change(
+        &mut self,
+        schema: TableSchema,
+        change: SchemaChange,
+    ) -> Result<Relation> {
+        let def = change.definition.clone();
+        let relid = def.as_ref().map_or(0, |d| d.relid);
+        self.record_change_of(relid, schema, change, def).await
+    }
+
+    /// Writes the version (and the relation's history), and makes it the relation's current
+    /// one for the rows that follow.
+    async fn record_change_of(
+        &mut self,
+        relid: u32,
+        schema: TableSchema,
+        change: SchemaChange,
+        definition: Option<TableDefinition>,
+    ) -> Result<Relation> {
+        let lsn = change.lsn;
+        let definition = definition.or_else(|| change.definition.clone());
+        let version_key = self
+            .versions
+            .version_for_change(self.sink, &schema, lsn, self.opts.commit_ts_column, change)
+            .await?;
+        let mut history = self.history(relid).await?;
+        history.record(lsn, definition.clone());
+        layout::put_json(self.sink, &layout::relation_key(relid), &history).await?;
+        self.histories.insert(relid, history);
+        let has_pk = definition
+            .as_ref()
+            .is_some_and(|d| !d.primary_key.is_empty());
+        let pk = if has_pk {
+            schema.key_indexes().collect()
+        } else {
+            Vec::new()
+        };
+        let rel = Relation {
+            schema: Arc::new(schema),
+            selected: true,
+            version_key,
+            pk,
+        };
+        self.relations.insert(relid, rel.clone());
+        Ok(rel)
+    }
+
+    /// A relation's history (cached for the run).
+    async fn history(&mut self, relid: u32) -> Result<RelationHistory> {
+        if let Some(h) = self.histories.get(&relid) {
+            return Ok(h.clone());
+        }
+        let h = layout::relation_history(self.sink, relid).await?;
+        self.histories.insert(relid, h.clone());
+        Ok(h)
+    }
+}
