@@ -2,6 +2,7 @@
 
 mod apply;
 mod cdc;
+mod ddl;
 mod endpoint;
 mod events;
 mod full_load;

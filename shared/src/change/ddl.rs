@@ -135,6 +135,10 @@ impl TableDefinition {
         if !self.primary_key.is_empty() {
             let pk: Vec<String> = self.primary_key.iter().map(|c| quote_ident(c)).collect();
             parts.push(format!("primary key ({})", pk.join(", ")));
+        } else if self.replica_identity == "i" && !self.identity_key.is_empty() {
+            // The replica identity index: what apply's upserts match rows on.
+            let key: Vec<String> = self.identity_key.iter().map(|c| quote_ident(c)).collect();
+            parts.push(format!("unique ({})", key.join(", ")));
         }
         let partitioned = if self.kind == "p" {
             " /* partitioned on the source */"
@@ -224,6 +228,11 @@ pub enum SchemaOp {
     },
     /// The primary key is now these columns (none: dropped).
     SetPrimaryKey {
+        columns: Vec<String>,
+    },
+    /// Without a primary key, rows are now identified by these columns (the replica
+    /// identity index): upserts need a unique index on them.
+    SetKey {
         columns: Vec<String>,
     },
 }
@@ -356,6 +365,19 @@ pub fn diff(prev: Option<&TableDefinition>, new: &TableDefinition) -> Vec<Schema
         ops.push(SchemaOp::SetPrimaryKey {
             columns: new.primary_key.clone(),
         });
+    } else if new.primary_key.is_empty() {
+        let keys = |d: &TableDefinition| -> Vec<String> {
+            d.row_schema()
+                .columns
+                .into_iter()
+                .filter(|c| c.key)
+                .map(|c| c.name)
+                .collect()
+        };
+        let (before, after) = (keys(prev), keys(new));
+        if before != after && new.replica_identity == "i" {
+            ops.push(SchemaOp::SetKey { columns: after });
+        }
     }
     ops
 }
@@ -420,12 +442,12 @@ mod tests {
                 SchemaOp::AlterType {
                     column: "b".to_owned(),
                     type_name: "bigint".to_owned(),
-                    using: "b::bigint".to_owned()
+                    using: "\"b\"::bigint".to_owned()
                 },
                 SchemaOp::AddColumn {
                     column: "c".to_owned(),
                     type_name: "integer".to_owned(),
-                    definition: "c integer default 0 not null".to_owned(),
+                    definition: "\"c\" integer default 0 not null".to_owned(),
                     existing_rows: Some("0".to_owned()),
                     default: Some("0".to_owned()),
                     generated: false,
@@ -449,7 +471,7 @@ mod tests {
         match &diff(None, &after)[..] {
             [SchemaOp::CreateTable { sql }] => assert_eq!(
                 sql,
-                "create table if not exists archive.t (id integer, primary key (id))"
+                "create table if not exists \"archive\".\"t\" (\"id\" integer, primary key (\"id\"))"
             ),
             other => panic!("{other:?}"),
         }
@@ -466,7 +488,7 @@ mod tests {
         assert!(rows.columns[0].key);
         assert!(
             d.create_sql()
-                .contains("twice integer generated always as ((id * 2)) stored")
+                .contains("\"twice\" integer generated always as ((id * 2)) stored")
         );
     }
 

@@ -507,7 +507,8 @@ async fn apply_batch<S: ObjectSink>(
             }
         };
         let this = async {
-            let schemas = file_schemas(sink, file).await?;
+            let mut schemas = file_schemas(sink, file).await?;
+            target::resolve_types(&tx, &mut schemas, &mut *tables).await?;
             let seen = seen_rows(m, file, at)?;
             let mut bytes =
                 FileBytes::open(sink, &file.key, file.bytes, file.checksum.as_deref()).await?;

@@ -219,6 +219,9 @@ struct Txn {
     xid: u32,
     commit_ts: i64,
     final_lsn: Lsn,
+    /// The batch's changes and schema changes at its begin: a transaction that staged
+    /// neither (only other applications' messages, or tables not selected) is not a batch's.
+    staged_before: (u64, u64),
 }
 
 /// Where a peek's reading stands.
@@ -562,6 +565,11 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             match msg {
                 Message::Commit(_) => cur.skipping = false,
                 Message::Relation(r) => self.on_relation(&r, lsn).await?,
+                // Its schema changes are recorded now (the Relation messages after them match
+                // them, as in one session); the other half stages them with its rows.
+                Message::Message(m) if m.flags & 1 == 1 => {
+                    self.on_logical_message(&m, lsn, None).await?;
+                }
                 _ => {}
             }
             return Ok(false);
@@ -576,6 +584,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                     xid: b.xid,
                     commit_ts: b.commit_ts,
                     final_lsn: b.final_lsn,
+                    staged_before: (cur.batch.changes, cur.batch.schema_changes),
                 });
             }
             Message::Commit(c) => return self.on_commit(&c, lsn, cur, report).await,
@@ -602,10 +611,13 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                     self.stage(&mut cur.batch, t, lsn, row).await?;
                 }
             }
-            Message::Message(m) => {
+            // Non-transactional messages (other applications') come outside transactions.
+            Message::Message(m) if m.flags & 1 == 1 => {
                 txn_of(&cur.txn, lsn)?;
-                self.on_logical_message(&m, lsn, &mut cur.batch).await?;
+                self.on_logical_message(&m, lsn, Some(&mut cur.batch))
+                    .await?;
             }
+            Message::Message(_) => {}
             Message::Origin(_) | Message::Type(_) => {}
             Message::StreamStart(_)
             | Message::StreamStop
@@ -628,11 +640,16 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         cur: &mut Cursor<S::Writer>,
         report: &mut PollReport,
     ) -> Result<bool> {
-        if cur.txn.take().is_none() {
+        let Some(txn) = cur.txn.take() else {
             return Err(Error::Protocol(format!("commit at {lsn} without a begin")));
-        }
+        };
         let opts = self.opts;
         let batch = &mut cur.batch;
+        if txn.staged_before == (batch.changes, batch.schema_changes)
+            && batch.must_end != Some(c.end_lsn)
+        {
+            return Ok(false);
+        }
         batch.transactions += 1;
         batch.first_commit.get_or_insert(c.commit_lsn);
         batch.last_commit = c.commit_lsn;

@@ -30,7 +30,11 @@ fn captures_ddl(capture: &Capture, version_num: i32) -> bool {
 }
 
 /// The statements that send a table's definition (`rel.oid`) as a transactional logical
-/// message, never failing the user's statement.
+/// message, never failing the user's statement. A message's position is the end of its WAL
+/// record, which is where the next record (a row of the same statement's transaction, maybe
+/// of another subtransaction) starts, and the decoder orders equal positions of different
+/// subtransactions either way: an empty message after it (ignored by every reader) keeps the
+/// definition strictly before whatever follows.
 fn emit_definition(name: &str) -> String {
     format!(
         r#"
@@ -38,6 +42,7 @@ fn emit_definition(name: &str) -> String {
         execute $def${sql}$def$ into def using rel.oid;
         perform pg_logical_emit_message(true, '{prefix}',
           '{{"tag":' || to_json(tg_tag)::text || ',"definition":' || def || '}}');
+        perform pg_logical_emit_message(true, 'pgshift_ddl_end', '');
       exception when others then
         raise warning 'pgshift: the schema change of % is not captured (%)', obj.objid::regclass, sqlerrm;
       end;"#,
@@ -64,6 +69,7 @@ begin
         perform pg_logical_emit_message(true, '{prefix}', json_build_object('tag', tg_tag,
           'dropped', json_build_object('relid', obj.objid::int8, 'schema', obj.schema_name,
           'table', obj.object_name))::text);
+        perform pg_logical_emit_message(true, 'pgshift_ddl_end', '');
       end if;
     exception when others then
       raise warning 'pgshift: the drop of %.% is not captured (%)', obj.schema_name, obj.object_name, sqlerrm;
@@ -112,7 +118,8 @@ declare
   out_pub text;
   def text;
 begin
-  for obj in select objid from pg_event_trigger_ddl_commands() where object_type = 'table' loop
+  for obj in select distinct objid from pg_event_trigger_ddl_commands()
+             where object_type in ('table', 'table column') loop
     begin
       select c.oid, c.relname, c.relkind, c.relispartition, c.relreplident, c.relnamespace
         into rel from pg_class c where c.oid = obj.objid and c.relkind in ('r', 'p');

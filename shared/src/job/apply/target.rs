@@ -13,6 +13,33 @@ use crate::table::TableSchema;
 #[derive(Default)]
 pub(super) struct Tables {
     pub(super) known: HashMap<(String, String), TableSchema>,
+    /// Whether the target has a type (by the source's name for it).
+    pub(super) types: HashMap<String, bool>,
+}
+
+/// Columns of a type the target lacks (one created on the source after the load, or dropped
+/// there since) are read and written as text, as the table was made with them.
+pub(super) async fn resolve_types(
+    tx: &tokio_postgres::Transaction<'_>,
+    schemas: &mut [(u64, crate::staging::layout::StoredSchema)],
+    tables: &mut Tables,
+) -> Result<()> {
+    for (_, stored) in schemas.iter_mut() {
+        for c in stored.schema.columns.iter_mut() {
+            let have = match tables.types.get(&c.type_name) {
+                Some(h) => *h,
+                None => {
+                    let h = target_type(tx, &c.type_name).await? != "text" || c.type_name == "text";
+                    tables.types.insert(c.type_name.clone(), h);
+                    h
+                }
+            };
+            if !have {
+                c.type_name = "text".to_owned();
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The column type to create in the target: the source's, or `text` when the target does not
@@ -251,12 +278,47 @@ pub(super) async fn apply_schema_change(
             SchemaOp::CreateTable { sql } => {
                 run(
                     format!(
-                        "create schema if not exists {}; {sql}",
+                        "create schema if not exists {}",
                         quote_ident(&schema.schema)
                     ),
                     format!("creating {name}"),
                 )
                 .await?;
+                ensure_sequences(tx, sql).await?;
+                run(
+                    "savepoint pgshift_create".to_owned(),
+                    format!("creating {name}"),
+                )
+                .await?;
+                match tx.batch_execute(sql).await {
+                    Ok(()) => {
+                        run(
+                            "release savepoint pgshift_create".to_owned(),
+                            format!("creating {name}"),
+                        )
+                        .await?
+                    }
+                    // A type created on the source after the load (the load's pre-data carried
+                    // the others): the table is made with the columns pgoutput sends, such
+                    // columns as text, and a warning.
+                    Err(e)
+                        if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) =>
+                    {
+                        tracing::warn!(table = %name, error = %e, "a type of a table created after the load is missing on the target: its columns of that type are made text");
+                        run(
+                            "rollback to savepoint pgshift_create".to_owned(),
+                            format!("creating {name}"),
+                        )
+                        .await?;
+                        ensure_table(tx, schema).await?;
+                    }
+                    Err(e) => {
+                        return Err(Error::postgres(
+                            format!("creating {name} ({} at {})", change.tag, change.lsn),
+                            e,
+                        ));
+                    }
+                }
             }
             SchemaOp::RenameTable {
                 from_schema,
@@ -316,6 +378,7 @@ pub(super) async fn apply_schema_change(
                 default,
                 generated,
             } => {
+                ensure_sequences(tx, definition).await?;
                 let sql = match existing_rows {
                     Some(v) if !generated => {
                         let not_null = if definition.ends_with(" not null") {
@@ -346,6 +409,12 @@ pub(super) async fn apply_schema_change(
                 .await?;
             }
             SchemaOp::RenameColumn { from, to } => {
+                let have = target_columns(tx, &schema.schema, &schema.table)
+                    .await?
+                    .unwrap_or_default();
+                if !have.contains(from) || have.contains(to) {
+                    continue; // already renamed (a change the catalog explained late)
+                }
                 run(
                     format!(
                         "alter table {name} rename column {} to {}",
@@ -371,6 +440,7 @@ pub(super) async fn apply_schema_change(
                 .await?;
             }
             SchemaOp::SetDefault { column, default } => {
+                ensure_sequences(tx, default.as_deref().unwrap_or("")).await?;
                 let what = match default {
                     Some(d) => format!("set default {d}"),
                     None => "drop default".to_owned(),
@@ -390,6 +460,18 @@ pub(super) async fn apply_schema_change(
                 run(
                     format!("alter table {name} alter column {} {what}", col(column)),
                     format!("changing NOT NULL of {column} of {name}"),
+                )
+                .await?;
+            }
+            SchemaOp::SetKey { columns } => {
+                let cols: Vec<String> = columns.iter().map(|c| col(c)).collect();
+                let index = quote_ident(&format!("{}_pgshift_{}", schema.table, columns.join("_")));
+                run(
+                    format!(
+                        "create unique index if not exists {index} on {name} ({})",
+                        cols.join(", ")
+                    ),
+                    format!("indexing the new key of {name}"),
                 )
                 .await?;
             }
@@ -424,7 +506,69 @@ pub(super) async fn apply_schema_change(
     Ok(())
 }
 
+/// The sequences a default draws from (`nextval('name'::regclass)`, as the catalog prints a
+/// serial column's), created when the target lacks them; `cutover` sets their values.
+async fn ensure_sequences(tx: &tokio_postgres::Transaction<'_>, sql: &str) -> Result<()> {
+    for name in sequences_in(sql) {
+        tx.batch_execute(&format!("create sequence if not exists {name}"))
+            .await
+            .map_err(|e| Error::postgres(format!("creating sequence {name}"), e))?;
+    }
+    Ok(())
+}
+
+/// The sequence names in `nextval('..'::regclass)` calls (the literal's text: a name the
+/// catalog already quoted).
+fn sequences_in(sql: &str) -> Vec<String> {
+    const OPEN: &str = "nextval('";
+    let mut out = Vec::new();
+    let mut rest = sql;
+    while let Some(i) = rest.find(OPEN) {
+        rest = &rest[i + OPEN.len()..];
+        let mut name = String::new();
+        let mut chars = rest.char_indices().peekable();
+        let mut end = None;
+        while let Some((at, ch)) = chars.next() {
+            if ch == '\'' {
+                if chars.peek().is_some_and(|(_, c)| *c == '\'') {
+                    chars.next();
+                    name.push('\'');
+                } else {
+                    end = Some(at + 1);
+                    break;
+                }
+            } else {
+                name.push(ch);
+            }
+        }
+        let Some(end) = end else { break };
+        rest = &rest[end..];
+        if rest.starts_with("::regclass)") && !name.is_empty() {
+            out.push(name);
+        }
+    }
+    out
+}
+
 /// A string literal (standard-conforming strings).
 fn quote_literal(v: &str) -> String {
     format!("'{}'", v.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sequences_named_by_defaults_are_found() {
+        assert_eq!(
+            super::sequences_in(
+                "create table t (id integer default nextval('t_id_seq'::regclass), b bigint default nextval('\"S\".\"b seq\"'::regclass))"
+            ),
+            ["t_id_seq", "\"S\".\"b seq\""]
+        );
+        assert!(super::sequences_in("default 'nextval(' || x").is_empty());
+        assert_eq!(
+            super::sequences_in("nextval('\"a \"\"b\"\".\"it''s_id_seq\"'::regclass)"),
+            ["\"a \"\"b\"\".\"it's_id_seq\""]
+        );
+    }
 }

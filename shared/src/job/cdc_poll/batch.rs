@@ -30,6 +30,8 @@ pub(super) struct Batch<W: ObjectWriter> {
     /// Open files by relation id.
     files: BTreeMap<u32, TableFile<W>>,
     pub(super) changes: u64,
+    /// Schema changes staged (each a segment of its table's file).
+    pub(super) schema_changes: u64,
     pub(super) bytes: u64,
     pub(super) transactions: u64,
     pub(super) first_commit: Option<Lsn>,
@@ -48,6 +50,7 @@ impl<W: ObjectWriter> Batch<W> {
             must_end: None,
             files: BTreeMap::new(),
             changes: 0,
+            schema_changes: 0,
             bytes: 0,
             transactions: 0,
             first_commit: None,
@@ -141,6 +144,7 @@ impl<W: ObjectWriter> Batch<W> {
         rel_id: u32,
         rel: &Relation,
     ) -> Result<()> {
+        self.schema_changes += 1;
         let file = self.file_for(sink, format, rel_id, rel).await?;
         let first_row = file.writer.rows;
         match file.segments.last() {

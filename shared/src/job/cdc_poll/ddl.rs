@@ -26,7 +26,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         &mut self,
         m: &LogicalMessage<'_>,
         lsn: Lsn,
-        batch: &mut Batch<S::Writer>,
+        batch: Option<&mut Batch<S::Writer>>,
     ) -> Result<()> {
         if m.flags & 1 == 0 || m.prefix != ddl::message_prefix(&self.task.publication) {
             return Ok(());
@@ -52,9 +52,13 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                     definition: Some(definition.clone()),
                 };
                 let rel = self.record_change(definition.row_schema(), change).await?;
-                batch
-                    .schema_change(self.sink, self.opts.format, definition.relid, &rel)
-                    .await
+                match batch {
+                    Some(b) => {
+                        b.schema_change(self.sink, self.opts.format, definition.relid, &rel)
+                            .await
+                    }
+                    None => Ok(()),
+                }
             }
             DdlMessage::Dropped { tag, dropped } => {
                 if !self.opts.selection.selects(&dropped.schema, &dropped.table) {
@@ -76,9 +80,13 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                 let rel = self
                     .record_change_of(dropped.relid, schema, change, None)
                     .await?;
-                batch
-                    .schema_change(self.sink, self.opts.format, dropped.relid, &rel)
-                    .await
+                match batch {
+                    Some(b) => {
+                        b.schema_change(self.sink, self.opts.format, dropped.relid, &rel)
+                            .await
+                    }
+                    None => Ok(()),
+                }
             }
         }
     }
