@@ -170,6 +170,25 @@ async fn role_without_replication_or_select_is_reported() {
     let report = test_endpoint::run(&role, &public_tables()).await.unwrap();
     assert_eq!(status(&report, "replication_privilege"), Status::Pass);
     assert_eq!(status(&report, "select_privilege"), Status::Fail);
+    // No event trigger for this role: schema changes come from the catalog, and the report
+    // says what is then lost.
+    let ddl = report.check("ddl_capture").unwrap();
+    assert_eq!(ddl.status, Status::Warn);
+    assert!(
+        ddl.detail.contains("may not create event triggers") && ddl.detail.contains("DROP TABLE"),
+        "{ddl:?}"
+    );
+    // A superuser on 14+: captured in order.
+    let report = test_endpoint::run(&db.config(), &public_tables())
+        .await
+        .unwrap();
+    assert_eq!(status(&report, "ddl_capture"), Status::Pass);
+    let off = CheckOptions {
+        capture_ddl: false,
+        ..public_tables()
+    };
+    let report = test_endpoint::run(&db.config(), &off).await.unwrap();
+    assert_eq!(status(&report, "ddl_capture"), Status::Warn);
 }
 
 #[tokio::test]

@@ -124,6 +124,16 @@ pub fn update_rows<'u, 'a>(pk: &[usize], u: &'u pgoutput::Update<'a>) -> UpdateR
                 *v = *o;
             }
         }
+    } else if let Some(old) = old {
+        // A key column holding an unchanged TOASTed value: the server sends the old key (it
+        // logs it when the key is stored out of line), and the key did not change.
+        for (i, v) in new.iter_mut().enumerate() {
+            if matches!(v, Value::UnchangedToast)
+                && let Some(o @ (Value::Text(_) | Value::Binary(_))) = old.get(i)
+            {
+                *v = *o;
+            }
+        }
     }
     // Only a table with a primary key can have it changed; others stay updates.
     let key_changed = old.is_some_and(|old| {

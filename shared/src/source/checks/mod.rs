@@ -85,6 +85,8 @@ pub struct CheckOptions {
     pub publication_name: Option<String>,
     /// Transactions open longer than this are reported (they block slot creation).
     pub long_transaction_secs: f64,
+    /// Schema changes are to be captured with pgshift's event trigger.
+    pub capture_ddl: bool,
 }
 
 impl Default for CheckOptions {
@@ -94,6 +96,7 @@ impl Default for CheckOptions {
             slot_name: None,
             publication_name: None,
             long_transaction_secs: 60.0,
+            capture_ddl: true,
         }
     }
 }
@@ -145,6 +148,7 @@ async fn run_in_transaction(
         max_slot_wal_keep_size_check(&server, &settings),
         logical_decoding_work_mem_check(&server, &settings),
         replication_privilege_check(&server),
+        ddl_capture_check(&server, opts),
         select_privilege_check(&server, &tables),
         create_privilege_check(client, &server, &tables, opts).await?,
         hot_standby_check(&server, &settings),
@@ -436,6 +440,48 @@ fn replication_privilege_check(server: &ServerInfo) -> Check {
             &format!("GRANT rds_replication TO {};", quote_ident(&server.user)),
             &format!("ALTER ROLE {} WITH REPLICATION;", quote_ident(&server.user)),
         ),
+    )
+}
+
+/// What happens to schema changes (DESIGN §12): captured in order by the event trigger's
+/// messages, or explained from the catalog when a table's next row shows new columns — and
+/// then what is lost.
+fn ddl_capture_check(server: &ServerInfo, opts: &CheckOptions) -> Check {
+    const LOST: &str = "a DROP TABLE, a table created that gets no rows, a changed default or NOT NULL and an added generated column are not carried; several changes of one table between two polls are collapsed into one (an added column's value for existing rows may then be lost); rows a new table gets before the next poll are not captured";
+    let why = if !opts.capture_ddl {
+        "schema-change capture is off (--capture-ddl false)".to_owned()
+    } else if server.version_num < 140_000 {
+        format!(
+            "PostgreSQL {} decodes no logical messages for pgoutput (14+ does)",
+            server.version
+        )
+    } else if !server.superuser {
+        format!(
+            "{} may not create event triggers (superuser only)",
+            server.user
+        )
+    } else {
+        return Check::pass(
+            "ddl_capture",
+            "schema changes are captured in order with the data by pgshift's event trigger (DDL inside functions and DO blocks too)",
+        );
+    };
+    Check::new(
+        "ddl_capture",
+        Status::Warn,
+        format!(
+            "{why}: schema changes are read from the catalog when a table's next row shows them; {LOST}"
+        ),
+        if server.version_num < 140_000 {
+            "upgrade the source to PostgreSQL 14 or later, and run pgshift as a superuser"
+                .to_owned()
+        } else {
+            rds_or(
+                server,
+                "run pgshift's first poll as the master user (rds_superuser) so it can create the trigger, or accept the catalog fallback",
+                "run pgshift's first poll as a superuser so it can create the trigger, or accept the catalog fallback",
+            )
+        },
     )
 }
 
