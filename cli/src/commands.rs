@@ -57,6 +57,7 @@ pub(crate) async fn test_endpoint(args: TestEndpointArgs) -> pgshift::Result<Exi
         slot_name: args.slot,
         publication_name: args.publication,
         long_transaction_secs: args.long_transaction_secs,
+        capture_ddl: args.capture_ddl,
     };
     let report = test_endpoint::run(&cfg, &opts).await?;
     if args.json {

@@ -83,6 +83,10 @@ pub(crate) struct TestEndpointArgs {
     /// Report transactions open longer than this many seconds.
     #[arg(long, default_value_t = 60.0)]
     pub(crate) long_transaction_secs: f64,
+    /// Whether the task will capture schema changes with pgshift's event trigger (as
+    /// `cdc --capture-ddl`): `true` or `false`.
+    #[arg(long, env = "PGSHIFT_CAPTURE_DDL", default_value = "true", action = clap::ArgAction::Set)]
+    pub(crate) capture_ddl: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub(crate) json: bool,
