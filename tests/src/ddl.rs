@@ -240,3 +240,80 @@ async fn without_messages_schema_changes_come_from_the_catalog() {
         "archive.m,public.fresh,public.g,public.gone,public.quiet,public.r2,public.t"
     );
 }
+
+/// Partitioned tables in every shape, published through the root: partitions created after
+/// the load (in another schema, sub-partitioned, a default one), a table attached, one
+/// detached, rows moving between partitions; with the trigger's messages and without them.
+async fn partitions_converge(prefix: &str, capture_ddl: bool) {
+    let s = Staging::new(&format!("{prefix}_src")).await;
+    let target = TestDb::new(&format!("{prefix}_dst")).await;
+    let task = prefix.replace('_', "-");
+    let c = s.db.client().await;
+    c.batch_execute(
+        "create table public.p (id int, k int, v text, primary key (id, k, v)) partition by range (k);
+         create table public.p1 partition of public.p for values from (0) to (100);
+         create table public.p2 partition of public.p for values from (100) to (200);
+         insert into public.p select g, g % 200, 'x' from generate_series(1, 100) g;",
+    )
+    .await
+    .unwrap();
+    let mut lo = LoadOptions::new(&task, s.db.config(), "loader");
+    lo.cdc = true;
+    lo.capture_ddl = capture_ddl;
+    full_load::run_local(&s.sink, &s.state, &lo, 1, Arc::new(Progress::default()))
+        .await
+        .unwrap();
+    let mut co = CdcOptions::new(&task, s.db.config(), "poller");
+    co.capture_ddl = capture_ddl;
+    let mut rounds: Vec<&str> = vec![
+        "update public.p set k = k + 100 where id <= 5 and k < 100",
+        "create schema other; create table other.p3 partition of public.p for values from (200) to (300);
+         insert into public.p values (1000, 250, 'other schema')",
+        "create table public.p4 partition of public.p for values from (300) to (400) partition by list (v);
+         create table public.p4a partition of public.p4 for values in ('a');
+         create table public.p4z partition of public.p4 default;
+         insert into public.p values (2000, 350, 'a'), (2001, 360, 'zz')",
+        "update public.p set k = 370, v = 'a' where id = 1000",
+        "create table public.p4b partition of public.p4 for values in ('b'); insert into public.p values (2002, 380, 'b')",
+    ];
+    if capture_ddl {
+        // Seen only in the messages: an attach of a table with rows, and a detach.
+        rounds.push(
+            "create table public.p5 (id int not null, k int not null, v text not null); insert into public.p5 values (3000, 450, 'att');
+             alter table public.p attach partition public.p5 for values from (400) to (500);
+             insert into public.p values (3001, 451, 'after attach')",
+        );
+        rounds.push("alter table public.p detach partition public.p1; insert into public.p values (3002, 150, 'p2')");
+    }
+    for (i, step) in rounds.iter().enumerate() {
+        c.batch_execute(step)
+            .await
+            .unwrap_or_else(|e| panic!("{step}: {e}"));
+        cdc_poll::run(&s.sink, &s.state, &co).await.unwrap();
+        if i % 2 == 1 {
+            apply::run(&s.sink, &target.config(), &task).await.unwrap();
+        }
+    }
+    apply::run(&s.sink, &target.config(), &task).await.unwrap();
+    let v = validate::run(&s.db.config(), &target.config(), &Selection::all())
+        .await
+        .unwrap();
+    assert!(v.equal, "{v:#?}");
+    let tree = "select string_agg(i.inhrelid::regclass::text || '<' || i.inhparent::regclass::text, ',' order by i.inhrelid::regclass::text) from pg_inherits i join pg_class c on c.oid = i.inhrelid where c.relkind in ('r', 'p')";
+    let want = one(&c, tree).await;
+    assert_eq!(one(&target.client().await, tree).await, want);
+    assert!(
+        want.contains("other.p3<p") && want.contains("p4b<p4"),
+        "{want}"
+    );
+}
+
+#[tokio::test]
+async fn partitions_in_every_shape_converge() {
+    partitions_converge("ddl_parts", true).await;
+}
+
+#[tokio::test]
+async fn partitions_converge_without_messages() {
+    partitions_converge("ddl_parts_catalog", false).await;
+}

@@ -44,7 +44,10 @@ const SCHEMA: &str = "create table public.t (id int primary key, v text, n numer
  create table public.pair (a int, b text, v int, primary key (a, b));
  insert into public.pair select g, 'b' || (g % 3), 0 from generate_series(1, 300) g;
  create table public.emptied (id int primary key, v text);
- insert into public.emptied select g, 'e' from generate_series(1, 50) g;";
+ insert into public.emptied select g, 'e' from generate_series(1, 50) g;
+ create table public.pt (id int, k int, v text, primary key (id, k)) partition by range (k);
+ create table public.pt1 partition of public.pt for values from (0) to (100);
+ insert into public.pt select g, g % 100, 'p' from generate_series(1, 200) g;";
 
 const WORKLOAD: &[&str] = &[
     "update public.t set v = 'changed' where id <= 20",
@@ -56,6 +59,10 @@ const WORKLOAD: &[&str] = &[
     "alter table public.t add column c int not null default 7",
     "insert into public.t values (9000, 'new', 1, 3)",
     "update public.t set c = 8 where id = 1",
+    // A partition created after the load, and rows moving into it.
+    "create table public.pt2 partition of public.pt for values from (100) to (200)",
+    "update public.pt set k = k + 100 where id <= 10",
+    "insert into public.pt values (1000, 150, 'new')",
 ];
 
 async fn scenario(major: u32, admin: PgConfig) {

@@ -23,6 +23,20 @@ pub fn message_prefix(publication: &str) -> String {
 pub const DEFINITION_SQL: &str = r#"select json_build_object(
  'relid', c.oid::int8, 'schema', n.nspname, 'table', c.relname, 'kind', c.relkind,
  'replica_identity', c.relreplident,
+ 'partition_of', (select quote_ident(pn.nspname) || '.' || quote_ident(pc.relname) from pg_inherits i
+   join pg_class pc on pc.oid = i.inhparent join pg_namespace pn on pn.oid = pc.relnamespace
+   where i.inhrelid = c.oid and c.relispartition),
+ 'partition_bound', case when c.relispartition then pg_get_expr(c.relpartbound, c.oid) end,
+ 'partition_key', case when c.relkind = 'p' then pg_get_partkeydef(c.oid) end,
+ 'root', (select json_build_object('schema', rn.nspname, 'table', rc.relname) from pg_class rc
+   join pg_namespace rn on rn.oid = rc.relnamespace
+   where c.relispartition and rc.oid = pg_partition_root(c.oid)),
+ 'partitions', case when c.relkind = 'p' then coalesce((select json_agg(json_build_object(
+   'relid', pc.oid::int8, 'schema', pn.nspname, 'table', pc.relname,
+   'bound', pg_get_expr(pc.relpartbound, pc.oid),
+   'key', case when pc.relkind = 'p' then pg_get_partkeydef(pc.oid) end) order by pc.oid)
+   from pg_inherits i join pg_class pc on pc.oid = i.inhrelid
+   join pg_namespace pn on pn.oid = pc.relnamespace where i.inhparent = c.oid), '[]'::json) end,
  'primary_key', coalesce((select json_agg(a.attname order by k.ord) from pg_index i
    join lateral unnest(i.indkey) with ordinality k(attnum, ord) on true
    join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum
@@ -90,6 +104,39 @@ pub struct TableDefinition {
     #[serde(default)]
     pub identity_key: Vec<String>,
     pub columns: Vec<DefColumn>,
+    /// A partition's parent, qualified and quoted, and its bound (`FOR VALUES ..`).
+    #[serde(default)]
+    pub partition_of: Option<String>,
+    #[serde(default)]
+    pub partition_bound: Option<String>,
+    /// A partitioned table's key (`RANGE (k)`).
+    #[serde(default)]
+    pub partition_key: Option<String>,
+    /// A partition's top-most root (its rows are published through it).
+    #[serde(default)]
+    pub root: Option<Root>,
+    /// A partitioned table's direct partitions.
+    #[serde(default)]
+    pub partitions: Option<Vec<PartitionDef>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Root {
+    pub schema: String,
+    pub table: String,
+}
+
+/// One partition of a partitioned table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionDef {
+    pub relid: u32,
+    pub schema: String,
+    pub table: String,
+    /// `FOR VALUES ..` or `DEFAULT`.
+    pub bound: String,
+    /// Its own partition key when it is partitioned too.
+    #[serde(default)]
+    pub key: Option<String>,
 }
 
 impl TableDefinition {
@@ -131,6 +178,17 @@ impl TableDefinition {
     /// `CREATE TABLE IF NOT EXISTS` with the columns (defaults, identity, generated
     /// expressions, `NOT NULL`) and the primary key.
     pub fn create_sql(&self) -> String {
+        if let (Some(parent), Some(bound)) = (&self.partition_of, &self.partition_bound) {
+            let key = self
+                .partition_key
+                .as_ref()
+                .map(|k| format!(" partition by {k}"))
+                .unwrap_or_default();
+            return format!(
+                "create table if not exists {} partition of {parent} {bound}{key}",
+                self.qualified()
+            );
+        }
         let mut parts: Vec<String> = self.columns.iter().map(column_definition).collect();
         if !self.primary_key.is_empty() {
             let pk: Vec<String> = self.primary_key.iter().map(|c| quote_ident(c)).collect();
@@ -140,10 +198,9 @@ impl TableDefinition {
             let key: Vec<String> = self.identity_key.iter().map(|c| quote_ident(c)).collect();
             parts.push(format!("unique ({})", key.join(", ")));
         }
-        let partitioned = if self.kind == "p" {
-            " /* partitioned on the source */"
-        } else {
-            ""
+        let partitioned = match &self.partition_key {
+            Some(k) if self.kind == "p" => format!(" partition by {k}"),
+            _ => String::new(),
         };
         format!(
             "create table if not exists {} ({}){partitioned}",
@@ -235,6 +292,23 @@ pub enum SchemaOp {
     SetKey {
         columns: Vec<String>,
     },
+    /// A partition created or attached (the version's table is its parent): attached when
+    /// the target has the table, else created as a partition.
+    AttachPartition {
+        schema: String,
+        table: String,
+        bound: String,
+        #[serde(default)]
+        key: Option<String>,
+        /// The parent when it is not the version's table (a sub-partition), quoted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        parent: Option<String>,
+    },
+    /// A partition detached: it stays a table of its own.
+    DetachPartition {
+        schema: String,
+        table: String,
+    },
 }
 
 /// Where a change was learnt.
@@ -269,7 +343,7 @@ pub struct SchemaChange {
 pub enum DdlMessage {
     Changed {
         tag: String,
-        definition: TableDefinition,
+        definition: Box<TableDefinition>,
     },
     Dropped {
         tag: String,
@@ -361,7 +435,32 @@ pub fn diff(prev: Option<&TableDefinition>, new: &TableDefinition) -> Vec<Schema
             });
         }
     }
-    if prev.primary_key != new.primary_key {
+    let (was, now) = (
+        prev.partitions.clone().unwrap_or_default(),
+        new.partitions.clone().unwrap_or_default(),
+    );
+    for p in &was {
+        if !now.iter().any(|n| n.relid == p.relid) {
+            ops.push(SchemaOp::DetachPartition {
+                schema: p.schema.clone(),
+                table: p.table.clone(),
+            });
+        }
+    }
+    for p in &now {
+        if !was.iter().any(|w| w.relid == p.relid) {
+            ops.push(SchemaOp::AttachPartition {
+                schema: p.schema.clone(),
+                table: p.table.clone(),
+                bound: p.bound.clone(),
+                key: p.key.clone(),
+                parent: None,
+            });
+        }
+    }
+    if new.partition_of.is_some() {
+        // A partition's keys are its parent's (an attach brings them).
+    } else if prev.primary_key != new.primary_key {
         ops.push(SchemaOp::SetPrimaryKey {
             columns: new.primary_key.clone(),
         });
@@ -413,6 +512,11 @@ mod tests {
             primary_key: vec!["id".to_owned()],
             identity_key: Vec::new(),
             columns,
+            partition_of: None,
+            partition_bound: None,
+            partition_key: None,
+            root: None,
+            partitions: None,
         }
     }
 

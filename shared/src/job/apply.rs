@@ -498,7 +498,11 @@ async fn apply_batch<S: ObjectSink>(
     // sent first, so the target runs them before anything of the next file (another table,
     // with its own temporary tables); reading overlaps the target's work.
     let mut pending: Option<batch::Run> = None;
-    for file in &m.files {
+    // Files with schema changes and no rows first: partitions created or attached (their rows
+    // come through the root's file) and tables created, before the rows that need them.
+    let mut files: Vec<&BatchFile> = m.files.iter().collect();
+    files.sort_by_key(|f| f.rows > 0);
+    for file in files {
         let last = pending.take();
         let previous = async {
             match last {

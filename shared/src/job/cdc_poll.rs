@@ -187,6 +187,7 @@ async fn poll_once<Src: CdcSource, S: ObjectSink, St: StateStore>(
         xid_horizon: crate::state::records::snapshot_horizon(state, &opts.task).await?,
         row_buf: Vec::with_capacity(1024),
         messages: false,
+        ddl_messages: false,
         histories: std::collections::HashMap::new(),
     };
     let before = poller
@@ -258,6 +259,8 @@ struct Poller<'a, Src: CdcSource, S: ObjectSink, St: StateStore> {
     row_buf: Vec<u8>,
     /// Peeks decode logical messages (PostgreSQL 14+): the schema-change messages.
     messages: bool,
+    /// The task's trigger sends schema-change messages (else the catalog explains changes).
+    ddl_messages: bool,
     /// Relations' definitions by id (`_manifests/schema/relations/`), read once a run.
     histories: std::collections::HashMap<u32, layout::RelationHistory>,
 }
@@ -365,6 +368,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             .await?;
         let server_version = self.source.prepare_peeks(&opts.decoding_work_mem).await?;
         self.messages = server_version >= 140_000;
+        self.ddl_messages = self.messages && opts.capture_ddl && pubs.follows;
         let state = self.align_slot(pubs.since).await?;
         let mut target = self.source.drain_target().await?;
         self.publications = match pubs.since {

@@ -145,7 +145,10 @@ async fn plan_tables<S: ObjectSink>(
         versions
             .version_for(sink, &schema, schema_lsn, opts.commit_ts_column)
             .await?;
-        record_definition(sink, client, t.oid, schema_lsn).await?;
+        // Just before `schema_lsn`: the next WAL record (a change's, or a schema-change
+        // message's) may start exactly there, and it changes what this reads.
+        let before = Lsn(schema_lsn.0.saturating_sub(1));
+        record_definition(sink, client, t.oid, before).await?;
         let chunks = chunk_table(client, t, &cols, sizing, opts.chunking).await?;
         planned.push(PlannedTable {
             types: cols

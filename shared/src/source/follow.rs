@@ -35,11 +35,11 @@ fn captures_ddl(capture: &Capture, version_num: i32) -> bool {
 /// of another subtransaction) starts, and the decoder orders equal positions of different
 /// subtransactions either way: an empty message after it (ignored by every reader) keeps the
 /// definition strictly before whatever follows.
-fn emit_definition(name: &str) -> String {
+fn emit_definition(name: &str, relid: &str) -> String {
     format!(
         r#"
       begin
-        execute $def${sql}$def$ into def using rel.oid;
+        execute $def${sql}$def$ into def using {relid};
         perform pg_logical_emit_message(true, '{prefix}',
           '{{"tag":' || to_json(tg_tag)::text || ',"definition":' || def || '}}');
         perform pg_logical_emit_message(true, 'pgshift_ddl_end', '');
@@ -103,7 +103,32 @@ fn body(name: &str, capture: &Capture, version_num: i32) -> String {
         ""
     };
     let emit = if captures_ddl(capture, version_num) {
-        emit_definition(name)
+        emit_definition(name, "rel.oid")
+    } else {
+        String::new()
+    };
+    // A partition created, attached or detached changes its parent's partitions (the rows
+    // are published through the root): the parent's definition is sent when the root is
+    // selected, and a partitioned partition's own too.
+    let partitions = if captures_ddl(capture, version_num) {
+        let root_selected = capture
+            .selection
+            .sql_predicate("root.nspname::text", "root.relname::text");
+        format!(
+            r#"if rel.relispartition then
+        select c.oid, c.relname, n.nspname into root from pg_class c
+          join pg_namespace n on n.oid = c.relnamespace where c.oid = pg_partition_root(rel.oid);
+        if {root_selected} then
+          select i.inhparent into parent from pg_inherits i where i.inhrelid = rel.oid;
+          {emit_parent}
+          if rel.relkind = 'p' then
+            {emit_self}
+          end if;
+        end if;
+      end if;"#,
+            emit_parent = emit_definition(name, "parent"),
+            emit_self = emit_definition(name, "rel.oid"),
+        )
     } else {
         String::new()
     };
@@ -117,13 +142,19 @@ declare
   into_pub text;
   out_pub text;
   def text;
+  root record;
+  parent oid;
 begin
   for obj in select distinct objid from pg_event_trigger_ddl_commands()
              where object_type in ('table', 'table column') loop
     begin
       select c.oid, c.relname, c.relkind, c.relispartition, c.relreplident, c.relnamespace
         into rel from pg_class c where c.oid = obj.objid and c.relkind in ('r', 'p');
-      if not found or {skip_partitions} then
+      if not found then
+        continue;
+      end if;
+      {partitions}
+      if {skip_partitions} then
         continue;
       end if;
       select n.nspname::text into nsp from pg_namespace n where n.oid = rel.relnamespace;

@@ -285,7 +285,8 @@ async fn bring_in(
     while next < schemas.len() && schemas[next].0 <= row {
         let stored = &schemas[next].1;
         match &stored.ddl {
-            Some(change) if batch.0 < change.lsn && change.lsn <= batch.1 => {
+            // Its position is in [start, end): a change can sit right at the checkpoint.
+            Some(change) if batch.0 <= change.lsn && change.lsn < batch.1 => {
                 apply_schema_change(tx, tables, &stored.schema, change).await?;
             }
             _ => sync_columns(tx, tables, &stored.schema).await?,

@@ -463,6 +463,61 @@ pub(super) async fn apply_schema_change(
                 )
                 .await?;
             }
+            SchemaOp::AttachPartition {
+                schema: ps,
+                table: pt,
+                bound,
+                key,
+                parent,
+            } => {
+                let name = parent.clone().unwrap_or_else(|| name.clone());
+                let part = quote_qualified(ps, pt);
+                let attached: bool = tx
+                    .query_one(
+                        "select exists (select 1 from pg_inherits where inhrelid = to_regclass($1) and inhparent = to_regclass($2))",
+                        &[&part, &name],
+                    )
+                    .await
+                    .map_err(|e| Error::postgres(format!("reading the partitions of {name}"), e))?
+                    .get(0);
+                if attached {
+                    continue;
+                }
+                let sql = if target_columns(tx, ps, pt).await?.is_some() {
+                    format!("alter table {name} attach partition {part} {bound}")
+                } else {
+                    let key = key
+                        .as_ref()
+                        .map(|k| format!(" partition by {k}"))
+                        .unwrap_or_default();
+                    format!(
+                        "create schema if not exists {}; create table {part} partition of {name} {bound}{key}",
+                        quote_ident(ps)
+                    )
+                };
+                run(sql, format!("adding partition {part} to {name}")).await?;
+            }
+            SchemaOp::DetachPartition {
+                schema: ps,
+                table: pt,
+            } => {
+                let part = quote_qualified(ps, pt);
+                let attached: bool = tx
+                    .query_one(
+                        "select exists (select 1 from pg_inherits where inhrelid = to_regclass($1) and inhparent = to_regclass($2))",
+                        &[&part, &name],
+                    )
+                    .await
+                    .map_err(|e| Error::postgres(format!("reading the partitions of {name}"), e))?
+                    .get(0);
+                if attached {
+                    run(
+                        format!("alter table {name} detach partition {part}"),
+                        format!("detaching partition {part} from {name}"),
+                    )
+                    .await?;
+                }
+            }
             SchemaOp::SetKey { columns } => {
                 let cols: Vec<String> = columns.iter().map(|c| col(c)).collect();
                 let index = quote_ident(&format!("{}_pgshift_{}", schema.table, columns.join("_")));

@@ -33,11 +33,13 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         }
         match ddl::parse_message(m.content, lsn)? {
             DdlMessage::Changed { tag, definition } => {
-                if !self
-                    .opts
-                    .selection
-                    .selects(&definition.schema, &definition.table)
-                {
+                let sel = &self.opts.selection;
+                let selected = sel.selects(&definition.schema, &definition.table)
+                    || definition
+                        .root
+                        .as_ref()
+                        .is_some_and(|r| sel.selects(&r.schema, &r.table));
+                if !selected {
                     return Ok(());
                 }
                 let prev = self.history(definition.relid).await?.before(lsn).cloned();
@@ -49,7 +51,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                     tag,
                     origin: ChangeOrigin::Message,
                     ops: ddl::diff(prev.as_ref(), &definition),
-                    definition: Some(definition.clone()),
+                    definition: Some((*definition).clone()),
                 };
                 let rel = self.record_change(definition.row_schema(), change).await?;
                 match batch {
@@ -117,6 +119,82 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             definition: Some(definition),
         };
         // The Relation message's own schema (its type names) is the version's.
+        Ok(Some(
+            self.record_change_of(rel_id, schema.clone(), change, None)
+                .await?,
+        ))
+    }
+
+    /// A partitioned root's partitions, from the catalog, when some were added since its
+    /// stored definition (no messages: nothing else says so when the rows come through the
+    /// root). Only additions: they are harmless ahead of their rows; a detach is not seen.
+    pub(super) async fn catalog_partitions(
+        &mut self,
+        rel_id: u32,
+        schema: &TableSchema,
+        lsn: Lsn,
+    ) -> Result<Option<Relation>> {
+        let Some(definition) = self.source.table_definition(rel_id).await? else {
+            return Ok(None);
+        };
+        if definition.kind != "p" {
+            return Ok(None);
+        }
+        let Some(prev) = self.history(rel_id).await?.before(lsn).cloned() else {
+            return Ok(None);
+        };
+        let mut ops: Vec<SchemaOp> = ddl::diff(Some(&prev), &definition)
+            .into_iter()
+            .filter(|o| matches!(o, SchemaOp::AttachPartition { .. }))
+            .collect();
+        // Partitioned partitions, level by level: theirs added since their own definition.
+        let mut level: Vec<TableDefinition> = vec![definition.clone()];
+        while let Some(parent) = level.pop() {
+            for p in parent
+                .partitions
+                .iter()
+                .flatten()
+                .filter(|p| p.key.is_some())
+            {
+                let Some(child) = self.source.table_definition(p.relid).await? else {
+                    continue;
+                };
+                let mut history = self.history(p.relid).await?;
+                let before = history.before(lsn).cloned();
+                let known: Vec<u32> = before
+                    .as_ref()
+                    .and_then(|b| b.partitions.as_ref())
+                    .map(|ps| ps.iter().map(|q| q.relid).collect())
+                    .unwrap_or_default();
+                for q in child.partitions.iter().flatten() {
+                    if !known.contains(&q.relid) {
+                        ops.push(SchemaOp::AttachPartition {
+                            schema: q.schema.clone(),
+                            table: q.table.clone(),
+                            bound: q.bound.clone(),
+                            key: q.key.clone(),
+                            parent: Some(child.qualified()),
+                        });
+                    }
+                }
+                if before.as_ref() != Some(&child) {
+                    history.record(lsn, Some(child.clone()));
+                    layout::put_json(self.sink, &layout::relation_key(p.relid), &history).await?;
+                    self.histories.insert(p.relid, history);
+                }
+                level.push(child);
+            }
+        }
+        if ops.is_empty() {
+            return Ok(None);
+        }
+        let change = SchemaChange {
+            lsn,
+            tag: "ALTER TABLE".to_owned(),
+            origin: ChangeOrigin::Catalog,
+            ops,
+            definition: Some(definition),
+        };
         Ok(Some(
             self.record_change_of(rel_id, schema.clone(), change, None)
                 .await?,

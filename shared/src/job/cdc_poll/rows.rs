@@ -40,6 +40,14 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                 .current(self.sink, &schema, self.opts.commit_ts_column)
                 .await?
             {
+                // Partitions created or attached under a root whose rows come through it
+                // (PostgreSQL 13 without messages): created on the target before its rows.
+                Some(key) if !self.ddl_messages => {
+                    match self.catalog_partitions(r.rel_id, &schema, lsn).await? {
+                        Some(rel) => rel.version_key,
+                        None => key,
+                    }
+                }
                 Some(key) => key,
                 // New columns no schema-change message explained: the catalog says what
                 // they mean when it still has them.
