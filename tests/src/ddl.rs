@@ -50,6 +50,12 @@ const ROUND_ONE: &[&str] = &[
     "alter table public.quiet add column at timestamptz not null default now()",
     // A schema change rolled back leaves nothing behind.
     "begin; alter table public.t add column never int; rollback",
+    // Types created after the load come before the tables that use them (never text).
+    "create type public.mood as enum ('sad', 'ok', 'happy'); create domain public.posint as int check (value > 0);
+     create table public.typed (id int primary key, m public.mood, p public.posint, r int4range);
+     insert into public.typed values (1, 'ok', 5, '[1,5)')",
+    "create type public.pair_t as (a int, b text); alter table public.quiet add column pr public.pair_t;
+     update public.quiet set pr = row(1, 'x') where id = 3",
 ];
 
 /// After a separate apply run: rows into the renamed tables, a column dropped.
@@ -157,12 +163,21 @@ async fn schema_changes_are_captured_in_order_and_converge() {
     // No stale tables: renamed, moved and dropped tables are where the source has them.
     assert_eq!(
         one(&t, "select string_agg(n.nspname || '.' || c.relname, ',' order by n.nspname || '.' || c.relname) from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.relkind = 'r' and n.nspname in ('public', 'archive')").await,
-        "archive.m,public.empty_new,public.fresh,public.g,public.quiet,public.r2,public.t"
+        "archive.m,public.empty_new,public.fresh,public.g,public.quiet,public.r2,public.t,public.typed"
     );
     // Generated columns stay generated, with the source's expression.
     assert_eq!(
         one(&t, "select string_agg(attname::text || ':' || attgenerated::text, ',' order by attnum) from pg_attribute where attrelid = 'public.g'::regclass and attnum > 0 and attgenerated <> ''").await,
         "twice:s,thrice:s"
+    );
+    // User types created after the load are the target's types too.
+    assert_eq!(
+        one(&t, "select string_agg(format_type(atttypid, atttypmod), ',' order by attnum) from pg_attribute where attrelid = 'public.typed'::regclass and attnum > 0").await,
+        "integer,mood,posint,int4range"
+    );
+    assert_eq!(
+        one(&t, "select format_type(atttypid, atttypmod) from pg_attribute where attrelid = 'public.quiet'::regclass and attname = 'pr'").await,
+        "pair_t"
     );
     // Defaults and NOT NULL came with the added column; the created table has its key.
     assert_eq!(
@@ -237,7 +252,7 @@ async fn without_messages_schema_changes_come_from_the_catalog() {
     let t = target.client().await;
     assert_eq!(
         one(&t, "select string_agg(n.nspname || '.' || c.relname, ',' order by n.nspname || '.' || c.relname) from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.relkind = 'r' and n.nspname in ('public', 'archive')").await,
-        "archive.m,public.fresh,public.g,public.gone,public.quiet,public.r2,public.t"
+        "archive.m,public.fresh,public.g,public.gone,public.quiet,public.r2,public.t,public.typed"
     );
 }
 

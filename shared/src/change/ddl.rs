@@ -335,6 +335,25 @@ pub struct SchemaChange {
     /// The table after the change (none for a drop).
     #[serde(default)]
     pub definition: Option<TableDefinition>,
+    /// The user types (schemas, extensions) its columns use, for a target that lacks them
+    /// (created on the source after the load); run before the operations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub types: Vec<crate::source::ddl::DdlItem>,
+}
+
+impl SchemaChange {
+    /// Whether it brings columns whose types the target may lack.
+    pub fn needs_types(&self) -> bool {
+        self.ops.iter().any(|o| {
+            matches!(
+                o,
+                SchemaOp::CreateTable { .. }
+                    | SchemaOp::AddColumn { .. }
+                    | SchemaOp::AlterType { .. }
+                    | SchemaOp::AttachPartition { .. }
+            )
+        })
+    }
 }
 
 /// A decoded message of the event trigger.

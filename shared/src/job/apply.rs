@@ -512,6 +512,7 @@ async fn apply_batch<S: ObjectSink>(
         };
         let this = async {
             let mut schemas = file_schemas(sink, file).await?;
+            target::ensure_types(&tx, &schemas, (m.start_lsn, m.end_lsn), &mut *tables).await?;
             target::resolve_types(&tx, &mut schemas, &mut *tables).await?;
             let seen = seen_rows(m, file, at)?;
             let mut bytes =

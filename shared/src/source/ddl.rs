@@ -145,6 +145,24 @@ pub async fn read(client: &Client, tables: &[u32]) -> Result<SchemaDdl> {
     Ok(out)
 }
 
+/// The user types (with their schemas and owning extensions) the columns of `rels` use,
+/// dependencies first: what a table created or changed after the load needs on the target.
+pub async fn type_items(client: &Client, rels: &[u32]) -> Result<Vec<DdlItem>> {
+    let types = types(client, rels).await?;
+    let mut items: Vec<DdlItem> = types
+        .schemas
+        .iter()
+        .map(|s| DdlItem {
+            kind: DdlKind::Schema,
+            object: s.clone(),
+            table: None,
+            sql: format!("create schema if not exists {s}"),
+        })
+        .collect();
+    items.extend(types.items);
+    Ok(items)
+}
+
 /// `schema.table` as PostgreSQL's `quote_ident` printed it (quoted only where needed), with
 /// every part quoted.
 fn requote(name: &str) -> String {

@@ -354,6 +354,10 @@ impl CdcSource for MemorySource {
         Ok(None)
     }
 
+    async fn type_ddl(&self, _rel_id: u32) -> Result<Vec<crate::source::ddl::DdlItem>> {
+        Ok(Vec::new())
+    }
+
     async fn relation_info(&self, rel_id: u32, types: &[(u32, i32)]) -> Result<RelationInfo> {
         let wal = self.wal()?;
         let table = wal

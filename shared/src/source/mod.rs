@@ -126,6 +126,12 @@ pub trait CdcSource: Send + Sync {
         &self,
         rel_id: u32,
     ) -> impl Future<Output = Result<Option<crate::change::ddl::TableDefinition>>> + Send;
+    /// The user types a relation's columns use, as statements creating them (dependencies
+    /// first); empty when it uses none (or the source cannot say).
+    fn type_ddl(
+        &self,
+        rel_id: u32,
+    ) -> impl Future<Output = Result<Vec<crate::source::ddl::DdlItem>>> + Send;
     /// Prepares the peek session; returns `server_version_num`.
     fn prepare_peeks(&self, decoding_work_mem: &str) -> impl Future<Output = Result<i32>> + Send;
     /// Starts a peek.

@@ -205,6 +205,10 @@ impl CdcSource for PgSource {
             .transpose()
     }
 
+    async fn type_ddl(&self, rel_id: u32) -> Result<Vec<crate::source::ddl::DdlItem>> {
+        crate::source::ddl::type_items(&self.control, &[rel_id]).await
+    }
+
     async fn prepare_peeks(&self, decoding_work_mem: &str) -> Result<i32> {
         if let Ok(mut m) = self.decoding_work_mem.lock() {
             decoding_work_mem.clone_into(&mut m);

@@ -116,6 +116,11 @@ impl<S: CdcSource> CdcSource for UnreliableSource<S> {
         self.inner.table_definition(rel_id).await
     }
 
+    async fn type_ddl(&self, rel_id: u32) -> Result<Vec<crate::source::ddl::DdlItem>> {
+        self.alive()?;
+        self.inner.type_ddl(rel_id).await
+    }
+
     async fn prepare_peeks(&self, decoding_work_mem: &str) -> Result<i32> {
         self.alive()?;
         self.inner.prepare_peeks(decoding_work_mem).await

@@ -17,6 +17,58 @@ pub(super) struct Tables {
     pub(super) types: HashMap<String, bool>,
 }
 
+/// The user types this batch's schema changes bring (created on the source after the load),
+/// made before any row needs them: schemas, extensions (a refused one is a warning: its
+/// columns are then text), then types the target lacks, dependencies first.
+pub(super) async fn ensure_types(
+    tx: &tokio_postgres::Transaction<'_>,
+    schemas: &[(u64, crate::staging::layout::StoredSchema)],
+    batch: (crate::lsn::Lsn, crate::lsn::Lsn),
+    tables: &mut Tables,
+) -> Result<()> {
+    use crate::source::ddl::DdlKind;
+    for (_, stored) in schemas {
+        let Some(change) = &stored.ddl else { continue };
+        if !(batch.0 <= change.lsn && change.lsn < batch.1) {
+            continue;
+        }
+        if !change.types.is_empty() {
+            tables.types.clear(); // what the target has is about to change
+        }
+        for item in &change.types {
+            let what = format!(
+                "creating {} for {}.{}",
+                item.object, stored.schema.schema, stored.schema.table
+            );
+            match item.kind {
+                DdlKind::Schema => tx.batch_execute(&item.sql).await,
+                DdlKind::Extension => {
+                    tx.batch_execute("savepoint pgshift_extension")
+                        .await
+                        .map_err(|e| Error::postgres(what.clone(), e))?;
+                    match tx.batch_execute(&item.sql).await {
+                        Ok(()) => tx.batch_execute("release savepoint pgshift_extension").await,
+                        Err(e) => {
+                            tracing::warn!(extension = %item.object, error = %e, "the target refused an extension a new column uses: its columns are text");
+                            tx.batch_execute("rollback to savepoint pgshift_extension").await
+                        }
+                    }
+                }
+                DdlKind::Type => {
+                    if target_type(tx, &item.object).await? == "text" {
+                        tx.batch_execute(&item.sql).await
+                    } else {
+                        Ok(())
+                    }
+                }
+                _ => Ok(()),
+            }
+            .map_err(|e| Error::postgres(what, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Columns of a type the target lacks (one created on the source after the load, or dropped
 /// there since) are read and written as text, as the table was made with them.
 pub(super) async fn resolve_types(

@@ -52,6 +52,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                     origin: ChangeOrigin::Message,
                     ops: ddl::diff(prev.as_ref(), &definition),
                     definition: Some((*definition).clone()),
+                    types: Vec::new(),
                 };
                 let rel = self.record_change(definition.row_schema(), change).await?;
                 match batch {
@@ -78,6 +79,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                     origin: ChangeOrigin::Message,
                     ops: vec![SchemaOp::DropTable],
                     definition: None,
+                    types: Vec::new(),
                 };
                 let rel = self
                     .record_change_of(dropped.relid, schema, change, None)
@@ -117,6 +119,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             origin: ChangeOrigin::Catalog,
             ops: ddl::diff(prev.as_ref(), &definition),
             definition: Some(definition),
+            types: Vec::new(),
         };
         // The Relation message's own schema (its type names) is the version's.
         Ok(Some(
@@ -194,6 +197,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             origin: ChangeOrigin::Catalog,
             ops,
             definition: Some(definition),
+            types: Vec::new(),
         };
         Ok(Some(
             self.record_change_of(rel_id, schema.clone(), change, None)
@@ -222,6 +226,10 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
     ) -> Result<Relation> {
         let lsn = change.lsn;
         let definition = definition.or_else(|| change.definition.clone());
+        let mut change = change;
+        if change.needs_types() && relid != 0 {
+            change.types = self.source.type_ddl(relid).await?;
+        }
         let version_key = self
             .versions
             .version_for_change(self.sink, &schema, lsn, self.opts.commit_ts_column, change)
