@@ -66,6 +66,16 @@ pgshift_ensure_postgres() {
       log "PostgreSQL 15 server binaries not found (initdb); install postgresql-15"; return 1
     fi
   fi
+  # PostGIS (its geometry and geography columns are tested end to end); Debian's package.
+  if [ ! -f /usr/share/postgresql/15/extension/postgis.control ]; then
+    if [ "$(id -u)" = 0 ]; then
+      log "installing PostGIS for PostgreSQL 15 from Debian packages"
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15-postgis-3 >/dev/null 2>&1 \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15-postgis-3 >/dev/null; }
+    else
+      log "PostGIS not found: install postgresql-15-postgis-3"; return 1
+    fi
+  fi
   if [ -d /usr/lib/postgresql/15/bin ]; then PATH=/usr/lib/postgresql/15/bin:$PATH; fi
   export PATH
 }

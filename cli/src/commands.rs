@@ -58,6 +58,10 @@ pub(crate) async fn test_endpoint(args: TestEndpointArgs) -> pgshift::Result<Exi
         publication_name: args.publication,
         long_transaction_secs: args.long_transaction_secs,
         capture_ddl: args.capture_ddl,
+        target: match &args.target {
+            Some(t) => Some(resolve(&SourceSpec::parse(t, "--target")?).await?),
+            None => None,
+        },
     };
     let report = test_endpoint::run(&cfg, &opts).await?;
     if args.json {

@@ -83,6 +83,10 @@ pub(crate) struct TestEndpointArgs {
     /// Report transactions open longer than this many seconds.
     #[arg(long, default_value_t = 60.0)]
     pub(crate) long_transaction_secs: f64,
+    /// The target of a PG → PG migration (`postgres://..` or `secret:<arn>`): checks it can
+    /// create the extensions the selected columns' types come from (PostGIS, ..).
+    #[arg(long)]
+    pub(crate) target: Option<String>,
     /// Whether the task will capture schema changes with pgshift's event trigger (as
     /// `cdc --capture-ddl`): `true` or `false`.
     #[arg(long, env = "PGSHIFT_CAPTURE_DDL", default_value = "true", action = clap::ArgAction::Set)]

@@ -332,3 +332,91 @@ async fn partitions_in_every_shape_converge() {
 async fn partitions_converge_without_messages() {
     partitions_converge("ddl_parts_catalog", false).await;
 }
+
+/// PostGIS (Debian's `postgresql-15-postgis-3`, installed by the test command): geometry and
+/// geography columns load, stream and apply exactly; the extension is created on a target
+/// that lacks it; test-endpoint checks the target can have it.
+#[tokio::test]
+async fn postgis_columns_migrate_exactly() {
+    let s = Staging::new("ddl_gis_src").await;
+    let target = TestDb::new("ddl_gis_dst").await;
+    let task = "ddl-gis";
+    let c = s.db.client().await;
+    c.batch_execute(
+        "create extension postgis;
+         create table public.places (id int primary key, g geometry(Point, 4326), gg geography, area geometry);
+         insert into public.places select i, st_setsrid(st_makepoint(i, i / 3.0), 4326),
+           st_makepoint(i * 1.5, 1)::geography, st_buffer(st_makepoint(0, 0), i)
+         from generate_series(1, 30) i;",
+    )
+    .await
+    .unwrap();
+    // The source's check names the extension; against this target it can be created, against
+    // a server without PostGIS (the PostgreSQL 12 build) it cannot.
+    let mut opts = pgshift::source::checks::CheckOptions {
+        target: Some(target.config()),
+        ..Default::default()
+    };
+    let report = pgshift::job::test_endpoint::run(&s.db.config(), &opts)
+        .await
+        .unwrap();
+    let ext = report.check("extensions").unwrap();
+    assert_eq!(ext.status, pgshift::source::checks::Status::Pass, "{ext:?}");
+    assert!(
+        ext.detail.contains("postgis") && ext.detail.contains("public.places"),
+        "{ext:?}"
+    );
+    let bare = TestDb::on(
+        pgshift::config::PgConfig::from_url(
+            &pgshift_tests::env("PGSHIFT_TEST_PG12_URL"),
+            "PGSHIFT_TEST_PG12_URL",
+        )
+        .unwrap(),
+        "gis_bare",
+    )
+    .await;
+    opts.target = Some(bare.config());
+    let report = pgshift::job::test_endpoint::run(&s.db.config(), &opts)
+        .await
+        .unwrap();
+    let ext = report.check("extensions").unwrap();
+    assert_eq!(ext.status, pgshift::source::checks::Status::Fail, "{ext:?}");
+    assert!(ext.remedy.contains("postgis"), "{ext:?}");
+
+    let mut lo = LoadOptions::new(task, s.db.config(), "loader");
+    lo.cdc = true;
+    full_load::run_local(&s.sink, &s.state, &lo, 1, Arc::new(Progress::default()))
+        .await
+        .unwrap();
+    c.batch_execute(
+        "update public.places set g = st_setsrid(st_makepoint(100.123456789, -50.5), 4326) where id = 1;
+         insert into public.places values (31, 'SRID=4326;POINT(3 4)', 'SRID=4326;POINT(5 6)'::geography, 'POLYGON((0 0,1 0,1 1,0 0))');
+         delete from public.places where id = 2;
+         alter table public.places add column route geometry(LineString, 4326);
+         update public.places set route = 'SRID=4326;LINESTRING(0 0, 1 1, 2 0)' where id = 3;",
+    )
+    .await
+    .unwrap();
+    let co = CdcOptions::new(task, s.db.config(), "poller");
+    cdc_poll::run(&s.sink, &s.state, &co).await.unwrap();
+    apply::run(&s.sink, &target.config(), task).await.unwrap();
+    let v = validate::run(&s.db.config(), &target.config(), &Selection::all())
+        .await
+        .unwrap();
+    assert!(v.equal, "{v:#?}");
+    let t = target.client().await;
+    assert_eq!(
+        one(
+            &t,
+            "select extname::text from pg_extension where extname = 'postgis'"
+        )
+        .await,
+        "postgis"
+    );
+    let exact = "select string_agg(id || ' ' || st_asewkt(g) || ' ' || st_asewkt(gg::geometry) || ' ' || coalesce(st_asewkt(route), '-'), '; ' order by id) from public.places where id in (1, 3, 31)";
+    assert_eq!(one(&t, exact).await, one(&c, exact).await);
+    assert_eq!(
+        one(&t, "select format_type(atttypid, atttypmod) from pg_attribute where attrelid = 'public.places'::regclass and attname = 'route'").await,
+        "geometry(LineString,4326)"
+    );
+}

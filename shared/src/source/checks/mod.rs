@@ -87,6 +87,9 @@ pub struct CheckOptions {
     pub long_transaction_secs: f64,
     /// Schema changes are to be captured with pgshift's event trigger.
     pub capture_ddl: bool,
+    /// The target of a PG → PG migration, to check it can have the extensions the selected
+    /// tables' types come from.
+    pub target: Option<crate::config::PgConfig>,
 }
 
 impl Default for CheckOptions {
@@ -97,6 +100,7 @@ impl Default for CheckOptions {
             publication_name: None,
             long_transaction_secs: 60.0,
             capture_ddl: true,
+            target: None,
         }
     }
 }
@@ -159,10 +163,105 @@ async fn run_in_transaction(
         partitions_check(&server, &tables),
         case_collision_check(&tables),
         types_check(client, opts).await?,
+        extensions_check(client, opts).await?,
         table_selection_check(&tables, opts),
     ];
     checks.extend(slot_health_checks(client, &server, opts).await?);
     Ok((server, checks))
+}
+
+/// Extensions whose types the selected tables use (PostGIS's geometry and geography, ..):
+/// staged as their text output and created on the target by apply; with `--target`, whether
+/// the target can have each (`pg_available_extensions`).
+async fn extensions_check(client: &Client, opts: &CheckOptions) -> Result<Check> {
+    let rows = client
+        .query(
+            "select distinct e.extname::text, e.extversion, n.nspname::text, c.relname::text
+             from pg_attribute a join pg_class c on c.oid = a.attrelid
+             join pg_namespace n on n.oid = c.relnamespace
+             join pg_type t on t.oid = a.atttypid
+             join pg_depend d on d.classid = 'pg_type'::regclass and d.deptype = 'e'
+               and d.refclassid = 'pg_extension'::regclass
+               and d.objid in (t.oid, t.typelem, t.typbasetype)
+             join pg_extension e on e.oid = d.refobjid
+             where c.relkind in ('r', 'p') and a.attnum > 0 and not a.attisdropped
+               and n.nspname not in ('pg_catalog', 'information_schema')
+             order by 1, 3, 4",
+            &[],
+        )
+        .await
+        .map_err(|e| Error::postgres("reading the extensions column types come from", e))?;
+    let mut used: Vec<(String, String, Vec<String>)> = Vec::new();
+    for r in &rows {
+        let (ext, version, schema, table): (String, String, String, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        if !opts.selection.selects(&schema, &table) {
+            continue;
+        }
+        match used.iter_mut().find(|u| u.0 == ext) {
+            Some(u) => u.2.push(format!("{schema}.{table}")),
+            None => used.push((ext, version, vec![format!("{schema}.{table}")])),
+        }
+    }
+    if used.is_empty() {
+        return Ok(Check::pass(
+            "extensions",
+            "no selected column has an extension's type",
+        ));
+    }
+    let listed: Vec<String> = used
+        .iter()
+        .map(|(e, v, t)| format!("{e} {v} ({})", t.join(", ")))
+        .collect();
+    let Some(target) = &opts.target else {
+        return Ok(Check::pass(
+            "extensions",
+            format!(
+                "columns of extension types: {}; apply creates the extensions on the target (pass --target to check it can)",
+                listed.join("; ")
+            ),
+        ));
+    };
+    let tc = crate::source::connect(target).await?;
+    let mut missing = Vec::new();
+    for (ext, _, _) in &used {
+        let available = tc
+            .query_opt(
+                "select coalesce(installed_version, default_version) from pg_available_extensions where name = $1",
+                &[ext],
+            )
+            .await
+            .map_err(|e| Error::postgres("reading the target's available extensions", e))?;
+        if available.is_none() {
+            missing.push(ext.clone());
+        }
+    }
+    if missing.is_empty() {
+        return Ok(Check::pass(
+            "extensions",
+            format!(
+                "columns of extension types: {}; the target has each available",
+                listed.join("; ")
+            ),
+        ));
+    }
+    Ok(Check::new(
+        "extensions",
+        Status::Fail,
+        format!(
+            "the target cannot create {} (not in pg_available_extensions), which columns use: {}",
+            missing.join(", "),
+            listed.join("; ")
+        ),
+        format!(
+            "install the extension's package on the target (Debian: postgresql-<major>-{}), or on RDS enable it",
+            if missing.iter().any(|m| m == "postgis") {
+                "postgis-3"
+            } else {
+                "<extension>"
+            }
+        ),
+    ))
 }
 
 fn setting<'a>(settings: &'a HashMap<String, (String, String)>, name: &str) -> Option<&'a str> {
