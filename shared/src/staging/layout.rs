@@ -671,4 +671,30 @@ mod tests {
         );
         assert_eq!(sink.list("public/t/_schema/").await.unwrap().len(), 3);
     }
+
+    #[tokio::test]
+    async fn versions_at_one_position_never_overwrite_each_other() {
+        let sink = MemorySink::new();
+        // The load's version at L0, then CDC's with another layout at the same position.
+        let load = SchemaVersions::new()
+            .version_for(&sink, &table(&["id", "a"]), Lsn(16), false)
+            .await
+            .unwrap();
+        let mut cdc = SchemaVersions::new();
+        let other = cdc
+            .version_for(&sink, &table(&["id", "a"]), Lsn(16), true)
+            .await
+            .unwrap();
+        assert_ne!(load, other);
+        assert!(load < other, "sorts after: the latest is the last key");
+        let kept: StoredSchema = get_json(&sink, &load, "a schema").await.unwrap();
+        assert_eq!(kept.csv_cdc_layout, ["Op", "id", "a", "unchanged_toast"]);
+        // A retry writes its own version again, at the same key.
+        let again = SchemaVersions::new()
+            .version_for(&sink, &table(&["id", "a"]), Lsn(16), true)
+            .await
+            .unwrap();
+        assert_eq!(again, other);
+        assert_eq!(sink.list("public/t/_schema/").await.unwrap().len(), 2);
+    }
 }
