@@ -524,14 +524,7 @@ pub(super) async fn apply_schema_change(
             } => {
                 let name = parent.clone().unwrap_or_else(|| name.clone());
                 let part = quote_qualified(ps, pt);
-                let attached: bool = tx
-                    .query_one(
-                        "select exists (select 1 from pg_inherits where inhrelid = to_regclass($1) and inhparent = to_regclass($2))",
-                        &[&part, &name],
-                    )
-                    .await
-                    .map_err(|e| Error::postgres(format!("reading the partitions of {name}"), e))?
-                    .get(0);
+                let attached = is_partition_of(tx, &part, &name).await?;
                 if attached {
                     continue;
                 }
@@ -554,14 +547,7 @@ pub(super) async fn apply_schema_change(
                 table: pt,
             } => {
                 let part = quote_qualified(ps, pt);
-                let attached: bool = tx
-                    .query_one(
-                        "select exists (select 1 from pg_inherits where inhrelid = to_regclass($1) and inhparent = to_regclass($2))",
-                        &[&part, &name],
-                    )
-                    .await
-                    .map_err(|e| Error::postgres(format!("reading the partitions of {name}"), e))?
-                    .get(0);
+                let attached = is_partition_of(tx, &part, &name).await?;
                 if attached {
                     run(
                         format!("alter table {name} detach partition {part}"),
@@ -655,6 +641,22 @@ fn sequences_in(sql: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// Whether the target's `part` is a partition of `parent` (both qualified and quoted).
+async fn is_partition_of(
+    tx: &tokio_postgres::Transaction<'_>,
+    part: &str,
+    parent: &str,
+) -> Result<bool> {
+    Ok(tx
+        .query_one(
+            "select exists (select 1 from pg_inherits where inhrelid = to_regclass($1) and inhparent = to_regclass($2))",
+            &[&part, &parent],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("reading the partitions of {parent}"), e))?
+        .get(0))
 }
 
 /// A string literal (standard-conforming strings).
