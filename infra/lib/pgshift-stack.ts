@@ -18,6 +18,7 @@ import {
 } from 'aws-cdk-lib';
 import * as cloudwatch from 'aws-cdk-lib/aws-cloudwatch';
 import * as dynamodb from 'aws-cdk-lib/aws-dynamodb';
+import * as ec2 from 'aws-cdk-lib/aws-ec2';
 import * as events from 'aws-cdk-lib/aws-events';
 import * as iam from 'aws-cdk-lib/aws-iam';
 import * as lambda from 'aws-cdk-lib/aws-lambda';
@@ -53,7 +54,16 @@ export class PgshiftStack extends Stack {
         ParameterGroups: [
           {
             Label: { default: 'Source' },
-            Parameters: ['SourceSecretArn', 'SourceSecretKmsKeyArn', 'SourceSslMode', 'SubnetIds', 'SecurityGroupIds'],
+            Parameters: [
+              'SourceSecretArn',
+              'SourceSecretKmsKeyArn',
+              'SourceSslMode',
+              'SubnetIds',
+              'SecurityGroupIds',
+              'VpcEndpoints',
+              'VpcId',
+              'RouteTableIds',
+            ],
           },
           {
             Label: { default: 'Task' },
@@ -65,6 +75,7 @@ export class PgshiftStack extends Stack {
               'CommitTimestampColumn',
               'ChunkMb',
               'MaxConcurrency',
+              'ChunkWorkflowType',
             ],
           },
           {
@@ -105,9 +116,10 @@ export class PgshiftStack extends Stack {
     });
     const sslMode = new CfnParameter(this, 'SourceSslMode', {
       type: 'String',
-      default: 'require',
-      allowedValues: ['require', 'verify-ca', 'verify-full'],
-      description: 'TLS mode for secrets that do not name one.',
+      default: 'auto',
+      allowedValues: ['auto', 'require', 'verify-ca', 'verify-full'],
+      description:
+        'TLS mode for secrets that do not name one. auto: verify-full on RDS/Aurora hosts (the RDS certificate authorities are built in), require elsewhere. A secret\'s sslrootcert may hold PEM certificates of a private CA.',
     });
     const subnetIds = new CfnParameter(this, 'SubnetIds', {
       type: 'CommaDelimitedList',
@@ -119,6 +131,49 @@ export class PgshiftStack extends Stack {
       type: 'CommaDelimitedList',
       default: '',
       description: "Security groups for the functions; the source's group must allow them on its port.",
+    });
+    const vpcEndpoints = new CfnParameter(this, 'VpcEndpoints', {
+      type: 'String',
+      default: 'none',
+      allowedValues: ['none', 'create'],
+      description:
+        'create: the stack adds what the functions need in a VPC without a NAT gateway: S3 and DynamoDB gateway endpoints (on RouteTableIds), Secrets Manager, EventBridge and (with a target) SQS interface endpoints in SubnetIds, and a security group that lets the functions reach them. none: the subnets already route to these services.',
+    });
+    const vpcId = new CfnParameter(this, 'VpcId', {
+      type: 'String',
+      default: '',
+      allowedPattern: '(vpc-[0-9a-f]{8,17})?',
+      description: 'The VPC of SubnetIds (needed with VpcEndpoints=create).',
+    });
+    const routeTableIds = new CfnParameter(this, 'RouteTableIds', {
+      type: 'CommaDelimitedList',
+      default: '',
+      description: 'Route tables of SubnetIds, for the gateway endpoints (VpcEndpoints=create).',
+    });
+    const notEmptyList = (p: CfnParameter) => Fn.conditionNot(Fn.conditionEachMemberEquals(p.valueAsList, ''));
+    new CfnRule(this, 'SubnetsNeedSecurityGroups', {
+      ruleCondition: notEmptyList(subnetIds),
+      assertions: [
+        {
+          assert: notEmptyList(securityGroupIds),
+          assertDescription:
+            'SubnetIds need SecurityGroupIds (Lambda refuses a VPC configuration without security groups)',
+        },
+      ],
+    });
+    new CfnRule(this, 'EndpointsNeedTheVpc', {
+      ruleCondition: Fn.conditionEquals(vpcEndpoints.valueAsString, 'create'),
+      assertions: [
+        { assert: Fn.conditionNot(Fn.conditionEquals(vpcId.valueAsString, '')), assertDescription: 'VpcEndpoints=create needs VpcId' },
+        {
+          assert: notEmptyList(subnetIds),
+          assertDescription: 'VpcEndpoints=create needs SubnetIds (the interface endpoints go there)',
+        },
+        {
+          assert: notEmptyList(routeTableIds),
+          assertDescription: 'VpcEndpoints=create needs RouteTableIds (the S3 and DynamoDB gateway endpoints)',
+        },
+      ],
     });
     const tableMappings = new CfnParameter(this, 'TableMappings', {
       type: 'String',
@@ -168,6 +223,13 @@ export class PgshiftStack extends Stack {
       maxValue: 1000,
       description: 'Chunks exported at once by the full-load state machine.',
     });
+    const chunkWorkflowType = new CfnParameter(this, 'ChunkWorkflowType', {
+      type: 'String',
+      default: 'EXPRESS',
+      allowedValues: ['EXPRESS', 'STANDARD'],
+      description:
+        "Child workflows of a large load's Distributed Map (one per chunk). EXPRESS costs about a tenth of STANDARD's transitions (docs/COST.md) but a child has 5 minutes: keep a chunk under ~4 minutes of export (the default 256 MB chunk takes seconds); STANDARD for huge chunks.",
+    });
     const pollSchedule = new CfnParameter(this, 'PollSchedule', {
       type: 'String',
       default: 'rate(1 minute)',
@@ -214,9 +276,9 @@ export class PgshiftStack extends Stack {
     });
     const targetSslMode = new CfnParameter(this, 'TargetSslMode', {
       type: 'String',
-      default: 'require',
-      allowedValues: ['require', 'verify-ca', 'verify-full'],
-      description: 'TLS mode for a target secret that does not name one.',
+      default: 'auto',
+      allowedValues: ['auto', 'require', 'verify-ca', 'verify-full'],
+      description: 'TLS mode for a target secret that does not name one (auto as for the source).',
     });
     const targetPrep = new CfnParameter(this, 'TargetPrep', {
       type: 'String',
@@ -274,6 +336,19 @@ export class PgshiftStack extends Stack {
     const hasTarget = new CfnCondition(this, 'HasTarget', {
       expression: Fn.conditionNot(Fn.conditionEquals(targetSecretArn.valueAsString, '')),
     });
+    const pollerEnabled = new CfnCondition(this, 'PollerEnabled', {
+      expression: Fn.conditionAnd(capturesChanges, Fn.conditionEquals(pollerState.valueAsString, 'ENABLED')),
+    });
+    const createsEndpoints = new CfnCondition(this, 'CreatesEndpoints', {
+      expression: Fn.conditionAnd(inVpc, Fn.conditionEquals(vpcEndpoints.valueAsString, 'create')),
+    });
+    const createsApplyEndpoint = new CfnCondition(this, 'CreatesApplyEndpoint', {
+      expression: Fn.conditionAnd(createsEndpoints, hasTarget),
+    });
+    // Bounded names (80 characters) whatever the stack's name: the task and the stack id's
+    // first 8 hex digits.
+    const stackShortId = { Id: Fn.select(0, Fn.split('-', Fn.select(2, Fn.split('/', Aws.STACK_ID)))) };
+    const bounded = (pattern: string) => Fn.sub(pattern, stackShortId);
 
     // ------------------------------------------------------------------ staged data and state
     const bucket = new s3.CfnBucket(this, 'StageBucket', {
@@ -421,14 +496,14 @@ export class PgshiftStack extends Stack {
 
     // ------------------------------------------------------------------ event-driven apply queue
     const applyDlq = new sqs.CfnQueue(this, 'ApplyDeadLetterQueue', {
-      queueName: Fn.sub('${AWS::StackName}-apply-dlq.fifo'),
+      queueName: bounded('pgshift-${TaskName}-${Id}-apply-dlq.fifo'),
       fifoQueue: true,
       messageRetentionPeriod: 1209600,
       sqsManagedSseEnabled: true,
     });
     applyDlq.cfnOptions.condition = hasTarget;
     const applyQueue = new sqs.CfnQueue(this, 'ApplyQueue', {
-      queueName: Fn.sub('${AWS::StackName}-apply.fifo'),
+      queueName: bounded('pgshift-${TaskName}-${Id}-apply.fifo'),
       fifoQueue: true,
       contentBasedDeduplication: true,
       visibilityTimeout: 960,
@@ -532,6 +607,47 @@ export class PgshiftStack extends Stack {
     });
     vpcPolicy.cfnOptions.condition = inVpc;
 
+    // ------------------------------------------------------------------ VPC endpoints (VpcEndpoints=create)
+    const functionSg = new ec2.CfnSecurityGroup(this, 'FunctionSecurityGroup', {
+      groupDescription: 'pgshift functions (added to SecurityGroupIds; the endpoints admit it)',
+      vpcId: vpcId.valueAsString,
+      securityGroupEgress: [{ ipProtocol: '-1', cidrIp: '0.0.0.0/0', description: 'the source and the AWS endpoints' }],
+    });
+    functionSg.cfnOptions.condition = createsEndpoints;
+    const endpointSg = new ec2.CfnSecurityGroup(this, 'EndpointSecurityGroup', {
+      groupDescription: 'pgshift interface endpoints (HTTPS from the functions)',
+      vpcId: vpcId.valueAsString,
+      securityGroupIngress: [
+        { ipProtocol: 'tcp', fromPort: 443, toPort: 443, sourceSecurityGroupId: functionSg.ref, description: 'pgshift functions' },
+      ],
+    });
+    endpointSg.cfnOptions.condition = createsEndpoints;
+    const gateway = (id: string, service: string) => {
+      const e = new ec2.CfnVPCEndpoint(this, id, {
+        vpcEndpointType: 'Gateway',
+        vpcId: vpcId.valueAsString,
+        serviceName: Fn.sub(`com.amazonaws.\${AWS::Region}.${service}`),
+        routeTableIds: routeTableIds.valueAsList,
+      });
+      e.cfnOptions.condition = createsEndpoints;
+    };
+    gateway('S3GatewayEndpoint', 's3');
+    gateway('DynamoDbGatewayEndpoint', 'dynamodb');
+    const iface = (id: string, service: string, condition: CfnCondition) => {
+      const e = new ec2.CfnVPCEndpoint(this, id, {
+        vpcEndpointType: 'Interface',
+        vpcId: vpcId.valueAsString,
+        serviceName: Fn.sub(`com.amazonaws.\${AWS::Region}.${service}`),
+        subnetIds: subnetIds.valueAsList,
+        securityGroupIds: [endpointSg.ref],
+        privateDnsEnabled: true,
+      });
+      e.cfnOptions.condition = condition;
+    };
+    iface('SecretsManagerEndpoint', 'secretsmanager', createsEndpoints);
+    iface('EventsEndpoint', 'events', createsEndpoints);
+    iface('SqsEndpoint', 'sqs', createsApplyEndpoint);
+
     // ------------------------------------------------------------------ functions
     const environment: Record<string, string> = {
       PGSHIFT_TASK: taskName.valueAsString,
@@ -549,7 +665,14 @@ export class PgshiftStack extends Stack {
     };
     const vpcConfig = Fn.conditionIf(
       inVpc.logicalId,
-      { SubnetIds: subnetIds.valueAsList, SecurityGroupIds: securityGroupIds.valueAsList },
+      {
+        SubnetIds: subnetIds.valueAsList,
+        SecurityGroupIds: Fn.conditionIf(
+          createsEndpoints.logicalId,
+          Fn.split(',', Fn.join(',', [Fn.join(',', securityGroupIds.valueAsList), functionSg.ref])),
+          securityGroupIds.valueAsList,
+        ),
+      },
       Aws.NO_VALUE,
     );
     const rustFunction = (
@@ -575,7 +698,6 @@ export class PgshiftStack extends Stack {
       });
       const cfn = fn.node.defaultChild as lambda.CfnFunction;
       cfn.overrideLogicalId(id);
-      cfn.functionName = Fn.sub(`\${AWS::StackName}-${binary}`);
       cfn.timeout = timeout;
       cfn.loggingConfig = {
         logGroup: group.ref,
@@ -603,6 +725,10 @@ export class PgshiftStack extends Stack {
       fullLoadLogs,
       1769,
       900,
+      undefined,
+      // A chunk (256 MB of heap by default) is staged as one PUT when it fits, in 256 MiB parts
+      // when not: requests per TB drop from ~120,000 to ~4,000 (docs/COST.md).
+      { PGSHIFT_S3_PART_MB: '256' },
     );
     const poller = rustFunction(
       'CdcPollerFunction',
@@ -670,7 +796,8 @@ export class PgshiftStack extends Stack {
       ],
     });
     new scheduler.CfnSchedule(this, 'CdcPollerFunctionPoll', {
-      name: Fn.sub('${AWS::StackName}-cdc-poll'),
+      // Schedule names are unique per account and region, 64 characters at most.
+      name: bounded('${TaskName}-${Id}-poll'),
       description: Fn.sub('pgshift CDC poller for task ${TaskName}'),
       scheduleExpression: pollSchedule.valueAsString,
       state: Fn.conditionIf(capturesChanges.logicalId, pollerState.valueAsString, 'DISABLED').toString(),
@@ -683,9 +810,38 @@ export class PgshiftStack extends Stack {
         deadLetterConfig: { arn: dlq.attrArn },
       },
     });
+    // What the slot retains, every 5 minutes whether or not the poll schedule is enabled (a
+    // disabled poller with a slot pins WAL): SlotRetainedBytes for its alarm.
+    const watchRole = new iam.CfnRole(this, 'CdcPollerFunctionWatchRole', {
+      assumeRolePolicyDocument: {
+        Version: '2012-10-17',
+        Statement: [{ Action: ['sts:AssumeRole'], Effect: 'Allow', Principal: { Service: ['scheduler.amazonaws.com'] } }],
+      },
+      policies: [
+        {
+          policyName: 'CdcPollerFunctionWatchLambdaPolicy',
+          policyDocument: {
+            Statement: [{ Action: 'lambda:InvokeFunction', Effect: 'Allow', Resource: poller.attrArn }],
+          },
+        },
+      ],
+    });
+    new scheduler.CfnSchedule(this, 'CdcPollerFunctionWatch', {
+      name: bounded('${TaskName}-${Id}-watch'),
+      description: Fn.sub('pgshift slot watch for task ${TaskName}'),
+      scheduleExpression: 'rate(5 minutes)',
+      state: Fn.conditionIf(capturesChanges.logicalId, 'ENABLED', 'DISABLED').toString(),
+      flexibleTimeWindow: { mode: 'OFF' },
+      target: {
+        arn: poller.attrArn,
+        roleArn: watchRole.attrArn,
+        input: '{"action": "Watch"}',
+        retryPolicy: { maximumRetryAttempts: 2, maximumEventAgeInSeconds: 300 },
+      },
+    });
 
     // ------------------------------------------------------------------ full-load orchestration
-    const machineName = '${AWS::StackName}-full-load';
+    const machineName = 'pgshift-${TaskName}-${Id}-full-load';
     const machineRole = new iam.CfnRole(this, 'FullLoadStateMachineRole', {
       assumeRolePolicyDocument: {
         Version: '2012-10-17',
@@ -713,13 +869,13 @@ export class PgshiftStack extends Stack {
                 Sid: 'DistributedMapChildren',
                 Effect: 'Allow',
                 Action: 'states:StartExecution',
-                Resource: Fn.sub(`arn:\${AWS::Partition}:states:\${AWS::Region}:\${AWS::AccountId}:stateMachine:${machineName}`),
+                Resource: bounded(`arn:\${AWS::Partition}:states:\${AWS::Region}:\${AWS::AccountId}:stateMachine:${machineName}`),
               },
               {
                 Sid: 'DistributedMapChildExecutions',
                 Effect: 'Allow',
                 Action: ['states:DescribeExecution', 'states:StopExecution'],
-                Resource: Fn.sub(`arn:\${AWS::Partition}:states:\${AWS::Region}:\${AWS::AccountId}:execution:${machineName}/*`),
+                Resource: bounded(`arn:\${AWS::Partition}:states:\${AWS::Region}:\${AWS::AccountId}:execution:${machineName}/*`),
               },
               {
                 Sid: 'LogDelivery',
@@ -742,11 +898,11 @@ export class PgshiftStack extends Stack {
       ],
     });
     const definition = fs.readFileSync(path.join(REPO_ROOT, 'infra', 'statemachine', 'full-load.asl.json'), 'utf8');
-    new sfn.CfnStateMachine(this, 'FullLoadStateMachine', {
-      stateMachineName: Fn.sub(machineName),
+    const machine = new sfn.CfnStateMachine(this, 'FullLoadStateMachine', {
+      stateMachineName: bounded(machineName),
       stateMachineType: 'STANDARD',
       definitionString: JSON.stringify(JSON.parse(definition)),
-      definitionSubstitutions: { FullLoadFunctionArn: fullLoad.attrArn },
+      definitionSubstitutions: { FullLoadFunctionArn: fullLoad.attrArn, ChunkWorkflowType: chunkWorkflowType.valueAsString },
       roleArn: machineRole.attrArn,
       loggingConfiguration: {
         level: 'ERROR',
@@ -782,10 +938,53 @@ export class PgshiftStack extends Stack {
       dimensions: [{ name: 'Task', value: taskName.valueAsString }],
       statistic: 'Maximum',
       period: 300,
-      evaluationPeriods: 1,
+      evaluationPeriods: 3,
+      datapointsToAlarm: 2,
       threshold: retainedAlarm.valueAsNumber,
       comparisonOperator: 'GreaterThanThreshold',
-      treatMissingData: 'missing',
+      // The watch reports every 5 minutes, poller or not: no data means the watch cannot read
+      // the source (or stopped), which is itself worth an alarm.
+      treatMissingData: 'breaching',
+    }).cfnOptions.condition = capturesChanges;
+    alarm('PollerStoppedAlarm', {
+      alarmDescription: Fn.sub(
+        'pgshift ${TaskName}: the CDC poller reported no poll for 15 minutes while its schedule is enabled',
+      ),
+      namespace: 'pgshift',
+      metricName: 'CDCIncomingChanges',
+      dimensions: [{ name: 'Task', value: taskName.valueAsString }],
+      statistic: 'SampleCount',
+      period: 300,
+      evaluationPeriods: 3,
+      threshold: 1,
+      comparisonOperator: 'LessThanThreshold',
+      treatMissingData: 'breaching',
+    }).cfnOptions.condition = pollerEnabled;
+    const executions = (id: string, metricName: string): cloudwatch.CfnAlarm.MetricDataQueryProperty => ({
+      id,
+      returnData: false,
+      metricStat: {
+        metric: {
+          namespace: 'AWS/States',
+          metricName,
+          dimensions: [{ name: 'StateMachineArn', value: machine.ref }],
+        },
+        period: 300,
+        stat: 'Sum',
+      },
+    });
+    alarm('FullLoadFailedAlarm', {
+      alarmDescription: Fn.sub('pgshift ${TaskName}: a full-load execution failed, timed out or was aborted'),
+      metrics: [
+        { id: 'failed', expression: 'failures + timeouts + aborts', label: 'unsuccessful full-load executions' },
+        executions('failures', 'ExecutionsFailed'),
+        executions('timeouts', 'ExecutionsTimedOut'),
+        executions('aborts', 'ExecutionsAborted'),
+      ],
+      evaluationPeriods: 1,
+      threshold: 0,
+      comparisonOperator: 'GreaterThanThreshold',
+      treatMissingData: 'notBreaching',
     });
     alarm('PollerFailuresAlarm', {
       alarmDescription: Fn.sub(

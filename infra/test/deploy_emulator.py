@@ -60,7 +60,9 @@ def main(lambda_dir):
     s3, cfn = c("s3"), c("cloudformation")
 
     suffix = uuid.uuid4().hex[:8]
-    stack = f"pgshift-ci-{suffix}"
+    # A long stack name (CloudFormation allows 128): no name the stack gives may overflow
+    # (function names 64, state machine and queue names 80).
+    stack = f"pgshift-ci-{suffix}-" + "a-stack-name-as-long-as-teams-make-them" * 2
     code_bucket = f"pgshift-code-{suffix}"
     s3.create_bucket(Bucket=code_bucket)
     for b in BINARIES:
@@ -144,8 +146,15 @@ def main(lambda_dir):
     check([k["AttributeName"] for k in table["KeySchema"]] == ["pk", "sk"], "state table keys pk/sk")
 
     lam, iam = c("lambda"), c("iam")
+    # CloudFormation names the functions itself, within Lambda's 64 characters whatever the stack
+    # name (moto does not shorten its generated names, so the template is checked, not moto).
+    lambdas = [r for r in body["Resources"].values() if r["Type"] == "AWS::Lambda::Function"]
+    check(len(lambdas) == 4 and all("FunctionName" not in r["Properties"] for r in lambdas),
+          "no function name is derived from the stack name (CloudFormation's names fit 64 characters)")
+    fn_outputs = {"test-endpoint": "TestEndpointFunctionName", "full-load": "FullLoadFunctionName",
+                  "cdc-poller": "CdcPollerFunctionName", "apply": "ApplyFunctionName"}
     for b in BINARIES:
-        name = f"{stack}-{b}"
+        name = out[fn_outputs[b]]
         fn = lam.get_function(FunctionName=name)
         conf = fn["Configuration"]
         check(conf["Runtime"] == "provided.al2023" and conf["Handler"] == "bootstrap", f"{name}: provided.al2023 bootstrap")
@@ -153,7 +162,10 @@ def main(lambda_dir):
         check(env["PGSHIFT_TASK"] == task and env["PGSHIFT_STAGE"] == out["StageUri"]
               and env["PGSHIFT_STATE_TABLE"] == out["StateTableName"] and env["PGSHIFT_SOURCE_SECRET_ARN"] == secret
               and env["PGSHIFT_FORMAT"] == "jsonl.gz" and env["PGSHIFT_CDC"] == "true"
-              and env["PGSHIFT_COMMIT_TS_COLUMN"] == "false", f"{name}: environment wired to the stack")
+              and env["PGSHIFT_COMMIT_TS_COLUMN"] == "false" and env["PGSHIFT_SOURCE_SSLMODE"] == "auto",
+              f"{name}: environment wired to the stack")
+        check((env.get("PGSHIFT_S3_PART_MB") == "256") == (b == "full-load"),
+              f"{name}: only the full load stages a chunk as one PUT (PGSHIFT_S3_PART_MB)")
         role = conf["Role"].rsplit("/", 1)[1]
         names = iam.list_role_policies(RoleName=role)["PolicyNames"]
         docs = [iam.get_role_policy(RoleName=role, PolicyName=n)["PolicyDocument"] for n in names]
@@ -166,7 +178,7 @@ def main(lambda_dir):
         check("ec2:CreateNetworkInterface" not in text, f"{name}: no VPC permissions outside a VPC")
         check(("s3:PutObject" in text) == (b not in ("test-endpoint", "apply")),
               f"{name}: S3 writes only for the functions that stage")
-    concurrency = lam.get_function_concurrency(FunctionName=f"{stack}-cdc-poller").get("ReservedConcurrentExecutions")
+    concurrency = lam.get_function_concurrency(FunctionName=out["CdcPollerFunctionName"]).get("ReservedConcurrentExecutions")
     check(concurrency == 1, f"poller reserved concurrency 1 when asked ({concurrency})")
 
     sfn = c("stepfunctions")
@@ -175,6 +187,11 @@ def main(lambda_dir):
     asl = json.loads(sam_template.ROOT.joinpath("infra/statemachine/full-load.asl.json").read_text())
     check(definition["States"].keys() == asl["States"].keys(), "state machine has the states of full-load.asl.json")
     check("FullLoadStateMachineRole" in sm["roleArn"], "state machine runs with its own role")
+    check(sm["name"].startswith(f"pgshift-{task}-") and len(sm["name"]) <= 80,
+          f"state machine name {sm['name']!r} bounded whatever the stack name")
+    for url in (out["ApplyQueueUrl"],):
+        qname = url.rsplit("/", 1)[1]
+        check(qname.endswith(".fifo") and len(qname) <= 80, f"queue name {qname!r} within 80 characters")
 
     sqs = c("sqs")
     attrs = sqs.get_queue_attributes(QueueUrl=out["PollerDeadLetterQueueUrl"], AttributeNames=["All"])["Attributes"]
@@ -191,7 +208,9 @@ def main(lambda_dir):
     created = {r["LogicalResourceId"] for r in cfn.list_stack_resources(StackName=stack)["StackResourceSummaries"]}
     skipped_types = {"AWS::CloudWatch::Alarm", "AWS::Lambda::EventInvokeConfig", "AWS::S3::BucketPolicy",
                      "AWS::Scheduler::Schedule", "AWS::SQS::QueuePolicy"}
-    conditional = {"SourceSecretKeyPolicy", "VpcAccessPolicy"}
+    conditional = {"SourceSecretKeyPolicy", "VpcAccessPolicy", "FunctionSecurityGroup", "EndpointSecurityGroup",
+                   "S3GatewayEndpoint", "DynamoDbGatewayEndpoint", "SecretsManagerEndpoint", "EventsEndpoint",
+                   "SqsEndpoint", "PollerStoppedAlarm"}
     skipped = []
     for logical, res in body["Resources"].items():
         if logical in conditional:

@@ -49,6 +49,16 @@ impl SslMode {
         })
     }
 
+    /// The mode for an endpoint that names none: `verify-full` on an RDS or Aurora host (the
+    /// RDS certificate authorities are built in), `otherwise` elsewhere.
+    pub fn for_host(host: &str, otherwise: SslMode) -> SslMode {
+        if is_rds_host(host) {
+            SslMode::VerifyFull
+        } else {
+            otherwise
+        }
+    }
+
     /// libpq's spelling.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -61,6 +71,13 @@ impl SslMode {
     }
 }
 
+/// An Amazon RDS or Aurora endpoint (`<name>.<id>.<region>.rds.amazonaws.com[.cn]`, RDS Proxy
+/// included), whose certificate chains to the RDS certificate authorities.
+pub fn is_rds_host(host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    host.ends_with(".rds.amazonaws.com") || host.ends_with(".rds.amazonaws.com.cn")
+}
+
 /// Everything needed to open a session on a PostgreSQL server.
 #[derive(Clone)]
 pub struct PgConfig {
@@ -70,9 +87,12 @@ pub struct PgConfig {
     pub password: Option<SecretString>,
     pub dbname: String,
     pub sslmode: SslMode,
-    /// PEM file of CA certificates trusted for `verify-ca` / `verify-full` (RDS: the RDS CA
-    /// bundle), added to the public web roots.
+    /// PEM file of CA certificates trusted for `verify-ca` / `verify-full`, added to the public
+    /// web roots and the built-in RDS certificate authorities.
     pub sslrootcert: Option<PathBuf>,
+    /// The same as PEM text (a secret's `sslrootcert` holding the certificates themselves: a
+    /// Lambda has no file to point at).
+    pub sslrootcert_pem: Option<String>,
     pub connect_timeout: Duration,
     pub application_name: String,
     /// `statement_timeout` for every session (0 = none).
@@ -91,6 +111,10 @@ impl fmt::Debug for PgConfig {
             .field("dbname", &self.dbname)
             .field("sslmode", &self.sslmode)
             .field("sslrootcert", &self.sslrootcert)
+            .field(
+                "sslrootcert_pem",
+                &self.sslrootcert_pem.as_ref().map(|p| p.len()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -111,6 +135,7 @@ impl PgConfig {
             dbname: dbname.into(),
             sslmode: SslMode::default(),
             sslrootcert: None,
+            sslrootcert_pem: None,
             connect_timeout: Duration::from_secs(5),
             application_name: "pgshift".to_owned(),
             statement_timeout: Duration::from_secs(0),
@@ -186,6 +211,7 @@ impl PgConfig {
         };
         let mut cfg = PgConfig::new(host, port, user, dbname);
         cfg.password = password;
+        cfg.sslmode = SslMode::for_host(&cfg.host, SslMode::Prefer);
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair
                 .split_once('=')
@@ -245,6 +271,7 @@ impl PgConfig {
         let dbname = spec.dbname.as_deref().unwrap_or(user);
         let mut cfg = PgConfig::new(host, port, user, dbname);
         cfg.password = spec.password.clone().map(SecretString::from);
+        cfg.sslmode = SslMode::for_host(&cfg.host, cfg.sslmode);
         if let Some(mode) = &spec.sslmode {
             cfg.sslmode = SslMode::parse(mode).ok_or_else(|| {
                 Error::config(
@@ -255,7 +282,13 @@ impl PgConfig {
                 )
             })?;
         }
-        cfg.sslrootcert = spec.sslrootcert.clone().map(PathBuf::from);
+        match spec.sslrootcert.as_deref().map(str::trim) {
+            Some(pem) if pem.starts_with("-----BEGIN") => {
+                cfg.sslrootcert_pem = Some(pem.to_owned())
+            }
+            Some(path) => cfg.sslrootcert = Some(PathBuf::from(path)),
+            None => {}
+        }
         Ok(cfg)
     }
 
@@ -405,6 +438,43 @@ mod tests {
         assert_eq!(c.sslmode, SslMode::Prefer);
         let c = PgConfig::from_url("postgres://[::1]:5433/x", "source").unwrap();
         assert_eq!((c.host.as_str(), c.port), ("::1", 5433));
+    }
+
+    #[test]
+    fn rds_and_aurora_hosts_default_to_verify_full() {
+        for host in [
+            "db1.abcdefghijkl.eu-west-1.rds.amazonaws.com",
+            "app.cluster-ro-abcdefghijkl.us-east-1.rds.amazonaws.com.",
+            "px.proxy-abcdefghijkl.us-east-1.rds.amazonaws.com",
+            "db.abcdefghijkl.rds.cn-north-1.rds.amazonaws.com.cn",
+            "DB1.ABC.EU-WEST-1.RDS.AMAZONAWS.COM",
+        ] {
+            assert!(is_rds_host(host), "{host}");
+            let c = PgConfig::from_url(&format!("postgres://u@{host}/db"), "source").unwrap();
+            assert_eq!(c.sslmode, SslMode::VerifyFull, "{host}");
+            // Named, the mode stays the user's.
+            let c = PgConfig::from_url(&format!("postgres://u@{host}/db?sslmode=require"), "s")
+                .unwrap();
+            assert_eq!(c.sslmode, SslMode::Require);
+        }
+        for host in [
+            "localhost",
+            "rds.amazonaws.com.evil.example",
+            "myrds.amazonaws.com",
+        ] {
+            assert!(!is_rds_host(host), "{host}");
+            assert_eq!(SslMode::for_host(host, SslMode::Require), SslMode::Require);
+        }
+        let spec: EndpointSpec = serde_json::from_value(serde_json::json!({
+            "host": "db1.abc.eu-west-1.rds.amazonaws.com",
+            "sslrootcert": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        }))
+        .unwrap();
+        let c = PgConfig::from_endpoint(&spec, "secret").unwrap();
+        assert_eq!(c.sslmode, SslMode::VerifyFull);
+        assert!(c.sslrootcert.is_none());
+        assert!(c.sslrootcert_pem.as_deref().unwrap().contains("AAAA"));
+        assert!(!format!("{c:?}").contains("AAAA"));
     }
 
     #[test]

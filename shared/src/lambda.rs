@@ -37,7 +37,14 @@ pub struct StagedDeps {
     pub state: crate::state::DynamoStore,
     /// `PGSHIFT_EVENTS_BUS` (the default bus when unset).
     pub events: crate::events::Events,
+    /// The secret as last read, and when: a warm function reads it at most every
+    /// [`SECRET_TTL`] (an idle poll each minute would otherwise pay a Secrets Manager call).
+    secret_cache: tokio::sync::Mutex<Option<(std::time::Instant, crate::config::PgConfig)>>,
 }
+
+/// How long a warm function reuses the secret it read (a rotated password is picked up after
+/// at most this long).
+pub const SECRET_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl StagedDeps {
     /// Reads `PGSHIFT_*` (task, source secret, stage, state table are required).
@@ -51,10 +58,12 @@ impl StagedDeps {
         let stage = required(&env.stage, "PGSHIFT_STAGE")?;
         let table = required(&env.state_table, "PGSHIFT_STATE_TABLE")?;
         let aws = crate::aws::Aws::from_env().await;
-        let sink = crate::staging::S3Sink::new(aws.s3(), &stage)?;
+        let sink = crate::staging::S3Sink::new(aws.s3(), &stage)?
+            .with_part_size((env.s3_part_mb as usize) << 20);
         let state = crate::state::DynamoStore::new(aws.dynamodb(), table);
         let events = crate::events::for_bus(&aws, env.events_bus.as_deref());
         Ok(StagedDeps {
+            secret_cache: tokio::sync::Mutex::new(None),
             events,
             aws,
             env,
@@ -65,13 +74,21 @@ impl StagedDeps {
         })
     }
 
-    /// The source's connection settings from its secret (TLS `require` unless it says).
+    /// The source's connection settings from its secret (TLS as the secret, else
+    /// `PGSHIFT_SOURCE_SSLMODE`, else `verify-full` on RDS/Aurora and `require` elsewhere).
     pub async fn source(&self) -> crate::Result<crate::config::PgConfig> {
-        let mode = self
-            .env
-            .source_sslmode
-            .unwrap_or(crate::config::SslMode::Require);
-        self.aws.read_source_secret(&self.secret, Some(mode)).await
+        let mut cache = self.secret_cache.lock().await;
+        if let Some((at, cfg)) = cache.as_ref()
+            && at.elapsed() < SECRET_TTL
+        {
+            return Ok(cfg.clone());
+        }
+        let cfg = self
+            .aws
+            .read_source_secret(&self.secret, self.env.source_sslmode)
+            .await?;
+        *cache = Some((std::time::Instant::now(), cfg.clone()));
+        Ok(cfg)
     }
 }
 

@@ -28,6 +28,7 @@ pub mod job;
 #[cfg(feature = "lambda")]
 pub mod lambda;
 pub mod lsn;
+pub mod metrics;
 pub mod migration;
 pub mod options;
 pub mod pgoutput;

@@ -520,6 +520,79 @@ async fn credentials_come_from_a_dms_secret_in_the_emulator() {
     assert!(!err.is_transient());
 }
 
+/// A Lambda has no file to point `sslrootcert` at: the secret may hold the CA's PEM text, and
+/// with it `verify-full` verifies the server; an RDS/Aurora host without a mode gets
+/// `verify-full` (the RDS certificate authorities are built in), any other host `require`.
+#[tokio::test]
+async fn a_secret_carries_its_ca_and_rds_hosts_verify_by_default() {
+    let db = TestDb::new("ep_secret_ca").await;
+    let cfg = db.config();
+    let password = cfg.password.as_ref().unwrap().expose_secret().to_owned();
+    let ca = std::fs::read_to_string(env("PGSHIFT_TEST_CA_FILE")).unwrap();
+    let aws = Aws::from_env().await;
+    let secret = |host: &str, extra: serde_json::Value| {
+        let mut v = serde_json::json!({
+            "engine": "postgres", "host": host, "port": cfg.port,
+            "username": cfg.user, "password": password, "dbname": db.name
+        });
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        v
+    };
+
+    let with_ca = put_secret(
+        &pgshift_tests::unique_name("pgshift/ca"),
+        &secret(
+            "localhost",
+            serde_json::json!({"sslmode": "verify-full", "sslrootcert": ca}),
+        ),
+    )
+    .await;
+    let source = aws.read_source_secret(&with_ca, None).await.unwrap();
+    assert_eq!(source.sslmode, SslMode::VerifyFull);
+    assert!(source.sslrootcert_pem.is_some());
+    let report = test_endpoint::run(&source, &CheckOptions::default())
+        .await
+        .unwrap();
+    assert!(report.connection_failure.is_none(), "{report:#?}");
+    assert_eq!(status(&report, "tls"), Status::Pass);
+
+    // The same without the CA: the private CA is not trusted, the connection refused.
+    let without_ca = put_secret(
+        &pgshift_tests::unique_name("pgshift/noca"),
+        &secret("localhost", serde_json::json!({"sslmode": "verify-full"})),
+    )
+    .await;
+    let source = aws.read_source_secret(&without_ca, None).await.unwrap();
+    let (kind, _, _) = failure_of(&source).await;
+    assert_eq!(kind, ConnectFailure::Tls);
+
+    // No mode in the secret: require here, verify-full on RDS; the stack's mode wins over both.
+    let plain = put_secret(
+        &pgshift_tests::unique_name("pgshift/plain"),
+        &secret("localhost", serde_json::json!({})),
+    )
+    .await;
+    let source = aws.read_source_secret(&plain, None).await.unwrap();
+    assert_eq!(source.sslmode, SslMode::Require);
+    let rds = put_secret(
+        &pgshift_tests::unique_name("pgshift/rds"),
+        &secret(
+            "db1.abcdefghijkl.eu-west-1.rds.amazonaws.com",
+            serde_json::json!({}),
+        ),
+    )
+    .await;
+    let source = aws.read_source_secret(&rds, None).await.unwrap();
+    assert_eq!(source.sslmode, SslMode::VerifyFull);
+    let source = aws
+        .read_source_secret(&rds, Some(SslMode::Require))
+        .await
+        .unwrap();
+    assert_eq!(source.sslmode, SslMode::Require);
+}
+
 fn run_cli(args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(pgshift_tests::pgshift_bin())
         .args(args)

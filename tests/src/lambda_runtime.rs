@@ -228,7 +228,7 @@ async fn packaged_lambdas_run_through_the_runtime_api() {
     let (vars, sink, state) = setup_aws(&task, &db).await;
     let api = RuntimeApi::start();
     let _endpoint = api.function("test-endpoint", &vars);
-    let _full_load = api.function("full-load", &vars);
+    let full_load = api.function("full-load", &vars);
     let poller = api.function("cdc-poller", &vars);
 
     // test-endpoint: the default event reads the source from the function's secret.
@@ -277,6 +277,33 @@ async fn packaged_lambdas_run_through_the_runtime_api() {
         .await
         .unwrap();
     assert_eq!(status.load, "complete", "{status:#?}");
+    // Metrics (EMF on stdout): one line per chunk whose rows add up to the load's, and the
+    // load's end; every declared metric carries a number.
+    let lines = emf_lines(&full_load.log());
+    let chunk_lines: Vec<_> = lines
+        .iter()
+        .filter(|l| l.get("FullLoadRowsStaged").is_some())
+        .collect();
+    assert_eq!(chunk_lines.len(), chunks.len(), "{lines:#?}");
+    let rows: u64 = chunk_lines
+        .iter()
+        .map(|l| l["FullLoadRowsStaged"].as_u64().unwrap())
+        .sum();
+    assert_eq!(rows, 20002);
+    assert!(
+        chunk_lines.iter().all(
+            |l| l["FullLoadThroughputRowsSource"].as_f64().unwrap() > 0.0
+                && l["FullLoadBytesStaged"].as_u64().unwrap() > 0
+                && l["Task"] == task.as_str()
+        ),
+        "{chunk_lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["FullLoadRowsLoaded"] == 20002 && l["FullLoadTablesLoaded"] == 2),
+        "{lines:#?}"
+    );
     let keys = sink.list("").await.unwrap();
     let loads: Vec<_> = keys.iter().filter(|k| k.contains("/LOAD")).collect();
     // One object per chunk, whatever its rows.
@@ -316,12 +343,31 @@ async fn packaged_lambdas_run_through_the_runtime_api() {
     let checkpoint = poll["checkpoint"].as_str().unwrap().to_owned();
     assert_ne!(poll["start_checkpoint"].as_str().unwrap(), checkpoint);
     // The Embedded Metric Format line reached the function's stdout (CloudWatch's input).
-    let log = poller.log();
+    let lines = emf_lines(&poller.log());
     assert!(
-        log.lines()
-            .any(|l| l.contains("\"CDCLatencySource\"") && l.contains("\"_aws\"")),
-        "{log}"
+        lines
+            .iter()
+            .any(|l| l["CDCIncomingChanges"] == 21 && l["CDCLatencySource"].is_number()),
+        "{lines:#?}"
     );
+    // The slot watch: what the slot retains, read without polling (the checkpoint stays).
+    let watch = api
+        .invoke("cdc-poller", Payload::Json(json!({"action": "Watch"})))
+        .unwrap_or_else(|e| panic!("Watch failed: {e}\n{}", poller.log()));
+    assert_eq!(watch["exists"], true, "{watch:#}");
+    assert!(watch["retained_bytes"].as_i64().unwrap() > 0, "{watch:#}");
+    let lines = emf_lines(&poller.log());
+    assert!(
+        lines.iter().any(
+            |l| l.get("SlotRetainedBytes") == Some(&watch["retained_bytes"])
+                && l.get("CDCIncomingChanges").is_none()
+        ),
+        "{lines:#?}"
+    );
+    let err = api
+        .invoke("cdc-poller", Payload::Json(json!({"action": "Drain"})))
+        .expect_err("an unknown poller action must fail");
+    assert!(err.contains("action"), "{err}");
     // An idle second run stages nothing and never moves the checkpoint back.
     let again = api
         .invoke("cdc-poller", Payload::Fixture("cdc-poller-schedule.json"))
@@ -355,6 +401,30 @@ async fn packaged_lambdas_run_through_the_runtime_api() {
         .invoke("full-load", Payload::Fixture("full-load-finish.json"))
         .unwrap_or_else(|e| panic!("Finish after an error failed: {e}"));
     assert_eq!(again["rows"], 20002);
+}
+
+/// The function's EMF lines (JSON objects with `_aws`), each checked: every metric it declares
+/// carries a number.
+fn emf_lines(log: &str) -> Vec<Value> {
+    let lines: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .filter(|v| v.get("_aws").is_some())
+        .collect();
+    for l in &lines {
+        let declared = l["_aws"]["CloudWatchMetrics"][0]["Metrics"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no metrics declared: {l}"));
+        assert_eq!(
+            l["_aws"]["CloudWatchMetrics"][0]["Namespace"], "pgshift",
+            "{l}"
+        );
+        for m in declared {
+            let name = m["Name"].as_str().unwrap();
+            assert!(l[name].is_number(), "{name} declared without a value: {l}");
+        }
+    }
+    lines
 }
 
 /// Cold start of each packaged function: process start to the first response (a bad event, so

@@ -193,7 +193,7 @@ async fn end_to_end_s3_and_dynamodb() {
         pgshift::state::DynamoStore::new(aws.dynamodb(), pgshift_tests::unique_name("pgshift-e2e"));
     state.ensure_table().await.unwrap();
     let sink = pgshift::staging::S3Sink::new(aws.s3(), &format!("s3://{bucket}/run")).unwrap();
-    prove(sink, state, "csv", "e2e_s3").await;
+    Box::pin(prove(sink, state, "csv", "e2e_s3")).await;
 }
 
 #[tokio::test]

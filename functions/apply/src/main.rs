@@ -81,13 +81,9 @@ async fn run(deps: &Deps, event: LambdaEvent<Value>) -> pgshift::Result<Value> {
         },
         deadline: Some(std::time::Instant::now() + remaining.saturating_sub(MARGIN)),
     };
-    let mode = deps
-        .env
-        .target_sslmode
-        .unwrap_or(pgshift::config::SslMode::Require);
     let result = match deps
         .aws
-        .read_source_secret(&deps.target_secret, Some(mode))
+        .read_source_secret(&deps.target_secret, deps.env.target_sslmode)
         .await
     {
         Ok(target) => apply::run_with(&deps.sink, &target, &deps.task, opts).await,

@@ -65,13 +65,23 @@ async fn run(
         }
         FullLoadEvent::ExportChunk { chunk } => {
             let opts = options(deps, &event.context).await?;
+            let started = std::time::Instant::now();
             let record = full_load::export_chunk(&deps.sink, &deps.state, &opts, &chunk).await?;
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "{}",
+                pgshift::metrics::chunk_line(&deps.task, record.rows, record.bytes, secs)
+            );
             json(&record)
         }
         FullLoadEvent::Finish => {
             let manifests =
                 full_load::finish(&deps.sink, &deps.state, &deps.task, &deps.events).await?;
             let rows: u64 = manifests.iter().map(|m| m.rows).sum();
+            println!(
+                "{}",
+                pgshift::metrics::load_finished_line(&deps.task, manifests.len(), rows)
+            );
             Ok(serde_json::json!({"task": deps.task, "tables": manifests.len(), "rows": rows}))
         }
     }

@@ -22,11 +22,7 @@ async fn handle(
 async fn run(deps: &Deps, payload: serde_json::Value) -> pgshift::Result<EndpointReport> {
     let event = TestEndpointEvent::from_json(payload)?;
     let opts = event.check_options()?;
-    let default_sslmode = Some(
-        deps.env
-            .source_sslmode
-            .unwrap_or(pgshift::config::SslMode::Require),
-    );
+    let default_sslmode = deps.env.source_sslmode;
     let source = event
         .resolve_source(
             Some(&deps.aws),

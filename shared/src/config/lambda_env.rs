@@ -10,7 +10,8 @@ use crate::error::{Error, Result};
 pub struct LambdaEnv {
     /// `PGSHIFT_SOURCE_SECRET_ARN`: default source when an event names none.
     pub source_secret_arn: Option<String>,
-    /// `PGSHIFT_SOURCE_SSLMODE`: TLS mode applied to secrets that do not say (default `require`).
+    /// `PGSHIFT_SOURCE_SSLMODE`: TLS mode applied to secrets that do not say; unset or `auto`:
+    /// `verify-full` on RDS/Aurora hosts, `require` elsewhere.
     pub source_sslmode: Option<SslMode>,
     /// `PGSHIFT_TASK`: the task id.
     pub task: Option<String>,
@@ -28,6 +29,10 @@ pub struct LambdaEnv {
     pub cdc: bool,
     /// `PGSHIFT_CHUNK_MB`: target heap size of a full-load chunk (default 256).
     pub chunk_mb: u64,
+    /// `PGSHIFT_S3_PART_MB`: bytes an S3 object is buffered to before it becomes a multipart
+    /// upload, and its part size (default 8; 5-5120). An object that fits is one PUT: the
+    /// full-load function sets it to its chunk size (DESIGN's cost model, docs/COST.md).
+    pub s3_part_mb: u64,
     /// `PGSHIFT_MAX_CONCURRENCY`: chunks exported at once by the state machine (default 8).
     pub max_concurrency: u32,
     /// `PGSHIFT_REPLICA_IDENTITY_FULL`: pgshift may set REPLICA IDENTITY FULL on selected
@@ -112,10 +117,13 @@ impl LambdaEnv {
         };
         let sslmode = |name: &str| match get(name) {
             None => Ok(None),
+            Some(v) if v == "auto" => Ok(None),
             Some(v) => SslMode::parse(&v).map(Some).ok_or_else(|| {
                 Error::config(
                     name,
-                    format!("{v:?} is not one of disable, prefer, require, verify-ca, verify-full"),
+                    format!(
+                        "{v:?} is not one of auto, disable, prefer, require, verify-ca, verify-full"
+                    ),
                 )
             }),
         };
@@ -154,6 +162,13 @@ impl LambdaEnv {
             Some(s) => check_schema_name(&s, "PGSHIFT_DDL_ARTIFACTS_SCHEMA")?,
         };
         let chunk_mb = number("PGSHIFT_CHUNK_MB", 256, 65_536)?;
+        let s3_part_mb = number("PGSHIFT_S3_PART_MB", 8, 5120)?;
+        if s3_part_mb < 5 {
+            return Err(Error::config(
+                "PGSHIFT_S3_PART_MB",
+                format!("{s3_part_mb} is below S3's 5 MiB minimum part size"),
+            ));
+        }
         let max_concurrency = number("PGSHIFT_MAX_CONCURRENCY", 8, 1000)? as u32;
         let peek_sessions = number("PGSHIFT_PEEK_SESSIONS", 2, 2)? as u8;
         let slot_lag_alert_bytes = number("PGSHIFT_SLOT_LAG_ALERT_BYTES", 1 << 30, u64::MAX)?;
@@ -186,6 +201,7 @@ impl LambdaEnv {
             capture_ddl,
             ddl_schema,
             chunk_mb,
+            s3_part_mb,
             max_concurrency,
             peek_sessions,
             format,
@@ -287,6 +303,14 @@ mod tests {
         assert!(err.to_string().contains("PGSHIFT_TARGET_PREP"), "{err}");
         let err = LambdaEnv::from_pairs([("PGSHIFT_TARGET_SSLMODE", "on")]).unwrap_err();
         assert!(err.to_string().contains("PGSHIFT_TARGET_SSLMODE"), "{err}");
+        for bad in ["4", "0", "6000", "x"] {
+            let err = LambdaEnv::from_pairs([("PGSHIFT_S3_PART_MB", bad)]).unwrap_err();
+            assert!(err.to_string().contains("PGSHIFT_S3_PART_MB"), "{err}");
+        }
+        let env = LambdaEnv::from_pairs([("PGSHIFT_S3_PART_MB", "256")]).unwrap();
+        assert_eq!(env.s3_part_mb, 256);
+        let env = LambdaEnv::from_pairs([("PGSHIFT_SOURCE_SSLMODE", "auto")]).unwrap();
+        assert_eq!(env.source_sslmode, None);
         let err = LambdaEnv::from_pairs([("PGSHIFT_APPLY_PARALLEL", "x")]).unwrap_err();
         assert!(err.to_string().contains("PGSHIFT_APPLY_PARALLEL"), "{err}");
     }

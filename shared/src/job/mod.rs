@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod cdc_poll;
 pub mod full_load;
+pub mod slot_watch;
 pub mod status;
 pub mod teardown;
 pub mod test_endpoint;

@@ -170,11 +170,47 @@ fn tls_config(cfg: &PgConfig) -> Result<ClientConfig> {
     Ok(config)
 }
 
-/// The public web roots plus the certificates of `sslrootcert` (e.g. the RDS CA bundle).
+/// The certificate authorities of Amazon RDS and Aurora, every region (`shared/certs/`).
+const RDS_CA_BUNDLE: &[u8] = include_bytes!("../../certs/rds-ca-bundle.pem");
+
+/// The built-in RDS certificate authorities.
+pub(crate) fn rds_roots() -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(RDS_CA_BUNDLE)
+        .filter_map(|c| c.ok())
+        .collect()
+}
+
+/// The public web roots, the RDS certificate authorities, and the certificates of
+/// `sslrootcert` (a file, or PEM text from a secret).
 fn root_store(cfg: &PgConfig) -> Result<RootCertStore> {
     let mut roots = RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
+    roots.add_parsable_certificates(rds_roots());
+    if let Some(pem) = &cfg.sslrootcert_pem {
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|e| {
+                Error::config(
+                    "sslrootcert",
+                    format!("the PEM text is not certificates: {e}"),
+                )
+            })?;
+            roots.add(cert).map_err(|e| {
+                Error::config(
+                    "sslrootcert",
+                    format!("bad certificate in the PEM text: {e}"),
+                )
+            })?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(Error::config(
+                "sslrootcert",
+                "the PEM text holds no certificates",
+            ));
+        }
+    }
     if let Some(path) = &cfg.sslrootcert {
         let certs = CertificateDer::pem_file_iter(path).map_err(|e| {
             Error::config(
@@ -298,5 +334,36 @@ impl ServerCertVerifier for ChainOnly {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rds_certificate_authorities_are_built_in() {
+        let rds = rds_roots();
+        assert!(rds.len() >= 80, "{} certificates", rds.len());
+        let mut store = RootCertStore::empty();
+        let (added, ignored) = store.add_parsable_certificates(rds);
+        assert_eq!(ignored, 0, "unparsable RDS certificates");
+        assert_eq!(added, store.len());
+        // verify-full builds a verifier with them and the web roots.
+        let mut cfg = PgConfig::new("db.abc.eu-west-1.rds.amazonaws.com", 5432, "u", "d");
+        cfg.sslmode = SslMode::VerifyFull;
+        assert!(root_store(&cfg).unwrap().len() > added);
+        assert!(tls_config(&cfg).is_ok());
+    }
+
+    #[test]
+    fn pem_text_that_is_not_certificates_is_a_named_error() {
+        let mut cfg = PgConfig::new("h", 5432, "u", "d");
+        cfg.sslmode = SslMode::VerifyFull;
+        cfg.sslrootcert_pem =
+            Some("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".into());
+        let err = root_store(&cfg).unwrap_err().to_string();
+        assert!(err.contains("sslrootcert"), "{err}");
+        assert!(!err.contains("AAAA"), "{err}");
     }
 }

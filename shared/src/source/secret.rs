@@ -8,9 +8,11 @@ use crate::error::{Error, Result, sdk_error};
 
 impl Aws {
     /// Reads a DMS-shaped secret (`{host, port, username, password, dbname}`) into connection
-    /// settings. `default_sslmode` applies when the secret does not say (Lambdas default to
-    /// `require`: a managed database is reached over the network). Errors never include the
-    /// secret's value.
+    /// settings. When the secret names no `sslmode`, `default_sslmode` applies (the stack's
+    /// `SourceSslMode`), else `verify-full` on an RDS/Aurora host (its certificate authorities
+    /// are built in) and `require` elsewhere: a secret names a database reached over the
+    /// network. `sslrootcert` may hold the PEM certificates themselves. Errors never include
+    /// the secret's value.
     pub async fn read_source_secret(
         &self,
         secret_id: &str,
@@ -40,10 +42,9 @@ impl Aws {
             )
         })?;
         let mut cfg = PgConfig::from_endpoint(&spec, "secret")?;
-        if spec.sslmode.is_none()
-            && let Some(mode) = default_sslmode
-        {
-            cfg.sslmode = mode;
+        if spec.sslmode.is_none() {
+            cfg.sslmode =
+                default_sslmode.unwrap_or_else(|| SslMode::for_host(&cfg.host, SslMode::Require));
         }
         Ok(cfg)
     }

@@ -385,6 +385,19 @@ fn emf_names_dms_metrics() {
     };
     assert!(!names(&v).contains(&"SlotSafeWalSize".to_owned()));
     assert!(v.get("SlotSafeWalSize").is_none());
+    assert_eq!(v["CDCRowsStaged"], 5);
+    // An idle poll reports latency, incoming changes and retained WAL only.
+    let idle = PollReport::new("t", "s", Outcome::Drained, Lsn(1), Lsn(1));
+    let v: serde_json::Value = serde_json::from_str(&emf_line(&idle)).unwrap();
+    assert_eq!(
+        names(&v),
+        [
+            "CDCLatencySource",
+            "CDCIncomingChanges",
+            "SlotRetainedBytes"
+        ]
+    );
+    assert_eq!(v["CDCIncomingChanges"], 0);
     report.slot_safe_wal_size = Some(4096);
     let v: serde_json::Value = serde_json::from_str(&emf_line(&report)).unwrap();
     assert!(names(&v).contains(&"SlotSafeWalSize".to_owned()));
