@@ -8,7 +8,8 @@
 #   ./scripts/test.sh [extra cargo-nextest / cargo test arguments]
 #
 # Before the Rust tests it checks the deployment: cfn-lint and `sam validate --lint` on
-# template.yaml, the CDK app's synth test (same stack as the template), the packaged Lambdas
+# template.yaml, the CDK app's synth test (same stack as the template), the cost model
+# (scripts/cost.py prints $/TB and idle $/month; fails past the goals), the packaged Lambdas
 # (`cargo lambda build --release`, arm64 and x86_64) and a CloudFormation deploy of the template
 # to the emulator. The Rust tests then run the packaged x86_64 bootstraps through the Lambda
 # runtime API (`cargo lambda watch`).
@@ -41,6 +42,11 @@ log "cfn-lint and sam validate --lint (template.yaml)"
 log "CDK synth test (infra/)"
 (cd infra && PGSHIFT_SAM_TEMPLATE_JSON="$PGSHIFT_RUN_DIR/sam.json" npm test --silent \
   && PGSHIFT_CDK_NO_BUILD=1 npx cdk synth --quiet --no-notices --output "$PGSHIFT_RUN_DIR/cdk.out" >/dev/null)
+
+# The cost model (docs/COST.md): $/TB of full load and $/month of an idle CDC task from the
+# template's settings and the measured figures in docs/cost-inputs.json; fails past the goals.
+log "cost model (scripts/cost.py)"
+"$PGSHIFT_TOOLS_VENV/bin/python" scripts/cost.py
 
 # The packaged Lambdas: arm64 (deployed) and x86_64 (run here through the runtime API).
 pgshift_package arm64

@@ -88,7 +88,14 @@ export class PgshiftStack extends Stack {
           },
           {
             Label: { default: 'Operations' },
-            Parameters: ['LogRetentionDays', 'LatencyAlarmSeconds', 'RetainedBytesAlarmThreshold', 'AlarmTopicArn'],
+            Parameters: [
+              'LogRetentionDays',
+              'LatencyAlarmSeconds',
+              'RetainedBytesAlarmThreshold',
+              'AlarmTopicArn',
+              'DataKmsKeyArn',
+              'StageBucketVersioning',
+            ],
           },
         ],
       },
@@ -316,6 +323,20 @@ export class PgshiftStack extends Stack {
       default: '',
       description: 'SNS topic notified by the alarms (empty for none).',
     });
+    const dataKey = new CfnParameter(this, 'DataKmsKeyArn', {
+      type: 'String',
+      default: '',
+      allowedPattern: '(arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/[0-9a-f-]{36})?',
+      constraintDescription: "empty, or a KMS key's ARN (arn:aws:kms:<region>:<account>:key/<id>)",
+      description:
+        'Customer managed KMS key for the staged data, the state table, the queues and the log groups (empty: AWS-owned keys). Its key policy must let CloudWatch Logs (logs.<region>.amazonaws.com), EventBridge Scheduler (the poller\'s dead-letter queue) and, with a target, EventBridge use it; the stack grants the functions and the state machine.',
+    });
+    const versioning = new CfnParameter(this, 'StageBucketVersioning', {
+      type: 'String',
+      default: 'false',
+      allowedValues: ['true', 'false'],
+      description: 'true keeps overwritten or deleted staged objects as noncurrent versions for 7 days.',
+    });
 
     // ------------------------------------------------------------------ conditions
     const inVpc = new CfnCondition(this, 'InVpc', {
@@ -345,6 +366,15 @@ export class PgshiftStack extends Stack {
     const createsApplyEndpoint = new CfnCondition(this, 'CreatesApplyEndpoint', {
       expression: Fn.conditionAnd(createsEndpoints, hasTarget),
     });
+    const hasDataKey = new CfnCondition(this, 'HasDataKey', {
+      expression: Fn.conditionNot(Fn.conditionEquals(dataKey.valueAsString, '')),
+    });
+    const versionsStage = new CfnCondition(this, 'VersionsStage', {
+      expression: Fn.conditionEquals(versioning.valueAsString, 'true'),
+    });
+    const ifKey = <T>(withKey: T, without: T): T =>
+      Fn.conditionIf(hasDataKey.logicalId, withKey, without) as unknown as T;
+    const keyOrNothing = Fn.conditionIf(hasDataKey.logicalId, dataKey.valueAsString, Aws.NO_VALUE).toString();
     // Bounded names (80 characters) whatever the stack's name: the task and the stack id's
     // first 8 hex digits.
     const stackShortId = { Id: Fn.select(0, Fn.split('-', Fn.select(2, Fn.split('/', Aws.STACK_ID)))) };
@@ -354,7 +384,14 @@ export class PgshiftStack extends Stack {
     const bucket = new s3.CfnBucket(this, 'StageBucket', {
       bucketEncryption: {
         serverSideEncryptionConfiguration: [
-          { serverSideEncryptionByDefault: { sseAlgorithm: 'AES256' }, bucketKeyEnabled: true },
+          {
+            serverSideEncryptionByDefault: ifKey<s3.CfnBucket.ServerSideEncryptionByDefaultProperty>(
+              // Inside Fn::If the objects are CloudFormation's, property names as CloudFormation spells them.
+              { SSEAlgorithm: 'aws:kms', KMSMasterKeyID: dataKey.valueAsString } as never,
+              { SSEAlgorithm: 'AES256' } as never,
+            ),
+            bucketKeyEnabled: true,
+          },
         ],
       },
       publicAccessBlockConfiguration: {
@@ -371,8 +408,18 @@ export class PgshiftStack extends Stack {
             status: 'Enabled',
             abortIncompleteMultipartUpload: { daysAfterInitiation: 2 },
           },
+          Fn.conditionIf(
+            versionsStage.logicalId,
+            { Id: 'expire-noncurrent-versions', Status: 'Enabled', NoncurrentVersionExpiration: { NoncurrentDays: 7 } },
+            Aws.NO_VALUE,
+          ) as unknown as s3.CfnBucket.RuleProperty,
         ],
       },
+      versioningConfiguration: Fn.conditionIf(
+        versionsStage.logicalId,
+        { Status: 'Enabled' },
+        Aws.NO_VALUE,
+      ) as unknown as s3.CfnBucket.VersioningConfigurationProperty,
     });
     retain(bucket);
     new s3.CfnBucketPolicy(this, 'StageBucketPolicy', {
@@ -402,12 +449,16 @@ export class PgshiftStack extends Stack {
         { attributeName: 'sk', keyType: 'RANGE' },
       ],
       pointInTimeRecoverySpecification: { pointInTimeRecoveryEnabled: true },
-      sseSpecification: { sseEnabled: true },
+      sseSpecification: ifKey<dynamodb.CfnTable.SSESpecificationProperty>(
+        { SSEEnabled: true, SSEType: 'KMS', KMSMasterKeyId: dataKey.valueAsString } as never,
+        { SSEEnabled: true } as never,
+      ),
     });
     retain(table);
     const dlq = new sqs.CfnQueue(this, 'PollerDeadLetterQueue', {
       messageRetentionPeriod: 1209600,
-      sqsManagedSseEnabled: true,
+      sqsManagedSseEnabled: ifKey<boolean | undefined>(Aws.NO_VALUE as unknown as undefined, true),
+      kmsMasterKeyId: keyOrNothing,
     });
 
     // ------------------------------------------------------------------ logs
@@ -415,6 +466,7 @@ export class PgshiftStack extends Stack {
       new logs.CfnLogGroup(this, id, {
         logGroupName: Fn.sub(name),
         retentionInDays: logRetention.valueAsNumber,
+        kmsKeyId: keyOrNothing,
       });
     const testEndpointLogs = logGroup('TestEndpointLogGroup', '/aws/lambda/${AWS::StackName}-test-endpoint');
     const fullLoadLogs = logGroup('FullLoadLogGroup', '/aws/lambda/${AWS::StackName}-full-load');
@@ -499,7 +551,8 @@ export class PgshiftStack extends Stack {
       queueName: bounded('pgshift-${TaskName}-${Id}-apply-dlq.fifo'),
       fifoQueue: true,
       messageRetentionPeriod: 1209600,
-      sqsManagedSseEnabled: true,
+      sqsManagedSseEnabled: ifKey<boolean | undefined>(Aws.NO_VALUE as unknown as undefined, true),
+      kmsMasterKeyId: keyOrNothing,
     });
     applyDlq.cfnOptions.condition = hasTarget;
     const applyQueue = new sqs.CfnQueue(this, 'ApplyQueue', {
@@ -508,7 +561,8 @@ export class PgshiftStack extends Stack {
       contentBasedDeduplication: true,
       visibilityTimeout: 960,
       messageRetentionPeriod: 1209600,
-      sqsManagedSseEnabled: true,
+      sqsManagedSseEnabled: ifKey<boolean | undefined>(Aws.NO_VALUE as unknown as undefined, true),
+      kmsMasterKeyId: keyOrNothing,
       redrivePolicy: { deadLetterTargetArn: applyDlq.attrArn, maxReceiveCount: 5 },
     });
     applyQueue.cfnOptions.condition = hasTarget;
@@ -910,6 +964,22 @@ export class PgshiftStack extends Stack {
         destinations: [{ cloudWatchLogsLogGroup: { logGroupArn: stateMachineLogs.attrArn } }],
       },
     });
+
+    const dataKeyPolicy = new iam.CfnPolicy(this, 'DataKeyPolicy', {
+      policyName: 'pgshift-data-key',
+      roles: Fn.conditionIf(
+        hasTarget.logicalId,
+        [fullLoadRole.ref, pollerRole.ref, applyRole.ref, machineRole.ref],
+        [fullLoadRole.ref, pollerRole.ref, machineRole.ref],
+      ) as unknown as string[],
+      policyDocument: {
+        Version: '2012-10-17',
+        Statement: [
+          { Sid: 'UseDataKey', Effect: 'Allow', Action: ['kms:Decrypt', 'kms:GenerateDataKey'], Resource: dataKey.valueAsString },
+        ],
+      },
+    });
+    dataKeyPolicy.cfnOptions.condition = hasDataKey;
 
     // ------------------------------------------------------------------ alarms
     const actions = Fn.conditionIf(hasAlarmTopic.logicalId, [alarmTopic.valueAsString], Aws.NO_VALUE);

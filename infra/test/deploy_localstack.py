@@ -127,7 +127,7 @@ def main():
     # Their conditions are false with these parameters (no secret key, no VPC, poller disabled).
     conditional = {"SourceSecretKeyPolicy", "VpcAccessPolicy", "FunctionSecurityGroup", "EndpointSecurityGroup",
                    "S3GatewayEndpoint", "DynamoDbGatewayEndpoint", "SecretsManagerEndpoint", "EventsEndpoint",
-                   "SqsEndpoint", "PollerStoppedAlarm"}
+                   "SqsEndpoint", "PollerStoppedAlarm", "DataKeyPolicy"}
     for logical, res in body["Resources"].items():
         if logical in conditional:
             check(logical not in created, f"{logical} not created (its condition is false)")
