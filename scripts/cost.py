@@ -82,12 +82,18 @@ def full_load_per_tb(s, m):
     tb = 1e12
     chunk_bytes = s["chunk_mb"] * 2**20
     chunks = math.ceil(tb / chunk_bytes)
-    worker_s = tb / (m["full_load_mb_per_s_per_worker"] * 1e6)
-    chunk_s = worker_s / chunks
-    # One PUT when the chunk's staged file fits a part, else create + parts + complete.
+    # One PUT when the chunk's staged file fits a part, else create + parts + complete. Parts
+    # upload two at a time while the export goes on (S3Writer): a chunk takes its export time,
+    # or its upload time when two streams are slower, plus its last part's upload.
     staged = chunk_bytes * m["staged_bytes_per_heap_byte"]
     part = s["s3_part_mb"] * 2**20
-    puts_per_chunk = 1 if staged <= part else 2 + math.ceil(staged / part)
+    parts = math.ceil(staged / part)
+    puts_per_chunk = 1 if parts == 1 else 2 + parts
+    export_s = staged / (m["full_load_mb_per_s_per_worker"] * 1e6)
+    stream = m["s3_upload_mb_per_s_per_stream"] * 1e6
+    last_part = staged - (parts - 1) * part
+    chunk_s = max(export_s, (staged - last_part) / (2 * stream)) + last_part / stream
+    worker_s = chunk_s * chunks
     items = {
         "lambda compute": worker_s * s["full_load_memory_mb"] / 1024 * p["lambda_gb_s_arm64"],
         "lambda requests": (chunks + 2) * p["lambda_request"],
@@ -148,8 +154,9 @@ def main():
         print(f"pgshift cost model (list prices us-east-1 of {PRICES_DATED}; measured {m['measured_on']}: {m['measured_by']})")
         print(f"template: full-load {s['full_load_memory_mb']} MB, {s['chunk_mb']} MB chunks, {s['s3_part_mb']} MiB parts, "
               f"{s['chunk_workflow_type']} children; poller {s['poller_memory_mb']} MB every {s['poll_every_min']} min, watch every {s['watch_every_min']} min")
-        print(f"full load, per TB: {load_info['chunks']} chunks of {load_info['seconds_per_chunk']} s at "
-              f"{m['full_load_mb_per_s_per_worker']} MB/s a worker, {load_info['puts_per_chunk']} PUT(s) each")
+        print(f"full load, per TB: {load_info['chunks']} chunks of {load_info['seconds_per_chunk']} s (export "
+              f"{m['full_load_mb_per_s_per_worker']} MB/s a worker, upload {m['s3_upload_mb_per_s_per_stream']} MB/s a stream), "
+              f"{load_info['puts_per_chunk']} S3 requests each")
         for k, v in load.items():
             print(f"  {k:<42} ${v:8.4f}")
         print(f"  {'total per TB (goal <= $0.50)':<42} ${load_total:8.4f}")

@@ -780,9 +780,9 @@ export class PgshiftStack extends Stack {
       1769,
       900,
       undefined,
-      // A chunk (256 MB of heap by default) is staged as one PUT when it fits, in 256 MiB parts
-      // when not: requests per TB drop from ~120,000 to ~4,000 (docs/COST.md).
-      { PGSHIFT_S3_PART_MB: '256' },
+      // 64 MiB parts, two uploading while the export goes on: a 256 MB chunk is ~5 S3 requests
+      // instead of ~26, and the upload hides behind the export (docs/COST.md).
+      { PGSHIFT_S3_PART_MB: '64' },
     );
     const poller = rustFunction(
       'CdcPollerFunction',

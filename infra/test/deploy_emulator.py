@@ -164,8 +164,8 @@ def main(lambda_dir):
               and env["PGSHIFT_FORMAT"] == "jsonl.gz" and env["PGSHIFT_CDC"] == "true"
               and env["PGSHIFT_COMMIT_TS_COLUMN"] == "false" and env["PGSHIFT_SOURCE_SSLMODE"] == "auto",
               f"{name}: environment wired to the stack")
-        check((env.get("PGSHIFT_S3_PART_MB") == "256") == (b == "full-load"),
-              f"{name}: only the full load stages a chunk as one PUT (PGSHIFT_S3_PART_MB)")
+        check((env.get("PGSHIFT_S3_PART_MB") == "64") == (b == "full-load"),
+              f"{name}: only the full load stages in 64 MiB parts (PGSHIFT_S3_PART_MB)")
         role = conf["Role"].rsplit("/", 1)[1]
         names = iam.list_role_policies(RoleName=role)["PolicyNames"]
         docs = [iam.get_role_policy(RoleName=role, PolicyName=n)["PolicyDocument"] for n in names]

@@ -30,8 +30,9 @@ pub struct LambdaEnv {
     /// `PGSHIFT_CHUNK_MB`: target heap size of a full-load chunk (default 256).
     pub chunk_mb: u64,
     /// `PGSHIFT_S3_PART_MB`: bytes an S3 object is buffered to before it becomes a multipart
-    /// upload, and its part size (default 8; 5-5120). An object that fits is one PUT: the
-    /// full-load function sets it to its chunk size (DESIGN's cost model, docs/COST.md).
+    /// upload, and its part size (default 8; 5-5120). An object that fits is one PUT; larger
+    /// ones upload two parts at a time while the writer fills the next. The full-load
+    /// function uses 64 (fewer requests per TB: docs/COST.md).
     pub s3_part_mb: u64,
     /// `PGSHIFT_MAX_CONCURRENCY`: chunks exported at once by the state machine (default 8).
     pub max_concurrency: u32,

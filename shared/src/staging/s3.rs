@@ -78,13 +78,24 @@ pub struct S3Writer {
     key: String,
     buf: Vec<u8>,
     upload_id: Option<String>,
+    /// Parts uploaded, and parts uploading while the writer goes on filling the next one (at
+    /// most [`PARTS_IN_FLIGHT`]): the export never waits for S3 unless S3 is the slower side.
     parts: Vec<aws_sdk_s3::types::CompletedPart>,
+    uploading: std::collections::VecDeque<
+        tokio::task::JoinHandle<Result<aws_sdk_s3::types::CompletedPart>>,
+    >,
+    next_part: i32,
     bytes: u64,
 }
 
+/// Parts of one object uploading at once.
+const PARTS_IN_FLIGHT: usize = 2;
+
 impl S3Writer {
+    /// Hands the buffer to a background upload as the next part (starting the multipart
+    /// upload first); waits for the oldest upload when [`PARTS_IN_FLIGHT`] are running.
     async fn flush_part(&mut self) -> Result<()> {
-        let s3 = &self.sink.client;
+        let s3 = self.sink.client.clone();
         if self.upload_id.is_none() {
             let out = s3
                 .create_multipart_upload()
@@ -95,25 +106,42 @@ impl S3Writer {
                 .map_err(|e| sdk_error("s3", format!("starting upload of {}", self.key), e))?;
             self.upload_id = out.upload_id().map(str::to_owned);
         }
+        while self.uploading.len() >= PARTS_IN_FLIGHT {
+            self.collect_one().await?;
+        }
         let upload_id = self.upload_id.clone().unwrap_or_default();
-        let number = self.parts.len() as i32 + 1;
-        let body = std::mem::take(&mut self.buf);
-        let out = s3
-            .upload_part()
-            .bucket(&self.sink.bucket)
-            .key(&self.key)
-            .upload_id(&upload_id)
-            .part_number(number)
-            .body(Bytes::from(body).into())
-            .send()
-            .await
-            .map_err(|e| sdk_error("s3", format!("uploading part {number} of {}", self.key), e))?;
-        self.parts.push(
-            aws_sdk_s3::types::CompletedPart::builder()
+        self.next_part += 1;
+        let number = self.next_part;
+        let body = Bytes::from(std::mem::take(&mut self.buf));
+        let (bucket, key) = (self.sink.bucket.clone(), self.key.clone());
+        self.uploading.push_back(tokio::spawn(async move {
+            let out = s3
+                .upload_part()
+                .bucket(&bucket)
+                .key(&key)
+                .upload_id(&upload_id)
+                .part_number(number)
+                .body(body.into())
+                .send()
+                .await
+                .map_err(|e| sdk_error("s3", format!("uploading part {number} of {key}"), e))?;
+            Ok(aws_sdk_s3::types::CompletedPart::builder()
                 .part_number(number)
                 .set_e_tag(out.e_tag().map(str::to_owned))
-                .build(),
-        );
+                .build())
+        }));
+        Ok(())
+    }
+
+    /// Waits for the oldest part upload.
+    async fn collect_one(&mut self) -> Result<()> {
+        if let Some(handle) = self.uploading.pop_front() {
+            let part = handle.await.map_err(|e| Error::Io {
+                context: format!("a part upload of {} did not finish", self.key),
+                source: std::io::Error::other(e.to_string()),
+            })??;
+            self.parts.push(part);
+        }
         Ok(())
     }
 }
@@ -122,8 +150,12 @@ impl ObjectWriter for S3Writer {
     async fn write(&mut self, data: &[u8]) -> Result<()> {
         self.bytes += data.len() as u64;
         self.buf.extend_from_slice(data);
-        if self.buf.len() >= self.sink.part_size {
-            self.flush_part().await?;
+        if self.buf.len() >= self.sink.part_size
+            && let Err(e) = self.flush_part().await
+        {
+            // Aborting here: the caller may drop the writer without calling abort.
+            self.cancel_uploads().await;
+            return Err(e);
         }
         Ok(())
     }
@@ -141,15 +173,22 @@ impl ObjectWriter for S3Writer {
                 .map_err(|e| sdk_error("s3", format!("writing {}", self.key), e))?;
             return Ok(self.bytes);
         }
-        if !self.buf.is_empty()
-            && let Err(e) = self.flush_part().await
-        {
+        let mut flushed = Ok(());
+        if !self.buf.is_empty() {
+            flushed = self.flush_part().await;
+        }
+        while flushed.is_ok() && !self.uploading.is_empty() {
+            flushed = self.collect_one().await;
+        }
+        if let Err(e) = flushed {
             self.abort().await;
             return Err(e);
         }
         let upload_id = self.upload_id.clone().unwrap_or_default();
+        let mut parts = std::mem::take(&mut self.parts);
+        parts.sort_by_key(|p| p.part_number());
         let done = aws_sdk_s3::types::CompletedMultipartUpload::builder()
-            .set_parts(Some(std::mem::take(&mut self.parts)))
+            .set_parts(Some(parts))
             .build();
         let result = s3
             .complete_multipart_upload()
@@ -169,15 +208,25 @@ impl ObjectWriter for S3Writer {
         }
     }
 
-    async fn abort(self) {
-        if let Some(id) = &self.upload_id {
+    async fn abort(mut self) {
+        self.cancel_uploads().await;
+    }
+}
+
+impl S3Writer {
+    /// Stops the part uploads and aborts the multipart upload (S3 then frees its parts).
+    async fn cancel_uploads(&mut self) {
+        for handle in self.uploading.drain(..) {
+            handle.abort();
+        }
+        if let Some(id) = self.upload_id.take() {
             let _ = self
                 .sink
                 .client
                 .abort_multipart_upload()
                 .bucket(&self.sink.bucket)
                 .key(&self.key)
-                .upload_id(id)
+                .upload_id(&id)
                 .send()
                 .await;
         }
@@ -194,6 +243,8 @@ impl ObjectSink for S3Sink {
             buf: Vec::new(),
             upload_id: None,
             parts: Vec::new(),
+            uploading: std::collections::VecDeque::new(),
+            next_part: 0,
             bytes: 0,
         })
     }
