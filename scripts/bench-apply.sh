@@ -39,6 +39,8 @@ base="postgres://postgres:${PGSHIFT_PG_PASSWORD}@127.0.0.1:${port}"
 src="$base/bench?sslmode=disable" pgs="$base/pgs?sslmode=disable"
 work=$PGSHIFT_RUN_DIR/bench-apply
 stage=(--stage "$work/stage" --state "$work/state")
+# apply without --until takes only the stage (its position is in the target)
+apply_stage=(--stage "$work/stage")
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.2f}')"; }
 export PGSHIFT_LOG=${PGSHIFT_LOG:-warn}
@@ -48,11 +50,12 @@ pgbench -q -i -s 5 -h 127.0.0.1 -p "$port" -U postgres bench >/dev/null 2>&1
 
 # pgshift: the load (with the task's slot), applied before the workload.
 "$bin" full-load --task bench --source "$src" "${stage[@]}" --cdc >/dev/null
-"$bin" apply --task bench --target "$pgs" "${stage[@]}" >/dev/null
+"$bin" apply --task bench --target "$pgs" "${apply_stage[@]}" >/dev/null
 pgp="$base/pgp?sslmode=disable"
 pipe=(--stage "$work/pipe-stage" --state "$work/pipe-state")
+apply_pipe=(--stage "$work/pipe-stage")
 "$bin" full-load --task pipe --source "$src" "${pipe[@]}" --cdc >/dev/null
-"$bin" apply --task pipe --target "$pgp" "${pipe[@]}" >/dev/null
+"$bin" apply --task pipe --target "$pgp" "${apply_pipe[@]}" >/dev/null
 # native: the same tables and rows, a publication, a slot, a disabled subscription.
 pg_dump -h 127.0.0.1 -p "$port" -U postgres -t 'pgbench_*' bench | psql_ -d native >/dev/null
 psql_ -d bench -c "create publication native_pub for table pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history" \
@@ -68,7 +71,7 @@ psql_ -d bench -c "checkpoint" >/dev/null
 t0=$(now)
 "$bin" cdc --task bench --source "$src" "${stage[@]}" --once --json >"$work/cdc.json"
 t1=$(now)
-/usr/bin/time -f "%e %M" -o "$work/apply.time" "$bin" apply --task bench --target "$pgs" "${stage[@]}" --json >"$work/apply.json"
+/usr/bin/time -f "%e %M" -o "$work/apply.time" "$bin" apply --task bench --target "$pgs" "${apply_stage[@]}" --json >"$work/apply.json"
 t2=$(now)
 read -r _ apply_kb <"$work/apply.time"
 
@@ -87,17 +90,17 @@ done
 t4=$(now)
 psql_ -d native -c "alter subscription native_sub disable"
 
-"$bin" validate --task bench --source "$src" --target "$pgs" "${stage[@]}" >"$work/validate-pgs.txt" || {
+"$bin" validate --task bench --source "$src" --target "$pgs" >"$work/validate-pgs.txt" || {
   cat "$work/validate-pgs.txt"
   echo "pgshift's target differs from the source" >&2
   exit 1
 }
-"$bin" validate --task pipe --source "$src" --target "$pgp" "${pipe[@]}" >"$work/validate-pgp.txt" || {
+"$bin" validate --task pipe --source "$src" --target "$pgp" >"$work/validate-pgp.txt" || {
   cat "$work/validate-pgp.txt"
   echo "pgshift's pipelined target differs from the source" >&2
   exit 1
 }
-"$bin" validate --task bench --source "$src" --target "$base/native?sslmode=disable" "${stage[@]}" >"$work/validate-native.txt" || {
+"$bin" validate --task bench --source "$src" --target "$base/native?sslmode=disable" >"$work/validate-native.txt" || {
   cat "$work/validate-native.txt"
   echo "the native subscriber's target differs from the source" >&2
   exit 1
@@ -108,7 +111,7 @@ psql_ -d bench -c "create table big (id int primary key, v int, pad text)" \
   -c "begin" -c "insert into big select g, 0, md5(g::text) from generate_series(1, $BIG_ROWS) g" \
   -c "update big set v = 1" -c "commit" >/dev/null
 "$bin" cdc --task bench --source "$src" "${stage[@]}" --once --json >"$work/cdc-big.json"
-/usr/bin/time -f "%e %M" -o "$work/big.time" "$bin" apply --task bench --target "$pgs" "${stage[@]}" --json >"$work/apply-big.json"
+/usr/bin/time -f "%e %M" -o "$work/big.time" "$bin" apply --task bench --target "$pgs" "${apply_stage[@]}" --json >"$work/apply-big.json"
 read -r big_s big_kb <"$work/big.time"
 [ "$(psql_ -d pgs -c "select count(*) filter (where v = 1) from big")" = "$BIG_ROWS" ] || {
   echo "the big transaction did not apply" >&2

@@ -57,7 +57,7 @@ rows=$(psql_ -d src -c "select sum(n_live_tup) from pg_stat_user_tables")
 t0=$(now)
 "$bin" full-load --task mig --source "$(url src)" --stage "$work/stage" --state "$work/state" --cdc --parallel 2 >/dev/null
 t1=$(now)
-"$bin" apply --task mig --target "$(url pgs)" --stage "$work/stage" --state "$work/state" --parallel 2 >/dev/null
+"$bin" apply --task mig --target "$(url pgs)" --stage "$work/stage" --parallel 2 >/dev/null
 t2=$(now)
 du_stage=$(du -sm "$work/stage" | cut -f1)
 
@@ -76,7 +76,7 @@ t6=$(now)
 idx_src=$(psql_ -d src -c "select count(*) from pg_indexes where schemaname = 'public'")
 seq_src=$(psql_ -d src -c "select last_value from pgbench_history_id_seq")
 for db in pgs pgc pgd; do
-  "$bin" validate --task mig --source "$(url src)" --target "$(url $db)" --stage "$work/stage" --state "$work/state" >"$work/validate-$db.txt" || {
+  "$bin" validate --task mig --source "$(url src)" --target "$(url $db)" >"$work/validate-$db.txt" || {
     cat "$work/validate-$db.txt"; echo "$db differs from the source" >&2; exit 1
   }
   [ "$(psql_ -d $db -c "select count(*) from pg_indexes where schemaname = 'public'")" = "$idx_src" ] ||
@@ -84,7 +84,7 @@ for db in pgs pgc pgd; do
   [ "$(psql_ -d $db -c "select last_value from pgbench_history_id_seq")" = "$seq_src" ] ||
     { echo "$db's sequence is not the source's" >&2; exit 1; }
 done
-"$bin" teardown --task mig --source "$(url src)" --state "$work/state" --yes >/dev/null
+"$bin" teardown --task mig --source "$(url src)" --yes >/dev/null
 
 python3 - "$SCALE" "$rows" "$(secs "$t0" "$t1")" "$(secs "$t1" "$t2")" "$(secs "$t3" "$t4")" "$(secs "$t5" "$t6")" "$du_stage" <<'PY'
 import sys

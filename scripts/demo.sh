@@ -54,10 +54,10 @@ printf '\n== pgshift cdc --once (catch up) ==\n'
 "$pgshift" cdc "${task[@]}" --source "$src" --once
 
 printf '\n== pgshift apply (into database shop_copy) ==\n'
-"$pgshift" apply "${task[@]}" --target "$dst"
+"$pgshift" apply --task demo --stage "$data/stage" --target "$dst"
 
 printf '\n== pgshift validate ==\n'
-"$pgshift" validate "${task[@]}" --source "$src" --target "$dst"
+"$pgshift" validate --task demo --source "$src" --target "$dst"
 
 printf '\n== pgshift cdc --once (nothing new: the idle slot still advances past the apply WAL) ==\n'
 "$pgshift" cdc "${task[@]}" --source "$src" --once

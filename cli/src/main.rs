@@ -5,7 +5,8 @@
 
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgAction, ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use pgshift::Error;
 
 mod commands;
@@ -19,6 +20,19 @@ mod seams;
     about = "Move a live PostgreSQL database into S3: full load, then CDC"
 )]
 struct Cli {
+    /// More log output: -v info, -vv debug, -vvv trace (PGSHIFT_LOG or RUST_LOG, when set,
+    /// decide instead: `RUST_LOG=pgshift=debug`).
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Errors only in the log.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Log lines on stderr as `text` or `json` (one object a line, for log shippers).
+    #[arg(long, global = true, env = "PGSHIFT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// Colour in the log: `auto` (a terminal, and NO_COLOR unset), `always`, `never`.
+    #[arg(long, global = true, default_value = "auto", value_parser = ["auto", "always", "never"])]
+    color: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,6 +57,19 @@ enum Command {
     /// Drop everything pgshift created on the source for a task: its replication slot (which
     /// holds WAL until dropped), publications and follow trigger. Staged data and state stay.
     Teardown(TeardownArgs),
+    /// Print a shell completion script: `pgshift completions bash > /etc/bash_completion.d/pgshift`
+    /// (zsh: into a folder of $fpath as `_pgshift`; fish: ~/.config/fish/completions/pgshift.fish).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to stdout, or write pgshift.1 and a page per command into
+    /// --out-dir: `pgshift man | man -l -`.
+    Man {
+        /// A folder for pgshift.1, pgshift-full-load.1, ...
+        #[arg(long)]
+        out_dir: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -247,10 +274,6 @@ pub(crate) struct CutoverArgs {
 pub(crate) struct ValidateArgs {
     #[arg(long, env = "PGSHIFT_TASK")]
     pub(crate) task: String,
-    #[arg(long, env = "PGSHIFT_STAGE", default_value = "./pgshift-data/stage")]
-    pub(crate) stage: String,
-    #[arg(long, env = "PGSHIFT_STATE", default_value = "./pgshift-data/state")]
-    pub(crate) state: String,
     #[arg(long, env = "PGSHIFT_SOURCE")]
     pub(crate) source: String,
     #[arg(long, env = "PGSHIFT_TARGET")]
@@ -345,8 +368,38 @@ pub(crate) struct CdcArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_tracing();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if let Err(err) = ignored_flags(&matches) {
+        eprintln!("error: {err}");
+        return ExitCode::from(2);
+    }
+    init_tracing(&cli);
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "pgshift",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { out_dir } => {
+            return match man_pages(out_dir.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        _ => {}
+    }
     // One thread for the CDC drain: the connection task and the consumer hand rows over
     // without cross-thread wake-ups, and the PostgreSQL backend keeps the other core (measured
     // by bench-cdc.sh). Parallel full-load workers get a thread each.
@@ -377,13 +430,111 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// The log: PGSHIFT_LOG, else RUST_LOG, else -v/-q (warnings by default); text or JSON lines
+/// on stderr; colour on a terminal unless NO_COLOR or --color says.
+fn init_tracing(cli: &Cli) {
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        _ => "trace",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGSHIFT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("RUST_LOG"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let ansi = match cli.color.as_str() {
+        "always" => true,
+        "never" => false,
+        _ => {
+            use std::io::IsTerminal;
+            std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+        }
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.with_ansi(ansi).init();
+    }
+}
+
+/// Flags a command would not use, given on the command line, are errors (never silently
+/// ignored); the same settings from the environment (PGSHIFT_*) are not, since one environment
+/// serves every command.
+fn ignored_flags(matches: &ArgMatches) -> pgshift::Result<()> {
+    let Some((command, m)) = matches.subcommand() else {
+        return Ok(());
+    };
+    let given = |id: &str| m.value_source(id) == Some(ValueSource::CommandLine);
+    let present = |id: &str| {
+        matches!(
+            m.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    };
+    let refuse = |flags: &[&str], why: &str| -> pgshift::Result<()> {
+        for flag in flags {
+            if given(flag) {
+                let name = format!("--{}", flag.replace('_', "-"));
+                return Err(Error::config(
+                    name,
+                    format!("{command} does not use it {why}"),
+                ));
+            }
+        }
+        Ok(())
+    };
+    match command {
+        "apply" => {
+            if !present("until") {
+                refuse(
+                    &[
+                        "source",
+                        "state",
+                        "tables",
+                        "format",
+                        "max_batch_changes",
+                        "wait",
+                    ],
+                    "without --until (only `apply --until .. --source ..` drains CDC itself)",
+                )?;
+            } else if !present("source") {
+                refuse(
+                    &["state", "tables", "format", "max_batch_changes"],
+                    "without --source (they configure the CDC drain --source starts)",
+                )?;
+            }
+            if !given("follow") && !present("until") {
+                refuse(&["interval"], "without --follow or --until")?;
+            }
+        }
+        "cdc" if !given("follow") => refuse(&["interval"], "without --follow")?,
+        "teardown" if !given("reset") => refuse(&["state"], "without --reset")?,
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `pgshift man`: the top page, and one per command (`pgshift-full-load.1`, ..).
+fn man_pages(out_dir: Option<&std::path::Path>) -> std::io::Result<()> {
+    let cmd = Cli::command();
+    let Some(dir) = out_dir else {
+        return clap_mangen::Man::new(cmd).render(&mut std::io::stdout());
+    };
+    std::fs::create_dir_all(dir)?;
+    let mut top = std::fs::File::create(dir.join("pgshift.1"))?;
+    clap_mangen::Man::new(cmd.clone()).render(&mut top)?;
+    for sub in cmd.get_subcommands() {
+        let name = format!("pgshift-{}", sub.get_name());
+        // A command name is `&'static str` in clap; the pages are made once per run.
+        let page = sub.clone().name(&*Box::leak(name.clone().into_boxed_str()));
+        let mut f = std::fs::File::create(dir.join(format!("{name}.1")))?;
+        clap_mangen::Man::new(page).render(&mut f)?;
+    }
+    Ok(())
 }
 
 async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
@@ -396,5 +547,6 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
         Command::Status(args) => commands::status(args).await,
         Command::Cdc(args) => commands::cdc(args).await,
         Command::Teardown(args) => commands::teardown(args).await,
+        Command::Completions { .. } | Command::Man { .. } => Ok(ExitCode::SUCCESS),
     }
 }

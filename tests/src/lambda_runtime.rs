@@ -201,7 +201,7 @@ async fn setup_aws(task: &str, db: &TestDb) -> (Vec<(&'static str, String)>, S3S
     let vars = vec![
         ("PGSHIFT_TASK", task.to_owned()),
         ("PGSHIFT_SOURCE_SECRET_ARN", secret),
-        ("PGSHIFT_SOURCE_SSLMODE", "require".to_owned()),
+        ("PGSHIFT_SOURCE_SSLMODE", "auto".to_owned()),
         ("PGSHIFT_STAGE", stage),
         ("PGSHIFT_STATE_TABLE", table),
         ("PGSHIFT_FORMAT", "csv".to_owned()),

@@ -302,10 +302,24 @@ impl CliTask {
         }
     }
 
-    /// Runs `pgshift <args> --task .. --stage .. --state ..`: (exit code, stdout, stderr).
+    /// Runs `pgshift <args>` with the `--task/--stage/--state` its command takes
+    /// ([`CliTask::common_for`]): (exit code, stdout, stderr).
     pub fn run(&self, args: &[&str]) -> (Option<i32>, String, String) {
-        let common: Vec<&str> = self.common.iter().map(String::as_str).collect();
-        run_cli(&[args, &common[..]].concat())
+        run_cli(&[args, &self.common_for(args)[..]].concat())
+    }
+
+    /// The common arguments the command in `args` takes (a flag a command would ignore is an
+    /// error): `validate` only `--task`; `apply` `--state` only when it drains CDC itself
+    /// (`--until` with `--source`); the other commands all three.
+    pub fn common_for(&self, args: &[&str]) -> Vec<&str> {
+        let all = self.common();
+        match args.first() {
+            Some(&"validate") => all[..2].to_vec(),
+            Some(&"apply") if !(args.contains(&"--until") && args.contains(&"--source")) => {
+                all[..4].to_vec()
+            }
+            _ => all,
+        }
     }
 
     /// The `--task .. --stage .. --state ..` arguments, for a command run another way.

@@ -2,6 +2,7 @@
 
 mod apply;
 mod cdc;
+mod cli;
 mod ddl;
 mod endpoint;
 mod events;

@@ -294,14 +294,10 @@ async fn cli_full_load_cdc_apply_validate_status() {
         .unwrap();
     let (code, out, err) = run(&[&["cdc", "--source", &src, "--once"][..], &common].concat());
     assert_eq!(code, Some(0), "{out}{err}");
-    let (code, out, err) = run(&[&["apply", "--target", &dst][..], &common].concat());
+    let (code, out, err) = task.run(&["apply", "--target", &dst]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("load applied (5000 rows, "), "{out}");
-    let (code, out, err) = run(&[
-        &["validate", "--source", &src, "--target", &dst][..],
-        &common,
-    ]
-    .concat());
+    let (code, out, err) = task.run(&["validate", "--source", &src, "--target", &dst]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(
         out.contains("EQUAL public.t") && out.contains("target equals source"),
@@ -325,11 +321,7 @@ async fn cli_full_load_cdc_apply_validate_status() {
         .batch_execute("delete from public.t where id = 7")
         .await
         .unwrap();
-    let (code, out, _) = run(&[
-        &["validate", "--source", &src, "--target", &dst][..],
-        &common,
-    ]
-    .concat());
+    let (code, out, _) = task.run(&["validate", "--source", &src, "--target", &dst]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("first differing keys: 7"), "{out}");
     let (code, _, err) = run(&["status", "--task", "no-such-task", "--state", state]);
