@@ -43,7 +43,7 @@ async fn wait_or_interrupt(interval: Duration) -> bool {
 }
 
 pub(crate) async fn test_endpoint(args: TestEndpointArgs) -> pgshift::Result<ExitCode> {
-    let spec = SourceSpec::parse(&args.source, "--source")?;
+    let spec = crate::source_spec(&args.source, "--source")?;
     let selection = read_selection(args.tables.as_deref())?;
     if !args.long_transaction_secs.is_finite() || args.long_transaction_secs < 0.0 {
         return Err(Error::config(
@@ -59,7 +59,7 @@ pub(crate) async fn test_endpoint(args: TestEndpointArgs) -> pgshift::Result<Exi
         long_transaction_secs: args.long_transaction_secs,
         capture_ddl: args.capture_ddl,
         target: match &args.target {
-            Some(t) => Some(resolve(&SourceSpec::parse(t, "--target")?).await?),
+            Some(t) => Some(resolve(&crate::source_spec(t, "--target")?).await?),
             None => None,
         },
     };
@@ -78,7 +78,7 @@ pub(crate) async fn test_endpoint(args: TestEndpointArgs) -> pgshift::Result<Exi
 
 pub(crate) async fn full_load(args: FullLoadArgs) -> pgshift::Result<ExitCode> {
     pgshift::config::check_task_name(&args.task)?;
-    let spec = SourceSpec::parse(&args.source, "--source")?;
+    let spec = crate::source_spec(&args.source, "--source")?;
     let settings = TaskSettings {
         format: Format::parse(&args.format, "--format")?,
         selection: read_selection(args.tables.as_deref())?,
@@ -167,7 +167,7 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
         target_prep: args.target_prep.parse()?,
         ..apply_job::ApplyOptions::default()
     };
-    let spec = SourceSpec::parse(&args.target, "--target")?;
+    let spec = crate::source_spec(&args.target, "--target")?;
     let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
     let events = events_for(args.events_bus.as_deref(), seams.aws.as_ref()).await?;
     if let Some(cdc) = drain.as_mut() {
@@ -256,7 +256,7 @@ async fn events_for(
 
 /// The source's connection settings from `--source` (a URL or `secret:<arn>`).
 async fn resolve_source(source: &str) -> pgshift::Result<pgshift::config::PgConfig> {
-    let spec = SourceSpec::parse(source, "--source")?;
+    let spec = crate::source_spec(source, "--source")?;
     match &spec {
         SourceSpec::Secret(_) => Aws::from_env().await.resolve(&spec, None).await,
         _ => resolve(&spec).await,
@@ -295,9 +295,9 @@ async fn source_position(cfg: &pgshift::config::PgConfig) -> pgshift::Result<pgs
 pub(crate) async fn cutover(args: CutoverArgs) -> pgshift::Result<ExitCode> {
     pgshift::config::check_task_name(&args.task)?;
     let selection = read_selection(args.tables.as_deref())?;
-    let spec = SourceSpec::parse(&args.source, "--source")?;
+    let spec = crate::source_spec(&args.source, "--source")?;
     let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
-    let target_spec = SourceSpec::parse(&args.target, "--target")?;
+    let target_spec = crate::source_spec(&args.target, "--target")?;
     let target = match (&target_spec, &seams.aws) {
         (SourceSpec::Secret(_), Some(aws)) => aws.resolve(&target_spec, None).await?,
         (SourceSpec::Secret(_), None) => Aws::from_env().await.resolve(&target_spec, None).await?,
@@ -370,8 +370,8 @@ pub(crate) async fn cutover(args: CutoverArgs) -> pgshift::Result<ExitCode> {
 pub(crate) async fn validate(args: ValidateArgs) -> pgshift::Result<ExitCode> {
     pgshift::config::check_task_name(&args.task)?;
     let selection = read_selection(args.tables.as_deref())?;
-    let source = resolve(&SourceSpec::parse(&args.source, "--source")?).await?;
-    let target = resolve(&SourceSpec::parse(&args.target, "--target")?).await?;
+    let source = resolve(&crate::source_spec(&args.source, "--source")?).await?;
+    let target = resolve(&crate::source_spec(&args.target, "--target")?).await?;
     let report = validate_job::run(&source, &target, &selection).await?;
     if args.json {
         print_json(serde_json::to_value(&report), true);
@@ -388,11 +388,11 @@ pub(crate) async fn validate(args: ValidateArgs) -> pgshift::Result<ExitCode> {
 pub(crate) async fn status(args: StatusArgs) -> pgshift::Result<ExitCode> {
     let state = Target::parse_state(&args.state)?;
     let source = match &args.source {
-        Some(s) => Some(resolve(&SourceSpec::parse(s, "--source")?).await?),
+        Some(s) => Some(resolve(&crate::source_spec(s, "--source")?).await?),
         None => None,
     };
     let target = match &args.target {
-        Some(t) => Some(resolve(&SourceSpec::parse(t, "--target")?).await?),
+        Some(t) => Some(resolve(&crate::source_spec(t, "--target")?).await?),
         None => None,
     };
     let mut status = match &state {
@@ -423,7 +423,7 @@ pub(crate) async fn status(args: StatusArgs) -> pgshift::Result<ExitCode> {
 
 pub(crate) async fn cdc(args: CdcArgs) -> pgshift::Result<ExitCode> {
     pgshift::config::check_task_name(&args.task)?;
-    let spec = SourceSpec::parse(&args.source, "--source")?;
+    let spec = crate::source_spec(&args.source, "--source")?;
     if args.max_batch_changes == 0 {
         return Err(Error::config("--max-batch-changes", "must be at least 1"));
     }
@@ -484,7 +484,7 @@ pub(crate) async fn cdc(args: CdcArgs) -> pgshift::Result<ExitCode> {
 
 pub(crate) async fn teardown(args: TeardownArgs) -> pgshift::Result<ExitCode> {
     pgshift::config::check_task_name(&args.task)?;
-    let source = resolve(&SourceSpec::parse(&args.source, "--source")?).await?;
+    let source = resolve(&crate::source_spec(&args.source, "--source")?).await?;
     if !args.yes {
         use std::io::{BufRead, IsTerminal, Write};
         if !std::io::stdin().is_terminal() {

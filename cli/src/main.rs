@@ -76,7 +76,7 @@ enum Command {
 pub(crate) struct TeardownArgs {
     #[arg(long, env = "PGSHIFT_TASK")]
     pub(crate) task: String,
-    /// `postgres://..` or `secret:<arn>`.
+    /// `postgres://..`, `host=.. dbname=..` conninfo or `secret:<arn>` (PG* variables and the password file fill in what it leaves out).
     #[arg(long, env = "PGSHIFT_SOURCE")]
     pub(crate) source: String,
     /// Do not ask (for scripts): without it, the task's name is asked for on a terminal.
@@ -95,7 +95,7 @@ pub(crate) struct TeardownArgs {
 
 #[derive(Args)]
 pub(crate) struct TestEndpointArgs {
-    /// `postgres://user:password@host:port/dbname?sslmode=..` or `secret:<arn>`.
+    /// `postgres://user:password@host:port/dbname?sslmode=..`, `host=.. dbname=..` conninfo or `secret:<arn>` (PG* variables and the password file fill in what it leaves out).
     #[arg(long, env = "PGSHIFT_SOURCE")]
     pub(crate) source: String,
     /// DMS table-mapping JSON file with selection rules (default: all user tables).
@@ -110,7 +110,7 @@ pub(crate) struct TestEndpointArgs {
     /// Report transactions open longer than this many seconds.
     #[arg(long, default_value_t = 60.0)]
     pub(crate) long_transaction_secs: f64,
-    /// The target of a PG → PG migration (`postgres://..` or `secret:<arn>`): checks it can
+    /// The target of a PG → PG migration (`postgres://..`, `host=.. dbname=..` conninfo or `secret:<arn>` (PG* variables and the password file fill in what it leaves out)): checks it can
     /// create the extensions the selected columns' types come from (PostGIS, ..).
     #[arg(long)]
     pub(crate) target: Option<String>,
@@ -132,7 +132,7 @@ pub(crate) struct FullLoadArgs {
     pub(crate) events_bus: Option<String>,
     #[arg(long, env = "PGSHIFT_TASK")]
     pub(crate) task: String,
-    /// `postgres://..` or `secret:<arn>`.
+    /// `postgres://..`, `host=.. dbname=..` conninfo or `secret:<arn>` (PG* variables and the password file fill in what it leaves out).
     #[arg(long, env = "PGSHIFT_SOURCE")]
     pub(crate) source: String,
     /// A folder, or `s3://bucket/prefix` (default ./pgshift-data/stage).
@@ -193,7 +193,7 @@ pub(crate) struct ApplyArgs {
     pub(crate) stage: String,
     #[arg(long, env = "PGSHIFT_STATE", default_value = "./pgshift-data/state")]
     pub(crate) state: String,
-    /// `postgres://..` or `secret:<arn>` of the target.
+    /// `postgres://..`, `host=.. dbname=..` conninfo or `secret:<arn>` (PG* variables and the password file fill in what it leaves out) of the target.
     #[arg(long, env = "PGSHIFT_TARGET")]
     pub(crate) target: String,
     /// Keep applying new batches every --interval seconds until interrupted.
@@ -246,10 +246,10 @@ pub(crate) struct ApplyArgs {
 pub(crate) struct CutoverArgs {
     #[arg(long, env = "PGSHIFT_TASK")]
     pub(crate) task: String,
-    /// `postgres://..` or `secret:<arn>` of the source (writes to it stopped).
+    /// `postgres://..`, `host=.. dbname=..` conninfo or `secret:<arn>` (PG* variables and the password file fill in what it leaves out) of the source (writes to it stopped).
     #[arg(long, env = "PGSHIFT_SOURCE")]
     pub(crate) source: String,
-    /// `postgres://..` or `secret:<arn>` of the target.
+    /// `postgres://..`, `host=.. dbname=..` conninfo or `secret:<arn>` (PG* variables and the password file fill in what it leaves out) of the target.
     #[arg(long, env = "PGSHIFT_TARGET")]
     pub(crate) target: String,
     #[arg(long, env = "PGSHIFT_STAGE", default_value = "./pgshift-data/stage")]
@@ -310,7 +310,7 @@ pub(crate) struct CdcArgs {
     pub(crate) events_bus: Option<String>,
     #[arg(long, env = "PGSHIFT_TASK")]
     pub(crate) task: String,
-    /// `postgres://..` or `secret:<arn>`.
+    /// `postgres://..`, `host=.. dbname=..` conninfo or `secret:<arn>` (PG* variables and the password file fill in what it leaves out).
     #[arg(long, env = "PGSHIFT_SOURCE")]
     pub(crate) source: String,
     /// A folder, or `s3://bucket/prefix` (default ./pgshift-data/stage).
@@ -549,4 +549,17 @@ async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
         Command::Teardown(args) => commands::teardown(args).await,
         Command::Completions { .. } | Command::Man { .. } => Ok(ExitCode::SUCCESS),
     }
+}
+
+/// `--source` / `--target` as libpq users write them: a `postgres://` URL or `key=value`
+/// conninfo completed from the `PG*` variables and the password file, or `secret:<arn>`.
+pub(crate) fn source_spec(
+    value: &str,
+    field: &str,
+) -> pgshift::Result<pgshift::config::SourceSpec> {
+    pgshift::config::SourceSpec::parse_libpq(
+        value,
+        field,
+        &pgshift::config::libpq::LibpqEnv::from_process(),
+    )
 }

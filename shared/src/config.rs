@@ -11,13 +11,13 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use percent_encoding::percent_decode_str;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
 mod lambda_env;
+pub mod libpq;
 pub use lambda_env::{LambdaEnv, check_bus, check_schema_name};
 
 /// How the connection uses TLS, with libpq's meanings.
@@ -161,68 +161,14 @@ impl PgConfig {
     /// `statement_timeout` and `lock_timeout` (milliseconds). Unknown keys are errors, so a typo
     /// never silently weakens TLS. `field` names the setting in errors.
     pub fn from_url(url: &str, field: &str) -> Result<PgConfig> {
-        let bad = |reason: &str| Error::config(field, reason.to_owned());
-        let rest = url
-            .strip_prefix("postgres://")
-            .or_else(|| url.strip_prefix("postgresql://"))
-            .ok_or_else(|| bad("expected a postgres:// URL or secret:<arn>"))?;
-        let (rest, query) = match rest.split_once('?') {
-            Some((r, q)) => (r, Some(q)),
-            None => (rest, None),
-        };
-        let (authority, path) = match rest.split_once('/') {
-            Some((a, p)) => (a, p),
-            None => (rest, ""),
-        };
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
-        };
-        let decode = |s: &str, what: &str| -> Result<String> {
-            percent_decode_str(s)
-                .decode_utf8()
-                .map(|c| c.into_owned())
-                .map_err(|_| bad(&format!("{what} is not valid percent-encoded UTF-8")))
-        };
-        let (user, password) = match userinfo {
-            Some(ui) => match ui.split_once(':') {
-                Some((u, p)) => (
-                    decode(u, "user")?,
-                    Some(SecretString::from(decode(p, "password")?)),
-                ),
-                None => (decode(ui, "user")?, None),
-            },
-            None => (String::new(), None),
-        };
-        let (host, port) = split_host_port(hostport).map_err(|r| bad(&r))?;
-        if host.is_empty() {
-            return Err(bad("host is missing"));
-        }
-        let dbname = decode(path, "database name")?;
-        let user = if user.is_empty() {
-            "postgres".to_owned()
-        } else {
-            user
-        };
-        let dbname = if dbname.is_empty() {
-            user.clone()
-        } else {
-            dbname
-        };
-        let mut cfg = PgConfig::new(host, port, user, dbname);
-        cfg.password = password;
-        cfg.sslmode = SslMode::for_host(&cfg.host, SslMode::Prefer);
-        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair
-                .split_once('=')
-                .ok_or_else(|| bad(&format!("query parameter {pair:?} has no value")))?;
-            let v = decode(v, k)?;
-            cfg.set_option(k, &v).map_err(|r| bad(&r))?;
-        }
-        Ok(cfg)
+        libpq::build(
+            libpq::url_settings(url, field)?,
+            field,
+            &libpq::LibpqEnv::none(),
+        )
     }
 
-    fn set_option(&mut self, key: &str, value: &str) -> std::result::Result<(), String> {
+    pub(crate) fn set_option(&mut self, key: &str, value: &str) -> std::result::Result<(), String> {
         let millis = |v: &str| {
             v.parse::<u64>()
                 .map(Duration::from_millis)
@@ -298,7 +244,7 @@ impl PgConfig {
     }
 }
 
-fn split_host_port(s: &str) -> std::result::Result<(String, u16), String> {
+pub(crate) fn split_host_port(s: &str) -> std::result::Result<(String, u16), String> {
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let (h, after) = rest.split_once(']').ok_or("unclosed [ in IPv6 host")?;
         (h.to_owned(), after.strip_prefix(':'))
@@ -318,7 +264,7 @@ fn split_host_port(s: &str) -> std::result::Result<(String, u16), String> {
     Ok((host, port))
 }
 
-fn parse_port(p: &str) -> std::result::Result<u16, String> {
+pub(crate) fn parse_port(p: &str) -> std::result::Result<u16, String> {
     match p.parse::<u16>() {
         Ok(0) | Err(_) => Err(format!("port {p:?} is not a number between 1 and 65535")),
         Ok(n) => Ok(n),
@@ -401,6 +347,21 @@ impl SourceSpec {
             return Ok(SourceSpec::Secret(arn.trim().to_owned()));
         }
         PgConfig::from_url(value, field).map(|c| SourceSpec::Direct(Box::new(c)))
+    }
+
+    /// The CLI form as libpq reads it: a `postgres://` URL or `key=value` conninfo, with
+    /// `PG*` environment variables for what it leaves out and the password from the password
+    /// file (`PGPASSFILE`, `~/.pgpass`) when neither gives one; or `secret:<arn>`.
+    pub fn parse_libpq(value: &str, field: &str, env: &libpq::LibpqEnv) -> Result<SourceSpec> {
+        if value.starts_with("secret:") {
+            return SourceSpec::parse(value, field);
+        }
+        let settings = if value.starts_with("postgres://") || value.starts_with("postgresql://") {
+            libpq::url_settings(value, field)?
+        } else {
+            libpq::conninfo_settings(value, field)?
+        };
+        libpq::build(settings, field, env).map(|c| SourceSpec::Direct(Box::new(c)))
     }
 }
 

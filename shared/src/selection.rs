@@ -41,6 +41,18 @@ struct MappingDoc {
     rules: Vec<serde_json::Value>,
 }
 
+/// The keys of a selection rule pgshift reads; any other key (`load-order`, `parallel-load`,
+/// a misspelling) would change what DMS does without pgshift doing it, so it is an error.
+const RULE_KEYS: &[&str] = &[
+    "rule-type",
+    "rule-id",
+    "rule-name",
+    "object-locator",
+    "rule-action",
+    "filters",
+];
+const LOCATOR_KEYS: &[&str] = &["schema-name", "table-name", "table-type"];
+
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case")]
 struct RawRule {
@@ -64,6 +76,22 @@ struct RawLocator {
     table_type: Option<String>,
 }
 
+/// The first key of `rule` (or of its `locator`) not in the known lists.
+fn unknown_keys(
+    rule: &serde_json::Value,
+    known: &[&str],
+    locator: &serde_json::Value,
+    locator_known: &[&str],
+) -> Option<String> {
+    let first = |v: &serde_json::Value, known: &[&str], prefix: &str| {
+        v.as_object()?
+            .keys()
+            .find(|k| !known.contains(&k.as_str()))
+            .map(|k| format!("{prefix}{k}"))
+    };
+    first(rule, known, "").or_else(|| first(locator, locator_known, "object-locator."))
+}
+
 impl Selection {
     /// Every user table.
     pub fn all() -> Selection {
@@ -80,6 +108,7 @@ impl Selection {
         })?;
         let mut rules = Vec::new();
         for (i, value) in doc.rules.into_iter().enumerate() {
+            let keys = unknown_keys(&value, RULE_KEYS, &value["object-locator"], LOCATOR_KEYS);
             let raw: RawRule = serde_json::from_value(value)
                 .map_err(|e| Error::config(format!("{field}.rules[{i}]"), e.to_string()))?;
             let id = match &raw.rule_id {
@@ -88,6 +117,17 @@ impl Selection {
                 None => (i + 1).to_string(),
             };
             let at = format!("{field}.rules[{i}] (rule-id {id})");
+            if raw.rule_type == "selection"
+                && let Some(key) = keys
+            {
+                return Err(Error::config(
+                    at,
+                    format!(
+                        "{key:?} is not supported in a selection rule (pgshift reads {})",
+                        RULE_KEYS.join(", ")
+                    ),
+                ));
+            }
             if raw.rule_type != "selection" {
                 return Err(Error::config(
                     at,
@@ -309,6 +349,25 @@ mod tests {
 
     fn rules(json: &str) -> Selection {
         Selection::from_json(json, "tables").unwrap()
+    }
+
+    #[test]
+    fn keys_pgshift_does_not_read_are_named_errors() {
+        for (rule, key) in [
+            (
+                r#"{"rule-type":"selection","rule-id":"7","rule-name":"a","object-locator":{"schema-name":"s","table-name":"t"},"rule-action":"include","load-order":2}"#,
+                "load-order",
+            ),
+            (
+                r#"{"rule-type":"selection","rule-id":"7","object-locator":{"schema-name":"s","table-nmae":"t"},"rule-action":"include"}"#,
+                "object-locator.table-nmae",
+            ),
+        ] {
+            let err = Selection::from_json(&format!(r#"{{"rules":[{rule}]}}"#), "--tables")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains("rule-id 7"), "{err}");
+        }
     }
 
     #[test]

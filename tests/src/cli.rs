@@ -167,3 +167,77 @@ async fn verbosity_and_json_logs() {
     assert!(err.contains("INFO") && !err.contains('\u{1b}'), "{err}");
     let _ = run_cli(&["teardown", "--task", "logs", "--source", &url, "--yes"]);
 }
+
+/// Connections as libpq users write them: conninfo, `PG*` variables for what a string leaves
+/// out, the password from a private password file (a readable one is not used); the password
+/// never needs to be in argv.
+#[tokio::test]
+async fn connections_read_conninfo_pg_variables_and_the_password_file() {
+    use secrecy::ExposeSecret;
+    let db = TestDb::new("cli_libpq").await;
+    let cfg = db.config();
+    let password = cfg.password.as_ref().unwrap().expose_secret().to_owned();
+    let dir = TempDir::new("cli-libpq");
+    let pgpass = dir.path().join("pgpass");
+    std::fs::write(
+        &pgpass,
+        format!("# pgshift test\n{}:{}:*:{}:{}\n", cfg.host, cfg.port, cfg.user, password),
+    )
+    .unwrap();
+    let run = |source: &str, vars: &[(&str, String)]| {
+        let mut cmd = std::process::Command::new(pgshift_tests::pgshift_bin());
+        cmd.args(["test-endpoint", "--json", "--source", source]);
+        for k in ["PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSSLMODE", "PGPASSFILE"] {
+            cmd.env_remove(k);
+        }
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let report: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+        (out.status.code(), report, err)
+    };
+    let private = |p: &std::path::Path, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    private(&pgpass, 0o600);
+    let conninfo = format!(
+        "host={} port={} user={} dbname='{}' sslmode=disable",
+        cfg.host, cfg.port, cfg.user, db.name
+    );
+    let file = ("PGPASSFILE", pgpass.to_string_lossy().into_owned());
+    let (code, report, err) = run(&conninfo, std::slice::from_ref(&file));
+    let report = report.unwrap_or_else(|| panic!("{err}"));
+    assert!(report["connection_failure"].is_null(), "{report:#}");
+    assert_eq!(report["server"]["database"], db.name.as_str());
+    assert_ne!(code, Some(2), "{err}");
+
+    // Everything from PG* variables: `postgres://` alone.
+    let vars = [
+        ("PGHOST", cfg.host.clone()),
+        ("PGPORT", cfg.port.to_string()),
+        ("PGUSER", cfg.user.clone()),
+        ("PGPASSWORD", password.clone()),
+        ("PGDATABASE", db.name.clone()),
+        ("PGSSLMODE", "disable".to_owned()),
+    ];
+    let (_, report, err) = run("postgres://", &vars);
+    let report = report.unwrap_or_else(|| panic!("{err}"));
+    assert!(report["connection_failure"].is_null(), "{report:#}");
+    assert_eq!(report["server"]["database"], db.name.as_str());
+
+    // A password file others may read is not used: authentication fails.
+    private(&pgpass, 0o644);
+    let (_, report, err) = run(&conninfo, std::slice::from_ref(&file));
+    let report = report.unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(report["connection_failure"], "auth", "{report:#}");
+    assert!(err.contains("password file"), "{err}");
+
+    // Malformed conninfo is a usage error naming the flag, without the password.
+    let (code, _, err) = run("host=h password=hunter2 sslmod=require", &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--source") && err.contains("sslmod") && !err.contains("hunter2"), "{err}");
+}
