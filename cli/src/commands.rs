@@ -249,7 +249,7 @@ async fn events_for(
     let bus = pgshift::config::check_bus(bus, "--events-bus")?;
     let aws = match aws {
         Some(aws) => aws.clone(),
-        None => Aws::from_env().await,
+        None => crate::aws().await,
     };
     Ok(pgshift::events::for_bus(&aws, Some(&bus)))
 }
@@ -258,7 +258,7 @@ async fn events_for(
 async fn resolve_source(source: &str) -> pgshift::Result<pgshift::config::PgConfig> {
     let spec = crate::source_spec(source, "--source")?;
     match &spec {
-        SourceSpec::Secret(_) => Aws::from_env().await.resolve(&spec, None).await,
+        SourceSpec::Secret(_) => crate::aws().await.resolve(&spec, None).await,
         _ => resolve(&spec).await,
     }
 }
@@ -300,7 +300,7 @@ pub(crate) async fn cutover(args: CutoverArgs) -> pgshift::Result<ExitCode> {
     let target_spec = crate::source_spec(&args.target, "--target")?;
     let target = match (&target_spec, &seams.aws) {
         (SourceSpec::Secret(_), Some(aws)) => aws.resolve(&target_spec, None).await?,
-        (SourceSpec::Secret(_), None) => Aws::from_env().await.resolve(&target_spec, None).await?,
+        (SourceSpec::Secret(_), None) => crate::aws().await.resolve(&target_spec, None).await?,
         _ => resolve(&target_spec).await?,
     };
     let until = source_position(&seams.source).await?;
@@ -405,7 +405,7 @@ pub(crate) async fn status(args: StatusArgs) -> pgshift::Result<ExitCode> {
             .await?
         }
         Target::Aws(table) => {
-            let aws = Aws::from_env().await;
+            let aws = crate::aws().await;
             let store = pgshift::state::DynamoStore::new(aws.dynamodb(), table);
             status_job::run(&store, &args.task, source.as_ref()).await?
         }
@@ -516,7 +516,7 @@ pub(crate) async fn teardown(args: TeardownArgs) -> pgshift::Result<ExitCode> {
                 pgshift::job::teardown::reset(&source, &store, &args.task).await?
             }
             Target::Aws(table) => {
-                let aws = Aws::from_env().await;
+                let aws = crate::aws().await;
                 let store = pgshift::state::DynamoStore::new(aws.dynamodb(), table);
                 pgshift::job::teardown::reset(&source, &store, &args.task).await?
             }

@@ -33,6 +33,13 @@ struct Cli {
     /// Colour in the log: `auto` (a terminal, and NO_COLOR unset), `always`, `never`.
     #[arg(long, global = true, default_value = "auto", value_parser = ["auto", "always", "never"])]
     color: String,
+    /// AWS profile of ~/.aws/config for S3, DynamoDB, Secrets Manager and EventBridge (SSO
+    /// and credential_process profiles included).
+    #[arg(long, global = true, env = "AWS_PROFILE")]
+    profile: Option<String>,
+    /// AWS region.
+    #[arg(long, global = true, env = "AWS_REGION")]
+    region: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -378,6 +385,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     init_tracing(&cli);
+    let _ = AWS_CHOICE.set((cli.profile.clone(), cli.region.clone()));
     match &cli.command {
         Command::Completions { shell } => {
             clap_complete::generate(
@@ -562,4 +570,14 @@ pub(crate) fn source_spec(
         field,
         &pgshift::config::libpq::LibpqEnv::from_process(),
     )
+}
+
+/// `--profile` and `--region`, for every AWS client this run makes.
+static AWS_CHOICE: std::sync::OnceLock<(Option<String>, Option<String>)> =
+    std::sync::OnceLock::new();
+
+/// The AWS configuration: the default chain, with `--profile` / `--region`.
+pub(crate) async fn aws() -> pgshift::aws::Aws {
+    let (profile, region) = AWS_CHOICE.get().cloned().unwrap_or_default();
+    pgshift::aws::Aws::with_choice(profile.as_deref(), region.as_deref()).await
 }

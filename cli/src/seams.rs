@@ -61,7 +61,7 @@ impl Seams {
         let stage = Target::parse_stage(stage)?;
         let state = Target::parse_state(state)?;
         let aws = if stage.is_aws() || state.is_aws() || matches!(spec, SourceSpec::Secret(_)) {
-            Some(Aws::from_env().await)
+            Some(crate::aws().await)
         } else {
             None
         };
@@ -143,7 +143,7 @@ pub(crate) fn read_selection(tables: Option<&std::path::Path>) -> pgshift::Resul
 pub(crate) async fn resolve(spec: &SourceSpec) -> pgshift::Result<PgConfig> {
     match spec {
         SourceSpec::Direct(cfg) => Ok((**cfg).clone()),
-        SourceSpec::Secret(_) => Aws::from_env().await.resolve(spec, None).await,
+        SourceSpec::Secret(_) => crate::aws().await.resolve(spec, None).await,
     }
 }
 

@@ -16,8 +16,22 @@ pub struct Aws {
 impl Aws {
     /// Loads region, credentials and endpoint from the environment (the Lambda role on AWS).
     pub async fn from_env() -> Aws {
-        let config = aws_config::defaults(BehaviorVersion::latest()).load().await;
-        Aws { config }
+        Aws::with_choice(None, None).await
+    }
+
+    /// As [`Aws::from_env`], with a named profile and region (the CLI's `--profile` and
+    /// `--region`) taking precedence over `AWS_PROFILE` / `AWS_REGION`.
+    pub async fn with_choice(profile: Option<&str>, region: Option<&str>) -> Aws {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(p) = profile {
+            loader = loader.profile_name(p);
+        }
+        if let Some(r) = region {
+            loader = loader.region(aws_config::Region::new(r.to_owned()));
+        }
+        Aws {
+            config: loader.load().await,
+        }
     }
 
     /// The SDK configuration (for clients a function builds itself).

@@ -181,13 +181,24 @@ async fn connections_read_conninfo_pg_variables_and_the_password_file() {
     let pgpass = dir.path().join("pgpass");
     std::fs::write(
         &pgpass,
-        format!("# pgshift test\n{}:{}:*:{}:{}\n", cfg.host, cfg.port, cfg.user, password),
+        format!(
+            "# pgshift test\n{}:{}:*:{}:{}\n",
+            cfg.host, cfg.port, cfg.user, password
+        ),
     )
     .unwrap();
     let run = |source: &str, vars: &[(&str, String)]| {
         let mut cmd = std::process::Command::new(pgshift_tests::pgshift_bin());
         cmd.args(["test-endpoint", "--json", "--source", source]);
-        for k in ["PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSSLMODE", "PGPASSFILE"] {
+        for k in [
+            "PGHOST",
+            "PGPORT",
+            "PGUSER",
+            "PGPASSWORD",
+            "PGDATABASE",
+            "PGSSLMODE",
+            "PGPASSFILE",
+        ] {
             cmd.env_remove(k);
         }
         for (k, v) in vars {
@@ -239,5 +250,72 @@ async fn connections_read_conninfo_pg_variables_and_the_password_file() {
     // Malformed conninfo is a usage error naming the flag, without the password.
     let (code, _, err) = run("host=h password=hunter2 sslmod=require", &[]);
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("--source") && err.contains("sslmod") && !err.contains("hunter2"), "{err}");
+    assert!(
+        err.contains("--source") && err.contains("sslmod") && !err.contains("hunter2"),
+        "{err}"
+    );
+}
+
+/// `--profile` picks a profile of the AWS config file, `credential_process` profiles included
+/// (aws-config's SSO and process providers are in the command): a secret is read with its
+/// credentials, and a profile whose process fails is an error naming the profile.
+#[tokio::test]
+async fn aws_profiles_with_credential_process() {
+    use secrecy::ExposeSecret;
+    let _ = pgshift_tests::env("AWS_ENDPOINT_URL");
+    let db = TestDb::new("cli_profile").await;
+    let cfg = db.config();
+    let aws = pgshift::aws::Aws::from_env().await;
+    let arn = aws
+        .secrets()
+        .create_secret()
+        .name(pgshift_tests::unique_name("pgshift/profile"))
+        .secret_string(
+            serde_json::json!({"host": cfg.host, "port": cfg.port, "username": cfg.user,
+                "password": cfg.password.as_ref().unwrap().expose_secret(), "dbname": db.name,
+                "sslmode": "disable"})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .arn()
+        .unwrap()
+        .to_owned();
+    let dir = TempDir::new("cli-profile");
+    let config = dir.path().join("config");
+    std::fs::write(
+        &config,
+        "[profile by-process]\nregion = us-east-1\ncredential_process = printf '{\"Version\":1,\"AccessKeyId\":\"testing\",\"SecretAccessKey\":\"testing\"}'\n\n\
+         [profile broken]\nregion = us-east-1\ncredential_process = false\n",
+    )
+    .unwrap();
+    let run = |profile: &str| {
+        let out = std::process::Command::new(pgshift_tests::pgshift_bin())
+            .args(["--profile", profile, "test-endpoint", "--json", "--source"])
+            .arg(format!("secret:{arn}"))
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env_remove("AWS_PROFILE")
+            .env("AWS_CONFIG_FILE", &config)
+            .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (_, out, err) = run("by-process");
+    let report: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    assert_eq!(report["server"]["database"], db.name.as_str(), "{report:#}");
+    let (code, out, err) = run("broken");
+    assert_ne!(code, Some(0), "{out}");
+    assert!(
+        err.contains("secretsmanager") || err.contains("credential"),
+        "{err}"
+    );
 }
