@@ -174,6 +174,7 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
         cdc.events = events.clone();
     }
     let target = &seams.source;
+    let mut backoff = Backoff::new(Duration::from_secs(args.interval.max(1)));
     loop {
         let applied = with_seams!(
             &seams.stage,
@@ -217,12 +218,21 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
             }
         );
         let report = match applied {
-            Ok(report) => report,
+            Ok(report) => {
+                backoff.reset();
+                report
+            }
             Err(e) => {
                 use pgshift::events::{Job, TaskStateChanged};
                 events
                     .announce(&[TaskStateChanged::from_error(&args.task, Job::Apply, &e).event()])
                     .await;
+                if args.follow && retry_when_following(&e) {
+                    if !backoff.wait_after(&e, "apply").await {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    continue;
+                }
                 return Err(e);
             }
         };
@@ -234,6 +244,56 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
         if !args.follow || !wait_or_interrupt(Duration::from_secs(args.interval.max(1))).await {
             return Ok(ExitCode::SUCCESS);
         }
+    }
+}
+
+/// What `--follow` waits out: transient failures, and a source or target that refuses
+/// connections (restarting, failing over) — never a wrong password, database or name.
+fn retry_when_following(e: &Error) -> bool {
+    e.is_transient()
+        || matches!(
+            e,
+            Error::Connect {
+                kind: pgshift::error::ConnectFailure::Refused,
+                ..
+            }
+        )
+}
+
+/// `--follow`'s retry after a transient failure: the interval, doubling up to 5 minutes,
+/// back to the interval after a success.
+struct Backoff {
+    base: Duration,
+    next: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    fn new(base: Duration) -> Backoff {
+        Backoff {
+            base,
+            next: base,
+            failures: 0,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.next = self.base;
+        self.failures = 0;
+    }
+
+    /// Says what failed and when it tries again, then waits (false: interrupted).
+    async fn wait_after(&mut self, err: &Error, what: &str) -> bool {
+        self.failures += 1;
+        eprintln!(
+            "warning: {what} failed ({} in a row, transient): {err}; trying again in {} s",
+            self.failures,
+            self.next.as_secs()
+        );
+        tracing::warn!(error = %err, failures = self.failures, retry_in_s = self.next.as_secs(), "{what} failed; retrying");
+        let wait = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(300));
+        wait_or_interrupt(wait).await
     }
 }
 
@@ -455,13 +515,31 @@ pub(crate) async fn cdc(args: CdcArgs) -> pgshift::Result<ExitCode> {
     let stop = stop_on_signal();
     opts.stop = Some(stop.clone());
     let interval = Duration::from_secs(args.interval.max(1));
+    let mut backoff = Backoff::new(interval);
     loop {
-        let report = with_seams!(
+        let polled = with_seams!(
             &seams.stage,
             &seams.state,
             seams.aws.as_ref(),
             |sink, store| cdc_poll::run(&sink, &store, &opts).await
-        )?;
+        );
+        let report = match polled {
+            Ok(report) => {
+                backoff.reset();
+                report
+            }
+            // --follow survives what may pass (the source restarting, a network blip, a
+            // throttled AWS call): it says so and tries again later, longer each time.
+            Err(e) if args.follow && retry_when_following(&e) => {
+                if stop.load(std::sync::atomic::Ordering::Relaxed)
+                    || !backoff.wait_after(&e, "cdc").await
+                {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if args.json {
             print_json(serde_json::to_value(&report), false);
         } else {

@@ -319,3 +319,45 @@ async fn aws_profiles_with_credential_process() {
         "{err}"
     );
 }
+
+/// `cdc --follow` survives a source that is down: it says so, and tries again later, longer
+/// each time; a one-off `--once` run fails at once instead.
+#[test]
+fn follow_backs_off_through_transient_failures() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener); // nothing listens there now: connections are refused
+    let dir = TempDir::new("cli-follow");
+    let path = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+    let source = format!("postgres://u:p@127.0.0.1:{port}/db?sslmode=disable");
+    let common = [
+        "--task",
+        "down",
+        "--source",
+        &source,
+        "--stage",
+        &path("stage"),
+        "--state",
+        &path("state"),
+    ];
+    let (code, _, err) = run_cli(&[&["cdc", "--once"][..], &common].concat());
+    assert_eq!(code, Some(1), "{err}");
+    let mut child = std::process::Command::new(pgshift_tests::pgshift_bin())
+        .args([&["cdc", "--follow", "--interval", "1"][..], &common].concat())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(3800));
+    let alive = child.try_wait().unwrap().is_none();
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(alive, "--follow exited on a transient failure: {err}");
+    assert!(
+        err.contains("trying again in 1 s") && err.contains("trying again in 2 s"),
+        "{err}"
+    );
+    assert!(err.contains("2 in a row"), "{err}");
+    assert!(!err.contains(":p@"), "{err}");
+}
