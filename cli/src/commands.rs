@@ -497,6 +497,11 @@ pub(crate) async fn cdc(args: CdcArgs) -> pgshift::Result<ExitCode> {
         peek_sessions: args.peek_sessions,
         replica_identity_full: args.replica_identity_full,
         capture_ddl: args.capture_ddl,
+        stop_position: args
+            .stop_position
+            .as_deref()
+            .map(|v| pgshift::config::parse_stop_position(v, "--stop-position"))
+            .transpose()?,
         ddl_schema: pgshift::config::check_schema_name(
             &args.ddl_artifacts_schema,
             "--ddl-artifacts-schema",
@@ -546,6 +551,15 @@ pub(crate) async fn cdc(args: CdcArgs) -> pgshift::Result<ExitCode> {
             println!("{}", report::poll_summary(&report));
         }
         let held = matches!(report.outcome, Outcome::LeaseHeld { .. });
+        if let Some(stop) = report.stopped_at {
+            if !args.json {
+                println!(
+                    "task {}: stop position {stop} reached; nothing after it is staged",
+                    args.task
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         if !args.follow {
             // --once did nothing: that is not a success a script may take for one.
             return Ok(if held {

@@ -33,6 +33,9 @@ pub struct TaskSettings {
     pub capture_ddl: bool,
     /// The schema of pgshift's trigger functions (DMS's `ddlArtifactsSchema`; empty: public).
     pub ddl_schema: String,
+    /// Stop staging at this WAL position (DMS's `CdcStopPosition`): transactions that commit
+    /// before it are staged, none after; the checkpoint rests there.
+    pub stop_position: Option<crate::lsn::Lsn>,
 }
 
 impl Default for TaskSettings {
@@ -48,6 +51,7 @@ impl Default for TaskSettings {
             slot_lag_alert_bytes: 1 << 30,
             capture_ddl: true,
             ddl_schema: String::new(),
+            stop_position: None,
         }
     }
 }
@@ -65,6 +69,7 @@ impl From<&LambdaEnv> for TaskSettings {
             slot_lag_alert_bytes: env.slot_lag_alert_bytes,
             capture_ddl: env.capture_ddl,
             ddl_schema: env.ddl_schema.clone(),
+            stop_position: env.cdc_stop_position,
         }
     }
 }
@@ -88,6 +93,7 @@ impl TaskSettings {
         o.slot_lag_alert_bytes = self.slot_lag_alert_bytes;
         o.capture_ddl = self.capture_ddl;
         o.ddl_schema = self.ddl_schema.clone();
+        o.stop_position = self.stop_position;
         if let Some(left) = time_left {
             o.deadline = Some(Instant::now() + left);
             o.lease_ttl = left + Duration::from_secs(30);
@@ -165,6 +171,9 @@ pub struct CdcOptions {
     pub capture_ddl: bool,
     /// The schema of pgshift's trigger functions (DMS's `ddlArtifactsSchema`; empty: public).
     pub ddl_schema: String,
+    /// Stop staging at this WAL position (DMS's `CdcStopPosition`): transactions committed
+    /// before it are staged, none after; the checkpoint rests there.
+    pub stop_position: Option<crate::lsn::Lsn>,
 }
 
 impl CdcOptions {
@@ -207,6 +216,7 @@ impl CdcOptions {
             slot_lag_alert_bytes: 1 << 30,
             capture_ddl: true,
             ddl_schema: String::new(),
+            stop_position: None,
         }
     }
 }

@@ -361,3 +361,66 @@ fn follow_backs_off_through_transient_failures() {
     assert!(err.contains("2 in a row"), "{err}");
     assert!(!err.contains(":p@"), "{err}");
 }
+
+/// `cdc --stop-position X/Y` (DMS's `CdcStopPosition`): transactions committed before it are
+/// staged, none after, and the task rests there until the position is lifted.
+#[tokio::test]
+async fn cdc_stops_at_the_stop_position() {
+    let db = TestDb::new("cli_stop").await;
+    let c = db.client().await;
+    c.batch_execute("create table public.s (id int primary key)")
+        .await
+        .unwrap();
+    let url = pgshift_tests::url(&db.config());
+    let dir = TempDir::new("cli-stop");
+    let path = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+    let (stage, state) = (path("stage"), path("state"));
+    let common = [
+        "--task", "stop", "--stage", &stage, "--state", &state, "--source", &url,
+    ];
+    let poll = |extra: &[&str]| {
+        let (code, out, err) =
+            run_cli(&[&["cdc", "--once", "--json"][..], &common, extra].concat());
+        assert_eq!(code, Some(0), "{out}{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    poll(&[]); // the task's slot, from here on
+    c.batch_execute("insert into public.s values (1), (2), (3)")
+        .await
+        .unwrap();
+    let stop: String = c
+        .query_one("select pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    c.batch_execute("insert into public.s values (4), (5)")
+        .await
+        .unwrap();
+    let first = poll(&["--stop-position", &stop]);
+    assert_eq!(first["changes"], 3, "{first:#}");
+    assert_eq!(first["stopped_at"], stop.as_str(), "{first:#}");
+    let again = poll(&["--stop-position", &stop]);
+    assert_eq!(again["changes"], 0, "{again:#}");
+    let rest = poll(&[]);
+    assert_eq!(rest["changes"], 2, "{rest:#}");
+    assert!(rest.get("stopped_at").is_none(), "{rest:#}");
+
+    let (code, _, err) = run_cli(
+        &[
+            &[
+                "cdc",
+                "--once",
+                "--stop-position",
+                "commit_time:2026-12-02T10:00:00",
+            ][..],
+            &common,
+        ]
+        .concat(),
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--stop-position") && err.contains("not supported"),
+        "{err}"
+    );
+    let _ = run_cli(&["teardown", "--task", "stop", "--source", &url, "--yes"]);
+}

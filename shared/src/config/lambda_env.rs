@@ -34,6 +34,9 @@ pub struct LambdaEnv {
     /// ones upload two parts at a time while the writer fills the next. The full-load
     /// function uses 64 (fewer requests per TB: docs/COST.md).
     pub s3_part_mb: u64,
+    /// `PGSHIFT_CDC_STOP_POSITION`: the poller stages nothing committed at or after this WAL
+    /// position (DMS's `CdcStopPosition`).
+    pub cdc_stop_position: Option<crate::lsn::Lsn>,
     /// `PGSHIFT_MAX_CONCURRENCY`: chunks exported at once by the state machine (default 8).
     pub max_concurrency: u32,
     /// `PGSHIFT_REPLICA_IDENTITY_FULL`: pgshift may set REPLICA IDENTITY FULL on selected
@@ -164,6 +167,9 @@ impl LambdaEnv {
         };
         let chunk_mb = number("PGSHIFT_CHUNK_MB", 256, 65_536)?;
         let s3_part_mb = number("PGSHIFT_S3_PART_MB", 8, 5120)?;
+        let cdc_stop_position = get("PGSHIFT_CDC_STOP_POSITION")
+            .map(|v| parse_stop_position(&v, "PGSHIFT_CDC_STOP_POSITION"))
+            .transpose()?;
         if s3_part_mb < 5 {
             return Err(Error::config(
                 "PGSHIFT_S3_PART_MB",
@@ -203,6 +209,7 @@ impl LambdaEnv {
             ddl_schema,
             chunk_mb,
             s3_part_mb,
+            cdc_stop_position,
             max_concurrency,
             peek_sessions,
             format,
@@ -231,6 +238,22 @@ fn parse_flag(name: &str, value: Option<String>, default: bool) -> Result<bool> 
 }
 
 /// A whole number in `1..=max`; `default` when unset.
+/// DMS's `CdcStopPosition` as pgshift takes it: a WAL position (`16/B374D848`, or DMS's
+/// `lsn:`-less form). DMS's `commit_time:` / `server_time:` forms are named as not supported.
+pub fn parse_stop_position(value: &str, field: &str) -> Result<crate::lsn::Lsn> {
+    let v = value.trim();
+    if v.starts_with("commit_time:") || v.starts_with("server_time:") {
+        return Err(Error::config(
+            field,
+            format!(
+                "{v:?}: stop positions by time are not supported yet; give a WAL position (X/Y)"
+            ),
+        ));
+    }
+    v.parse()
+        .map_err(|e| Error::config(field, format!("{v:?} is not a WAL position (X/Y): {e}")))
+}
+
 fn parse_number(name: &str, value: Option<String>, default: u64, max: u64) -> Result<u64> {
     match value {
         None => Ok(default),
@@ -310,6 +333,18 @@ mod tests {
         }
         let env = LambdaEnv::from_pairs([("PGSHIFT_S3_PART_MB", "256")]).unwrap();
         assert_eq!(env.s3_part_mb, 256);
+        let env = LambdaEnv::from_pairs([("PGSHIFT_CDC_STOP_POSITION", "16/B374D848")]).unwrap();
+        assert_eq!(
+            env.cdc_stop_position.map(|l| l.to_string()).as_deref(),
+            Some("16/B374D848")
+        );
+        for bad in ["tomorrow", "commit_time:2026-12-02T10:00:00"] {
+            let err = LambdaEnv::from_pairs([("PGSHIFT_CDC_STOP_POSITION", bad)]).unwrap_err();
+            assert!(
+                err.to_string().contains("PGSHIFT_CDC_STOP_POSITION"),
+                "{err}"
+            );
+        }
         let env = LambdaEnv::from_pairs([("PGSHIFT_SOURCE_SSLMODE", "auto")]).unwrap();
         assert_eq!(env.source_sslmode, None);
         let err = LambdaEnv::from_pairs([("PGSHIFT_APPLY_PARALLEL", "x")]).unwrap_err();

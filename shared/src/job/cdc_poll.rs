@@ -371,6 +371,9 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         self.ddl_messages = self.messages && opts.capture_ddl && pubs.follows;
         let state = self.align_slot(pubs.since).await?;
         let mut target = self.source.drain_target().await?;
+        if let Some(stop) = self.opts.stop_position {
+            target = target.min(stop.max(self.checkpoint()));
+        }
         self.publications = match pubs.since {
             Some(since) if self.checkpoint() >= since => peek_names(&self.task.publication, true),
             Some(since) => {
@@ -402,6 +405,11 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             report.outcome = Outcome::Drained;
         }
         report.checkpoint = self.checkpoint();
+        if let Some(stop) = self.opts.stop_position
+            && report.checkpoint >= stop
+        {
+            report.stopped_at = Some(stop);
+        }
         report.latency_secs = match last_commit_ts {
             Some(ts) => ((pg_now() - ts).max(0) as f64) / 1e6,
             None => 0.0,

@@ -102,6 +102,9 @@ pub struct PollReport {
     pub events_put: u64,
     #[serde(default)]
     pub events_failed: u64,
+    /// The stop position (`CdcStopPosition`) this task has reached: nothing more is staged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_at: Option<Lsn>,
 }
 
 impl PollReport {
@@ -133,6 +136,7 @@ impl PollReport {
             slot_wal_status: String::new(),
             latency_secs: 0.0,
             elapsed_ms: 0,
+            stopped_at: None,
             events_put: 0,
             events_failed: 0,
         }
