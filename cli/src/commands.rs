@@ -76,11 +76,12 @@ pub(crate) async fn test_endpoint(args: TestEndpointArgs) -> pgshift::Result<Exi
     })
 }
 
-pub(crate) async fn full_load(args: FullLoadArgs) -> pgshift::Result<ExitCode> {
+pub(crate) async fn full_load(mut args: FullLoadArgs) -> pgshift::Result<ExitCode> {
     pgshift::config::check_task_name(&args.task)?;
     let spec = crate::source_spec(&args.source, "--source")?;
+    let (format, _) = s3_settings(args.s3_settings.as_deref(), &mut args.stage, &args.format)?;
     let settings = TaskSettings {
-        format: Format::parse(&args.format, "--format")?,
+        format,
         selection: read_selection(args.tables.as_deref())?,
         chunk_mib: args.chunk_mb,
         cdc: args.cdc,
@@ -246,6 +247,49 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
         }
     }
 }
+
+/// `--s3-settings` (DMS's S3Settings) with `--stage` and `--format`: its bucket and folder are
+/// the stage and its format the format, unless the flags say otherwise (then they must agree).
+/// Returns the format and whether the commit timestamp column is asked for.
+fn s3_settings(
+    value: Option<&str>,
+    stage: &mut String,
+    format: &str,
+) -> pgshift::Result<(Format, bool)> {
+    let flag_format = Format::parse(format, "--format")?;
+    let Some(value) = value else {
+        return Ok((flag_format, false));
+    };
+    let s = pgshift::config::s3_settings::read(value, "--s3-settings")?;
+    for note in &s.notes {
+        eprintln!("note: {note}");
+    }
+    if let Some(want) = s.stage {
+        if stage.as_str() != DEFAULT_STAGE && stage.trim_end_matches('/') != want {
+            return Err(Error::config(
+                "--stage",
+                format!(
+                    "{stage} is not S3Settings' s3://BucketName/BucketFolder ({want}): give one of them"
+                ),
+            ));
+        }
+        *stage = want;
+    }
+    let format = match s.format {
+        Some(f) if format != "csv" && f != flag_format => {
+            return Err(Error::config(
+                "--format",
+                "differs from S3Settings' DataFormat/CompressionType: give one of them",
+            ));
+        }
+        Some(f) => f,
+        None => flag_format,
+    };
+    Ok((format, s.commit_ts_column))
+}
+
+/// `--stage`'s default: a folder here.
+const DEFAULT_STAGE: &str = "./pgshift-data/stage";
 
 /// What `--follow` waits out: transient failures, and a source or target that refuses
 /// connections (restarting, failing over) — never a wrong password, database or name.
@@ -481,7 +525,7 @@ pub(crate) async fn status(args: StatusArgs) -> pgshift::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) async fn cdc(args: CdcArgs) -> pgshift::Result<ExitCode> {
+pub(crate) async fn cdc(mut args: CdcArgs) -> pgshift::Result<ExitCode> {
     pgshift::config::check_task_name(&args.task)?;
     let spec = crate::source_spec(&args.source, "--source")?;
     if args.max_batch_changes == 0 {
@@ -490,9 +534,11 @@ pub(crate) async fn cdc(args: CdcArgs) -> pgshift::Result<ExitCode> {
     if !(1..=2).contains(&args.peek_sessions) {
         return Err(Error::config("--peek-sessions", "must be 1 or 2"));
     }
+    let (format, ts_column) =
+        s3_settings(args.s3_settings.as_deref(), &mut args.stage, &args.format)?;
     let settings = TaskSettings {
-        format: Format::parse(&args.format, "--format")?,
-        commit_ts_column: args.commit_ts_column,
+        format,
+        commit_ts_column: args.commit_ts_column || ts_column,
         selection: read_selection(args.tables.as_deref())?,
         peek_sessions: args.peek_sessions,
         replica_identity_full: args.replica_identity_full,

@@ -151,6 +151,12 @@ pub(crate) struct FullLoadArgs {
     /// DMS table-mapping JSON file with selection rules (default: all user tables).
     #[arg(long, env = "PGSHIFT_TABLES")]
     pub(crate) tables: Option<std::path::PathBuf>,
+    /// DMS's S3 target settings (`file://s3.json` or inline JSON, as for `aws dms
+    /// create-endpoint --s3-settings`): BucketName/BucketFolder are the stage, DataFormat and
+    /// CompressionType the format, TimestampColumnName the commit timestamp column; a setting
+    /// pgshift does not honour is an error naming it.
+    #[arg(long, env = "PGSHIFT_S3_SETTINGS")]
+    pub(crate) s3_settings: Option<String>,
     /// csv, csv.gz, jsonl or jsonl.gz.
     #[arg(long, env = "PGSHIFT_FORMAT", default_value = "csv")]
     pub(crate) format: String,
@@ -326,6 +332,12 @@ pub(crate) struct CdcArgs {
     /// A folder, or `dynamodb://table` (default ./pgshift-data/state).
     #[arg(long, env = "PGSHIFT_STATE", default_value = "./pgshift-data/state")]
     pub(crate) state: String,
+    /// DMS's S3 target settings (`file://s3.json` or inline JSON, as for `aws dms
+    /// create-endpoint --s3-settings`): BucketName/BucketFolder are the stage, DataFormat and
+    /// CompressionType the format, TimestampColumnName the commit timestamp column; a setting
+    /// pgshift does not honour is an error naming it.
+    #[arg(long, env = "PGSHIFT_S3_SETTINGS")]
+    pub(crate) s3_settings: Option<String>,
     /// csv, csv.gz, jsonl or jsonl.gz.
     #[arg(long, env = "PGSHIFT_FORMAT", default_value = "csv")]
     pub(crate) format: String,

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 
 mod lambda_env;
 pub mod libpq;
+pub mod s3_settings;
 pub use lambda_env::{LambdaEnv, check_bus, check_schema_name, parse_stop_position};
 
 /// How the connection uses TLS, with libpq's meanings.

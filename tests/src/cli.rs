@@ -424,3 +424,74 @@ async fn cdc_stops_at_the_stop_position() {
     );
     let _ = run_cli(&["teardown", "--task", "stop", "--source", &url, "--yes"]);
 }
+
+/// DMS's `S3Settings` JSON (`--s3-settings file://s3.json`): the bucket and folder become the
+/// stage, DataFormat + CompressionType the format; a setting pgshift does not honour is a usage
+/// error naming it.
+#[tokio::test]
+async fn dms_s3_settings_choose_the_stage_and_format() {
+    let _ = pgshift_tests::env("AWS_ENDPOINT_URL");
+    let db = TestDb::new("cli_s3s").await;
+    db.client()
+        .await
+        .batch_execute("create table public.t (id int primary key); insert into public.t select generate_series(1, 100)")
+        .await
+        .unwrap();
+    let url = pgshift_tests::url(&db.config());
+    let aws = pgshift::aws::Aws::from_env().await;
+    let bucket = pgshift_tests::emulator_bucket(&aws, "pgshift-s3s").await;
+    let dir = TempDir::new("cli-s3s");
+    let settings = dir.path().join("s3.json");
+    std::fs::write(
+        &settings,
+        serde_json::json!({"BucketName": bucket, "BucketFolder": "dms/orders",
+            "DataFormat": "csv", "CompressionType": "GZIP", "CsvDelimiter": ",",
+            "ServiceAccessRoleArn": "arn:aws:iam::123456789012:role/dms-s3"})
+        .to_string(),
+    )
+    .unwrap();
+    let state = dir.path().join("state").to_string_lossy().into_owned();
+    let file = format!("file://{}", settings.display());
+    let (code, out, err) = run_cli(&[
+        "full-load",
+        "--task",
+        "s3s",
+        "--source",
+        &url,
+        "--state",
+        &state,
+        "--s3-settings",
+        &file,
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(err.contains("ServiceAccessRoleArn is not used"), "{err}");
+    let sink =
+        pgshift::staging::S3Sink::new(aws.s3(), &format!("s3://{bucket}/dms/orders")).unwrap();
+    let keys = pgshift::staging::ObjectSink::list(&sink, "public/t/")
+        .await
+        .unwrap();
+    let loads: Vec<_> = keys.iter().filter(|k| k.contains("/LOAD")).collect();
+    assert!(
+        !loads.is_empty() && loads.iter().all(|k| k.ends_with(".csv.gz")),
+        "{keys:?}"
+    );
+
+    std::fs::write(
+        &settings,
+        r#"{"DataFormat": "csv", "DatePartitionEnabled": true}"#,
+    )
+    .unwrap();
+    let (code, _, err) = run_cli(&[
+        "full-load",
+        "--task",
+        "s3s2",
+        "--source",
+        &url,
+        "--state",
+        &state,
+        "--s3-settings",
+        &file,
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("S3Settings.DatePartitionEnabled"), "{err}");
+}

@@ -150,14 +150,41 @@ impl LambdaEnv {
                 "must be an s3://bucket/prefix URL",
             ));
         }
-        let format = match get("PGSHIFT_FORMAT") {
+        let mut format = match get("PGSHIFT_FORMAT") {
             None => crate::staging::encode::Format::default(),
             Some(f) => crate::staging::encode::Format::parse(&f, "PGSHIFT_FORMAT")?,
         };
+        // DMS's S3Settings JSON: its format wins over PGSHIFT_FORMAT; its bucket and folder
+        // must be the stack's stage (the functions may write only there).
+        let s3_settings = get("PGSHIFT_S3_SETTINGS")
+            .map(|t| super::s3_settings::parse(&t, "PGSHIFT_S3_SETTINGS"))
+            .transpose()?;
+        if let Some(s) = &s3_settings {
+            if let Some(f) = s.format {
+                format = f;
+            }
+            if let Some(want) = &s.stage
+                && get("PGSHIFT_STAGE")
+                    .as_deref()
+                    .map(|v| v.trim_end_matches('/'))
+                    != Some(want.as_str())
+            {
+                return Err(Error::config(
+                    "PGSHIFT_S3_SETTINGS",
+                    format!(
+                        "S3Settings.BucketName/BucketFolder name {want}, not the stack's stage; leave them out or deploy with that bucket"
+                    ),
+                ));
+            }
+            for note in &s.notes {
+                tracing::warn!("{note}");
+            }
+        }
         let flag = |name: &str, default: bool| parse_flag(name, get(name), default);
         let number =
             |name: &str, default: u64, max: u64| parse_number(name, get(name), default, max);
-        let commit_ts_column = flag("PGSHIFT_COMMIT_TS_COLUMN", false)?;
+        let commit_ts_column = flag("PGSHIFT_COMMIT_TS_COLUMN", false)?
+            || s3_settings.as_ref().is_some_and(|s| s.commit_ts_column);
         let cdc = flag("PGSHIFT_CDC", true)?;
         let replica_identity_full = flag("PGSHIFT_REPLICA_IDENTITY_FULL", false)?;
         let capture_ddl = flag("PGSHIFT_CAPTURE_DDL", true)?;

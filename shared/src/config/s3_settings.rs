@@ -1,0 +1,214 @@
+//! DMS's S3 target settings (`S3Settings`, as written for `aws dms create-endpoint
+//! --s3-settings`): the settings pgshift honours become its stage, format and columns; a
+//! setting pgshift does not honour is an error naming it, never silently ignored.
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::staging::encode::Format;
+
+/// What a DMS `S3Settings` document asks of pgshift.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Settings {
+    /// `s3://BucketName/BucketFolder`.
+    pub stage: Option<String>,
+    /// `DataFormat` + `CompressionType`.
+    pub format: Option<Format>,
+    /// `TimestampColumnName` set: the commit timestamp column in CDC rows.
+    pub commit_ts_column: bool,
+    /// Settings accepted but without effect here, each with why (printed, never silent).
+    pub notes: Vec<String>,
+}
+
+/// Reads `file://path` or inline JSON.
+pub fn read(value: &str, field: &str) -> Result<S3Settings> {
+    let text = match value.strip_prefix("file://") {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| Error::config(field, format!("cannot read {path}: {e}")))?,
+        None => value.to_owned(),
+    };
+    parse(&text, field)
+}
+
+/// Parses an `S3Settings` JSON object (the `S3Settings` member of a `create-endpoint` input
+/// is accepted too).
+pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
+    let doc: Value = serde_json::from_str(text)
+        .map_err(|e| Error::config(field, format!("not S3Settings JSON: {e}")))?;
+    let doc = doc.get("S3Settings").unwrap_or(&doc);
+    let obj = doc
+        .as_object()
+        .ok_or_else(|| Error::config(field, "S3Settings must be a JSON object"))?;
+    let at = |k: &str| format!("{field}: S3Settings.{k}");
+    let string = |k: &str, v: &Value| -> Result<String> {
+        v.as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| Error::config(at(k), "must be a string"))
+    };
+    let flag = |k: &str, v: &Value| -> Result<bool> {
+        match v {
+            Value::Bool(b) => Ok(*b),
+            Value::String(s) if s.eq_ignore_ascii_case("true") => Ok(true),
+            Value::String(s) if s.eq_ignore_ascii_case("false") => Ok(false),
+            _ => Err(Error::config(at(k), "must be true or false")),
+        }
+    };
+    let unsupported = |k: &str, why: &str| Error::config(at(k), format!("not supported: {why}"));
+    let mut out = S3Settings::default();
+    let (mut bucket, mut folder, mut data_format, mut gzip) = (None, None, None, false);
+    let mut partitioned = false;
+    for (k, v) in obj {
+        match k.as_str() {
+            "BucketName" => bucket = Some(string(k, v)?),
+            "BucketFolder" => folder = Some(string(k, v)?),
+            "DataFormat" => data_format = Some(string(k, v)?.to_ascii_lowercase()),
+            "CompressionType" => {
+                gzip = match string(k, v)?.to_ascii_uppercase().as_str() {
+                    "NONE" => false,
+                    "GZIP" => true,
+                    other => return Err(Error::config(at(k), format!("{other:?} is not NONE or GZIP"))),
+                }
+            }
+            "TimestampColumnName" => out.commit_ts_column = !string(k, v)?.is_empty(),
+            "IncludeOpForFullLoad" if flag(k, v)? => {
+                return Err(unsupported(k, "load files carry no Op column (CDC files always do)"));
+            }
+            "CdcInsertsOnly" | "CdcInsertsAndUpdates" if flag(k, v)? => {
+                return Err(unsupported(k, "pgshift stages every change (filter when reading)"));
+            }
+            "AddColumnName" if flag(k, v)? => {
+                return Err(unsupported(k, "no header row; the columns are in the schema version of each file (_manifests/schema)"));
+            }
+            "DatePartitionEnabled" => partitioned = flag(k, v)?,
+            "IncludeOpForFullLoad" | "CdcInsertsOnly" | "CdcInsertsAndUpdates" | "AddColumnName" => {}
+            "CsvDelimiter" if string(k, v)? != "," => {
+                return Err(unsupported(k, "the delimiter is ','"));
+            }
+            "CsvRowDelimiter" if !matches!(string(k, v)?.as_str(), "\n" | "\\n") => {
+                return Err(unsupported(k, "rows end with \\n"));
+            }
+            "CsvNullValue" if !string(k, v)?.is_empty() => {
+                return Err(unsupported(k, "NULL is an empty unquoted field (an empty string is \"\")"));
+            }
+            "CsvDelimiter" | "CsvRowDelimiter" | "CsvNullValue" => {}
+            "CdcPath" if !string(k, v)?.is_empty() => {
+                return Err(unsupported(k, "CDC files are under <folder>/<schema>/<table>/ with their batch manifests in _manifests/cdc/"));
+            }
+            "CdcPath" => {}
+            "ParquetTimestampInMillisecond" if flag(k, v)? => {
+                return Err(unsupported(k, "Parquet timestamps are microseconds"));
+            }
+            "ParquetTimestampInMillisecond" => {}
+            "EncryptionMode" => match string(k, v)?.to_ascii_uppercase().as_str() {
+                "SSE_S3" => {}
+                _ => return Err(unsupported(k, "only SSE_S3 (the stack's bucket default; its DataKmsKeyArn parameter puts a KMS key there)")),
+            },
+            "ServerSideEncryptionKmsKeyId" if !string(k, v)?.is_empty() => {
+                return Err(unsupported(k, "set the bucket's default key instead (the stack's DataKmsKeyArn)"));
+            }
+            "ServerSideEncryptionKmsKeyId" => {}
+            "DatePartitionSequence" | "DatePartitionDelimiter" | "DatePartitionTimezone" => {}
+            "ServiceAccessRoleArn" => out.notes.push(
+                "S3Settings.ServiceAccessRoleArn is not used: pgshift writes with its own AWS credentials (the function's role, or --profile)".to_owned(),
+            ),
+            other => {
+                return Err(Error::config(
+                    at(other),
+                    "not a setting pgshift supports (docs/DMS-S3-SETTINGS.md lists them)",
+                ));
+            }
+        }
+    }
+    if partitioned {
+        return Err(unsupported(
+            "DatePartitionEnabled",
+            "files are named by WAL position, not by date",
+        ));
+    }
+    out.format = match (data_format.as_deref(), gzip) {
+        (None, false) => None,
+        (None | Some("csv"), true) => Some(Format::parse("csv.gz", field)?),
+        (Some("csv"), false) => Some(Format::parse("csv", field)?),
+        (Some("parquet"), false) => Some(Format::parse("parquet", field)?),
+        (Some("parquet"), true) => {
+            return Err(unsupported(
+                "CompressionType",
+                "Parquet is compressed with Snappy inside the file",
+            ));
+        }
+        (Some(other), _) => {
+            return Err(Error::config(
+                at("DataFormat"),
+                format!("{other:?} is not csv or parquet"),
+            ));
+        }
+    };
+    match (bucket, folder) {
+        (Some(b), f) if !b.is_empty() => {
+            let folder = f.unwrap_or_default();
+            let folder = folder.trim_matches('/');
+            let url = if folder.is_empty() {
+                format!("s3://{b}")
+            } else {
+                format!("s3://{b}/{folder}")
+            };
+            crate::staging::parse_s3_url(&url)
+                .map_err(|e| Error::config(at("BucketName"), e.to_string()))?;
+            out.stage = Some(url);
+        }
+        (_, Some(f)) if !f.is_empty() => {
+            return Err(Error::config(at("BucketFolder"), "needs BucketName"));
+        }
+        _ => {}
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dms_settings_become_stage_format_and_columns() {
+        let s = parse(
+            r#"{"S3Settings": {"BucketName": "my-bucket", "BucketFolder": "/dms/orders/",
+                "DataFormat": "csv", "CompressionType": "GZIP", "TimestampColumnName": "ts",
+                "IncludeOpForFullLoad": false, "CsvDelimiter": ",", "CsvRowDelimiter": "\\n",
+                "EncryptionMode": "SSE_S3", "ServiceAccessRoleArn": "arn:aws:iam::1:role/dms"}}"#,
+            "--s3-settings",
+        )
+        .unwrap();
+        assert_eq!(s.stage.as_deref(), Some("s3://my-bucket/dms/orders"));
+        assert_eq!(s.format, Some(Format::parse("csv.gz", "f").unwrap()));
+        assert!(s.commit_ts_column);
+        assert_eq!(s.notes.len(), 1, "the role is named as not used");
+        let s = parse(r#"{"DataFormat": "parquet"}"#, "x").unwrap();
+        assert_eq!(s.format, Some(Format::parse("parquet", "f").unwrap()));
+        assert!(s.stage.is_none());
+    }
+
+    #[test]
+    fn settings_pgshift_does_not_honour_are_named() {
+        for (json, key) in [
+            (r#"{"CdcInsertsOnly": true}"#, "CdcInsertsOnly"),
+            (r#"{"AddColumnName": "true"}"#, "AddColumnName"),
+            (r#"{"CsvDelimiter": "|"}"#, "CsvDelimiter"),
+            (r#"{"DatePartitionEnabled": true}"#, "DatePartitionEnabled"),
+            (r#"{"EncryptionMode": "SSE_KMS"}"#, "EncryptionMode"),
+            (r#"{"CsvNoSupValue": "x"}"#, "CsvNoSupValue"),
+            (
+                r#"{"DataFormat": "parquet", "CompressionType": "gzip"}"#,
+                "CompressionType",
+            ),
+            (r#"{"BucketFolder": "x"}"#, "BucketFolder"),
+            (r#"{"BucketName": "Bad_Bucket"}"#, "BucketName"),
+            (r#"["not an object"]"#, "object"),
+        ] {
+            let err = parse(json, "--s3-settings").unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.contains("--s3-settings"),
+                "{json}: {err}"
+            );
+        }
+    }
+}
