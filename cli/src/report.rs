@@ -78,17 +78,18 @@ pub(crate) fn poll_summary(r: &PollReport) -> String {
             pgshift::state::records::human_time(*expires_ms)
         ),
         outcome => format!(
-            "task {}: {} changes in {} transactions, {} batches, {} bytes staged; checkpoint {} -> {} (target {}); slot {} retains {} bytes ({}){}",
+            "task {}: {} changes in {} transactions, {} batches, {} staged in {}; checkpoint {} -> {} (target {}); slot {} retains {} ({}){}",
             r.task,
             r.changes,
             r.transactions,
             r.batches.len(),
-            r.bytes_staged,
+            human_bytes(r.bytes_staged as i64),
+            human_secs(r.elapsed_ms),
             r.start_checkpoint,
             r.checkpoint,
             r.target,
             r.slot,
-            r.slot_retained_bytes,
+            human_bytes(r.slot_retained_bytes),
             if r.slot_wal_status.is_empty() {
                 "n/a"
             } else {
@@ -236,15 +237,19 @@ pub(crate) fn status_text(s: &TaskStatus) -> String {
     if let Some(p) = &s.last_poll {
         let _ = writeln!(
             out,
-            "last poll   {} changes, latency {:.1} s, slot retained {} bytes ({})",
-            p.changes, p.latency_secs, p.slot_retained_bytes, p.slot_wal_status
+            "last poll   {} changes, latency {:.1} s, slot retained {} ({})",
+            p.changes,
+            p.latency_secs,
+            human_bytes(p.slot_retained_bytes),
+            p.slot_wal_status
         );
     }
     if let Some(lag) = s.lag_bytes {
         let _ = writeln!(
             out,
-            "live        {lag} bytes behind the source; slot retains {} bytes ({})",
-            s.slot_retained_bytes.unwrap_or(0),
+            "live        {} behind the source; slot retains {} ({})",
+            human_bytes(lag as i64),
+            human_bytes(s.slot_retained_bytes.unwrap_or(0)),
             s.slot_wal_status.as_deref().unwrap_or("-")
         );
     }
@@ -256,7 +261,7 @@ pub(crate) fn status_text(s: &TaskStatus) -> String {
             Some(a) => {
                 let _ = writeln!(
                     out,
-                    "target      applied to {} ({} batches{}); {} bytes of staged batches to apply, lag {}",
+                    "target      applied to {} ({} batches{}); {} of staged batches to apply, lag {}",
                     a.position,
                     a.batches,
                     if a.load_complete {
@@ -264,7 +269,7 @@ pub(crate) fn status_text(s: &TaskStatus) -> String {
                     } else {
                         ", load not applied"
                     },
-                    t.behind_bytes.unwrap_or(0),
+                    human_bytes(t.behind_bytes.unwrap_or(0) as i64),
                     t.lag_seconds
                         .map_or("-".to_owned(), |l| format!("{l:.1} s"))
                 );
@@ -319,6 +324,34 @@ pub(crate) fn cutover_text(
 }
 
 /// One line per apply run.
+/// Bytes for people: `512 B`, `1.5 kB`, `148 MB`, `2.30 GB` (decimal units, as `du --si`).
+pub(crate) fn human_bytes(n: i64) -> String {
+    let v = n as f64;
+    let a = v.abs();
+    if a < 1e3 {
+        format!("{n} B")
+    } else if a < 1e6 {
+        format!("{:.1} kB", v / 1e3)
+    } else if a < 1e9 {
+        format!("{:.1} MB", v / 1e6)
+    } else if a < 1e12 {
+        format!("{:.2} GB", v / 1e9)
+    } else {
+        format!("{:.2} TB", v / 1e12)
+    }
+}
+
+/// Milliseconds for people: `850 ms`, `12.4 s`, `3 min 05 s`.
+pub(crate) fn human_secs(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else if ms < 60_000 {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    } else {
+        format!("{} min {:02} s", ms / 60_000, (ms / 1000) % 60)
+    }
+}
+
 pub(crate) fn apply_summary(report: &ApplyReport) -> String {
     format!(
         "task {}: {}{} batches, {} changes applied ({} set-based); target at {}",
@@ -357,4 +390,20 @@ fn schema_lines(report: &ApplyReport) -> String {
         out.push_str(&format!("\n  not created: {s}"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{human_bytes, human_secs};
+
+    #[test]
+    fn units_for_people() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1_500), "1.5 kB");
+        assert_eq!(human_bytes(154_922_128), "154.9 MB");
+        assert_eq!(human_bytes(2_300_000_000), "2.30 GB");
+        assert_eq!(human_secs(850), "850 ms");
+        assert_eq!(human_secs(12_400), "12.4 s");
+        assert_eq!(human_secs(185_000), "3 min 05 s");
+    }
 }
