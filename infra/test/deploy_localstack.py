@@ -107,6 +107,10 @@ def main():
             {"ParameterKey": "SourceSecretArn", "ParameterValue": source},
             {"ParameterKey": "TargetSecretArn", "ParameterValue": target},
             {"ParameterKey": "TaskName", "ParameterValue": "orders-ls"},
+            # LocalStack 4.9.2's ASL parser takes only STANDARD for a Distributed Map's child
+            # workflows (AWS takes EXPRESS, the template's default; cfn-lint and the CDK
+            # comparison check that one).
+            {"ParameterKey": "ChunkWorkflowType", "ParameterValue": "STANDARD"},
         ],
         Capabilities=["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM", "CAPABILITY_AUTO_EXPAND"],
     )

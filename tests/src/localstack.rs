@@ -41,11 +41,15 @@ impl Lane {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let asl = std::fs::read_to_string(root.join("infra/statemachine/full-load.asl.json"))
             .expect("the state machine definition");
-        // What the stack's DefinitionSubstitutions put there.
-        let definition = asl.replace(
-            "${FullLoadFunctionArn}",
-            "arn:aws:lambda:us-east-1:000000000000:function:pgshift-full-load",
-        );
+        // What the stack's DefinitionSubstitutions put there. The child workflows are
+        // STANDARD here: LocalStack 4.9.2's ASL parser refuses EXPRESS (the template's
+        // default, which AWS takes) for a Distributed Map.
+        let definition = asl
+            .replace(
+                "${FullLoadFunctionArn}",
+                "arn:aws:lambda:us-east-1:000000000000:function:pgshift-full-load",
+            )
+            .replace("${ChunkWorkflowType}", "STANDARD");
         let machine = match sfn
             .create_state_machine()
             .name(MACHINE)
