@@ -95,6 +95,7 @@ export class PgshiftStack extends Stack {
               'AlarmTopicArn',
               'DataKmsKeyArn',
               'StageBucketVersioning',
+              'Tracing',
             ],
           },
         ],
@@ -331,6 +332,13 @@ export class PgshiftStack extends Stack {
       description:
         'Customer managed KMS key for the staged data, the state table, the queues and the log groups (empty: AWS-owned keys). Its key policy must let CloudWatch Logs (logs.<region>.amazonaws.com), EventBridge Scheduler (the poller\'s dead-letter queue) and, with a target, EventBridge use it; the stack grants the functions and the state machine.',
     });
+    const tracing = new CfnParameter(this, 'Tracing', {
+      type: 'String',
+      default: 'PassThrough',
+      allowedValues: ['PassThrough', 'Active'],
+      description:
+        "Active traces every function invocation and the full-load state machine with X-Ray (the functions' and the state machine's roles may then write trace segments).",
+    });
     const versioning = new CfnParameter(this, 'StageBucketVersioning', {
       type: 'String',
       default: 'false',
@@ -371,6 +379,9 @@ export class PgshiftStack extends Stack {
     });
     const versionsStage = new CfnCondition(this, 'VersionsStage', {
       expression: Fn.conditionEquals(versioning.valueAsString, 'true'),
+    });
+    const traced = new CfnCondition(this, 'Traced', {
+      expression: Fn.conditionEquals(tracing.valueAsString, 'Active'),
     });
     const ifKey = <T>(withKey: T, without: T): T =>
       Fn.conditionIf(hasDataKey.logicalId, withKey, without) as unknown as T;
@@ -760,6 +771,7 @@ export class PgshiftStack extends Stack {
         systemLogLevel: 'WARN',
       };
       cfn.vpcConfig = vpcConfig;
+      cfn.tracingConfig = { mode: tracing.valueAsString };
       return cfn;
     };
     rustFunction(
@@ -957,6 +969,7 @@ export class PgshiftStack extends Stack {
       stateMachineType: 'STANDARD',
       definitionString: JSON.stringify(JSON.parse(definition)),
       definitionSubstitutions: { FullLoadFunctionArn: fullLoad.attrArn, ChunkWorkflowType: chunkWorkflowType.valueAsString },
+      tracingConfiguration: { enabled: Fn.conditionIf(traced.logicalId, true, false) as unknown as boolean },
       roleArn: machineRole.attrArn,
       loggingConfiguration: {
         level: 'ERROR',
@@ -980,6 +993,27 @@ export class PgshiftStack extends Stack {
       },
     });
     dataKeyPolicy.cfnOptions.condition = hasDataKey;
+    // X-Ray has no resource-level permissions for writing segments.
+    const tracingPolicy = new iam.CfnPolicy(this, 'TracingPolicy', {
+      policyName: 'pgshift-tracing',
+      roles: Fn.conditionIf(
+        hasTarget.logicalId,
+        [testEndpointRole.ref, fullLoadRole.ref, pollerRole.ref, applyRole.ref, machineRole.ref],
+        [testEndpointRole.ref, fullLoadRole.ref, pollerRole.ref, machineRole.ref],
+      ) as unknown as string[],
+      policyDocument: {
+        Version: '2012-10-17',
+        Statement: [
+          {
+            Sid: 'WriteTraces',
+            Effect: 'Allow',
+            Action: ['xray:PutTraceSegments', 'xray:PutTelemetryRecords', 'xray:GetSamplingRules', 'xray:GetSamplingTargets'],
+            Resource: '*',
+          },
+        ],
+      },
+    });
+    tracingPolicy.cfnOptions.condition = traced;
 
     // ------------------------------------------------------------------ alarms
     const actions = Fn.conditionIf(hasAlarmTopic.logicalId, [alarmTopic.valueAsString], Aws.NO_VALUE);

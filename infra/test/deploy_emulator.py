@@ -210,7 +210,7 @@ def main(lambda_dir):
                      "AWS::Scheduler::Schedule", "AWS::SQS::QueuePolicy"}
     conditional = {"SourceSecretKeyPolicy", "VpcAccessPolicy", "FunctionSecurityGroup", "EndpointSecurityGroup",
                    "S3GatewayEndpoint", "DynamoDbGatewayEndpoint", "SecretsManagerEndpoint", "EventsEndpoint",
-                   "SqsEndpoint", "PollerStoppedAlarm", "DataKeyPolicy"}
+                   "SqsEndpoint", "PollerStoppedAlarm", "DataKeyPolicy", "TracingPolicy"}
     skipped = []
     for logical, res in body["Resources"].items():
         if logical in conditional:

@@ -131,7 +131,7 @@ def main():
     # Their conditions are false with these parameters (no secret key, no VPC, poller disabled).
     conditional = {"SourceSecretKeyPolicy", "VpcAccessPolicy", "FunctionSecurityGroup", "EndpointSecurityGroup",
                    "S3GatewayEndpoint", "DynamoDbGatewayEndpoint", "SecretsManagerEndpoint", "EventsEndpoint",
-                   "SqsEndpoint", "PollerStoppedAlarm", "DataKeyPolicy"}
+                   "SqsEndpoint", "PollerStoppedAlarm", "DataKeyPolicy", "TracingPolicy"}
     for logical, res in body["Resources"].items():
         if logical in conditional:
             check(logical not in created, f"{logical} not created (its condition is false)")

@@ -125,7 +125,7 @@ test('every function is arm64 on provided.al2023 with its own role and log group
   }
 });
 
-test('no function statement allows "*" except network interfaces in a VPC', () => {
+test('no function statement allows "*" except network interfaces in a VPC and X-Ray segments', () => {
   for (const [id, res] of Object.entries<Json>(cdk.Resources)) {
     if (id === 'FullLoadStateMachineRole') continue;
     let docs: Json[];
@@ -135,6 +135,7 @@ test('no function statement allows "*" except network interfaces in a VPC', () =
     } else if (res.Type === 'AWS::IAM::Policy') {
       docs = [res.Properties.PolicyDocument];
       if (id === 'VpcAccessPolicy') assert.equal(res.Condition, 'InVpc');
+      if (id === 'TracingPolicy') assert.equal(res.Condition, 'Traced');
     } else {
       continue;
     }
@@ -142,7 +143,8 @@ test('no function statement allows "*" except network interfaces in a VPC', () =
       for (const s of doc.Statement) {
         const actions = [s.Action].flat();
         if (s.Resource === '*') {
-          assert.ok(actions.every((a: string) => a.startsWith('ec2:')), `${id}: ${actions} on *`);
+          const allowed = id === 'TracingPolicy' ? 'xray:' : 'ec2:';
+          assert.ok(actions.every((a: string) => a.startsWith(allowed)), `${id}: ${actions} on *`);
         }
         assert.ok(!actions.some((a: string) => a.endsWith(':*') || a === '*'), `${id}: wildcard action ${actions}`);
       }
