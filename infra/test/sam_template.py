@@ -48,7 +48,10 @@ def packaged(template, code_bucket, code_prefix):
 
 def translate(template, parameters):
     # The transform resolves the partition from a region; any commercial region gives `aws`.
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    # Set but empty counts as unset (boto3 finds no region either way).
+    if not os.environ.get("AWS_REGION") and not os.environ.get("AWS_DEFAULT_REGION"):
+        os.environ.pop("AWS_REGION", None)
+        os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
     try:
         return transform(template, parameters, NoManagedPolicies())
     except InvalidDocumentException as e:
