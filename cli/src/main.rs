@@ -49,22 +49,55 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Check that a source can serve a full load and CDC; prints a pass/warn/fail table.
+    #[command(
+        after_help = "Examples:\n  pgshift test-endpoint --source 'postgres://pgshift@db.abc.eu-west-1.rds.amazonaws.com/orders'
+  pgshift test-endpoint --source secret:pgshift/source --tables mapping.json --json
+  PGHOST=db PGUSER=pgshift pgshift test-endpoint --source postgres:// --target \"$TARGET_URL\""
+    )]
     TestEndpoint(TestEndpointArgs),
     /// Load the selected tables in parallel chunks (COPY), optionally creating the CDC slot first.
+    #[command(
+        after_help = "Examples:\n  pgshift full-load --task orders --source \"$URL\" --cdc --parallel 4
+  pgshift full-load --task orders --source \"$URL\" --format parquet --stage s3://bucket/orders
+  pgshift full-load --task orders --source \"$URL\" --s3-settings file://s3.json --state dynamodb://pgshift-state"
+    )]
     FullLoad(FullLoadArgs),
     /// Apply the staged load and CDC batches to a target PostgreSQL (exactly once, resumable).
+    #[command(
+        after_help = "Examples:\n  pgshift apply --task orders --target \"$TARGET_URL\" --parallel 4
+  pgshift apply --task orders --target \"$TARGET_URL\" --follow
+  pgshift apply --task orders --target \"$TARGET_URL\" --until caught-up --source \"$URL\""
+    )]
     Apply(ApplyArgs),
     /// Compare source and target table by table (row counts, checksums, differing keys).
+    #[command(
+        after_help = "Examples:\n  pgshift validate --task orders --source \"$URL\" --target \"$TARGET_URL\"
+  pgshift validate --task orders --source \"$URL\" --target \"$TARGET_URL\" --tables mapping.json --json"
+    )]
     Validate(ValidateArgs),
     /// Finish a PG -> PG migration (writes to the source stopped): apply until caught up with
     /// the source, set the target's sequences to the source's values, validate, say what next.
+    #[command(
+        after_help = "Examples:\n  pgshift cutover --task orders --source \"$URL\" --target \"$TARGET_URL\""
+    )]
     Cutover(CutoverArgs),
     /// Show a task: load progress per table, CDC checkpoint, lag and slot health.
+    #[command(after_help = "Examples:\n  pgshift status --task orders
+  pgshift status --task orders --state dynamodb://pgshift-state --source \"$URL\" --target \"$TARGET_URL\" --json")]
     Status(StatusArgs),
     /// Drain the task's slot into staged files (creates the publication and slot of a CDC-only task).
+    #[command(
+        after_help = "Examples:\n  pgshift cdc --task orders --source \"$URL\" --once
+  pgshift cdc --task orders --source \"$URL\" --follow --interval 30 --events-bus default
+  pgshift cdc --task orders --source \"$URL\" --once --stop-position 16/B374D848"
+    )]
     Cdc(CdcArgs),
     /// Drop everything pgshift created on the source for a task: its replication slot (which
     /// holds WAL until dropped), publications and follow trigger. Staged data and state stay.
+    #[command(
+        after_help = "Examples:\n  pgshift teardown --task orders --source \"$URL\" --yes
+  pgshift teardown --task orders --source \"$URL\" --reset --yes     # and the task's state: start over"
+    )]
     Teardown(TeardownArgs),
     /// Print a shell completion script: `pgshift completions bash > /etc/bash_completion.d/pgshift`
     /// (zsh: into a folder of $fpath as `_pgshift`; fish: ~/.config/fish/completions/pgshift.fish).
@@ -159,7 +192,7 @@ pub(crate) struct FullLoadArgs {
     /// pgshift does not honour is an error naming it.
     #[arg(long, env = "PGSHIFT_S3_SETTINGS")]
     pub(crate) s3_settings: Option<String>,
-    /// csv, csv.gz, jsonl or jsonl.gz.
+    /// csv, csv.gz, jsonl, jsonl.gz or parquet.
     #[arg(long, env = "PGSHIFT_FORMAT", default_value = "csv")]
     pub(crate) format: String,
     /// Chunks exported at once.

@@ -33,6 +33,36 @@ fn completions_and_manual_pages_cover_every_command() {
 }
 
 #[test]
+fn help_teaches_with_examples_and_environment_variables() {
+    for command in [
+        "test-endpoint",
+        "full-load",
+        "apply",
+        "validate",
+        "cutover",
+        "status",
+        "cdc",
+        "teardown",
+    ] {
+        let (code, out, err) = run_cli(&[command, "--help"]);
+        assert_eq!(code, Some(0), "{err}");
+        assert!(
+            out.contains("Examples:\n  pgshift "),
+            "{command} --help has no examples: {out}"
+        );
+        assert!(
+            out.contains("[env: PGSHIFT_TASK=]") || command == "test-endpoint",
+            "{command}: {out}"
+        );
+    }
+    let (_, out, _) = run_cli(&["full-load", "--help"]);
+    assert!(
+        out.contains("parquet") && out.contains("[env: PGSHIFT_S3_SETTINGS=]"),
+        "{out}"
+    );
+}
+
+#[test]
 fn flags_a_command_would_ignore_are_usage_errors() {
     let target = "postgres://u@127.0.0.1:1/db";
     let refused: &[(&[&str], &str)] = &[
