@@ -90,6 +90,20 @@ impl StagedDeps {
         *cache = Some((std::time::Instant::now(), cfg.clone()));
         Ok(cfg)
     }
+
+    /// After `err`: a source that refused the cached credentials (a rotated password) is read
+    /// from the secret again by the next invocation instead of after [`SECRET_TTL`].
+    pub async fn after_error(&self, err: &Error) {
+        if matches!(
+            err,
+            Error::Connect {
+                kind: crate::error::ConnectFailure::Auth,
+                ..
+            }
+        ) {
+            *self.secret_cache.lock().await = None;
+        }
+    }
 }
 
 /// Time left before the invocation's deadline.

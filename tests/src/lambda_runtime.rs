@@ -473,6 +473,60 @@ async fn packaged_lambdas_cold_start_figures() {
     }
 }
 
+/// A warm function reuses the secret it read (one Secrets Manager call per 5 minutes, not
+/// per poll), but a source that refuses the cached credentials (the password rotated) makes
+/// the next invocation read the secret again instead of failing for 5 minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_password_is_read_again_after_the_source_refuses_it() {
+    let db = TestDb::new("rt_rotate").await;
+    db.client()
+        .await
+        .batch_execute("create table r (id int primary key); insert into r values (1)")
+        .await
+        .unwrap();
+    let task = unique_name("rt-rotate").replace('_', "-");
+    let (vars, _sink, _state) = setup_aws(&task, &db).await;
+    let secret = vars
+        .iter()
+        .find(|(k, _)| *k == "PGSHIFT_SOURCE_SECRET_ARN")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    let aws = Aws::from_env().await;
+    let cfg = db.config();
+    let put = |password: String| {
+        let aws = aws.clone();
+        let secret = secret.clone();
+        let cfg = cfg.clone();
+        let name = db.name.clone();
+        async move {
+            aws.secrets()
+                .put_secret_value()
+                .secret_id(&secret)
+                .secret_string(
+                    json!({"engine": "postgres", "host": cfg.host, "port": cfg.port,
+                        "username": cfg.user, "password": password, "dbname": name})
+                    .to_string(),
+                )
+                .send()
+                .await
+                .expect("put secret value");
+        }
+    };
+    let right = cfg.password.as_ref().unwrap().expose_secret().to_owned();
+    put("not-the-password".to_owned()).await;
+    let api = RuntimeApi::start();
+    let poller = api.function("cdc-poller", &vars);
+    let err = api
+        .invoke("cdc-poller", Payload::Json(json!({"action": "Watch"})))
+        .expect_err("a wrong password fails");
+    assert!(err.contains("auth"), "{err}");
+    put(right).await;
+    let watch = api
+        .invoke("cdc-poller", Payload::Json(json!({"action": "Watch"})))
+        .unwrap_or_else(|e| panic!("the rotated secret was not read again: {e}\n{}", poller.log()));
+    assert_eq!(watch["exists"], false, "{watch:#}");
+}
+
 /// The apply function as the stack runs it: the task's events, routed by a rule to an SQS
 /// FIFO queue, each invoke it with one message; the messages arrive duplicated, out of order
 /// and one of them never; the target ends equal to the source, and a duplicate is a no-op.

@@ -13,7 +13,13 @@ async fn handle(
     deps: &StagedDeps,
     event: LambdaEvent<serde_json::Value>,
 ) -> Result<serde_json::Value, Diagnostic> {
-    run(deps, event).await.map_err(pgshift::lambda::diagnostic)
+    match run(deps, event).await {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            deps.after_error(&e).await;
+            Err(pgshift::lambda::diagnostic(e))
+        }
+    }
 }
 
 async fn run(

@@ -13,9 +13,13 @@ async fn handle(
     event: LambdaEvent<serde_json::Value>,
 ) -> Result<serde_json::Value, Diagnostic> {
     let chunk = chunk_label(&event.payload);
-    Box::pin(run(deps, event))
-        .await
-        .map_err(|e| pgshift::lambda::diagnostic_in(e, chunk.as_deref()))
+    match Box::pin(run(deps, event)).await {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            deps.after_error(&e).await;
+            Err(pgshift::lambda::diagnostic_in(e, chunk.as_deref()))
+        }
+    }
 }
 
 /// `chunk <schema>.<table>#<n>` of an ExportChunk event, for its error message (the state
