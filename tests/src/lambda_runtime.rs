@@ -523,7 +523,12 @@ async fn a_rotated_password_is_read_again_after_the_source_refuses_it() {
     put(right).await;
     let watch = api
         .invoke("cdc-poller", Payload::Json(json!({"action": "Watch"})))
-        .unwrap_or_else(|e| panic!("the rotated secret was not read again: {e}\n{}", poller.log()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "the rotated secret was not read again: {e}\n{}",
+                poller.log()
+            )
+        });
     assert_eq!(watch["exists"], false, "{watch:#}");
 }
 
