@@ -72,6 +72,7 @@ export class PgshiftStack extends Stack {
               'TableMappings',
               'CaptureChanges',
               'StageFormat',
+              'S3Settings',
               'CommitTimestampColumn',
               'ChunkMb',
               'MaxConcurrency',
@@ -200,6 +201,12 @@ export class PgshiftStack extends Stack {
       default: 'csv',
       allowedValues: ['csv', 'csv.gz', 'jsonl', 'jsonl.gz', 'parquet'],
       description: 'Format of staged files (parquet is for full-load-only tasks).',
+    });
+    const s3Settings = new CfnParameter(this, 'S3Settings', {
+      type: 'String',
+      default: '',
+      description:
+        "DMS S3Settings JSON (as for aws dms create-endpoint): DataFormat, CompressionType and TimestampColumnName are honoured; BucketName/BucketFolder, when given, must be this stack's bucket and the task's folder; any setting pgshift does not honour fails the functions with its name (docs/DMS-S3-SETTINGS.md). Empty: StageFormat decides.",
     });
     const commitTs = new CfnParameter(this, 'CommitTimestampColumn', {
       type: 'String',
@@ -723,6 +730,7 @@ export class PgshiftStack extends Stack {
       PGSHIFT_FORMAT: stageFormat.valueAsString,
       PGSHIFT_CDC: captureChanges.valueAsString,
       PGSHIFT_COMMIT_TS_COLUMN: commitTs.valueAsString,
+      PGSHIFT_S3_SETTINGS: s3Settings.valueAsString,
       PGSHIFT_TABLE_MAPPINGS: tableMappings.valueAsString,
       PGSHIFT_CHUNK_MB: chunkMb.valueAsString,
       PGSHIFT_MAX_CONCURRENCY: maxConcurrency.valueAsString,
