@@ -177,6 +177,7 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
     let target = &seams.source;
     let mut backoff = Backoff::new(Duration::from_secs(args.interval.max(1)));
     loop {
+        let round = std::time::Instant::now();
         let applied = with_seams!(
             &seams.stage,
             &seams.state,
@@ -240,7 +241,7 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
         if args.json {
             print_json(serde_json::to_value(&report), false);
         } else {
-            println!("{}", report::apply_summary(&report));
+            println!("{}", report::apply_summary(&report, round.elapsed()));
         }
         if !args.follow || !wait_or_interrupt(Duration::from_secs(args.interval.max(1))).await {
             return Ok(ExitCode::SUCCESS);
@@ -476,11 +477,16 @@ pub(crate) async fn validate(args: ValidateArgs) -> pgshift::Result<ExitCode> {
     let selection = read_selection(args.tables.as_deref())?;
     let source = resolve(&crate::source_spec(&args.source, "--source")?).await?;
     let target = resolve(&crate::source_spec(&args.target, "--target")?).await?;
+    let started = std::time::Instant::now();
     let report = validate_job::run(&source, &target, &selection).await?;
     if args.json {
         print_json(serde_json::to_value(&report), true);
     } else {
         print!("{}", report::validate_table(&report));
+        println!(
+            "checked in {}",
+            report::human_secs(started.elapsed().as_millis() as u64)
+        );
     }
     Ok(if report.equal {
         ExitCode::SUCCESS

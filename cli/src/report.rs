@@ -352,9 +352,15 @@ pub(crate) fn human_secs(ms: u64) -> String {
     }
 }
 
-pub(crate) fn apply_summary(report: &ApplyReport) -> String {
+pub(crate) fn apply_summary(report: &ApplyReport, took: std::time::Duration) -> String {
+    let secs = took.as_secs_f64().max(0.001);
+    let rate = if report.changes_applied > 0 {
+        format!(", {:.0} changes/s", report.changes_applied as f64 / secs)
+    } else {
+        String::new()
+    };
     format!(
-        "task {}: {}{} batches, {} changes applied ({} set-based); target at {}",
+        "task {}: {}{} batches, {} changes applied ({} set-based) in {}{rate}; target at {}",
         report.task,
         if report.load_applied {
             format!(
@@ -373,6 +379,7 @@ pub(crate) fn apply_summary(report: &ApplyReport) -> String {
         report.batches_applied,
         report.changes_applied,
         report.changes_set_based,
+        human_secs(took.as_millis() as u64),
         report.position
     ) + &schema_lines(report)
 }

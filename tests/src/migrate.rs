@@ -297,10 +297,16 @@ async fn cli_full_load_cdc_apply_validate_status() {
     let (code, out, err) = task.run(&["apply", "--target", &dst]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("load applied (5000 rows, "), "{out}");
+    assert!(
+        out.contains("changes/s; target at "),
+        "human rate in the summary: {out}"
+    );
     let (code, out, err) = task.run(&["validate", "--source", &src, "--target", &dst]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(
-        out.contains("EQUAL public.t") && out.contains("target equals source"),
+        out.contains("EQUAL public.t")
+            && out.contains("target equals source")
+            && out.contains("checked in "),
         "{out}"
     );
     let (code, out, err) = run(&[
