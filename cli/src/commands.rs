@@ -265,27 +265,8 @@ fn s3_settings(
     for note in &s.notes {
         eprintln!("note: {note}");
     }
-    if let Some(want) = s.stage {
-        if stage.as_str() != DEFAULT_STAGE && stage.trim_end_matches('/') != want {
-            return Err(Error::config(
-                "--stage",
-                format!(
-                    "{stage} is not S3Settings' s3://BucketName/BucketFolder ({want}): give one of them"
-                ),
-            ));
-        }
-        *stage = want;
-    }
-    let format = match s.format {
-        Some(f) if format != "csv" && f != flag_format => {
-            return Err(Error::config(
-                "--format",
-                "differs from S3Settings' DataFormat/CompressionType: give one of them",
-            ));
-        }
-        Some(f) => f,
-        None => flag_format,
-    };
+    *stage = s.resolve_stage(stage, (stage != DEFAULT_STAGE).then_some("--stage"))?;
+    let format = s.resolve_format(flag_format, (format != "csv").then_some("--format"))?;
     Ok((format, s.commit_ts_column))
 }
 

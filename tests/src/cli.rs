@@ -1,7 +1,7 @@
 //! The `pgshift` command's conventions: completions and manual pages, -v/-q and JSON logs,
 //! and flags a command would ignore refused with a usage error that names them.
 
-use pgshift_tests::{TempDir, TestDb, run_cli};
+use pgshift_tests::{CliTask, TempDir, TestDb, run_cli};
 
 #[test]
 fn completions_and_manual_pages_cover_every_command() {
@@ -159,24 +159,21 @@ async fn verbosity_and_json_logs() {
         )
         .await
         .unwrap();
-    let url = pgshift_tests::url(&db.config());
-    let dir = TempDir::new("cli-logs");
-    let path = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
-    let (stage, state) = (path("stage"), path("state"));
-    let common = [
-        "--task", "logs", "--stage", &stage, "--state", &state, "--source", &url,
-    ];
-    let (code, out, err) = run_cli(&[&["full-load", "--cdc"][..], &common].concat());
+    let task = CliTask::new("logs", &db.config(), &db.config());
+    let url = task.src.clone();
+    let (code, out, err) = task.run(&["full-load", "--cdc", "--source", &url]);
     assert_eq!(code, Some(0), "{out}{err}");
 
     // -v --log-format json: info lines, each a JSON object with a level and the poll's fields.
-    let (code, out, err) = run_cli(
-        &[
-            &["-v", "--log-format", "json", "cdc", "--once"][..],
-            &common,
-        ]
-        .concat(),
-    );
+    let (code, out, err) = task.run(&[
+        "-v",
+        "--log-format",
+        "json",
+        "cdc",
+        "--once",
+        "--source",
+        &url,
+    ]);
     assert_eq!(code, Some(0), "{out}{err}");
     let lines: Vec<serde_json::Value> = err
         .lines()
@@ -189,10 +186,10 @@ async fn verbosity_and_json_logs() {
         "{err}"
     );
     // -q: nothing below errors; no colour codes when not a terminal.
-    let (code, out, err) = run_cli(&[&["-q", "cdc", "--once"][..], &common].concat());
+    let (code, out, err) = task.run(&["-q", "cdc", "--once", "--source", &url]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(err.trim().is_empty(), "{err}");
-    let (code, _, err) = run_cli(&[&["-v", "cdc", "--once"][..], &common].concat());
+    let (code, _, err) = task.run(&["-v", "cdc", "--once", "--source", &url]);
     assert_eq!(code, Some(0));
     assert!(err.contains("INFO") && !err.contains('\u{1b}'), "{err}");
     let _ = run_cli(&["teardown", "--task", "logs", "--source", &url, "--yes"]);
@@ -401,16 +398,11 @@ async fn cdc_stops_at_the_stop_position() {
     c.batch_execute("create table public.s (id int primary key)")
         .await
         .unwrap();
-    let url = pgshift_tests::url(&db.config());
-    let dir = TempDir::new("cli-stop");
-    let path = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
-    let (stage, state) = (path("stage"), path("state"));
-    let common = [
-        "--task", "stop", "--stage", &stage, "--state", &state, "--source", &url,
-    ];
+    let task = CliTask::new("stop", &db.config(), &db.config());
+    let url = task.src.clone();
     let poll = |extra: &[&str]| {
         let (code, out, err) =
-            run_cli(&[&["cdc", "--once", "--json"][..], &common, extra].concat());
+            task.run(&[&["cdc", "--once", "--json", "--source", &url][..], extra].concat());
         assert_eq!(code, Some(0), "{out}{err}");
         serde_json::from_str::<serde_json::Value>(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
     };
@@ -435,18 +427,14 @@ async fn cdc_stops_at_the_stop_position() {
     assert_eq!(rest["changes"], 2, "{rest:#}");
     assert!(rest.get("stopped_at").is_none(), "{rest:#}");
 
-    let (code, _, err) = run_cli(
-        &[
-            &[
-                "cdc",
-                "--once",
-                "--stop-position",
-                "commit_time:2026-12-02T10:00:00",
-            ][..],
-            &common,
-        ]
-        .concat(),
-    );
+    let (code, _, err) = task.run(&[
+        "cdc",
+        "--once",
+        "--source",
+        &url,
+        "--stop-position",
+        "commit_time:2026-12-02T10:00:00",
+    ]);
     assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("--stop-position") && err.contains("not supported"),
@@ -482,17 +470,20 @@ async fn dms_s3_settings_choose_the_stage_and_format() {
     .unwrap();
     let state = dir.path().join("state").to_string_lossy().into_owned();
     let file = format!("file://{}", settings.display());
-    let (code, out, err) = run_cli(&[
-        "full-load",
-        "--task",
-        "s3s",
-        "--source",
-        &url,
-        "--state",
-        &state,
-        "--s3-settings",
-        &file,
-    ]);
+    let load = |task: &str| {
+        run_cli(&[
+            "full-load",
+            "--task",
+            task,
+            "--source",
+            &url,
+            "--state",
+            &state,
+            "--s3-settings",
+            &file,
+        ])
+    };
+    let (code, out, err) = load("s3s");
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(err.contains("ServiceAccessRoleArn is not used"), "{err}");
     let sink =
@@ -511,17 +502,7 @@ async fn dms_s3_settings_choose_the_stage_and_format() {
         r#"{"DataFormat": "csv", "DatePartitionEnabled": true}"#,
     )
     .unwrap();
-    let (code, _, err) = run_cli(&[
-        "full-load",
-        "--task",
-        "s3s2",
-        "--source",
-        &url,
-        "--state",
-        &state,
-        "--s3-settings",
-        &file,
-    ]);
+    let (code, _, err) = load("s3s2");
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("S3Settings.DatePartitionEnabled"), "{err}");
 }

@@ -160,22 +160,11 @@ impl LambdaEnv {
             .map(|t| super::s3_settings::parse(&t, "PGSHIFT_S3_SETTINGS"))
             .transpose()?;
         if let Some(s) = &s3_settings {
-            if let Some(f) = s.format {
-                format = f;
-            }
-            if let Some(want) = &s.stage
-                && get("PGSHIFT_STAGE")
-                    .as_deref()
-                    .map(|v| v.trim_end_matches('/'))
-                    != Some(want.as_str())
-            {
-                return Err(Error::config(
-                    "PGSHIFT_S3_SETTINGS",
-                    format!(
-                        "S3Settings.BucketName/BucketFolder name {want}, not the stack's stage; leave them out or deploy with that bucket"
-                    ),
-                ));
-            }
+            format = s.resolve_format(format, None)?;
+            s.resolve_stage(
+                &get("PGSHIFT_STAGE").unwrap_or_default(),
+                Some("PGSHIFT_STAGE"),
+            )?;
             for note in &s.notes {
                 tracing::warn!("{note}");
             }

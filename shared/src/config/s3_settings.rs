@@ -20,6 +20,36 @@ pub struct S3Settings {
     pub notes: Vec<String>,
 }
 
+impl S3Settings {
+    /// The stage: the settings' bucket and folder, which must agree with a stage given
+    /// explicitly (`given_as` names it: `--stage`, `PGSHIFT_STAGE`); else `stage`.
+    pub fn resolve_stage(&self, stage: &str, given_as: Option<&str>) -> Result<String> {
+        match (&self.stage, given_as) {
+            (None, _) => Ok(stage.to_owned()),
+            (Some(want), Some(field)) if stage.trim_end_matches('/') != want => Err(Error::config(
+                field,
+                format!(
+                    "{stage} is not S3Settings' s3://BucketName/BucketFolder ({want}): give one of them"
+                ),
+            )),
+            (Some(want), _) => Ok(want.clone()),
+        }
+    }
+
+    /// The format: the settings' DataFormat/CompressionType, which must agree with a format
+    /// given explicitly (`given_as` names it); else `format`.
+    pub fn resolve_format(&self, format: Format, given_as: Option<&str>) -> Result<Format> {
+        match (self.format, given_as) {
+            (None, _) => Ok(format),
+            (Some(f), Some(field)) if f != format => Err(Error::config(
+                field,
+                "differs from S3Settings' DataFormat/CompressionType: give one of them",
+            )),
+            (Some(f), _) => Ok(f),
+        }
+    }
+}
+
 /// Reads `file://path` or inline JSON.
 pub fn read(value: &str, field: &str) -> Result<S3Settings> {
     let text = match value.strip_prefix("file://") {
@@ -152,8 +182,10 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
             } else {
                 format!("s3://{b}/{folder}")
             };
-            crate::staging::parse_s3_url(&url)
-                .map_err(|e| Error::config(at("BucketName"), e.to_string()))?;
+            crate::staging::parse_s3_url(&url).map_err(|e| match e {
+                Error::Config { reason, .. } => Error::config(at("BucketName"), reason),
+                other => other,
+            })?;
             out.stage = Some(url);
         }
         (_, Some(f)) if !f.is_empty() => {
@@ -185,6 +217,40 @@ mod tests {
         let s = parse(r#"{"DataFormat": "parquet"}"#, "x").unwrap();
         assert_eq!(s.format, Some(Format::parse("parquet", "f").unwrap()));
         assert!(s.stage.is_none());
+    }
+
+    #[test]
+    fn given_stage_and_format_must_agree() {
+        let s = parse(
+            r#"{"BucketName": "bkt", "BucketFolder": "f", "DataFormat": "parquet"}"#,
+            "x",
+        )
+        .unwrap();
+        assert_eq!(s.resolve_stage("./default", None).unwrap(), "s3://bkt/f");
+        assert_eq!(
+            s.resolve_stage("s3://bkt/f/", Some("--stage")).unwrap(),
+            "s3://bkt/f"
+        );
+        let err = s
+            .resolve_stage("s3://other/f", Some("PGSHIFT_STAGE"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("PGSHIFT_STAGE") && err.contains("s3://bkt/f"),
+            "{err}"
+        );
+        let csv = Format::parse("csv", "f").unwrap();
+        let parquet = Format::parse("parquet", "f").unwrap();
+        assert_eq!(s.resolve_format(csv, None).unwrap(), parquet);
+        let err = s
+            .resolve_format(csv, Some("--format"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--format"), "{err}");
+        assert_eq!(
+            s.resolve_format(parquet, Some("--format")).unwrap(),
+            parquet
+        );
     }
 
     #[test]
