@@ -8,6 +8,8 @@ PGSHIFT_CACHE=${PGSHIFT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pgshift}
 PGSHIFT_VENV=${PGSHIFT_VENV:-$PGSHIFT_ROOT/.venv}
 # Pinned: moto 5.2.1 breaks CompleteMultipartUpload with the Rust SDK; 5.2.5 was tried here.
 PGSHIFT_MOTO_VERSION=5.2.5
+# An independent Parquet reader for the tests (tests/src/parquet.rs), in the same virtualenv.
+PGSHIFT_PYARROW_VERSION=22.0.0
 # Deployment tools, pinned, in a second virtualenv (aws-sam-cli and moto pin different Flasks):
 # cargo-lambda (brings zig, for the arm64 cross build), cfn-lint, aws-sam-cli (aws-sam-translator).
 PGSHIFT_TOOLS_VENV=${PGSHIFT_TOOLS_VENV:-$PGSHIFT_ROOT/.venv-tools}
@@ -80,12 +82,13 @@ pgshift_ensure_postgres() {
   export PATH
 }
 
-# The emulator lives in a project-local virtualenv, pinned, installed on first use.
+# The emulator lives in a project-local virtualenv, pinned, installed on first use, with
+# pyarrow: the tests read pgshift's Parquet with an independent reader.
 pgshift_ensure_venv() {
-  if [ ! -x "$PGSHIFT_VENV/bin/moto_server" ] || ! "$PGSHIFT_VENV/bin/python" -c "import moto,sys; sys.exit(moto.__version__ != '$PGSHIFT_MOTO_VERSION')" 2>/dev/null; then
-    log "creating $PGSHIFT_VENV with moto[server]==$PGSHIFT_MOTO_VERSION"
+  if [ ! -x "$PGSHIFT_VENV/bin/moto_server" ] || ! "$PGSHIFT_VENV/bin/python" -c "import moto,pyarrow,sys; sys.exit(moto.__version__ != '$PGSHIFT_MOTO_VERSION' or pyarrow.__version__ != '$PGSHIFT_PYARROW_VERSION')" 2>/dev/null; then
+    log "creating $PGSHIFT_VENV with moto[server]==$PGSHIFT_MOTO_VERSION pyarrow==$PGSHIFT_PYARROW_VERSION"
     python3 -m venv "$PGSHIFT_VENV"
-    "$PGSHIFT_VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$PGSHIFT_MOTO_VERSION"
+    "$PGSHIFT_VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$PGSHIFT_MOTO_VERSION" "pyarrow==$PGSHIFT_PYARROW_VERSION"
   fi
 }
 

@@ -200,7 +200,7 @@ export class PgshiftStack extends Stack {
       type: 'String',
       default: 'csv',
       allowedValues: ['csv', 'csv.gz', 'jsonl', 'jsonl.gz', 'parquet'],
-      description: 'Format of staged files (parquet is for full-load-only tasks).',
+      description: 'Format of staged files (parquet: typed columns, full load and CDC).',
     });
     const s3Settings = new CfnParameter(this, 'S3Settings', {
       type: 'String',
@@ -213,16 +213,6 @@ export class PgshiftStack extends Stack {
       default: 'false',
       allowedValues: ['true', 'false'],
       description: "true adds the source commit timestamp column to CDC rows (DMS's TimestampColumnName).",
-    });
-    new CfnRule(this, 'ParquetIsForFullLoadOnly', {
-      ruleCondition: Fn.conditionEquals(stageFormat.valueAsString, 'parquet'),
-      assertions: [
-        {
-          assert: Fn.conditionEquals(captureChanges.valueAsString, 'false'),
-          assertDescription:
-            'parquet is written by the full load only; with CaptureChanges=true stage csv, csv.gz, jsonl or jsonl.gz',
-        },
-      ],
     });
     const chunkMb = new CfnParameter(this, 'ChunkMb', {
       type: 'Number',

@@ -1,5 +1,5 @@
 //! Set-based (batch) apply: every shape of change folded inside one batch converges on the
-//! source, in CSV and JSON Lines staging.
+//! source, in CSV, JSON Lines and Parquet staging.
 
 use std::sync::Arc;
 
@@ -163,6 +163,13 @@ async fn a_batch_of_every_shape_of_change_applies_set_based_csv() {
 #[tokio::test]
 async fn a_batch_of_every_shape_of_change_applies_set_based_jsonl() {
     converges("jsonl", "batch_apply_jsonl").await;
+}
+
+/// Parquet: the load and the batch (whose column added midway puts `public.k`'s later rows in
+/// a second file) read back and applied like CSV.
+#[tokio::test]
+async fn a_batch_of_every_shape_of_change_applies_set_based_parquet() {
+    converges("parquet", "batch_apply_parquet").await;
 }
 
 /// A target that already has the source's foreign keys (the user brought the schema): the

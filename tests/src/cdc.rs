@@ -935,20 +935,3 @@ async fn cli_cdc_stages_to_s3_with_state_in_dynamodb() {
     let doc = store.get("cli-aws", "cdc").await.unwrap().unwrap().doc;
     assert_eq!(doc["checkpoint_lsn"], report.checkpoint.to_string());
 }
-
-#[tokio::test]
-async fn cdc_refuses_parquet_before_touching_the_source() {
-    // An unreachable source: the format is rejected first, as a configuration error.
-    let cfg = PgConfig::from_url("postgres://u:p@127.0.0.1:1/db", "source").unwrap();
-    let mut o = opts("pq", cfg, "parquet");
-    o.create_if_missing = true;
-    let err = cdc_poll::run(
-        &pgshift::staging::MemorySink::new(),
-        &pgshift::state::MemoryStore::new(),
-        &o,
-    )
-    .await
-    .unwrap_err();
-    assert!(matches!(err, pgshift::Error::Config { .. }), "{err}");
-    assert!(err.to_string().contains("full load only"), "{err}");
-}

@@ -12,6 +12,7 @@ mod lambda_runtime;
 mod localstack;
 mod majors;
 mod migrate;
+mod parquet;
 mod pg12;
 mod safety;
 mod seams;

@@ -35,6 +35,7 @@ use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::source;
 use crate::staging::ObjectSink;
+use crate::staging::encode::Encoding;
 use crate::staging::layout::{self, BatchFile, BatchManifest, LoadManifest, Snapshot};
 use crate::state::StateStore;
 use crate::state::records;
@@ -500,8 +501,16 @@ async fn apply_batch<S: ObjectSink>(
     let mut pending: Option<batch::Run> = None;
     // Files with schema changes and no rows first: partitions created or attached (their rows
     // come through the root's file) and tables created, before the rows that need them.
+    // A table's Parquet parts keep their order (an empty later part is a schema change after
+    // the earlier part's rows).
     let mut files: Vec<&BatchFile> = m.files.iter().collect();
-    files.sort_by_key(|f| f.rows > 0);
+    let parts = |f: &BatchFile| {
+        m.files
+            .iter()
+            .filter(|o| o.schema == f.schema && o.table == f.table)
+            .count()
+    };
+    files.sort_by_key(|f| f.rows > 0 || parts(f) > 1);
     for file in files {
         let last = pending.take();
         let previous = async {
@@ -515,8 +524,16 @@ async fn apply_batch<S: ObjectSink>(
             target::ensure_types(&tx, &schemas, (m.start_lsn, m.end_lsn), &mut *tables).await?;
             target::resolve_types(&tx, &mut schemas, &mut *tables).await?;
             let seen = seen_rows(m, file, at)?;
-            let mut bytes =
-                FileBytes::open(sink, &file.key, file.bytes, file.checksum.as_deref()).await?;
+            let mut bytes = if m.format.encoding == Encoding::Parquet {
+                // One schema version per Parquet file: its rows use the last.
+                let columns: Vec<String> = schemas
+                    .last()
+                    .map(|(_, s)| s.schema.columns.iter().map(|c| c.name.clone()).collect())
+                    .unwrap_or_default();
+                FileBytes::open_parquet_cdc(sink, file, &columns).await?
+            } else {
+                FileBytes::open(sink, &file.key, file.bytes, file.checksum.as_deref()).await?
+            };
             let mut changes = Changes::new(m, file, &schemas);
             // An object that is not what its manifest says is named as such, whatever broke
             // first.

@@ -75,7 +75,6 @@ use crate::options::CdcOptions;
 use crate::pgoutput::{self, Message};
 use crate::source::publication::peek_names;
 use crate::source::{CdcSource, PeekRequest, PeekStream, PgSource};
-use crate::staging::encode::Encoding;
 use crate::staging::layout::{self, BatchManifest, SchemaVersions, manifest_key};
 use crate::staging::{ObjectSink, ObjectWriter};
 use crate::state::StateStore;
@@ -91,13 +90,6 @@ fn start_over(task: &str) -> String {
     )
 }
 
-fn parquet_for_cdc() -> Error {
-    Error::config(
-        "format",
-        "parquet is written by the full load only; CDC stages csv or jsonl",
-    )
-}
-
 /// Runs one poll against the PostgreSQL source of `opts`: lease, drain, release.
 pub async fn run<S: ObjectSink, St: StateStore>(
     sink: &S,
@@ -105,9 +97,6 @@ pub async fn run<S: ObjectSink, St: StateStore>(
     opts: &CdcOptions,
 ) -> Result<PollReport> {
     check_task_name(&opts.task)?;
-    if opts.format.encoding == Encoding::Parquet {
-        return Err(parquet_for_cdc());
-    }
     let source = match PgSource::connect(&opts.source).await {
         Ok(source) => source,
         Err(e) => return Err(failed(opts, e).await),
@@ -135,9 +124,6 @@ async fn poll_once<Src: CdcSource, S: ObjectSink, St: StateStore>(
     opts: &CdcOptions,
 ) -> Result<PollReport> {
     check_task_name(&opts.task)?;
-    if opts.format.encoding == Encoding::Parquet {
-        return Err(parquet_for_cdc());
-    }
     let started = Instant::now();
     if opts.create_if_missing
         && crate::state::records::get_task(state, &opts.task)

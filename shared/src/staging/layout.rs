@@ -111,6 +111,22 @@ pub fn cdc_file_key(schema: &str, table: &str, start: Lsn, format: Format) -> St
     )
 }
 
+/// A table's file of a batch: part 0 at [`cdc_file_key`], a later part (Parquet, after the
+/// table's columns changed within the batch) at `<schema>/<table>/cdc/<C>_<part+1:04>.<ext>`
+/// — after part 0 and before the next batch in name order.
+pub fn cdc_part_key(schema: &str, table: &str, start: Lsn, format: Format, part: u32) -> String {
+    if part == 0 {
+        return cdc_file_key(schema, table, start, format);
+    }
+    format!(
+        "{}/cdc/{}_{:04}.{}",
+        table_prefix(schema, table),
+        start.key_hex(),
+        part + 1,
+        format.ext()
+    )
+}
+
 /// `<schema>/<table>/LOAD<n+1:08X>.<ext>` (DMS naming, 1-based).
 pub fn chunk_key(schema: &str, table: &str, n: u32, format: Format) -> String {
     format!(
@@ -611,6 +627,14 @@ mod tests {
             load_manifest_key("s.x", "t/y"),
             "_manifests/load/s%2Ex.t%2Fy.json"
         );
+        // A table's later Parquet parts sort after its first, and before the next batch.
+        let pq = Format::parse("parquet", "f").unwrap();
+        let part = |lsn, n| cdc_part_key("public", "t", Lsn(lsn), pq, n);
+        assert_eq!(part(1, 0), cdc_file_key("public", "t", Lsn(1), pq));
+        assert_eq!(part(1, 1), "public/t/cdc/0000000000000001_0002.parquet");
+        let mut keys = vec![part(2, 0), part(1, 10), part(1, 1), part(1, 0)];
+        keys.sort();
+        assert_eq!(keys, [part(1, 0), part(1, 1), part(1, 10), part(2, 0)]);
     }
 
     fn table(cols: &[&str]) -> TableSchema {

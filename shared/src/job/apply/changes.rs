@@ -251,7 +251,12 @@ impl<'a> Changes<'a> {
             pos: 0,
             row: 0,
             jsonl: m.format.encoding == Encoding::Jsonl,
-            offset: if m.commit_ts_column { 2 } else { 1 },
+            // Parquet comes back as CSV without the commit time (it has its own column).
+            offset: if m.commit_ts_column && m.format.encoding != Encoding::Parquet {
+                2
+            } else {
+                1
+            },
             schemas,
             fields: Vec::new(),
         }

@@ -14,6 +14,7 @@ use super::target::{Tables, apply_schema_change, sync_columns};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::source::quote_qualified;
+use crate::staging::encode::parquet_read::ParquetRows;
 use crate::staging::layout::{self, BatchFile, StoredSchema};
 use crate::staging::{ObjectReader, ObjectSink};
 use crate::table::TableSchema;
@@ -50,7 +51,27 @@ pub(super) struct FileBytes {
     hash: xxhash_rust::xxh3::Xxh3,
     gz: Option<flate2::write::GzDecoder<Vec<u8>>>,
     done: bool,
+    /// A Parquet CDC file: read back as CSV rows (`op`, the columns, `unchanged`) after it
+    /// is spooled whole.
+    parquet: Option<ParquetCdc>,
 }
+
+struct ParquetCdc {
+    columns: Vec<String>,
+    rows: Option<(Spooled, ParquetRows)>,
+    ended: bool,
+}
+
+/// A local file removed when dropped.
+pub(super) struct Spooled(pub(super) std::path::PathBuf);
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+static SPOOLED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl FileBytes {
     pub(super) async fn open<S: ObjectSink>(
@@ -76,7 +97,55 @@ impl FileBytes {
                 .ends_with(".gz")
                 .then(|| flate2::write::GzDecoder::new(Vec::new())),
             done: false,
+            parquet: None,
         })
+    }
+
+    /// A staged Parquet CDC file of `columns` (its schema version's), whose pieces are CSV
+    /// rows as a CSV CDC file has them without a commit time: `op`, the columns, `unchanged`.
+    pub(super) async fn open_parquet_cdc<S: ObjectSink>(
+        sink: &S,
+        file: &BatchFile,
+        columns: &[String],
+    ) -> Result<FileBytes> {
+        let mut bytes =
+            FileBytes::open(sink, &file.key, file.bytes, file.checksum.as_deref()).await?;
+        let mut all = Vec::with_capacity(columns.len() + 2);
+        all.push("op".to_owned());
+        all.extend_from_slice(columns);
+        all.push("unchanged".to_owned());
+        bytes.parquet = Some(ParquetCdc {
+            columns: all,
+            rows: None,
+            ended: false,
+        });
+        Ok(bytes)
+    }
+
+    /// Whether every piece has been read.
+    pub(super) fn ended(&self) -> bool {
+        match &self.parquet {
+            Some(p) => p.ended,
+            None => self.done,
+        }
+    }
+
+    /// Writes the whole object to a local temporary file (Parquet is read from its footer).
+    pub(super) async fn spool(&mut self) -> Result<Spooled> {
+        use tokio::io::AsyncWriteExt;
+        let n = SPOOLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let spooled = Spooled(
+            std::env::temp_dir().join(format!("pgshift-apply-{}-{n}.parquet", std::process::id())),
+        );
+        let key = self.key.clone();
+        let failed = |e| Error::io(format!("spooling {key} to {}", spooled.0.display()), e);
+        let mut file = tokio::fs::File::create(&spooled.0).await.map_err(&failed)?;
+        while let Some(piece) = self.next_raw_piece().await? {
+            file.write_all(&piece).await.map_err(&failed)?;
+        }
+        file.flush().await.map_err(&failed)?;
+        drop(file);
+        Ok(spooled)
     }
 
     async fn raw(&mut self) -> Result<Option<Bytes>> {
@@ -94,8 +163,36 @@ impl FileBytes {
         Ok(piece)
     }
 
-    /// The next piece of the file's (decompressed) bytes; `None` at its end.
+    /// The next piece of the file's (decompressed) bytes — of a Parquet CDC file, CSV rows —;
+    /// `None` at its end.
     pub(super) async fn next(&mut self) -> Result<Option<Bytes>> {
+        if self
+            .parquet
+            .as_ref()
+            .is_some_and(|p| p.rows.is_none() && !p.ended)
+        {
+            let spooled = self.spool().await?;
+            if let Some(p) = self.parquet.as_mut() {
+                let rows = ParquetRows::open(&spooled.0, &self.key, &p.columns)?;
+                p.rows = Some((spooled, rows));
+            }
+        }
+        if let Some(p) = self.parquet.as_mut() {
+            let next = match p.rows.as_mut() {
+                Some((_, rows)) => rows.next_csv()?,
+                None => None,
+            };
+            if next.is_none() {
+                p.ended = true;
+                p.rows = None;
+            }
+            return Ok(next.map(Bytes::from));
+        }
+        self.next_raw_piece().await
+    }
+
+    /// The next piece of the object's (decompressed) bytes; `None` at its end.
+    async fn next_raw_piece(&mut self) -> Result<Option<Bytes>> {
         use std::io::Write;
         let key = self.key.clone();
         loop {
@@ -169,9 +266,9 @@ pub(super) async fn apply_file(
     // may start at one row, or after the last).
     let mut next_segment = 0usize;
     loop {
-        let (si, change) = match changes.next_change(bytes.done) {
+        let (si, change) = match changes.next_change(bytes.ended()) {
             Some(next) => next?,
-            None if bytes.done => break,
+            None if bytes.ended() => break,
             None => {
                 if let Some(piece) = bytes.next().await? {
                     changes.feed(&piece);

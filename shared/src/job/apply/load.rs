@@ -339,17 +339,6 @@ async fn load_chunk<S: ObjectSink>(
         .map_err(|e| Error::postgres(format!("committing a chunk of {name}"), e))
 }
 
-/// A file removed when dropped.
-struct Spooled(std::path::PathBuf);
-
-impl Drop for Spooled {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-static SPOOLED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 /// A Parquet chunk: spooled to a local temporary file (Parquet is read from its footer, so
 /// it cannot stream), then read a record batch at a time into the table's `COPY` as CSV.
 async fn copy_parquet_chunk(
@@ -358,23 +347,7 @@ async fn copy_parquet_chunk(
     key: &str,
     bytes: &mut FileBytes,
 ) -> Result<()> {
-    use tokio::io::AsyncWriteExt;
-    let n = SPOOLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let spooled = Spooled(
-        std::env::temp_dir().join(format!("pgshift-load-{}-{n}.parquet", std::process::id())),
-    );
-    let mut file = tokio::fs::File::create(&spooled.0)
-        .await
-        .map_err(|e| Error::io(format!("spooling {key} to {}", spooled.0.display()), e))?;
-    while let Some(piece) = bytes.next().await? {
-        file.write_all(&piece)
-            .await
-            .map_err(|e| Error::io(format!("spooling {key} to {}", spooled.0.display()), e))?;
-    }
-    file.flush()
-        .await
-        .map_err(|e| Error::io(format!("spooling {key} to {}", spooled.0.display()), e))?;
-    drop(file);
+    let spooled = bytes.spool().await?;
     let mut rows = ParquetRows::open(&spooled.0, key, &t.manifest.columns)?;
     let mut copy = TableCopy::start(tx, t).await?;
     while let Some(csv) = rows.next_csv()? {

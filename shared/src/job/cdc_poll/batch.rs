@@ -1,19 +1,38 @@
 //! A batch being assembled: one encoded file per table, opened on its first row, with its
 //! counts and schema segments; finished into the files a manifest lists, or abandoned.
+//! Parquet holds one schema per file: a table whose columns change after rows of the batch
+//! continues in a new file (a part), listed after the one before it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use crate::change::Op;
 use crate::change::decoder::Relation;
+use crate::change::{Op, RowChange};
 use crate::error::Result;
 use crate::lsn::Lsn;
 use crate::pgoutput::Value;
-use crate::staging::encode::{EncodedWriter, Format};
-use crate::staging::layout::{BatchFile, SchemaSegment, XidRun, cdc_file_key};
+use crate::staging::encode::parquet::ParquetEncoder;
+use crate::staging::encode::{EncodedWriter, Encoding, Format};
+use crate::staging::layout::{BatchFile, SchemaSegment, XidRun, cdc_part_key};
 use crate::staging::{ObjectSink, ObjectWriter};
+use crate::table::TableSchema;
+
+/// A row for a table's file: encoded already (CSV, JSON Lines), or a change for its Parquet
+/// encoder.
+pub(super) enum Encoded<'a> {
+    Bytes(&'a [u8]),
+    Change(&'a RowChange<'a>),
+}
 
 struct TableFile<W: ObjectWriter> {
     writer: EncodedWriter<W>,
+    format: Format,
+    /// Parquet: the file's encoder, made at its first row for that row's schema version.
+    parquet: Option<ParquetEncoder>,
+    /// The schema of the file's latest version (an empty Parquet file is written with it).
+    latest: Arc<TableSchema>,
+    /// 0 for the table's first file of the batch, then 1, 2, ...
+    part: u32,
     key: String,
     schema: String,
     table: String,
@@ -29,6 +48,8 @@ pub(super) struct Batch<W: ObjectWriter> {
     pub(super) must_end: Option<Lsn>,
     /// Open files by relation id.
     files: BTreeMap<u32, TableFile<W>>,
+    /// Parquet parts completed when their table's columns changed, by (relation id, part).
+    parts: BTreeMap<(u32, u32), BatchFile>,
     pub(super) changes: u64,
     /// Schema changes staged (each a segment of its table's file).
     pub(super) schema_changes: u64,
@@ -49,6 +70,7 @@ impl<W: ObjectWriter> Batch<W> {
             start,
             must_end: None,
             files: BTreeMap::new(),
+            parts: BTreeMap::new(),
             changes: 0,
             schema_changes: 0,
             bytes: 0,
@@ -61,8 +83,8 @@ impl<W: ObjectWriter> Batch<W> {
         }
     }
 
-    /// Appends one encoded row of `rel` to its table's file (opened on its first row; a new
-    /// schema version starts a segment), of transaction `xid`.
+    /// Appends one row of `rel` to its table's file (opened on its first row; a new schema
+    /// version starts a segment, or in Parquet a new part), of transaction `xid`.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn append<S: ObjectSink<Writer = W>>(
         &mut self,
@@ -72,8 +94,9 @@ impl<W: ObjectWriter> Batch<W> {
         rel: &Relation,
         op: Op,
         xid: u32,
-        row: &[u8],
+        row: Encoded<'_>,
     ) -> Result<()> {
+        self.new_part_if_changed(sink, format, rel_id, rel).await?;
         let file = self.file_for(sink, format, rel_id, rel).await?;
         if file
             .segments
@@ -85,7 +108,33 @@ impl<W: ObjectWriter> Batch<W> {
                 first_row: file.writer.rows,
             });
         }
-        file.writer.write_row(row).await?;
+        file.latest = rel.schema.clone();
+        let len = match row {
+            Encoded::Bytes(row) => {
+                file.writer.write_row(row).await?;
+                row.len()
+            }
+            Encoded::Change(change) => {
+                let enc = match &mut file.parquet {
+                    Some(enc) => enc,
+                    None => file.parquet.insert(ParquetEncoder::for_cdc(&rel.schema)?),
+                };
+                enc.push_change(change)?;
+                let out = enc.take_output();
+                if out.is_empty() {
+                    file.writer.rows += 1;
+                } else {
+                    file.writer.write_rows(&out, 1).await?;
+                }
+                // What the batch's size limit counts: about the row's CSV size.
+                change
+                    .new
+                    .or(change.old)
+                    .map_or(0, |r| r.iter().map(value_len).sum::<usize>())
+                    + rel.schema.columns.len()
+                    + 2
+            }
+        };
         if let Some(runs) = &mut file.xids {
             match runs.last_mut() {
                 Some(run) if run.xid == xid => run.rows += 1,
@@ -99,8 +148,68 @@ impl<W: ObjectWriter> Batch<W> {
             Op::Truncate => 3,
         }] += 1;
         self.changes += 1;
-        self.bytes += row.len() as u64;
+        self.bytes += len as u64;
         Ok(())
+    }
+
+    /// Parquet: when `rel`'s open file has rows of another schema version, completes it (a
+    /// part of the manifest) so the next row or change starts the table's next file.
+    async fn new_part_if_changed<S: ObjectSink<Writer = W>>(
+        &mut self,
+        sink: &S,
+        format: Format,
+        rel_id: u32,
+        rel: &Relation,
+    ) -> Result<()> {
+        if format.encoding != Encoding::Parquet {
+            return Ok(());
+        }
+        let Some(file) = self.files.get(&rel_id) else {
+            return Ok(());
+        };
+        let other = file
+            .segments
+            .last()
+            .is_some_and(|s| s.key != rel.version_key);
+        if !(other && file.writer.rows > 0) {
+            return Ok(());
+        }
+        if let Some(file) = self.files.remove(&rel_id) {
+            let part = file.part;
+            let done = file.finish().await?;
+            self.parts.insert((rel_id, part), done);
+            let next = self.open(sink, format, rel, part + 1).await?;
+            self.files.insert(rel_id, next);
+        }
+        Ok(())
+    }
+
+    async fn open<S: ObjectSink<Writer = W>>(
+        &self,
+        sink: &S,
+        format: Format,
+        rel: &Relation,
+        part: u32,
+    ) -> Result<TableFile<W>> {
+        let schema = &rel.schema;
+        let key = cdc_part_key(&schema.schema, &schema.table, self.start, format, part);
+        let writer = sink.writer(&key).await?;
+        Ok(TableFile {
+            writer: EncodedWriter::new(writer, format),
+            format,
+            parquet: None,
+            latest: rel.schema.clone(),
+            part,
+            key,
+            schema: schema.schema.clone(),
+            table: schema.table.clone(),
+            counts: [0; 4],
+            segments: vec![SchemaSegment {
+                key: rel.version_key.clone(),
+                first_row: 0,
+            }],
+            xids: (self.record_xids && rel.pk.is_empty()).then(Vec::new),
+        })
     }
 
     /// The table file of `rel` in this batch, opened (empty) on first use.
@@ -111,27 +220,14 @@ impl<W: ObjectWriter> Batch<W> {
         rel_id: u32,
         rel: &Relation,
     ) -> Result<&mut TableFile<W>> {
-        let record_xids = self.record_xids;
-        Ok(match self.files.entry(rel_id) {
-            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::btree_map::Entry::Vacant(e) => {
-                let schema = &rel.schema;
-                let key = cdc_file_key(&schema.schema, &schema.table, self.start, format);
-                let writer = sink.writer(&key).await?;
-                e.insert(TableFile {
-                    writer: EncodedWriter::new(writer, format),
-                    key,
-                    schema: schema.schema.clone(),
-                    table: schema.table.clone(),
-                    counts: [0; 4],
-                    segments: vec![SchemaSegment {
-                        key: rel.version_key.clone(),
-                        first_row: 0,
-                    }],
-                    xids: (record_xids && rel.pk.is_empty()).then(Vec::new),
-                })
-            }
-        })
+        if !self.files.contains_key(&rel_id) {
+            let file = self.open(sink, format, rel, 0).await?;
+            self.files.insert(rel_id, file);
+        }
+        Ok(self
+            .files
+            .get_mut(&rel_id)
+            .expect("the table's file was just opened"))
     }
 
     /// A schema change of `rel` (its new version in `rel.version_key`): a segment of its file
@@ -145,7 +241,9 @@ impl<W: ObjectWriter> Batch<W> {
         rel: &Relation,
     ) -> Result<()> {
         self.schema_changes += 1;
+        self.new_part_if_changed(sink, format, rel_id, rel).await?;
         let file = self.file_for(sink, format, rel_id, rel).await?;
+        file.latest = rel.schema.clone();
         let first_row = file.writer.rows;
         match file.segments.last() {
             // A file just opened for this change starts at it.
@@ -158,28 +256,15 @@ impl<W: ObjectWriter> Batch<W> {
         Ok(())
     }
 
-    /// Step 4's files: every table file completed, as the manifest lists them.
+    /// Step 4's files: every table file completed, as the manifest lists them (a table's
+    /// Parquet parts in order).
     pub(super) async fn finish_files(&mut self) -> Result<Vec<BatchFile>> {
-        let mut files = Vec::with_capacity(self.files.len());
-        for (_, f) in std::mem::take(&mut self.files) {
-            let rows = f.writer.rows;
-            let (bytes, checksum) = f.writer.finish_hashed().await?;
-            files.push(BatchFile {
-                key: f.key,
-                schema: f.schema,
-                table: f.table,
-                rows,
-                bytes,
-                inserts: f.counts[0],
-                updates: f.counts[1],
-                deletes: f.counts[2],
-                truncates: f.counts[3],
-                schema_versions: f.segments,
-                checksum: Some(checksum),
-                xids: f.xids.unwrap_or_default(),
-            });
+        let mut files = std::mem::take(&mut self.parts);
+        for (rel_id, f) in std::mem::take(&mut self.files) {
+            let part = f.part;
+            files.insert((rel_id, part), f.finish().await?);
         }
-        Ok(files)
+        Ok(files.into_values().collect())
     }
 
     /// Discards the batch's files (nothing of it becomes visible).
@@ -187,6 +272,45 @@ impl<W: ObjectWriter> Batch<W> {
         for (_, f) in self.files {
             f.writer.abort().await;
         }
+    }
+}
+
+impl<W: ObjectWriter> TableFile<W> {
+    /// Completes the object (a Parquet file's footer written, an empty one with its latest
+    /// schema) as its manifest entry.
+    async fn finish(mut self) -> Result<BatchFile> {
+        if self.format.encoding == Encoding::Parquet {
+            let enc = match self.parquet.take() {
+                Some(enc) => enc,
+                None => ParquetEncoder::for_cdc(&self.latest)?,
+            };
+            let tail = enc.finish()?;
+            self.writer.write_rows(&tail, 0).await?;
+        }
+        let rows = self.writer.rows;
+        let (bytes, checksum) = self.writer.finish_hashed().await?;
+        Ok(BatchFile {
+            key: self.key,
+            schema: self.schema,
+            table: self.table,
+            rows,
+            bytes,
+            inserts: self.counts[0],
+            updates: self.counts[1],
+            deletes: self.counts[2],
+            truncates: self.counts[3],
+            schema_versions: self.segments,
+            checksum: Some(checksum),
+            xids: self.xids.unwrap_or_default(),
+        })
+    }
+}
+
+/// A value's size in bytes as text (0 for NULL and an unchanged TOAST value).
+fn value_len(v: &Value<'_>) -> usize {
+    match v {
+        Value::Text(t) | Value::Binary(t) => t.len(),
+        Value::Null | Value::UnchangedToast => 0,
     }
 }
 

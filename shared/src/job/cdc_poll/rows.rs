@@ -4,8 +4,9 @@
 
 use std::sync::Arc;
 
-use super::batch::{Batch, Row};
-use super::{Poller, Txn, parquet_for_cdc};
+use super::Poller;
+use super::Txn;
+use super::batch::{Batch, Encoded, Row};
 use crate::change::Op;
 use crate::change::RowChange;
 use crate::change::decoder::{self, Relation, RelationInfo};
@@ -87,12 +88,13 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             return Ok(());
         }
         let rows = decoder::update_rows(&rel.pk, u);
-        // CSV rows carry no old row: an update of a table without a primary key (captured
-        // under REPLICA IDENTITY FULL) is staged as D(old row) + I(new row) there, the only
-        // form a reader (apply) can find the row by. JSON Lines keeps the U with its `before`.
-        let keyless_in_csv =
-            rel.pk.is_empty() && rows.old_is_full && self.opts.format.encoding == Encoding::Csv;
-        if rows.key_changed || keyless_in_csv {
+        // CSV and Parquet rows carry no old row: an update of a table without a primary key
+        // (captured under REPLICA IDENTITY FULL) is staged as D(old row) + I(new row) there,
+        // the only form a reader (apply) can find the row by. JSON Lines keeps the U with its
+        // `before`.
+        let keyless_without_before =
+            rel.pk.is_empty() && rows.old_is_full && self.opts.format.encoding != Encoding::Jsonl;
+        if rows.key_changed || keyless_without_before {
             let del = Row::new(Op::Delete, u.rel_id, rows.old, rows.old_is_full, None);
             self.stage(batch, t, lsn, del).await?;
             let ins = Row::new(Op::Insert, u.rel_id, None, false, Some(&rows.new));
@@ -148,13 +150,19 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         };
         let buf = &mut self.row_buf;
         buf.clear();
-        match opts.format.encoding {
-            Encoding::Csv => cdc_csv_row(&change, opts.commit_ts_column, buf),
-            Encoding::Jsonl => cdc_json_row(&change, buf)?,
-            Encoding::Parquet => return Err(parquet_for_cdc()),
-        }
+        let encoded = match opts.format.encoding {
+            Encoding::Csv => {
+                cdc_csv_row(&change, opts.commit_ts_column, buf);
+                Encoded::Bytes(buf)
+            }
+            Encoding::Jsonl => {
+                cdc_json_row(&change, buf)?;
+                Encoded::Bytes(buf)
+            }
+            Encoding::Parquet => Encoded::Change(&change),
+        };
         batch
-            .append(sink, opts.format, row.rel_id, rel, row.op, t.xid, buf)
+            .append(sink, opts.format, row.rel_id, rel, row.op, t.xid, encoded)
             .await
     }
 }

@@ -32,7 +32,7 @@ pub mod parquet_read;
 pub enum Encoding {
     Csv,
     Jsonl,
-    /// Full load only.
+    /// Typed columns (full load and CDC; no gzip: Snappy inside).
     Parquet,
 }
 

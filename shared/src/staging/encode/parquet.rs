@@ -1,4 +1,8 @@
-//! Parquet for the full load (DESIGN §5): typed columns after `op`, `commit_lsn`, `commit_ts`.
+//! Parquet (DESIGN §5): typed columns after `op`, `commit_lsn`, `commit_ts`, for the full load
+//! (`I`, no position or time) and for CDC, whose files end with one more column, `unchanged`:
+//! the 1-based ordinals of the columns whose unchanged TOAST value is not in the row, joined by
+//! `;` (null when every value is there), as CSV's last field. A CDC file holds one schema
+//! version: the poller starts a new file when a table's columns change within a batch.
 //!
 //! Types: `int2/int4/int8` → Int16/32/64; `float4/float8` → Float32/64 (NaN and ±Infinity
 //! kept as IEEE values); `bool` → Boolean; `date` → Date32; `timestamp` → Timestamp(µs);
@@ -26,7 +30,10 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
+use crate::change::{Op, RowChange};
 use crate::error::{Error, Result};
+use crate::pgoutput::Value;
+use crate::table::TableSchema;
 
 /// Rows per record batch.
 pub const BATCH_ROWS: usize = 8192;
@@ -107,6 +114,28 @@ impl Write for SharedBuf {
     }
 }
 
+/// Microseconds from 1970-01-01 to 2000-01-01 (PostgreSQL's epoch).
+const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+/// A CDC file's per-row columns: the change's op, commit position and time, unchanged TOAST.
+struct CdcColumns {
+    op: StringBuilder,
+    commit_lsn: StringBuilder,
+    commit_ts: TimestampMicrosecondBuilder,
+    unchanged: StringBuilder,
+}
+
+impl CdcColumns {
+    fn new() -> CdcColumns {
+        CdcColumns {
+            op: StringBuilder::with_capacity(BATCH_ROWS, BATCH_ROWS),
+            commit_lsn: StringBuilder::with_capacity(BATCH_ROWS, BATCH_ROWS * 12),
+            commit_ts: TimestampMicrosecondBuilder::with_capacity(BATCH_ROWS),
+            unchanged: StringBuilder::new(),
+        }
+    }
+}
+
 /// A Parquet file being written row by row.
 pub struct ParquetEncoder {
     name: String,
@@ -118,6 +147,10 @@ pub struct ParquetEncoder {
     out: SharedBuf,
     rows_in_batch: usize,
     rows: u64,
+    /// Set for a CDC file.
+    cdc: Option<CdcColumns>,
+    /// The ordinals of one row's unchanged values, reused.
+    ordinals: String,
 }
 
 fn pq_err(e: impl std::fmt::Display) -> Error {
@@ -131,6 +164,27 @@ impl ParquetEncoder {
         table: &str,
         columns: &[String],
         types: &[(u32, i32)],
+    ) -> Result<ParquetEncoder> {
+        ParquetEncoder::with_columns(schema, table, columns, types, false)
+    }
+
+    /// A CDC file of `table` at its schema version (the relation's column types).
+    pub fn for_cdc(table: &TableSchema) -> Result<ParquetEncoder> {
+        let columns: Vec<String> = table.columns.iter().map(|c| c.name.clone()).collect();
+        let types: Vec<(u32, i32)> = table
+            .columns
+            .iter()
+            .map(|c| (c.type_oid, c.type_modifier))
+            .collect();
+        ParquetEncoder::with_columns(&table.schema, &table.table, &columns, &types, true)
+    }
+
+    fn with_columns(
+        schema: &str,
+        table: &str,
+        columns: &[String],
+        types: &[(u32, i32)],
+        cdc: bool,
     ) -> Result<ParquetEncoder> {
         if columns.len() != types.len() {
             return Err(Error::Source(format!(
@@ -167,6 +221,9 @@ impl ParquetEncoder {
                 fields.push(Field::new(format!("{name}__special"), DataType::Utf8, true));
             }
         }
+        if cdc {
+            fields.push(Field::new("unchanged", DataType::Utf8, true));
+        }
         let schema_ref: SchemaRef = Arc::new(Schema::new(fields));
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
@@ -185,6 +242,8 @@ impl ParquetEncoder {
             out,
             rows_in_batch: 0,
             rows: 0,
+            cdc: cdc.then(CdcColumns::new),
+            ordinals: String::new(),
         };
         enc.builders = enc.new_builders()?;
         Ok(enc)
@@ -233,6 +292,68 @@ impl ParquetEncoder {
                 self.builders.len()
             )));
         }
+        self.push_fields(fields.iter().map(|f| f.as_deref()))?;
+        self.end_row()
+    }
+
+    /// Appends one CDC change (a file made by [`ParquetEncoder::for_cdc`] for its table's
+    /// current schema version): the row a CSV file would hold — the new row of an insert or
+    /// update, the old row (key or full) of a delete, nothing of a truncate — with its op,
+    /// commit position and time, and the ordinals of its unchanged TOAST values.
+    pub fn push_change(&mut self, change: &RowChange<'_>) -> Result<()> {
+        if self.cdc.is_none() {
+            return Err(Error::Source(format!(
+                "{}: a full-load Parquet file takes no changes",
+                self.name
+            )));
+        }
+        let row = match change.op {
+            Op::Insert | Op::Update => change.new,
+            Op::Delete => change.old,
+            Op::Truncate => None,
+        };
+        let n = self.builders.len();
+        if row.is_some_and(|r| r.len() != n) {
+            return Err(Error::Source(format!(
+                "{}: change at {} has {} values for {n} columns",
+                self.name,
+                change.lsn,
+                row.map_or(0, <[Value<'_>]>::len)
+            )));
+        }
+        let values = (0..n).map(|i| match row.and_then(|r| r.get(i)) {
+            Some(Value::Text(t) | Value::Binary(t)) => Some(*t),
+            _ => None,
+        });
+        self.push_fields(values)?;
+        self.ordinals.clear();
+        for i in change.unchanged() {
+            if !self.ordinals.is_empty() {
+                self.ordinals.push(';');
+            }
+            self.ordinals.push_str(&(i + 1).to_string());
+        }
+        if let Some(c) = self.cdc.as_mut() {
+            c.op.append_value(change.op.as_str());
+            c.commit_lsn.append_value(change.commit_lsn.to_string());
+            c.commit_ts
+                .append_value(change.commit_ts.saturating_add(PG_EPOCH_UNIX_MICROS));
+            if self.ordinals.is_empty() {
+                c.unchanged.append_null();
+            } else {
+                c.unchanged.append_value(&self.ordinals);
+            }
+        }
+        self.end_row()
+    }
+
+    /// Rows written so far.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Appends one value per column (`None` is NULL); [`Self::end_row`] completes the row.
+    fn push_fields<'f>(&mut self, fields: impl Iterator<Item = Option<&'f [u8]>>) -> Result<()> {
         for (i, (b, f)) in self.builders.iter_mut().zip(fields).enumerate() {
             let bad = |what: &str| {
                 Error::Source(format!(
@@ -297,6 +418,10 @@ impl ParquetEncoder {
                 (Builder::Text(b), t) => b.append_option(t),
             }
         }
+        Ok(())
+    }
+
+    fn end_row(&mut self) -> Result<()> {
         self.rows += 1;
         self.rows_in_batch += 1;
         if self.rows_in_batch >= BATCH_ROWS {
@@ -313,17 +438,26 @@ impl ParquetEncoder {
         let fresh = self.new_builders()?;
         let builders = std::mem::replace(&mut self.builders, fresh);
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
-        let mut op = StringBuilder::with_capacity(n, n);
-        for _ in 0..n {
-            op.append_value("I");
+        let mut unchanged = None;
+        if let Some(c) = self.cdc.as_mut() {
+            let mut c = std::mem::replace(c, CdcColumns::new());
+            arrays.push(Arc::new(c.op.finish()));
+            arrays.push(Arc::new(c.commit_lsn.finish()));
+            arrays.push(Arc::new(c.commit_ts.finish().with_timezone("UTC")));
+            unchanged = Some(c.unchanged.finish());
+        } else {
+            let mut op = StringBuilder::with_capacity(n, n);
+            for _ in 0..n {
+                op.append_value("I");
+            }
+            arrays.push(Arc::new(op.finish()));
+            let mut lsn = StringBuilder::new();
+            lsn.append_nulls(n);
+            arrays.push(Arc::new(lsn.finish()));
+            let mut ts = TimestampMicrosecondBuilder::with_capacity(n);
+            ts.append_nulls(n);
+            arrays.push(Arc::new(ts.finish().with_timezone("UTC")));
         }
-        arrays.push(Arc::new(op.finish()));
-        let mut lsn = StringBuilder::new();
-        lsn.append_nulls(n);
-        arrays.push(Arc::new(lsn.finish()));
-        let mut ts = TimestampMicrosecondBuilder::with_capacity(n);
-        ts.append_nulls(n);
-        arrays.push(Arc::new(ts.finish().with_timezone("UTC")));
         for b in builders {
             match b {
                 Builder::I16(mut b) => arrays.push(Arc::new(b.finish())),
@@ -342,6 +476,9 @@ impl ParquetEncoder {
                 }
                 Builder::Text(mut b) => arrays.push(Arc::new(b.finish())),
             }
+        }
+        if let Some(u) = unchanged {
+            arrays.push(Arc::new(u));
         }
         let batch = RecordBatch::try_new(self.schema.clone(), arrays).map_err(pq_err)?;
         self.writer.write(&batch).map_err(pq_err)?;
