@@ -13,6 +13,7 @@ use pgshift::job::validate as validate_job;
 use pgshift::job::{apply as apply_job, cdc_poll, status as status_job, test_endpoint};
 use pgshift::options::TaskSettings;
 use pgshift::source::checks::{CheckOptions, Status};
+use pgshift::staging::Encryption;
 use pgshift::staging::encode::Format;
 use pgshift::state::records::Outcome;
 
@@ -79,7 +80,8 @@ pub(crate) async fn test_endpoint(args: TestEndpointArgs) -> pgshift::Result<Exi
 pub(crate) async fn full_load(mut args: FullLoadArgs) -> pgshift::Result<ExitCode> {
     pgshift::config::check_task_name(&args.task)?;
     let spec = crate::source_spec(&args.source, "--source")?;
-    let (format, _) = s3_settings(args.s3_settings.as_deref(), &mut args.stage, &args.format)?;
+    let (format, _, encryption) =
+        s3_settings(args.s3_settings.as_deref(), &mut args.stage, &args.format)?;
     let settings = TaskSettings {
         format,
         selection: read_selection(args.tables.as_deref())?,
@@ -98,21 +100,17 @@ pub(crate) async fn full_load(mut args: FullLoadArgs) -> pgshift::Result<ExitCod
     }
     pgshift::plan::ChunkSizing::from_mib(args.chunk_mb, 150_000)
         .map_err(|e| Error::config("--chunk-mb", e.to_string()))?;
-    let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
+    let mut seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
+    seams.encryption = encryption;
     let mut opts = settings.load_options(&args.task, seams.source.clone(), lease_owner(), None);
     opts.events = events_for(args.events_bus.as_deref(), seams.aws.as_ref()).await?;
     opts.force_lease = args.force;
     opts.allow_empty = args.allow_empty;
     let progress = Arc::new(Progress::default());
     let ticker = report::spawn_progress(progress.clone());
-    let result = with_seams!(
-        &seams.stage,
-        &seams.state,
-        seams.aws.as_ref(),
-        |sink, store| {
-            full_load::run_local(&sink, &store, &opts, args.parallel, progress.clone()).await
-        }
-    );
+    let result = with_seams!(&seams, |sink, store| {
+        full_load::run_local(&sink, &store, &opts, args.parallel, progress.clone()).await
+    });
     ticker.abort();
     let report = result?;
     if args.json {
@@ -178,47 +176,42 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
     let mut backoff = Backoff::new(Duration::from_secs(args.interval.max(1)));
     loop {
         let round = std::time::Instant::now();
-        let applied = with_seams!(
-            &seams.stage,
-            &seams.state,
-            seams.aws.as_ref(),
-            |sink, store| {
-                match (until, &drain) {
-                    (Some(u), Some(cdc)) => {
-                        Box::pin(pgshift::migration::catch_up(
-                            &sink,
-                            &store,
-                            cdc,
-                            target,
-                            &args.task,
-                            &apply_job::Until {
-                                position: u,
-                                every: Duration::from_millis(20),
-                                wait: Duration::from_secs(args.wait),
-                            },
-                            opts,
-                        ))
-                        .await
-                    }
-                    (Some(u), None) => {
-                        apply_job::run_until(
-                            &sink,
-                            &store,
-                            target,
-                            &args.task,
-                            &apply_job::Until {
-                                position: u,
-                                every: Duration::from_secs(args.interval.clamp(1, 10)),
-                                wait: Duration::from_secs(args.wait),
-                            },
-                            opts,
-                        )
-                        .await
-                    }
-                    (None, _) => apply_job::run_with(&sink, target, &args.task, opts).await,
+        let applied = with_seams!(&seams, |sink, store| {
+            match (until, &drain) {
+                (Some(u), Some(cdc)) => {
+                    Box::pin(pgshift::migration::catch_up(
+                        &sink,
+                        &store,
+                        cdc,
+                        target,
+                        &args.task,
+                        &apply_job::Until {
+                            position: u,
+                            every: Duration::from_millis(20),
+                            wait: Duration::from_secs(args.wait),
+                        },
+                        opts,
+                    ))
+                    .await
                 }
+                (Some(u), None) => {
+                    apply_job::run_until(
+                        &sink,
+                        &store,
+                        target,
+                        &args.task,
+                        &apply_job::Until {
+                            position: u,
+                            every: Duration::from_secs(args.interval.clamp(1, 10)),
+                            wait: Duration::from_secs(args.wait),
+                        },
+                        opts,
+                    )
+                    .await
+                }
+                (None, _) => apply_job::run_with(&sink, target, &args.task, opts).await,
             }
-        );
+        });
         let report = match applied {
             Ok(report) => {
                 backoff.reset();
@@ -251,15 +244,16 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
 
 /// `--s3-settings` (DMS's S3Settings) with `--stage` and `--format`: its bucket and folder are
 /// the stage and its format the format, unless the flags say otherwise (then they must agree).
-/// Returns the format and whether the commit timestamp column is asked for.
+/// Returns the format, whether the commit timestamp column is asked for, and how objects are
+/// encrypted (SSE-KMS needs an S3 stage).
 fn s3_settings(
     value: Option<&str>,
     stage: &mut String,
     format: &str,
-) -> pgshift::Result<(Format, bool)> {
+) -> pgshift::Result<(Format, bool, Encryption)> {
     let flag_format = Format::parse(format, "--format")?;
     let Some(value) = value else {
-        return Ok((flag_format, false));
+        return Ok((flag_format, false, Encryption::BucketDefault));
     };
     let s = pgshift::config::s3_settings::read(value, "--s3-settings")?;
     for note in &s.notes {
@@ -267,7 +261,13 @@ fn s3_settings(
     }
     *stage = s.resolve_stage(stage, (stage != DEFAULT_STAGE).then_some("--stage"))?;
     let format = s.resolve_format(flag_format, (format != "csv").then_some("--format"))?;
-    Ok((format, s.commit_ts_column))
+    if s.encryption != Encryption::BucketDefault && !stage.starts_with("s3://") {
+        return Err(Error::config(
+            "--s3-settings: S3Settings.EncryptionMode",
+            format!("SSE_KMS encrypts S3 objects; the stage {stage} is a folder"),
+        ));
+    }
+    Ok((format, s.commit_ts_column, s.encryption))
 }
 
 /// `--stage`'s default: a folder here.
@@ -403,27 +403,22 @@ pub(crate) async fn cutover(args: CutoverArgs) -> pgshift::Result<ExitCode> {
         lease_owner(),
         250_000,
     );
-    let applied = with_seams!(
-        &seams.stage,
-        &seams.state,
-        seams.aws.as_ref(),
-        |sink, store| {
-            Box::pin(pgshift::migration::catch_up(
-                &sink,
-                &store,
-                &cdc,
-                &target,
-                &args.task,
-                &apply_job::Until {
-                    position: until,
-                    every,
-                    wait: Duration::from_secs(args.wait),
-                },
-                apply_job::ApplyOptions::default(),
-            ))
-            .await
-        }
-    )?;
+    let applied = with_seams!(&seams, |sink, store| {
+        Box::pin(pgshift::migration::catch_up(
+            &sink,
+            &store,
+            &cdc,
+            &target,
+            &args.task,
+            &apply_job::Until {
+                position: until,
+                every,
+                wait: Duration::from_secs(args.wait),
+            },
+            apply_job::ApplyOptions::default(),
+        ))
+        .await
+    })?;
     let source_client = pgshift::source::connect(&seams.source).await?;
     let target_client = pgshift::source::connect(&target).await?;
     let sequences =
@@ -521,7 +516,7 @@ pub(crate) async fn cdc(mut args: CdcArgs) -> pgshift::Result<ExitCode> {
     if !(1..=2).contains(&args.peek_sessions) {
         return Err(Error::config("--peek-sessions", "must be 1 or 2"));
     }
-    let (format, ts_column) =
+    let (format, ts_column, encryption) =
         s3_settings(args.s3_settings.as_deref(), &mut args.stage, &args.format)?;
     let settings = TaskSettings {
         format,
@@ -541,7 +536,8 @@ pub(crate) async fn cdc(mut args: CdcArgs) -> pgshift::Result<ExitCode> {
         )?,
         ..TaskSettings::default()
     };
-    let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
+    let mut seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
+    seams.encryption = encryption;
     let mut opts = settings.cdc_options(&args.task, seams.source.clone(), lease_owner(), None);
     opts.events = events_for(args.events_bus.as_deref(), seams.aws.as_ref()).await?;
     opts.max_batch_changes = args.max_batch_changes;
@@ -555,12 +551,8 @@ pub(crate) async fn cdc(mut args: CdcArgs) -> pgshift::Result<ExitCode> {
     let interval = Duration::from_secs(args.interval.max(1));
     let mut backoff = Backoff::new(interval);
     loop {
-        let polled = with_seams!(
-            &seams.stage,
-            &seams.state,
-            seams.aws.as_ref(),
-            |sink, store| cdc_poll::run(&sink, &store, &opts).await
-        );
+        let polled = with_seams!(&seams, |sink, store| cdc_poll::run(&sink, &store, &opts)
+            .await);
         let report = match polled {
             Ok(report) => {
                 backoff.reset();

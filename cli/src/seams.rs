@@ -6,16 +6,17 @@ use pgshift::aws::Aws;
 use pgshift::config::{PgConfig, SourceSpec};
 use pgshift::selection::Selection;
 
-/// Runs `$body` with `$sink` and `$store` bound to the implementations the targets name.
+/// Runs `$body` with `$sink` and `$store` bound to the implementations the seams' targets name.
 macro_rules! with_seams {
-    ($stage:expr, $state:expr, $aws:expr, |$sink:ident, $store:ident| $body:expr) => {{
+    ($seams:expr, |$sink:ident, $store:ident| $body:expr) => {{
         use pgshift::staging::{LocalSink, S3Sink};
         use pgshift::state::{DynamoStore, FileStore};
-        let aws: Option<&pgshift::aws::Aws> = $aws;
+        let seams: &crate::seams::Seams = $seams;
+        let aws: Option<&pgshift::aws::Aws> = seams.aws.as_ref();
         let need_aws =
             || aws.ok_or_else(|| pgshift::Error::config("aws", "AWS configuration was not loaded"));
         async {
-            match ($stage, $state) {
+            match (&seams.stage, &seams.state) {
                 (Target::Local(dir), Target::Local(sdir)) => {
                     let ($sink, $store) = (LocalSink::new(dir), FileStore::new(sdir));
                     $body
@@ -27,14 +28,16 @@ macro_rules! with_seams {
                     $body
                 }
                 (Target::Aws(url), Target::Local(sdir)) => {
-                    let ($sink, $store) =
-                        (S3Sink::new(need_aws()?.s3(), url)?, FileStore::new(sdir));
+                    let $sink = S3Sink::new(need_aws()?.s3(), url)?
+                        .with_encryption(seams.encryption.clone());
+                    let $store = FileStore::new(sdir);
                     $body
                 }
                 (Target::Aws(url), Target::Aws(table)) => {
                     let $store = DynamoStore::new(need_aws()?.dynamodb(), table);
                     $store.ensure_table().await?;
-                    let $sink = S3Sink::new(need_aws()?.s3(), url)?;
+                    let $sink = S3Sink::new(need_aws()?.s3(), url)?
+                        .with_encryption(seams.encryption.clone());
                     $body
                 }
             }
@@ -50,6 +53,8 @@ pub(crate) struct Seams {
     pub(crate) stage: Target,
     pub(crate) state: Target,
     pub(crate) aws: Option<Aws>,
+    /// How staged objects are encrypted in S3 (S3Settings' EncryptionMode).
+    pub(crate) encryption: pgshift::staging::Encryption,
 }
 
 impl Seams {
@@ -74,6 +79,7 @@ impl Seams {
             stage,
             state,
             aws,
+            encryption: pgshift::staging::Encryption::BucketDefault,
         })
     }
 }

@@ -59,7 +59,8 @@ impl StagedDeps {
         let table = required(&env.state_table, "PGSHIFT_STATE_TABLE")?;
         let aws = crate::aws::Aws::from_env().await;
         let sink = crate::staging::S3Sink::new(aws.s3(), &stage)?
-            .with_part_size((env.s3_part_mb as usize) << 20);
+            .with_part_size((env.s3_part_mb as usize) << 20)
+            .with_encryption(env.encryption.clone());
         let state = crate::state::DynamoStore::new(aws.dynamodb(), table);
         let events = crate::events::for_bus(&aws, env.events_bus.as_deref());
         Ok(StagedDeps {

@@ -23,6 +23,8 @@ pub struct LambdaEnv {
     pub format: crate::staging::encode::Format,
     /// `PGSHIFT_COMMIT_TS_COLUMN`: `true` adds the commit timestamp column to CSV.
     pub commit_ts_column: bool,
+    /// S3Settings' `EncryptionMode` / `ServerSideEncryptionKmsKeyId` for staged objects.
+    pub encryption: crate::staging::Encryption,
     /// `PGSHIFT_TABLE_MAPPINGS`: DMS table-mapping JSON (selection rules).
     pub selection: crate::selection::Selection,
     /// `PGSHIFT_CDC`: the full load creates the slot first (default true).
@@ -230,6 +232,7 @@ impl LambdaEnv {
             peek_sessions,
             format,
             commit_ts_column,
+            encryption: s3_settings.map(|s| s.encryption).unwrap_or_default(),
             selection,
             source_secret_arn: get("PGSHIFT_SOURCE_SECRET_ARN"),
             source_sslmode,

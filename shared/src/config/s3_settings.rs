@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::staging::encode::Format;
+use crate::staging::s3::Encryption;
 
 /// What a DMS `S3Settings` document asks of pgshift.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -16,6 +17,8 @@ pub struct S3Settings {
     pub format: Option<Format>,
     /// `TimestampColumnName` set: the commit timestamp column in CDC rows.
     pub commit_ts_column: bool,
+    /// `EncryptionMode` (+ `ServerSideEncryptionKmsKeyId`): how objects are encrypted.
+    pub encryption: Encryption,
     /// Settings accepted but without effect here, each with why (printed, never silent).
     pub notes: Vec<String>,
 }
@@ -87,6 +90,7 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
     let mut out = S3Settings::default();
     let (mut bucket, mut folder, mut data_format, mut gzip) = (None, None, None, false);
     let mut partitioned = false;
+    let (mut kms_mode, mut kms_key) = (false, None);
     for (k, v) in obj {
         match k.as_str() {
             "BucketName" => bucket = Some(string(k, v)?),
@@ -129,14 +133,17 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
                 return Err(unsupported(k, "Parquet timestamps are microseconds"));
             }
             "ParquetTimestampInMillisecond" => {}
+            // SSE_S3 leaves objects to the bucket's default encryption (SSE-S3, or the KMS key
+            // the stack's DataKmsKeyArn puts there), as DMS's default does.
             "EncryptionMode" => match string(k, v)?.to_ascii_uppercase().as_str() {
-                "SSE_S3" => {}
-                _ => return Err(unsupported(k, "only SSE_S3 (the stack's bucket default; its DataKmsKeyArn parameter puts a KMS key there)")),
+                "SSE_S3" => kms_mode = false,
+                "SSE_KMS" => kms_mode = true,
+                other => return Err(Error::config(at(k), format!("{other:?} is not SSE_S3 or SSE_KMS"))),
             },
-            "ServerSideEncryptionKmsKeyId" if !string(k, v)?.is_empty() => {
-                return Err(unsupported(k, "set the bucket's default key instead (the stack's DataKmsKeyArn)"));
+            "ServerSideEncryptionKmsKeyId" => {
+                let key = string(k, v)?;
+                kms_key = (!key.trim().is_empty()).then(|| key.trim().to_owned());
             }
-            "ServerSideEncryptionKmsKeyId" => {}
             "DatePartitionSequence" | "DatePartitionDelimiter" | "DatePartitionTimezone" => {}
             "ServiceAccessRoleArn" => out.notes.push(
                 "S3Settings.ServiceAccessRoleArn is not used: pgshift writes with its own AWS credentials (the function's role, or --profile)".to_owned(),
@@ -149,6 +156,16 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
             }
         }
     }
+    out.encryption = match (kms_mode, kms_key) {
+        (true, key_id) => Encryption::Kms { key_id },
+        (false, None) => Encryption::BucketDefault,
+        (false, Some(_)) => {
+            return Err(Error::config(
+                at("ServerSideEncryptionKmsKeyId"),
+                "needs EncryptionMode SSE_KMS",
+            ));
+        }
+    };
     if partitioned {
         return Err(unsupported(
             "DatePartitionEnabled",
@@ -213,10 +230,24 @@ mod tests {
         assert_eq!(s.stage.as_deref(), Some("s3://my-bucket/dms/orders"));
         assert_eq!(s.format, Some(Format::parse("csv.gz", "f").unwrap()));
         assert!(s.commit_ts_column);
+        assert_eq!(s.encryption, Encryption::BucketDefault);
         assert_eq!(s.notes.len(), 1, "the role is named as not used");
         let s = parse(r#"{"DataFormat": "parquet"}"#, "x").unwrap();
         assert_eq!(s.format, Some(Format::parse("parquet", "f").unwrap()));
         assert!(s.stage.is_none());
+        let s = parse(
+            r#"{"EncryptionMode": "sse_kms", "ServerSideEncryptionKmsKeyId": "alias/dms"}"#,
+            "x",
+        )
+        .unwrap();
+        assert_eq!(
+            s.encryption,
+            Encryption::Kms {
+                key_id: Some("alias/dms".to_owned())
+            }
+        );
+        let s = parse(r#"{"EncryptionMode": "SSE_KMS"}"#, "x").unwrap();
+        assert_eq!(s.encryption, Encryption::Kms { key_id: None });
     }
 
     #[test]
@@ -260,7 +291,11 @@ mod tests {
             (r#"{"AddColumnName": "true"}"#, "AddColumnName"),
             (r#"{"CsvDelimiter": "|"}"#, "CsvDelimiter"),
             (r#"{"DatePartitionEnabled": true}"#, "DatePartitionEnabled"),
-            (r#"{"EncryptionMode": "SSE_KMS"}"#, "EncryptionMode"),
+            (r#"{"EncryptionMode": "SSE_C"}"#, "EncryptionMode"),
+            (
+                r#"{"ServerSideEncryptionKmsKeyId": "arn:aws:kms:us-east-1:1:key/k"}"#,
+                "ServerSideEncryptionKmsKeyId",
+            ),
             (r#"{"CsvNoSupValue": "x"}"#, "CsvNoSupValue"),
             (
                 r#"{"DataFormat": "parquet", "CompressionType": "gzip"}"#,

@@ -97,12 +97,12 @@ pub mod encode;
 pub mod layout;
 mod local;
 mod memory;
-mod s3;
+pub mod s3;
 pub mod unreliable;
 
 pub use local::{LocalSink, LocalWriter};
 pub use memory::{MemorySink, MemoryWriter};
-pub use s3::{S3_PART_SIZE, S3Sink, S3Writer, parse_s3_url};
+pub use s3::{Encryption, S3_PART_SIZE, S3Sink, S3Writer, parse_s3_url};
 pub use unreliable::{Crash, UnreliableSink};
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Objects in an S3 bucket under a prefix (multipart uploads).
 
+use aws_sdk_s3::types::ServerSideEncryption;
 use bytes::Bytes;
 
 use super::{ObjectSink, ObjectWriter, check_key};
@@ -10,6 +11,17 @@ use crate::error::{Error, Result};
 /// Multipart part size: S3's minimum is 5 MiB; 8 MiB keeps a 10,000-part object above 80 GB.
 pub const S3_PART_SIZE: usize = 8 << 20;
 
+/// How written objects are encrypted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Encryption {
+    /// The bucket's default encryption (SSE-S3, or the KMS key the bucket names).
+    #[default]
+    BucketDefault,
+    /// SSE-KMS with this key (its id, ARN or alias), or S3's AWS-managed key (`aws/s3`);
+    /// with an S3 Bucket Key, so KMS is asked once per object, not per part.
+    Kms { key_id: Option<String> },
+}
+
 /// Objects in an S3 bucket under a prefix.
 #[derive(Debug, Clone)]
 pub struct S3Sink {
@@ -17,6 +29,7 @@ pub struct S3Sink {
     bucket: String,
     prefix: String,
     part_size: usize,
+    encryption: Encryption,
 }
 
 impl S3Sink {
@@ -28,13 +41,44 @@ impl S3Sink {
             bucket,
             prefix,
             part_size: S3_PART_SIZE,
+            encryption: Encryption::BucketDefault,
         })
+    }
+
+    /// Objects written encrypted as `encryption` says (DMS's `EncryptionMode` and
+    /// `ServerSideEncryptionKmsKeyId`).
+    pub fn with_encryption(mut self, encryption: Encryption) -> S3Sink {
+        self.encryption = encryption;
+        self
+    }
+
+    /// The SSE-KMS request settings, when asked: (key id, bucket key).
+    fn kms(&self) -> Option<(Option<String>, bool)> {
+        match &self.encryption {
+            Encryption::BucketDefault => None,
+            Encryption::Kms { key_id } => Some((key_id.clone(), true)),
+        }
     }
 
     /// Smaller parts (at least 5 MiB) for tests of the multipart path.
     pub fn with_part_size(mut self, part_size: usize) -> S3Sink {
         self.part_size = part_size.max(5 << 20);
         self
+    }
+
+    /// A PutObject of `full_key`, encrypted as asked.
+    fn put_request(
+        &self,
+        full_key: &str,
+    ) -> aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder {
+        let put = self.client.put_object().bucket(&self.bucket).key(full_key);
+        match self.kms() {
+            Some((key_id, bucket_key)) => put
+                .server_side_encryption(ServerSideEncryption::AwsKms)
+                .set_ssekms_key_id(key_id)
+                .bucket_key_enabled(bucket_key),
+            None => put,
+        }
     }
 
     /// The bucket and full object key of `key` (for a Distributed Map's ItemReader).
@@ -97,10 +141,17 @@ impl S3Writer {
     async fn flush_part(&mut self) -> Result<()> {
         let s3 = self.sink.client.clone();
         if self.upload_id.is_none() {
-            let out = s3
+            let mut start = s3
                 .create_multipart_upload()
                 .bucket(&self.sink.bucket)
-                .key(&self.key)
+                .key(&self.key);
+            if let Some((key_id, bucket_key)) = self.sink.kms() {
+                start = start
+                    .server_side_encryption(ServerSideEncryption::AwsKms)
+                    .set_ssekms_key_id(key_id)
+                    .bucket_key_enabled(bucket_key);
+            }
+            let out = start
                 .send()
                 .await
                 .map_err(|e| sdk_error("s3", format!("starting upload of {}", self.key), e))?;
@@ -164,9 +215,8 @@ impl ObjectWriter for S3Writer {
         let s3 = self.sink.client.clone();
         if self.upload_id.is_none() {
             let body = std::mem::take(&mut self.buf);
-            s3.put_object()
-                .bucket(&self.sink.bucket)
-                .key(&self.key)
+            self.sink
+                .put_request(&self.key)
                 .body(Bytes::from(body).into())
                 .send()
                 .await
@@ -251,10 +301,7 @@ impl ObjectSink for S3Sink {
 
     async fn put(&self, key: &str, body: Bytes) -> Result<()> {
         let key = self.full_key(key)?;
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(&key)
+        self.put_request(&key)
             .body(body.into())
             .send()
             .await
