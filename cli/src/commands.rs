@@ -80,10 +80,10 @@ pub(crate) async fn test_endpoint(args: TestEndpointArgs) -> pgshift::Result<Exi
 pub(crate) async fn full_load(mut args: FullLoadArgs) -> pgshift::Result<ExitCode> {
     pgshift::config::check_task_name(&args.task)?;
     let spec = crate::source_spec(&args.source, "--source")?;
-    let (format, _, encryption) =
-        s3_settings(args.s3_settings.as_deref(), &mut args.stage, &args.format)?;
+    let from = s3_settings(args.s3_settings.as_deref(), &mut args.stage, &args.format)?;
     let settings = TaskSettings {
-        format,
+        format: from.format,
+        load_op_column: from.load_op_column,
         selection: read_selection(args.tables.as_deref())?,
         chunk_mib: args.chunk_mb,
         cdc: args.cdc,
@@ -101,7 +101,7 @@ pub(crate) async fn full_load(mut args: FullLoadArgs) -> pgshift::Result<ExitCod
     pgshift::plan::ChunkSizing::from_mib(args.chunk_mb, 150_000)
         .map_err(|e| Error::config("--chunk-mb", e.to_string()))?;
     let mut seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
-    seams.encryption = encryption;
+    seams.encryption = from.encryption;
     let mut opts = settings.load_options(&args.task, seams.source.clone(), lease_owner(), None);
     opts.events = events_for(args.events_bus.as_deref(), seams.aws.as_ref()).await?;
     opts.force_lease = args.force;
@@ -244,16 +244,20 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
 
 /// `--s3-settings` (DMS's S3Settings) with `--stage` and `--format`: its bucket and folder are
 /// the stage and its format the format, unless the flags say otherwise (then they must agree).
-/// Returns the format, whether the commit timestamp column is asked for, and how objects are
-/// encrypted (SSE-KMS needs an S3 stage).
+/// SSE-KMS needs an S3 stage.
 fn s3_settings(
     value: Option<&str>,
     stage: &mut String,
     format: &str,
-) -> pgshift::Result<(Format, bool, Encryption)> {
+) -> pgshift::Result<FromS3Settings> {
     let flag_format = Format::parse(format, "--format")?;
     let Some(value) = value else {
-        return Ok((flag_format, false, Encryption::BucketDefault));
+        return Ok(FromS3Settings {
+            format: flag_format,
+            commit_ts_column: false,
+            load_op_column: false,
+            encryption: Encryption::BucketDefault,
+        });
     };
     let s = pgshift::config::s3_settings::read(value, "--s3-settings")?;
     for note in &s.notes {
@@ -267,7 +271,20 @@ fn s3_settings(
             format!("SSE_KMS encrypts S3 objects; the stage {stage} is a folder"),
         ));
     }
-    Ok((format, s.commit_ts_column, s.encryption))
+    Ok(FromS3Settings {
+        format,
+        commit_ts_column: s.commit_ts_column,
+        load_op_column: s.include_op_for_full_load,
+        encryption: s.encryption,
+    })
+}
+
+/// What `--s3-settings` decides.
+struct FromS3Settings {
+    format: Format,
+    commit_ts_column: bool,
+    load_op_column: bool,
+    encryption: Encryption,
 }
 
 /// `--stage`'s default: a folder here.
@@ -516,11 +533,10 @@ pub(crate) async fn cdc(mut args: CdcArgs) -> pgshift::Result<ExitCode> {
     if !(1..=2).contains(&args.peek_sessions) {
         return Err(Error::config("--peek-sessions", "must be 1 or 2"));
     }
-    let (format, ts_column, encryption) =
-        s3_settings(args.s3_settings.as_deref(), &mut args.stage, &args.format)?;
+    let from = s3_settings(args.s3_settings.as_deref(), &mut args.stage, &args.format)?;
     let settings = TaskSettings {
-        format,
-        commit_ts_column: args.commit_ts_column || ts_column,
+        format: from.format,
+        commit_ts_column: args.commit_ts_column || from.commit_ts_column,
         selection: read_selection(args.tables.as_deref())?,
         peek_sessions: args.peek_sessions,
         replica_identity_full: args.replica_identity_full,
@@ -537,7 +553,7 @@ pub(crate) async fn cdc(mut args: CdcArgs) -> pgshift::Result<ExitCode> {
         ..TaskSettings::default()
     };
     let mut seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
-    seams.encryption = encryption;
+    seams.encryption = from.encryption;
     let mut opts = settings.cdc_options(&args.task, seams.source.clone(), lease_owner(), None);
     opts.events = events_for(args.events_bus.as_deref(), seams.aws.as_ref()).await?;
     opts.max_batch_changes = args.max_batch_changes;

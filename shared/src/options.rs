@@ -18,6 +18,8 @@ pub struct TaskSettings {
     pub format: Format,
     /// Add the commit timestamp column to CDC CSV rows.
     pub commit_ts_column: bool,
+    /// Start CSV load rows with an `Op` field (DMS's `IncludeOpForFullLoad`).
+    pub load_op_column: bool,
     pub selection: Selection,
     /// Backends a large CDC drain may decode with at once (1 or 2).
     pub peek_sessions: u8,
@@ -43,6 +45,7 @@ impl Default for TaskSettings {
         TaskSettings {
             format: Format::default(),
             commit_ts_column: false,
+            load_op_column: false,
             selection: Selection::all(),
             peek_sessions: 2,
             chunk_mib: 256,
@@ -61,6 +64,7 @@ impl From<&LambdaEnv> for TaskSettings {
         TaskSettings {
             format: env.format,
             commit_ts_column: env.commit_ts_column,
+            load_op_column: env.load_op_column,
             selection: env.selection.clone(),
             peek_sessions: env.peek_sessions,
             chunk_mib: env.chunk_mb,
@@ -112,6 +116,7 @@ impl TaskSettings {
         let mut o = LoadOptions::new(task, source, owner);
         o.format = self.format;
         o.commit_ts_column = self.commit_ts_column;
+        o.load_op_column = self.load_op_column;
         o.selection = self.selection.clone();
         o.chunk_mib = self.chunk_mib;
         o.cdc = self.cdc;
@@ -229,6 +234,8 @@ pub struct LoadOptions {
     pub format: Format,
     /// The CDC CSV layout the schema versions announce (with the commit timestamp column).
     pub commit_ts_column: bool,
+    /// Start CSV load rows with an `Op` field, `I` (DMS's `IncludeOpForFullLoad`).
+    pub load_op_column: bool,
     pub selection: Selection,
     /// Target heap size of a chunk, MiB.
     pub chunk_mib: u64,
@@ -259,6 +266,7 @@ impl LoadOptions {
             source,
             format: Format::default(),
             commit_ts_column: false,
+            load_op_column: false,
             selection: Selection::all(),
             chunk_mib: 256,
             cdc: false,

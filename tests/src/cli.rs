@@ -464,6 +464,7 @@ async fn dms_s3_settings_choose_the_stage_and_format() {
         &settings,
         serde_json::json!({"BucketName": bucket, "BucketFolder": "dms/orders",
             "DataFormat": "csv", "CompressionType": "GZIP", "CsvDelimiter": ",",
+            "IncludeOpForFullLoad": true,
             "ServiceAccessRoleArn": "arn:aws:iam::123456789012:role/dms-s3"})
         .to_string(),
     )
@@ -496,6 +497,42 @@ async fn dms_s3_settings_choose_the_stage_and_format() {
         !loads.is_empty() && loads.iter().all(|k| k.ends_with(".csv.gz")),
         "{keys:?}"
     );
+    // IncludeOpForFullLoad: every load row starts with `I`, as DMS writes it; apply reads
+    // the rows without it.
+    let mut ids = Vec::new();
+    for key in &loads {
+        let body = pgshift::staging::ObjectSink::get(&sink, key)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut text)
+            .unwrap();
+        for line in text.lines() {
+            let id = line
+                .strip_prefix("I,")
+                .unwrap_or_else(|| panic!("{key}: {line:?}"));
+            ids.push(id.parse::<i32>().unwrap());
+        }
+    }
+    ids.sort();
+    assert_eq!(ids, (1..=100).collect::<Vec<_>>());
+    let target = TestDb::new("cli_s3s_dst").await;
+    let applied = pgshift::job::apply::run(&sink, &target.config(), "s3s")
+        .await
+        .unwrap();
+    assert!(applied.load_applied, "{applied:?}");
+    let loaded: i64 = target
+        .client()
+        .await
+        .query_one(
+            "select count(*) from public.t where id between 1 and 100",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(loaded, 100);
 
     std::fs::write(
         &settings,

@@ -23,6 +23,8 @@ pub struct LambdaEnv {
     pub format: crate::staging::encode::Format,
     /// `PGSHIFT_COMMIT_TS_COLUMN`: `true` adds the commit timestamp column to CSV.
     pub commit_ts_column: bool,
+    /// S3Settings' `IncludeOpForFullLoad`: CSV load rows start with `I`.
+    pub load_op_column: bool,
     /// S3Settings' `EncryptionMode` / `ServerSideEncryptionKmsKeyId` for staged objects.
     pub encryption: crate::staging::Encryption,
     /// `PGSHIFT_TABLE_MAPPINGS`: DMS table-mapping JSON (selection rules).
@@ -232,6 +234,9 @@ impl LambdaEnv {
             peek_sessions,
             format,
             commit_ts_column,
+            load_op_column: s3_settings
+                .as_ref()
+                .is_some_and(|s| s.include_op_for_full_load),
             encryption: s3_settings.map(|s| s.encryption).unwrap_or_default(),
             selection,
             source_secret_arn: get("PGSHIFT_SOURCE_SECRET_ARN"),

@@ -17,6 +17,8 @@ pub struct S3Settings {
     pub format: Option<Format>,
     /// `TimestampColumnName` set: the commit timestamp column in CDC rows.
     pub commit_ts_column: bool,
+    /// `IncludeOpForFullLoad`: CSV load rows start with an `Op` field, `I`.
+    pub include_op_for_full_load: bool,
     /// `EncryptionMode` (+ `ServerSideEncryptionKmsKeyId`): how objects are encrypted.
     pub encryption: Encryption,
     /// Settings accepted but without effect here, each with why (printed, never silent).
@@ -104,9 +106,7 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
                 }
             }
             "TimestampColumnName" => out.commit_ts_column = !string(k, v)?.is_empty(),
-            "IncludeOpForFullLoad" if flag(k, v)? => {
-                return Err(unsupported(k, "load files carry no Op column (CDC files always do)"));
-            }
+            "IncludeOpForFullLoad" => out.include_op_for_full_load = flag(k, v)?,
             "CdcInsertsOnly" | "CdcInsertsAndUpdates" if flag(k, v)? => {
                 return Err(unsupported(k, "pgshift stages every change (filter when reading)"));
             }
@@ -114,7 +114,7 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
                 return Err(unsupported(k, "no header row; the columns are in the schema version of each file (_manifests/schema)"));
             }
             "DatePartitionEnabled" => partitioned = flag(k, v)?,
-            "IncludeOpForFullLoad" | "CdcInsertsOnly" | "CdcInsertsAndUpdates" | "AddColumnName" => {}
+            "CdcInsertsOnly" | "CdcInsertsAndUpdates" | "AddColumnName" => {}
             "CsvDelimiter" if string(k, v)? != "," => {
                 return Err(unsupported(k, "the delimiter is ','"));
             }
@@ -288,6 +288,7 @@ mod tests {
     fn settings_pgshift_does_not_honour_are_named() {
         for (json, key) in [
             (r#"{"CdcInsertsOnly": true}"#, "CdcInsertsOnly"),
+            (r#"{"IncludeOpForFullLoad": "yes"}"#, "IncludeOpForFullLoad"),
             (r#"{"AddColumnName": "true"}"#, "AddColumnName"),
             (r#"{"CsvDelimiter": "|"}"#, "CsvDelimiter"),
             (r#"{"DatePartitionEnabled": true}"#, "DatePartitionEnabled"),

@@ -108,6 +108,8 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
     let plan = PlanRecord {
         tables: planned,
         format: opts.format,
+        // Parquet and JSON Lines rows have their op already.
+        op_column: opts.load_op_column && opts.format.encoding == Encoding::Csv,
         l0,
         status: "planned".to_owned(),
     };
@@ -287,7 +289,7 @@ pub async fn export_chunk_in<S: ObjectSink, St: StateStore>(
         .await?
         .ok_or_else(|| Error::Source(format!("task {} has no plan", opts.task)))?;
     let table = plan.table(&id.schema, &id.table)?;
-    let done = Box::pin(copy_chunk(sink, opts, plan.format, table, &record, session)).await?;
+    let done = Box::pin(copy_chunk(sink, opts, &plan, table, &record, session)).await?;
     record.rows = done.rows;
     record.bytes = done.bytes;
     record.checksum = done.checksum;
@@ -310,6 +312,8 @@ struct Exported {
 struct ChunkEncoder<'t> {
     table: &'t PlannedTable,
     format: Format,
+    /// CSV rows get an `Op` field, `I`, first.
+    op_column: bool,
     conv: TextToCsv,
     csv: Vec<u8>,
     encoded: Vec<u8>,
@@ -320,7 +324,7 @@ struct ChunkEncoder<'t> {
 }
 
 impl<'t> ChunkEncoder<'t> {
-    fn new(table: &'t PlannedTable, format: Format) -> Result<ChunkEncoder<'t>> {
+    fn new(table: &'t PlannedTable, format: Format, op_column: bool) -> Result<ChunkEncoder<'t>> {
         let parquet = match format.encoding {
             Encoding::Parquet => Some(ParquetEncoder::new(
                 &table.schema,
@@ -333,6 +337,7 @@ impl<'t> ChunkEncoder<'t> {
         Ok(ChunkEncoder {
             table,
             format,
+            op_column,
             // Text from the server, CSV from here (see TextToCsv for why).
             conv: TextToCsv::new(table.columns.len()),
             csv: Vec::with_capacity(1 << 16),
@@ -350,7 +355,7 @@ impl<'t> ChunkEncoder<'t> {
         let before = self.rows;
         self.encoded.clear();
         self.csv.clear();
-        let (t, format) = (self.table, self.format);
+        let (t, format, op_column) = (self.table, self.format, self.op_column);
         let (checksum, rows, fields, encoded, parquet) = (
             &mut self.checksum,
             &mut self.rows,
@@ -362,6 +367,11 @@ impl<'t> ChunkEncoder<'t> {
             checksum.add_row(row);
             *rows += 1;
             match format.encoding {
+                Encoding::Csv if op_column => {
+                    encoded.extend_from_slice(b"I,");
+                    encoded.extend_from_slice(row);
+                    Ok(())
+                }
                 Encoding::Csv => Ok(()),
                 Encoding::Jsonl => {
                     parse_csv_fields(row, fields)?;
@@ -378,6 +388,7 @@ impl<'t> ChunkEncoder<'t> {
         })?;
         let count = self.rows - before;
         Ok(match format.encoding {
+            Encoding::Csv if self.op_column => (&self.encoded, count),
             Encoding::Csv => (&self.csv, count),
             Encoding::Jsonl => (&self.encoded, count),
             Encoding::Parquet => {
@@ -405,7 +416,7 @@ impl<'t> ChunkEncoder<'t> {
 async fn copy_chunk<S: ObjectSink>(
     sink: &S,
     opts: &LoadOptions,
-    format: Format,
+    plan: &PlanRecord,
     table: &PlannedTable,
     record: &ChunkRecord,
     session: &mut ChunkSession,
@@ -422,8 +433,9 @@ async fn copy_chunk<S: ObjectSink>(
     )
     .await?;
     let mut stream = std::pin::pin!(stream);
+    let format = plan.format;
     let mut out = EncodedWriter::new(sink.writer(&record.key).await?, format);
-    let mut enc = ChunkEncoder::new(table, format)?;
+    let mut enc = ChunkEncoder::new(table, format, plan.op_column)?;
     while let Some(piece) = stream.next().await {
         let piece = piece.map_err(|e| {
             Error::postgres(
@@ -486,6 +498,7 @@ pub async fn finish<S: ObjectSink, St: StateStore>(
             schema: t.schema.clone(),
             table: t.table.clone(),
             format: plan.format,
+            op_column: plan.op_column,
             columns: t.columns.clone(),
             l0: plan.l0,
             rows: chunks.iter().map(|c| c.rows).sum(),

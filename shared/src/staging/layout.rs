@@ -342,6 +342,9 @@ pub struct LoadManifest {
     pub schema: String,
     pub table: String,
     pub format: Format,
+    /// CSV rows start with an `Op` field, `I` (DMS's `IncludeOpForFullLoad`).
+    #[serde(default)]
+    pub op_column: bool,
     pub columns: Vec<String>,
     pub l0: Option<Lsn>,
     pub rows: u64,

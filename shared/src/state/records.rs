@@ -435,6 +435,9 @@ pub struct PlannedTable {
 pub struct PlanRecord {
     pub tables: Vec<PlannedTable>,
     pub format: Format,
+    /// CSV load rows start with an `Op` field, `I` (DMS's `IncludeOpForFullLoad`).
+    #[serde(default)]
+    pub op_column: bool,
     /// The slot's consistent point when CDC is on.
     pub l0: Option<Lsn>,
     /// `planned` or `complete`.

@@ -402,9 +402,25 @@ async fn copy_chunk(
 ) -> Result<()> {
     let mut copy = TableCopy::start(tx, t).await?;
     let jsonl = t.manifest.format.encoding == Encoding::Jsonl;
+    // CSV rows that start with an `Op` field (IncludeOpForFullLoad) lose it on the way in.
+    let mut op_rows = (t.manifest.op_column && t.manifest.format.encoding == Encoding::Csv)
+        .then(crate::staging::decode::CsvRows::new);
     let mut partial: Vec<u8> = Vec::new();
     while let Some(piece) = bytes.next().await? {
-        let out = if jsonl {
+        let out = if let Some(rows) = op_rows.as_mut() {
+            let mut csv = Vec::with_capacity(piece.len());
+            rows.feed(&piece, |row| {
+                let data = row.strip_prefix(b"I,").ok_or_else(|| {
+                    Error::Staged(format!(
+                        "{}: a row without its Op field (the load manifest says IncludeOpForFullLoad)",
+                        t.name
+                    ))
+                })?;
+                csv.extend_from_slice(data);
+                Ok(())
+            })?;
+            Bytes::from(csv)
+        } else if jsonl {
             partial.extend_from_slice(&piece);
             let Some(end) = memchr::memrchr(b'\n', &partial) else {
                 continue;
@@ -420,6 +436,9 @@ async fn copy_chunk(
     if !partial.is_empty() {
         let csv = jsonl_to_csv(&partial, &t.manifest.columns)?;
         copy.send(Bytes::from(csv)).await?;
+    }
+    if let Some(rows) = &op_rows {
+        rows.finish()?;
     }
     copy.finish().await
 }

@@ -14,6 +14,7 @@ fn plan() -> PlanRecord {
             estimated_rows: 2.0,
         }],
         format: Format::default(),
+        op_column: false,
         l0: Some(Lsn(7)),
         status: "planned".to_owned(),
     }
