@@ -20,6 +20,8 @@ pub struct TaskSettings {
     pub commit_ts_column: bool,
     /// Start CSV load rows with an `Op` field (DMS's `IncludeOpForFullLoad`).
     pub load_op_column: bool,
+    /// Which changes CDC stages (DMS's `CdcInsertsOnly`, `CdcInsertsAndUpdates`).
+    pub cdc_ops: crate::staging::layout::CdcOps,
     pub selection: Selection,
     /// Backends a large CDC drain may decode with at once (1 or 2).
     pub peek_sessions: u8,
@@ -46,6 +48,7 @@ impl Default for TaskSettings {
             format: Format::default(),
             commit_ts_column: false,
             load_op_column: false,
+            cdc_ops: crate::staging::layout::CdcOps::All,
             selection: Selection::all(),
             peek_sessions: 2,
             chunk_mib: 256,
@@ -65,6 +68,7 @@ impl From<&LambdaEnv> for TaskSettings {
             format: env.format,
             commit_ts_column: env.commit_ts_column,
             load_op_column: env.load_op_column,
+            cdc_ops: env.cdc_ops,
             selection: env.selection.clone(),
             peek_sessions: env.peek_sessions,
             chunk_mib: env.chunk_mb,
@@ -91,6 +95,8 @@ impl TaskSettings {
         let mut o = CdcOptions::new(task, source, owner);
         o.format = self.format;
         o.commit_ts_column = self.commit_ts_column;
+        o.cdc_ops = self.cdc_ops;
+        o.load_op_column = self.load_op_column;
         o.selection = self.selection.clone();
         o.peek_sessions = self.peek_sessions;
         o.replica_identity_full = self.replica_identity_full;
@@ -138,6 +144,10 @@ pub struct CdcOptions {
     pub format: Format,
     /// Add the commit timestamp column to CSV rows.
     pub commit_ts_column: bool,
+    /// Which changes are staged (DMS's `CdcInsertsOnly`, `CdcInsertsAndUpdates`).
+    pub cdc_ops: crate::staging::layout::CdcOps,
+    /// DMS's `IncludeOpForFullLoad`: with `cdc_ops` filtering, CSV rows keep their `Op`.
+    pub load_op_column: bool,
     /// Tables to stage (changes of others are skipped).
     pub selection: Selection,
     pub max_batch_changes: u64,
@@ -182,6 +192,12 @@ pub struct CdcOptions {
 }
 
 impl CdcOptions {
+    /// Whether CSV rows start with their `Op` field: always, but when inserts (and updates)
+    /// alone are staged without IncludeOpForFullLoad, as DMS writes them.
+    pub fn op_field(&self) -> bool {
+        self.cdc_ops.is_all() || self.load_op_column
+    }
+
     /// What the task captures.
     pub fn capture(&self) -> Capture {
         Capture {
@@ -201,6 +217,8 @@ impl CdcOptions {
             source,
             format: Format::default(),
             commit_ts_column: false,
+            cdc_ops: crate::staging::layout::CdcOps::All,
+            load_op_column: false,
             selection: Selection::all(),
             max_batch_changes: 250_000,
             max_batch_bytes: 256 << 20,

@@ -11,6 +11,7 @@ use pgshift::options::CdcOptions;
 use pgshift::source::slot;
 use pgshift::staging::ObjectSink;
 use pgshift::staging::encode::Format;
+use pgshift::staging::{LocalSink, layout};
 use pgshift::state::StateStore;
 use pgshift::state::records::{Outcome, PollReport};
 use pgshift_tests::replay::{self, Table};
@@ -934,4 +935,80 @@ async fn cli_cdc_stages_to_s3_with_state_in_dynamodb() {
     let store = pgshift::state::DynamoStore::new(aws.dynamodb(), &table);
     let doc = store.get("cli-aws", "cdc").await.unwrap().unwrap().doc;
     assert_eq!(doc["checkpoint_lsn"], report.checkpoint.to_string());
+}
+
+/// DMS's `CdcInsertsOnly` / `CdcInsertsAndUpdates` (S3Settings): only those changes are
+/// staged — an update of the key as one `U` of the new row, as DMS writes it; without
+/// `IncludeOpForFullLoad` the CSV rows have no `Op` field, with it they do; the manifest and
+/// the schema version say so, and `apply` refuses such a stage by name.
+#[tokio::test]
+async fn filtered_cdc_stages_inserts_and_updates_as_dms_writes_them() {
+    use pgshift::staging::layout::CdcOps;
+    let Staging {
+        db,
+        sink: _,
+        state,
+        dir,
+    } = Staging::new("cdc_filtered").await;
+    let c = db.client().await;
+    c.batch_execute("create table public.e (id int primary key, v text)")
+        .await
+        .unwrap();
+    let mut inserts = opts("ins-only", db.config(), "csv");
+    inserts.cdc_ops = CdcOps::InsertsOnly;
+    let mut upserts = opts("ins-upd", db.config(), "csv");
+    upserts.cdc_ops = CdcOps::InsertsAndUpdates;
+    upserts.load_op_column = true;
+    // Two CDC-only tasks over one stage: their slots made before the workload.
+    let stage_a = LocalSink::new(dir.path().join("a"));
+    let stage_b = LocalSink::new(dir.path().join("b"));
+    poll(&stage_a, &state, &inserts).await;
+    poll(&stage_b, &state, &upserts).await;
+    for sql in [
+        "insert into public.e values (1, 'a'), (2, 'b')",
+        "update public.e set v = 'c' where id = 1",
+        "update public.e set id = 3 where id = 2",
+        "delete from public.e where id = 1",
+        "truncate public.e",
+        "insert into public.e values (4, 'd')",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    let state = &state;
+    let staged = |sink: LocalSink, o: CdcOptions| async move {
+        let r = poll(&sink, state, &o).await;
+        let file = format!("public/e/cdc/{}.csv", r.start_checkpoint.key_hex());
+        let body = sink.get(&file).await.unwrap().expect("the batch file");
+        let key = layout::batch_manifest_keys(&sink).await.unwrap();
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&sink.get(key.last().unwrap()).await.unwrap().unwrap()).unwrap();
+        let versions = sink.list("public/e/_schema/").await.unwrap();
+        let version: serde_json::Value =
+            serde_json::from_slice(&sink.get(versions.last().unwrap()).await.unwrap().unwrap())
+                .unwrap();
+        (String::from_utf8(body.to_vec()).unwrap(), manifest, version)
+    };
+    let (rows, manifest, version) = staged(stage_a.clone(), inserts.clone()).await;
+    assert_eq!(rows, "1,a,\n2,b,\n4,d,\n");
+    assert_eq!(manifest["cdc_ops"], "inserts-only");
+    assert_eq!(manifest["op_field"], false);
+    assert_eq!(
+        version["csv_cdc_layout"],
+        serde_json::json!(["id", "v", "unchanged_toast"])
+    );
+    let (rows, manifest, version) = staged(stage_b, upserts).await;
+    assert_eq!(rows, "I,1,a,\nI,2,b,\nU,1,c,\nU,3,b,\nI,4,d,\n");
+    assert_eq!(manifest["cdc_ops"], "inserts-and-updates");
+    assert!(manifest.get("op_field").is_none(), "{manifest}");
+    assert_eq!(
+        version["csv_cdc_layout"],
+        serde_json::json!(["Op", "id", "v", "unchanged_toast"])
+    );
+
+    let target = pgshift_tests::TestDb::new("cdc_filtered_dst").await;
+    let err = pgshift::job::apply::run(&stage_a, &target.config(), "ins-only")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("S3Settings.CdcInsertsOnly"), "{err}");
 }

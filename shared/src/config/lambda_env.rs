@@ -25,6 +25,8 @@ pub struct LambdaEnv {
     pub commit_ts_column: bool,
     /// S3Settings' `IncludeOpForFullLoad`: CSV load rows start with `I`.
     pub load_op_column: bool,
+    /// S3Settings' `CdcInsertsOnly` / `CdcInsertsAndUpdates`.
+    pub cdc_ops: crate::staging::layout::CdcOps,
     /// S3Settings' `EncryptionMode` / `ServerSideEncryptionKmsKeyId` for staged objects.
     pub encryption: crate::staging::Encryption,
     /// `PGSHIFT_TABLE_MAPPINGS`: DMS table-mapping JSON (selection rules).
@@ -237,6 +239,7 @@ impl LambdaEnv {
             load_op_column: s3_settings
                 .as_ref()
                 .is_some_and(|s| s.include_op_for_full_load),
+            cdc_ops: s3_settings.as_ref().map(|s| s.cdc_ops).unwrap_or_default(),
             encryption: s3_settings.map(|s| s.encryption).unwrap_or_default(),
             selection,
             source_secret_arn: get("PGSHIFT_SOURCE_SECRET_ARN"),

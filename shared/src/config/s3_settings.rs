@@ -19,6 +19,8 @@ pub struct S3Settings {
     pub commit_ts_column: bool,
     /// `IncludeOpForFullLoad`: CSV load rows start with an `Op` field, `I`.
     pub include_op_for_full_load: bool,
+    /// `CdcInsertsOnly` / `CdcInsertsAndUpdates`: which changes CDC stages.
+    pub cdc_ops: crate::staging::layout::CdcOps,
     /// `EncryptionMode` (+ `ServerSideEncryptionKmsKeyId`): how objects are encrypted.
     pub encryption: Encryption,
     /// Settings accepted but without effect here, each with why (printed, never silent).
@@ -93,6 +95,7 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
     let (mut bucket, mut folder, mut data_format, mut gzip) = (None, None, None, false);
     let mut partitioned = false;
     let (mut kms_mode, mut kms_key) = (false, None);
+    let (mut inserts_only, mut inserts_and_updates) = (false, false);
     for (k, v) in obj {
         match k.as_str() {
             "BucketName" => bucket = Some(string(k, v)?),
@@ -107,14 +110,13 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
             }
             "TimestampColumnName" => out.commit_ts_column = !string(k, v)?.is_empty(),
             "IncludeOpForFullLoad" => out.include_op_for_full_load = flag(k, v)?,
-            "CdcInsertsOnly" | "CdcInsertsAndUpdates" if flag(k, v)? => {
-                return Err(unsupported(k, "pgshift stages every change (filter when reading)"));
-            }
+            "CdcInsertsOnly" => inserts_only = flag(k, v)?,
+            "CdcInsertsAndUpdates" => inserts_and_updates = flag(k, v)?,
             "AddColumnName" if flag(k, v)? => {
                 return Err(unsupported(k, "no header row; the columns are in the schema version of each file (_manifests/schema)"));
             }
             "DatePartitionEnabled" => partitioned = flag(k, v)?,
-            "CdcInsertsOnly" | "CdcInsertsAndUpdates" | "AddColumnName" => {}
+            "AddColumnName" => {}
             "CsvDelimiter" if string(k, v)? != "," => {
                 return Err(unsupported(k, "the delimiter is ','"));
             }
@@ -156,6 +158,17 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
             }
         }
     }
+    out.cdc_ops = match (inserts_only, inserts_and_updates) {
+        (false, false) => crate::staging::layout::CdcOps::All,
+        (true, false) => crate::staging::layout::CdcOps::InsertsOnly,
+        (false, true) => crate::staging::layout::CdcOps::InsertsAndUpdates,
+        (true, true) => {
+            return Err(Error::config(
+                at("CdcInsertsAndUpdates"),
+                "CdcInsertsOnly and CdcInsertsAndUpdates cannot both be true",
+            ));
+        }
+    };
     out.encryption = match (kms_mode, kms_key) {
         (true, key_id) => Encryption::Kms { key_id },
         (false, None) => Encryption::BucketDefault,
@@ -287,7 +300,11 @@ mod tests {
     #[test]
     fn settings_pgshift_does_not_honour_are_named() {
         for (json, key) in [
-            (r#"{"CdcInsertsOnly": true}"#, "CdcInsertsOnly"),
+            (
+                r#"{"CdcInsertsOnly": true, "CdcInsertsAndUpdates": true}"#,
+                "CdcInsertsAndUpdates",
+            ),
+            (r#"{"CdcInsertsOnly": 1}"#, "CdcInsertsOnly"),
             (r#"{"IncludeOpForFullLoad": "yes"}"#, "IncludeOpForFullLoad"),
             (r#"{"AddColumnName": "true"}"#, "AddColumnName"),
             (r#"{"CsvDelimiter": "|"}"#, "CsvDelimiter"),

@@ -486,6 +486,13 @@ async fn apply_batch<S: ObjectSink>(
     tables: &mut Tables,
 ) -> Result<(u64, u64)> {
     let (task, position) = (at.task, at.position);
+    if !m.cdc_ops.is_all() {
+        return Err(Error::Staged(format!(
+            "the batch from {} was staged with S3Settings.{}: it holds only some of the changes, which cannot make a target equal to the source; stage this task without it to apply it",
+            m.start_lsn,
+            m.cdc_ops.setting()
+        )));
+    }
     let tx = client
         .transaction()
         .await

@@ -168,7 +168,7 @@ async fn poll_once<Src: CdcSource, S: ObjectSink, St: StateStore>(
         task,
         lease,
         relations: Relations::default(),
-        versions: SchemaVersions::new(),
+        versions: SchemaVersions::new().with_op_field(opts.op_field()),
         publications: String::new(),
         xid_horizon: crate::state::records::snapshot_horizon(state, &opts.task).await?,
         row_buf: Vec::with_capacity(1024),
@@ -464,6 +464,8 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             files,
             prev_end_lsn: self.lease.rec.last_batch_end,
             after_load: self.task.created_by == "full-load",
+            cdc_ops: opts.cdc_ops,
+            op_field: opts.op_field(),
         };
         let key = manifest_key(batch.start, end);
         layout::put_json(self.sink, &key, &manifest).await?;

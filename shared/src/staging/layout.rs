@@ -240,6 +240,51 @@ pub struct SchemaSegment {
     pub first_row: u64,
 }
 
+/// Which changes CDC stages (DMS's `CdcInsertsOnly`, `CdcInsertsAndUpdates`): every one, or
+/// only inserts (and updates) for an append-only consumer. A stage that is not `All` cannot
+/// be applied to a target.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CdcOps {
+    #[default]
+    All,
+    InsertsOnly,
+    InsertsAndUpdates,
+}
+
+impl CdcOps {
+    /// Whether changes of `op` are staged.
+    pub fn keeps(self, op: crate::change::Op) -> bool {
+        use crate::change::Op;
+        match self {
+            CdcOps::All => true,
+            CdcOps::InsertsOnly => op == Op::Insert,
+            CdcOps::InsertsAndUpdates => matches!(op, Op::Insert | Op::Update),
+        }
+    }
+
+    pub fn is_all(&self) -> bool {
+        *self == CdcOps::All
+    }
+
+    /// The DMS setting that asked for it.
+    pub fn setting(self) -> &'static str {
+        match self {
+            CdcOps::All => "none",
+            CdcOps::InsertsOnly => "CdcInsertsOnly",
+            CdcOps::InsertsAndUpdates => "CdcInsertsAndUpdates",
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
 /// `_manifests/cdc/<C>-<E>.json`: the commit record of a batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchManifest {
@@ -264,6 +309,13 @@ pub struct BatchManifest {
     /// The task began with a full load: its load manifests must exist.
     #[serde(default)]
     pub after_load: bool,
+    /// Which changes were staged (absent: all).
+    #[serde(default, skip_serializing_if = "CdcOps::is_all")]
+    pub cdc_ops: CdcOps,
+    /// CSV rows start with their `Op` field (absent: they do; without it only when
+    /// `cdc_ops` filters and IncludeOpForFullLoad is off, as DMS writes them).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub op_field: bool,
 }
 
 /// `<schema>/<table>/_schema/<lsn>.json`.
@@ -437,11 +489,27 @@ pub async fn first_schema<S: ObjectSink>(
 pub struct SchemaVersions {
     /// Latest stored version per table prefix: (key, schema, layout); `None` when none.
     latest: std::collections::HashMap<String, Option<(String, StoredSchema)>>,
+    /// CDC CSV rows have no `Op` field (a filtered stage without IncludeOpForFullLoad).
+    without_op: bool,
 }
 
 impl SchemaVersions {
     pub fn new() -> SchemaVersions {
         SchemaVersions::default()
+    }
+
+    /// Versions announcing CSV rows with (`true`) or without their `Op` field.
+    pub fn with_op_field(mut self, op_field: bool) -> SchemaVersions {
+        self.without_op = !op_field;
+        self
+    }
+
+    fn layout(&self, schema: &TableSchema, commit_ts_column: bool) -> Vec<String> {
+        let mut layout = csv_cdc_layout(schema, commit_ts_column);
+        if self.without_op {
+            layout.remove(0);
+        }
+        layout
     }
 
     /// The key of the stored version matching `schema`, writing one at `lsn` if none does.
@@ -478,7 +546,7 @@ impl SchemaVersions {
             };
             self.latest.insert(prefix.clone(), latest);
         }
-        let layout = csv_cdc_layout(schema, commit_ts_column);
+        let layout = self.layout(schema, commit_ts_column);
         if let Some(Some((key, stored))) = self.latest.get(&prefix)
             && stored.schema.same_shape(schema)
             && stored.csv_cdc_layout == layout
@@ -514,7 +582,7 @@ impl SchemaVersions {
         let stored = StoredSchema {
             lsn,
             schema: schema.clone(),
-            csv_cdc_layout: csv_cdc_layout(schema, commit_ts_column),
+            csv_cdc_layout: self.layout(schema, commit_ts_column),
             ddl,
         };
         let want = serde_json::to_value(&stored)

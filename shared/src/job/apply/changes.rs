@@ -485,6 +485,8 @@ mod tests {
             files: vec![file.clone()],
             prev_end_lsn: None,
             after_load: false,
+            cdc_ops: Default::default(),
+            op_field: true,
         };
         (m, file)
     }

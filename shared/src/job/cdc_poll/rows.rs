@@ -88,6 +88,21 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             return Ok(());
         }
         let rows = decoder::update_rows(&rel.pk, u);
+        // A filtered stage (CdcInsertsOnly / CdcInsertsAndUpdates) writes an update, a key
+        // change included, as one U of the new row, as DMS does — or not at all.
+        if !self.opts.cdc_ops.is_all() {
+            if !self.opts.cdc_ops.keeps(Op::Update) {
+                return Ok(());
+            }
+            let upd = Row::new(
+                Op::Update,
+                u.rel_id,
+                rows.old,
+                rows.old_is_full,
+                Some(&rows.new),
+            );
+            return self.stage(batch, t, lsn, upd).await;
+        }
         // CSV and Parquet rows carry no old row: an update of a table without a primary key
         // (captured under REPLICA IDENTITY FULL) is staged as D(old row) + I(new row) there,
         // the only form a reader (apply) can find the row by. JSON Lines keeps the U with its
@@ -133,7 +148,8 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                 row.rel_id
             )));
         };
-        if !rel.selected {
+        // CdcInsertsOnly / CdcInsertsAndUpdates: the other changes are not staged.
+        if !rel.selected || !self.opts.cdc_ops.keeps(row.op) {
             return Ok(());
         }
         let (sink, opts) = (self.sink, self.opts);
@@ -152,7 +168,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         buf.clear();
         let encoded = match opts.format.encoding {
             Encoding::Csv => {
-                cdc_csv_row(&change, opts.commit_ts_column, buf);
+                cdc_csv_row(&change, opts.op_field(), opts.commit_ts_column, buf);
                 Encoded::Bytes(buf)
             }
             Encoding::Jsonl => {

@@ -119,23 +119,38 @@ fn value_bytes<'v>(v: &Value<'v>) -> Option<&'v [u8]> {
     }
 }
 
-/// Encodes one CDC change as a CSV row (with its newline).
-pub fn cdc_csv_row(change: &RowChange<'_>, commit_ts_column: bool, out: &mut Vec<u8>) {
-    out.extend_from_slice(change.op.as_str().as_bytes());
+/// Encodes one CDC change as a CSV row (with its newline); without its `Op` field when
+/// `op_field` is false (a filtered stage, as DMS writes it).
+pub fn cdc_csv_row(
+    change: &RowChange<'_>,
+    op_field: bool,
+    commit_ts_column: bool,
+    out: &mut Vec<u8>,
+) {
+    if op_field {
+        out.extend_from_slice(change.op.as_str().as_bytes());
+    }
     if commit_ts_column {
-        out.push(b',');
+        if op_field {
+            out.push(b',');
+        }
         out.extend_from_slice(format_pg_timestamp(change.commit_ts, ' ').as_bytes());
     }
+    let mut first = !op_field && !commit_ts_column;
     let row = match change.op {
         Op::Insert | Op::Update => change.new,
         Op::Delete => change.old,
         Op::Truncate => None,
     };
     for i in 0..change.table.columns.len() {
-        out.push(b',');
+        if !std::mem::take(&mut first) {
+            out.push(b',');
+        }
         csv_field(out, row.and_then(|r| r.get(i)).and_then(value_bytes));
     }
-    out.push(b',');
+    if !first {
+        out.push(b',');
+    }
     let mut first = true;
     for i in change.unchanged() {
         if !first {
@@ -418,7 +433,7 @@ mod tests {
             new: Some(&new),
         };
         let mut out = Vec::new();
-        cdc_csv_row(&change, true, &mut out);
+        cdc_csv_row(&change, true, true, &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "U,2000-01-01 00:00:00.000000,1,,,3\n"
