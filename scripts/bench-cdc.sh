@@ -13,6 +13,7 @@
 # /dev/null) over the same changes.
 #
 #   ./scripts/bench-cdc.sh [TXNS] [RUNS]    (defaults 250000, 3)
+#   PGSHIFT_BENCH_FORMAT=parquet ./scripts/bench-cdc.sh ...   (the staged format; default csv)
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -57,7 +58,7 @@ now() { date +%s.%N; }
 ceilings=() secs=() rss=() secs1=() rss1=()
 run_pgshift() { # SESSIONS REPORT -> "wall kb"
   reset_slot
-  PGSHIFT_LOG=${PGSHIFT_LOG:-warn} /usr/bin/time -f "%e %M" -o "$work/time.txt" "$bin" cdc --task bench --source "$url" --stage "$work/stage" --state "$work/state" --once --json --peek-sessions "$1" >"$2"
+  PGSHIFT_LOG=${PGSHIFT_LOG:-warn} /usr/bin/time -f "%e %M" -o "$work/time.txt" "$bin" cdc --task bench --source "$url" --stage "$work/stage" --state "$work/state" --once --json --peek-sessions "$1" --format "${PGSHIFT_BENCH_FORMAT:-csv}" >"$2"
   cat "$work/time.txt"
 }
 for run in $(seq "$RUNS"); do
