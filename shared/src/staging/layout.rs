@@ -395,7 +395,7 @@ pub struct LoadManifest {
     pub table: String,
     pub format: Format,
     /// CSV rows start with an `Op` field, `I` (DMS's `IncludeOpForFullLoad`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub op_column: bool,
     pub columns: Vec<String>,
     pub l0: Option<Lsn>,

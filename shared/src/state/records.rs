@@ -436,7 +436,7 @@ pub struct PlanRecord {
     pub tables: Vec<PlannedTable>,
     pub format: Format,
     /// CSV load rows start with an `Op` field, `I` (DMS's `IncludeOpForFullLoad`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub op_column: bool,
     /// The slot's consistent point when CDC is on.
     pub l0: Option<Lsn>,
