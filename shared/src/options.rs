@@ -22,6 +22,8 @@ pub struct TaskSettings {
     pub load_op_column: bool,
     /// Which changes CDC stages (DMS's `CdcInsertsOnly`, `CdcInsertsAndUpdates`).
     pub cdc_ops: crate::staging::layout::CdcOps,
+    /// CDC files in date folders (DMS's `DatePartitionEnabled`).
+    pub date_partition: Option<crate::staging::layout::DatePartition>,
     pub selection: Selection,
     /// Backends a large CDC drain may decode with at once (1 or 2).
     pub peek_sessions: u8,
@@ -49,6 +51,7 @@ impl Default for TaskSettings {
             commit_ts_column: false,
             load_op_column: false,
             cdc_ops: crate::staging::layout::CdcOps::All,
+            date_partition: None,
             selection: Selection::all(),
             peek_sessions: 2,
             chunk_mib: 256,
@@ -69,6 +72,7 @@ impl From<&LambdaEnv> for TaskSettings {
             commit_ts_column: env.commit_ts_column,
             load_op_column: env.load_op_column,
             cdc_ops: env.cdc_ops,
+            date_partition: env.date_partition,
             selection: env.selection.clone(),
             peek_sessions: env.peek_sessions,
             chunk_mib: env.chunk_mb,
@@ -96,6 +100,7 @@ impl TaskSettings {
         o.format = self.format;
         o.commit_ts_column = self.commit_ts_column;
         o.cdc_ops = self.cdc_ops;
+        o.date_partition = self.date_partition;
         o.load_op_column = self.load_op_column;
         o.selection = self.selection.clone();
         o.peek_sessions = self.peek_sessions;
@@ -148,6 +153,8 @@ pub struct CdcOptions {
     pub cdc_ops: crate::staging::layout::CdcOps,
     /// DMS's `IncludeOpForFullLoad`: with `cdc_ops` filtering, CSV rows keep their `Op`.
     pub load_op_column: bool,
+    /// CDC files in date folders (DMS's `DatePartitionEnabled`).
+    pub date_partition: Option<crate::staging::layout::DatePartition>,
     /// Tables to stage (changes of others are skipped).
     pub selection: Selection,
     pub max_batch_changes: u64,
@@ -219,6 +226,7 @@ impl CdcOptions {
             commit_ts_column: false,
             cdc_ops: crate::staging::layout::CdcOps::All,
             load_op_column: false,
+            date_partition: None,
             selection: Selection::all(),
             max_batch_changes: 250_000,
             max_batch_bytes: 256 << 20,

@@ -1012,3 +1012,56 @@ async fn filtered_cdc_stages_inserts_and_updates_as_dms_writes_them() {
         .to_string();
     assert!(err.contains("S3Settings.CdcInsertsOnly"), "{err}");
 }
+
+/// DMS's `DatePartitionEnabled`: CDC files go to date folders by their transaction's commit
+/// date (UTC), the manifest lists them there, and `apply` finds them through it.
+#[tokio::test]
+async fn date_partitioned_cdc_files_are_in_commit_date_folders_and_apply() {
+    use pgshift::staging::layout::{DatePartition, DateSequence};
+    let s = Staging::new("cdc_dated").await;
+    let c = s.db.client().await;
+    c.batch_execute("create table public.d (id int primary key, v text)")
+        .await
+        .unwrap();
+    let mut o = opts("dated", s.db.config(), "csv");
+    o.date_partition = Some(DatePartition {
+        sequence: DateSequence::Yyyymmdd,
+        delimiter: "/",
+    });
+    poll(&s.sink, &s.state, &o).await;
+    c.batch_execute(
+        "insert into public.d select g, 'v' || g from generate_series(1, 50) g;
+         update public.d set v = 'changed' where id <= 10;
+         delete from public.d where id > 45",
+    )
+    .await
+    .unwrap();
+    let r = poll(&s.sink, &s.state, &o).await;
+    assert!(r.changes >= 65, "{r:#?}");
+    let keys = layout::batch_manifest_keys(&s.sink).await.unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&s.sink.get(keys.last().unwrap()).await.unwrap().unwrap()).unwrap();
+    // The commit date as the manifest gives it (RFC 3339, UTC): 2026-12-02T.. -> 2026/12/02.
+    let date = manifest["last_commit_ts"].as_str().unwrap()[..10].replace('-', "/");
+    let want = format!("public/d/cdc/{date}/{}.csv", r.start_checkpoint.key_hex());
+    assert_eq!(manifest["files"][0]["key"], want.as_str(), "{manifest}");
+    assert!(s.sink.get(&want).await.unwrap().is_some(), "{want}");
+
+    let target = TestDb::new("cdc_dated_dst").await;
+    let applied = pgshift::job::apply::run(&s.sink, &target.config(), "dated")
+        .await
+        .unwrap();
+    assert_eq!(applied.batches_applied, 1, "{applied:?}");
+    let rows: Vec<(i32, String)> = target
+        .client()
+        .await
+        .query("select id, v from public.d order by id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows.len(), 45);
+    assert_eq!(rows[0], (1, "changed".to_owned()));
+    assert_eq!(rows[44], (45, "v45".to_owned()));
+}

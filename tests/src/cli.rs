@@ -534,14 +534,10 @@ async fn dms_s3_settings_choose_the_stage_and_format() {
         .get(0);
     assert_eq!(loaded, 100);
 
-    std::fs::write(
-        &settings,
-        r#"{"DataFormat": "csv", "DatePartitionEnabled": true}"#,
-    )
-    .unwrap();
+    std::fs::write(&settings, r#"{"DataFormat": "csv", "CdcPath": "changes"}"#).unwrap();
     let (code, _, err) = load("s3s2");
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("S3Settings.DatePartitionEnabled"), "{err}");
+    assert!(err.contains("S3Settings.CdcPath"), "{err}");
 
     // SSE_KMS with a key: every object pgshift writes (chunks, manifests, schema versions)
     // is encrypted with that key, whatever the bucket's default.

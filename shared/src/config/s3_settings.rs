@@ -21,6 +21,9 @@ pub struct S3Settings {
     pub include_op_for_full_load: bool,
     /// `CdcInsertsOnly` / `CdcInsertsAndUpdates`: which changes CDC stages.
     pub cdc_ops: crate::staging::layout::CdcOps,
+    /// `DatePartitionEnabled` (+ `DatePartitionSequence`, `DatePartitionDelimiter`): CDC
+    /// files in date folders by commit date, UTC.
+    pub date_partition: Option<crate::staging::layout::DatePartition>,
     /// `EncryptionMode` (+ `ServerSideEncryptionKmsKeyId`): how objects are encrypted.
     pub encryption: Encryption,
     /// Settings accepted but without effect here, each with why (printed, never silent).
@@ -85,7 +88,11 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
     let flag = |k: &str, v: &Value| -> Result<bool> {
         match v {
             Value::Bool(b) => Ok(*b),
-            Value::String(s) if s.eq_ignore_ascii_case("true") => Ok(true),
+            // DMS takes y and n too.
+            Value::String(s) if s.eq_ignore_ascii_case("true") || s.eq_ignore_ascii_case("y") => {
+                Ok(true)
+            }
+            Value::String(s) if s.eq_ignore_ascii_case("n") => Ok(false),
             Value::String(s) if s.eq_ignore_ascii_case("false") => Ok(false),
             _ => Err(Error::config(at(k), "must be true or false")),
         }
@@ -94,6 +101,7 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
     let mut out = S3Settings::default();
     let (mut bucket, mut folder, mut data_format, mut gzip) = (None, None, None, false);
     let mut partitioned = false;
+    let (mut sequence, mut delimiter, mut date_keys) = (None, None, Vec::new());
     let (mut kms_mode, mut kms_key) = (false, None);
     let (mut inserts_only, mut inserts_and_updates) = (false, false);
     for (k, v) in obj {
@@ -146,7 +154,34 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
                 let key = string(k, v)?;
                 kms_key = (!key.trim().is_empty()).then(|| key.trim().to_owned());
             }
-            "DatePartitionSequence" | "DatePartitionDelimiter" | "DatePartitionTimezone" => {}
+            "DatePartitionSequence" => {
+                use crate::staging::layout::DateSequence as D;
+                date_keys.push(k.as_str());
+                sequence = Some(match string(k, v)?.to_ascii_uppercase().as_str() {
+                    "YYYYMMDD" => D::Yyyymmdd,
+                    "YYYYMMDDHH" => D::Yyyymmddhh,
+                    "YYYYMM" => D::Yyyymm,
+                    "MMYYYYDD" => D::Mmyyyydd,
+                    "DDMMYYYY" => D::Ddmmyyyy,
+                    other => return Err(Error::config(at(k), format!("{other:?} is not YYYYMMDD, YYYYMMDDHH, YYYYMM, MMYYYYDD or DDMMYYYY"))),
+                });
+            }
+            "DatePartitionDelimiter" => {
+                date_keys.push(k.as_str());
+                delimiter = Some(match string(k, v)?.to_ascii_uppercase().as_str() {
+                    "SLASH" => "/",
+                    "UNDERSCORE" => "_",
+                    "DASH" => "-",
+                    "NONE" => "",
+                    other => return Err(Error::config(at(k), format!("{other:?} is not SLASH, UNDERSCORE, DASH or NONE"))),
+                });
+            }
+            "DatePartitionTimezone" => {
+                date_keys.push(k.as_str());
+                if !matches!(string(k, v)?.to_ascii_uppercase().as_str(), "UTC" | "ETC/UTC" | "") {
+                    return Err(unsupported(k, "date folders are by the commit date in UTC"));
+                }
+            }
             "ServiceAccessRoleArn" => out.notes.push(
                 "S3Settings.ServiceAccessRoleArn is not used: pgshift writes with its own AWS credentials (the function's role, or --profile)".to_owned(),
             ),
@@ -180,10 +215,12 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
         }
     };
     if partitioned {
-        return Err(unsupported(
-            "DatePartitionEnabled",
-            "files are named by WAL position, not by date",
-        ));
+        out.date_partition = Some(crate::staging::layout::DatePartition {
+            sequence: sequence.unwrap_or(crate::staging::layout::DateSequence::Yyyymmdd),
+            delimiter: delimiter.unwrap_or("/"),
+        });
+    } else if let Some(k) = date_keys.first() {
+        return Err(Error::config(at(k), "needs DatePartitionEnabled true"));
     }
     out.format = match (data_format.as_deref(), gzip) {
         (None, false) => None,
@@ -261,6 +298,28 @@ mod tests {
         );
         let s = parse(r#"{"EncryptionMode": "SSE_KMS"}"#, "x").unwrap();
         assert_eq!(s.encryption, Encryption::Kms { key_id: None });
+        use crate::staging::layout::{DatePartition, DateSequence};
+        let s = parse(r#"{"DatePartitionEnabled": "y"}"#, "x").unwrap();
+        assert_eq!(
+            s.date_partition,
+            Some(DatePartition {
+                sequence: DateSequence::Yyyymmdd,
+                delimiter: "/"
+            })
+        );
+        let s = parse(
+            r#"{"DatePartitionEnabled": true, "DatePartitionSequence": "yyyymmddhh",
+                "DatePartitionDelimiter": "NONE", "DatePartitionTimezone": "UTC"}"#,
+            "x",
+        )
+        .unwrap();
+        assert_eq!(
+            s.date_partition,
+            Some(DatePartition {
+                sequence: DateSequence::Yyyymmddhh,
+                delimiter: ""
+            })
+        );
     }
 
     #[test]
@@ -308,7 +367,19 @@ mod tests {
             (r#"{"IncludeOpForFullLoad": "yes"}"#, "IncludeOpForFullLoad"),
             (r#"{"AddColumnName": "true"}"#, "AddColumnName"),
             (r#"{"CsvDelimiter": "|"}"#, "CsvDelimiter"),
-            (r#"{"DatePartitionEnabled": true}"#, "DatePartitionEnabled"),
+            (r#"{"DatePartitionEnabled": 3}"#, "DatePartitionEnabled"),
+            (
+                r#"{"DatePartitionEnabled": true, "DatePartitionSequence": "YYYY"}"#,
+                "DatePartitionSequence",
+            ),
+            (
+                r#"{"DatePartitionEnabled": true, "DatePartitionTimezone": "Asia/Seoul"}"#,
+                "DatePartitionTimezone",
+            ),
+            (
+                r#"{"DatePartitionDelimiter": "DASH"}"#,
+                "DatePartitionDelimiter",
+            ),
             (r#"{"EncryptionMode": "SSE_C"}"#, "EncryptionMode"),
             (
                 r#"{"ServerSideEncryptionKmsKeyId": "arn:aws:kms:us-east-1:1:key/k"}"#,

@@ -432,6 +432,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
     async fn new_batch(&self) -> Result<Batch<S::Writer>> {
         let mut b = Batch::empty(self.checkpoint());
         b.record_xids = self.xid_horizon.is_some_and(|h| b.start < h);
+        b.date_partition = self.opts.date_partition;
         let existing = self.sink.list(&layout::manifest_prefix(b.start)).await?;
         b.must_end = layout::existing_batch_end(&existing, b.start);
         Ok(b)

@@ -113,18 +113,86 @@ pub fn cdc_file_key(schema: &str, table: &str, start: Lsn, format: Format) -> St
 
 /// A table's file of a batch: part 0 at [`cdc_file_key`], a later part (Parquet, after the
 /// table's columns changed within the batch) at `<schema>/<table>/cdc/<C>_<part+1:04>.<ext>`
-/// — after part 0 and before the next batch in name order.
-pub fn cdc_part_key(schema: &str, table: &str, start: Lsn, format: Format, part: u32) -> String {
+/// — after part 0 and before the next batch in name order. With date partitions (DMS's
+/// `DatePartitionEnabled`) the date folders come after `cdc/`: `cdc/2026/12/02/<C>.<ext>`.
+pub fn cdc_part_key(
+    schema: &str,
+    table: &str,
+    start: Lsn,
+    format: Format,
+    part: u32,
+    date: Option<&str>,
+) -> String {
+    let folder = match date {
+        Some(d) if !d.is_empty() => format!("{}/cdc/{d}", table_prefix(schema, table)),
+        _ => format!("{}/cdc", table_prefix(schema, table)),
+    };
     if part == 0 {
-        return cdc_file_key(schema, table, start, format);
+        return format!("{folder}/{}.{}", start.key_hex(), format.ext());
     }
     format!(
-        "{}/cdc/{}_{:04}.{}",
-        table_prefix(schema, table),
+        "{folder}/{}_{:04}.{}",
         start.key_hex(),
         part + 1,
         format.ext()
     )
+}
+
+/// The order of a date partition's parts (DMS's `DatePartitionSequence`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DateSequence {
+    Yyyymmdd,
+    Yyyymmddhh,
+    Yyyymm,
+    Mmyyyydd,
+    Ddmmyyyy,
+}
+
+/// CDC files in date folders by their transaction's commit date, UTC (DMS's
+/// `DatePartitionEnabled`, `DatePartitionSequence`, `DatePartitionDelimiter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatePartition {
+    pub sequence: DateSequence,
+    /// `/` (SLASH), `_` (UNDERSCORE), `-` (DASH) or nothing (NONE).
+    pub delimiter: &'static str,
+}
+
+impl DatePartition {
+    /// The folder of a commit at `commit_ts` (microseconds since 2000-01-01 UTC).
+    pub fn path(&self, commit_ts: i64) -> String {
+        let secs = commit_ts.div_euclid(1_000_000) + 946_684_800;
+        let days = secs.div_euclid(86_400);
+        let hour = secs.rem_euclid(86_400) / 3600;
+        let (y, m, d) = civil_from_days(days);
+        let (y, m, d, h) = (
+            format!("{y:04}"),
+            format!("{m:02}"),
+            format!("{d:02}"),
+            format!("{hour:02}"),
+        );
+        let parts: Vec<&str> = match self.sequence {
+            DateSequence::Yyyymmdd => vec![&y, &m, &d],
+            DateSequence::Yyyymmddhh => vec![&y, &m, &d, &h],
+            DateSequence::Yyyymm => vec![&y, &m],
+            DateSequence::Mmyyyydd => vec![&m, &y, &d],
+            DateSequence::Ddmmyyyy => vec![&d, &m, &y],
+        };
+        parts.join(self.delimiter)
+    }
+}
+
+/// (year, month, day) of a day count since 1970-01-01, proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
 }
 
 /// `<schema>/<table>/LOAD<n+1:08X>.<ext>` (DMS naming, 1-based).
@@ -700,12 +768,35 @@ mod tests {
         );
         // A table's later Parquet parts sort after its first, and before the next batch.
         let pq = Format::parse("parquet", "f").unwrap();
-        let part = |lsn, n| cdc_part_key("public", "t", Lsn(lsn), pq, n);
+        let part = |lsn, n| cdc_part_key("public", "t", Lsn(lsn), pq, n, None);
         assert_eq!(part(1, 0), cdc_file_key("public", "t", Lsn(1), pq));
         assert_eq!(part(1, 1), "public/t/cdc/0000000000000001_0002.parquet");
         let mut keys = vec![part(2, 0), part(1, 10), part(1, 1), part(1, 0)];
         keys.sort();
         assert_eq!(keys, [part(1, 0), part(1, 1), part(1, 10), part(2, 0)]);
+        assert_eq!(
+            cdc_part_key("public", "t", Lsn(1), pq, 0, Some("2026/12/02")),
+            "public/t/cdc/2026/12/02/0000000000000001.parquet"
+        );
+    }
+
+    #[test]
+    fn date_partitions_follow_the_commit_date() {
+        // 2026-12-02 18:30:00 UTC, in microseconds since 2000-01-01.
+        let ts = (1_796_236_200 - 946_684_800) * 1_000_000;
+        let p = |sequence, delimiter| DatePartition {
+            sequence,
+            delimiter,
+        };
+        assert_eq!(p(DateSequence::Yyyymmdd, "/").path(ts), "2026/12/02");
+        assert_eq!(p(DateSequence::Yyyymmddhh, "/").path(ts), "2026/12/02/18");
+        assert_eq!(p(DateSequence::Yyyymm, "-").path(ts), "2026-12");
+        assert_eq!(p(DateSequence::Mmyyyydd, "_").path(ts), "12_2026_02");
+        assert_eq!(p(DateSequence::Ddmmyyyy, "").path(ts), "02122026");
+        // Before 2000 and across a leap day.
+        assert_eq!(p(DateSequence::Yyyymmdd, "/").path(-1), "1999/12/31");
+        let leap = (1_709_164_800 - 946_684_800) * 1_000_000; // 2024-02-29 00:00 UTC
+        assert_eq!(p(DateSequence::Yyyymmdd, "").path(leap), "20240229");
     }
 
     fn table(cols: &[&str]) -> TableSchema {

@@ -13,7 +13,7 @@ use crate::lsn::Lsn;
 use crate::pgoutput::Value;
 use crate::staging::encode::parquet::ParquetEncoder;
 use crate::staging::encode::{EncodedWriter, Encoding, Format};
-use crate::staging::layout::{BatchFile, SchemaSegment, XidRun, cdc_part_key};
+use crate::staging::layout::{BatchFile, DatePartition, SchemaSegment, XidRun, cdc_part_key};
 use crate::staging::{ObjectSink, ObjectWriter};
 use crate::table::TableSchema;
 
@@ -62,6 +62,10 @@ pub(super) struct Batch<W: ObjectWriter> {
     /// List a keyless table's rows by transaction (only while a load snapshot may have seen
     /// them: see `records::snapshot_horizon`).
     pub(super) record_xids: bool,
+    /// Files in date folders by their first transaction's commit date (DatePartitionEnabled).
+    pub(super) date_partition: Option<DatePartition>,
+    /// The commit time of the transaction being staged.
+    pub(super) txn_commit_ts: i64,
 }
 
 impl<W: ObjectWriter> Batch<W> {
@@ -80,6 +84,8 @@ impl<W: ObjectWriter> Batch<W> {
             last_end: Lsn::ZERO,
             last_commit_ts: 0,
             record_xids: false,
+            date_partition: None,
+            txn_commit_ts: 0,
         }
     }
 
@@ -192,7 +198,15 @@ impl<W: ObjectWriter> Batch<W> {
         part: u32,
     ) -> Result<TableFile<W>> {
         let schema = &rel.schema;
-        let key = cdc_part_key(&schema.schema, &schema.table, self.start, format, part);
+        let date = self.date_partition.map(|d| d.path(self.txn_commit_ts));
+        let key = cdc_part_key(
+            &schema.schema,
+            &schema.table,
+            self.start,
+            format,
+            part,
+            date.as_deref(),
+        );
         let writer = sink.writer(&key).await?;
         Ok(TableFile {
             writer: EncodedWriter::new(writer, format),

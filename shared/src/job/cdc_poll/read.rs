@@ -163,6 +163,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                     cur.skipping = true;
                     return Ok(false);
                 }
+                cur.batch.txn_commit_ts = b.commit_ts;
                 cur.txn = Some(Txn {
                     xid: b.xid,
                     commit_ts: b.commit_ts,
