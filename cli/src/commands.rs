@@ -107,7 +107,7 @@ pub(crate) async fn full_load(mut args: FullLoadArgs) -> pgshift::Result<ExitCod
     opts.force_lease = args.force;
     opts.allow_empty = args.allow_empty;
     let progress = Arc::new(Progress::default());
-    let ticker = report::spawn_progress(progress.clone());
+    let ticker = report::spawn_progress(progress.clone(), "chunks");
     let result = with_seams!(&seams, |sink, store| {
         full_load::run_local(&sink, &store, &opts, args.parallel, progress.clone()).await
     });
@@ -161,11 +161,15 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
     if args.parallel == 0 {
         return Err(Error::config("--parallel", "must be at least 1"));
     }
+    // The load's chunks on a progress bar (a terminal only), for the first round.
+    let progress = Arc::new(Progress::default());
     let opts = apply_job::ApplyOptions {
         load_workers: args.parallel,
         target_prep: args.target_prep.parse()?,
+        progress: Some(progress.clone()),
         ..apply_job::ApplyOptions::default()
     };
+    let mut ticker = Some(report::spawn_progress(progress, "chunks loaded"));
     let spec = crate::source_spec(&args.target, "--target")?;
     let seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
     let events = events_for(args.events_bus.as_deref(), seams.aws.as_ref()).await?;
@@ -190,7 +194,7 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
                             every: Duration::from_millis(20),
                             wait: Duration::from_secs(args.wait),
                         },
-                        opts,
+                        opts.clone(),
                     ))
                     .await
                 }
@@ -205,13 +209,16 @@ pub(crate) async fn apply(args: ApplyArgs) -> pgshift::Result<ExitCode> {
                             every: Duration::from_secs(args.interval.clamp(1, 10)),
                             wait: Duration::from_secs(args.wait),
                         },
-                        opts,
+                        opts.clone(),
                     )
                     .await
                 }
-                (None, _) => apply_job::run_with(&sink, target, &args.task, opts).await,
+                (None, _) => apply_job::run_with(&sink, target, &args.task, opts.clone()).await,
             }
         });
+        if let Some(t) = ticker.take() {
+            t.abort();
+        }
         let report = match applied {
             Ok(report) => {
                 backoff.reset();
@@ -471,7 +478,18 @@ pub(crate) async fn validate(args: ValidateArgs) -> pgshift::Result<ExitCode> {
     let source = resolve(&crate::source_spec(&args.source, "--source")?).await?;
     let target = resolve(&crate::source_spec(&args.target, "--target")?).await?;
     let started = std::time::Instant::now();
-    let report = validate_job::run(&source, &target, &selection).await?;
+    let progress = Arc::new(Progress::default());
+    let ticker = report::spawn_progress(progress.clone(), "tables checked");
+    let report = validate_job::run_with_progress(
+        &source,
+        &target,
+        &selection,
+        validate_job::DEFAULT_RANGE_ROWS,
+        Some(&progress),
+    )
+    .await;
+    ticker.abort();
+    let report = report?;
     if args.json {
         print_json(serde_json::to_value(&report), true);
     } else {

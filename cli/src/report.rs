@@ -104,17 +104,21 @@ pub(crate) fn poll_summary(r: &PollReport) -> String {
     }
 }
 
-/// A progress bar on stderr while a load runs (only when stderr is a terminal).
-pub(crate) fn spawn_progress(progress: Arc<Progress>) -> tokio::task::JoinHandle<()> {
+/// A progress bar on stderr while a load, apply's load or validate runs (only when stderr is
+/// a terminal): `what` done of their total, rows, MB and rows/s.
+pub(crate) fn spawn_progress(
+    progress: Arc<Progress>,
+    what: &'static str,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if !std::io::stderr().is_terminal() {
             return;
         }
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} chunks {pos}/{len} {msg} [{elapsed_precise}]",
-            )
+            indicatif::ProgressStyle::with_template(&format!(
+                "{{spinner}} {what} {{pos}}/{{len}} {{msg}} [{{elapsed_precise}}]"
+            ))
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         let started = std::time::Instant::now();

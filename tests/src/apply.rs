@@ -122,11 +122,26 @@ async fn converges(format: &str, prefix: &str) {
         report.changes_set_based > 0 && report.changes_set_based < report.changes_applied,
         "{report:?}"
     );
-    let v = validate::run(&s.db.config(), &target.config(), &Selection::all())
-        .await
-        .unwrap();
+    // Validate counts what it checked for a progress display as it goes.
+    let progress = Progress::default();
+    let v = validate::run_with_progress(
+        &s.db.config(),
+        &target.config(),
+        &Selection::all(),
+        validate::DEFAULT_RANGE_ROWS,
+        Some(&progress),
+    )
+    .await
+    .unwrap();
     assert!(v.equal, "{v:#?}");
     assert_eq!(v.tables.len(), 8);
+    let count = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(count(&progress.chunks_total), 8);
+    assert_eq!(count(&progress.chunks_done), 8);
+    assert_eq!(
+        count(&progress.rows),
+        v.tables.iter().map(|t| t.source_rows).sum::<u64>()
+    );
     // Unchanged TOAST values kept, in rows loaded and rows inserted in the batch.
     let big: Vec<(i32, i32)> = target
         .client()
@@ -408,9 +423,9 @@ async fn a_killed_parallel_load_resumes_at_the_chunk() {
     // Out of time (a Lambda's deadline) before any chunk: a clean stop naming what is left.
     let late = apply::ApplyOptions {
         deadline: Some(std::time::Instant::now()),
-        ..opts
+        ..opts.clone()
     };
-    let err = apply::run_with(&s.sink, &target.config(), task, late)
+    let err = apply::run_with(&s.sink, &target.config(), task, late.clone())
         .await
         .unwrap_err();
     assert!(
@@ -422,7 +437,7 @@ async fn a_killed_parallel_load_resumes_at_the_chunk() {
         s.sink.clone(),
         pgshift::staging::Crash::at_read("/LOAD", 3),
     );
-    let err = apply::run_with(&dying, &target.config(), task, opts)
+    let err = apply::run_with(&dying, &target.config(), task, opts.clone())
         .await
         .unwrap_err();
     assert!(matches!(err, pgshift::Error::Injected(_)), "{err}");
@@ -436,10 +451,20 @@ async fn a_killed_parallel_load_resumes_at_the_chunk() {
         .unwrap()
         .get(0);
     assert!(loaded >= 1, "chunks committed before the crash: {loaded}");
-    let report = apply::run_with(&s.sink, &target.config(), task, opts)
+    // The resumed load counts its chunks for a progress display as it goes.
+    let progress = Arc::new(Progress::default());
+    let resumed = apply::ApplyOptions {
+        progress: Some(progress.clone()),
+        ..opts.clone()
+    };
+    let report = apply::run_with(&s.sink, &target.config(), task, resumed)
         .await
         .unwrap();
     assert!(report.load_applied, "{report:?}");
+    let count = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(count(&progress.chunks_total), report.load_chunks);
+    assert_eq!(count(&progress.chunks_done), report.load_chunks);
+    assert!(count(&progress.rows) > 0 && count(&progress.bytes) > 0);
     assert_eq!(report.load_chunks_resumed, loaded as u64, "{report:?}");
     assert_eq!(
         report.load_chunks + report.load_chunks_resumed,
@@ -448,7 +473,7 @@ async fn a_killed_parallel_load_resumes_at_the_chunk() {
     );
     pgshift_tests::assert_same(&s.db.config(), &target.config()).await;
     // Applied: a rerun loads nothing again.
-    let again = apply::run_with(&s.sink, &target.config(), task, opts)
+    let again = apply::run_with(&s.sink, &target.config(), task, opts.clone())
         .await
         .unwrap();
     assert!(!again.load_applied, "{again:?}");

@@ -80,6 +80,7 @@ async fn run(deps: &Deps, event: LambdaEvent<Value>) -> pgshift::Result<Value> {
             None => TargetPrep::Create,
         },
         deadline: Some(std::time::Instant::now() + remaining.saturating_sub(MARGIN)),
+        progress: None,
     };
     let result = match deps
         .aws

@@ -69,7 +69,7 @@ pub struct ApplyReport {
 }
 
 /// How apply runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ApplyOptions {
     /// Target connections loading chunks at once.
     pub load_workers: usize,
@@ -78,6 +78,9 @@ pub struct ApplyOptions {
     /// Stop cleanly before this (a Lambda's time): no chunk or batch is started after it; what
     /// was applied stays, the next run resumes at the chunk or batch.
     pub deadline: Option<std::time::Instant>,
+    /// Counts the load's chunks (total and done), rows and bytes as they load, for a progress
+    /// display.
+    pub progress: Option<std::sync::Arc<crate::job::full_load::Progress>>,
 }
 
 impl Default for ApplyOptions {
@@ -86,6 +89,7 @@ impl Default for ApplyOptions {
             load_workers: 2,
             target_prep: TargetPrep::Create,
             deadline: None,
+            progress: None,
         }
     }
 }
@@ -150,7 +154,8 @@ impl Session {
         report.position = position;
         let mut tables = Tables::default();
         if !load_complete {
-            match load::apply_load(sink, &mut client, &cfg, task, opts, &mut tables).await? {
+            match load::apply_load(sink, &mut client, &cfg, task, opts.clone(), &mut tables).await?
+            {
                 Some(loaded) => {
                     report.load_applied = true;
                     report.load_rows += loaded.rows;
@@ -259,7 +264,7 @@ pub async fn run_until<S: ObjectSink, St: StateStore>(
         let checkpoint = records::staged_through(state, task).await?;
         let mut s = match session.take() {
             Some(s) if s.load_complete => s,
-            _ => Session::open(sink, target, task, opts, &mut total).await?,
+            _ => Session::open(sink, target, task, opts.clone(), &mut total).await?,
         };
         s.apply_pending(sink, &mut total).await?;
         session = Some(s);

@@ -132,6 +132,19 @@ pub async fn run_with_ranges(
     selection: &Selection,
     range_rows: u64,
 ) -> Result<ValidateReport> {
+    run_with_progress(source_cfg, target_cfg, selection, range_rows, None).await
+}
+
+/// [`run_with_ranges`], counting for a progress display: the tables (total, and checked) and
+/// the source rows compared so far.
+pub async fn run_with_progress(
+    source_cfg: &PgConfig,
+    target_cfg: &PgConfig,
+    selection: &Selection,
+    range_rows: u64,
+    progress: Option<&crate::job::full_load::Progress>,
+) -> Result<ValidateReport> {
+    use std::sync::atomic::Ordering::Relaxed;
     let mut scfg = source_cfg.clone();
     scfg.application_name = "pgshift-validate".to_owned();
     let mut tcfg = target_cfg.clone();
@@ -141,8 +154,18 @@ pub async fn run_with_ranges(
     let tables = catalog::user_tables(&src, selection).await?;
     let has_root = tables.iter().any(|t| t.kind == 'p');
     let mut out = Vec::new();
-    for t in tables.iter().filter(|t| !(has_root && t.is_partition)) {
-        out.push(check_table(&src, &tgt, t, range_rows).await?);
+    let checked: Vec<_> = tables
+        .iter()
+        .filter(|t| !(has_root && t.is_partition))
+        .collect();
+    if let Some(p) = progress {
+        p.chunks_total.store(checked.len() as u64, Relaxed);
+    }
+    for t in checked {
+        out.push(check_table(&src, &tgt, t, range_rows, progress).await?);
+        if let Some(p) = progress {
+            p.chunks_done.fetch_add(1, Relaxed);
+        }
     }
     Ok(ValidateReport {
         equal: out.iter().all(|t| t.equal),
@@ -204,6 +227,7 @@ async fn check_table(
     tgt: &Client,
     t: &catalog::TableInfo,
     range_rows: u64,
+    progress: Option<&crate::job::full_load::Progress>,
 ) -> Result<TableCheck> {
     let cols = catalog::table_columns(src, t.oid, &t.display_name()).await?;
     let columns: Vec<String> = cols.columns.iter().map(|c| c.name.clone()).collect();
@@ -241,6 +265,9 @@ async fn check_table(
             None => String::new(),
         };
         let (r, sum, keys) = scan(src, &t.schema, &t.name, &columns, &key_cols, small, &f).await?;
+        if let Some(p) = progress {
+            p.rows.fetch_add(r, std::sync::atomic::Ordering::Relaxed);
+        }
         s.rows += r;
         s.sum = s.sum.combine(sum);
         s.keys.extend(keys);

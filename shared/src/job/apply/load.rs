@@ -26,6 +26,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
+use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
 use futures_util::SinkExt;
@@ -84,6 +85,7 @@ pub(super) async fn apply_load<S: ObjectSink>(
     tables: &mut Tables,
 ) -> Result<Option<Loaded>> {
     let (workers, prep, deadline) = (opts.load_workers, opts.target_prep, opts.deadline);
+    let progress = opts.progress.clone();
     let keys = layout::load_manifest_keys(sink).await?;
     if keys.is_empty() {
         return Ok(None);
@@ -231,6 +233,10 @@ pub(super) async fn apply_load<S: ObjectSink>(
         );
     }
     let chunks = work.len() as u64;
+    if let Some(p) = &progress {
+        p.chunks_total.store(chunks, Relaxed);
+    }
+    let progress = &progress;
     let work = Mutex::new(work);
     let workers_all = workers.max(1);
     let workers = workers.clamp(1, chunks.max(1) as usize);
@@ -250,6 +256,12 @@ pub(super) async fn apply_load<S: ObjectSink>(
                     return Ok::<(), Error>(());
                 };
                 load_chunk(sink, &mut client, &load_tables[t], c, task, l0_text).await?;
+                if let Some(p) = progress {
+                    let chunk = &load_tables[t].manifest.chunks[c];
+                    p.rows.fetch_add(chunk.rows, Relaxed);
+                    p.bytes.fetch_add(chunk.bytes, Relaxed);
+                    p.chunks_done.fetch_add(1, Relaxed);
+                }
             }
         });
     }
