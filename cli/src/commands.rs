@@ -84,6 +84,7 @@ pub(crate) async fn full_load(mut args: FullLoadArgs) -> pgshift::Result<ExitCod
     let settings = TaskSettings {
         format: from.format,
         load_op_column: from.load_op_column,
+        csv_header: from.csv_header,
         selection: read_selection(args.tables.as_deref())?,
         chunk_mib: args.chunk_mb,
         cdc: args.cdc,
@@ -263,6 +264,7 @@ fn s3_settings(
             format: flag_format,
             commit_ts_column: false,
             load_op_column: false,
+            csv_header: false,
             encryption: Encryption::BucketDefault,
         });
     };
@@ -282,6 +284,7 @@ fn s3_settings(
         format,
         commit_ts_column: s.commit_ts_column,
         load_op_column: s.include_op_for_full_load,
+        csv_header: s.add_column_name,
         encryption: s.encryption,
     })
 }
@@ -291,6 +294,7 @@ struct FromS3Settings {
     format: Format,
     commit_ts_column: bool,
     load_op_column: bool,
+    csv_header: bool,
     encryption: Encryption,
 }
 
@@ -555,6 +559,7 @@ pub(crate) async fn cdc(mut args: CdcArgs) -> pgshift::Result<ExitCode> {
     let settings = TaskSettings {
         format: from.format,
         commit_ts_column: args.commit_ts_column || from.commit_ts_column,
+        csv_header: from.csv_header,
         selection: read_selection(args.tables.as_deref())?,
         peek_sessions: args.peek_sessions,
         replica_identity_full: args.replica_identity_full,

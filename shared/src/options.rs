@@ -20,6 +20,8 @@ pub struct TaskSettings {
     pub commit_ts_column: bool,
     /// Start CSV load rows with an `Op` field (DMS's `IncludeOpForFullLoad`).
     pub load_op_column: bool,
+    /// A header row of column names in every CSV file (DMS's `AddColumnName`).
+    pub csv_header: bool,
     /// Which changes CDC stages (DMS's `CdcInsertsOnly`, `CdcInsertsAndUpdates`).
     pub cdc_ops: crate::staging::layout::CdcOps,
     /// CDC files in date folders (DMS's `DatePartitionEnabled`).
@@ -50,6 +52,7 @@ impl Default for TaskSettings {
             format: Format::default(),
             commit_ts_column: false,
             load_op_column: false,
+            csv_header: false,
             cdc_ops: crate::staging::layout::CdcOps::All,
             date_partition: None,
             selection: Selection::all(),
@@ -71,6 +74,7 @@ impl From<&LambdaEnv> for TaskSettings {
             format: env.format,
             commit_ts_column: env.commit_ts_column,
             load_op_column: env.load_op_column,
+            csv_header: env.csv_header,
             cdc_ops: env.cdc_ops,
             date_partition: env.date_partition,
             selection: env.selection.clone(),
@@ -100,6 +104,7 @@ impl TaskSettings {
         o.format = self.format;
         o.commit_ts_column = self.commit_ts_column;
         o.cdc_ops = self.cdc_ops;
+        o.csv_header = self.csv_header;
         o.date_partition = self.date_partition;
         o.load_op_column = self.load_op_column;
         o.selection = self.selection.clone();
@@ -128,6 +133,7 @@ impl TaskSettings {
         o.format = self.format;
         o.commit_ts_column = self.commit_ts_column;
         o.load_op_column = self.load_op_column;
+        o.csv_header = self.csv_header;
         o.selection = self.selection.clone();
         o.chunk_mib = self.chunk_mib;
         o.cdc = self.cdc;
@@ -155,6 +161,8 @@ pub struct CdcOptions {
     pub load_op_column: bool,
     /// CDC files in date folders (DMS's `DatePartitionEnabled`).
     pub date_partition: Option<crate::staging::layout::DatePartition>,
+    /// A header row in every CSV file (DMS's `AddColumnName`): one schema version per file.
+    pub csv_header: bool,
     /// Tables to stage (changes of others are skipped).
     pub selection: Selection,
     pub max_batch_changes: u64,
@@ -227,6 +235,7 @@ impl CdcOptions {
             cdc_ops: crate::staging::layout::CdcOps::All,
             load_op_column: false,
             date_partition: None,
+            csv_header: false,
             selection: Selection::all(),
             max_batch_changes: 250_000,
             max_batch_bytes: 256 << 20,
@@ -262,6 +271,8 @@ pub struct LoadOptions {
     pub commit_ts_column: bool,
     /// Start CSV load rows with an `Op` field, `I` (DMS's `IncludeOpForFullLoad`).
     pub load_op_column: bool,
+    /// A header row of column names in every CSV chunk (DMS's `AddColumnName`).
+    pub csv_header: bool,
     pub selection: Selection,
     /// Target heap size of a chunk, MiB.
     pub chunk_mib: u64,
@@ -293,6 +304,7 @@ impl LoadOptions {
             format: Format::default(),
             commit_ts_column: false,
             load_op_column: false,
+            csv_header: false,
             selection: Selection::all(),
             chunk_mib: 256,
             cdc: false,

@@ -91,6 +91,12 @@ const WORKLOAD: &[&str] = &[
 ];
 
 async fn converges(format: &str, prefix: &str) {
+    converges_with(format, prefix, false).await;
+}
+
+/// [`converges`]; with `dms`, the CSV DMS consumers ask for: a header row in every file
+/// (AddColumnName), `I` first in load rows (IncludeOpForFullLoad), the commit time column.
+async fn converges_with(format: &str, prefix: &str, dms: bool) {
     let s = Staging::new(&format!("{prefix}_src")).await;
     let target = TestDb::new(&format!("{prefix}_dst")).await;
     let task = prefix.replace('_', "-");
@@ -100,6 +106,8 @@ async fn converges(format: &str, prefix: &str) {
     let mut lo = LoadOptions::new(&task, s.db.config(), "loader");
     lo.format = format;
     lo.cdc = true;
+    lo.csv_header = dms;
+    lo.load_op_column = dms;
     full_load::run_local(&s.sink, &s.state, &lo, 1, Arc::new(Progress::default()))
         .await
         .unwrap();
@@ -113,7 +121,38 @@ async fn converges(format: &str, prefix: &str) {
     }
     let mut co = CdcOptions::new(&task, s.db.config(), "poller");
     co.format = format;
+    co.csv_header = dms;
+    co.commit_ts_column = dms;
     cdc_poll::run(&s.sink, &s.state, &co).await.unwrap();
+    if dms {
+        use pgshift::staging::ObjectSink;
+        let first_line = |key: String| {
+            let sink = s.sink.clone();
+            async move {
+                let body = sink.get(&key).await.unwrap().unwrap();
+                String::from_utf8_lossy(&body)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            }
+        };
+        let load = s.sink.list("public/t/LOAD").await.unwrap();
+        assert_eq!(first_line(load[0].clone()).await, "Op,id,v");
+        // public.k's column added midway: its rows after it are in a second file with its
+        // own header.
+        let k = s.sink.list("public/k/cdc/").await.unwrap();
+        assert_eq!(k.len(), 2, "{k:?}");
+        assert_eq!(
+            first_line(k[0].clone()).await,
+            "Op,commit_ts,id,a,big,n,unchanged_toast"
+        );
+        assert!(k[1].ends_with("_0002.csv"), "{k:?}");
+        assert_eq!(
+            first_line(k[1].clone()).await,
+            "Op,commit_ts,id,a,big,n,z,unchanged_toast"
+        );
+    }
     let report = apply::run(&s.sink, &target.config(), &task).await.unwrap();
     assert_eq!(report.batches_applied, 1, "one batch: {report:?}");
     // Everything but the keyless delete, the truncate and the keyed rows around the new
@@ -173,6 +212,11 @@ async fn converges(format: &str, prefix: &str) {
 #[tokio::test]
 async fn a_batch_of_every_shape_of_change_applies_set_based_csv() {
     converges("csv", "batch_apply_csv").await;
+}
+
+#[tokio::test]
+async fn a_batch_of_every_shape_of_change_applies_set_based_csv_with_dms_headers() {
+    converges_with("csv", "batch_apply_dms", true).await;
 }
 
 #[tokio::test]

@@ -27,6 +27,8 @@ pub struct LambdaEnv {
     pub load_op_column: bool,
     /// S3Settings' `CdcInsertsOnly` / `CdcInsertsAndUpdates`.
     pub cdc_ops: crate::staging::layout::CdcOps,
+    /// S3Settings' `AddColumnName`: a header row in every CSV file.
+    pub csv_header: bool,
     /// S3Settings' `DatePartitionEnabled` (+ sequence and delimiter).
     pub date_partition: Option<crate::staging::layout::DatePartition>,
     /// S3Settings' `EncryptionMode` / `ServerSideEncryptionKmsKeyId` for staged objects.
@@ -242,6 +244,7 @@ impl LambdaEnv {
                 .as_ref()
                 .is_some_and(|s| s.include_op_for_full_load),
             cdc_ops: s3_settings.as_ref().map(|s| s.cdc_ops).unwrap_or_default(),
+            csv_header: s3_settings.as_ref().is_some_and(|s| s.add_column_name),
             date_partition: s3_settings.as_ref().and_then(|s| s.date_partition),
             encryption: s3_settings.map(|s| s.encryption).unwrap_or_default(),
             selection,

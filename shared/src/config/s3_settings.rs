@@ -21,6 +21,8 @@ pub struct S3Settings {
     pub include_op_for_full_load: bool,
     /// `CdcInsertsOnly` / `CdcInsertsAndUpdates`: which changes CDC stages.
     pub cdc_ops: crate::staging::layout::CdcOps,
+    /// `AddColumnName`: a header row of column names in every CSV file.
+    pub add_column_name: bool,
     /// `DatePartitionEnabled` (+ `DatePartitionSequence`, `DatePartitionDelimiter`): CDC
     /// files in date folders by commit date, UTC.
     pub date_partition: Option<crate::staging::layout::DatePartition>,
@@ -120,11 +122,8 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
             "IncludeOpForFullLoad" => out.include_op_for_full_load = flag(k, v)?,
             "CdcInsertsOnly" => inserts_only = flag(k, v)?,
             "CdcInsertsAndUpdates" => inserts_and_updates = flag(k, v)?,
-            "AddColumnName" if flag(k, v)? => {
-                return Err(unsupported(k, "no header row; the columns are in the schema version of each file (_manifests/schema)"));
-            }
+            "AddColumnName" => out.add_column_name = flag(k, v)?,
             "DatePartitionEnabled" => partitioned = flag(k, v)?,
-            "AddColumnName" => {}
             "CsvDelimiter" if string(k, v)? != "," => {
                 return Err(unsupported(k, "the delimiter is ','"));
             }
@@ -365,7 +364,7 @@ mod tests {
             ),
             (r#"{"CdcInsertsOnly": 1}"#, "CdcInsertsOnly"),
             (r#"{"IncludeOpForFullLoad": "yes"}"#, "IncludeOpForFullLoad"),
-            (r#"{"AddColumnName": "true"}"#, "AddColumnName"),
+            (r#"{"AddColumnName": "maybe"}"#, "AddColumnName"),
             (r#"{"CsvDelimiter": "|"}"#, "CsvDelimiter"),
             (r#"{"DatePartitionEnabled": 3}"#, "DatePartitionEnabled"),
             (

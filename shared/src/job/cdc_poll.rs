@@ -75,6 +75,7 @@ use crate::options::CdcOptions;
 use crate::pgoutput::{self, Message};
 use crate::source::publication::peek_names;
 use crate::source::{CdcSource, PeekRequest, PeekStream, PgSource};
+use crate::staging::encode::Encoding;
 use crate::staging::layout::{self, BatchManifest, SchemaVersions, manifest_key};
 use crate::staging::{ObjectSink, ObjectWriter};
 use crate::state::StateStore;
@@ -433,6 +434,9 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         let mut b = Batch::empty(self.checkpoint());
         b.record_xids = self.xid_horizon.is_some_and(|h| b.start < h);
         b.date_partition = self.opts.date_partition;
+        if self.opts.csv_header && self.opts.format.encoding == Encoding::Csv {
+            b.csv_header = Some((self.opts.commit_ts_column, self.opts.op_field()));
+        }
         let existing = self.sink.list(&layout::manifest_prefix(b.start)).await?;
         b.must_end = layout::existing_batch_end(&existing, b.start);
         Ok(b)
@@ -467,6 +471,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             after_load: self.task.created_by == "full-load",
             cdc_ops: opts.cdc_ops,
             op_field: opts.op_field(),
+            header: opts.csv_header && opts.format.encoding == Encoding::Csv,
         };
         let key = manifest_key(batch.start, end);
         layout::put_json(self.sink, &key, &manifest).await?;

@@ -110,6 +110,7 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
         format: opts.format,
         // Parquet and JSON Lines rows have their op already.
         op_column: opts.load_op_column && opts.format.encoding == Encoding::Csv,
+        header: opts.csv_header && opts.format.encoding == Encoding::Csv,
         l0,
         status: "planned".to_owned(),
     };
@@ -436,6 +437,15 @@ async fn copy_chunk<S: ObjectSink>(
     let format = plan.format;
     let mut out = EncodedWriter::new(sink.writer(&record.key).await?, format);
     let mut enc = ChunkEncoder::new(table, format, plan.op_column)?;
+    if plan.header {
+        let op = plan.op_column.then(|| "Op".to_owned());
+        let names: Vec<String> = op
+            .into_iter()
+            .chain(table.columns.iter().cloned())
+            .collect();
+        out.write_rows(&crate::staging::encode::csv_header(&names), 0)
+            .await?;
+    }
     while let Some(piece) = stream.next().await {
         let piece = piece.map_err(|e| {
             Error::postgres(
@@ -499,6 +509,7 @@ pub async fn finish<S: ObjectSink, St: StateStore>(
             table: t.table.clone(),
             format: plan.format,
             op_column: plan.op_column,
+            header: plan.header,
             columns: t.columns.clone(),
             l0: plan.l0,
             rows: chunks.iter().map(|c| c.rows).sum(),

@@ -384,6 +384,10 @@ pub struct BatchManifest {
     /// `cdc_ops` filters and IncludeOpForFullLoad is off, as DMS writes them).
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub op_field: bool,
+    /// Each CSV file starts with a header row, its schema version's `csv_cdc_layout` (DMS's
+    /// `AddColumnName`); a file then holds one schema version.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub header: bool,
 }
 
 /// `<schema>/<table>/_schema/<lsn>.json`.
@@ -465,6 +469,9 @@ pub struct LoadManifest {
     /// CSV rows start with an `Op` field, `I` (DMS's `IncludeOpForFullLoad`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub op_column: bool,
+    /// CSV files start with a header row of column names (DMS's `AddColumnName`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub header: bool,
     pub columns: Vec<String>,
     pub l0: Option<Lsn>,
     pub rows: u64,
@@ -483,6 +490,15 @@ pub fn csv_cdc_layout(schema: &TableSchema, commit_ts_column: bool) -> Vec<Strin
     cols.extend(schema.columns.iter().map(|c| c.name.clone()));
     cols.push("unchanged_toast".to_owned());
     cols
+}
+
+/// [`csv_cdc_layout`], without the `Op` field when `op_field` is false (a filtered stage).
+pub fn csv_cdc_fields(schema: &TableSchema, commit_ts_column: bool, op_field: bool) -> Vec<String> {
+    let mut layout = csv_cdc_layout(schema, commit_ts_column);
+    if !op_field {
+        layout.remove(0);
+    }
+    layout
 }
 
 /// Writes `value` as pretty JSON at `key`.
@@ -573,11 +589,7 @@ impl SchemaVersions {
     }
 
     fn layout(&self, schema: &TableSchema, commit_ts_column: bool) -> Vec<String> {
-        let mut layout = csv_cdc_layout(schema, commit_ts_column);
-        if self.without_op {
-            layout.remove(0);
-        }
-        layout
+        csv_cdc_fields(schema, commit_ts_column, !self.without_op)
     }
 
     /// The key of the stored version matching `schema`, writing one at `lsn` if none does.

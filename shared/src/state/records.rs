@@ -438,6 +438,9 @@ pub struct PlanRecord {
     /// CSV load rows start with an `Op` field, `I` (DMS's `IncludeOpForFullLoad`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub op_column: bool,
+    /// CSV files start with a header row of column names (DMS's `AddColumnName`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub header: bool,
     /// The slot's consistent point when CDC is on.
     pub l0: Option<Lsn>,
     /// `planned` or `complete`.

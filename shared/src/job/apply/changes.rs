@@ -237,6 +237,8 @@ pub(super) struct Changes<'a> {
     offset: usize,
     schemas: &'a [(u64, StoredSchema)],
     fields: Vec<Option<Vec<u8>>>,
+    /// The file's first row is its header (AddColumnName), not a change.
+    skip_header: bool,
 }
 
 impl<'a> Changes<'a> {
@@ -259,6 +261,7 @@ impl<'a> Changes<'a> {
             },
             schemas,
             fields: Vec::new(),
+            skip_header: m.header && m.format.encoding == Encoding::Csv,
         }
     }
 
@@ -299,6 +302,9 @@ impl<'a> Changes<'a> {
             };
             let (start, blank) = (self.pos, rest[0] == b'\n');
             self.pos += len;
+            if std::mem::take(&mut self.skip_header) {
+                continue;
+            }
             if !(self.jsonl && blank) {
                 break start..start + len;
             }
@@ -487,6 +493,7 @@ mod tests {
             after_load: false,
             cdc_ops: Default::default(),
             op_field: true,
+            header: false,
         };
         (m, file)
     }

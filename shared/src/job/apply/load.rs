@@ -414,14 +414,23 @@ async fn copy_chunk(
 ) -> Result<()> {
     let mut copy = TableCopy::start(tx, t).await?;
     let jsonl = t.manifest.format.encoding == Encoding::Jsonl;
-    // CSV rows that start with an `Op` field (IncludeOpForFullLoad) lose it on the way in.
-    let mut op_rows = (t.manifest.op_column && t.manifest.format.encoding == Encoding::Csv)
-        .then(crate::staging::decode::CsvRows::new);
+    // CSV rows that start with an `Op` field (IncludeOpForFullLoad) lose it on the way in, a
+    // header row (AddColumnName) is left out.
+    let csv = t.manifest.format.encoding == Encoding::Csv;
+    let (op_column, mut header) = (t.manifest.op_column, t.manifest.header);
+    let mut op_rows = (csv && (op_column || header)).then(crate::staging::decode::CsvRows::new);
     let mut partial: Vec<u8> = Vec::new();
     while let Some(piece) = bytes.next().await? {
         let out = if let Some(rows) = op_rows.as_mut() {
             let mut csv = Vec::with_capacity(piece.len());
             rows.feed(&piece, |row| {
+                if std::mem::take(&mut header) {
+                    return Ok(());
+                }
+                if !op_column {
+                    csv.extend_from_slice(row);
+                    return Ok(());
+                }
                 let data = row.strip_prefix(b"I,").ok_or_else(|| {
                     Error::Staged(format!(
                         "{}: a row without its Op field (the load manifest says IncludeOpForFullLoad)",

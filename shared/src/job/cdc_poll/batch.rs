@@ -12,8 +12,10 @@ use crate::error::Result;
 use crate::lsn::Lsn;
 use crate::pgoutput::Value;
 use crate::staging::encode::parquet::ParquetEncoder;
-use crate::staging::encode::{EncodedWriter, Encoding, Format};
-use crate::staging::layout::{BatchFile, DatePartition, SchemaSegment, XidRun, cdc_part_key};
+use crate::staging::encode::{EncodedWriter, Encoding, Format, csv_header};
+use crate::staging::layout::{
+    BatchFile, DatePartition, SchemaSegment, XidRun, cdc_part_key, csv_cdc_fields,
+};
 use crate::staging::{ObjectSink, ObjectWriter};
 use crate::table::TableSchema;
 
@@ -33,6 +35,8 @@ struct TableFile<W: ObjectWriter> {
     latest: Arc<TableSchema>,
     /// 0 for the table's first file of the batch, then 1, 2, ...
     part: u32,
+    /// Its CSV header row is written (AddColumnName).
+    header_written: bool,
     key: String,
     schema: String,
     table: String,
@@ -66,6 +70,9 @@ pub(super) struct Batch<W: ObjectWriter> {
     pub(super) date_partition: Option<DatePartition>,
     /// The commit time of the transaction being staged.
     pub(super) txn_commit_ts: i64,
+    /// CSV files start with a header row (AddColumnName): (commit time column, Op field).
+    /// A file then holds one schema version, as in Parquet.
+    pub(super) csv_header: Option<(bool, bool)>,
 }
 
 impl<W: ObjectWriter> Batch<W> {
@@ -86,6 +93,7 @@ impl<W: ObjectWriter> Batch<W> {
             record_xids: false,
             date_partition: None,
             txn_commit_ts: 0,
+            csv_header: None,
         }
     }
 
@@ -103,6 +111,7 @@ impl<W: ObjectWriter> Batch<W> {
         row: Encoded<'_>,
     ) -> Result<()> {
         self.new_part_if_changed(sink, format, rel_id, rel).await?;
+        let header = self.csv_header;
         let file = self.file_for(sink, format, rel_id, rel).await?;
         if file
             .segments
@@ -115,6 +124,13 @@ impl<W: ObjectWriter> Batch<W> {
             });
         }
         file.latest = rel.schema.clone();
+        if let Some((ts, op)) = header
+            && !file.header_written
+        {
+            file.header_written = true;
+            let names = csv_cdc_fields(&rel.schema, ts, op);
+            file.writer.write_rows(&csv_header(&names), 0).await?;
+        }
         let len = match row {
             Encoded::Bytes(row) => {
                 file.writer.write_row(row).await?;
@@ -167,7 +183,7 @@ impl<W: ObjectWriter> Batch<W> {
         rel_id: u32,
         rel: &Relation,
     ) -> Result<()> {
-        if format.encoding != Encoding::Parquet {
+        if format.encoding != Encoding::Parquet && self.csv_header.is_none() {
             return Ok(());
         }
         let Some(file) = self.files.get(&rel_id) else {
@@ -182,7 +198,7 @@ impl<W: ObjectWriter> Batch<W> {
         }
         if let Some(file) = self.files.remove(&rel_id) {
             let part = file.part;
-            let done = file.finish().await?;
+            let done = file.finish(self.csv_header).await?;
             self.parts.insert((rel_id, part), done);
             let next = self.open(sink, format, rel, part + 1).await?;
             self.files.insert(rel_id, next);
@@ -214,6 +230,7 @@ impl<W: ObjectWriter> Batch<W> {
             parquet: None,
             latest: rel.schema.clone(),
             part,
+            header_written: false,
             key,
             schema: schema.schema.clone(),
             table: schema.table.clone(),
@@ -276,7 +293,7 @@ impl<W: ObjectWriter> Batch<W> {
         let mut files = std::mem::take(&mut self.parts);
         for (rel_id, f) in std::mem::take(&mut self.files) {
             let part = f.part;
-            files.insert((rel_id, part), f.finish().await?);
+            files.insert((rel_id, part), f.finish(self.csv_header).await?);
         }
         Ok(files.into_values().collect())
     }
@@ -292,7 +309,13 @@ impl<W: ObjectWriter> Batch<W> {
 impl<W: ObjectWriter> TableFile<W> {
     /// Completes the object (a Parquet file's footer written, an empty one with its latest
     /// schema) as its manifest entry.
-    async fn finish(mut self) -> Result<BatchFile> {
+    async fn finish(mut self, header: Option<(bool, bool)>) -> Result<BatchFile> {
+        if let Some((ts, op)) = header
+            && !self.header_written
+        {
+            let names = csv_cdc_fields(&self.latest, ts, op);
+            self.writer.write_rows(&csv_header(&names), 0).await?;
+        }
         if self.format.encoding == Encoding::Parquet {
             let enc = match self.parquet.take() {
                 Some(enc) => enc,

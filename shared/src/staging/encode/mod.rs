@@ -119,6 +119,19 @@ fn value_bytes<'v>(v: &Value<'v>) -> Option<&'v [u8]> {
     }
 }
 
+/// A CSV header row (DMS's `AddColumnName`): the names, quoted when needed, and a newline.
+pub fn csv_header(names: &[String]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        csv_field(&mut out, Some(name.as_bytes()));
+    }
+    out.push(b'\n');
+    out
+}
+
 /// Encodes one CDC change as a CSV row (with its newline); without its `Op` field when
 /// `op_field` is false (a filtered stage, as DMS writes it).
 pub fn cdc_csv_row(

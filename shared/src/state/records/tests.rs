@@ -15,6 +15,7 @@ fn plan() -> PlanRecord {
         }],
         format: Format::default(),
         op_column: false,
+        header: false,
         l0: Some(Lsn(7)),
         status: "planned".to_owned(),
     }
