@@ -6,8 +6,10 @@
 //! wildcards). As DMS applies them, a table is selected when some include (or explicit) rule
 //! matches it and no exclude rule does, whatever their order. Names match exactly and
 //! case-sensitively: `Table1` and `table1` are different tables. Without rules every user table
-//! is selected. Rules pgshift cannot honour (transformations, filters, column lists) are
-//! rejected with the rule's id instead of silently changing what is moved.
+//! is selected. `table-settings` rules with `parallel-load` `ranges` on one column cut that
+//! table's full load at the boundaries given ([`LoadRanges`]). Rules pgshift cannot honour
+//! (transformations, filters, column lists, other table settings) are rejected with the rule's
+//! id instead of silently changing what is moved.
 
 use serde::Deserialize;
 
@@ -30,10 +32,23 @@ pub struct Rule {
     pub action: RuleAction,
 }
 
-/// The selection rules of a task (empty = every user table).
+/// A `table-settings` rule's `parallel-load` of type `ranges`: the full load cuts the table
+/// into chunks at these values of one column (`(-inf, b1)`, `[b1, b2)`, ..., `[bn, +inf)`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadRanges {
+    pub id: String,
+    pub schema: String,
+    pub table: String,
+    pub column: String,
+    pub boundaries: Vec<String>,
+}
+
+/// The selection rules of a task (empty = every user table), and the load ranges its
+/// `table-settings` rules ask for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Selection {
     pub rules: Vec<Rule>,
+    pub load_ranges: Vec<LoadRanges>,
 }
 
 #[derive(Deserialize)]
@@ -76,6 +91,112 @@ struct RawLocator {
     table_type: Option<String>,
 }
 
+/// A `table-settings` rule: `parallel-load` `ranges` on one column (`none`: nothing to do);
+/// any other setting or type is an error naming it.
+fn table_settings(value: &serde_json::Value, i: usize, field: &str) -> Result<Option<LoadRanges>> {
+    let id = match &value["rule-id"] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => (i + 1).to_string(),
+        v => v.to_string(),
+    };
+    let at = format!("{field}.rules[{i}] (rule-id {id})");
+    if let Some(key) = unknown_keys(
+        value,
+        &[
+            "rule-type",
+            "rule-id",
+            "rule-name",
+            "object-locator",
+            "parallel-load",
+        ],
+        &value["object-locator"],
+        &["schema-name", "table-name"],
+    ) {
+        return Err(Error::config(
+            at,
+            format!(
+                "{key:?} is not supported in a table-settings rule (pgshift reads parallel-load ranges)"
+            ),
+        ));
+    }
+    let name = |k: &str| -> Result<String> {
+        match value["object-locator"][k].as_str() {
+            Some(n) if n.contains('%') => Err(Error::config(
+                &at,
+                format!(
+                    "object-locator.{k} cannot use % in a table-settings rule (name one table)"
+                ),
+            )),
+            Some(n) if !n.is_empty() => Ok(n.to_owned()),
+            _ => Err(Error::config(&at, format!("object-locator.{k} is missing"))),
+        }
+    };
+    let (schema, table) = (name("schema-name")?, name("table-name")?);
+    let load = &value["parallel-load"];
+    match load["type"].as_str() {
+        Some("none") | None if load.is_null() || load["type"] == "none" => return Ok(None),
+        Some("ranges") => {}
+        other => {
+            return Err(Error::config(
+                &at,
+                format!(
+                    "parallel-load type {other:?} is not supported (pgshift takes ranges, or none)"
+                ),
+            ));
+        }
+    }
+    if let Some(key) = load.as_object().and_then(|o| {
+        o.keys()
+            .find(|k| !matches!(k.as_str(), "type" | "columns" | "boundaries"))
+    }) {
+        return Err(Error::config(
+            &at,
+            format!("parallel-load.{key} is not supported"),
+        ));
+    }
+    let columns: Vec<&str> = load["columns"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c.as_str()).collect())
+        .unwrap_or_default();
+    let [column] = columns.as_slice() else {
+        return Err(Error::config(
+            &at,
+            "parallel-load.columns must name one column (pgshift cuts ranges on one column)",
+        ));
+    };
+    let value_text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    let mut boundaries = Vec::new();
+    for b in load["boundaries"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        match b.as_array().map(Vec::as_slice) {
+            Some([v]) if value_text(v).is_some() => boundaries.extend(value_text(v)),
+            _ => {
+                return Err(Error::config(
+                    &at,
+                    format!("parallel-load.boundaries: {b} is not one value for the one column"),
+                ));
+            }
+        }
+    }
+    if boundaries.is_empty() {
+        return Err(Error::config(&at, "parallel-load.boundaries is empty"));
+    }
+    Ok(Some(LoadRanges {
+        id,
+        schema,
+        table,
+        column: (*column).to_owned(),
+        boundaries,
+    }))
+}
+
 /// The first key of `rule` (or of its `locator`) not in the known lists.
 fn unknown_keys(
     rule: &serde_json::Value,
@@ -107,7 +228,12 @@ impl Selection {
             )
         })?;
         let mut rules = Vec::new();
+        let mut load_ranges = Vec::new();
         for (i, value) in doc.rules.into_iter().enumerate() {
+            if value["rule-type"] == "table-settings" {
+                load_ranges.extend(table_settings(&value, i, field)?);
+                continue;
+            }
             let keys = unknown_keys(&value, RULE_KEYS, &value["object-locator"], LOCATOR_KEYS);
             let raw: RawRule = serde_json::from_value(value)
                 .map_err(|e| Error::config(format!("{field}.rules[{i}]"), e.to_string()))?;
@@ -132,7 +258,7 @@ impl Selection {
                 return Err(Error::config(
                     at,
                     format!(
-                        "rule-type {:?} is not supported; pgshift reads selection rules only",
+                        "rule-type {:?} is not supported; pgshift reads selection and table-settings rules",
                         raw.rule_type
                     ),
                 ));
@@ -183,7 +309,14 @@ impl Selection {
                 action,
             });
         }
-        Ok(Selection { rules })
+        Ok(Selection { rules, load_ranges })
+    }
+
+    /// The load ranges a `table-settings` rule asks for `schema`.`table`.
+    pub fn load_ranges_for(&self, schema: &str, table: &str) -> Option<&LoadRanges> {
+        self.load_ranges
+            .iter()
+            .find(|r| r.schema == schema && r.table == table)
     }
 
     /// Whether the table `schema`.`table` is selected.
@@ -469,5 +602,63 @@ mod tests {
             proptest::prop_assert_eq!(like(&a, &b), a == b);
             proptest::prop_assert!(like("%", &b));
         }
+    }
+
+    #[test]
+    fn table_settings_ranges_parse_and_the_rest_is_named() {
+        let sel = rules(
+            r#"{"rules":[{"rule-type":"selection","rule-id":"1","object-locator":{"schema-name":"public","table-name":"%"},"rule-action":"include"},
+              {"rule-type":"table-settings","rule-id":"2","rule-name":"2","object-locator":{"schema-name":"public","table-name":"Orders"},
+               "parallel-load":{"type":"ranges","columns":["id"],"boundaries":[["10"],[20]]}},
+              {"rule-type":"table-settings","rule-id":"3","object-locator":{"schema-name":"public","table-name":"t"},"parallel-load":{"type":"none"}}]}"#,
+        );
+        let r = sel.load_ranges_for("public", "Orders").unwrap();
+        assert_eq!(
+            (r.column.as_str(), r.boundaries.clone()),
+            ("id", vec!["10".to_owned(), "20".to_owned()])
+        );
+        assert!(sel.load_ranges_for("public", "orders").is_none());
+        assert!(sel.selects("public", "Orders"));
+        for (json, want) in [
+            (r#"{"type":"partitions-auto"}"#, "partitions-auto"),
+            (
+                r#"{"type":"ranges","columns":["a","b"],"boundaries":[["1","2"]]}"#,
+                "one column",
+            ),
+            (
+                r#"{"type":"ranges","columns":["a"],"boundaries":[]}"#,
+                "empty",
+            ),
+            (
+                r#"{"type":"ranges","columns":["a"],"boundaries":[["1","2"]]}"#,
+                "one value",
+            ),
+            (
+                r#"{"type":"ranges","columns":["a"],"boundaries":[[1]],"batch-size":5}"#,
+                "batch-size",
+            ),
+        ] {
+            let doc = format!(
+                r#"{{"rules":[{{"rule-type":"table-settings","rule-id":"9","object-locator":{{"schema-name":"s","table-name":"t"}},"parallel-load":{json}}}]}}"#
+            );
+            let err = Selection::from_json(&doc, "tables")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want) && err.contains("rule-id 9"), "{err}");
+        }
+        let err = Selection::from_json(
+            r#"{"rules":[{"rule-type":"table-settings","rule-id":"4","object-locator":{"schema-name":"s","table-name":"t%"},"parallel-load":{"type":"none"}}]}"#,
+            "tables",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cannot use %"), "{err}");
+        let err = Selection::from_json(
+            r#"{"rules":[{"rule-type":"table-settings","rule-id":"5","object-locator":{"schema-name":"s","table-name":"t"},"lob-settings":{"mode":"limited"}}]}"#,
+            "tables",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("lob-settings"), "{err}");
     }
 }

@@ -888,3 +888,82 @@ async fn key_range_chunks_cover_every_row_once() {
     }
     assert_eq!(report.rows, 80_000);
 }
+
+/// DMS `table-settings` rules with `parallel-load` `ranges`: the load is cut where the user
+/// asks (`(-inf, 250)`, `[250, 500)`, `[500, 750)`, `[750, +inf)`), each chunk holds exactly
+/// its range, and the load applies equal to the source; a range pgshift cannot load safely is
+/// a clear error naming the rule.
+#[tokio::test]
+async fn table_settings_ranges_cut_the_load_where_the_user_asks() {
+    let s = Staging::new("fl_ranges").await;
+    let c = s.db.client().await;
+    c.batch_execute(
+        "create table public.r (id int primary key, region int not null, note text);
+         insert into public.r select g, g % 7, 'n' || g from generate_series(1, 1000) g;
+         create table public.nullable (id int primary key, maybe int);
+         create table public.nokey (v int not null);",
+    )
+    .await
+    .unwrap();
+    let mapping = |table: &str, column: &str, boundaries: &str| {
+        format!(
+            r#"{{"rules":[{{"rule-type":"selection","rule-id":"1","rule-name":"1","object-locator":{{"schema-name":"public","table-name":"%"}},"rule-action":"include"}},
+              {{"rule-type":"table-settings","rule-id":"2","rule-name":"2","object-locator":{{"schema-name":"public","table-name":"{table}"}},
+                "parallel-load":{{"type":"ranges","columns":["{column}"],"boundaries":{boundaries}}}}}]}}"#
+        )
+    };
+    let mut lo = LoadOptions::new("ranges", s.db.config(), "loader");
+    lo.selection =
+        Selection::from_json(&mapping("r", "id", r#"[["250"],[500],["750"]]"#), "tables").unwrap();
+    full_load::run_local(&s.sink, &s.state, &lo, 2, Arc::new(Progress::default()))
+        .await
+        .unwrap();
+    let chunks = s.sink.list("public/r/LOAD").await.unwrap();
+    assert_eq!(chunks.len(), 4, "{chunks:?}");
+    let bounds = [(1, 249), (250, 499), (500, 749), (750, 1000)];
+    let mut fields = Vec::new();
+    for (key, (lo_id, hi_id)) in chunks.iter().zip(bounds) {
+        let body = s.sink.get(key).await.unwrap().unwrap();
+        let ids: Vec<i32> = body
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                parse_csv_fields(l, &mut fields).unwrap();
+                std::str::from_utf8(fields[0].as_ref().unwrap())
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(ids.len() as i32, hi_id - lo_id + 1, "{key}");
+        assert_eq!(
+            (ids.iter().min(), ids.iter().max()),
+            (Some(&lo_id), Some(&hi_id)),
+            "{key}"
+        );
+    }
+    let target = TestDb::new("fl_ranges_dst").await;
+    pgshift::job::apply::run(&s.sink, &target.config(), "ranges")
+        .await
+        .unwrap();
+    pgshift_tests::assert_same(&s.db.config(), &target.config()).await;
+
+    for (n, (table, column, boundaries, want)) in [
+        ("nullable", "maybe", "[[1]]", "may be NULL"),
+        ("nokey", "v", "[[1]]", "primary key"),
+        ("r", "id", "[[500],[250]]", "must increase"),
+        ("r", "id", r#"[["many"]]"#, "not all values of public.r.id"),
+        ("r", "nope", "[[1]]", "no column \"nope\""),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut o = LoadOptions::new(format!("ranges-bad-{n}"), s.db.config(), "loader");
+        o.selection = Selection::from_json(&mapping(table, column, boundaries), "tables").unwrap();
+        let err = full_load::run_local(&s.sink, &s.state, &o, 1, Arc::new(Progress::default()))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want) && err.contains("rule-id 2"), "{err}");
+    }
+}

@@ -152,7 +152,10 @@ async fn plan_tables<S: ObjectSink>(
         // message's) may start exactly there, and it changes what this reads.
         let before = Lsn(schema_lsn.0.saturating_sub(1));
         record_definition(sink, client, t.oid, before).await?;
-        let chunks = chunk_table(client, t, &cols, sizing, opts.chunking).await?;
+        let chunks = match opts.selection.load_ranges_for(&t.schema, &t.name) {
+            Some(ranges) => user_ranges(client, t, &cols, ranges).await?,
+            None => chunk_table(client, t, &cols, sizing, opts.chunking).await?,
+        };
         planned.push(PlannedTable {
             types: cols
                 .columns
@@ -216,6 +219,82 @@ fn check_tables(
         )));
     }
     Ok(())
+}
+
+/// The chunks a `table-settings` rule's `parallel-load` ranges ask for: `(-inf, b1)`,
+/// `[b1, b2)`, ..., `[bn, +inf)` of its column. The column must be NOT NULL (a NULL is in no
+/// range) and the table keyed (a row whose value moves between two chunks' snapshots is read
+/// twice, and only a key makes the second copy harmless); the boundaries must increase.
+async fn user_ranges(
+    client: &tokio_postgres::Client,
+    t: &catalog::TableInfo,
+    cols: &catalog::Columns,
+    ranges: &crate::selection::LoadRanges,
+) -> Result<Vec<ChunkRange>> {
+    let at = format!("table mappings (rule-id {})", ranges.id);
+    let name = t.display_name();
+    let Some(col) = cols.columns.iter().find(|c| c.name == ranges.column) else {
+        return Err(Error::config(
+            at,
+            format!("{name} has no column {:?} to cut ranges on", ranges.column),
+        ));
+    };
+    if cols.key_order.is_empty() || t.kind == 'p' {
+        return Err(Error::config(
+            at,
+            format!(
+                "{name} is loaded whole: parallel-load ranges need a table with a primary key (a partitioned table loads through its root)"
+            ),
+        ));
+    }
+    let not_null: bool = client
+        .query_one(
+            "select attnotnull from pg_attribute where attrelid = $1 and attname = $2",
+            &[&t.oid, &ranges.column],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("reading {name}.{}", ranges.column), e))?
+        .get(0);
+    if !not_null {
+        return Err(Error::config(
+            at,
+            format!(
+                "{name}.{} may be NULL, and a NULL is in no range: cut on a NOT NULL column",
+                ranges.column
+            ),
+        ));
+    }
+    // The server compares the boundaries as the column's type (and says which is not one).
+    let increasing: bool = client
+        .query_one(
+            &format!(
+                "select coalesce(bool_and(a < b), true) from (select v::{ty} as a, lead(v::{ty}) over (order by n) as b from unnest($1::text[]) with ordinality as u(v, n)) s where b is not null",
+                ty = col.type_name
+            ),
+            &[&ranges.boundaries],
+        )
+        .await
+        .map_err(|e| {
+            Error::config(
+                &at,
+                format!(
+                    "the boundaries are not all values of {name}.{} ({}): {}",
+                    ranges.column,
+                    col.type_name,
+                    e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned())
+                ),
+            )
+        })?
+        .get(0);
+    if !increasing {
+        return Err(Error::config(
+            at,
+            "parallel-load.boundaries must increase (each range starts where the one before ends)",
+        ));
+    }
+    let mut lows = vec![String::new()];
+    lows.extend(ranges.boundaries.iter().cloned());
+    Ok(crate::plan::key_ranges(&col.name, &col.type_name, &lows))
 }
 
 /// A table's chunks: ctid ranges (PostgreSQL 14+), primary-key ranges (before 14, or when
