@@ -140,7 +140,8 @@ pub(crate) struct TestEndpointArgs {
     /// `postgres://user:password@host:port/dbname?sslmode=..`, `host=.. dbname=..` conninfo or `secret:<arn>` (PG* variables and the password file fill in what it leaves out).
     #[arg(long, env = "PGSHIFT_SOURCE")]
     pub(crate) source: String,
-    /// DMS table-mapping JSON file with selection rules (default: all user tables).
+    /// DMS table mapping (selection and table-settings rules): a file, file://path or the
+    /// JSON itself (default: all user tables).
     #[arg(long, env = "PGSHIFT_TABLES")]
     pub(crate) tables: Option<std::path::PathBuf>,
     /// The task's slot name, to check its health.
@@ -183,7 +184,8 @@ pub(crate) struct FullLoadArgs {
     /// A folder, or `dynamodb://table` (default ./pgshift-data/state).
     #[arg(long, env = "PGSHIFT_STATE", default_value = "./pgshift-data/state")]
     pub(crate) state: String,
-    /// DMS table-mapping JSON file with selection rules (default: all user tables).
+    /// DMS table mapping (selection and table-settings rules): a file, file://path or the
+    /// JSON itself (default: all user tables).
     #[arg(long, env = "PGSHIFT_TABLES")]
     pub(crate) tables: Option<std::path::PathBuf>,
     /// DMS's S3 target settings (`file://s3.json` or inline JSON, as for `aws dms
@@ -304,7 +306,8 @@ pub(crate) struct CutoverArgs {
     pub(crate) stage: String,
     #[arg(long, env = "PGSHIFT_STATE", default_value = "./pgshift-data/state")]
     pub(crate) state: String,
-    /// DMS table-mapping JSON file with selection rules (default: all user tables).
+    /// DMS table mapping (selection and table-settings rules): a file, file://path or the
+    /// JSON itself (default: all user tables).
     #[arg(long, env = "PGSHIFT_TABLES")]
     pub(crate) tables: Option<std::path::PathBuf>,
     /// Seconds between tries while another poller (`pgshift cdc --follow`, the scheduled
@@ -326,7 +329,8 @@ pub(crate) struct ValidateArgs {
     pub(crate) source: String,
     #[arg(long, env = "PGSHIFT_TARGET")]
     pub(crate) target: String,
-    /// DMS table-mapping JSON file with selection rules (default: all user tables).
+    /// DMS table mapping (selection and table-settings rules): a file, file://path or the
+    /// JSON itself (default: all user tables).
     #[arg(long, env = "PGSHIFT_TABLES")]
     pub(crate) tables: Option<std::path::PathBuf>,
     #[arg(long)]
@@ -376,7 +380,8 @@ pub(crate) struct CdcArgs {
     /// csv, csv.gz, jsonl or jsonl.gz.
     #[arg(long, env = "PGSHIFT_FORMAT", default_value = "csv")]
     pub(crate) format: String,
-    /// DMS table-mapping JSON file with selection rules (default: all user tables).
+    /// DMS table mapping (selection and table-settings rules): a file, file://path or the
+    /// JSON itself (default: all user tables).
     #[arg(long, env = "PGSHIFT_TABLES")]
     pub(crate) tables: Option<std::path::PathBuf>,
     /// Let pgshift set REPLICA IDENTITY FULL on selected tables without a key, so their

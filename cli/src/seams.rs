@@ -137,7 +137,14 @@ impl Target {
 pub(crate) fn read_selection(tables: Option<&std::path::Path>) -> pgshift::Result<Selection> {
     match tables {
         None => Ok(Selection::all()),
+        // As `aws dms create-replication-task --table-mappings` takes it: the JSON itself,
+        // `file://path`, or (pgshift's habit) a path.
         Some(path) => {
+            let given = path.to_string_lossy();
+            if given.trim_start().starts_with('{') {
+                return Selection::from_json(&given, "--tables");
+            }
+            let path = std::path::Path::new(given.strip_prefix("file://").unwrap_or(&given));
             let text = std::fs::read_to_string(path).map_err(|e| {
                 Error::config("--tables", format!("cannot read {}: {e}", path.display()))
             })?;

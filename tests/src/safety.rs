@@ -777,7 +777,7 @@ async fn selection_typos_are_an_error_unless_allowed() {
         .unwrap();
     let url = pgshift_tests::url(&db.config());
     let mapping = dir.path().join("tables.json");
-    let run = |cmd: &str, task: &str, extra: &[&str]| {
+    let run = |cmd: &str, task: &str, tables: &str, extra: &[&str]| {
         let stage = dir.path().join(format!("stage-{task}"));
         let state = dir.path().join(format!("state-{task}"));
         let mut args = vec![
@@ -791,7 +791,7 @@ async fn selection_typos_are_an_error_unless_allowed() {
             "--state",
             state.to_str().unwrap(),
             "--tables",
-            mapping.to_str().unwrap(),
+            tables,
         ];
         args.extend_from_slice(extra);
         std::process::Command::new(pgshift_tests::pgshift_bin())
@@ -808,8 +808,14 @@ async fn selection_typos_are_an_error_unless_allowed() {
             ),
         )
         .unwrap();
+        // The mapping as DMS's CLI takes it: file://path, and the JSON itself.
+        let tables = if schema == "pubic" {
+            format!("file://{}", mapping.display())
+        } else {
+            std::fs::read_to_string(&mapping).unwrap()
+        };
         for (cmd, extra) in [("cdc", &["--once"][..]), ("full-load", &["--cdc"][..])] {
-            let out = run(cmd, "typo", extra);
+            let out = run(cmd, "typo", &tables, extra);
             assert_eq!(
                 out.status.code(),
                 Some(2),
@@ -834,7 +840,12 @@ async fn selection_typos_are_an_error_unless_allowed() {
             .get(0);
         assert_eq!(slots, 0, "nothing created for a typo");
     }
-    let out = run("cdc", "typo-ok", &["--once", "--allow-empty"]);
+    let out = run(
+        "cdc",
+        "typo-ok",
+        mapping.to_str().unwrap(),
+        &["--once", "--allow-empty"],
+    );
     assert!(
         out.status.success(),
         "{}",
