@@ -33,6 +33,7 @@ pub mod migration;
 pub mod options;
 pub mod pgoutput;
 pub mod plan;
+pub mod progress;
 pub mod selection;
 pub mod source;
 pub mod staging;

@@ -80,7 +80,7 @@ pub struct ApplyOptions {
     pub deadline: Option<std::time::Instant>,
     /// Counts the load's chunks (total and done), rows and bytes as they load, for a progress
     /// display.
-    pub progress: Option<std::sync::Arc<crate::job::full_load::Progress>>,
+    pub progress: Option<std::sync::Arc<crate::progress::Progress>>,
 }
 
 impl Default for ApplyOptions {

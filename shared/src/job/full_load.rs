@@ -647,14 +647,7 @@ pub async fn finish<S: ObjectSink, St: StateStore>(
     Ok(manifests)
 }
 
-/// Progress of a local run, shared by its workers.
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub rows: std::sync::atomic::AtomicU64,
-    pub bytes: std::sync::atomic::AtomicU64,
-    pub chunks_done: std::sync::atomic::AtomicU64,
-    pub chunks_total: std::sync::atomic::AtomicU64,
-}
+pub use crate::progress::Progress;
 
 /// What a local run did.
 #[derive(Debug, Clone, Serialize, Deserialize)]

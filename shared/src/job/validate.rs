@@ -142,7 +142,7 @@ pub async fn run_with_progress(
     target_cfg: &PgConfig,
     selection: &Selection,
     range_rows: u64,
-    progress: Option<&crate::job::full_load::Progress>,
+    progress: Option<&crate::progress::Progress>,
 ) -> Result<ValidateReport> {
     use std::sync::atomic::Ordering::Relaxed;
     let mut scfg = source_cfg.clone();
@@ -227,7 +227,7 @@ async fn check_table(
     tgt: &Client,
     t: &catalog::TableInfo,
     range_rows: u64,
-    progress: Option<&crate::job::full_load::Progress>,
+    progress: Option<&crate::progress::Progress>,
 ) -> Result<TableCheck> {
     let cols = catalog::table_columns(src, t.oid, &t.display_name()).await?;
     let columns: Vec<String> = cols.columns.iter().map(|c| c.name.clone()).collect();

@@ -163,7 +163,7 @@ impl DatePartition {
         let secs = commit_ts.div_euclid(1_000_000) + 946_684_800;
         let days = secs.div_euclid(86_400);
         let hour = secs.rem_euclid(86_400) / 3600;
-        let (y, m, d) = civil_from_days(days);
+        let (y, m, d) = crate::change::civil_from_days(days);
         let (y, m, d, h) = (
             format!("{y:04}"),
             format!("{m:02}"),
@@ -179,20 +179,6 @@ impl DatePartition {
         };
         parts.join(self.delimiter)
     }
-}
-
-/// (year, month, day) of a day count since 1970-01-01, proleptic Gregorian.
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 /// `<schema>/<table>/LOAD<n+1:08X>.<ext>` (DMS naming, 1-based).

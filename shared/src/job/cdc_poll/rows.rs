@@ -90,18 +90,9 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         let rows = decoder::update_rows(&rel.pk, u);
         // A filtered stage (CdcInsertsOnly / CdcInsertsAndUpdates) writes an update, a key
         // change included, as one U of the new row, as DMS does — or not at all.
-        if !self.opts.cdc_ops.is_all() {
-            if !self.opts.cdc_ops.keeps(Op::Update) {
-                return Ok(());
-            }
-            let upd = Row::new(
-                Op::Update,
-                u.rel_id,
-                rows.old,
-                rows.old_is_full,
-                Some(&rows.new),
-            );
-            return self.stage(batch, t, lsn, upd).await;
+        let filtered = !self.opts.cdc_ops.is_all();
+        if filtered && !self.opts.cdc_ops.keeps(Op::Update) {
+            return Ok(());
         }
         // CSV and Parquet rows carry no old row: an update of a table without a primary key
         // (captured under REPLICA IDENTITY FULL) is staged as D(old row) + I(new row) there,
@@ -109,7 +100,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         // `before`.
         let keyless_without_before =
             rel.pk.is_empty() && rows.old_is_full && self.opts.format.encoding != Encoding::Jsonl;
-        if rows.key_changed || keyless_without_before {
+        if !filtered && (rows.key_changed || keyless_without_before) {
             let del = Row::new(Op::Delete, u.rel_id, rows.old, rows.old_is_full, None);
             self.stage(batch, t, lsn, del).await?;
             let ins = Row::new(Op::Insert, u.rel_id, None, false, Some(&rows.new));
