@@ -11,6 +11,7 @@ use pgshift::config::SourceSpec;
 use pgshift::job::full_load::{self, Progress};
 use pgshift::job::validate as validate_job;
 use pgshift::job::{apply as apply_job, cdc_poll, status as status_job, test_endpoint};
+use pgshift::lsn::StopPosition;
 use pgshift::options::TaskSettings;
 use pgshift::source::checks::{CheckOptions, Status};
 use pgshift::staging::Encryption;
@@ -617,8 +618,12 @@ pub(crate) async fn cdc(mut args: CdcArgs) -> pgshift::Result<ExitCode> {
         let held = matches!(report.outcome, Outcome::LeaseHeld { .. });
         if let Some(stop) = report.stopped_at {
             if !args.json {
+                let at = match settings.stop_position {
+                    Some(time @ StopPosition::CommitTime(_)) => format!("{time} (at {stop})"),
+                    _ => stop.to_string(),
+                };
                 println!(
-                    "task {}: stop position {stop} reached; nothing after it is staged",
+                    "task {}: stop position {at} reached; nothing after it is staged",
                     args.task
                 );
             }

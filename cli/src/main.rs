@@ -417,9 +417,15 @@ pub(crate) struct CdcArgs {
     /// Cut batches after this many changes (at a commit boundary).
     #[arg(long, default_value_t = 250_000)]
     pub(crate) max_batch_changes: u64,
-    /// Stop staging at this WAL position (DMS's `CdcStopPosition`): transactions committed
-    /// before it are staged, none after; `--follow` exits once it is reached.
-    #[arg(long, env = "PGSHIFT_CDC_STOP_POSITION", value_name = "X/Y")]
+    /// Stop staging at a WAL position (`X/Y`) or a commit time
+    /// (`commit_time:2026-12-02T10:00:00`, UTC unless an offset is given) — DMS's
+    /// `CdcStopPosition`: transactions committed before it are staged, none after; the task
+    /// rests there until the stop is lifted; `--follow` exits once it is reached.
+    #[arg(
+        long,
+        env = "PGSHIFT_CDC_STOP_POSITION",
+        value_name = "X/Y|commit_time:TIME"
+    )]
     pub(crate) stop_position: Option<String>,
     /// Backends a large drain may decode with at once: 2 splits a drain of 16 MiB of WAL
     /// or more between two sessions, 1 never does.

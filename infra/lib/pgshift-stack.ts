@@ -81,7 +81,7 @@ export class PgshiftStack extends Stack {
           },
           {
             Label: { default: 'CDC poller' },
-            Parameters: ['PollSchedule', 'PollerState', 'PollerTimeoutSeconds', 'PollerReservedConcurrency'],
+            Parameters: ['PollSchedule', 'PollerState', 'CdcStopPosition', 'PollerTimeoutSeconds', 'PollerReservedConcurrency'],
           },
           {
             Label: { default: 'Events and apply to a PostgreSQL target' },
@@ -240,6 +240,13 @@ export class PgshiftStack extends Stack {
       default: 'rate(1 minute)',
       allowedPattern: '(rate|cron)\\(.+\\)',
       description: 'EventBridge Scheduler expression that starts the CDC poller.',
+    });
+    const cdcStopPosition = new CfnParameter(this, 'CdcStopPosition', {
+      type: 'String',
+      default: '',
+      allowedPattern: '^$|^(lsn:)?[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$|^commit_time:.+$',
+      description:
+        "DMS's CdcStopPosition: a WAL position (X/Y) or commit_time:YYYY-MM-DDTHH:MM:SS (UTC unless an offset is given). The poller stages the transactions committed before it, none after, and rests there until the parameter is cleared. Empty: no stop.",
     });
     const pollerState = new CfnParameter(this, 'PollerState', {
       type: 'String',
@@ -725,6 +732,7 @@ export class PgshiftStack extends Stack {
       PGSHIFT_CHUNK_MB: chunkMb.valueAsString,
       PGSHIFT_MAX_CONCURRENCY: maxConcurrency.valueAsString,
       PGSHIFT_EVENTS_BUS: eventsBus.valueAsString,
+      PGSHIFT_CDC_STOP_POSITION: cdcStopPosition.valueAsString,
     };
     const vpcConfig = Fn.conditionIf(
       inVpc.logicalId,

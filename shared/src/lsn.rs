@@ -80,6 +80,29 @@ impl<'de> Deserialize<'de> for Lsn {
     }
 }
 
+/// Where CDC staging stops (DMS's `CdcStopPosition`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopPosition {
+    /// Transactions whose commit ends at or before this WAL position are staged, none after.
+    Lsn(Lsn),
+    /// Transactions committed at or before this time (µs since 2000-01-01 UTC, the source's
+    /// commit timestamps) are staged; staging stops before the first one committed after it.
+    CommitTime(i64),
+}
+
+impl fmt::Display for StopPosition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StopPosition::Lsn(l) => write!(f, "{l}"),
+            StopPosition::CommitTime(t) => write!(
+                f,
+                "commit_time:{}Z",
+                crate::change::format_pg_timestamp(*t, 'T')
+            ),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,9 +41,9 @@ pub struct TaskSettings {
     pub capture_ddl: bool,
     /// The schema of pgshift's trigger functions (DMS's `ddlArtifactsSchema`; empty: public).
     pub ddl_schema: String,
-    /// Stop staging at this WAL position (DMS's `CdcStopPosition`): transactions that commit
-    /// before it are staged, none after; the checkpoint rests there.
-    pub stop_position: Option<crate::lsn::Lsn>,
+    /// Stop staging at this WAL position or commit time (DMS's `CdcStopPosition`):
+    /// transactions that commit before it are staged, none after; the checkpoint rests there.
+    pub stop_position: Option<crate::lsn::StopPosition>,
 }
 
 impl Default for TaskSettings {
@@ -201,9 +201,9 @@ pub struct CdcOptions {
     pub capture_ddl: bool,
     /// The schema of pgshift's trigger functions (DMS's `ddlArtifactsSchema`; empty: public).
     pub ddl_schema: String,
-    /// Stop staging at this WAL position (DMS's `CdcStopPosition`): transactions committed
-    /// before it are staged, none after; the checkpoint rests there.
-    pub stop_position: Option<crate::lsn::Lsn>,
+    /// Stop staging at this WAL position or commit time (DMS's `CdcStopPosition`):
+    /// transactions committed before it are staged, none after; the checkpoint rests there.
+    pub stop_position: Option<crate::lsn::StopPosition>,
 }
 
 impl CdcOptions {

@@ -427,20 +427,100 @@ async fn cdc_stops_at_the_stop_position() {
     assert_eq!(rest["changes"], 2, "{rest:#}");
     assert!(rest.get("stopped_at").is_none(), "{rest:#}");
 
-    let (code, _, err) = task.run(&[
-        "cdc",
-        "--once",
-        "--source",
-        &url,
-        "--stop-position",
-        "commit_time:2026-12-02T10:00:00",
-    ]);
-    assert_eq!(code, Some(2), "{err}");
-    assert!(
-        err.contains("--stop-position") && err.contains("not supported"),
-        "{err}"
-    );
+    for (bad, why) in [
+        ("server_time:2026-12-02T10:00:00", "server_time"),
+        ("commit_time:2026-12-02", "not a time"),
+        ("0/XYZ", "not a WAL position"),
+    ] {
+        let (code, _, err) = task.run(&["cdc", "--once", "--source", &url, "--stop-position", bad]);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(
+            err.contains("--stop-position") && err.contains(why),
+            "{err}"
+        );
+    }
     let _ = run_cli(&["teardown", "--task", "stop", "--source", &url, "--yes"]);
+}
+
+/// `cdc --stop-position commit_time:T` (DMS's `CdcStopPosition` by commit time): the
+/// transactions the source committed at or before T are staged, the first one after it and
+/// everything later are not; the task rests there — later polls with the same stop decode
+/// nothing — until the stop is lifted.
+#[tokio::test]
+async fn cdc_stops_at_a_commit_time() {
+    let db = TestDb::new("cli_stop_time").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "create table public.s (id int primary key); create table public.other (id int)",
+    )
+    .await
+    .unwrap();
+    let task = CliTask::new("stoptime", &db.config(), &db.config());
+    let url = task.src.clone();
+    let poll = |extra: &[&str]| {
+        let (code, out, err) =
+            task.run(&[&["cdc", "--once", "--json", "--source", &url][..], extra].concat());
+        assert_eq!(code, Some(0), "{out}{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    poll(&[]); // the task's slot, from here on
+    // One transaction per statement (a multi-statement string would be one).
+    for sql in [
+        "insert into public.s values (1), (2)",
+        "insert into public.s values (3)",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    // The source's clock between the commits, with an offset to show it is honoured.
+    let time: String = c
+        .query_one(
+            "select to_char(clock_timestamp() at time zone 'Asia/Kolkata', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') || '+05:30'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for sql in [
+        "select pg_sleep(0.05)",
+        "insert into public.other values (0)",
+        "insert into public.s values (4)",
+        "insert into public.s values (5)",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    let stop = format!("commit_time:{time}");
+    let first = poll(&["--stop-position", &stop]);
+    assert_eq!(first["changes"], 3, "{first:#}");
+    assert_eq!(first["transactions"], 2, "{first:#}");
+    let at = first["stopped_at"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{first:#}"));
+    assert_eq!(first["checkpoint"], at, "{first:#}");
+    // Resting: no decoding past the stop, the same position reported.
+    let again = poll(&["--stop-position", &stop]);
+    assert_eq!(again["changes"], 0, "{again:#}");
+    assert_eq!(again["peeks"], 0, "{again:#}");
+    assert_eq!(again["stopped_at"], at, "{again:#}");
+    // A later stop time moves on to it: 4 and 5 were committed before now.
+    let now: String = c
+        .query_one(
+            "select to_char(clock_timestamp() at time zone 'utc', 'YYYY-MM-DD HH24:MI:SS.US')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let later = poll(&["--stop-position", &format!("commit_time:{now}")]);
+    assert_eq!(later["changes"], 3, "{later:#}");
+    assert_eq!(later["transactions"], 3, "{later:#}");
+    // Nothing committed after `now` yet: the stop is not reached, the task is not resting.
+    assert!(later.get("stopped_at").is_none(), "{later:#}");
+    c.batch_execute("insert into public.s values (6)")
+        .await
+        .unwrap();
+    let rest = poll(&[]);
+    assert_eq!(rest["changes"], 1, "{rest:#}");
+    let _ = run_cli(&["teardown", "--task", "stoptime", "--source", &url, "--yes"]);
 }
 
 /// DMS's `S3Settings` JSON (`--s3-settings file://s3.json`): the bucket and folder become the

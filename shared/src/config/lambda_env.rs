@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use super::{SslMode, check_task_name};
 use crate::error::{Error, Result};
+use crate::lsn::StopPosition;
 
 /// Settings of a Lambda function, read once at cold start from its environment.
 #[derive(Debug, Clone, Default)]
@@ -46,7 +47,7 @@ pub struct LambdaEnv {
     pub s3_part_mb: u64,
     /// `PGSHIFT_CDC_STOP_POSITION`: the poller stages nothing committed at or after this WAL
     /// position (DMS's `CdcStopPosition`).
-    pub cdc_stop_position: Option<crate::lsn::Lsn>,
+    pub cdc_stop_position: Option<StopPosition>,
     /// `PGSHIFT_MAX_CONCURRENCY`: chunks exported at once by the state machine (default 8).
     pub max_concurrency: u32,
     /// `PGSHIFT_REPLICA_IDENTITY_FULL`: pgshift may set REPLICA IDENTITY FULL on selected
@@ -270,23 +271,40 @@ fn parse_flag(name: &str, value: Option<String>, default: bool) -> Result<bool> 
     }
 }
 
-/// A whole number in `1..=max`; `default` when unset.
-/// DMS's `CdcStopPosition` as pgshift takes it: a WAL position (`16/B374D848`, or DMS's
-/// `lsn:`-less form). DMS's `commit_time:` / `server_time:` forms are named as not supported.
-pub fn parse_stop_position(value: &str, field: &str) -> Result<crate::lsn::Lsn> {
+/// DMS's `CdcStopPosition` as pgshift takes it: a WAL position (`16/B374D848`, also written
+/// `lsn:16/B374D848`) or `commit_time:2026-12-02T10:00:00` (UTC unless an offset is given;
+/// the source's commit timestamps). DMS's `server_time:` (the replication instance's clock) has
+/// no counterpart in a serverless poller and is named as such.
+pub fn parse_stop_position(value: &str, field: &str) -> Result<StopPosition> {
     let v = value.trim();
-    if v.starts_with("commit_time:") || v.starts_with("server_time:") {
+    if let Some(t) = v.strip_prefix("commit_time:") {
+        return crate::change::parse_utc_timestamp(t)
+            .map(StopPosition::CommitTime)
+            .ok_or_else(|| {
+                Error::config(
+                    field,
+                    format!("{t:?} is not a time (YYYY-MM-DDTHH:MM:SS[.ffffff][Z|+HH:MM])"),
+                )
+            });
+    }
+    if v.starts_with("server_time:") {
         return Err(Error::config(
             field,
             format!(
-                "{v:?}: stop positions by time are not supported yet; give a WAL position (X/Y)"
+                "{v:?}: server_time (DMS's replication-instance clock) is not supported: pgshift has no instance; give commit_time:<time> (the source's commit time) or a WAL position (X/Y)"
             ),
         ));
     }
-    v.parse()
-        .map_err(|e| Error::config(field, format!("{v:?} is not a WAL position (X/Y): {e}")))
+    let lsn = v.strip_prefix("lsn:").unwrap_or(v);
+    lsn.parse().map(StopPosition::Lsn).map_err(|e| {
+        Error::config(
+            field,
+            format!("{v:?} is not a WAL position (X/Y) or commit_time:<time>: {e}"),
+        )
+    })
 }
 
+/// A whole number in `1..=max`; `default` when unset.
 fn parse_number(name: &str, value: Option<String>, default: u64, max: u64) -> Result<u64> {
     match value {
         None => Ok(default),
@@ -371,12 +389,26 @@ mod tests {
             env.cdc_stop_position.map(|l| l.to_string()).as_deref(),
             Some("16/B374D848")
         );
-        for bad in ["tomorrow", "commit_time:2026-12-02T10:00:00"] {
-            let err = LambdaEnv::from_pairs([("PGSHIFT_CDC_STOP_POSITION", bad)]).unwrap_err();
-            assert!(
-                err.to_string().contains("PGSHIFT_CDC_STOP_POSITION"),
-                "{err}"
-            );
+        let env = LambdaEnv::from_pairs([(
+            "PGSHIFT_CDC_STOP_POSITION",
+            "commit_time:2026-12-02T10:00:00",
+        )])
+        .unwrap();
+        assert_eq!(
+            env.cdc_stop_position.map(|l| l.to_string()).as_deref(),
+            Some("commit_time:2026-12-02T10:00:00.000000Z")
+        );
+        for (bad, why) in [
+            ("tomorrow", "not a WAL position"),
+            ("commit_time:2026-02-30T10:00:00", "not a time"),
+            ("commit_time:yesterday", "not a time"),
+            ("server_time:2026-12-02T10:00:00", "server_time"),
+        ] {
+            let err = LambdaEnv::from_pairs([("PGSHIFT_CDC_STOP_POSITION", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("PGSHIFT_CDC_STOP_POSITION"), "{err}");
+            assert!(err.contains(why), "{bad}: {err}");
         }
         let env = LambdaEnv::from_pairs([("PGSHIFT_SOURCE_SSLMODE", "auto")]).unwrap();
         assert_eq!(env.source_sslmode, None);

@@ -70,7 +70,7 @@ use crate::change::{Op, format_pg_timestamp, pg_now};
 use crate::config::check_task_name;
 use crate::error::{Error, Result};
 use crate::events::BatchCommitted;
-use crate::lsn::Lsn;
+use crate::lsn::{Lsn, StopPosition};
 use crate::options::CdcOptions;
 use crate::pgoutput::{self, Message};
 use crate::source::publication::peek_names;
@@ -220,6 +220,8 @@ struct Cursor<W: ObjectWriter> {
     skipping: bool,
     keep: Keep,
     stopped_early: bool,
+    /// The first transaction committed after a stop time began: nothing more is read.
+    stop_reached: bool,
     last_commit_ts: Option<i64>,
 }
 
@@ -270,6 +272,29 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                 .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
     }
 
+    /// The WAL position staging stops at: a stop given as a position, or a stop by commit
+    /// time found by an earlier poll (for the same time, at the checkpoint).
+    fn stop_lsn(&self) -> Option<Lsn> {
+        match self.opts.stop_position? {
+            StopPosition::Lsn(l) => Some(l),
+            StopPosition::CommitTime(t) => self
+                .lease
+                .rec
+                .stop_found
+                .filter(|f| f.commit_time == t && f.lsn >= self.checkpoint())
+                .map(|f| f.lsn),
+        }
+    }
+
+    /// A stop by commit time not found yet: the first transaction committed after it ends
+    /// the drain before it.
+    pub(super) fn stop_time_pending(&self) -> Option<i64> {
+        match self.opts.stop_position? {
+            StopPosition::CommitTime(t) if self.stop_lsn().is_none() => Some(t),
+            _ => None,
+        }
+    }
+
     fn hard_deadline_passed(&self) -> bool {
         self.opts.deadline.is_some_and(|d| Instant::now() >= d)
     }
@@ -302,6 +327,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                 skipping: false,
                 keep: split.map_or(Keep::All, Keep::Below),
                 stopped_early: false,
+                stop_reached: false,
                 last_commit_ts: None,
             };
             let end = self
@@ -321,7 +347,14 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             } else {
                 cursor.batch.abandon().await;
             }
-            let stopped = stopped_early || report.outcome == Outcome::DeadlineReached;
+            if cursor.stop_reached
+                && let Some(t) = self.stop_time_pending()
+            {
+                // Recorded at the checkpoint the batch above moved to: later polls rest here.
+                self.lease.record_stop(self.state, t).await?;
+            }
+            let stopped =
+                stopped_early || cursor.stop_reached || report.outcome == Outcome::DeadlineReached;
             let drained = !stopped && !end.incomplete;
             if drained && self.checkpoint() < target {
                 // Everything up to the target was read: the stretch after the last commit
@@ -358,7 +391,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         self.ddl_messages = self.messages && opts.capture_ddl && pubs.follows;
         let state = self.align_slot(pubs.since).await?;
         let mut target = self.source.drain_target().await?;
-        if let Some(stop) = self.opts.stop_position {
+        if let Some(stop) = self.stop_lsn() {
             target = target.min(stop.max(self.checkpoint()));
         }
         self.publications = match pubs.since {
@@ -392,7 +425,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             report.outcome = Outcome::Drained;
         }
         report.checkpoint = self.checkpoint();
-        if let Some(stop) = self.opts.stop_position
+        if let Some(stop) = self.stop_lsn()
             && report.checkpoint >= stop
         {
             report.stopped_at = Some(stop);

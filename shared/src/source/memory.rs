@@ -137,6 +137,11 @@ impl MemorySource {
         end
     }
 
+    /// The commit time of the last transaction committed.
+    pub fn last_commit_ts(&self) -> i64 {
+        commit_ts(self.wal.lock().expect("memory source").xid)
+    }
+
     /// Where the WAL ends.
     pub fn flush_lsn(&self) -> Lsn {
         Lsn(self.wal.lock().expect("memory source").lsn)
@@ -198,10 +203,15 @@ fn put_cstr(b: &mut Vec<u8>, s: &str) {
     b.push(0);
 }
 
+/// Transaction `xid`'s commit time: one second after the one before.
+fn commit_ts(xid: u32) -> i64 {
+    COMMIT_TS + i64::from(xid) * 1_000_000
+}
+
 fn begin(t: &MemTxn) -> Bytes {
     let mut b = vec![b'B'];
     b.extend_from_slice(&t.commit.0.to_be_bytes());
-    b.extend_from_slice(&COMMIT_TS.to_be_bytes());
+    b.extend_from_slice(&commit_ts(t.xid).to_be_bytes());
     b.extend_from_slice(&t.xid.to_be_bytes());
     Bytes::from(b)
 }
@@ -210,7 +220,7 @@ fn commit(t: &MemTxn) -> Bytes {
     let mut b = vec![b'C', 0];
     b.extend_from_slice(&t.commit.0.to_be_bytes());
     b.extend_from_slice(&t.end.0.to_be_bytes());
-    b.extend_from_slice(&COMMIT_TS.to_be_bytes());
+    b.extend_from_slice(&commit_ts(t.xid).to_be_bytes());
     Bytes::from(b)
 }
 

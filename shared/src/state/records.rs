@@ -52,6 +52,18 @@ pub struct CdcRecord {
     /// the next poll re-announces the ones after it. `None` with events off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub announced_through: Option<Lsn>,
+    /// A stop by commit time (`CdcStopPosition` `commit_time:`) this task reached: the time
+    /// (µs since 2000-01-01 UTC) and the checkpoint where its first later transaction began.
+    /// Later polls with the same stop time rest there without decoding past it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_found: Option<StopFound>,
+}
+
+/// Where a stop by commit time was found (see [`CdcRecord::stop_found`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopFound {
+    pub commit_time: i64,
+    pub lsn: Lsn,
 }
 
 /// How a poll run ended.
@@ -322,6 +334,20 @@ impl Lease {
         }
         // Each move renews the lease: a long drain keeps it while it makes progress.
         rec.lease_expires_ms = now_ms() + self.ttl.as_millis() as u64;
+        self.write(state, rec).await
+    }
+
+    /// Records where a stop by commit time was found (at the checkpoint, under the lease).
+    pub async fn record_stop<St: StateStore>(
+        &mut self,
+        state: &St,
+        commit_time: i64,
+    ) -> Result<()> {
+        let mut rec = self.rec.clone();
+        rec.stop_found = Some(StopFound {
+            commit_time,
+            lsn: self.checkpoint(),
+        });
         self.write(state, rec).await
     }
 

@@ -65,7 +65,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                 }
                 Err(e) => return Err(e),
             };
-            if cursor.stopped_early {
+            if cursor.stopped_early || cursor.stop_reached {
                 break;
             }
             if cursor.txn.is_some() {
@@ -162,6 +162,17 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                 if !cur.keep.keeps(b.final_lsn) {
                     cur.skipping = true;
                     return Ok(false);
+                }
+                // A stop by commit time: the first transaction committed after it is not
+                // read; the batch so far is the drain's last. (Unless an existing manifest
+                // — a run with another stop — already holds it: its batch is rewritten as it
+                // was, never as a second batch starting at the same position.)
+                if let Some(stop) = self.stop_time_pending()
+                    && b.commit_ts > stop
+                    && cur.batch.must_end.is_none()
+                {
+                    cur.stop_reached = true;
+                    return Ok(true);
                 }
                 cur.batch.txn_commit_ts = b.commit_ts;
                 cur.txn = Some(Txn {

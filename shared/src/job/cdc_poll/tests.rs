@@ -287,6 +287,51 @@ async fn split_peeks_stage_what_one_session_stages_and_survive_a_failed_second_h
     assert_eq!(x, y);
 }
 
+/// A stop by commit time in a drain of several batches and a split peek: the transactions
+/// committed at or before it are staged (all of them, once), none after; the task rests at
+/// that checkpoint without peeking; a later time moves on.
+#[tokio::test]
+async fn a_stop_by_commit_time_stages_exactly_the_transactions_before_it() {
+    let src = MemorySource::new();
+    let t = src.create_table("public", "t", &[("id", true), ("n", false)]);
+    let sink = MemorySink::new();
+    let state = MemoryStore::new();
+    let mut o = opts("stoptime");
+    poll(&src, &sink, &state, &o).await.unwrap();
+    let mut model = BTreeMap::new();
+    // The stop falls in the second half of the split (which starts 60% of the way).
+    for round in 0..6 {
+        workload(&src, t, round, &mut model);
+    }
+    let (stop, expected) = (src.last_commit_ts(), model.clone());
+    let stop_end = src.flush_lsn();
+    for round in 6..8 {
+        workload(&src, t, round, &mut model);
+    }
+    o.stop_position = Some(StopPosition::CommitTime(stop));
+    let r = poll(&src, &sink, &state, &o).await.unwrap();
+    assert_eq!(r.split_peeks, 1, "{r:?}");
+    assert_eq!(r.transactions, 18, "{r:?}");
+    assert_eq!((r.checkpoint, r.stopped_at), (stop_end, Some(stop_end)));
+    assert_eq!(replay(&sink).await.0, expected);
+    let rec = get_cdc(&state, "stoptime").await.unwrap().unwrap();
+    assert_eq!(
+        rec.stop_found.map(|f| (f.commit_time, f.lsn)),
+        Some((stop, stop_end))
+    );
+    // Resting: nothing peeked, nothing staged.
+    let again = poll(&src, &sink, &state, &o).await.unwrap();
+    assert_eq!(
+        (again.peeks, again.changes, again.stopped_at),
+        (0, 0, Some(stop_end))
+    );
+    // A later time: the rest, and no stop reached (nothing committed after it yet).
+    o.stop_position = Some(StopPosition::CommitTime(src.last_commit_ts()));
+    let rest = poll(&src, &sink, &state, &o).await.unwrap();
+    assert_eq!((rest.transactions, rest.stopped_at), (6, None), "{rest:?}");
+    assert_eq!(replay(&sink).await.0, model);
+}
+
 #[tokio::test]
 async fn a_first_half_cut_by_the_change_limit_leaves_the_rest_to_one_session() {
     let src = MemorySource::new();

@@ -30,7 +30,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
-use crate::change::{Op, RowChange};
+use crate::change::{Op, RowChange, days_from_civil};
 use crate::error::{Error, Result};
 use crate::pgoutput::Value;
 use crate::table::TableSchema;
@@ -506,17 +506,6 @@ impl ParquetEncoder {
             .map(|mut b| std::mem::take(&mut *b))
             .unwrap_or_default())
     }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// `YYYY-MM-DD[ BC]` → (days since 1970-01-01); `infinity` → i32::MAX, `-infinity` → i32::MIN.
