@@ -86,6 +86,7 @@ pub(crate) async fn full_load(mut args: FullLoadArgs) -> pgshift::Result<ExitCod
         format: from.format,
         load_op_column: from.load_op_column,
         csv_header: from.csv_header,
+        csv_dialect: from.csv_dialect.clone(),
         selection: read_selection(args.tables.as_deref())?,
         chunk_mib: args.chunk_mb,
         cdc: args.cdc,
@@ -266,6 +267,9 @@ fn s3_settings(
             commit_ts_column: false,
             load_op_column: false,
             csv_header: false,
+            cdc_ops: Default::default(),
+            date_partition: None,
+            csv_dialect: Default::default(),
             encryption: Encryption::BucketDefault,
         });
     };
@@ -286,6 +290,9 @@ fn s3_settings(
         commit_ts_column: s.commit_ts_column,
         load_op_column: s.include_op_for_full_load,
         csv_header: s.add_column_name,
+        cdc_ops: s.cdc_ops,
+        date_partition: s.date_partition,
+        csv_dialect: s.csv.clone(),
         encryption: s.encryption,
     })
 }
@@ -296,6 +303,9 @@ struct FromS3Settings {
     commit_ts_column: bool,
     load_op_column: bool,
     csv_header: bool,
+    cdc_ops: pgshift::staging::layout::CdcOps,
+    date_partition: Option<pgshift::staging::layout::DatePartition>,
+    csv_dialect: pgshift::staging::dialect::CsvDialect,
     encryption: Encryption,
 }
 
@@ -561,6 +571,10 @@ pub(crate) async fn cdc(mut args: CdcArgs) -> pgshift::Result<ExitCode> {
         format: from.format,
         commit_ts_column: args.commit_ts_column || from.commit_ts_column,
         csv_header: from.csv_header,
+        load_op_column: from.load_op_column,
+        cdc_ops: from.cdc_ops,
+        date_partition: from.date_partition,
+        csv_dialect: from.csv_dialect.clone(),
         selection: read_selection(args.tables.as_deref())?,
         peek_sessions: args.peek_sessions,
         replica_identity_full: args.replica_identity_full,
@@ -570,6 +584,12 @@ pub(crate) async fn cdc(mut args: CdcArgs) -> pgshift::Result<ExitCode> {
             .as_deref()
             .map(|v| pgshift::config::parse_stop_position(v, "--stop-position"))
             .transpose()?,
+        native_start: pgshift::config::native_start(
+            args.slot_name.clone(),
+            args.publication.clone(),
+            args.start_position.clone(),
+            ("--slot-name", "--publication", "--start-position"),
+        )?,
         ddl_schema: pgshift::config::check_schema_name(
             &args.ddl_artifacts_schema,
             "--ddl-artifacts-schema",

@@ -89,7 +89,10 @@ enum Command {
     #[command(
         after_help = "Examples:\n  pgshift cdc --task orders --source \"$URL\" --once
   pgshift cdc --task orders --source \"$URL\" --follow --interval 30 --events-bus default
-  pgshift cdc --task orders --source \"$URL\" --once --stop-position 16/B374D848"
+  pgshift cdc --task orders --source \"$URL\" --once --stop-position 16/B374D848
+  pgshift cdc --task orders --source \"$URL\" --once --stop-position commit_time:2026-12-02T10:00:00
+  # native start: the user's publication and slot (made in that order), from a position
+  pgshift cdc --task orders --source \"$URL\" --once --slot-name dms_slot --publication dms_pub --start-position 16/B3000000"
     )]
     Cdc(CdcArgs),
     /// Drop everything pgshift created on the source for a task: its replication slot (which
@@ -427,6 +430,20 @@ pub(crate) struct CdcArgs {
         value_name = "X/Y|commit_time:TIME"
     )]
     pub(crate) stop_position: Option<String>,
+    /// Native start (DMS's `slotName` + `CdcStartPosition`): read the replication slot the
+    /// user made (a pgoutput slot of this database, created after --publication) instead of
+    /// creating pgshift's own. pgshift never changes nor drops the user's slot or publication;
+    /// the first run records them with the task, later runs must name the same.
+    #[arg(long, env = "PGSHIFT_SLOT_NAME", value_name = "SLOT")]
+    pub(crate) slot_name: Option<String>,
+    /// The publication the user's slot reads with (native start; made before the slot).
+    #[arg(long, env = "PGSHIFT_PUBLICATION", value_name = "NAME")]
+    pub(crate) publication: Option<String>,
+    /// Where a native start begins (DMS's `CdcStartPosition`): transactions committed after
+    /// this WAL position are staged; at or after the slot's confirmed position. Default: the
+    /// slot's confirmed position.
+    #[arg(long, env = "PGSHIFT_CDC_START_POSITION", value_name = "X/Y")]
+    pub(crate) start_position: Option<String>,
     /// Backends a large drain may decode with at once: 2 splits a drain of 16 MiB of WAL
     /// or more between two sessions, 1 never does.
     #[arg(long, env = "PGSHIFT_PEEK_SESSIONS", default_value_t = 2)]
@@ -503,7 +520,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> pgshift::Result<ExitCode> {
     match cli.command {
         Command::TestEndpoint(args) => commands::test_endpoint(args).await,
-        Command::FullLoad(args) => commands::full_load(args).await,
+        Command::FullLoad(args) => Box::pin(commands::full_load(args)).await,
         Command::Apply(args) => Box::pin(commands::apply(args)).await,
         Command::Validate(args) => commands::validate(args).await,
         Command::Cutover(args) => commands::cutover(args).await,

@@ -81,7 +81,16 @@ export class PgshiftStack extends Stack {
           },
           {
             Label: { default: 'CDC poller' },
-            Parameters: ['PollSchedule', 'PollerState', 'CdcStopPosition', 'PollerTimeoutSeconds', 'PollerReservedConcurrency'],
+            Parameters: [
+              'PollSchedule',
+              'PollerState',
+              'NativeStartSlot',
+              'NativeStartPublication',
+              'CdcStartPosition',
+              'CdcStopPosition',
+              'PollerTimeoutSeconds',
+              'PollerReservedConcurrency',
+            ],
           },
           {
             Label: { default: 'Events and apply to a PostgreSQL target' },
@@ -206,7 +215,7 @@ export class PgshiftStack extends Stack {
       type: 'String',
       default: '',
       description:
-        "DMS S3Settings JSON (as for aws dms create-endpoint): DataFormat, CompressionType and TimestampColumnName are honoured; BucketName/BucketFolder, when given, must be this stack's bucket and the task's folder; any setting pgshift does not honour fails the functions with its name (docs/DMS-S3-SETTINGS.md). Empty: StageFormat decides.",
+        "DMS S3Settings JSON (as for aws dms create-endpoint): DataFormat, CompressionType, TimestampColumnName, IncludeOpForFullLoad, CdcInsertsOnly/CdcInsertsAndUpdates, AddColumnName, CsvDelimiter/CsvNullValue/CsvRowDelimiter, DatePartition*, EncryptionMode are honoured; BucketName/BucketFolder, when given, must be this stack's bucket and the task's folder; any setting pgshift does not honour fails the functions with its name (docs/DMS-S3-SETTINGS.md). Empty: StageFormat decides.",
     });
     const commitTs = new CfnParameter(this, 'CommitTimestampColumn', {
       type: 'String',
@@ -240,6 +249,26 @@ export class PgshiftStack extends Stack {
       default: 'rate(1 minute)',
       allowedPattern: '(rate|cron)\\(.+\\)',
       description: 'EventBridge Scheduler expression that starts the CDC poller.',
+    });
+    const nativeSlot = new CfnParameter(this, 'NativeStartSlot', {
+      type: 'String',
+      default: '',
+      allowedPattern: '^[a-z0-9_]{0,63}$',
+      description:
+        "Native start (DMS's slotName): the replication slot the user made (pgoutput, after NativeStartPublication's publication); the poller reads it and never changes nor drops it. Needs CaptureChanges false (the full load with CDC makes its own slot). Empty: pgshift's own slot.",
+    });
+    const nativePublication = new CfnParameter(this, 'NativeStartPublication', {
+      type: 'String',
+      default: '',
+      maxLength: 63,
+      description: "Native start: the publication the user's slot reads with (made before the slot). Empty unless NativeStartSlot is set.",
+    });
+    const cdcStartPosition = new CfnParameter(this, 'CdcStartPosition', {
+      type: 'String',
+      default: '',
+      allowedPattern: '^$|^(lsn:)?[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$',
+      description:
+        "Native start (DMS's CdcStartPosition): the WAL position (X/Y) the task starts after, at or after the slot's confirmed position. Empty: the slot's confirmed position.",
     });
     const cdcStopPosition = new CfnParameter(this, 'CdcStopPosition', {
       type: 'String',
@@ -365,6 +394,9 @@ export class PgshiftStack extends Stack {
     });
     const capturesChanges = new CfnCondition(this, 'CapturesChanges', {
       expression: Fn.conditionEquals(captureChanges.valueAsString, 'true'),
+    });
+    const nativeStart = new CfnCondition(this, 'NativeStart', {
+      expression: Fn.conditionNot(Fn.conditionEquals(nativeSlot.valueAsString, '')),
     });
     const hasTarget = new CfnCondition(this, 'HasTarget', {
       expression: Fn.conditionNot(Fn.conditionEquals(targetSecretArn.valueAsString, '')),
@@ -733,6 +765,9 @@ export class PgshiftStack extends Stack {
       PGSHIFT_MAX_CONCURRENCY: maxConcurrency.valueAsString,
       PGSHIFT_EVENTS_BUS: eventsBus.valueAsString,
       PGSHIFT_CDC_STOP_POSITION: cdcStopPosition.valueAsString,
+      PGSHIFT_SLOT_NAME: nativeSlot.valueAsString,
+      PGSHIFT_PUBLICATION: nativePublication.valueAsString,
+      PGSHIFT_CDC_START_POSITION: cdcStartPosition.valueAsString,
     };
     const vpcConfig = Fn.conditionIf(
       inVpc.logicalId,
@@ -1151,8 +1186,12 @@ export class PgshiftStack extends Stack {
     output('PollerDeadLetterQueueUrl', dlq.ref, 'Failed scheduled polls.');
     output(
       'SlotName',
-      Fn.join('_', Fn.split('-', Fn.sub('pgshift_${TaskName}'))),
-      'The logical replication slot on the source (drop it when the task ends).',
+      Fn.conditionIf(
+        nativeStart.logicalId,
+        nativeSlot.valueAsString,
+        Fn.join('_', Fn.split('-', Fn.sub('pgshift_${TaskName}'))),
+      ).toString(),
+      "The logical replication slot on the source (pgshift's own, dropped by teardown; or the user's, with a native start).",
     );
     new CfnOutput(this, 'ApplyFunctionName', { value: applyFn.ref, condition: hasTarget });
     new CfnOutput(this, 'ApplyQueueUrl', {

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 mod lambda_env;
 pub mod libpq;
 pub mod s3_settings;
-pub use lambda_env::{LambdaEnv, check_bus, check_schema_name, parse_stop_position};
+pub use lambda_env::{LambdaEnv, check_bus, check_schema_name, native_start, parse_stop_position};
 
 /// How the connection uses TLS, with libpq's meanings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -527,6 +527,51 @@ pub fn check_task_name(task: &str) -> Result<()> {
                 task.chars().take(60).collect::<String>()
             ),
         ))
+    }
+}
+
+/// DMS's native start: CDC from a slot and publication the user made (the publication before
+/// the slot, so it exists at every position the slot decodes), from a position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NativeStart {
+    pub slot: String,
+    pub publication: String,
+    /// DMS's `CdcStartPosition`: transactions committed after it are staged (`None`: from
+    /// the slot's confirmed position).
+    pub start: Option<crate::lsn::Lsn>,
+}
+
+impl NativeStart {
+    /// Checked names: a slot name is PostgreSQL's (`a-z`, `0-9`, `_`, up to 63), a
+    /// publication any name of up to 63 bytes; each error names its field.
+    pub fn new(
+        slot: &str,
+        publication: &str,
+        start: Option<crate::lsn::Lsn>,
+        fields: (&str, &str),
+    ) -> Result<NativeStart> {
+        if slot.is_empty()
+            || slot.len() > 63
+            || !slot
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(Error::config(
+                fields.0,
+                format!("{slot:?} is not a replication slot name (a-z, 0-9 and _, up to 63)"),
+            ));
+        }
+        if publication.is_empty() || publication.len() > 63 || publication.contains('\0') {
+            return Err(Error::config(
+                fields.1,
+                format!("{publication:?} is not a publication name (1 to 63 bytes)"),
+            ));
+        }
+        Ok(NativeStart {
+            slot: slot.to_owned(),
+            publication: publication.to_owned(),
+            start,
+        })
     }
 }
 

@@ -26,6 +26,8 @@ pub struct TaskSettings {
     pub cdc_ops: crate::staging::layout::CdcOps,
     /// CDC files in date folders (DMS's `DatePartitionEnabled`).
     pub date_partition: Option<crate::staging::layout::DatePartition>,
+    /// The CSV dialect of staged files (DMS's CsvDelimiter / CsvNullValue / CsvRowDelimiter).
+    pub csv_dialect: crate::staging::dialect::CsvDialect,
     pub selection: Selection,
     /// Backends a large CDC drain may decode with at once (1 or 2).
     pub peek_sessions: u8,
@@ -44,6 +46,8 @@ pub struct TaskSettings {
     /// Stop staging at this WAL position or commit time (DMS's `CdcStopPosition`):
     /// transactions that commit before it are staged, none after; the checkpoint rests there.
     pub stop_position: Option<crate::lsn::StopPosition>,
+    /// DMS's native start: the user's slot and publication, from a position.
+    pub native_start: Option<crate::config::NativeStart>,
 }
 
 impl Default for TaskSettings {
@@ -55,6 +59,7 @@ impl Default for TaskSettings {
             csv_header: false,
             cdc_ops: crate::staging::layout::CdcOps::All,
             date_partition: None,
+            csv_dialect: Default::default(),
             selection: Selection::all(),
             peek_sessions: 2,
             chunk_mib: 256,
@@ -64,6 +69,7 @@ impl Default for TaskSettings {
             capture_ddl: true,
             ddl_schema: String::new(),
             stop_position: None,
+            native_start: None,
         }
     }
 }
@@ -77,6 +83,7 @@ impl From<&LambdaEnv> for TaskSettings {
             csv_header: env.csv_header,
             cdc_ops: env.cdc_ops,
             date_partition: env.date_partition,
+            csv_dialect: env.csv.clone(),
             selection: env.selection.clone(),
             peek_sessions: env.peek_sessions,
             chunk_mib: env.chunk_mb,
@@ -86,6 +93,7 @@ impl From<&LambdaEnv> for TaskSettings {
             capture_ddl: env.capture_ddl,
             ddl_schema: env.ddl_schema.clone(),
             stop_position: env.cdc_stop_position,
+            native_start: env.native_start.clone(),
         }
     }
 }
@@ -106,6 +114,7 @@ impl TaskSettings {
         o.cdc_ops = self.cdc_ops;
         o.csv_header = self.csv_header;
         o.date_partition = self.date_partition;
+        o.csv_dialect = self.csv_dialect.clone();
         o.load_op_column = self.load_op_column;
         o.selection = self.selection.clone();
         o.peek_sessions = self.peek_sessions;
@@ -114,6 +123,7 @@ impl TaskSettings {
         o.capture_ddl = self.capture_ddl;
         o.ddl_schema = self.ddl_schema.clone();
         o.stop_position = self.stop_position;
+        o.native_start = self.native_start.clone();
         if let Some(left) = time_left {
             o.deadline = Some(Instant::now() + left);
             o.lease_ttl = left + Duration::from_secs(30);
@@ -134,6 +144,7 @@ impl TaskSettings {
         o.commit_ts_column = self.commit_ts_column;
         o.load_op_column = self.load_op_column;
         o.csv_header = self.csv_header;
+        o.csv_dialect = self.csv_dialect.clone();
         o.selection = self.selection.clone();
         o.chunk_mib = self.chunk_mib;
         o.cdc = self.cdc;
@@ -161,6 +172,8 @@ pub struct CdcOptions {
     pub load_op_column: bool,
     /// CDC files in date folders (DMS's `DatePartitionEnabled`).
     pub date_partition: Option<crate::staging::layout::DatePartition>,
+    /// The CSV dialect of staged files (DMS's CsvDelimiter / CsvNullValue / CsvRowDelimiter).
+    pub csv_dialect: crate::staging::dialect::CsvDialect,
     /// A header row in every CSV file (DMS's `AddColumnName`): one schema version per file.
     pub csv_header: bool,
     /// Tables to stage (changes of others are skipped).
@@ -204,6 +217,8 @@ pub struct CdcOptions {
     /// Stop staging at this WAL position or commit time (DMS's `CdcStopPosition`):
     /// transactions committed before it are staged, none after; the checkpoint rests there.
     pub stop_position: Option<crate::lsn::StopPosition>,
+    /// DMS's native start: the user's slot and publication, from a position.
+    pub native_start: Option<crate::config::NativeStart>,
 }
 
 impl CdcOptions {
@@ -235,6 +250,7 @@ impl CdcOptions {
             cdc_ops: crate::staging::layout::CdcOps::All,
             load_op_column: false,
             date_partition: None,
+            csv_dialect: Default::default(),
             csv_header: false,
             selection: Selection::all(),
             max_batch_changes: 250_000,
@@ -257,6 +273,7 @@ impl CdcOptions {
             capture_ddl: true,
             ddl_schema: String::new(),
             stop_position: None,
+            native_start: None,
         }
     }
 }
@@ -273,6 +290,8 @@ pub struct LoadOptions {
     pub load_op_column: bool,
     /// A header row of column names in every CSV chunk (DMS's `AddColumnName`).
     pub csv_header: bool,
+    /// The CSV dialect of staged files (DMS's CsvDelimiter / CsvNullValue / CsvRowDelimiter).
+    pub csv_dialect: crate::staging::dialect::CsvDialect,
     pub selection: Selection,
     /// Target heap size of a chunk, MiB.
     pub chunk_mib: u64,
@@ -305,6 +324,7 @@ impl LoadOptions {
             commit_ts_column: false,
             load_op_column: false,
             csv_header: false,
+            csv_dialect: Default::default(),
             selection: Selection::all(),
             chunk_mib: 256,
             cdc: false,

@@ -1,7 +1,7 @@
 //! What a task's jobs share, below the jobs (jobs never import jobs): the task item made on
 //! the first run (publications, slot, record), and a Lambda event parsed naming its field.
 
-use crate::config::slot_name;
+use crate::config::{NativeStart, slot_name};
 use crate::error::{Error, Result};
 use crate::source::{Capture, CdcSource};
 use crate::state::StateStore;
@@ -33,6 +33,7 @@ pub async fn ensure_task<Src: CdcSource, St: StateStore>(
         start_lsn: replication.start_lsn,
         database: replication.database,
         created_by: created_by.to_owned(),
+        adopted: false,
     };
     match records::create_task(state, task, record).await {
         Ok(r) => Ok(r),
@@ -50,6 +51,56 @@ pub async fn ensure_task<Src: CdcSource, St: StateStore>(
             Err(e)
         }
     }
+}
+
+/// A CDC task on its user's slot and publication ([`NativeStart`]): the task item made on the
+/// first run (nothing is created on the source); later runs must name the same slot,
+/// publication and start.
+pub async fn adopt_task<Src: CdcSource, St: StateStore>(
+    source: &Src,
+    state: &St,
+    task: &str,
+    native: &NativeStart,
+) -> Result<TaskRecord> {
+    if let Some(record) = records::get_task(state, task).await? {
+        let same = record.adopted
+            && record.slot == native.slot
+            && record.publication == native.publication
+            && native.start.is_none_or(|s| s == record.start_lsn);
+        if !same {
+            return Err(Error::Source(format!(
+                "task {task} reads slot {} and publication {} from {} ({}); it cannot switch to slot {} / publication {}{}: a start applies when a task starts (teardown --reset the task to start it over)",
+                record.slot,
+                record.publication,
+                record.start_lsn,
+                if record.adopted {
+                    "its user's"
+                } else {
+                    "pgshift's own"
+                },
+                native.slot,
+                native.publication,
+                native
+                    .start
+                    .map(|s| format!(" from {s}"))
+                    .unwrap_or_default(),
+            )));
+        }
+        return Ok(record);
+    }
+    let replication = source
+        .adopt_replication(&native.slot, &native.publication, native.start)
+        .await?;
+    let record = TaskRecord {
+        slot: native.slot.clone(),
+        publication: native.publication.clone(),
+        start_lsn: replication.start_lsn,
+        database: replication.database,
+        created_by: "native-start".to_owned(),
+        adopted: true,
+    };
+    tracing::info!(task, slot = %record.slot, publication = %record.publication, start = %record.start_lsn, "native start: the task reads its user's slot");
+    records::create_task(state, task, record).await
 }
 
 /// Parses a Lambda event, naming the offending field on error (`endpoint.port: ...`).

@@ -692,3 +692,305 @@ async fn dms_s3_settings_choose_the_stage_and_format() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("S3Settings.EncryptionMode"), "{err}");
 }
+
+/// DMS's `CsvDelimiter`, `CsvNullValue` and `CsvRowDelimiter` (with `AddColumnName` and
+/// `DatePartitionEnabled`, all through `--s3-settings`): the load chunks and CDC files are
+/// staged in that dialect, NULL kept apart from the empty string and from the text `NULL`, a
+/// value holding the delimiter, a quote or a line break quoted; `apply` reads them back and
+/// the target equals the source.
+#[tokio::test]
+async fn dms_csv_dialect_is_staged_as_asked_and_applied_back() {
+    let source = TestDb::new("cli_dialect_src").await;
+    let target = TestDb::new("cli_dialect_dst").await;
+    let c = source.client().await;
+    c.batch_execute(
+        "create table public.d (id int primary key, a text, b text, n int);
+         insert into public.d values (1, null, 'NULL', 7), (2, '', 'x|y', null), (3, 'q\"q', E'l1\\nl2', 5);",
+    )
+    .await
+    .unwrap();
+    let task = CliTask::new("dialect", &source.config(), &target.config());
+    let (src, dst) = (task.src.clone(), task.dst.clone());
+    let stage = std::path::PathBuf::from(task.common()[3]);
+    let dir = TempDir::new("cli-dialect");
+    let settings = dir.path().join("s3.json");
+    std::fs::write(
+        &settings,
+        serde_json::json!({"CsvDelimiter": "|", "CsvNullValue": "NULL",
+            "CsvRowDelimiter": "\\r\\n", "AddColumnName": true, "DatePartitionEnabled": true})
+        .to_string(),
+    )
+    .unwrap();
+    let s3 = format!("file://{}", settings.display());
+    let (code, out, err) =
+        task.run(&["full-load", "--source", &src, "--cdc", "--s3-settings", &s3]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let chunk = std::fs::read_to_string(stage.join("public/d/LOAD00000001.csv")).unwrap();
+    assert_eq!(
+        chunk,
+        "id|a|b|n\r\n1|NULL|\"NULL\"|7\r\n2|\"\"|\"x|y\"|NULL\r\n3|\"q\"\"q\"|\"l1\nl2\"|5\r\n"
+    );
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(stage.join("_manifests/load/public.d.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        manifest["csv"],
+        serde_json::json!({"delimiter": "|", "null_value": "NULL", "row_delimiter": "\r\n"})
+    );
+
+    c.batch_execute(
+        "insert into public.d values (4, null, 'NULL', null);
+         update public.d set a = 'a|b' where id = 1;
+         delete from public.d where id = 3;",
+    )
+    .await
+    .unwrap();
+    let (code, out, err) = task.run(&["cdc", "--source", &src, "--once", "--s3-settings", &s3]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // public/d/cdc/<yyyy>/<mm>/<dd>/<C>.csv: the date folders came through --s3-settings too.
+    let mut files = Vec::new();
+    let mut dirs = vec![stage.join("public/d/cdc")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    assert_eq!(files.len(), 1, "{files:?}");
+    let rel = files[0].strip_prefix(stage.join("public/d/cdc")).unwrap();
+    let folders: Vec<String> = rel
+        .parent()
+        .unwrap()
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        folders.len() == 3
+            && folders
+                .iter()
+                .all(|f| f.bytes().all(|b| b.is_ascii_digit())),
+        "{rel:?}"
+    );
+    let cdc = std::fs::read_to_string(&files[0]).unwrap();
+    let rows: Vec<&str> = cdc.split_inclusive("\r\n").collect();
+    assert_eq!(
+        rows,
+        [
+            "Op|id|a|b|n|unchanged_toast\r\n",
+            "I|4|NULL|\"NULL\"|NULL|NULL\r\n",
+            "U|1|\"a|b\"|\"NULL\"|7|NULL\r\n",
+            // A delete carries its key (REPLICA IDENTITY DEFAULT).
+            "D|3|NULL|NULL|NULL|NULL\r\n",
+        ],
+        "{cdc:?}"
+    );
+
+    let (code, out, err) = task.run(&["apply", "--target", &dst]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = task.run(&["validate", "--source", &src, "--target", &dst]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("EQUAL public.d"), "{out}");
+    let nulls: i64 = target
+        .client()
+        .await
+        .query_one(
+            "select count(*) from public.d where (id = 4 and a is null and b = 'NULL' and n is null) or (id = 2 and a = '' and n is null)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(nulls, 2);
+
+    for (bad, why) in [
+        (r#"{"CsvDelimiter": "||"}"#, "S3Settings.CsvDelimiter"),
+        (
+            r#"{"CsvNullValue": "a|b", "CsvDelimiter": "|"}"#,
+            "S3Settings.CsvNullValue",
+        ),
+        (r#"{"CsvRowDelimiter": ";"}"#, "S3Settings.CsvRowDelimiter"),
+        (
+            r#"{"CsvDelimiter": "|", "DataFormat": "parquet"}"#,
+            "DataFormat is parquet",
+        ),
+    ] {
+        let (code, _, err) = task.run(&["cdc", "--source", &src, "--once", "--s3-settings", bad]);
+        assert_eq!(code, Some(2), "{bad}: {err}");
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+    let _ = run_cli(&["teardown", "--task", "dialect", "--source", &src, "--yes"]);
+}
+
+/// Native start (DMS's `slotName` + `CdcStartPosition`): the task reads the slot and
+/// publication its user made, from a position; nothing is created on the source, and
+/// teardown leaves the user's slot and publication in place. Every misuse is named.
+#[tokio::test]
+async fn cdc_native_start_reads_the_users_slot_from_a_position() {
+    let db = TestDb::new("cli_native").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "create table public.n (id int primary key); create table public.other (id int primary key);
+         create publication user_pub for table public.n;",
+    )
+    .await
+    .unwrap();
+    // Each in its own database: slot names are cluster-wide.
+    let slot = format!("user_slot_{}", std::process::id());
+    c.query_one(
+        "select pg_create_logical_replication_slot($1, 'pgoutput')::text",
+        &[&slot],
+    )
+    .await
+    .unwrap();
+    for sql in [
+        "insert into public.n values (1)",
+        "insert into public.n values (2)",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    let start: String = c
+        .query_one("select pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for sql in [
+        "insert into public.n values (3)",
+        "insert into public.other values (3)",
+        "insert into public.n values (4)",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    let task = CliTask::new("native", &db.config(), &db.config());
+    let url = task.src.clone();
+    let native = [
+        "--slot-name",
+        slot.as_str(),
+        "--publication",
+        "user_pub",
+        "--start-position",
+        start.as_str(),
+    ];
+    let poll = |extra: &[&str]| {
+        let (code, out, err) =
+            task.run(&[&["cdc", "--once", "--json", "--source", &url][..], extra].concat());
+        assert_eq!(code, Some(0), "{out}{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let first = poll(&native);
+    // 3 and 4: after the start; `other` is not in the user's publication.
+    assert_eq!(
+        (first["changes"].as_u64(), first["slot"].as_str()),
+        (Some(2), Some(slot.as_str())),
+        "{first:#}"
+    );
+    c.batch_execute("insert into public.n values (5)")
+        .await
+        .unwrap();
+    let next = poll(&[]);
+    assert_eq!(
+        next["changes"], 1,
+        "the task keeps its user's slot: {next:#}"
+    );
+    let slot_confirmed: String = c
+        .query_one(
+            "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(next["checkpoint"], slot_confirmed.as_str(), "{next:#}");
+    // pgshift made nothing of its own on the source.
+    let own: i64 = c
+        .query_one(
+            "select (select count(*) from pg_replication_slots where slot_name like 'pgshift%' and database = current_database()) + (select count(*) from pg_publication where pubname like 'pgshift%')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(own, 0);
+
+    let usage = |args: &[&str], why: &str| {
+        let (code, _, err) = task.run(&[&["cdc", "--once", "--source", &url][..], args].concat());
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    };
+    usage(&["--start-position", &start], "--slot-name");
+    usage(&["--slot-name", &slot], "--publication");
+    usage(
+        &["--slot-name", "Bad-Slot", "--publication", "p"],
+        "--slot-name",
+    );
+    usage(
+        &[
+            "--slot-name",
+            &slot,
+            "--publication",
+            "p",
+            "--start-position",
+            "later",
+        ],
+        "--start-position",
+    );
+    let failed = |t: &str, args: &[&str], why: &str| {
+        let (code, _, err) = run_cli(
+            &[
+                &["cdc", "--once", "--source", &url, "--task", t][..],
+                &task.common()[2..],
+                args,
+            ]
+            .concat(),
+        );
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    };
+    // The recorded task cannot switch slots; a new one checks what it is given.
+    failed(
+        "native",
+        &["--slot-name", "other_slot", "--publication", "user_pub"],
+        "cannot switch",
+    );
+    failed(
+        "native2",
+        &["--slot-name", "no_such_slot", "--publication", "user_pub"],
+        "does not exist",
+    );
+    failed(
+        "native3",
+        &["--slot-name", &slot, "--publication", "no_such_pub"],
+        "publication no_such_pub does not exist",
+    );
+    failed(
+        "native4",
+        &[
+            "--slot-name",
+            &slot,
+            "--publication",
+            "user_pub",
+            "--start-position",
+            "0/1",
+        ],
+        "before slot",
+    );
+
+    let (code, out, err) = run_cli(&["teardown", "--task", "native", "--source", &url, "--yes"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let kept: i64 = c
+        .query_one(
+            "select (select count(*) from pg_replication_slots where slot_name = $1) + (select count(*) from pg_publication where pubname = 'user_pub')",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 2, "teardown leaves the user's slot and publication");
+    c.query_one("select pg_drop_replication_slot($1)::text", &[&slot])
+        .await
+        .unwrap();
+}

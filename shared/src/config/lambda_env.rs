@@ -32,6 +32,8 @@ pub struct LambdaEnv {
     pub csv_header: bool,
     /// S3Settings' `DatePartitionEnabled` (+ sequence and delimiter).
     pub date_partition: Option<crate::staging::layout::DatePartition>,
+    /// `S3Settings` `CsvDelimiter` / `CsvNullValue` / `CsvRowDelimiter`.
+    pub csv: crate::staging::dialect::CsvDialect,
     /// S3Settings' `EncryptionMode` / `ServerSideEncryptionKmsKeyId` for staged objects.
     pub encryption: crate::staging::Encryption,
     /// `PGSHIFT_TABLE_MAPPINGS`: DMS table-mapping JSON (selection rules).
@@ -48,6 +50,9 @@ pub struct LambdaEnv {
     /// `PGSHIFT_CDC_STOP_POSITION`: the poller stages nothing committed at or after this WAL
     /// position (DMS's `CdcStopPosition`).
     pub cdc_stop_position: Option<StopPosition>,
+    /// `PGSHIFT_SLOT_NAME` + `PGSHIFT_PUBLICATION` (+ `PGSHIFT_CDC_START_POSITION`): DMS's
+    /// native start, CDC from the user's slot and publication.
+    pub native_start: Option<crate::config::NativeStart>,
     /// `PGSHIFT_MAX_CONCURRENCY`: chunks exported at once by the state machine (default 8).
     pub max_concurrency: u32,
     /// `PGSHIFT_REPLICA_IDENTITY_FULL`: pgshift may set REPLICA IDENTITY FULL on selected
@@ -194,6 +199,22 @@ impl LambdaEnv {
         };
         let chunk_mb = number("PGSHIFT_CHUNK_MB", 256, 65_536)?;
         let s3_part_mb = number("PGSHIFT_S3_PART_MB", 8, 5120)?;
+        let native_start = native_start(
+            get("PGSHIFT_SLOT_NAME"),
+            get("PGSHIFT_PUBLICATION"),
+            get("PGSHIFT_CDC_START_POSITION"),
+            (
+                "PGSHIFT_SLOT_NAME",
+                "PGSHIFT_PUBLICATION",
+                "PGSHIFT_CDC_START_POSITION",
+            ),
+        )?;
+        if native_start.is_some() && cdc {
+            return Err(Error::config(
+                "PGSHIFT_SLOT_NAME",
+                "a native start is CDC-only (the full load with CDC makes its own slot for its snapshot): set PGSHIFT_CDC (CaptureChanges) to false",
+            ));
+        }
         let cdc_stop_position = get("PGSHIFT_CDC_STOP_POSITION")
             .map(|v| parse_stop_position(&v, "PGSHIFT_CDC_STOP_POSITION"))
             .transpose()?;
@@ -237,6 +258,7 @@ impl LambdaEnv {
             chunk_mb,
             s3_part_mb,
             cdc_stop_position,
+            native_start,
             max_concurrency,
             peek_sessions,
             format,
@@ -247,6 +269,10 @@ impl LambdaEnv {
             cdc_ops: s3_settings.as_ref().map(|s| s.cdc_ops).unwrap_or_default(),
             csv_header: s3_settings.as_ref().is_some_and(|s| s.add_column_name),
             date_partition: s3_settings.as_ref().and_then(|s| s.date_partition),
+            csv: s3_settings
+                .as_ref()
+                .map(|s| s.csv.clone())
+                .unwrap_or_default(),
             encryption: s3_settings.map(|s| s.encryption).unwrap_or_default(),
             selection,
             source_secret_arn: get("PGSHIFT_SOURCE_SECRET_ARN"),
@@ -302,6 +328,46 @@ pub fn parse_stop_position(value: &str, field: &str) -> Result<StopPosition> {
             format!("{v:?} is not a WAL position (X/Y) or commit_time:<time>: {e}"),
         )
     })
+}
+
+/// DMS's native start from its three settings (slot, publication, start position; named by
+/// `fields`): all unset is none; a start position or publication without a slot is an error,
+/// as is a slot without its publication.
+pub fn native_start(
+    slot: Option<String>,
+    publication: Option<String>,
+    start: Option<String>,
+    fields: (&str, &str, &str),
+) -> Result<Option<crate::config::NativeStart>> {
+    let start = start
+        .map(|v| {
+            let t = v.trim();
+            t.strip_prefix("lsn:").unwrap_or(t).parse().map_err(|e| {
+                Error::config(fields.2, format!("{t:?} is not a WAL position (X/Y): {e}"))
+            })
+        })
+        .transpose()?;
+    match (slot, publication) {
+        (None, None) if start.is_none() => Ok(None),
+        (None, _) => Err(Error::config(
+            fields.0,
+            format!(
+                "a native start reads the user's slot: give {} (with {})",
+                fields.0, fields.1
+            ),
+        )),
+        (Some(_), None) => Err(Error::config(
+            fields.1,
+            "a native start reads the user's publication too (made before the slot): give its name",
+        )),
+        (Some(slot), Some(publication)) => crate::config::NativeStart::new(
+            slot.trim(),
+            publication.trim(),
+            start,
+            (fields.0, fields.1),
+        )
+        .map(Some),
+    }
 }
 
 /// A whole number in `1..=max`; `default` when unset.
@@ -409,6 +475,52 @@ mod tests {
                 .to_string();
             assert!(err.contains("PGSHIFT_CDC_STOP_POSITION"), "{err}");
             assert!(err.contains(why), "{bad}: {err}");
+        }
+        let err = LambdaEnv::from_pairs([
+            ("PGSHIFT_SLOT_NAME", "dms_slot"),
+            ("PGSHIFT_PUBLICATION", "dms_pub"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("CDC-only"), "{err}");
+        let env = LambdaEnv::from_pairs([
+            ("PGSHIFT_CDC", "false"),
+            ("PGSHIFT_SLOT_NAME", "dms_slot"),
+            ("PGSHIFT_PUBLICATION", "dms_pub"),
+            ("PGSHIFT_CDC_START_POSITION", "lsn:16/B3000000"),
+        ])
+        .unwrap();
+        let native = env.native_start.unwrap();
+        assert_eq!(
+            (native.slot.as_str(), native.publication.as_str()),
+            ("dms_slot", "dms_pub")
+        );
+        assert_eq!(
+            native.start.map(|l| l.to_string()).as_deref(),
+            Some("16/B3000000")
+        );
+        for (pairs, field) in [
+            (
+                vec![("PGSHIFT_CDC_START_POSITION", "16/0")],
+                "PGSHIFT_SLOT_NAME",
+            ),
+            (vec![("PGSHIFT_SLOT_NAME", "s")], "PGSHIFT_PUBLICATION"),
+            (
+                vec![("PGSHIFT_SLOT_NAME", "Bad"), ("PGSHIFT_PUBLICATION", "p")],
+                "PGSHIFT_SLOT_NAME",
+            ),
+            (
+                vec![
+                    ("PGSHIFT_CDC", "false"),
+                    ("PGSHIFT_SLOT_NAME", "s"),
+                    ("PGSHIFT_PUBLICATION", "p"),
+                    ("PGSHIFT_CDC_START_POSITION", "soon"),
+                ],
+                "PGSHIFT_CDC_START_POSITION",
+            ),
+        ] {
+            let err = LambdaEnv::from_pairs(pairs).unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
         }
         let env = LambdaEnv::from_pairs([("PGSHIFT_SOURCE_SSLMODE", "auto")]).unwrap();
         assert_eq!(env.source_sslmode, None);

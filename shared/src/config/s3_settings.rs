@@ -5,7 +5,8 @@
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::staging::encode::Format;
+use crate::staging::dialect::CsvDialect;
+use crate::staging::encode::{Encoding, Format};
 use crate::staging::s3::Encryption;
 
 /// What a DMS `S3Settings` document asks of pgshift.
@@ -28,6 +29,8 @@ pub struct S3Settings {
     pub date_partition: Option<crate::staging::layout::DatePartition>,
     /// `EncryptionMode` (+ `ServerSideEncryptionKmsKeyId`): how objects are encrypted.
     pub encryption: Encryption,
+    /// `CsvDelimiter`, `CsvNullValue`, `CsvRowDelimiter`: the CSV dialect of staged files.
+    pub csv: CsvDialect,
     /// Settings accepted but without effect here, each with why (printed, never silent).
     pub notes: Vec<String>,
 }
@@ -106,6 +109,8 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
     let (mut sequence, mut delimiter, mut date_keys) = (None, None, Vec::new());
     let (mut kms_mode, mut kms_key) = (false, None);
     let (mut inserts_only, mut inserts_and_updates) = (false, false);
+    let (mut csv_delimiter, mut csv_null, mut csv_row_delimiter) =
+        (",".to_owned(), String::new(), "\n".to_owned());
     for (k, v) in obj {
         match k.as_str() {
             "BucketName" => bucket = Some(string(k, v)?),
@@ -124,16 +129,9 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
             "CdcInsertsAndUpdates" => inserts_and_updates = flag(k, v)?,
             "AddColumnName" => out.add_column_name = flag(k, v)?,
             "DatePartitionEnabled" => partitioned = flag(k, v)?,
-            "CsvDelimiter" if string(k, v)? != "," => {
-                return Err(unsupported(k, "the delimiter is ','"));
-            }
-            "CsvRowDelimiter" if !matches!(string(k, v)?.as_str(), "\n" | "\\n") => {
-                return Err(unsupported(k, "rows end with \\n"));
-            }
-            "CsvNullValue" if !string(k, v)?.is_empty() => {
-                return Err(unsupported(k, "NULL is an empty unquoted field (an empty string is \"\")"));
-            }
-            "CsvDelimiter" | "CsvRowDelimiter" | "CsvNullValue" => {}
+            "CsvDelimiter" => csv_delimiter = string(k, v)?,
+            "CsvRowDelimiter" => csv_row_delimiter = string(k, v)?,
+            "CsvNullValue" => csv_null = string(k, v)?,
             "CdcPath" if !string(k, v)?.is_empty() => {
                 return Err(unsupported(k, "CDC files are under <folder>/<schema>/<table>/ with their batch manifests in _manifests/cdc/"));
             }
@@ -213,6 +211,7 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
             ));
         }
     };
+    out.csv = CsvDialect::new(&csv_delimiter, &csv_null, &csv_row_delimiter, at)?;
     if partitioned {
         out.date_partition = Some(crate::staging::layout::DatePartition {
             sequence: sequence.unwrap_or(crate::staging::layout::DateSequence::Yyyymmdd),
@@ -239,6 +238,12 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
             ));
         }
     };
+    if !out.csv.is_default() && out.format.is_some_and(|f| f.encoding != Encoding::Csv) {
+        return Err(Error::config(
+            at("CsvDelimiter"),
+            "CsvDelimiter, CsvNullValue and CsvRowDelimiter shape CSV files; DataFormat is parquet",
+        ));
+    }
     match (bucket, folder) {
         (Some(b), f) if !b.is_empty() => {
             let folder = f.unwrap_or_default();
@@ -281,6 +286,20 @@ mod tests {
         assert!(s.commit_ts_column);
         assert_eq!(s.encryption, Encryption::BucketDefault);
         assert_eq!(s.notes.len(), 1, "the role is named as not used");
+        assert!(s.csv.is_default());
+        let s = parse(
+            r#"{"CsvDelimiter": "\t", "CsvNullValue": "\\N", "CsvRowDelimiter": "\r\n"}"#,
+            "x",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                s.csv.delimiter.as_str(),
+                s.csv.null_value.as_str(),
+                s.csv.row_delimiter.as_str()
+            ),
+            ("\t", "\\N", "\r\n")
+        );
         let s = parse(r#"{"DataFormat": "parquet"}"#, "x").unwrap();
         assert_eq!(s.format, Some(Format::parse("parquet", "f").unwrap()));
         assert!(s.stage.is_none());
@@ -365,7 +384,13 @@ mod tests {
             (r#"{"CdcInsertsOnly": 1}"#, "CdcInsertsOnly"),
             (r#"{"IncludeOpForFullLoad": "yes"}"#, "IncludeOpForFullLoad"),
             (r#"{"AddColumnName": "maybe"}"#, "AddColumnName"),
-            (r#"{"CsvDelimiter": "|"}"#, "CsvDelimiter"),
+            (r#"{"CsvDelimiter": "ab"}"#, "CsvDelimiter"),
+            (r#"{"CsvRowDelimiter": "\\r"}"#, "CsvRowDelimiter"),
+            (r#"{"CsvNullValue": "a,b"}"#, "CsvNullValue"),
+            (
+                r#"{"CsvNullValue": "NULL", "DataFormat": "parquet"}"#,
+                "CsvDelimiter",
+            ),
             (r#"{"DatePartitionEnabled": 3}"#, "DatePartitionEnabled"),
             (
                 r#"{"DatePartitionEnabled": true, "DatePartitionSequence": "YYYY"}"#,

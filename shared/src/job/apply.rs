@@ -544,7 +544,9 @@ async fn apply_batch<S: ObjectSink>(
                     .unwrap_or_default();
                 FileBytes::open_parquet_cdc(sink, file, &columns).await?
             } else {
-                FileBytes::open(sink, &file.key, file.bytes, file.checksum.as_deref()).await?
+                FileBytes::open(sink, &file.key, file.bytes, file.checksum.as_deref())
+                    .await?
+                    .with_dialect(&m.csv)
             };
             let mut changes = Changes::new(m, file, &schemas);
             // An object that is not what its manifest says is named as such, whatever broke

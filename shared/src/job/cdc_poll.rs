@@ -81,7 +81,7 @@ use crate::staging::{ObjectSink, ObjectWriter};
 use crate::state::StateStore;
 use crate::state::records::{Lease, TaskRecord};
 use crate::state::records::{Outcome, PollReport};
-use crate::task::ensure_task;
+use crate::task::{adopt_task, ensure_task};
 use events::{failed, lag_change};
 
 /// The way to start a task over once its slot cannot serve it (tested: `tests/src/safety.rs`).
@@ -133,15 +133,20 @@ async fn poll_once<Src: CdcSource, S: ObjectSink, St: StateStore>(
     {
         layout::check_writable(sink).await?;
     }
-    let task = ensure_task(
-        source,
-        state,
-        &opts.task,
-        &opts.capture(),
-        opts.create_if_missing,
-        "cdc",
-    )
-    .await?;
+    let task = match &opts.native_start {
+        Some(native) => adopt_task(source, state, &opts.task, native).await?,
+        None => {
+            ensure_task(
+                source,
+                state,
+                &opts.task,
+                &opts.capture(),
+                opts.create_if_missing,
+                "cdc",
+            )
+            .await?
+        }
+    };
     let lease = match Lease::acquire(
         state,
         &opts.task,
@@ -382,10 +387,16 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         let opts = self.opts;
         // The publications follow the selection; up to where the insert-only one exists
         // (an earlier version's task) the main one is read alone (`source::publication`).
-        let pubs = self
-            .source
-            .sync_publications(&self.task.publication, &opts.capture())
-            .await?;
+        // A native start's publication is its user's: checked, never changed.
+        let pubs = if self.task.adopted {
+            self.source
+                .adopted_publication(&self.task.publication, &opts.capture())
+                .await?
+        } else {
+            self.source
+                .sync_publications(&self.task.publication, &opts.capture())
+                .await?
+        };
         let server_version = self.source.prepare_peeks(&opts.decoding_work_mem).await?;
         self.messages = server_version >= 140_000;
         self.ddl_messages = self.messages && opts.capture_ddl && pubs.follows;
@@ -467,8 +478,11 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         let mut b = Batch::empty(self.checkpoint());
         b.record_xids = self.xid_horizon.is_some_and(|h| b.start < h);
         b.date_partition = self.opts.date_partition;
-        if self.opts.csv_header && self.opts.format.encoding == Encoding::Csv {
-            b.csv_header = Some((self.opts.commit_ts_column, self.opts.op_field()));
+        if self.opts.format.encoding == Encoding::Csv {
+            if self.opts.csv_header {
+                b.csv_header = Some((self.opts.commit_ts_column, self.opts.op_field()));
+            }
+            b.dialect = self.opts.csv_dialect.clone();
         }
         let existing = self.sink.list(&layout::manifest_prefix(b.start)).await?;
         b.must_end = layout::existing_batch_end(&existing, b.start);
@@ -505,6 +519,11 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             cdc_ops: opts.cdc_ops,
             op_field: opts.op_field(),
             header: opts.csv_header && opts.format.encoding == Encoding::Csv,
+            csv: if opts.format.encoding == Encoding::Csv {
+                opts.csv_dialect.clone()
+            } else {
+                Default::default()
+            },
         };
         let key = manifest_key(batch.start, end);
         layout::put_json(self.sink, &key, &manifest).await?;

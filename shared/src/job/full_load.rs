@@ -111,6 +111,11 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
         // Parquet and JSON Lines rows have their op already.
         op_column: opts.load_op_column && opts.format.encoding == Encoding::Csv,
         header: opts.csv_header && opts.format.encoding == Encoding::Csv,
+        csv: if opts.format.encoding == Encoding::Csv {
+            opts.csv_dialect.clone()
+        } else {
+            Default::default()
+        },
         l0,
         status: "planned".to_owned(),
     };
@@ -514,7 +519,8 @@ async fn copy_chunk<S: ObjectSink>(
     .await?;
     let mut stream = std::pin::pin!(stream);
     let format = plan.format;
-    let mut out = EncodedWriter::new(sink.writer(&record.key).await?, format);
+    let mut out =
+        EncodedWriter::new(sink.writer(&record.key).await?, format).with_dialect(&plan.csv);
     let mut enc = ChunkEncoder::new(table, format, plan.op_column)?;
     if plan.header {
         let op = plan.op_column.then(|| "Op".to_owned());
@@ -589,6 +595,7 @@ pub async fn finish<S: ObjectSink, St: StateStore>(
             format: plan.format,
             op_column: plan.op_column,
             header: plan.header,
+            csv: plan.csv.clone(),
             columns: t.columns.clone(),
             l0: plan.l0,
             rows: chunks.iter().map(|c| c.rows).sum(),

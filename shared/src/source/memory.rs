@@ -304,6 +304,41 @@ impl CdcSource for MemorySource {
         })
     }
 
+    async fn adopt_replication(
+        &self,
+        slot: &str,
+        publication: &str,
+        start: Option<Lsn>,
+    ) -> Result<Replication> {
+        let state = self.slot_state(slot).await?;
+        let flush = self.flush_lsn();
+        // Memory publications all exist but the empty name.
+        let start_lsn = super::check_adoption(
+            slot,
+            publication,
+            state.as_ref(),
+            !publication.is_empty(),
+            "memory",
+            start,
+            flush,
+        )?;
+        if state.and_then(|s| s.confirmed_flush_lsn) < Some(start_lsn) {
+            self.advance(slot, start_lsn).await?;
+        }
+        Ok(Replication {
+            start_lsn,
+            database: "memory".to_owned(),
+        })
+    }
+
+    async fn adopted_publication(
+        &self,
+        _publication: &str,
+        _capture: &Capture,
+    ) -> Result<Publications> {
+        Ok(Publications::default())
+    }
+
     async fn sync_publications(&self, _name: &str, _capture: &Capture) -> Result<Publications> {
         Ok(Publications {
             since: Some(Lsn::ZERO),

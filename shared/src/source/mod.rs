@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::change::decoder::RelationInfo;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::selection::Selection;
 
@@ -66,6 +66,65 @@ pub struct Capture {
     pub ddl_schema: String,
 }
 
+/// Whether a user's slot can serve an adopted task ([`CdcSource::adopt_replication`]);
+/// returns the task's start. `flush` is the source's WAL flush position.
+pub fn check_adoption(
+    slot: &str,
+    publication: &str,
+    state: Option<&SlotState>,
+    publication_exists: bool,
+    database: &str,
+    start: Option<Lsn>,
+    flush: Lsn,
+) -> Result<Lsn> {
+    let how = format!(
+        "create the publication first, then the slot: create publication {publication} for table ...; select pg_create_logical_replication_slot('{slot}', 'pgoutput')"
+    );
+    let Some(s) = state else {
+        return Err(Error::Source(format!(
+            "replication slot {slot} does not exist ({how})"
+        )));
+    };
+    if s.plugin != "pgoutput" {
+        return Err(Error::Source(format!(
+            "replication slot {slot} decodes with {:?}; pgshift reads pgoutput slots ({how})",
+            s.plugin
+        )));
+    }
+    if s.database != database {
+        return Err(Error::Source(format!(
+            "replication slot {slot} belongs to database {:?}, not {database:?}",
+            s.database
+        )));
+    }
+    if s.active {
+        return Err(Error::Source(format!(
+            "replication slot {slot} is in use by another process: stop what reads it first"
+        )));
+    }
+    if s.wal_status == "lost" {
+        return Err(Error::SlotLost(format!(
+            "replication slot {slot} has lost WAL it needs; it cannot serve a task"
+        )));
+    }
+    if !publication_exists {
+        return Err(Error::Source(format!(
+            "publication {publication} does not exist ({how})"
+        )));
+    }
+    let confirmed = s.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
+    match start {
+        None => Ok(confirmed),
+        Some(at) if at < confirmed => Err(Error::Source(format!(
+            "the start position {at} is before slot {slot}'s confirmed position {confirmed}: the changes before it are gone from the slot; start at {confirmed} or later"
+        ))),
+        Some(at) if at > flush => Err(Error::Source(format!(
+            "the start position {at} is past the source's WAL ({flush})"
+        ))),
+        Some(at) => Ok(at),
+    }
+}
+
 /// One peek (see the CDC poller's module docs, step 3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeekRequest {
@@ -97,6 +156,23 @@ pub trait CdcSource: Send + Sync {
         name: &str,
         capture: &Capture,
     ) -> impl Future<Output = Result<Replication>> + Send;
+    /// Takes over a slot and publication the user made (DMS's native start): the slot must
+    /// be a pgoutput slot of this database that no one is reading, the publication must
+    /// exist; the task starts at `start` (checked against the slot; the slot is advanced to
+    /// it) or the slot's confirmed position. Nothing is created.
+    fn adopt_replication(
+        &self,
+        slot: &str,
+        publication: &str,
+        start: Option<Lsn>,
+    ) -> impl Future<Output = Result<Replication>> + Send;
+    /// An adopted task's publication, checked and never changed: selected tables it does
+    /// not publish are `skipped`.
+    fn adopted_publication(
+        &self,
+        publication: &str,
+        capture: &Capture,
+    ) -> impl Future<Output = Result<Publications>> + Send;
     /// Brings the task's publications to the selection (and keeps following it).
     fn sync_publications(
         &self,

@@ -104,6 +104,63 @@ impl CdcSource for PgSource {
         })
     }
 
+    async fn adopt_replication(
+        &self,
+        slot: &str,
+        publication: &str,
+        start: Option<Lsn>,
+    ) -> Result<Replication> {
+        let server = catalog::server_info(&self.control).await?;
+        let state = slot::slot_state(&self.control, slot).await?;
+        let exists = publication::exists(&self.control, publication).await?;
+        let flush = slot::flush_lsn(&self.control).await?;
+        let start_lsn = super::check_adoption(
+            slot,
+            publication,
+            state.as_ref(),
+            exists,
+            &server.database,
+            start,
+            flush,
+        )?;
+        // The slot moves to the start now: what it held before it is the user's choice to
+        // skip (a later poll would otherwise find transactions it never staged).
+        if state.and_then(|s| s.confirmed_flush_lsn) < Some(start_lsn) {
+            slot::advance(&self.control, slot, start_lsn).await?;
+        }
+        Ok(Replication {
+            start_lsn,
+            database: server.database,
+        })
+    }
+
+    async fn adopted_publication(
+        &self,
+        publication: &str,
+        capture: &Capture,
+    ) -> Result<Publications> {
+        if !publication::exists(&self.control, publication).await? {
+            return Err(Error::Source(format!(
+                "publication {publication} (the task's, made by its user) no longer exists: create it again with the tables it published"
+            )));
+        }
+        let published = publication::tables(&self.control, publication).await?;
+        let selected = catalog::user_tables(&self.control, &capture.selection).await?;
+        let skipped: Vec<String> = selected
+            .iter()
+            .filter(|t| !t.is_partition)
+            .filter(|t| !published.contains(&(t.schema.clone(), t.name.clone())))
+            .map(|t| format!("{}.{}", t.schema, t.name))
+            .collect();
+        if !skipped.is_empty() {
+            tracing::warn!(%publication, ?skipped, "selected tables the user's publication does not publish: their changes are not captured");
+        }
+        Ok(Publications {
+            skipped,
+            ..Publications::default()
+        })
+    }
+
     async fn sync_publications(&self, name: &str, capture: &Capture) -> Result<Publications> {
         let server = catalog::server_info(&self.control).await?;
         let mut tables = catalog::user_tables(&self.control, &capture.selection).await?;

@@ -69,6 +69,30 @@ pub struct Publications {
     pub follows: bool,
 }
 
+/// Whether a publication exists.
+pub async fn exists(client: &Client, name: &str) -> Result<bool> {
+    let row = client
+        .query_one(
+            "select exists (select 1 from pg_publication where pubname = $1)",
+            &[&name],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("looking up publication {name}"), e))?;
+    Ok(row.get(0))
+}
+
+/// The tables a publication publishes (`schema`, `table`), as PostgreSQL lists them.
+pub async fn tables(client: &Client, name: &str) -> Result<Vec<(String, String)>> {
+    let rows = client
+        .query(
+            "select schemaname::text, tablename::text from pg_publication_tables where pubname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("listing the tables of publication {name}"), e))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// The tables a publication should hold: partitioned roots (PostgreSQL 13+, published through
 /// the root) or, before 13, their partitions; plain tables as they are.
 fn published(tables: &[TableInfo], version_num: i32) -> Vec<&TableInfo> {

@@ -62,6 +62,25 @@ impl<S: CdcSource> CdcSource for UnreliableSource<S> {
         self.inner.create_replication(name, capture).await
     }
 
+    async fn adopt_replication(
+        &self,
+        slot: &str,
+        publication: &str,
+        start: Option<Lsn>,
+    ) -> Result<Replication> {
+        self.alive()?;
+        self.inner.adopt_replication(slot, publication, start).await
+    }
+
+    async fn adopted_publication(
+        &self,
+        publication: &str,
+        capture: &Capture,
+    ) -> Result<Publications> {
+        self.alive()?;
+        self.inner.adopted_publication(publication, capture).await
+    }
+
     async fn sync_publications(&self, name: &str, capture: &Capture) -> Result<Publications> {
         self.alive()?;
         self.inner.sync_publications(name, capture).await

@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::ObjectSink;
+use super::dialect::CsvDialect;
 use super::encode::Format;
 use crate::change::ddl::{SchemaChange, TableDefinition};
 use crate::error::{Error, Result};
@@ -374,6 +375,10 @@ pub struct BatchManifest {
     /// `AddColumnName`); a file then holds one schema version.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub header: bool,
+    /// The CSV dialect (DMS's `CsvDelimiter`, `CsvNullValue`, `CsvRowDelimiter`; absent:
+    /// PostgreSQL's CSV).
+    #[serde(default, skip_serializing_if = "CsvDialect::is_default")]
+    pub csv: CsvDialect,
 }
 
 /// `<schema>/<table>/_schema/<lsn>.json`.
@@ -458,6 +463,10 @@ pub struct LoadManifest {
     /// CSV files start with a header row of column names (DMS's `AddColumnName`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub header: bool,
+    /// The CSV dialect (DMS's `CsvDelimiter`, `CsvNullValue`, `CsvRowDelimiter`; absent:
+    /// PostgreSQL's CSV).
+    #[serde(default, skip_serializing_if = "CsvDialect::is_default")]
+    pub csv: CsvDialect,
     pub columns: Vec<String>,
     pub l0: Option<Lsn>,
     pub rows: u64,

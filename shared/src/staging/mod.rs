@@ -3,7 +3,7 @@
 //! - the [`ObjectSink`] seam, with S3 ([`S3Sink`]), local-folder ([`LocalSink`]) and
 //!   in-memory ([`MemorySink`]) implementations, and [`UnreliableSink`] for fault injection;
 //! - [`layout`]: every object key and manifest type; [`encode`]: rows → CSV, JSON Lines,
-//!   Parquet; [`decode`]: staged CSV read back.
+//!   Parquet; [`decode`]: staged CSV read back; [`dialect`]: DMS's CSV settings.
 //!
 //! Keys are relative to the sink's prefix and use `/` separators. An object becomes visible
 //! only when its writer finishes: S3 completes the multipart upload (or puts a small object
@@ -93,6 +93,7 @@ pub(crate) fn check_key(key: &str) -> Result<()> {
 }
 
 pub mod decode;
+pub mod dialect;
 pub mod encode;
 pub mod layout;
 mod local;

@@ -29,8 +29,13 @@ pub struct TaskRecord {
     /// The slot's consistent point: CDC starts here (`L0`).
     pub start_lsn: Lsn,
     pub database: String,
-    /// `cdc` for a CDC-only task, `full-load` when the full load created it.
+    /// `cdc` for a CDC-only task, `full-load` when the full load created it, `native-start`
+    /// when it took over its user's slot and publication.
     pub created_by: String,
+    /// The slot and publication are the user's (DMS's native start): pgshift never changes
+    /// nor drops them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopted: bool,
 }
 
 /// The CDC item (`sk = cdc`).
@@ -467,6 +472,13 @@ pub struct PlanRecord {
     /// CSV files start with a header row of column names (DMS's `AddColumnName`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub header: bool,
+    /// The CSV dialect (DMS's `CsvDelimiter`, `CsvNullValue`, `CsvRowDelimiter`; absent:
+    /// PostgreSQL's CSV).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::staging::dialect::CsvDialect::is_default"
+    )]
+    pub csv: crate::staging::dialect::CsvDialect,
     /// The slot's consistent point when CDC is on.
     pub l0: Option<Lsn>,
     /// `planned` or `complete`.

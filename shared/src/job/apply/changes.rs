@@ -494,6 +494,7 @@ mod tests {
             cdc_ops: Default::default(),
             op_field: true,
             header: false,
+            csv: Default::default(),
         };
         (m, file)
     }

@@ -14,6 +14,7 @@ use super::target::{Tables, apply_schema_change, sync_columns};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::source::quote_qualified;
+use crate::staging::dialect::{CsvDialect, Direction, Transcoder};
 use crate::staging::encode::parquet_read::ParquetRows;
 use crate::staging::layout::{self, BatchFile, StoredSchema};
 use crate::staging::{ObjectReader, ObjectSink};
@@ -54,6 +55,9 @@ pub(super) struct FileBytes {
     /// A Parquet CDC file: read back as CSV rows (`op`, the columns, `unchanged`) after it
     /// is spooled whole.
     parquet: Option<ParquetCdc>,
+    /// A CSV dialect (DMS's CsvDelimiter / CsvNullValue / CsvRowDelimiter) read back as
+    /// PostgreSQL's CSV.
+    dialect: Option<Transcoder>,
 }
 
 struct ParquetCdc {
@@ -98,7 +102,15 @@ impl FileBytes {
                 .then(|| flate2::write::GzDecoder::new(Vec::new())),
             done: false,
             parquet: None,
+            dialect: None,
         })
+    }
+
+    /// A CSV file written in `dialect`: its pieces are PostgreSQL's CSV all the same.
+    pub(super) fn with_dialect(mut self, dialect: &CsvDialect) -> FileBytes {
+        self.dialect = (!dialect.is_default())
+            .then(|| Transcoder::new(dialect.clone(), Direction::ToStandard));
+        self
     }
 
     /// A staged Parquet CDC file of `columns` (its schema version's), whose pieces are CSV
@@ -188,7 +200,26 @@ impl FileBytes {
             }
             return Ok(next.map(Bytes::from));
         }
-        self.next_raw_piece().await
+        if self.dialect.is_none() {
+            return self.next_raw_piece().await;
+        }
+        loop {
+            let piece = self.next_raw_piece().await?;
+            let Some(t) = self.dialect.as_mut() else {
+                return Ok(piece);
+            };
+            let Some(piece) = piece else {
+                t.finish()
+                    .map_err(|e| Error::Staged(format!("{}: {e}", self.key)))?;
+                return Ok(None);
+            };
+            let mut out = Vec::with_capacity(piece.len() + piece.len() / 8);
+            t.feed(&piece, &mut out)
+                .map_err(|e| Error::Staged(format!("{}: {e}", self.key)))?;
+            if !out.is_empty() {
+                return Ok(Some(Bytes::from(out)));
+            }
+        }
     }
 
     /// The next piece of the object's (decompressed) bytes; `None` at its end.

@@ -323,7 +323,9 @@ async fn load_chunk<S: ObjectSink>(
         .await
         .map_err(|e| Error::postgres(format!("staging a chunk of {name}"), e))?;
     }
-    let mut bytes = FileBytes::open(sink, &chunk.key, chunk.bytes, None).await?;
+    let mut bytes = FileBytes::open(sink, &chunk.key, chunk.bytes, None)
+        .await?
+        .with_dialect(&t.manifest.csv);
     let copied = if t.manifest.format.encoding == Encoding::Parquet {
         copy_parquet_chunk(&tx, t, &chunk.key, &mut bytes).await
     } else {

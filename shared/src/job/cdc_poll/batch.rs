@@ -11,6 +11,7 @@ use crate::change::{Op, RowChange};
 use crate::error::Result;
 use crate::lsn::Lsn;
 use crate::pgoutput::Value;
+use crate::staging::dialect::CsvDialect;
 use crate::staging::encode::parquet::ParquetEncoder;
 use crate::staging::encode::{EncodedWriter, Encoding, Format, csv_header};
 use crate::staging::layout::{
@@ -73,6 +74,8 @@ pub(super) struct Batch<W: ObjectWriter> {
     /// CSV files start with a header row (AddColumnName): (commit time column, Op field).
     /// A file then holds one schema version, as in Parquet.
     pub(super) csv_header: Option<(bool, bool)>,
+    /// CSV files in this dialect (CsvDelimiter / CsvNullValue / CsvRowDelimiter).
+    pub(super) dialect: CsvDialect,
 }
 
 impl<W: ObjectWriter> Batch<W> {
@@ -94,6 +97,7 @@ impl<W: ObjectWriter> Batch<W> {
             date_partition: None,
             txn_commit_ts: 0,
             csv_header: None,
+            dialect: CsvDialect::default(),
         }
     }
 
@@ -225,7 +229,7 @@ impl<W: ObjectWriter> Batch<W> {
         );
         let writer = sink.writer(&key).await?;
         Ok(TableFile {
-            writer: EncodedWriter::new(writer, format),
+            writer: EncodedWriter::new(writer, format).with_dialect(&self.dialect),
             format,
             parquet: None,
             latest: rel.schema.clone(),

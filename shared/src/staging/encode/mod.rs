@@ -22,6 +22,7 @@ use crate::change::{Op, RowChange, format_pg_timestamp};
 use crate::error::{Error, Result};
 use crate::pgoutput::Value;
 use crate::staging::ObjectWriter;
+use crate::staging::dialect::{CsvDialect, Direction, Transcoder};
 
 pub mod parquet;
 pub mod parquet_read;
@@ -290,6 +291,9 @@ pub struct EncodedWriter<W: ObjectWriter> {
     /// Uncompressed bytes written.
     pub raw_bytes: u64,
     pub rows: u64,
+    /// Rows rewritten into a CSV dialect (DMS's CsvDelimiter / CsvNullValue /
+    /// CsvRowDelimiter) on their way in, and the buffer they are rewritten into.
+    dialect: Option<(Transcoder, Vec<u8>)>,
 }
 
 impl<W: ObjectWriter> EncodedWriter<W> {
@@ -302,7 +306,19 @@ impl<W: ObjectWriter> EncodedWriter<W> {
             hash: xxhash_rust::xxh3::Xxh3::new(),
             raw_bytes: 0,
             rows: 0,
+            dialect: None,
         }
+    }
+
+    /// CSV rows written in `dialect` (PostgreSQL's CSV, the default, as they come).
+    pub fn with_dialect(mut self, dialect: &CsvDialect) -> EncodedWriter<W> {
+        self.dialect = (!dialect.is_default()).then(|| {
+            (
+                Transcoder::new(dialect.clone(), Direction::ToDialect),
+                Vec::new(),
+            )
+        });
+        self
     }
 
     /// Appends one encoded row.
@@ -312,6 +328,20 @@ impl<W: ObjectWriter> EncodedWriter<W> {
 
     /// Appends `rows` complete encoded rows.
     pub async fn write_rows(&mut self, row: &[u8], rows: u64) -> Result<()> {
+        let Some((t, buf)) = self.dialect.as_mut() else {
+            return self.write_encoded(row, rows).await;
+        };
+        let mut out = std::mem::take(buf);
+        out.clear();
+        t.feed(row, &mut out)?;
+        let written = self.write_encoded(&out, rows).await;
+        if let Some((_, buf)) = self.dialect.as_mut() {
+            *buf = out;
+        }
+        written
+    }
+
+    async fn write_encoded(&mut self, row: &[u8], rows: u64) -> Result<()> {
         self.raw_bytes += row.len() as u64;
         self.rows += rows;
         // Uncompressed rows go straight to the writer, which buffers its own part / block.
@@ -336,6 +366,9 @@ impl<W: ObjectWriter> EncodedWriter<W> {
     /// Completes the object; returns the stored size and the xxh3-64 (16 hex digits) of the
     /// stored bytes.
     pub async fn finish_hashed(mut self) -> Result<(u64, String)> {
+        if let Some((t, _)) = &self.dialect {
+            t.finish()?;
+        }
         if let Some(gz) = self.gz.take() {
             let rest = gz.finish().map_err(|e| Error::io("compressing", e))?;
             if !rest.is_empty() {

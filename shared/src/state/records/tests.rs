@@ -16,6 +16,7 @@ fn plan() -> PlanRecord {
         format: Format::default(),
         op_column: false,
         header: false,
+        csv: Default::default(),
         l0: Some(Lsn(7)),
         status: "planned".to_owned(),
     }
