@@ -279,3 +279,85 @@ async fn cdc_parquet_is_read_by_pyarrow_as_the_source_has_it() {
     assert_eq!(update["i2"], "1");
     assert_eq!(after["rows"][0]["added"], "new column");
 }
+
+/// DMS's `ParquetTimestampInMillisecond` (through `--s3-settings`): every timestamp column of
+/// the load's and CDC's Parquet — the table's and `commit_ts` — is `timestamp[ms]` for
+/// pyarrow, each value the source's truncated toward the past (before 1970 too); `apply`
+/// refuses such a stage, naming the setting (it lost the microseconds).
+#[tokio::test]
+async fn parquet_timestamps_in_milliseconds_as_dms_writes_them() {
+    let source = pgshift_tests::TestDb::new("pq_ms_src").await;
+    let target = pgshift_tests::TestDb::new("pq_ms_dst").await;
+    let c = source.client().await;
+    c.batch_execute(
+        "create table public.m (id int primary key, ts timestamp, tz timestamptz);
+         insert into public.m values (1, '1999-12-31 23:59:59.999999', '2024-02-29 12:00:00.123456+05:30'),
+                                     (2, '1969-07-20 20:17:40.000999', null);",
+    )
+    .await
+    .unwrap();
+    let task = pgshift_tests::CliTask::new("pqms", &source.config(), &target.config());
+    let (src, dst) = (task.src.clone(), task.dst.clone());
+    let stage = PathBuf::from(task.common()[3]);
+    let s3 = r#"{"DataFormat": "parquet", "ParquetTimestampInMillisecond": true}"#;
+    let (code, out, err) = task.run(&["full-load", "--source", &src, "--cdc", "--s3-settings", s3]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    c.batch_execute("insert into public.m values (3, '2026-12-02 10:00:00.000500', '2026-12-02 10:00:00.999999+00')")
+        .await
+        .unwrap();
+    let (code, out, err) = task.run(&["cdc", "--source", &src, "--once", "--s3-settings", s3]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let files = parquet_files(&stage);
+    assert_eq!(files.len(), 2, "{files:?}");
+    let mut seen = BTreeMap::new();
+    for f in read_with_pyarrow(&files) {
+        let schema: BTreeMap<String, String> = f["schema"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p[0].as_str().unwrap().to_owned(),
+                    p[1].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(schema["ts"], "timestamp[ms]", "{schema:?}");
+        assert_eq!(schema["tz"], "timestamp[ms, tz=UTC]", "{schema:?}");
+        assert_eq!(schema["commit_ts"], "timestamp[ms, tz=UTC]", "{schema:?}");
+        for row in f["rows"].as_array().unwrap() {
+            seen.insert(
+                row["id"].as_str().unwrap().to_owned(),
+                (row["ts"].clone(), row["tz"].clone()),
+            );
+        }
+    }
+    let want = c
+        .query(
+            "select id::text, floor(extract(epoch from ts) * 1000)::bigint::text, floor(extract(epoch from tz) * 1000)::bigint::text from public.m order by id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(seen.len(), want.len());
+    for r in want {
+        let (id, ts, tz): (String, Option<String>, Option<String>) = (r.get(0), r.get(1), r.get(2));
+        let got = &seen[&id];
+        assert_eq!(got.0.as_str(), ts.as_deref(), "ts of {id}");
+        assert_eq!(got.1.as_str(), tz.as_deref(), "tz of {id}");
+    }
+    let (code, out, err) = task.run(&["apply", "--target", &dst]);
+    assert_ne!(code, Some(0), "{out}{err}");
+    assert!(err.contains("ParquetTimestampInMillisecond"), "{err}");
+    let (code, _, err) = task.run(&[
+        "cdc",
+        "--source",
+        &src,
+        "--once",
+        "--s3-settings",
+        r#"{"DataFormat": "csv", "ParquetTimestampInMillisecond": true}"#,
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("ParquetTimestampInMillisecond"), "{err}");
+    let _ = pgshift_tests::run_cli(&["teardown", "--task", "pqms", "--source", &src, "--yes"]);
+}

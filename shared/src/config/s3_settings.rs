@@ -31,6 +31,8 @@ pub struct S3Settings {
     pub encryption: Encryption,
     /// `CsvDelimiter`, `CsvNullValue`, `CsvRowDelimiter`: the CSV dialect of staged files.
     pub csv: CsvDialect,
+    /// `ParquetTimestampInMillisecond`: Parquet timestamps in milliseconds (truncated).
+    pub parquet_timestamp_ms: bool,
     /// Settings accepted but without effect here, each with why (printed, never silent).
     pub notes: Vec<String>,
 }
@@ -53,15 +55,28 @@ impl S3Settings {
 
     /// The format: the settings' DataFormat/CompressionType, which must agree with a format
     /// given explicitly (`given_as` names it); else `format`.
+    /// `ParquetTimestampInMillisecond` applies to the format resolved, which must be Parquet.
     pub fn resolve_format(&self, format: Format, given_as: Option<&str>) -> Result<Format> {
-        match (self.format, given_as) {
-            (None, _) => Ok(format),
-            (Some(f), Some(field)) if f != format => Err(Error::config(
-                field,
-                "differs from S3Settings' DataFormat/CompressionType: give one of them",
-            )),
-            (Some(f), _) => Ok(f),
+        let mut f = match (self.format, given_as) {
+            (None, _) => format,
+            (Some(f), Some(field)) if (f.encoding, f.gzip) != (format.encoding, format.gzip) => {
+                return Err(Error::config(
+                    field,
+                    "differs from S3Settings' DataFormat/CompressionType: give one of them",
+                ));
+            }
+            (Some(f), _) => f,
+        };
+        if self.parquet_timestamp_ms {
+            if f.encoding != Encoding::Parquet {
+                return Err(Error::config(
+                    "S3Settings.ParquetTimestampInMillisecond",
+                    "shapes Parquet files; the format is not parquet",
+                ));
+            }
+            f.timestamp_ms = true;
         }
+        Ok(f)
     }
 }
 
@@ -136,10 +151,7 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
                 return Err(unsupported(k, "CDC files are under <folder>/<schema>/<table>/ with their batch manifests in _manifests/cdc/"));
             }
             "CdcPath" => {}
-            "ParquetTimestampInMillisecond" if flag(k, v)? => {
-                return Err(unsupported(k, "Parquet timestamps are microseconds"));
-            }
-            "ParquetTimestampInMillisecond" => {}
+            "ParquetTimestampInMillisecond" => out.parquet_timestamp_ms = flag(k, v)?,
             // SSE_S3 leaves objects to the bucket's default encryption (SSE-S3, or the KMS key
             // the stack's DataKmsKeyArn puts there), as DMS's default does.
             "EncryptionMode" => match string(k, v)?.to_ascii_uppercase().as_str() {

@@ -479,6 +479,13 @@ fn seen_rows(m: &BatchManifest, file: &BatchFile, at: &Applying<'_>) -> Result<V
     Ok(seen)
 }
 
+/// Why a stage with millisecond Parquet timestamps is not applied.
+pub(crate) fn millisecond_stage(what: &str) -> String {
+    format!(
+        "{what} was staged with S3Settings.ParquetTimestampInMillisecond: its timestamps lost their microseconds, which cannot make a target equal to the source; stage this task without it to apply it"
+    )
+}
+
 /// Applies one batch in one target transaction: each file's changes in commit order, in runs
 /// applied set-based ([`batch::Run`]) between the changes that need order (truncates, schema
 /// versions, a keyless table's updates and deletes, key moves of a non-primary replica
@@ -491,6 +498,12 @@ async fn apply_batch<S: ObjectSink>(
     tables: &mut Tables,
 ) -> Result<(u64, u64)> {
     let (task, position) = (at.task, at.position);
+    if m.format.timestamp_ms {
+        return Err(Error::Staged(millisecond_stage(&format!(
+            "the batch from {}",
+            m.start_lsn
+        ))));
+    }
     if !m.cdc_ops.is_all() {
         return Err(Error::Staged(format!(
             "the batch from {} was staged with S3Settings.{}: it holds only some of the changes, which cannot make a target equal to the source; stage this task without it to apply it",

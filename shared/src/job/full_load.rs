@@ -411,11 +411,12 @@ struct ChunkEncoder<'t> {
 impl<'t> ChunkEncoder<'t> {
     fn new(table: &'t PlannedTable, format: Format, op_column: bool) -> Result<ChunkEncoder<'t>> {
         let parquet = match format.encoding {
-            Encoding::Parquet => Some(ParquetEncoder::new(
+            Encoding::Parquet => Some(ParquetEncoder::with_unit(
                 &table.schema,
                 &table.table,
                 &table.columns,
                 &table.types,
+                format.timestamp_ms,
             )?),
             _ => None,
         };

@@ -143,7 +143,9 @@ impl<W: ObjectWriter> Batch<W> {
             Encoded::Change(change) => {
                 let enc = match &mut file.parquet {
                     Some(enc) => enc,
-                    None => file.parquet.insert(ParquetEncoder::for_cdc(&rel.schema)?),
+                    None => file
+                        .parquet
+                        .insert(ParquetEncoder::for_cdc(&rel.schema, format.timestamp_ms)?),
                 };
                 enc.push_change(change)?;
                 let out = enc.take_output();
@@ -323,7 +325,7 @@ impl<W: ObjectWriter> TableFile<W> {
         if self.format.encoding == Encoding::Parquet {
             let enc = match self.parquet.take() {
                 Some(enc) => enc,
-                None => ParquetEncoder::for_cdc(&self.latest)?,
+                None => ParquetEncoder::for_cdc(&self.latest, self.format.timestamp_ms)?,
             };
             let tail = enc.finish()?;
             self.writer.write_rows(&tail, 0).await?;

@@ -42,6 +42,10 @@ pub enum Encoding {
 pub struct Format {
     pub encoding: Encoding,
     pub gzip: bool,
+    /// Parquet timestamps in milliseconds (DMS's `ParquetTimestampInMillisecond`), truncated:
+    /// a stage a reader needing that unit can read, and `apply` cannot (it lost precision).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timestamp_ms: bool,
 }
 
 impl Default for Format {
@@ -49,6 +53,7 @@ impl Default for Format {
         Format {
             encoding: Encoding::Csv,
             gzip: false,
+            timestamp_ms: false,
         }
     }
 }
@@ -77,7 +82,11 @@ impl Format {
                 ));
             }
         };
-        Ok(Format { encoding, gzip })
+        Ok(Format {
+            encoding,
+            gzip,
+            timestamp_ms: false,
+        })
     }
 
     /// The file extension (`csv`, `jsonl.gz`, ...).

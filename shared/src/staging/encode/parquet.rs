@@ -31,6 +31,23 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
 use crate::change::{Op, RowChange, days_from_civil};
+
+/// A column of timestamps as written: microseconds, or truncated to milliseconds (toward the
+/// past, as a floor, so a value never moves after its true time).
+fn timestamps(
+    micros: arrow_array::TimestampMicrosecondArray,
+    tz: Option<Arc<str>>,
+    millis: bool,
+) -> ArrayRef {
+    if !millis {
+        return Arc::new(micros.with_timezone_opt(tz));
+    }
+    let ms: arrow_array::TimestampMillisecondArray = micros
+        .iter()
+        .map(|v| v.map(|us| us.div_euclid(1000)))
+        .collect();
+    Arc::new(ms.with_timezone_opt(tz))
+}
 use crate::error::{Error, Result};
 use crate::pgoutput::Value;
 use crate::table::TableSchema;
@@ -151,6 +168,8 @@ pub struct ParquetEncoder {
     cdc: Option<CdcColumns>,
     /// The ordinals of one row's unchanged values, reused.
     ordinals: String,
+    /// Timestamps written in milliseconds (truncated; DMS's ParquetTimestampInMillisecond).
+    millis: bool,
 }
 
 fn pq_err(e: impl std::fmt::Display) -> Error {
@@ -165,18 +184,30 @@ impl ParquetEncoder {
         columns: &[String],
         types: &[(u32, i32)],
     ) -> Result<ParquetEncoder> {
-        ParquetEncoder::with_columns(schema, table, columns, types, false)
+        ParquetEncoder::with_columns(schema, table, columns, types, false, false)
     }
 
-    /// A CDC file of `table` at its schema version (the relation's column types).
-    pub fn for_cdc(table: &TableSchema) -> Result<ParquetEncoder> {
+    /// [`ParquetEncoder::new`] with timestamps in milliseconds when `millis`.
+    pub fn with_unit(
+        schema: &str,
+        table: &str,
+        columns: &[String],
+        types: &[(u32, i32)],
+        millis: bool,
+    ) -> Result<ParquetEncoder> {
+        ParquetEncoder::with_columns(schema, table, columns, types, false, millis)
+    }
+
+    /// A CDC file of `table` at its schema version (the relation's column types); timestamps
+    /// in milliseconds when `millis`.
+    pub fn for_cdc(table: &TableSchema, millis: bool) -> Result<ParquetEncoder> {
         let columns: Vec<String> = table.columns.iter().map(|c| c.name.clone()).collect();
         let types: Vec<(u32, i32)> = table
             .columns
             .iter()
             .map(|c| (c.type_oid, c.type_modifier))
             .collect();
-        ParquetEncoder::with_columns(&table.schema, &table.table, &columns, &types, true)
+        ParquetEncoder::with_columns(&table.schema, &table.table, &columns, &types, true, millis)
     }
 
     fn with_columns(
@@ -185,7 +216,13 @@ impl ParquetEncoder {
         columns: &[String],
         types: &[(u32, i32)],
         cdc: bool,
+        millis: bool,
     ) -> Result<ParquetEncoder> {
+        let unit = if millis {
+            TimeUnit::Millisecond
+        } else {
+            TimeUnit::Microsecond
+        };
         if columns.len() != types.len() {
             return Err(Error::Source(format!(
                 "{schema}.{table}: column types missing from the plan"
@@ -198,7 +235,7 @@ impl ParquetEncoder {
             Field::new("commit_lsn", DataType::Utf8, true),
             Field::new(
                 "commit_ts",
-                DataType::Timestamp(TimeUnit::Microsecond, Some(utc.clone())),
+                DataType::Timestamp(unit, Some(utc.clone())),
                 true,
             ),
         ];
@@ -211,8 +248,8 @@ impl ParquetEncoder {
                 Kind::F64 => DataType::Float64,
                 Kind::Bool => DataType::Boolean,
                 Kind::Date => DataType::Date32,
-                Kind::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
-                Kind::TimestampTz => DataType::Timestamp(TimeUnit::Microsecond, Some(utc.clone())),
+                Kind::Timestamp => DataType::Timestamp(unit, None),
+                Kind::TimestampTz => DataType::Timestamp(unit, Some(utc.clone())),
                 Kind::Decimal { precision, scale } => DataType::Decimal128(*precision, *scale),
                 Kind::Text => DataType::Utf8,
             };
@@ -244,6 +281,7 @@ impl ParquetEncoder {
             rows: 0,
             cdc: cdc.then(CdcColumns::new),
             ordinals: String::new(),
+            millis,
         };
         enc.builders = enc.new_builders()?;
         Ok(enc)
@@ -443,7 +481,11 @@ impl ParquetEncoder {
             let mut c = std::mem::replace(c, CdcColumns::new());
             arrays.push(Arc::new(c.op.finish()));
             arrays.push(Arc::new(c.commit_lsn.finish()));
-            arrays.push(Arc::new(c.commit_ts.finish().with_timezone("UTC")));
+            arrays.push(timestamps(
+                c.commit_ts.finish(),
+                Some("UTC".into()),
+                self.millis,
+            ));
             unchanged = Some(c.unchanged.finish());
         } else {
             let mut op = StringBuilder::with_capacity(n, n);
@@ -456,7 +498,7 @@ impl ParquetEncoder {
             arrays.push(Arc::new(lsn.finish()));
             let mut ts = TimestampMicrosecondBuilder::with_capacity(n);
             ts.append_nulls(n);
-            arrays.push(Arc::new(ts.finish().with_timezone("UTC")));
+            arrays.push(timestamps(ts.finish(), Some("UTC".into()), self.millis));
         }
         for b in builders {
             match b {
@@ -467,7 +509,7 @@ impl ParquetEncoder {
                 Builder::F64(mut b) => arrays.push(Arc::new(b.finish())),
                 Builder::Bool(mut b) => arrays.push(Arc::new(b.finish())),
                 Builder::Date(mut b) => arrays.push(Arc::new(b.finish())),
-                Builder::Ts(mut b, tz) => arrays.push(Arc::new(b.finish().with_timezone_opt(tz))),
+                Builder::Ts(mut b, tz) => arrays.push(timestamps(b.finish(), tz, self.millis)),
                 Builder::Dec(mut b, mut s, p, sc) => {
                     arrays.push(Arc::new(
                         b.finish().with_precision_and_scale(p, sc).map_err(pq_err)?,
