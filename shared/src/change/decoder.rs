@@ -22,7 +22,13 @@ pub struct RelationInfo {
 /// A relation as seen in this run.
 #[derive(Debug, Clone)]
 pub struct Relation {
+    /// The source's schema (its tuples' columns).
     pub schema: Arc<TableSchema>,
+    /// The schema as staged: the names transformation rules give it, removed columns left
+    /// out (the same as `schema` without rules).
+    pub staged: Arc<TableSchema>,
+    /// The source columns staged, by index (`None`: all).
+    pub keep: Option<Arc<Vec<usize>>>,
     pub selected: bool,
     /// Key of the stored schema version this shape matches (empty when not selected).
     pub version_key: String,

@@ -479,6 +479,13 @@ fn seen_rows(m: &BatchManifest, file: &BatchFile, at: &Applying<'_>) -> Result<V
     Ok(seen)
 }
 
+/// Why a stage written under transformation rules is not applied.
+pub(crate) fn transformed_stage(what: &str) -> String {
+    format!(
+        "{what} was staged under transformation rules (names changed, columns left out) for the stage's readers: apply builds the target in the source's names; stage this task without them to apply it"
+    )
+}
+
 /// Why a stage with millisecond Parquet timestamps is not applied.
 pub(crate) fn millisecond_stage(what: &str) -> String {
     format!(
@@ -498,6 +505,12 @@ async fn apply_batch<S: ObjectSink>(
     tables: &mut Tables,
 ) -> Result<(u64, u64)> {
     let (task, position) = (at.task, at.position);
+    if m.transformed {
+        return Err(Error::Staged(transformed_stage(&format!(
+            "the batch from {}",
+            m.start_lsn
+        ))));
+    }
     if m.format.timestamp_ms {
         return Err(Error::Staged(millisecond_stage(&format!(
             "the batch from {}",

@@ -524,6 +524,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             } else {
                 Default::default()
             },
+            transformed: opts.selection.transforms_names(),
         };
         let key = manifest_key(batch.start, end);
         layout::put_json(self.sink, &key, &manifest).await?;

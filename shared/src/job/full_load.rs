@@ -35,303 +35,15 @@ use crate::config::check_task_name;
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::options::LoadOptions;
-use crate::plan::{ChunkRange, ChunkSizing, Chunking, key_ranges, plan_table};
 use crate::source::copy_text::{RowChecksum, TextToCsv};
 use crate::source::snapshot::{self, ChunkSession};
-use crate::source::{self, Capture, PgSource, catalog, quote_ident};
 use crate::staging::ObjectSink;
 use crate::staging::decode::parse_csv_fields;
 use crate::staging::encode::parquet::ParquetEncoder;
 use crate::staging::encode::{EncodedWriter, Encoding, Format, load_json_row};
-use crate::staging::layout::{self, LoadManifest, SchemaVersions, chunk_key, load_manifest_key};
+use crate::staging::layout::{self, LoadManifest, load_manifest_key};
 use crate::state::StateStore;
 use crate::state::records::{self, ChunkId, ChunkRecord, Claim, PlanRecord, PlannedTable};
-use crate::table::TableSchema;
-use crate::task::ensure_task;
-
-/// Plans the load (idempotent). Returns the plan and the chunk list.
-pub async fn plan<S: ObjectSink, St: StateStore>(
-    sink: &S,
-    state: &St,
-    opts: &LoadOptions,
-) -> Result<(PlanRecord, Vec<ChunkId>)> {
-    check_task_name(&opts.task)?;
-    if let Some((plan, _)) = records::get_plan(state, &opts.task).await? {
-        let ids = plan.chunk_ids();
-        return Ok((plan, ids));
-    }
-    layout::check_writable(sink).await?;
-    sink.sweep().await?;
-    let mut cfg = opts.source.clone();
-    cfg.application_name = "pgshift-plan".to_owned();
-    let source = PgSource::from_control(&cfg, source::connect(&cfg).await?);
-    let client = source.control();
-    let server = catalog::server_info(client).await?;
-    let sizing = ChunkSizing::from_mib(opts.chunk_mib, server.version_num)?;
-    // Slot first, then data: every change after L0 reaches CDC.
-    let l0 = if opts.cdc {
-        let capture = Capture {
-            selection: opts.selection.clone(),
-            replica_identity_full: opts.replica_identity_full,
-            allow_empty: opts.allow_empty,
-            ddl: opts.capture_ddl,
-            ddl_schema: opts.ddl_schema.clone(),
-        };
-        let task = ensure_task(&source, state, &opts.task, &capture, true, "full-load").await?;
-        Some(task.start_lsn)
-    } else {
-        None
-    };
-    let tables = catalog::user_tables(client, &opts.selection).await?;
-    check_tables(&tables, &opts.selection, &server)?;
-    if !opts.allow_empty {
-        let all = catalog::user_tables(client, &crate::selection::Selection::all()).await?;
-        let found: Vec<(String, String)> = all.into_iter().map(|t| (t.schema, t.name)).collect();
-        if let Some(e) = opts.selection.empty_rules_error(&found, "tables") {
-            return Err(e);
-        }
-    }
-    let schema_lsn = match l0 {
-        Some(l) => l,
-        None => snapshot::wal_position(client).await?,
-    };
-    let planned = plan_tables(sink, client, &tables, schema_lsn, sizing, opts).await?;
-    // The schema as pg_dump's sections, for apply to build the target from.
-    let has_root = tables.iter().any(|t| t.kind == 'p');
-    let oids: Vec<u32> = tables
-        .iter()
-        .filter(|t| !(has_root && t.is_partition))
-        .map(|t| t.oid)
-        .collect();
-    let ddl = crate::source::ddl::read(client, &oids).await?;
-    layout::put_json(sink, crate::source::ddl::DDL_KEY, &ddl).await?;
-    let plan = PlanRecord {
-        tables: planned,
-        format: opts.format,
-        // Parquet and JSON Lines rows have their op already.
-        op_column: opts.load_op_column && opts.format.encoding == Encoding::Csv,
-        header: opts.csv_header && opts.format.encoding == Encoding::Csv,
-        csv: if opts.format.encoding == Encoding::Csv {
-            opts.csv_dialect.clone()
-        } else {
-            Default::default()
-        },
-        l0,
-        status: "planned".to_owned(),
-    };
-    let format = opts.format;
-    let plan = records::create_plan(state, &opts.task, plan, |id| {
-        chunk_key(&id.schema, &id.table, id.n, format)
-    })
-    .await?;
-    let ids = plan.chunk_ids();
-    Ok((plan, ids))
-}
-
-/// Each selected table's schema version written (at `schema_lsn`) and its chunks planned.
-async fn plan_tables<S: ObjectSink>(
-    sink: &S,
-    client: &tokio_postgres::Client,
-    tables: &[catalog::TableInfo],
-    schema_lsn: Lsn,
-    sizing: ChunkSizing,
-    opts: &LoadOptions,
-) -> Result<Vec<PlannedTable>> {
-    let mut versions = SchemaVersions::new();
-    let mut planned = Vec::new();
-    // Partitions load through their root when it is selected (its COPY reads them all, and
-    // CDC publishes through the root).
-    let has_root = tables.iter().any(|t| t.kind == 'p');
-    for t in tables.iter().filter(|t| !(has_root && t.is_partition)) {
-        let cols = catalog::table_columns(client, t.oid, &t.display_name()).await?;
-        let schema = TableSchema {
-            schema: t.schema.clone(),
-            table: t.name.clone(),
-            columns: cols.columns.clone(),
-            replica_identity: t.replica_identity.to_string(),
-        };
-        versions
-            .version_for(sink, &schema, schema_lsn, opts.commit_ts_column)
-            .await?;
-        // Just before `schema_lsn`: the next WAL record (a change's, or a schema-change
-        // message's) may start exactly there, and it changes what this reads.
-        let before = Lsn(schema_lsn.0.saturating_sub(1));
-        record_definition(sink, client, t.oid, before).await?;
-        let chunks = match opts.selection.load_ranges_for(&t.schema, &t.name) {
-            Some(ranges) => user_ranges(client, t, &cols, ranges).await?,
-            None => chunk_table(client, t, &cols, sizing, opts.chunking).await?,
-        };
-        planned.push(PlannedTable {
-            types: cols
-                .columns
-                .iter()
-                .map(|c| (c.type_oid, c.type_modifier))
-                .collect(),
-            schema: t.schema.clone(),
-            table: t.name.clone(),
-            columns: cols.columns.into_iter().map(|c| c.name).collect(),
-            chunks,
-            estimated_rows: t.estimated_rows.max(0.0),
-        });
-    }
-    Ok(planned)
-}
-
-/// The table's definition at the load (attribute numbers, defaults, generated columns), where
-/// CDC finds what a later schema change started from.
-async fn record_definition<S: ObjectSink>(
-    sink: &S,
-    client: &tokio_postgres::Client,
-    oid: u32,
-    at: Lsn,
-) -> Result<()> {
-    let Some(row) = client
-        .query_opt(crate::change::ddl::DEFINITION_SQL, &[&oid])
-        .await
-        .map_err(|e| Error::postgres("reading a table's definition", e))?
-    else {
-        return Ok(());
-    };
-    let definition = crate::change::ddl::parse_definition(row.get(0))?;
-    let mut history = layout::relation_history(sink, oid).await?;
-    history.record(at, Some(definition));
-    layout::put_json(sink, &layout::relation_key(oid), &history).await
-}
-
-/// The selection matched what it names exactly, and every selected table is readable.
-fn check_tables(
-    tables: &[catalog::TableInfo],
-    selection: &crate::selection::Selection,
-    server: &catalog::ServerInfo,
-) -> Result<()> {
-    let found: Vec<(String, String)> = tables
-        .iter()
-        .map(|t| (t.schema.clone(), t.name.clone()))
-        .collect();
-    if let Some(message) = selection.unmatched_message(&found) {
-        return Err(Error::config(
-            "tables",
-            format!("{message} (names are case-sensitive)"),
-        ));
-    }
-    if let Some(t) = tables.iter().find(|t| !t.can_select) {
-        return Err(Error::Source(format!(
-            "{} cannot read {}: GRANT SELECT ON {} TO {}",
-            server.user,
-            t.display_name(),
-            t.quoted(),
-            quote_ident(&server.user)
-        )));
-    }
-    Ok(())
-}
-
-/// The chunks a `table-settings` rule's `parallel-load` ranges ask for: `(-inf, b1)`,
-/// `[b1, b2)`, ..., `[bn, +inf)` of its column. The column must be NOT NULL (a NULL is in no
-/// range) and the table keyed (a row whose value moves between two chunks' snapshots is read
-/// twice, and only a key makes the second copy harmless); the boundaries must increase.
-async fn user_ranges(
-    client: &tokio_postgres::Client,
-    t: &catalog::TableInfo,
-    cols: &catalog::Columns,
-    ranges: &crate::selection::LoadRanges,
-) -> Result<Vec<ChunkRange>> {
-    let at = format!("table mappings (rule-id {})", ranges.id);
-    let name = t.display_name();
-    let Some(col) = cols.columns.iter().find(|c| c.name == ranges.column) else {
-        return Err(Error::config(
-            at,
-            format!("{name} has no column {:?} to cut ranges on", ranges.column),
-        ));
-    };
-    if cols.key_order.is_empty() || t.kind == 'p' {
-        return Err(Error::config(
-            at,
-            format!(
-                "{name} is loaded whole: parallel-load ranges need a table with a primary key (a partitioned table loads through its root)"
-            ),
-        ));
-    }
-    let not_null: bool = client
-        .query_one(
-            "select attnotnull from pg_attribute where attrelid = $1 and attname = $2",
-            &[&t.oid, &ranges.column],
-        )
-        .await
-        .map_err(|e| Error::postgres(format!("reading {name}.{}", ranges.column), e))?
-        .get(0);
-    if !not_null {
-        return Err(Error::config(
-            at,
-            format!(
-                "{name}.{} may be NULL, and a NULL is in no range: cut on a NOT NULL column",
-                ranges.column
-            ),
-        ));
-    }
-    // The server compares the boundaries as the column's type (and says which is not one).
-    let increasing: bool = client
-        .query_one(
-            &format!(
-                "select coalesce(bool_and(a < b), true) from (select v::{ty} as a, lead(v::{ty}) over (order by n) as b from unnest($1::text[]) with ordinality as u(v, n)) s where b is not null",
-                ty = col.type_name
-            ),
-            &[&ranges.boundaries],
-        )
-        .await
-        .map_err(|e| {
-            Error::config(
-                &at,
-                format!(
-                    "the boundaries are not all values of {name}.{} ({}): {}",
-                    ranges.column,
-                    col.type_name,
-                    e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned())
-                ),
-            )
-        })?
-        .get(0);
-    if !increasing {
-        return Err(Error::config(
-            at,
-            "parallel-load.boundaries must increase (each range starts where the one before ends)",
-        ));
-    }
-    let mut lows = vec![String::new()];
-    lows.extend(ranges.boundaries.iter().cloned());
-    Ok(crate::plan::key_ranges(&col.name, &col.type_name, &lows))
-}
-
-/// A table's chunks: ctid ranges (PostgreSQL 14+), primary-key ranges (before 14, or when
-/// asked), or the whole table (a partitioned root, or no single-column key).
-async fn chunk_table(
-    client: &tokio_postgres::Client,
-    t: &catalog::TableInfo,
-    cols: &catalog::Columns,
-    sizing: ChunkSizing,
-    chunking: Chunking,
-) -> Result<Vec<ChunkRange>> {
-    // A keyless table is exported from one snapshot: its CDC changes the snapshot saw are
-    // skipped by readers (no key to make a second copy harmless).
-    if t.kind == 'p' || cols.key_order.is_empty() {
-        return Ok(vec![ChunkRange::Whole]);
-    }
-    let by_key = chunking == Chunking::Keys || sizing.version_num < 140_000;
-    if !by_key {
-        return Ok(plan_table(t.pages, sizing));
-    }
-    // Primary-key ranges: before PostgreSQL 14 a ctid range scans the whole table.
-    match cols.key_order.as_slice() {
-        [key] if t.pages > sizing.pages_per_chunk => {
-            let key = &cols.columns[*key];
-            let buckets = ((t.pages + sizing.pages_per_chunk - 1) / sizing.pages_per_chunk) as i32;
-            let lows =
-                catalog::key_range_lows(client, &t.schema, &t.name, &key.name, buckets).await?;
-            Ok(key_ranges(&key.name, &key.type_name, &lows))
-        }
-        _ => Ok(vec![ChunkRange::Whole]),
-    }
-}
 
 /// Every chunk of a plan, table by table.
 pub fn chunk_ids(plan: &PlanRecord) -> Vec<ChunkId> {
@@ -411,13 +123,16 @@ struct ChunkEncoder<'t> {
 impl<'t> ChunkEncoder<'t> {
     fn new(table: &'t PlannedTable, format: Format, op_column: bool) -> Result<ChunkEncoder<'t>> {
         let parquet = match format.encoding {
-            Encoding::Parquet => Some(ParquetEncoder::with_unit(
-                &table.schema,
-                &table.table,
-                &table.columns,
-                &table.types,
-                format.timestamp_ms,
-            )?),
+            Encoding::Parquet => {
+                let (schema, name, columns) = table.staged();
+                Some(ParquetEncoder::with_unit(
+                    schema,
+                    name,
+                    columns,
+                    &table.types,
+                    format.timestamp_ms,
+                )?)
+            }
             _ => None,
         };
         Ok(ChunkEncoder {
@@ -461,7 +176,8 @@ impl<'t> ChunkEncoder<'t> {
                 Encoding::Csv => Ok(()),
                 Encoding::Jsonl => {
                     parse_csv_fields(row, fields)?;
-                    load_json_row(&t.schema, &t.table, &t.columns, fields, encoded)
+                    let (schema, name, columns) = t.staged();
+                    load_json_row(schema, name, columns, fields, encoded)
                 }
                 Encoding::Parquet => {
                     parse_csv_fields(row, fields)?;
@@ -527,7 +243,7 @@ async fn copy_chunk<S: ObjectSink>(
         let op = plan.op_column.then(|| "Op".to_owned());
         let names: Vec<String> = op
             .into_iter()
-            .chain(table.columns.iter().cloned())
+            .chain(table.staged().2.iter().cloned())
             .collect();
         out.write_rows(&crate::staging::encode::csv_header(&names), 0)
             .await?;
@@ -589,15 +305,17 @@ pub async fn finish<S: ObjectSink, St: StateStore>(
         let checksum = chunks
             .iter()
             .fold(RowChecksum::default(), |a, c| a.combine(c.checksum));
+        let (schema, name, columns) = t.staged();
         manifests.push(LoadManifest {
             task: task.to_owned(),
-            schema: t.schema.clone(),
-            table: t.table.clone(),
+            schema: schema.to_owned(),
+            table: name.to_owned(),
             format: plan.format,
             op_column: plan.op_column,
             header: plan.header,
             csv: plan.csv.clone(),
-            columns: t.columns.clone(),
+            transformed: t.staged_as.is_some(),
+            columns: columns.to_vec(),
             l0: plan.l0,
             rows: chunks.iter().map(|c| c.rows).sum(),
             bytes: chunks.iter().map(|c| c.bytes).sum(),
@@ -756,7 +474,10 @@ async fn load_failed(opts: &LoadOptions, e: Error) -> Error {
     e
 }
 
+mod plan;
 mod step;
+
+pub use plan::plan;
 
 pub use step::{ChunkManifestRef, FullLoadEvent, INLINE_CHUNK_LIMIT, PlanOutput, plan_output};
 

@@ -459,6 +459,28 @@ pub struct PlannedTable {
     pub types: Vec<(u32, i32)>,
     pub chunks: Vec<ChunkRange>,
     pub estimated_rows: f64,
+    /// The names transformation rules stage it under (absent: the source's); `columns` are
+    /// the source's columns read (those rules did not remove).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged_as: Option<StagedNames>,
+}
+
+/// A planned table's staged names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StagedNames {
+    pub schema: String,
+    pub table: String,
+    pub columns: Vec<String>,
+}
+
+impl PlannedTable {
+    /// Its schema, table and column names as staged.
+    pub fn staged(&self) -> (&str, &str, &[String]) {
+        match &self.staged_as {
+            Some(n) => (&n.schema, &n.table, &n.columns),
+            None => (&self.schema, &self.table, &self.columns),
+        }
+    }
 }
 
 /// The `plan` item.

@@ -495,6 +495,7 @@ mod tests {
             op_field: true,
             header: false,
             csv: Default::default(),
+            transformed: false,
         };
         (m, file)
     }

@@ -94,6 +94,12 @@ pub(super) async fn apply_load<S: ObjectSink>(
     let mut l0 = Lsn::ZERO;
     for key in keys {
         let m: LoadManifest = layout::get_json(sink, &key, "a load manifest").await?;
+        if m.transformed {
+            return Err(Error::Staged(super::transformed_stage(&format!(
+                "the load of {}.{}",
+                m.schema, m.table
+            ))));
+        }
         if m.format.timestamp_ms {
             return Err(Error::Staged(super::millisecond_stage(&format!(
                 "the load of {}.{}",

@@ -127,12 +127,12 @@ impl<W: ObjectWriter> Batch<W> {
                 first_row: file.writer.rows,
             });
         }
-        file.latest = rel.schema.clone();
+        file.latest = rel.staged.clone();
         if let Some((ts, op)) = header
             && !file.header_written
         {
             file.header_written = true;
-            let names = csv_cdc_fields(&rel.schema, ts, op);
+            let names = csv_cdc_fields(&rel.staged, ts, op);
             file.writer.write_rows(&csv_header(&names), 0).await?;
         }
         let len = match row {
@@ -145,7 +145,7 @@ impl<W: ObjectWriter> Batch<W> {
                     Some(enc) => enc,
                     None => file
                         .parquet
-                        .insert(ParquetEncoder::for_cdc(&rel.schema, format.timestamp_ms)?),
+                        .insert(ParquetEncoder::for_cdc(&rel.staged, format.timestamp_ms)?),
                 };
                 enc.push_change(change)?;
                 let out = enc.take_output();
@@ -159,7 +159,7 @@ impl<W: ObjectWriter> Batch<W> {
                     .new
                     .or(change.old)
                     .map_or(0, |r| r.iter().map(value_len).sum::<usize>())
-                    + rel.schema.columns.len()
+                    + rel.staged.columns.len()
                     + 2
             }
         };
@@ -219,7 +219,7 @@ impl<W: ObjectWriter> Batch<W> {
         rel: &Relation,
         part: u32,
     ) -> Result<TableFile<W>> {
-        let schema = &rel.schema;
+        let schema = &rel.staged;
         let date = self.date_partition.map(|d| d.path(self.txn_commit_ts));
         let key = cdc_part_key(
             &schema.schema,
@@ -234,7 +234,7 @@ impl<W: ObjectWriter> Batch<W> {
             writer: EncodedWriter::new(writer, format).with_dialect(&self.dialect),
             format,
             parquet: None,
-            latest: rel.schema.clone(),
+            latest: rel.staged.clone(),
             part,
             header_written: false,
             key,
@@ -280,7 +280,7 @@ impl<W: ObjectWriter> Batch<W> {
         self.schema_changes += 1;
         self.new_part_if_changed(sink, format, rel_id, rel).await?;
         let file = self.file_for(sink, format, rel_id, rel).await?;
-        file.latest = rel.schema.clone();
+        file.latest = rel.staged.clone();
         let first_row = file.writer.rows;
         match file.segments.last() {
             // A file just opened for this change starts at it.

@@ -226,13 +226,19 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
     ) -> Result<Relation> {
         let lsn = change.lsn;
         let definition = definition.or_else(|| change.definition.clone());
-        let mut change = change;
+        // The relation's history keeps the source's names; the version is staged under the
+        // transformation rules' (the same without rules).
+        let (staged, keep) = self.opts.selection.stage_schema(&schema)?;
+        let mut change = self
+            .opts
+            .selection
+            .stage_change(change, (&schema.schema, &schema.table));
         if change.needs_types() && relid != 0 {
             change.types = self.source.type_ddl(relid).await?;
         }
         let version_key = self
             .versions
-            .version_for_change(self.sink, &schema, lsn, self.opts.commit_ts_column, change)
+            .version_for_change(self.sink, &staged, lsn, self.opts.commit_ts_column, change)
             .await?;
         let mut history = self.history(relid).await?;
         history.record(lsn, definition.clone());
@@ -248,6 +254,8 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         };
         let rel = Relation {
             schema: Arc::new(schema),
+            staged: Arc::new(staged),
+            keep: keep.map(Arc::new),
             selected: true,
             version_key,
             pk,

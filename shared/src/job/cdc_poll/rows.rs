@@ -35,10 +35,16 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         if self.relations.is_current(r.rel_id, &schema) {
             return Ok(()); // Relation messages repeat in every peek.
         }
+        // Transformation rules: the names it is staged under, the columns staged.
+        let (staged, keep) = if selected {
+            self.opts.selection.stage_schema(&schema)?
+        } else {
+            (schema.clone(), None)
+        };
         let version_key = if selected {
             match self
                 .versions
-                .current(self.sink, &schema, self.opts.commit_ts_column)
+                .current(self.sink, &staged, self.opts.commit_ts_column)
                 .await?
             {
                 // Partitions created or attached under a root whose rows come through it
@@ -56,7 +62,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                     Some(rel) => rel.version_key,
                     None => {
                         self.versions
-                            .version_for(self.sink, &schema, lsn, self.opts.commit_ts_column)
+                            .version_for(self.sink, &staged, lsn, self.opts.commit_ts_column)
                             .await?
                     }
                 },
@@ -68,6 +74,8 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             r.rel_id,
             Relation {
                 schema: Arc::new(schema),
+                staged: Arc::new(staged),
+                keep: keep.map(Arc::new),
                 selected,
                 version_key,
                 pk,
@@ -144,16 +152,27 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             return Ok(());
         }
         let (sink, opts) = (self.sink, self.opts);
+        // Columns transformation rules remove are not staged.
+        let keep = rel.keep.as_deref().map(Vec::as_slice);
+        let (old, new) = (project(keep, row.old), project(keep, row.new));
         let change = RowChange {
             op: row.op,
-            table: &rel.schema,
+            table: &rel.staged,
             lsn,
             commit_lsn: t.final_lsn,
             xid: t.xid,
             commit_ts: t.commit_ts,
-            old: row.old,
+            old: if rel.keep.is_some() {
+                old.as_deref()
+            } else {
+                row.old
+            },
             old_is_full: row.old_is_full,
-            new: row.new,
+            new: if rel.keep.is_some() {
+                new.as_deref()
+            } else {
+                row.new
+            },
         };
         let buf = &mut self.row_buf;
         buf.clear();
@@ -172,4 +191,13 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             .append(sink, opts.format, row.rel_id, rel, row.op, t.xid, encoded)
             .await
     }
+}
+
+/// The values of the columns `keep` lists (`None` without a row or without a projection).
+fn project<'v>(
+    keep: Option<&[usize]>,
+    row: Option<&[pgoutput::Value<'v>]>,
+) -> Option<Vec<pgoutput::Value<'v>>> {
+    let (keep, row) = (keep?, row?);
+    Some(keep.iter().filter_map(|&i| row.get(i).copied()).collect())
 }

@@ -12,6 +12,7 @@ fn plan() -> PlanRecord {
             types: vec![(23, -1)],
             chunks: vec![ChunkRange::Whole, ChunkRange::Whole],
             estimated_rows: 2.0,
+            staged_as: None,
         }],
         format: Format::default(),
         op_column: false,
