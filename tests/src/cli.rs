@@ -1128,8 +1128,53 @@ async fn transformation_rules_rename_what_is_staged_and_remove_columns() {
             }
         }
     }
+    // Apply cannot build such a target from the source's schema...
     let (code, out, err) = task.run(&["apply", "--target", &dst]);
     assert_ne!(code, Some(0), "{out}{err}");
-    assert!(err.contains("transformation rules"), "{err}");
+    assert!(
+        err.contains("transformation rules") && err.contains("--target-prep truncate"),
+        "{err}"
+    );
+    // ... but applies into the tables the user made under the staged names (DMS's
+    // TargetTablePrepMode TRUNCATE_BEFORE_LOAD), the schema change included, and validate
+    // compares each source table with its transformed target.
+    target
+        .client()
+        .await
+        .batch_execute(
+            "create schema sales; create table sales.dms_orders (id int primary key, quantity int, note text)",
+        )
+        .await
+        .unwrap();
+    let (code, out, err) = task.run(&["apply", "--target", &dst, "--target-prep", "truncate"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let rows: Vec<String> = target
+        .client()
+        .await
+        .query(
+            "select format('%s|%s|%s|%s', id, quantity, note, extra) from sales.dms_orders order by id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, ["1|6|a|", "3|1|c|", "4|2|d|9"]);
+    let (code, out, err) = task.run(&[
+        "validate", "--source", &src, "--target", &dst, "--tables", &tables,
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("EQUAL public.Orders"), "{out}");
+    target
+        .client()
+        .await
+        .batch_execute("update sales.dms_orders set quantity = 0 where id = 3")
+        .await
+        .unwrap();
+    let (code, out, _) = task.run(&[
+        "validate", "--source", &src, "--target", &dst, "--tables", &tables,
+    ]);
+    assert_eq!(code, Some(1), "a difference is found: {out}");
     let _ = run_cli(&["teardown", "--task", "transform", "--source", &src, "--yes"]);
 }

@@ -134,6 +134,9 @@ struct Session {
     /// The target has the task's load (or it has none): later rounds only apply batches.
     load_complete: bool,
     deadline: Option<std::time::Instant>,
+    /// How the target's tables came to be: a stage under transformation rules goes into
+    /// tables the user made (`truncate` / `keep`), never into ones built from the source.
+    target_prep: TargetPrep,
 }
 
 impl Session {
@@ -176,6 +179,7 @@ impl Session {
             snapshots: load_snapshots(sink).await?,
             load_complete,
             deadline: opts.deadline,
+            target_prep: opts.target_prep,
         })
     }
 
@@ -208,6 +212,12 @@ impl Session {
                     "{key} follows a batch that ended at {prev}, whose manifest is missing from {}: staged data was lost or removed",
                     sink.describe()
                 )));
+            }
+            if m.transformed && self.target_prep == TargetPrep::Create {
+                return Err(Error::Staged(transformed_stage(&format!(
+                    "the batch from {}",
+                    m.start_lsn
+                ))));
             }
             let at = Applying {
                 task: &self.task,
@@ -482,7 +492,7 @@ fn seen_rows(m: &BatchManifest, file: &BatchFile, at: &Applying<'_>) -> Result<V
 /// Why a stage written under transformation rules is not applied.
 pub(crate) fn transformed_stage(what: &str) -> String {
     format!(
-        "{what} was staged under transformation rules (names changed, columns left out) for the stage's readers: apply builds the target in the source's names; stage this task without them to apply it"
+        "{what} was staged under transformation rules (names changed, columns left out): apply cannot build such a target from the source's schema; create the target's tables under the staged names and apply with --target-prep truncate (or keep)"
     )
 }
 
@@ -505,12 +515,6 @@ async fn apply_batch<S: ObjectSink>(
     tables: &mut Tables,
 ) -> Result<(u64, u64)> {
     let (task, position) = (at.task, at.position);
-    if m.transformed {
-        return Err(Error::Staged(transformed_stage(&format!(
-            "the batch from {}",
-            m.start_lsn
-        ))));
-    }
     if m.format.timestamp_ms {
         return Err(Error::Staged(millisecond_stage(&format!(
             "the batch from {}",

@@ -162,7 +162,7 @@ pub async fn run_with_progress(
         p.chunks_total.store(checked.len() as u64, Relaxed);
     }
     for t in checked {
-        out.push(check_table(&src, &tgt, t, range_rows, progress).await?);
+        out.push(check_table(&src, &tgt, t, selection, range_rows, progress).await?);
         if let Some(p) = progress {
             p.chunks_done.fetch_add(1, Relaxed);
         }
@@ -226,26 +226,40 @@ async fn check_table(
     src: &Client,
     tgt: &Client,
     t: &catalog::TableInfo,
+    selection: &Selection,
     range_rows: u64,
     progress: Option<&crate::progress::Progress>,
 ) -> Result<TableCheck> {
     let cols = catalog::table_columns(src, t.oid, &t.display_name()).await?;
-    let columns: Vec<String> = cols.columns.iter().map(|c| c.name.clone()).collect();
+    // Under transformation rules the target holds the staged names, without removed columns.
+    let (staged, keep) = selection.stage_schema(&crate::table::TableSchema {
+        schema: t.schema.clone(),
+        table: t.name.clone(),
+        columns: cols.columns.clone(),
+        replica_identity: t.replica_identity.to_string(),
+    })?;
+    let read: Vec<usize> = keep.unwrap_or_else(|| (0..cols.columns.len()).collect());
+    let columns: Vec<String> = read.iter().map(|&i| cols.columns[i].name.clone()).collect();
+    let target_columns: Vec<String> = staged.columns.iter().map(|c| c.name.clone()).collect();
+    let (tschema, ttable) = (staged.schema.as_str(), staged.table.as_str());
     let key_cols: Vec<usize> = if cols.key_order.is_empty() {
         (0..columns.len()).collect()
     } else {
-        cols.key_order.clone()
+        cols.key_order
+            .iter()
+            .filter_map(|k| read.iter().position(|i| i == k))
+            .collect()
     };
     let exists: bool = tgt
         .query_one(
             "select to_regclass($1) is not null",
-            &[&quote_qualified(&t.schema, &t.name)],
+            &[&quote_qualified(tschema, ttable)],
         )
         .await
         .map_err(|e| Error::postgres("checking the target table", e))?
         .get(0);
     let schema_differences = if exists {
-        column_differences(tgt, t, &cols.columns).await?
+        column_differences(tgt, tschema, ttable, &staged.columns).await?
     } else {
         Vec::new()
     };
@@ -257,12 +271,19 @@ async fn check_table(
     let (bounds, key_sql) = key_ranges(src, t, &cols, range_rows).await?;
     let (mut s, mut d) = (Side::default(), Side::default());
     let mut differing_ranges = Vec::new();
+    // The key's name on the target (the same without transformation rules).
+    let target_key = cols
+        .key_order
+        .first()
+        .and_then(|k| read.iter().position(|i| i == k))
+        .map(|p| quote_ident(&target_columns[p]));
     for (lower, upper) in &bounds {
-        let f = match &key_sql {
-            Some((key, ty)) => {
-                crate::plan::key_range_where(key, ty, lower.as_deref(), upper.as_deref())
-            }
-            None => String::new(),
+        let (f, tf) = match (&key_sql, &target_key) {
+            (Some((key, ty)), Some(tkey)) => (
+                crate::plan::key_range_where(key, ty, lower.as_deref(), upper.as_deref()),
+                crate::plan::key_range_where(tkey, ty, lower.as_deref(), upper.as_deref()),
+            ),
+            _ => (String::new(), String::new()),
         };
         let (r, sum, keys) = scan(src, &t.schema, &t.name, &columns, &key_cols, small, &f).await?;
         if let Some(p) = progress {
@@ -275,10 +296,11 @@ async fn check_table(
             continue;
         }
         if !comparable {
-            d.rows += count_rows(tgt, t, &f).await?;
+            d.rows += count_rows(tgt, tschema, ttable, &tf).await?;
             continue;
         }
-        let (tr, tsm, tk) = scan(tgt, &t.schema, &t.name, &columns, &key_cols, small, &f).await?;
+        let (tr, tsm, tk) =
+            scan(tgt, tschema, ttable, &target_columns, &key_cols, small, &tf).await?;
         d.rows += tr;
         d.sum = d.sum.combine(tsm);
         d.keys.extend(tk);
@@ -322,16 +344,17 @@ async fn check_table(
 /// How the target table's columns differ from the source's (by name; types by `format_type`).
 async fn column_differences(
     tgt: &Client,
-    t: &catalog::TableInfo,
+    schema: &str,
+    table: &str,
     source: &[crate::table::ColumnSchema],
 ) -> Result<Vec<String>> {
-    let name = quote_qualified(&t.schema, &t.name);
+    let name = quote_qualified(schema, table);
     let oid: u32 = tgt
         .query_one("select to_regclass($1)::oid", &[&name])
         .await
         .map_err(|e| Error::postgres("checking the target table", e))?
         .get(0);
-    let target = catalog::table_columns(tgt, oid, &t.display_name()).await?;
+    let target = catalog::table_columns(tgt, oid, &name).await?;
     let mut out = Vec::new();
     for c in source {
         match target.columns.iter().find(|x| x.name == c.name) {
@@ -362,11 +385,11 @@ async fn column_differences(
 }
 
 /// The target's rows in a range (when its columns cannot be compared).
-async fn count_rows(tgt: &Client, t: &catalog::TableInfo, filter: &str) -> Result<u64> {
+async fn count_rows(tgt: &Client, schema: &str, table: &str, filter: &str) -> Result<u64> {
     // `filter` is empty or ` where ..` (as for `scan`).
     let sql = format!(
         "select count(*) from {}{filter}",
-        quote_qualified(&t.schema, &t.name)
+        quote_qualified(schema, table)
     );
     let n: i64 = tgt
         .query_one(&sql, &[])

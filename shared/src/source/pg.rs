@@ -113,7 +113,9 @@ impl CdcSource for PgSource {
         let server = catalog::server_info(&self.control).await?;
         let state = slot::slot_state(&self.control, slot).await?;
         let exists = publication::exists(&self.control, publication).await?;
-        let flush = slot::flush_lsn(&self.control).await?;
+        // The flush position once it reached the insert position: a start just written is
+        // not "past the WAL".
+        let flush = slot::drain_target(&self.control, std::time::Duration::from_secs(2)).await?;
         let start_lsn = super::check_adoption(
             slot,
             publication,

@@ -94,7 +94,7 @@ pub(super) async fn apply_load<S: ObjectSink>(
     let mut l0 = Lsn::ZERO;
     for key in keys {
         let m: LoadManifest = layout::get_json(sink, &key, "a load manifest").await?;
-        if m.transformed {
+        if m.transformed && prep == TargetPrep::Create {
             return Err(Error::Staged(super::transformed_stage(&format!(
                 "the load of {}.{}",
                 m.schema, m.table
