@@ -255,27 +255,27 @@ export class PgshiftStack extends Stack {
       default: '',
       allowedPattern: '^[a-z0-9_]{0,63}$',
       description:
-        "Native start (DMS's slotName): the replication slot the user made (pgoutput, after NativeStartPublication's publication); the poller reads it and never changes nor drops it. Needs CaptureChanges false (the full load with CDC makes its own slot). Empty: pgshift's own slot.",
+        "Native start (DMS's slotName): the user's pgoutput slot, made after NativeStartPublication; never changed nor dropped. Needs CaptureChanges false. Empty: pgshift's own slot.",
     });
     const nativePublication = new CfnParameter(this, 'NativeStartPublication', {
       type: 'String',
       default: '',
       maxLength: 63,
-      description: "Native start: the publication the user's slot reads with (made before the slot). Empty unless NativeStartSlot is set.",
+      description: "Native start: the user's publication (made before the slot).",
     });
     const cdcStartPosition = new CfnParameter(this, 'CdcStartPosition', {
       type: 'String',
       default: '',
       allowedPattern: '^$|^(lsn:)?[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$',
       description:
-        "Native start (DMS's CdcStartPosition): the WAL position (X/Y) the task starts after, at or after the slot's confirmed position. Empty: the slot's confirmed position.",
+        "Native start (DMS's CdcStartPosition): the WAL position (X/Y) to start after. Empty: the slot's confirmed position.",
     });
     const cdcStopPosition = new CfnParameter(this, 'CdcStopPosition', {
       type: 'String',
       default: '',
       allowedPattern: '^$|^(lsn:)?[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$|^commit_time:.+$',
       description:
-        "DMS's CdcStopPosition: a WAL position (X/Y) or commit_time:YYYY-MM-DDTHH:MM:SS (UTC unless an offset is given). The poller stages the transactions committed before it, none after, and rests there until the parameter is cleared. Empty: no stop.",
+        "DMS's CdcStopPosition: X/Y or commit_time:YYYY-MM-DDTHH:MM:SS (UTC unless an offset is given); nothing committed after it is staged. Empty: no stop.",
     });
     const pollerState = new CfnParameter(this, 'PollerState', {
       type: 'String',
