@@ -99,10 +99,14 @@ def main():
     dropped = {k: v for k, v in body["Resources"].items() if v["Type"] in LEFT_OUT}
     body = without(body, dropped)
     cfn = c("cloudformation")
+    # As sam deploy does: the template from S3 (CloudFormation takes 51,200 bytes inline).
+    templates = f"pgshift-ls-templates-{suffix}"
+    c("s3").create_bucket(Bucket=templates)
+    c("s3").put_object(Bucket=templates, Key="template.json", Body=json.dumps(body).encode())
     started = time.time()
     cfn.create_stack(
         StackName=stack,
-        TemplateBody=json.dumps(body, separators=(",", ":")),  # compact: CloudFormation takes 51,200 bytes inline
+        TemplateURL=f"{endpoint.rstrip('/')}/{templates}/template.json",
         Parameters=[
             {"ParameterKey": "SourceSecretArn", "ParameterValue": source},
             {"ParameterKey": "TargetSecretArn", "ParameterValue": target},
