@@ -56,51 +56,8 @@ impl CsvRows {
 }
 
 /// Parses one CSV row (without or with its newline) into fields: an unquoted empty field is
-/// NULL, a quoted one a (possibly empty) string with `""` unescaped.
+/// NULL, a quoted one a (possibly empty) string with `""` unescaped (PostgreSQL's CSV: the
+/// default dialect of [`super::dialect::parse_fields`]).
 pub fn parse_csv_fields(row: &[u8], out: &mut Vec<Option<Vec<u8>>>) -> Result<()> {
-    out.clear();
-    let row = row.strip_suffix(b"\n").unwrap_or(row);
-    let mut i = 0;
-    loop {
-        if row.get(i) == Some(&b'"') {
-            let mut value = Vec::new();
-            i += 1;
-            loop {
-                match row.get(i) {
-                    None => return Err(Error::Source("unterminated quoted CSV field".to_owned())),
-                    Some(b'"') if row.get(i + 1) == Some(&b'"') => {
-                        value.push(b'"');
-                        i += 2;
-                    }
-                    Some(b'"') => {
-                        i += 1;
-                        break;
-                    }
-                    Some(&b) => {
-                        value.push(b);
-                        i += 1;
-                    }
-                }
-            }
-            out.push(Some(value));
-        } else {
-            let end = memchr::memchr(b',', &row[i..]).map_or(row.len(), |o| i + o);
-            let field = &row[i..end];
-            out.push(if field.is_empty() {
-                None
-            } else {
-                Some(field.to_vec())
-            });
-            i = end;
-        }
-        match row.get(i) {
-            None => return Ok(()),
-            Some(b',') => i += 1,
-            Some(_) => {
-                return Err(Error::Source(
-                    "CSV field with text after its closing quote".to_owned(),
-                ));
-            }
-        }
-    }
+    super::dialect::parse_fields(row, b',', b"", out)
 }

@@ -94,8 +94,10 @@ impl CsvDialect {
     }
 }
 
-/// Appends one field in a dialect (`delim`, `null`).
-fn put_field(out: &mut Vec<u8>, value: Option<&[u8]>, delim: u8, null: &[u8]) {
+/// Appends one field in a dialect (`delim`, `null`): quoted when it is empty, equal to the
+/// null string or to `\.` (COPY's end-of-data line), holds the delimiter, a quote, CR or LF,
+/// or starts or ends with whitespace.
+pub fn put_field(out: &mut Vec<u8>, value: Option<&[u8]>, delim: u8, null: &[u8]) {
     let Some(v) = value else {
         out.extend_from_slice(null);
         return;

@@ -101,25 +101,10 @@ impl Format {
     }
 }
 
-/// Appends one CSV field (quoted when needed; NULL is empty and unquoted).
+/// Appends one CSV field (quoted when needed; NULL is empty and unquoted): PostgreSQL's CSV,
+/// the default dialect of [`crate::staging::dialect::put_field`].
 pub fn csv_field(out: &mut Vec<u8>, value: Option<&[u8]>) {
-    let Some(v) = value else { return };
-    let needs_quotes = v.is_empty()
-        || v.iter().any(|b| matches!(b, b',' | b'"' | b'\n' | b'\r'))
-        || v.first().is_some_and(|b| b.is_ascii_whitespace())
-        || v.last().is_some_and(|b| b.is_ascii_whitespace());
-    if !needs_quotes {
-        out.extend_from_slice(v);
-        return;
-    }
-    out.push(b'"');
-    for &b in v {
-        if b == b'"' {
-            out.push(b'"');
-        }
-        out.push(b);
-    }
-    out.push(b'"');
+    crate::staging::dialect::put_field(out, value, b',', b"");
 }
 
 fn value_bytes<'v>(v: &Value<'v>) -> Option<&'v [u8]> {
