@@ -103,6 +103,16 @@ pub(crate) async fn full_load(mut args: FullLoadArgs) -> pgshift::Result<ExitCod
     }
     pgshift::plan::ChunkSizing::from_mib(args.chunk_mb, 150_000)
         .map_err(|e| Error::config("--chunk-mb", e.to_string()))?;
+    let reload = if args.reload.is_empty() {
+        None
+    } else if args.cdc {
+        return Err(Error::config(
+            "--cdc",
+            "a reload goes into a task whose CDC already runs; --cdc starts one (leave it out with --reload)",
+        ));
+    } else {
+        Some(pgshift::job::full_load::reload::parse_tables(&args.reload)?)
+    };
     let mut seams = Seams::resolve(&spec, &args.stage, &args.state).await?;
     seams.encryption = from.encryption;
     let mut opts = settings.load_options(&args.task, seams.source.clone(), lease_owner(), None);
@@ -110,6 +120,28 @@ pub(crate) async fn full_load(mut args: FullLoadArgs) -> pgshift::Result<ExitCod
     opts.force_lease = args.force;
     opts.allow_empty = args.allow_empty;
     let progress = Arc::new(Progress::default());
+    if let Some(tables) = reload {
+        let ticker = report::spawn_progress(progress.clone(), "chunks");
+        let result = with_seams!(&seams, |sink, store| {
+            full_load::reload::run_local(
+                &sink,
+                &store,
+                &opts,
+                &tables,
+                args.parallel,
+                progress.clone(),
+            )
+            .await
+        });
+        ticker.abort();
+        let report = result?;
+        if args.json {
+            print_json(serde_json::to_value(&report), false);
+        } else {
+            println!("{}", report::reload_summary(&report));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let ticker = report::spawn_progress(progress.clone(), "chunks");
     let result = with_seams!(&seams, |sink, store| {
         full_load::run_local(&sink, &store, &opts, args.parallel, progress.clone()).await

@@ -59,7 +59,8 @@ enum Command {
     #[command(
         after_help = "Examples:\n  pgshift full-load --task orders --source \"$URL\" --cdc --parallel 4
   pgshift full-load --task orders --source \"$URL\" --format parquet --stage s3://bucket/orders
-  pgshift full-load --task orders --source \"$URL\" --s3-settings file://s3.json --state dynamodb://pgshift-state"
+  pgshift full-load --task orders --source \"$URL\" --s3-settings file://s3.json --state dynamodb://pgshift-state
+  pgshift full-load --task orders --source \"$URL\" --reload public.orders,public.order_items   # into the running task"
     )]
     FullLoad(FullLoadArgs),
     /// Apply the staged load and CDC batches to a target PostgreSQL (exactly once, resumable).
@@ -225,6 +226,12 @@ pub(crate) struct FullLoadArgs {
     /// Create the publication and slot first, so `pgshift cdc` continues from the load.
     #[arg(long)]
     pub(crate) cdc: bool,
+    /// Reload tables into the task while its CDC runs (DMS's "reload table"; also a table
+    /// added to --tables after the load): `schema.table`, comma-separated or repeated, names
+    /// with a dot or a comma in double quotes. `apply` replaces the table's rows with the
+    /// reload's and re-applies the changes after it; a rerun resumes an unfinished reload.
+    #[arg(long, value_name = "SCHEMA.TABLE")]
+    pub(crate) reload: Vec<String>,
     /// Target heap size of a chunk, MiB (small enough that local workers stay balanced).
     #[arg(long, default_value_t = 64)]
     pub(crate) chunk_mb: u64,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use pgshift::job::apply::ApplyReport;
+use pgshift::job::full_load::reload::ReloadReport;
 use pgshift::job::full_load::{LoadReport, Progress};
 use pgshift::job::status::TaskStatus;
 use pgshift::job::test_endpoint::EndpointReport;
@@ -156,6 +157,26 @@ pub(crate) fn load_summary(r: &LoadReport) -> String {
             ),
             None => String::new(),
         }
+    )
+}
+
+pub(crate) fn reload_summary(r: &ReloadReport) -> String {
+    format!(
+        "task {}: reloaded {} from {} ({} chunks{}, {} rows, {} in {}, {:.0} rows/s); a target applies it once it has applied CDC through {}",
+        r.task,
+        r.tables.join(", "),
+        r.r0,
+        r.chunks,
+        if r.resumed > 0 {
+            format!(", {} exported by an earlier run", r.resumed)
+        } else {
+            String::new()
+        },
+        r.rows,
+        human_bytes(r.bytes as i64),
+        human_secs(r.elapsed_ms),
+        r.rows_per_sec,
+        r.r0
     )
 }
 
@@ -385,7 +406,21 @@ pub(crate) fn apply_summary(report: &ApplyReport, took: std::time::Duration) -> 
         report.changes_set_based,
         human_secs(took.as_millis() as u64),
         report.position
-    ) + &schema_lines(report)
+    ) + &reload_lines(report)
+        + &schema_lines(report)
+}
+
+/// The reloads applied.
+fn reload_lines(report: &ApplyReport) -> String {
+    if report.reloads_applied.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\nreloaded: {} ({} rows, {} later changes re-applied over them)",
+        report.reloads_applied.join(", "),
+        report.reload_rows,
+        report.reload_changes_replayed
+    )
 }
 
 /// The staged schema's statements run, and each one the target refused (or not carried).

@@ -15,7 +15,9 @@ pub const BOOKKEEPING: &str = "create schema if not exists pgshift; \
  create table if not exists pgshift.applied (task text primary key, load_complete boolean not null default false, \
  position text not null default '0/0', batches bigint not null default 0, updated_at timestamptz not null default now()); \
  alter table pgshift.applied add column if not exists l0 text; \
- alter table pgshift.applied add column if not exists last_commit_ts timestamptz";
+ alter table pgshift.applied add column if not exists last_commit_ts timestamptz; \
+ create table if not exists pgshift.reloads (task text not null, manifest text not null, r0 text not null, \
+ rows bigint not null, replayed bigint not null, applied_at timestamptz not null default now(), primary key (task, manifest))";
 
 /// Where a task's apply stands in a target.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

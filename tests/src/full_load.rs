@@ -605,6 +605,7 @@ async fn bad_input_is_a_clear_error() {
         schema: "public".into(),
         table: "nope".into(),
         n: 0,
+        reload: None,
     };
     let err = full_load::export_chunk(&l.sink, &l.state, &l.opts("bad3", "csv", 1), &unknown)
         .await

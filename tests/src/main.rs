@@ -14,6 +14,7 @@ mod majors;
 mod migrate;
 mod parquet;
 mod pg12;
+mod reload;
 mod safety;
 mod seams;
 mod target_schema;

@@ -66,6 +66,14 @@ pub struct ApplyReport {
     /// The deadline came before every staged batch was applied (the next run goes on).
     #[serde(default)]
     pub stopped_at_deadline: bool,
+    /// Tables whose reload (DMS's "reload table") this run applied, their rows, and the
+    /// changes after each reload's position re-applied over them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reloads_applied: Vec<String>,
+    #[serde(default)]
+    pub reload_rows: u64,
+    #[serde(default)]
+    pub reload_changes_replayed: u64,
 }
 
 /// How apply runs.
@@ -137,6 +145,8 @@ struct Session {
     /// How the target's tables came to be: a stage under transformation rules goes into
     /// tables the user made (`truncate` / `keep`), never into ones built from the source.
     target_prep: TargetPrep,
+    /// Staged reloads and those the target applied.
+    reloads: reload::Reloads,
 }
 
 impl Session {
@@ -172,14 +182,18 @@ impl Session {
                 None => require_no_load(sink, &layout::batch_manifest_keys(sink).await?).await?,
             }
         }
+        let reloads = reload::Reloads::read(sink, &client, task).await?;
+        let mut snapshots = load_snapshots(sink).await?;
+        reloads.snapshots(sink, &mut snapshots).await?;
         Ok(Session {
             client,
             task: task.to_owned(),
             tables,
-            snapshots: load_snapshots(sink).await?,
+            snapshots,
             load_complete,
             deadline: opts.deadline,
             target_prep: opts.target_prep,
+            reloads,
         })
     }
 
@@ -189,6 +203,8 @@ impl Session {
         sink: &S,
         report: &mut ApplyReport,
     ) -> Result<()> {
+        self.reloads.refresh(sink).await?;
+        self.apply_reloads(sink, report).await?;
         let keys = layout::batch_manifest_keys(sink).await?;
         let ends: std::collections::HashSet<Lsn> = keys
             .iter()
@@ -230,7 +246,30 @@ impl Session {
             report.changes_applied += changes;
             report.changes_set_based += set_based;
             report.position = m.end_lsn;
+            self.apply_reloads(sink, report).await?;
         }
+        Ok(())
+    }
+
+    /// The reloads due at the target's position, applied.
+    async fn apply_reloads<S: ObjectSink>(
+        &mut self,
+        sink: &S,
+        report: &mut ApplyReport,
+    ) -> Result<()> {
+        let done = reload::apply_due(
+            sink,
+            &mut self.client,
+            (&self.task, report.position),
+            self.target_prep,
+            &mut self.reloads,
+            &mut self.tables,
+            &mut self.snapshots,
+        )
+        .await?;
+        report.reloads_applied.extend(done.tables);
+        report.reload_rows += done.rows;
+        report.reload_changes_replayed += done.replayed;
         Ok(())
     }
 }
@@ -309,6 +348,7 @@ mod batch;
 mod changes;
 mod file;
 mod load;
+mod reload;
 mod schema;
 mod target;
 
@@ -466,8 +506,12 @@ async fn load_snapshots<S: ObjectSink>(
 
 /// Which rows of a file the load's snapshot already holds (their transaction committed
 /// before the chunk was read): only for a batch that starts before the snapshot's position.
-fn seen_rows(m: &BatchManifest, file: &BatchFile, at: &Applying<'_>) -> Result<Vec<bool>> {
-    let Some((snap, lsn)) = at.snapshots.get(&(file.schema.clone(), file.table.clone())) else {
+fn seen_rows(
+    m: &BatchManifest,
+    file: &BatchFile,
+    snapshot: Option<&(Snapshot, Lsn)>,
+) -> Result<Vec<bool>> {
+    let Some((snap, lsn)) = snapshot else {
         return Ok(Vec::new());
     };
     if m.start_lsn >= *lsn || file.xids.is_empty() {
@@ -487,6 +531,55 @@ fn seen_rows(m: &BatchManifest, file: &BatchFile, at: &Applying<'_>) -> Result<V
         )));
     }
     Ok(seen)
+}
+
+/// Reads one file of a batch and applies its changes inside `tx`, but its last set-based run,
+/// which is returned (to run while the next file is read).
+async fn read_file<S: ObjectSink>(
+    sink: &S,
+    tx: &tokio_postgres::Transaction<'_>,
+    m: &BatchManifest,
+    file: &BatchFile,
+    snapshot: Option<&(Snapshot, Lsn)>,
+    tables: &mut Tables,
+    statements: &mut HashMap<String, tokio_postgres::Statement>,
+) -> Result<(u64, u64, Option<batch::Run>)> {
+    let mut schemas = file_schemas(sink, file).await?;
+    target::ensure_types(tx, &schemas, (m.start_lsn, m.end_lsn), &mut *tables).await?;
+    target::resolve_types(tx, &mut schemas, &mut *tables).await?;
+    let seen = seen_rows(m, file, snapshot)?;
+    let mut bytes = if m.format.encoding == Encoding::Parquet {
+        // One schema version per Parquet file: its rows use the last.
+        let columns: Vec<String> = schemas
+            .last()
+            .map(|(_, s)| s.schema.columns.iter().map(|c| c.name.clone()).collect())
+            .unwrap_or_default();
+        FileBytes::open_parquet_cdc(sink, file, &columns).await?
+    } else {
+        FileBytes::open(sink, &file.key, file.bytes, file.checksum.as_deref())
+            .await?
+            .with_dialect(&m.csv)
+    };
+    let mut changes = Changes::new(m, file, &schemas);
+    // An object that is not what its manifest says is named as such, whatever broke
+    // first.
+    let applied_file = apply_file(
+        tx,
+        (m.start_lsn, m.end_lsn),
+        file,
+        &schemas,
+        &seen,
+        &mut bytes,
+        &mut changes,
+        tables,
+        statements,
+    )
+    .await;
+    let checked = bytes.verify().await;
+    match (applied_file, checked) {
+        (_, Err(e)) | (Err(e), Ok(())) => Err(e),
+        (Ok(counts), Ok(())) => Ok(counts),
+    }
 }
 
 /// Why a stage written under transformation rules is not applied.
@@ -561,44 +654,8 @@ async fn apply_batch<S: ObjectSink>(
                 None => Ok(()),
             }
         };
-        let this = async {
-            let mut schemas = file_schemas(sink, file).await?;
-            target::ensure_types(&tx, &schemas, (m.start_lsn, m.end_lsn), &mut *tables).await?;
-            target::resolve_types(&tx, &mut schemas, &mut *tables).await?;
-            let seen = seen_rows(m, file, at)?;
-            let mut bytes = if m.format.encoding == Encoding::Parquet {
-                // One schema version per Parquet file: its rows use the last.
-                let columns: Vec<String> = schemas
-                    .last()
-                    .map(|(_, s)| s.schema.columns.iter().map(|c| c.name.clone()).collect())
-                    .unwrap_or_default();
-                FileBytes::open_parquet_cdc(sink, file, &columns).await?
-            } else {
-                FileBytes::open(sink, &file.key, file.bytes, file.checksum.as_deref())
-                    .await?
-                    .with_dialect(&m.csv)
-            };
-            let mut changes = Changes::new(m, file, &schemas);
-            // An object that is not what its manifest says is named as such, whatever broke
-            // first.
-            let applied_file = apply_file(
-                &tx,
-                (m.start_lsn, m.end_lsn),
-                file,
-                &schemas,
-                &seen,
-                &mut bytes,
-                &mut changes,
-                tables,
-                &mut statements,
-            )
-            .await;
-            let checked = bytes.verify().await;
-            match (applied_file, checked) {
-                (_, Err(e)) | (Err(e), Ok(())) => Err(e),
-                (Ok(counts), Ok(())) => Ok(counts),
-            }
-        };
+        let snapshot = at.snapshots.get(&(file.schema.clone(), file.table.clone()));
+        let this = read_file(sink, &tx, m, file, snapshot, tables, &mut statements);
         let (done, read) = futures_util::future::join(previous, this).await;
         done?;
         let (n, s, run) = read?;

@@ -176,7 +176,9 @@ async fn poll_once<Src: CdcSource, S: ObjectSink, St: StateStore>(
         relations: Relations::default(),
         versions: SchemaVersions::new().with_op_field(opts.op_field()),
         publications: String::new(),
-        xid_horizon: crate::state::records::snapshot_horizon(state, &opts.task).await?,
+        // Read once the drain target is known (`begin_drain`): a reload that starts before
+        // that target is seen.
+        xid_horizon: None,
         row_buf: Vec::with_capacity(1024),
         messages: false,
         ddl_messages: false,
@@ -402,6 +404,10 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         self.ddl_messages = self.messages && opts.capture_ddl && pubs.follows;
         let state = self.align_slot(pubs.since).await?;
         let mut target = self.source.drain_target().await?;
+        // After the target: a reload writes its entry before reading its position, so one
+        // whose position is before the target is listed here, and this drain's batches list
+        // rows by transaction for it.
+        self.xid_horizon = crate::state::records::snapshot_horizon(self.state, &opts.task).await?;
         if let Some(stop) = self.stop_lsn() {
             target = target.min(stop.max(self.checkpoint()));
         }

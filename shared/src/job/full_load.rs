@@ -82,7 +82,7 @@ pub async fn export_chunk_in<S: ObjectSink, St: StateStore>(
         Claim::Done(record) => return Ok(record),
         Claim::Claimed { record, version } => (record, version),
     };
-    let (plan, _) = records::get_plan(state, &opts.task)
+    let (plan, _) = records::get_plan_of(state, &opts.task, id.reload)
         .await?
         .ok_or_else(|| Error::Source(format!("task {} has no plan", opts.task)))?;
     let table = plan.table(&id.schema, &id.table)?;
@@ -280,61 +280,7 @@ pub async fn finish<S: ObjectSink, St: StateStore>(
     events: &crate::events::Events,
 ) -> Result<Vec<LoadManifest>> {
     check_task_name(task)?;
-    let (plan, version) = records::get_plan(state, task)
-        .await?
-        .ok_or_else(|| Error::Source(format!("task {task} has no plan")))?;
-    let mut manifests = Vec::new();
-    let mut not_done = Vec::new();
-    for t in &plan.tables {
-        let mut chunks = Vec::new();
-        for n in 0..t.chunks.len() as u32 {
-            let id = ChunkId {
-                schema: t.schema.clone(),
-                table: t.table.clone(),
-                n,
-            };
-            let Some(rec) = records::get_chunk(state, task, &id).await? else {
-                not_done.push(format!("{}.{}#{n} (missing)", t.schema, t.table));
-                continue;
-            };
-            if rec.status != "done" {
-                not_done.push(format!("{}.{}#{n} ({})", t.schema, t.table, rec.status));
-            }
-            chunks.push(rec);
-        }
-        let checksum = chunks
-            .iter()
-            .fold(RowChecksum::default(), |a, c| a.combine(c.checksum));
-        let (schema, name, columns) = t.staged();
-        manifests.push(LoadManifest {
-            task: task.to_owned(),
-            schema: schema.to_owned(),
-            table: name.to_owned(),
-            format: plan.format,
-            op_column: plan.op_column,
-            header: plan.header,
-            csv: plan.csv.clone(),
-            transformed: t.staged_as.is_some(),
-            columns: columns.to_vec(),
-            l0: plan.l0,
-            rows: chunks.iter().map(|c| c.rows).sum(),
-            bytes: chunks.iter().map(|c| c.bytes).sum(),
-            checksum,
-            chunks,
-        });
-    }
-    if !not_done.is_empty() {
-        let shown: Vec<&str> = not_done.iter().take(10).map(String::as_str).collect();
-        return Err(Error::Source(format!(
-            "{} chunks are not done: {}",
-            not_done.len(),
-            shown.join(", ")
-        )));
-    }
-    for m in &manifests {
-        layout::put_json(sink, &load_manifest_key(&m.schema, &m.table), m).await?;
-    }
-    records::complete_plan(state, task, plan, version).await?;
+    let manifests = write_manifests(sink, state, task, None).await?;
     if events.enabled() {
         use crate::events::{LoadFinished, TableLoaded, VERSION};
         let stage = sink.describe();
@@ -373,6 +319,78 @@ pub async fn finish<S: ObjectSink, St: StateStore>(
     Ok(manifests)
 }
 
+/// Checks every chunk of the load's plan (`None`) or a reload's is done, writes the per-table
+/// manifests and marks the plan complete.
+pub(crate) async fn write_manifests<S: ObjectSink, St: StateStore>(
+    sink: &S,
+    state: &St,
+    task: &str,
+    reload: Option<Lsn>,
+) -> Result<Vec<LoadManifest>> {
+    let (plan, version) = records::get_plan_of(state, task, reload)
+        .await?
+        .ok_or_else(|| Error::Source(format!("task {task} has no plan")))?;
+    let mut manifests = Vec::new();
+    let mut not_done = Vec::new();
+    for t in &plan.tables {
+        let mut chunks = Vec::new();
+        for n in 0..t.chunks.len() as u32 {
+            let id = ChunkId {
+                schema: t.schema.clone(),
+                table: t.table.clone(),
+                n,
+                reload,
+            };
+            let Some(rec) = records::get_chunk(state, task, &id).await? else {
+                not_done.push(format!("{}.{}#{n} (missing)", t.schema, t.table));
+                continue;
+            };
+            if rec.status != "done" {
+                not_done.push(format!("{}.{}#{n} ({})", t.schema, t.table, rec.status));
+            }
+            chunks.push(rec);
+        }
+        let checksum = chunks
+            .iter()
+            .fold(RowChecksum::default(), |a, c| a.combine(c.checksum));
+        let (schema, name, columns) = t.staged();
+        manifests.push(LoadManifest {
+            task: task.to_owned(),
+            schema: schema.to_owned(),
+            table: name.to_owned(),
+            format: plan.format,
+            op_column: plan.op_column,
+            header: plan.header,
+            csv: plan.csv.clone(),
+            transformed: t.staged_as.is_some(),
+            columns: columns.to_vec(),
+            l0: plan.l0,
+            schema_key: reload.and(t.schema_key.clone()),
+            rows: chunks.iter().map(|c| c.rows).sum(),
+            bytes: chunks.iter().map(|c| c.bytes).sum(),
+            checksum,
+            chunks,
+        });
+    }
+    if !not_done.is_empty() {
+        let shown: Vec<&str> = not_done.iter().take(10).map(String::as_str).collect();
+        return Err(Error::Source(format!(
+            "{} chunks are not done: {}",
+            not_done.len(),
+            shown.join(", ")
+        )));
+    }
+    for m in &manifests {
+        let key = match reload {
+            Some(r0) => layout::reload_manifest_key(r0, &m.schema, &m.table),
+            None => load_manifest_key(&m.schema, &m.table),
+        };
+        layout::put_json(sink, &key, m).await?;
+    }
+    records::complete_plan(state, task, plan, version).await?;
+    Ok(manifests)
+}
+
 pub use crate::progress::Progress;
 
 /// What a local run did.
@@ -396,15 +414,46 @@ pub async fn run_local<S: ObjectSink + Clone, St: StateStore + Clone>(
     parallel: usize,
     progress: Arc<Progress>,
 ) -> Result<LoadReport> {
-    use std::sync::atomic::Ordering::Relaxed;
     let started = Instant::now();
     let (plan, ids) = match plan(sink, state, opts).await {
         Ok(planned) => planned,
         Err(e) => return Err(load_failed(opts, e).await),
     };
+    if let Err(e) = export_all(sink, state, opts, &ids, parallel, progress).await {
+        return Err(load_failed(opts, e).await);
+    }
+    let manifests = match finish(sink, state, &opts.task, &opts.events).await {
+        Ok(m) => m,
+        Err(e) => return Err(load_failed(opts, e).await),
+    };
+    let rows: u64 = manifests.iter().map(|m| m.rows).sum();
+    let elapsed = started.elapsed();
+    Ok(LoadReport {
+        task: opts.task.clone(),
+        tables: manifests.len(),
+        chunks: ids.len(),
+        rows,
+        bytes: manifests.iter().map(|m| m.bytes).sum(),
+        l0: plan.l0,
+        elapsed_ms: elapsed.as_millis() as u64,
+        rows_per_sec: rows as f64 / elapsed.as_secs_f64().max(1e-9),
+    })
+}
+
+/// Exports `ids` with `parallel` workers, each keeping its source session from chunk to chunk;
+/// the first error stops handing out chunks (running exports finish) and is returned.
+pub(crate) async fn export_all<S: ObjectSink + Clone, St: StateStore + Clone>(
+    sink: &S,
+    state: &St,
+    opts: &LoadOptions,
+    ids: &[ChunkId],
+    parallel: usize,
+    progress: Arc<Progress>,
+) -> Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
     progress.chunks_total.store(ids.len() as u64, Relaxed);
     let queue = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(
-        ids.clone(),
+        ids.to_vec(),
     )));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..parallel.max(1) {
@@ -444,25 +493,10 @@ pub async fn run_local<S: ObjectSink + Clone, St: StateStore + Clone>(
             }
         }
     }
-    if let Some(e) = first_err {
-        return Err(load_failed(opts, e).await);
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    let manifests = match finish(sink, state, &opts.task, &opts.events).await {
-        Ok(m) => m,
-        Err(e) => return Err(load_failed(opts, e).await),
-    };
-    let rows: u64 = manifests.iter().map(|m| m.rows).sum();
-    let elapsed = started.elapsed();
-    Ok(LoadReport {
-        task: opts.task.clone(),
-        tables: manifests.len(),
-        chunks: ids.len(),
-        rows,
-        bytes: manifests.iter().map(|m| m.bytes).sum(),
-        l0: plan.l0,
-        elapsed_ms: elapsed.as_millis() as u64,
-        rows_per_sec: rows as f64 / elapsed.as_secs_f64().max(1e-9),
-    })
 }
 
 /// Announces a failed load (`Task State Changed`), returning its error.
@@ -475,6 +509,7 @@ async fn load_failed(opts: &LoadOptions, e: Error) -> Error {
 }
 
 mod plan;
+pub mod reload;
 mod step;
 
 pub use plan::plan;

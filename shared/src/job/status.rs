@@ -138,6 +138,7 @@ async fn load_progress<St: StateStore>(
                 schema: t.schema.clone(),
                 table: t.table.clone(),
                 n,
+                reload: None,
             };
             if let Some(c) = records::get_chunk(state, task, &id).await?
                 && c.status == "done"

@@ -28,6 +28,11 @@ use crate::table::TableSchema;
 mod cdc;
 
 pub use cdc::{CdcOps, DatePartition, DateSequence, cdc_file_key, cdc_part_key};
+mod reload;
+pub use reload::{
+    RELOAD_MANIFESTS, reload_chunk_key, reload_manifest_key, reload_manifest_keys,
+    reload_schema_key,
+};
 
 /// Where batch manifests live.
 pub const CDC_MANIFESTS: &str = "_manifests/cdc/";
@@ -363,7 +368,11 @@ pub struct LoadManifest {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub transformed: bool,
     pub columns: Vec<String>,
+    /// The slot's consistent point (a reload's: its position R0).
     pub l0: Option<Lsn>,
+    /// A reload's: the schema version its rows have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_key: Option<String>,
     pub rows: u64,
     pub bytes: u64,
     pub checksum: RowChecksum,

@@ -6,6 +6,8 @@
 //! | `cdc`                | [`CdcRecord`]   | lease taken / released ([`Lease`]); checkpoint C → E, never backwards ([`Lease::move_checkpoint`]) |
 //! | `plan`               | [`PlanRecord`]  | `planned` → `complete`                              |
 //! | `chunk#<s>.<t>#<n>`  | [`ChunkRecord`] | `pending` → `running(owner, lease)` → `done` ([`claim_chunk`], [`complete_chunk`]) |
+//! | `reloads`            | [`reload::ReloadIndex`] | a reload `starting` → `planned(R0)` → `complete` |
+//! | `reload#<R0>#plan`, `reload#<R0>#chunk#..` | [`PlanRecord`], [`ChunkRecord`] | as the load's |
 //!
 //! Every write is conditional on the version read, so a lost race is a conflict, never a
 //! silent overwrite.
@@ -409,6 +411,9 @@ pub async fn reset_task<St: StateStore>(state: &St, task: &str) -> Result<Vec<St
         ));
         state.delete(task, "plan").await?;
     }
+    if let Some(reloads) = reload::reset(state, task).await? {
+        deleted.push(reloads);
+    }
     if get_cdc(state, task).await?.is_some() {
         state.delete(task, "cdc").await?;
         deleted.push("the CDC checkpoint".to_owned());
@@ -421,18 +426,20 @@ pub async fn reset_task<St: StateStore>(state: &St, task: &str) -> Result<Vec<St
 }
 
 /// The WAL position past every single-snapshot chunk of the task's load (a keyless table's is
-/// one): CDC batches that start later hold no transaction a load snapshot saw, so they need not
-/// list rows by transaction. `None` without a load.
+/// one) and of its reloads: CDC batches that start later hold no transaction a load snapshot
+/// saw, so they need not list rows by transaction. `None` without a load or reload.
 pub async fn snapshot_horizon<St: StateStore>(state: &St, task: &str) -> Result<Option<Lsn>> {
+    let reloads = reload::get_index(state, task).await?.horizon();
     let Some((plan, _)) = get_plan(state, task).await? else {
-        return Ok(None);
+        return Ok(reloads);
     };
-    let mut horizon = None;
+    let mut horizon = reloads;
     for t in plan.tables.iter().filter(|t| t.chunks.len() == 1) {
         let id = ChunkId {
             schema: t.schema.clone(),
             table: t.table.clone(),
             n: 0,
+            reload: None,
         };
         match get_chunk(state, task, &id)
             .await?
@@ -463,6 +470,9 @@ pub struct PlannedTable {
     /// the source's columns read (those rules did not remove).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staged_as: Option<StagedNames>,
+    /// The key of the schema version its rows have (absent in plans before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_key: Option<String>,
 }
 
 /// A planned table's staged names.
@@ -501,10 +511,13 @@ pub struct PlanRecord {
         skip_serializing_if = "crate::staging::dialect::CsvDialect::is_default"
     )]
     pub csv: crate::staging::dialect::CsvDialect,
-    /// The slot's consistent point when CDC is on.
+    /// The slot's consistent point when CDC is on (a reload's: its position R0).
     pub l0: Option<Lsn>,
     /// `planned` or `complete`.
     pub status: String,
+    /// A reload's plan (its position R0): its items are `reload#<R0>#..`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<Lsn>,
 }
 
 impl PlanRecord {
@@ -517,6 +530,7 @@ impl PlanRecord {
                     schema: t.schema.clone(),
                     table: t.table.clone(),
                     n,
+                    reload: self.reload,
                 })
             })
             .collect()
@@ -536,7 +550,24 @@ impl PlanRecord {
 
 /// Reads the `plan` item.
 pub async fn get_plan<St: StateStore>(state: &St, task: &str) -> Result<Option<(PlanRecord, u64)>> {
-    match state.get(task, "plan").await? {
+    get_plan_of(state, task, None).await
+}
+
+/// The plan item of the load (`None`) or of a reload from R0: `plan`, `reload#<R0>#plan`.
+pub fn plan_key(reload: Option<Lsn>) -> String {
+    match reload {
+        Some(r0) => format!("reload#{}#plan", r0.key_hex()),
+        None => "plan".to_owned(),
+    }
+}
+
+/// Reads the load's plan (`None`) or a reload's.
+pub async fn get_plan_of<St: StateStore>(
+    state: &St,
+    task: &str,
+    reload: Option<Lsn>,
+) -> Result<Option<(PlanRecord, u64)>> {
+    match state.get(task, &plan_key(reload)).await? {
         Some(v) => Ok(Some((from_doc(v.doc, "plan")?, v.version))),
         None => Ok(None),
     }
@@ -568,6 +599,7 @@ pub async fn create_plan<St: StateStore>(
             start_lsn: None,
             snapshot: None,
             snapshot_lsn: None,
+            reload: plan.reload,
         };
         match state
             .put(task, &id.state_key(), &to_doc(&record)?, None)
@@ -577,9 +609,12 @@ pub async fn create_plan<St: StateStore>(
             Err(e) => return Err(e),
         }
     }
-    match state.put(task, "plan", &to_doc(&plan)?, None).await {
+    match state
+        .put(task, &plan_key(plan.reload), &to_doc(&plan)?, None)
+        .await
+    {
         Ok(_) => Ok(plan),
-        Err(Error::Conflict(_)) => get_plan(state, task)
+        Err(Error::Conflict(_)) => get_plan_of(state, task, plan.reload)
             .await?
             .map(|(p, _)| p)
             .ok_or_else(|| Error::Conflict("plan vanished".to_owned())),
@@ -599,7 +634,7 @@ pub async fn complete_plan<St: StateStore>(
     }
     plan.status = "complete".to_owned();
     match state
-        .put(task, "plan", &to_doc(&plan)?, Some(version))
+        .put(task, &plan_key(plan.reload), &to_doc(&plan)?, Some(version))
         .await
     {
         Ok(_) | Err(Error::Conflict(_)) => Ok(()),
@@ -613,17 +648,24 @@ pub struct ChunkId {
     pub schema: String,
     pub table: String,
     pub n: u32,
+    /// A reload's chunk (its R0); absent for the load's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<Lsn>,
 }
 
 impl ChunkId {
     /// The chunk's item: `chunk#<schema>.<table>#<n>` (names escaped: no two tables share
-    /// an item).
+    /// an item); a reload's `reload#<R0>#chunk#<schema>.<table>#<n>`.
     pub fn state_key(&self) -> String {
-        format!(
+        let key = format!(
             "chunk#{}#{}",
             crate::staging::layout::state_table_key(&self.schema, &self.table),
             self.n
-        )
+        );
+        match self.reload {
+            Some(r0) => format!("reload#{}#{key}", r0.key_hex()),
+            None => key,
+        }
     }
 }
 
@@ -652,6 +694,9 @@ pub struct ChunkRecord {
     /// committed before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_lsn: Option<Lsn>,
+    /// A reload's chunk (its R0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<Lsn>,
 }
 
 /// Reads a chunk item.
@@ -735,6 +780,7 @@ pub async fn complete_chunk<St: StateStore>(
         schema: record.schema.clone(),
         table: record.table.clone(),
         n: record.n,
+        reload: record.reload,
     };
     record.status = "done".to_owned();
     record.lease_expires_ms = 0;
@@ -750,6 +796,8 @@ pub async fn complete_chunk<St: StateStore>(
         })?;
     Ok(record)
 }
+
+pub mod reload;
 
 #[cfg(test)]
 mod tests;

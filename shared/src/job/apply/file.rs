@@ -460,7 +460,7 @@ async fn execute(
 /// the rows are deleted instead (in the replica role no foreign-key trigger fires; the
 /// referencing table's own truncate follows in the batch): the same end state, never a
 /// cascade into a table the source kept.
-async fn truncate(tx: &tokio_postgres::Transaction<'_>, name: &str) -> Result<()> {
+pub(super) async fn truncate(tx: &tokio_postgres::Transaction<'_>, name: &str) -> Result<()> {
     tx.batch_execute("savepoint pgshift_truncate")
         .await
         .map_err(|e| Error::postgres(format!("truncating {name}"), e))?;

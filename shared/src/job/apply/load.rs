@@ -46,6 +46,7 @@ use crate::staging::ObjectSink;
 use crate::staging::encode::Encoding;
 use crate::staging::encode::parquet_read::ParquetRows;
 use crate::staging::layout::{self, LoadManifest, StoredSchema};
+use crate::table::TableSchema;
 
 const LOADED: &str = "create table if not exists pgshift.loaded (task text not null, chunk text not null, \
  l0 text not null, rows bigint not null, loaded_at timestamptz not null default now(), primary key (task, chunk))";
@@ -64,7 +65,7 @@ pub(super) struct Loaded {
 }
 
 /// One table of the load, as the chunk workers need it.
-struct LoadTable {
+pub(super) struct LoadTable {
     manifest: LoadManifest,
     name: String,
     copy: String,
@@ -73,6 +74,42 @@ struct LoadTable {
     /// `COPY .. FREEZE` after a `TRUNCATE` in the chunk's transaction: a plain table of one
     /// chunk whose rows pgshift owns.
     freeze: bool,
+}
+
+impl LoadTable {
+    /// A table of `schema` loaded from `m`'s chunks: straight into it when it has no unique
+    /// index (`plain`), else through a temporary table and `ON CONFLICT DO NOTHING`.
+    pub(super) fn new(
+        m: LoadManifest,
+        schema: &TableSchema,
+        plain: bool,
+        freeze: bool,
+    ) -> LoadTable {
+        let name = quote_qualified(&m.schema, &m.table);
+        let cols: Vec<String> = m.columns.iter().map(|c| quote_ident(c)).collect();
+        let keyed = has_key(schema);
+        let into = if keyed && !plain {
+            "pg_temp.pgshift_load"
+        } else {
+            &name
+        };
+        LoadTable {
+            copy: format!(
+                "copy {into} ({}) from stdin with (format csv{})",
+                cols.join(", "),
+                if freeze { ", freeze" } else { "" }
+            ),
+            insert: format!(
+                "insert into {name} ({0}) overriding system value select {0} from pg_temp.pgshift_load on conflict ({1}) do nothing",
+                cols.join(", "),
+                quoted_keys(schema).join(", ")
+            ),
+            name,
+            keyed: keyed && !plain,
+            freeze,
+            manifest: m,
+        }
+    }
 }
 
 /// Applies the staged load (if any) with `workers` connections; `None` without one.
@@ -211,34 +248,13 @@ pub(super) async fn apply_load<S: ObjectSink>(
             }
         }
         let name = quote_qualified(&m.schema, &m.table);
-        let cols: Vec<String> = m.columns.iter().map(|c| quote_ident(c)).collect();
         let keyed = has_key(&stored.schema);
         let freeze = plain && ordinary && prep != TargetPrep::Keep && m.chunks.len() == 1;
         loaded.insert(
             name.clone(),
             (keyed && plain && m.chunks.len() > 1).then(|| quoted_keys(&stored.schema)),
         );
-        let into = if keyed && !plain {
-            "pg_temp.pgshift_load"
-        } else {
-            &name
-        };
-        load_tables.push(LoadTable {
-            copy: format!(
-                "copy {into} ({}) from stdin with (format csv{})",
-                cols.join(", "),
-                if freeze { ", freeze" } else { "" }
-            ),
-            insert: format!(
-                "insert into {name} ({0}) overriding system value select {0} from pg_temp.pgshift_load on conflict ({1}) do nothing",
-                cols.join(", "),
-                quoted_keys(&stored.schema).join(", ")
-            ),
-            name,
-            keyed: keyed && !plain,
-            freeze,
-            manifest: m,
-        });
+        load_tables.push(LoadTable::new(m, &stored.schema, plain, freeze));
         tables.known.insert(
             (stored.schema.schema.clone(), stored.schema.table.clone()),
             stored.schema,
@@ -328,6 +344,27 @@ async fn load_chunk<S: ObjectSink>(
             .await
             .map_err(|e| Error::postgres(format!("emptying {name} for COPY FREEZE"), e))?;
     }
+    copy_into(sink, &tx, t, c).await?;
+    tx.execute(
+        "insert into pgshift.loaded (task, chunk, l0, rows) values ($1, $2, $3, $4)",
+        &[&task, &chunk.key, &l0, &(chunk.rows as i64)],
+    )
+    .await
+    .map_err(|e| Error::postgres("recording a loaded chunk", e))?;
+    tx.commit()
+        .await
+        .map_err(|e| Error::postgres(format!("committing a chunk of {name}"), e))
+}
+
+/// Chunk `c` of `t` copied into its table inside `tx`, its object checked against its manifest.
+pub(super) async fn copy_into<S: ObjectSink>(
+    sink: &S,
+    tx: &tokio_postgres::Transaction<'_>,
+    t: &LoadTable,
+    c: usize,
+) -> Result<()> {
+    let chunk = &t.manifest.chunks[c];
+    let name = &t.name;
     if t.keyed {
         tx.batch_execute(&format!(
             "drop table if exists pg_temp.pgshift_load; create temp table pgshift_load (like {name}) on commit drop"
@@ -339,9 +376,9 @@ async fn load_chunk<S: ObjectSink>(
         .await?
         .with_dialect(&t.manifest.csv);
     let copied = if t.manifest.format.encoding == Encoding::Parquet {
-        copy_parquet_chunk(&tx, t, &chunk.key, &mut bytes).await
+        copy_parquet_chunk(tx, t, &chunk.key, &mut bytes).await
     } else {
-        copy_chunk(&tx, t, &mut bytes).await
+        copy_chunk(tx, t, &mut bytes).await
     };
     // An object that is not what its manifest says is named as such, whatever broke first.
     let checked = bytes.verify().await;
@@ -354,15 +391,7 @@ async fn load_chunk<S: ObjectSink>(
             .await
             .map_err(|e| Error::postgres(format!("loading {name}"), e))?;
     }
-    tx.execute(
-        "insert into pgshift.loaded (task, chunk, l0, rows) values ($1, $2, $3, $4)",
-        &[&task, &chunk.key, &l0, &(chunk.rows as i64)],
-    )
-    .await
-    .map_err(|e| Error::postgres("recording a loaded chunk", e))?;
-    tx.commit()
-        .await
-        .map_err(|e| Error::postgres(format!("committing a chunk of {name}"), e))
+    Ok(())
 }
 
 /// A Parquet chunk: spooled to a local temporary file (Parquet is read from its footer, so

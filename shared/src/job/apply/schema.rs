@@ -314,7 +314,10 @@ async fn dedupe(client: &Client, table: &str, keys: &[String]) -> Result<u64> {
 }
 
 /// The loaded tables the target lacks (for `--target-prep truncate|keep`).
-pub(super) async fn missing_tables(client: &Client, tables: &[String]) -> Result<Vec<String>> {
+pub(super) async fn missing_tables(
+    client: &impl tokio_postgres::GenericClient,
+    tables: &[String],
+) -> Result<Vec<String>> {
     let mut missing = Vec::new();
     for t in tables {
         let there: bool = client

@@ -63,7 +63,7 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
         Some(l) => l,
         None => snapshot::wal_position(client).await?,
     };
-    let planned = plan_tables(sink, client, &tables, schema_lsn, sizing, opts).await?;
+    let planned = plan_tables(sink, client, &tables, schema_lsn, sizing, opts, None).await?;
     // The schema as pg_dump's sections, for apply to build the target from.
     let has_root = tables.iter().any(|t| t.kind == 'p');
     let oids: Vec<u32> = tables
@@ -86,6 +86,7 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
         },
         l0,
         status: "planned".to_owned(),
+        reload: None,
     };
     let format = opts.format;
     let plan = records::create_plan(state, &opts.task, plan, |id| {
@@ -97,14 +98,17 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
     Ok((plan, ids))
 }
 
-/// Each selected table's schema version written (at `schema_lsn`) and its chunks planned.
-async fn plan_tables<S: ObjectSink>(
+/// Each selected table's schema version written (at `schema_lsn`) and its chunks planned. A
+/// reload's (`reload`: its R0) schema is written beside its chunks instead, never among the
+/// versions CDC writes and compares with.
+pub(crate) async fn plan_tables<S: ObjectSink>(
     sink: &S,
     client: &tokio_postgres::Client,
     tables: &[catalog::TableInfo],
     schema_lsn: Lsn,
     sizing: ChunkSizing,
     opts: &LoadOptions,
+    reload: Option<Lsn>,
 ) -> Result<Vec<PlannedTable>> {
     let mut versions = SchemaVersions::new();
     let mut planned = Vec::new();
@@ -121,13 +125,32 @@ async fn plan_tables<S: ObjectSink>(
         };
         // Transformation rules: the names it is staged under, the columns read.
         let (staged, keep) = opts.selection.stage_schema(&schema)?;
-        versions
-            .version_for(sink, &staged, schema_lsn, opts.commit_ts_column)
-            .await?;
+        let schema_key = match reload {
+            None => {
+                versions
+                    .version_for(sink, &staged, schema_lsn, opts.commit_ts_column)
+                    .await?
+            }
+            Some(r0) => {
+                let key = layout::reload_schema_key(&staged.schema, &staged.table, r0);
+                let stored = layout::StoredSchema {
+                    lsn: r0,
+                    csv_cdc_layout: layout::csv_cdc_fields(&staged, opts.commit_ts_column, true),
+                    schema: staged.clone(),
+                    ddl: None,
+                };
+                layout::put_json(sink, &key, &stored).await?;
+                key
+            }
+        };
         // Just before `schema_lsn`: the next WAL record (a change's, or a schema-change
         // message's) may start exactly there, and it changes what this reads.
+        // A reload leaves the history to CDC: a definition recorded now would make CDC explain
+        // the table's next Relation message as a schema change from it.
         let before = Lsn(schema_lsn.0.saturating_sub(1));
-        record_definition(sink, client, t.oid, before).await?;
+        if reload.is_none() {
+            record_definition(sink, client, t.oid, before).await?;
+        }
         let chunks = match opts.selection.load_ranges_for(&t.schema, &t.name) {
             Some(ranges) => user_ranges(client, t, &cols, ranges).await?,
             None => chunk_table(client, t, &cols, sizing, opts.chunking).await?,
@@ -148,6 +171,7 @@ async fn plan_tables<S: ObjectSink>(
                 table: staged.table.clone(),
                 columns: staged.columns.iter().map(|c| c.name.clone()).collect(),
             }),
+            schema_key: Some(schema_key),
         });
     }
     Ok(planned)
@@ -175,7 +199,7 @@ async fn record_definition<S: ObjectSink>(
 }
 
 /// The selection matched what it names exactly, and every selected table is readable.
-fn check_tables(
+pub(crate) fn check_tables(
     tables: &[catalog::TableInfo],
     selection: &crate::selection::Selection,
     server: &catalog::ServerInfo,

@@ -13,6 +13,7 @@ fn plan() -> PlanRecord {
             chunks: vec![ChunkRange::Whole, ChunkRange::Whole],
             estimated_rows: 2.0,
             staged_as: None,
+            schema_key: None,
         }],
         format: Format::default(),
         op_column: false,
@@ -20,6 +21,7 @@ fn plan() -> PlanRecord {
         csv: Default::default(),
         l0: Some(Lsn(7)),
         status: "planned".to_owned(),
+        reload: None,
     }
 }
 
