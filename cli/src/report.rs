@@ -259,6 +259,15 @@ pub(crate) fn status_text(s: &TaskStatus) -> String {
             .as_ref()
             .map_or(String::new(), |o| format!(", lease held by {o}"))
     );
+    for r in &s.reloads {
+        let _ = writeln!(
+            out,
+            "reload      {} from {}: {}",
+            r.tables.join(", "),
+            r.r0.map_or("-".to_owned(), |l| l.to_string()),
+            r.status
+        );
+    }
     if let Some(p) = &s.last_poll {
         let _ = writeln!(
             out,

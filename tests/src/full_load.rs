@@ -640,7 +640,11 @@ fn the_state_machine_is_valid_and_retries_only_transient_errors() {
     let asl: serde_json::Value = serde_json::from_str(text).unwrap();
     let states = asl["States"].as_object().unwrap();
     for s in [
+        "LoadOrReload",
         "Plan",
+        "PlanReload",
+        "FinishWhich",
+        "FinishReload",
         "LargePlan",
         "ExportChunks",
         "ExportChunksDistributed",
@@ -649,7 +653,28 @@ fn the_state_machine_is_valid_and_retries_only_transient_errors() {
     ] {
         assert!(states.contains_key(s), "{s} missing");
     }
-    assert_eq!(asl["StartAt"], "Plan");
+    assert_eq!(asl["StartAt"], "LoadOrReload");
+    // An execution with `reload` plans and finishes a reload; without, the load.
+    for (choice, with, without) in [
+        ("LoadOrReload", "PlanReload", "Plan"),
+        ("FinishWhich", "FinishReload", "Finish"),
+    ] {
+        let c = &states[choice];
+        assert_eq!(c["Choices"][0]["Variable"], "$.reload");
+        assert_eq!(c["Choices"][0]["Next"], with);
+        assert_eq!(c["Default"], without);
+    }
+    assert_eq!(
+        states["PlanReload"]["Parameters"]["Payload"]["reload.$"],
+        "$.reload"
+    );
+    assert_eq!(
+        states["FinishReload"]["Parameters"]["Payload"]["reload.$"],
+        "$.plan.output.reload"
+    );
+    for s in ["ExportChunks", "ExportChunksDistributed"] {
+        assert_eq!(states[s]["Next"], "FinishWhich");
+    }
     let export = &states["ExportChunks"]["ItemProcessor"]["States"]["ExportChunk"];
     for retry in export["Retry"].as_array().unwrap() {
         for e in retry["ErrorEquals"].as_array().unwrap() {
@@ -672,6 +697,8 @@ fn the_state_machine_is_valid_and_retries_only_transient_errors() {
     for payload in [
         serde_json::json!({"action": "Plan"}),
         serde_json::json!({"action": "Finish"}),
+        serde_json::json!({"action": "Plan", "reload": ["public.orders"]}),
+        serde_json::json!({"action": "Finish", "reload": "0/16B3748"}),
     ] {
         full_load::FullLoadEvent::from_json(payload).unwrap();
     }

@@ -350,6 +350,46 @@ async fn packaged_lambdas_run_through_the_runtime_api() {
             .any(|l| l["CDCIncomingChanges"] == 21 && l["CDCLatencySource"].is_number()),
         "{lines:#?}"
     );
+    // A reload of orders into the running task, as the state machine drives an execution
+    // started with {"reload": [..]}: Plan, every chunk, Finish with the plan's position.
+    let plan = api
+        .invoke(
+            "full-load",
+            Payload::Json(json!({"action": "Plan", "reload": ["public.orders"]})),
+        )
+        .unwrap_or_else(|e| panic!("reload Plan failed: {e}"));
+    let r0 = plan["reload"]
+        .as_str()
+        .expect("the reload's position")
+        .to_owned();
+    let chunks = plan["chunks"]
+        .as_array()
+        .expect("inline chunk list")
+        .clone();
+    assert!(chunks.len() >= 2, "{plan:#}");
+    for chunk in &chunks {
+        assert_eq!(chunk["reload"], r0.as_str(), "{chunk}");
+        let done = api
+            .invoke(
+                "full-load",
+                Payload::Json(json!({"action": "ExportChunk", "chunk": chunk})),
+            )
+            .unwrap_or_else(|e| panic!("reload ExportChunk {chunk} failed: {e}"));
+        assert!(
+            done["key"].as_str().unwrap().contains("/reload-"),
+            "{done:#}"
+        );
+    }
+    let done = api
+        .invoke(
+            "full-load",
+            Payload::Json(json!({"action": "Finish", "reload": r0})),
+        )
+        .unwrap_or_else(|e| panic!("reload Finish failed: {e}"));
+    assert_eq!(done["rows"], 19990, "{done:#}");
+    assert_eq!(done["tables"], json!(["public.orders"]), "{done:#}");
+    assert_eq!(sink.list("_manifests/reload/").await.unwrap().len(), 1);
+
     // The slot watch: what the slot retains, read without polling (the checkpoint stays).
     let watch = api
         .invoke("cdc-poller", Payload::Json(json!({"action": "Watch"})))

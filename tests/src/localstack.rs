@@ -78,11 +78,26 @@ impl Lane {
         Option<String>,
         Vec<HistoryEventType>,
     ) {
+        self.run_with(case, "{}").await
+    }
+
+    /// [`Lane::run`] with the execution's input.
+    async fn run_with(
+        &self,
+        case: &str,
+        input: &str,
+    ) -> (
+        ExecutionStatus,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Vec<HistoryEventType>,
+    ) {
         let arn = self
             .sfn
             .start_execution()
             .state_machine_arn(format!("{}#{case}", self.machine))
-            .input("{}")
+            .input(input)
             .send()
             .await
             .unwrap_or_else(|e| {
@@ -194,6 +209,17 @@ async fn the_full_load_state_machine_runs_its_paths() {
         1,
         "only Plan succeeds, Finish never runs: {events:?}"
     );
+
+    // An execution started with `reload`: the reload's Plan and Finish (with the plan's
+    // position), the same chunk Map between them.
+    let (status, error, cause, output, events) = lane
+        .run_with("Reload", r#"{"reload": ["public.orders"]}"#)
+        .await;
+    assert_eq!(status, ExecutionStatus::Succeeded, "{error:?} {cause:?}");
+    assert_eq!(count(&events, HistoryEventType::MapIterationSucceeded), 2);
+    let out: serde_json::Value = serde_json::from_str(output.as_deref().unwrap()).unwrap();
+    assert_eq!(out["result"]["reload"], "0/16B3748", "{out}");
+    assert_eq!(out["result"]["rows"], 20, "{out}");
 
     // A terminal Plan error is not retried: LoadFailed at once, its cause kept.
     let (status, error, cause, _, events) = lane.run("PlanFails").await;

@@ -383,6 +383,14 @@ async fn full_load_reload_while_writes_go_on() {
         out.contains("reloaded public.acct, public.late, public.log from"),
         "{out}"
     );
+    let (code, status, err) =
+        pgshift_tests::run_cli(&["status", "--task", "cli-reload", "--state", &task.state]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        status.contains("reload      public.acct, public.late, public.log from")
+            && status.contains(": complete"),
+        "{status}"
+    );
     ok(task.run(&["cdc", "--source", &src, "--tables", &all, "--once"]));
     let out = ok(task.run(&["apply", "--target", &dst]));
     assert!(

@@ -1,6 +1,8 @@
 //! The full-load Lambda, driven by `infra/statemachine/full-load.asl.json`: wiring only. Events
 //! are `{"action": "Plan"}`, `{"action": "ExportChunk", "chunk": {..}}` and
-//! `{"action": "Finish"}`; the job is `pgshift::job::full_load`.
+//! `{"action": "Finish"}`, and for a reload of tables into the running task (an execution
+//! started with `{"reload": [..]}`) `{"action": "Plan", "reload": ["schema.table"]}` and
+//! `{"action": "Finish", "reload": "<R0>"}`; the job is `pgshift::job::full_load`.
 
 use lambda_runtime::{Diagnostic, LambdaEvent, service_fn};
 use pgshift::Error;
@@ -77,6 +79,31 @@ async fn run(
                 pgshift::metrics::chunk_line(&deps.task, record.rows, record.bytes, secs)
             );
             json(&record)
+        }
+        FullLoadEvent::PlanReload { tables } => {
+            let opts = options(deps, &event.context).await?;
+            let (plan, ids, _) =
+                full_load::reload::plan(&deps.sink, &deps.state, &opts, &tables).await?;
+            let out = full_load::plan_output(
+                &deps.sink,
+                &deps.task,
+                &plan,
+                ids,
+                deps.env.max_concurrency,
+                |key| deps.sink.locate(key),
+            )
+            .await?;
+            json(&out)
+        }
+        FullLoadEvent::FinishReload { r0 } => {
+            let manifests =
+                full_load::reload::finish(&deps.sink, &deps.state, &deps.task, r0).await?;
+            let rows: u64 = manifests.iter().map(|m| m.rows).sum();
+            let tables: Vec<String> = manifests
+                .iter()
+                .map(|m| format!("{}.{}", m.schema, m.table))
+                .collect();
+            Ok(serde_json::json!({"task": deps.task, "reload": r0, "tables": tables, "rows": rows}))
         }
         FullLoadEvent::Finish => {
             let manifests =

@@ -530,6 +530,36 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(e, FullLoadEvent::ExportChunk { chunk } if chunk.n == 3));
+        let e = FullLoadEvent::from_json(
+            serde_json::json!({"action": "Plan", "reload": ["public.orders", "\"S\".t"]}),
+        )
+        .unwrap();
+        assert_eq!(
+            e,
+            FullLoadEvent::PlanReload {
+                tables: vec![
+                    ("public".to_owned(), "orders".to_owned()),
+                    ("S".to_owned(), "t".to_owned())
+                ]
+            }
+        );
+        let e = FullLoadEvent::from_json(
+            serde_json::json!({"action": "Finish", "reload": "16/B374D848"}),
+        )
+        .unwrap();
+        assert_eq!(
+            e,
+            FullLoadEvent::FinishReload {
+                r0: "16/B374D848".parse().unwrap()
+            }
+        );
+        let chunk = serde_json::json!({"schema": "s", "table": "t", "n": 0, "reload": "0/10"});
+        let e =
+            FullLoadEvent::from_json(serde_json::json!({"action": "ExportChunk", "chunk": chunk}))
+                .unwrap();
+        assert!(
+            matches!(e, FullLoadEvent::ExportChunk { chunk } if chunk.reload == Some(Lsn(0x10)))
+        );
         for (bad, want) in [
             (serde_json::json!({"action": "Explode"}), "Explode"),
             (
@@ -538,6 +568,22 @@ mod tests {
             ),
             (serde_json::json!({"action": "ExportChunk"}), "chunk"),
             (serde_json::json!("Plan"), "must be a JSON object"),
+            (
+                serde_json::json!({"action": "Plan", "reload": "public.t"}),
+                "reload",
+            ),
+            (
+                serde_json::json!({"action": "Plan", "reload": ["orders"]}),
+                "reload",
+            ),
+            (
+                serde_json::json!({"action": "Finish", "reload": "soon"}),
+                "reload",
+            ),
+            (
+                serde_json::json!({"action": "ExportChunk", "reload": "0/1", "chunk": {"schema": "s", "table": "t", "n": 1}}),
+                "reload",
+            ),
         ] {
             let err = FullLoadEvent::from_json(bad.clone())
                 .unwrap_err()

@@ -42,6 +42,9 @@ pub struct TaskStatus {
     /// When a target was given: where its apply stands.
     #[serde(default)]
     pub target: Option<TargetStatus>,
+    /// Reloads of tables into the task (DMS's "reload table"), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reloads: Vec<crate::state::records::reload::ReloadEntry>,
 }
 
 /// Where a PG -> PG target's apply stands against what is staged.
@@ -96,6 +99,7 @@ pub async fn run<St: StateStore>(
         slot_wal_status: None,
         last_batch_end: cdc.as_ref().and_then(|c| c.last_batch_end),
         target: None,
+        reloads: records::reload::get_index(state, task).await?.reloads,
     };
     if let (Some(cfg), Some(slot_name)) = (source_cfg, status.slot.clone()) {
         live_slot(&mut status, cfg, &slot_name).await?;

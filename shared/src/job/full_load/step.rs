@@ -9,12 +9,24 @@ use crate::staging::ObjectSink;
 use crate::staging::layout::{self, CHUNK_LIST_KEY};
 use crate::state::records::{ChunkId, PlanRecord};
 
-/// The full-load function's event: one of the state machine's three steps.
+/// The full-load function's event: one of the state machine's three steps, for the load or
+/// for a reload of some tables into the running task (an execution started with
+/// `{"reload": ["schema.table", ..]}`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FullLoadEvent {
     Plan,
-    ExportChunk { chunk: ChunkId },
+    ExportChunk {
+        chunk: ChunkId,
+    },
     Finish,
+    /// `{"action": "Plan", "reload": ["public.orders"]}`.
+    PlanReload {
+        tables: Vec<(String, String)>,
+    },
+    /// `{"action": "Finish", "reload": "<R0 from the plan>"}`.
+    FinishReload {
+        r0: Lsn,
+    },
 }
 
 #[derive(Deserialize)]
@@ -23,6 +35,8 @@ struct RawEvent {
     action: Action,
     #[serde(default)]
     chunk: Option<ChunkId>,
+    #[serde(default)]
+    reload: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -37,6 +51,32 @@ impl FullLoadEvent {
     /// that is wrong.
     pub fn from_json(value: serde_json::Value) -> Result<FullLoadEvent> {
         let raw: RawEvent = crate::task::parse_event(value)?;
+        match (&raw.action, raw.reload) {
+            (Action::Plan, Some(list)) if raw.chunk.is_none() => {
+                let names: Vec<String> = serde_json::from_value(list).map_err(|_| {
+                    Error::event("reload", "must be a list of \"schema.table\" names")
+                })?;
+                let tables = super::reload::parse_tables(&names)
+                    .map_err(|e| Error::event("reload", e.to_string()))?;
+                return Ok(FullLoadEvent::PlanReload { tables });
+            }
+            (Action::Finish, Some(r0)) if raw.chunk.is_none() => {
+                let r0 = r0.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
+                    Error::event(
+                        "reload",
+                        "must be the reload's position (the plan's `reload`, X/Y)",
+                    )
+                })?;
+                return Ok(FullLoadEvent::FinishReload { r0 });
+            }
+            (Action::ExportChunk, Some(_)) => {
+                return Err(Error::event(
+                    "reload",
+                    "ExportChunk takes the chunk only (a reload's chunk says so itself)",
+                ));
+            }
+            _ => {}
+        }
         match (raw.action, raw.chunk) {
             (Action::Plan, None) => Ok(FullLoadEvent::Plan),
             (Action::Finish, None) => Ok(FullLoadEvent::Finish),
@@ -66,6 +106,9 @@ pub struct PlanOutput {
     pub chunk_manifest: Option<ChunkManifestRef>,
     pub max_concurrency: u32,
     pub l0: Option<Lsn>,
+    /// A reload's position (R0): the Finish step's `reload`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<Lsn>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +135,7 @@ pub async fn plan_output<S: ObjectSink>(
         chunk_manifest: None,
         max_concurrency,
         l0: plan.l0,
+        reload: plan.reload,
     };
     if ids.len() <= INLINE_CHUNK_LIMIT {
         out.chunks = Some(ids);
