@@ -4,8 +4,9 @@
 //! | detail-type          | when                                                            |
 //! |----------------------|-----------------------------------------------------------------|
 //! | `Batch Committed`    | a CDC batch's checkpoint moved (its manifest is the record)      |
-//! | `Table Loaded`       | a table's full-load manifest was written                         |
+//! | `Table Loaded`       | a table's full-load (or reload) manifest was written             |
 //! | `Load Finished`      | every table's manifest was written and the plan marked complete  |
+//! |                      | (a reload's: with `reload`, its position R0)                     |
 //! | `Task State Changed` | what an operator must act on: a poll failed, the slot was lost,  |
 //! |                      | started or stopped lagging, the lease was lost, a load failed    |
 //!
@@ -163,6 +164,10 @@ pub struct LoadFinished {
     pub rows: u64,
     pub bytes: u64,
     pub l0: Option<Lsn>,
+    /// A reload's position R0 (DMS's "reload table"): the tables were loaded again into the
+    /// running task; absent for the full load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<Lsn>,
 }
 
 impl LoadFinished {

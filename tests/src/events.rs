@@ -203,6 +203,34 @@ async fn a_load_and_cdc_put_their_events_and_a_failed_put_is_reannounced() {
     assert_eq!(finished.len(), 1);
     assert_eq!(finished[0]["detail"]["rows"], 110);
     assert_eq!(finished[0]["source"], "pgshift");
+    assert!(finished[0]["detail"].get("reload").is_none());
+
+    // A reload of `a` into the running task: its Table Loaded names the reload's manifest,
+    // its Load Finished carries R0 (an event-driven apply runs on it).
+    let reloaded = pgshift::job::full_load::reload::run_local(
+        &s.sink,
+        &s.state,
+        &lo,
+        &[("public".to_owned(), "a".to_owned())],
+        1,
+        Arc::new(Progress::default()),
+    )
+    .await
+    .unwrap();
+    let got = route.drain().await;
+    validate(&got);
+    let table = of_type(&got, events::TABLE_LOADED);
+    assert_eq!(table.len(), 1, "{got:#?}");
+    assert!(
+        table[0]["detail"]["manifest_key"]
+            .as_str()
+            .unwrap()
+            .starts_with("_manifests/reload/"),
+        "{got:#?}"
+    );
+    let finished = of_type(&got, events::LOAD_FINISHED);
+    assert_eq!(finished[0]["detail"]["reload"], reloaded.r0.to_string());
+    assert_eq!(finished[0]["detail"]["rows"], 100);
 
     // CDC: two batches, each announced after its checkpoint moved.
     let mut co = pgshift::options::CdcOptions::new(task, s.db.config(), "poller");

@@ -127,7 +127,9 @@ async fn a_reload_repairs_the_target_and_merges_with_the_changes_around_it() {
             .await
             .unwrap();
     }
-    let manifests = reload::finish(&s.sink, &s.state, task, r0).await.unwrap();
+    let manifests = reload::finish(&s.sink, &s.state, task, r0, &Default::default())
+        .await
+        .unwrap();
     assert_eq!(manifests.len(), 3);
     assert!(
         manifests
@@ -187,7 +189,9 @@ async fn a_reload_repairs_the_target_and_merges_with_the_changes_around_it() {
             .await
             .unwrap();
     }
-    reload::finish(&s.sink, &s.state, task, r1).await.unwrap();
+    reload::finish(&s.sink, &s.state, task, r1, &Default::default())
+        .await
+        .unwrap();
     cdc_poll::run(&s.sink, &s.state, &co).await.unwrap();
     let err = apply::run(&s.sink, &target.config(), task)
         .await

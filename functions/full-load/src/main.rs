@@ -97,7 +97,8 @@ async fn run(
         }
         FullLoadEvent::FinishReload { r0 } => {
             let manifests =
-                full_load::reload::finish(&deps.sink, &deps.state, &deps.task, r0).await?;
+                full_load::reload::finish(&deps.sink, &deps.state, &deps.task, r0, &deps.events)
+                    .await?;
             let rows: u64 = manifests.iter().map(|m| m.rows).sum();
             let tables: Vec<String> = manifests
                 .iter()

@@ -281,6 +281,19 @@ pub async fn finish<S: ObjectSink, St: StateStore>(
 ) -> Result<Vec<LoadManifest>> {
     check_task_name(task)?;
     let manifests = write_manifests(sink, state, task, None).await?;
+    announce_loaded(sink, task, &manifests, events, None).await;
+    Ok(manifests)
+}
+
+/// `Table Loaded` for each table and `Load Finished` (a reload's with its position); events
+/// never fail the load.
+pub(crate) async fn announce_loaded<S: ObjectSink>(
+    sink: &S,
+    task: &str,
+    manifests: &[LoadManifest],
+    events: &crate::events::Events,
+    reload: Option<Lsn>,
+) {
     if events.enabled() {
         use crate::events::{LoadFinished, TableLoaded, VERSION};
         let stage = sink.describe();
@@ -293,7 +306,10 @@ pub async fn finish<S: ObjectSink, St: StateStore>(
                     stage: stage.clone(),
                     schema: m.schema.clone(),
                     table: m.table.clone(),
-                    manifest_key: load_manifest_key(&m.schema, &m.table),
+                    manifest_key: match reload {
+                        Some(r0) => layout::reload_manifest_key(r0, &m.schema, &m.table),
+                        None => load_manifest_key(&m.schema, &m.table),
+                    },
                     rows: m.rows,
                     bytes: m.bytes,
                     chunks: m.chunks.len(),
@@ -311,12 +327,12 @@ pub async fn finish<S: ObjectSink, St: StateStore>(
                 rows: manifests.iter().map(|m| m.rows).sum(),
                 bytes: manifests.iter().map(|m| m.bytes).sum(),
                 l0: manifests.first().and_then(|m| m.l0),
+                reload,
             }
             .event(),
         );
         events.announce(&all).await;
     }
-    Ok(manifests)
 }
 
 /// Checks every chunk of the load's plan (`None`) or a reload's is done, writes the per-table

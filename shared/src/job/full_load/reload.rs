@@ -15,8 +15,9 @@
 //! 4. Each chunk exported as the load's (own REPEATABLE READ snapshot, its start and snapshot
 //!    recorded) to `<schema>/<table>/reload-<R0>/LOAD<n>.<ext>`.
 //! 5. Every chunk done: manifests `_manifests/reload/<R0>/<schema>.<table>.json` (the load's
-//!    manifest, `l0` = R0, with the schema version's key), the plan complete, the entry
-//!    `complete` with the WAL position past its single-snapshot chunks.
+//!    manifest, `l0` = R0, with the key of the columns read), the plan complete, the entry
+//!    `complete` with the WAL position past its single-snapshot chunks; `Table Loaded` and
+//!    `Load Finished` (with `reload`: R0) announced.
 //!
 //! A consumer (and `apply`) that has applied CDC through a position at or past R0 replaces the
 //! table's rows with the reload's, then re-applies the table's changes of every batch ending
@@ -273,12 +274,14 @@ async fn flushed_position(client: &tokio_postgres::Client) -> Result<Lsn> {
         .map_err(|e: crate::lsn::LsnParseError| Error::Protocol(e.to_string()))
 }
 
-/// Every chunk done: the reload's manifests written, its plan and entry complete.
+/// Every chunk done: the reload's manifests written, its plan and entry complete; then `Table
+/// Loaded` per table and `Load Finished` with `reload` announced (an event-driven apply runs).
 pub async fn finish<S: ObjectSink, St: StateStore>(
     sink: &S,
     state: &St,
     task: &str,
     r0: Lsn,
+    events: &crate::events::Events,
 ) -> Result<Vec<LoadManifest>> {
     check_task_name(task)?;
     let manifests = super::write_manifests(sink, state, task, Some(r0)).await?;
@@ -295,6 +298,7 @@ pub async fn finish<S: ObjectSink, St: StateStore>(
         Ok(())
     })
     .await?;
+    super::announce_loaded(sink, task, &manifests, events, Some(r0)).await;
     Ok(manifests)
 }
 
@@ -324,7 +328,7 @@ pub async fn run_local<S: ObjectSink + Clone, St: StateStore + Clone>(
         }
     }
     super::export_all(sink, state, opts, &ids, parallel, progress).await?;
-    let manifests = finish(sink, state, &opts.task, r0).await?;
+    let manifests = finish(sink, state, &opts.task, r0, &opts.events).await?;
     let rows: u64 = manifests.iter().map(|m| m.rows).sum();
     let elapsed = started.elapsed();
     Ok(ReloadReport {
