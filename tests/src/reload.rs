@@ -225,13 +225,14 @@ async fn a_reload_names_what_it_cannot_do() {
     let c = s.db.client().await;
     c.batch_execute(
         "create table public.a (id int primary key); create table public.b (id int primary key);
+         create table public.c (id int primary key, x int); insert into public.c values (1, 1);
          create table public.p (id int, k int) partition by range (id);
          create table public.p1 partition of public.p for values from (0) to (10);",
     )
     .await
     .unwrap();
     let mut ro = LoadOptions::new("reload-err", s.db.config(), "reloader");
-    ro.selection = selection(&["a", "p", "p1"]);
+    ro.selection = selection(&["a", "c", "p", "p1"]);
     let msg = |e: pgshift::Error| e.to_string();
     // No task yet: a reload goes into a running one.
     let err = msg(reload::plan(&s.sink, &s.state, &ro, &names(&["a"]))
@@ -286,6 +287,31 @@ async fn a_reload_names_what_it_cannot_do() {
         horizon.is_some_and(|h| h >= report.r0 && h < Lsn(u64::MAX)),
         "{horizon:?}"
     );
+    // An unfinished reload whose columns changed is not resumed (its chunks would fail): it
+    // is abandoned for a new one.
+    let (old, _, _) = reload::plan(&s.sink, &s.state, &ro, &names(&["c"]))
+        .await
+        .unwrap();
+    c.batch_execute("alter table public.c drop column x")
+        .await
+        .unwrap();
+    let (new, _, resumed) = reload::plan(&s.sink, &s.state, &ro, &names(&["c"]))
+        .await
+        .unwrap();
+    assert!(!resumed && new.reload > old.reload, "{new:?}");
+    assert_eq!(new.tables[0].columns, ["id"]);
+    let index = pgshift::state::records::reload::get_index(&s.state, "reload-err")
+        .await
+        .unwrap();
+    let status = |r0| {
+        index
+            .reloads
+            .iter()
+            .find(|e| e.r0 == r0)
+            .map(|e| e.status.clone())
+    };
+    assert_eq!(status(old.reload).as_deref(), Some("abandoned"));
+    assert_eq!(status(new.reload).as_deref(), Some("planned"));
 }
 
 /// The command: `full-load --reload` while a writer keeps changing the table, then CDC and

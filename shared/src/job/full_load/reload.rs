@@ -139,16 +139,6 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
             ));
         }
     }
-    if let Some(entry) = index::get_index(state, &opts.task)
-        .await?
-        .unfinished(&names)
-        && let Some(r0) = entry.r0
-        && let Some((plan, _)) = records::get_plan_of(state, &opts.task, Some(r0)).await?
-    {
-        tracing::info!(task = %opts.task, r0 = %r0, "resuming the unfinished reload of these tables");
-        let ids = plan.chunk_ids();
-        return Ok((plan, ids, true));
-    }
     layout::check_writable(sink).await?;
     let mut cfg = opts.source.clone();
     cfg.application_name = "pgshift-reload".to_owned();
@@ -180,6 +170,28 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
         ));
     }
     check_tables(&found, &crate::selection::Selection::all(), &server)?;
+    // An unfinished reload of these tables is resumed while the columns it reads are still
+    // there as they were; otherwise it is abandoned for a new one.
+    if let Some(entry) = index::get_index(state, &opts.task)
+        .await?
+        .unfinished(&names)
+        && let Some(r0) = entry.r0
+        && let Some((plan, _)) = records::get_plan_of(state, &opts.task, Some(r0)).await?
+    {
+        if still_readable(client, &plan, &found).await? {
+            tracing::info!(task = %opts.task, r0 = %r0, "resuming the unfinished reload of these tables");
+            let ids = plan.chunk_ids();
+            return Ok((plan, ids, true));
+        }
+        tracing::warn!(task = %opts.task, r0 = %r0, "the unfinished reload of these tables read columns that changed since: abandoned for a new one");
+        index::update_index(state, &opts.task, |i| {
+            for e in i.reloads.iter_mut().filter(|e| e.r0 == Some(r0)) {
+                e.status = "abandoned".to_owned();
+            }
+            Ok(())
+        })
+        .await?;
+    }
     // The publication follows the selection (a table selected since the load joins it); an
     // adopted one is its user's and must already publish the tables.
     let capture = source::Capture {
@@ -256,6 +268,32 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
     tracing::info!(task = %opts.task, r0 = %r0, tables = ?names, "reload planned");
     let ids = plan.chunk_ids();
     Ok((plan, ids, false))
+}
+
+/// Whether every planned table still has the columns (names and types) its chunks read.
+async fn still_readable(
+    client: &tokio_postgres::Client,
+    plan: &PlanRecord,
+    found: &[catalog::TableInfo],
+) -> Result<bool> {
+    for t in &plan.tables {
+        let Some(info) = found
+            .iter()
+            .find(|f| f.schema == t.schema && f.name == t.table)
+        else {
+            return Ok(false);
+        };
+        let now = catalog::table_columns(client, info.oid, &info.display_name()).await?;
+        let same = t.columns.iter().zip(&t.types).all(|(name, (oid, typmod))| {
+            now.columns
+                .iter()
+                .any(|c| &c.name == name && c.type_oid == *oid && c.type_modifier == *typmod)
+        });
+        if !same || t.columns.len() != t.types.len() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// The source's flushed WAL position (a standby's replay position): a commit before it is on

@@ -24,7 +24,8 @@ pub struct ReloadEntry {
     /// Who started it, and when (it is named so until its position is read).
     pub started_by: String,
     pub started_ms: u64,
-    /// `starting` (no position yet), `planned`, `complete`.
+    /// `starting` (no position yet), `planned`, `complete`, `abandoned` (its columns changed
+    /// before it was complete: a new reload of its tables took its place).
     pub status: String,
     /// Its position R0: CDC stages every change after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -89,6 +90,7 @@ impl ReloadIndex {
         for r in &self.reloads {
             match r.status.as_str() {
                 "complete" => h = h.max(r.horizon),
+                "abandoned" => {}
                 "starting" if r.is_stale() => {}
                 _ => return Some(Lsn(u64::MAX)),
             }
@@ -154,6 +156,8 @@ mod tests {
         assert_eq!(index.horizon(), Some(Lsn(u64::MAX)));
         index.reloads[2].status = "planned".to_owned();
         assert_eq!(index.horizon(), Some(Lsn(u64::MAX)));
+        index.reloads[2].status = "abandoned".to_owned();
+        assert_eq!(index.horizon(), Some(Lsn(0x200)));
     }
 
     #[test]
