@@ -215,3 +215,74 @@ async fn the_checkpoint_moves_only_forward_and_only_under_the_lease() {
         .unwrap();
     assert_eq!(next.checkpoint(), Lsn(30));
 }
+
+#[tokio::test]
+async fn a_reloads_items_are_its_own_and_a_reset_deletes_them() {
+    let state = MemoryStore::new();
+    let load = create_plan(&state, "t", plan(), |id| format!("load{}", id.n))
+        .await
+        .unwrap();
+    let mut r = plan();
+    r.reload = Some(Lsn(0x40));
+    let reload = create_plan(&state, "t", r, |id| format!("reload{}", id.n))
+        .await
+        .unwrap();
+    // Same tables and chunk numbers, different items.
+    let (a, b) = (&load.chunk_ids()[0], &reload.chunk_ids()[0]);
+    assert_ne!(a.state_key(), b.state_key());
+    assert_eq!(b.state_key(), "reload#0000000000000040#chunk#public.t#0");
+    assert_eq!(
+        get_chunk(&state, "t", b).await.unwrap().unwrap().key,
+        "reload0"
+    );
+    assert_eq!(
+        get_chunk(&state, "t", a).await.unwrap().unwrap().key,
+        "load0"
+    );
+    let claimed = claim_chunk(&state, "t", b, "w", Duration::from_secs(60), false)
+        .await
+        .unwrap();
+    let Claim::Claimed { record, version } = claimed else {
+        panic!("{claimed:?}")
+    };
+    let done = complete_chunk(&state, "t", record, version).await.unwrap();
+    assert_eq!(done.reload, Some(Lsn(0x40)));
+    assert_eq!(
+        get_chunk(&state, "t", a).await.unwrap().unwrap().status,
+        "pending",
+        "the load's chunk is untouched"
+    );
+    reload::update_index(&state, "t", |i| {
+        i.reloads.push(reload::ReloadEntry {
+            started_by: "w".to_owned(),
+            started_ms: crate::state::now_ms(),
+            status: "planned".to_owned(),
+            r0: Some(Lsn(0x40)),
+            tables: vec!["public.t".to_owned()],
+            horizon: None,
+        });
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        snapshot_horizon(&state, "t").await.unwrap(),
+        Some(Lsn(u64::MAX))
+    );
+    let deleted = reset_task(&state, "t").await.unwrap();
+    assert!(deleted.iter().any(|d| d == "1 reloads"), "{deleted:?}");
+    assert!(
+        get_plan_of(&state, "t", Some(Lsn(0x40)))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(get_chunk(&state, "t", b).await.unwrap().is_none());
+    assert!(
+        reload::get_index(&state, "t")
+            .await
+            .unwrap()
+            .reloads
+            .is_empty()
+    );
+}
