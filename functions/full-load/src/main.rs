@@ -50,6 +50,24 @@ fn json<T: serde::Serialize>(v: &T) -> pgshift::Result<serde_json::Value> {
     serde_json::to_value(v).map_err(|e| Error::Source(format!("cannot serialize the result: {e}")))
 }
 
+/// The Plan step's result for the state machine (the load's or a reload's).
+async fn plan_output(
+    deps: &StagedDeps,
+    plan: &pgshift::state::records::PlanRecord,
+    ids: Vec<pgshift::state::records::ChunkId>,
+) -> pgshift::Result<serde_json::Value> {
+    let out = full_load::plan_output(
+        &deps.sink,
+        &deps.task,
+        plan,
+        ids,
+        deps.env.max_concurrency,
+        |key| deps.sink.locate(key),
+    )
+    .await?;
+    json(&out)
+}
+
 async fn run(
     deps: &StagedDeps,
     event: LambdaEvent<serde_json::Value>,
@@ -58,16 +76,7 @@ async fn run(
         FullLoadEvent::Plan => {
             let opts = options(deps, &event.context).await?;
             let (plan, ids) = full_load::plan(&deps.sink, &deps.state, &opts).await?;
-            let out = full_load::plan_output(
-                &deps.sink,
-                &deps.task,
-                &plan,
-                ids,
-                deps.env.max_concurrency,
-                |key| deps.sink.locate(key),
-            )
-            .await?;
-            json(&out)
+            plan_output(deps, &plan, ids).await
         }
         FullLoadEvent::ExportChunk { chunk } => {
             let opts = options(deps, &event.context).await?;
@@ -84,16 +93,7 @@ async fn run(
             let opts = options(deps, &event.context).await?;
             let (plan, ids, _) =
                 full_load::reload::plan(&deps.sink, &deps.state, &opts, &tables).await?;
-            let out = full_load::plan_output(
-                &deps.sink,
-                &deps.task,
-                &plan,
-                ids,
-                deps.env.max_concurrency,
-                |key| deps.sink.locate(key),
-            )
-            .await?;
-            json(&out)
+            plan_output(deps, &plan, ids).await
         }
         FullLoadEvent::FinishReload { r0 } => {
             let manifests =

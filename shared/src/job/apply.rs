@@ -35,7 +35,6 @@ use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::source;
 use crate::staging::ObjectSink;
-use crate::staging::encode::Encoding;
 use crate::staging::layout::{self, BatchFile, BatchManifest, LoadManifest, Snapshot};
 use crate::state::StateStore;
 use crate::state::records;
@@ -354,8 +353,7 @@ mod target;
 
 pub use schema::TargetPrep;
 
-use changes::Changes;
-use file::{FileBytes, apply_file, file_schemas};
+use file::read_file;
 use target::Tables;
 
 /// Runs the session as PostgreSQL's own subscriber does (`session_replication_role =
@@ -506,7 +504,7 @@ async fn load_snapshots<S: ObjectSink>(
 
 /// Which rows of a file the load's snapshot already holds (their transaction committed
 /// before the chunk was read): only for a batch that starts before the snapshot's position.
-fn seen_rows(
+pub(super) fn seen_rows(
     m: &BatchManifest,
     file: &BatchFile,
     snapshot: Option<&(Snapshot, Lsn)>,
@@ -531,55 +529,6 @@ fn seen_rows(
         )));
     }
     Ok(seen)
-}
-
-/// Reads one file of a batch and applies its changes inside `tx`, but its last set-based run,
-/// which is returned (to run while the next file is read).
-async fn read_file<S: ObjectSink>(
-    sink: &S,
-    tx: &tokio_postgres::Transaction<'_>,
-    m: &BatchManifest,
-    file: &BatchFile,
-    snapshot: Option<&(Snapshot, Lsn)>,
-    tables: &mut Tables,
-    statements: &mut HashMap<String, tokio_postgres::Statement>,
-) -> Result<(u64, u64, Option<batch::Run>)> {
-    let mut schemas = file_schemas(sink, file).await?;
-    target::ensure_types(tx, &schemas, (m.start_lsn, m.end_lsn), &mut *tables).await?;
-    target::resolve_types(tx, &mut schemas, &mut *tables).await?;
-    let seen = seen_rows(m, file, snapshot)?;
-    let mut bytes = if m.format.encoding == Encoding::Parquet {
-        // One schema version per Parquet file: its rows use the last.
-        let columns: Vec<String> = schemas
-            .last()
-            .map(|(_, s)| s.schema.columns.iter().map(|c| c.name.clone()).collect())
-            .unwrap_or_default();
-        FileBytes::open_parquet_cdc(sink, file, &columns).await?
-    } else {
-        FileBytes::open(sink, &file.key, file.bytes, file.checksum.as_deref())
-            .await?
-            .with_dialect(&m.csv)
-    };
-    let mut changes = Changes::new(m, file, &schemas);
-    // An object that is not what its manifest says is named as such, whatever broke
-    // first.
-    let applied_file = apply_file(
-        tx,
-        (m.start_lsn, m.end_lsn),
-        file,
-        &schemas,
-        &seen,
-        &mut bytes,
-        &mut changes,
-        tables,
-        statements,
-    )
-    .await;
-    let checked = bytes.verify().await;
-    match (applied_file, checked) {
-        (_, Err(e)) | (Err(e), Ok(())) => Err(e),
-        (Ok(counts), Ok(())) => Ok(counts),
-    }
 }
 
 /// Why a stage written under transformation rules is not applied.

@@ -13,11 +13,25 @@ use crate::plan::ChunkRange;
 /// The WAL position now (the replay position on a standby).
 const WAL_POSITION: &str = "select (case when pg_is_in_recovery() then pg_last_wal_replay_lsn() else pg_current_wal_lsn() end)::text";
 
+/// The flushed WAL position now (the replay position on a standby).
+const FLUSHED_POSITION: &str = "select (case when pg_is_in_recovery() then pg_last_wal_replay_lsn() else pg_current_wal_flush_lsn() end)::text";
+
 /// The WAL position now: where a snapshot taken now starts (and what a schema version
 /// written without a slot is stamped with).
 pub async fn wal_position(client: &Client) -> Result<Lsn> {
+    position(client, WAL_POSITION).await
+}
+
+/// The flushed WAL position (a standby's replay position): a commit before it is on disk, so
+/// a snapshot taken after this sees it in all but the instant before its transaction leaves
+/// the running set (a reload's R0).
+pub async fn flushed_position(client: &Client) -> Result<Lsn> {
+    position(client, FLUSHED_POSITION).await
+}
+
+async fn position(client: &Client, sql: &str) -> Result<Lsn> {
     let text: String = client
-        .query_one(WAL_POSITION, &[])
+        .query_one(sql, &[])
         .await
         .map_err(|e| Error::postgres("reading the WAL position", e))?
         .get(0);

@@ -10,13 +10,14 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::batch::Run;
 use super::changes::{self, Change, Changes, change_statements, is_partial_insert, move_row};
-use super::target::{Tables, apply_schema_change, sync_columns};
+use super::target::{self, Tables, apply_schema_change, sync_columns};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::source::quote_qualified;
 use crate::staging::dialect::{CsvDialect, Direction, Transcoder};
+use crate::staging::encode::Encoding;
 use crate::staging::encode::parquet_read::ParquetRows;
-use crate::staging::layout::{self, BatchFile, StoredSchema};
+use crate::staging::layout::{self, BatchFile, BatchManifest, StoredSchema};
 use crate::staging::{ObjectReader, ObjectSink};
 use crate::table::TableSchema;
 
@@ -38,6 +39,55 @@ pub(super) async fn file_schemas<S: ObjectSink>(
         )));
     }
     Ok(schemas)
+}
+
+/// Reads one file of a batch and applies its changes inside `tx`, but its last set-based run,
+/// which is returned (to run while the next file is read).
+pub(super) async fn read_file<S: ObjectSink>(
+    sink: &S,
+    tx: &tokio_postgres::Transaction<'_>,
+    m: &BatchManifest,
+    file: &BatchFile,
+    snapshot: Option<&(crate::staging::layout::Snapshot, Lsn)>,
+    tables: &mut Tables,
+    statements: &mut HashMap<String, tokio_postgres::Statement>,
+) -> Result<(u64, u64, Option<Run>)> {
+    let mut schemas = file_schemas(sink, file).await?;
+    target::ensure_types(tx, &schemas, (m.start_lsn, m.end_lsn), &mut *tables).await?;
+    target::resolve_types(tx, &mut schemas, &mut *tables).await?;
+    let seen = super::seen_rows(m, file, snapshot)?;
+    let mut bytes = if m.format.encoding == Encoding::Parquet {
+        // One schema version per Parquet file: its rows use the last.
+        let columns: Vec<String> = schemas
+            .last()
+            .map(|(_, s)| s.schema.columns.iter().map(|c| c.name.clone()).collect())
+            .unwrap_or_default();
+        FileBytes::open_parquet_cdc(sink, file, &columns).await?
+    } else {
+        FileBytes::open(sink, &file.key, file.bytes, file.checksum.as_deref())
+            .await?
+            .with_dialect(&m.csv)
+    };
+    let mut changes = Changes::new(m, file, &schemas);
+    // An object that is not what its manifest says is named as such, whatever broke
+    // first.
+    let applied_file = apply_file(
+        tx,
+        (m.start_lsn, m.end_lsn),
+        file,
+        &schemas,
+        &seen,
+        &mut bytes,
+        &mut changes,
+        tables,
+        statements,
+    )
+    .await;
+    let checked = bytes.verify().await;
+    match (applied_file, checked) {
+        (_, Err(e)) | (Err(e), Ok(())) => Err(e),
+        (Ok(counts), Ok(())) => Ok(counts),
+    }
 }
 
 /// A staged batch file's bytes as they are read (never whole): counted and hashed for the

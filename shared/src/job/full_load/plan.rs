@@ -73,21 +73,7 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
         .collect();
     let ddl = crate::source::ddl::read(client, &oids).await?;
     layout::put_json(sink, crate::source::ddl::DDL_KEY, &ddl).await?;
-    let plan = PlanRecord {
-        tables: planned,
-        format: opts.format,
-        // Parquet and JSON Lines rows have their op already.
-        op_column: opts.load_op_column && opts.format.encoding == Encoding::Csv,
-        header: opts.csv_header && opts.format.encoding == Encoding::Csv,
-        csv: if opts.format.encoding == Encoding::Csv {
-            opts.csv_dialect.clone()
-        } else {
-            Default::default()
-        },
-        l0,
-        status: "planned".to_owned(),
-        reload: None,
-    };
+    let plan = new_plan(opts, planned, l0, None);
     let format = opts.format;
     let plan = records::create_plan(state, &opts.task, plan, |id| {
         let (schema, table) = opts.selection.staged_table(&id.schema, &id.table);
@@ -96,6 +82,32 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
     .await?;
     let ids = plan.chunk_ids();
     Ok((plan, ids))
+}
+
+/// A `planned` plan of `tables` in the options' format: the load's (`reload` none) or a
+/// reload's (its R0, which is also its `l0`).
+pub(crate) fn new_plan(
+    opts: &LoadOptions,
+    tables: Vec<PlannedTable>,
+    l0: Option<Lsn>,
+    reload: Option<Lsn>,
+) -> PlanRecord {
+    let csv = opts.format.encoding == Encoding::Csv;
+    PlanRecord {
+        tables,
+        format: opts.format,
+        // Parquet and JSON Lines rows have their op already.
+        op_column: opts.load_op_column && csv,
+        header: opts.csv_header && csv,
+        csv: if csv {
+            opts.csv_dialect.clone()
+        } else {
+            Default::default()
+        },
+        l0,
+        status: "planned".to_owned(),
+        reload,
+    }
 }
 
 /// Each selected table's schema version written (at `schema_lsn`) and its chunks planned. A

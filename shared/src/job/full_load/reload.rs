@@ -31,15 +31,14 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::plan::{check_tables, plan_tables};
+use super::plan::{check_tables, new_plan, plan_tables};
 use crate::config::check_task_name;
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::options::LoadOptions;
 use crate::plan::ChunkSizing;
-use crate::source::{self, CdcSource, PgSource, catalog};
+use crate::source::{self, CdcSource, PgSource, catalog, snapshot};
 use crate::staging::ObjectSink;
-use crate::staging::encode::Encoding;
 use crate::staging::layout::{self, LoadManifest, reload_chunk_key};
 use crate::state::StateStore;
 use crate::state::now_ms;
@@ -231,22 +230,9 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
         Ok(())
     })
     .await?;
-    let r0 = flushed_position(client).await?;
+    let r0 = snapshot::flushed_position(client).await?;
     let planned = plan_tables(sink, client, &found, r0, sizing, opts, Some(r0)).await?;
-    let plan = PlanRecord {
-        tables: planned,
-        format: opts.format,
-        op_column: opts.load_op_column && opts.format.encoding == Encoding::Csv,
-        header: opts.csv_header && opts.format.encoding == Encoding::Csv,
-        csv: if opts.format.encoding == Encoding::Csv {
-            opts.csv_dialect.clone()
-        } else {
-            Default::default()
-        },
-        l0: Some(r0),
-        status: "planned".to_owned(),
-        reload: Some(r0),
-    };
+    let plan = new_plan(opts, planned, Some(r0), Some(r0));
     let format = opts.format;
     let plan = records::create_plan(state, &opts.task, plan, |id| {
         let (schema, table) = opts.selection.staged_table(&id.schema, &id.table);
@@ -294,22 +280,6 @@ async fn still_readable(
         }
     }
     Ok(true)
-}
-
-/// The source's flushed WAL position (a standby's replay position): a commit before it is on
-/// disk, so a snapshot taken after this sees it in all but the instant before its transaction
-/// leaves the running set.
-async fn flushed_position(client: &tokio_postgres::Client) -> Result<Lsn> {
-    let text: String = client
-        .query_one(
-            "select (case when pg_is_in_recovery() then pg_last_wal_replay_lsn() else pg_current_wal_flush_lsn() end)::text",
-            &[],
-        )
-        .await
-        .map_err(|e| Error::postgres("reading the WAL position", e))?
-        .get(0);
-    text.parse()
-        .map_err(|e: crate::lsn::LsnParseError| Error::Protocol(e.to_string()))
 }
 
 /// Every chunk done: the reload's manifests written, its plan and entry complete; then `Table
