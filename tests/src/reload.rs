@@ -312,6 +312,13 @@ async fn a_reload_names_what_it_cannot_do() {
     };
     assert_eq!(status(old.reload).as_deref(), Some("abandoned"));
     assert_eq!(status(new.reload).as_deref(), Some("planned"));
+    // Planned right after, with nothing written in between (the flushed position may not
+    // move), another reload still gets a position of its own.
+    let (next, _, _) = reload::plan(&s.sink, &s.state, &ro, &names(&["p"]))
+        .await
+        .unwrap();
+    assert!(next.reload > new.reload, "{next:?}");
+    assert_eq!(next.tables[0].table, "p");
 }
 
 /// The command: `full-load --reload` while a writer keeps changing the table, then CDC and

@@ -230,7 +230,22 @@ pub async fn plan<S: ObjectSink, St: StateStore>(
         Ok(())
     })
     .await?;
-    let r0 = snapshot::flushed_position(client).await?;
+    // R0 is the flushed position, made unique among the task's reloads in the same
+    // conditional write (with `synchronous_commit = off` the flushed position may not have
+    // moved since the last reload; a reload's items and objects are named by R0).
+    let flushed = snapshot::flushed_position(client).await?;
+    let r0 = index::update_index(state, &opts.task, |i| {
+        let r0 = i.next_position(flushed);
+        if let Some(e) = i
+            .reloads
+            .iter_mut()
+            .find(|e| e.started_by == owner && e.started_ms == started_ms)
+        {
+            e.r0 = Some(r0);
+        }
+        Ok(r0)
+    })
+    .await?;
     let planned = plan_tables(sink, client, &found, r0, sizing, opts, Some(r0)).await?;
     let plan = new_plan(opts, planned, Some(r0), Some(r0));
     let format = opts.format;

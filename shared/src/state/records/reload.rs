@@ -98,6 +98,17 @@ impl ReloadIndex {
         h
     }
 
+    /// The position for a new reload: `flushed`, or just past the newest reload's when that
+    /// is not behind it (no commit ends between two adjacent byte positions, so the reload
+    /// still divides the WAL where `flushed` does).
+    pub fn next_position(&self, flushed: Lsn) -> Lsn {
+        let newest = self.reloads.iter().filter_map(|r| r.r0).max();
+        match newest {
+            Some(n) if n >= flushed => Lsn(n.0 + 1),
+            _ => flushed,
+        }
+    }
+
     /// Drops entries whose reload died before reading its position.
     pub fn drop_stale(&mut self) {
         self.reloads.retain(|r| !r.is_stale());
@@ -158,6 +169,26 @@ mod tests {
         assert_eq!(index.horizon(), Some(Lsn(u64::MAX)));
         index.reloads[2].status = "abandoned".to_owned();
         assert_eq!(index.horizon(), Some(Lsn(0x200)));
+    }
+
+    #[test]
+    fn each_reload_gets_its_own_position() {
+        let mut index = ReloadIndex::default();
+        assert_eq!(index.next_position(Lsn(0x100)), Lsn(0x100));
+        index.reloads.push(entry("planned", None));
+        // The flushed position has not moved since (synchronous_commit = off): just past it.
+        assert_eq!(index.next_position(Lsn(0x100)), Lsn(0x101));
+        index.reloads.push(ReloadEntry {
+            r0: Some(Lsn(0x101)),
+            ..entry("abandoned", None)
+        });
+        assert_eq!(index.next_position(Lsn(0x100)), Lsn(0x102));
+        assert_eq!(index.next_position(Lsn(0x300)), Lsn(0x300));
+        index.reloads.push(ReloadEntry {
+            r0: None,
+            ..entry("starting", None)
+        });
+        assert_eq!(index.next_position(Lsn(0x101)), Lsn(0x102));
     }
 
     #[test]
