@@ -32,7 +32,7 @@ use bytes::Bytes;
 use futures_util::SinkExt;
 use tokio_postgres::Transaction;
 
-use super::changes::{Change, has_key};
+use super::changes::{Change, Name, has_key};
 use crate::error::{Error, Result};
 use crate::source::quote_ident;
 use crate::staging::encode::csv_field;
@@ -68,6 +68,8 @@ pub(super) struct Run {
     latest: std::collections::HashMap<Vec<u8>, usize>,
     folded_bytes: usize,
     folding: bool,
+    /// The capacity a new row starts with.
+    line_hint: usize,
     /// Its temporary tables: the copied changes, and the folded rows.
     run_table: String,
     net_table: String,
@@ -91,6 +93,7 @@ impl Run {
             latest: std::collections::HashMap::new(),
             folded_bytes: 0,
             folding: true,
+            line_hint: 64,
             run_table: format!("pgshift_run_{id}"),
             net_table: format!("pgshift_net_{id}"),
         }
@@ -102,14 +105,14 @@ impl Run {
         if !has_key(schema) {
             return change.op == "I";
         }
-        match change.op.as_str() {
+        match change.op.as_ref() {
             "I" => true,
             "D" => !change.key.is_empty(),
             // An update that moves its key (possible for a replica identity that is not the
             // primary key), or whose new key is not in the row, goes row by row.
             "U" => schema.columns.iter().filter(|c| c.key).all(|c| {
-                let new = change.after.iter().find(|(n, _)| *n == c.name);
-                let old = change.key.iter().find(|(n, _)| *n == c.name);
+                let new = change.after.iter().find(|(n, _)| **n == *c.name);
+                let old = change.key.iter().find(|(n, _)| **n == *c.name);
                 matches!((new, old), (Some((_, a)), Some((_, b))) if a == b)
             }),
             _ => false,
@@ -134,12 +137,13 @@ impl Run {
             return;
         }
         self.rows += 1;
-        let mut line = Vec::new();
+        // Sized as the last row was (no growing a row byte by byte).
+        let mut line = Vec::with_capacity(self.line_hint);
         csv_field(&mut line, Some(change.op.as_bytes()));
         let mut unchanged = String::new();
         let mut values: Vec<Option<&str>> = Vec::with_capacity(self.schema.columns.len());
         for (j, c) in self.schema.columns.iter().enumerate() {
-            let v = match change.op.as_str() {
+            let v = match change.op.as_ref() {
                 "D" => {
                     if c.key {
                         find(&change.key, &c.name).flatten()
@@ -190,6 +194,7 @@ impl Run {
             }
         }
         line.push(b'\n');
+        self.line_hint = line.len().next_power_of_two();
         if !self.folding {
             self.write_row(&line);
             return;
@@ -206,10 +211,10 @@ impl Run {
 
     /// A row for the temporary table, after its sequence number.
     fn write_row(&mut self, line: &[u8]) {
-        let seq = self.seq.to_string();
+        use std::io::Write as _;
+        // A number needs no quoting; written in place (no string per row).
+        let _ = write!(self.buf, "{},", self.seq);
         self.seq += 1;
-        csv_field(&mut self.buf, Some(seq.as_bytes()));
-        self.buf.push(b',');
         self.buf.extend_from_slice(line);
     }
 
@@ -426,8 +431,8 @@ impl Run {
 }
 
 /// The value of column `name` in a staged row, `None` when the row does not carry it.
-fn find<'a>(row: &'a [(String, Option<String>)], name: &str) -> Option<Option<&'a str>> {
+fn find<'a>(row: &'a [(Name, Option<String>)], name: &str) -> Option<Option<&'a str>> {
     row.iter()
-        .find(|(n, _)| n == name)
+        .find(|(n, _)| **n == *name)
         .map(|(_, v)| v.as_deref())
 }

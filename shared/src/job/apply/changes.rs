@@ -1,6 +1,9 @@
 //! Staged CDC rows read back (CSV or JSON Lines) and turned into the statements that apply
 //! them to the target, pure (no I/O).
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
 use crate::source::quote_ident;
 use crate::staging::decode::parse_csv_fields;
@@ -25,22 +28,41 @@ pub(super) fn jsonl_to_csv(body: &[u8], columns: &[String]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// A column's name in a decoded change: shared with the schema's (a change costs no copy of
+/// its names).
+pub(super) type Name = Arc<str>;
+
+/// Column values of a change, by name.
+pub(super) type Values = Vec<(Name, Option<String>)>;
+
 /// One staged CDC change, decoded for applying.
 pub(super) struct Change {
-    pub(super) op: String,
+    /// `I`, `U`, `D`, `T` (anything else is kept to be named in an error).
+    pub(super) op: Cow<'static, str>,
     /// Key column values (old key for U and D).
-    pub(super) key: Vec<(String, Option<String>)>,
+    pub(super) key: Values,
     /// New row: present columns only (unchanged TOAST ones are absent).
-    pub(super) after: Vec<(String, Option<String>)>,
+    pub(super) after: Values,
     /// Old row under REPLICA IDENTITY FULL (JSON Lines only).
-    pub(super) before: Vec<(String, Option<String>)>,
+    pub(super) before: Values,
+}
+
+/// The op field's text, borrowed when it is one of the four.
+fn op_of(text: &str) -> Cow<'static, str> {
+    match text {
+        "I" => Cow::Borrowed("I"),
+        "U" => Cow::Borrowed("U"),
+        "D" => Cow::Borrowed("D"),
+        "T" => Cow::Borrowed("T"),
+        other => Cow::Owned(other.to_owned()),
+    }
 }
 
 pub(super) type Statement = (String, Vec<Option<String>>);
 
 /// `DELETE` of exactly one row whose columns' text equals `row` (tables without a key:
 /// duplicates are possible, and not every type has `=`).
-pub(super) fn delete_one(name: &str, row: &[(String, Option<String>)]) -> Result<Statement> {
+pub(super) fn delete_one(name: &str, row: &[(Name, Option<String>)]) -> Result<Statement> {
     if row.is_empty() {
         return Err(Error::Source(format!(
             "{name}: a delete without a key or old row cannot be applied"
@@ -164,7 +186,7 @@ fn upsert(schema: &TableSchema, name: &str, change: &Change) -> Result<Vec<State
             !schema
                 .columns
                 .iter()
-                .any(|k| k.key && k.name == *c && !k.spellings_differ())
+                .any(|k| k.key && *k.name == **c && !k.spellings_differ())
         })
         .map(|(c, _)| format!("{0} = excluded.{0}", quote_ident(c)))
         .collect();
@@ -198,7 +220,7 @@ pub(super) fn change_statements(
     change: &Change,
     file: &str,
 ) -> Result<Vec<Statement>> {
-    match (change.op.as_str(), has_key(schema)) {
+    match (change.op.as_ref(), has_key(schema)) {
         ("T", _) => Ok(vec![(format!("truncate {name}"), Vec::new())]),
         ("D", true) => Ok(vec![delete_by_key(schema, name, change)?]),
         ("D", false) => {
@@ -237,6 +259,8 @@ pub(super) struct Changes<'a> {
     offset: usize,
     schemas: &'a [(u64, StoredSchema)],
     fields: Vec<Option<Vec<u8>>>,
+    /// Each schema version's column names, shared by its changes.
+    names: Vec<Vec<Name>>,
     /// The file's first row is its header (AddColumnName), not a change.
     skip_header: bool,
 }
@@ -261,6 +285,16 @@ impl<'a> Changes<'a> {
             },
             schemas,
             fields: Vec::new(),
+            names: schemas
+                .iter()
+                .map(|(_, s)| {
+                    s.schema
+                        .columns
+                        .iter()
+                        .map(|c| Name::from(c.name.as_str()))
+                        .collect()
+                })
+                .collect(),
             skip_header: m.header && m.format.encoding == Encoding::Csv,
         }
     }
@@ -317,7 +351,8 @@ impl<'a> Changes<'a> {
             jsonl_change(self.key, line).map(|c| (si, c))
         } else {
             let (cols, offset) = (&self.schemas[si].1.schema.columns, self.offset);
-            csv_change(self.key, i, line, cols, offset, &mut self.fields).map(|c| (si, c))
+            let names = &self.names[si];
+            csv_change(self.key, i, line, (cols, names), offset, &mut self.fields).map(|c| (si, c))
         })
     }
 }
@@ -340,11 +375,11 @@ fn csv_row_end(rest: &[u8]) -> Option<usize> {
 }
 
 fn jsonl_change(key: &str, line: &[u8]) -> Result<Change> {
-    let obj = |x: &serde_json::Value| -> Vec<(String, Option<String>)> {
+    let obj = |x: &serde_json::Value| -> Values {
         x.as_object()
             .map(|o| {
                 o.iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().map(str::to_owned)))
+                    .map(|(k, v)| (Name::from(k.as_str()), v.as_str().map(str::to_owned)))
                     .collect()
             })
             .unwrap_or_default()
@@ -352,22 +387,26 @@ fn jsonl_change(key: &str, line: &[u8]) -> Result<Change> {
     let v: serde_json::Value = serde_json::from_slice(line)
         .map_err(|e| Error::Staged(format!("{key}: malformed line: {e}")))?;
     Ok(Change {
-        op: v["op"].as_str().unwrap_or("").to_owned(),
+        op: op_of(v["op"].as_str().unwrap_or("")),
         key: obj(&v["key"]),
         after: obj(&v["after"]),
         before: obj(&v["before"]),
     })
 }
 
+/// A field's bytes as text (its buffer kept when it is UTF-8, as staged text always is).
+fn into_text(field: Vec<u8>) -> String {
+    String::from_utf8(field).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 fn csv_change(
     key: &str,
     i: u64,
     row: &[u8],
-    cols: &[ColumnSchema],
+    (cols, names): (&[ColumnSchema], &[Name]),
     offset: usize,
     fields: &mut Vec<Option<Vec<u8>>>,
 ) -> Result<Change> {
-    let text = |f: &Option<Vec<u8>>| f.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
     parse_csv_fields(row, fields)?;
     if fields.len() != cols.len() + offset + 1 {
         return Err(Error::Staged(format!(
@@ -376,22 +415,43 @@ fn csv_change(
             cols.len()
         )));
     }
-    let unchanged: Vec<usize> = text(&fields[cols.len() + offset])
-        .unwrap_or_default()
-        .split(';')
-        .filter_map(|n| n.parse::<usize>().ok())
+    // The unchanged-TOAST field: 1-based column numbers, `;`-separated.
+    let unchanged: Vec<usize> = fields[cols.len() + offset]
+        .as_deref()
+        .map(|f| {
+            f.split(|b| *b == b';')
+                .filter_map(|n| std::str::from_utf8(n).ok()?.parse::<usize>().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let op = op_of(
+        fields[0]
+            .as_deref()
+            .map_or("", |f| std::str::from_utf8(f).unwrap_or("")),
+    );
+    // The key's values are copies; the row's take the fields' buffers.
+    let key_values: Values = cols
+        .iter()
+        .zip(names)
+        .enumerate()
+        .filter(|(_, (c, _))| c.key)
+        .map(|(j, (_, n))| {
+            let v = fields[j + offset]
+                .as_deref()
+                .map(|f| String::from_utf8_lossy(f).into_owned());
+            (n.clone(), v)
+        })
         .collect();
-    let values = |keep: &dyn Fn(usize, &ColumnSchema) -> bool| {
-        cols.iter()
-            .enumerate()
-            .filter(|(j, c)| keep(*j, c))
-            .map(|(j, c)| (c.name.clone(), text(&fields[j + offset])))
-            .collect()
-    };
+    let after: Values = names
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| !unchanged.contains(&(j + 1)))
+        .map(|(j, n)| (n.clone(), fields[j + offset].take().map(into_text)))
+        .collect();
     Ok(Change {
-        op: text(&fields[0]).unwrap_or_default(),
-        after: values(&|j, _| !unchanged.contains(&(j + 1))),
-        key: values(&|_, c| c.key),
+        op,
+        after,
+        key: key_values,
         before: Vec::new(),
     })
 }
@@ -518,7 +578,10 @@ mod tests {
             match changes.next_change(end) {
                 Some(c) => {
                     let (_, c) = c?;
-                    out.push((c.op, c.key, c.after));
+                    let owned = |v: Values| -> Vec<(String, Option<String>)> {
+                        v.into_iter().map(|(n, v)| (n.to_string(), v)).collect()
+                    };
+                    out.push((c.op.into_owned(), owned(c.key), owned(c.after)));
                 }
                 None if end => return Ok(out),
                 None => match pieces.next() {

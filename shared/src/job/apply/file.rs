@@ -346,6 +346,10 @@ pub(super) async fn apply_file(
     // Schema versions are brought in one after another, each before its first row (several
     // may start at one row, or after the last).
     let mut next_segment = 0usize;
+    let names: Vec<String> = schemas
+        .iter()
+        .map(|(_, s)| quote_qualified(&s.schema.schema, &s.schema.table))
+        .collect();
     loop {
         let (si, change) = match changes.next_change(bytes.ended()) {
             Some(next) => next?,
@@ -374,16 +378,16 @@ pub(super) async fn apply_file(
             )));
         }
         let schema = &schemas[si].1.schema;
-        let name = quote_qualified(&schema.schema, &schema.table);
+        let name = &names[si];
         applied += 1;
         if let Some(d) = held.take() {
             if is_partial_insert(schema, &change) {
                 if let Some(r) = run.take() {
                     r.apply(tx).await?;
                 }
-                let [moved, insert] = move_row(schema, &name, &d, &change)?;
-                if execute(tx, statements, &name, &moved).await? == 0 {
-                    execute(tx, statements, &name, &insert).await?;
+                let [moved, insert] = move_row(schema, name, &d, &change)?;
+                if execute(tx, statements, name, &moved).await? == 0 {
+                    execute(tx, statements, name, &insert).await?;
                 }
                 continue;
             }
@@ -404,11 +408,11 @@ pub(super) async fn apply_file(
             r.apply(tx).await?;
         }
         if change.op == "T" {
-            truncate(tx, &name).await?;
+            truncate(tx, name).await?;
             continue;
         }
-        for statement in change_statements(schema, &name, &change, &file.key)? {
-            execute(tx, statements, &name, &statement).await?;
+        for statement in change_statements(schema, name, &change, &file.key)? {
+            execute(tx, statements, name, &statement).await?;
         }
     }
     if next_segment < schemas.len() {
@@ -476,8 +480,7 @@ async fn bring_in(
 
 /// Adds a change to the file's current run (started if none).
 fn push(run: &mut Option<Run>, schema: &TableSchema, change: &Change, set_based: &mut u64) {
-    let name = quote_qualified(&schema.schema, &schema.table);
-    run.get_or_insert_with(|| Run::new(schema, &name))
+    run.get_or_insert_with(|| Run::new(schema, &quote_qualified(&schema.schema, &schema.table)))
         .push(change);
     *set_based += 1;
 }
