@@ -79,7 +79,11 @@ psql_ -d bench -c "select 1 from pg_replication_slot_advance('native_slot', pg_c
 
 # Rounds: the same workload again on each side (the host's noise shows in their spread; the
 # figures are the medians).
+# No autovacuum firing in the middle of a measurement: every database is vacuumed before each
+# round instead.
+psql_ -d postgres -c "alter system set autovacuum = off" -c "select pg_reload_conf()" >/dev/null
 for round in $(seq 1 "$ROUNDS"); do
+  for db in bench pgs pgp native; do psql_ -d "$db" -c "vacuum analyze" >/dev/null; done
   log "round $round: pgbench, $TXNS transactions"
   pgbench -n -c 2 -j 2 -t $((TXNS / 2)) -h 127.0.0.1 -p "$port" -U postgres bench >/dev/null 2>&1
   end_lsn=$(psql_ -d bench -c "select pg_current_wal_lsn()")
