@@ -1,6 +1,8 @@
 //! Transitions of the state records over the memory store.
 
 use super::*;
+use crate::plan::ChunkRange;
+use crate::staging::encode::Format;
 use crate::state::MemoryStore;
 
 fn plan() -> PlanRecord {
