@@ -7,7 +7,9 @@
 //! 1. The task must exist (its slot holds every change from its checkpoint on) and select each
 //!    table; the publication is brought to the selection (a newly selected table joins it).
 //! 2. An entry `starting` in the task's `reloads` item, **then** the position R0 read (the
-//!    source's flushed WAL position): every CDC poll that can stage past R0 reads the entry and
+//!    source's flushed WAL position, or one byte past the task's newest reload's R0 when the
+//!    flushed position has not moved since — R0 names the reload's items and objects, so it is
+//!    unique per task, reserved in the entry's conditional write): every CDC poll that can stage past R0 reads the entry and
 //!    lists its batches' rows by transaction, so readers can skip what a reload's snapshot saw.
 //! 3. The tables' schema versions at R0 and their chunks planned as the load's
 //!    ([`super::plan`]), stored as the plan `reload#<R0>#plan` with `pending` chunk items; the
