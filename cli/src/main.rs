@@ -12,6 +12,7 @@ use pgshift::Error;
 
 mod commands;
 mod conventions;
+mod flags;
 mod report;
 mod seams;
 
