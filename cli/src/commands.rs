@@ -445,6 +445,7 @@ pub(crate) async fn cdc(mut args: CdcArgs) -> pgshift::Result<ExitCode> {
         cdc_ops: from.cdc_ops,
         date_partition: from.date_partition,
         csv_dialect: from.csv_dialect.clone(),
+        cdc_path: from.cdc_path.clone(),
         selection: read_selection(args.tables.as_deref())?,
         peek_sessions: args.peek_sessions,
         replica_identity_full: args.replica_identity_full,

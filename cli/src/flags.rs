@@ -30,6 +30,7 @@ pub(crate) fn s3_settings(
             cdc_ops: Default::default(),
             date_partition: None,
             csv_dialect: Default::default(),
+            cdc_path: None,
             encryption: Encryption::BucketDefault,
         });
     };
@@ -53,6 +54,7 @@ pub(crate) fn s3_settings(
         cdc_ops: s.cdc_ops,
         date_partition: s.date_partition,
         csv_dialect: s.csv.clone(),
+        cdc_path: s.cdc_path.clone(),
         encryption: s.encryption,
     })
 }
@@ -66,6 +68,8 @@ pub(crate) struct FromS3Settings {
     pub(crate) cdc_ops: pgshift::staging::layout::CdcOps,
     pub(crate) date_partition: Option<pgshift::staging::layout::DatePartition>,
     pub(crate) csv_dialect: pgshift::staging::dialect::CsvDialect,
+    /// `PreserveTransactions` with `CdcPath`.
+    pub(crate) cdc_path: Option<String>,
     pub(crate) encryption: Encryption,
 }
 

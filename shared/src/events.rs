@@ -87,6 +87,10 @@ pub struct BatchCommitted {
     pub tables_not_listed: usize,
     /// Sent again by a later poll, after a put that failed (or a run that died before it).
     pub reannounced: bool,
+    /// The batch's transaction file (PreserveTransactions with CdcPath): every table's
+    /// changes in commit order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction_file: Option<String>,
 }
 
 impl BatchCommitted {
@@ -124,6 +128,7 @@ impl BatchCommitted {
             tables_not_listed: tables.len().saturating_sub(MAX_TABLES),
             tables: tables.into_iter().take(MAX_TABLES).collect(),
             reannounced,
+            transaction_file: m.transaction_file.as_ref().map(|t| t.key.clone()),
         }
     }
 

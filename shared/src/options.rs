@@ -28,6 +28,9 @@ pub struct TaskSettings {
     pub date_partition: Option<crate::staging::layout::DatePartition>,
     /// The CSV dialect of staged files (DMS's CsvDelimiter / CsvNullValue / CsvRowDelimiter).
     pub csv_dialect: crate::staging::dialect::CsvDialect,
+    /// Also stage every batch's changes of all tables in commit order in one transaction
+    /// file in this folder (DMS's `PreserveTransactions` with `CdcPath`).
+    pub cdc_path: Option<String>,
     pub selection: Selection,
     /// Backends a large CDC drain may decode with at once (1 or 2).
     pub peek_sessions: u8,
@@ -60,6 +63,7 @@ impl Default for TaskSettings {
             cdc_ops: crate::staging::layout::CdcOps::All,
             date_partition: None,
             csv_dialect: Default::default(),
+            cdc_path: None,
             selection: Selection::all(),
             peek_sessions: 2,
             chunk_mib: 256,
@@ -84,6 +88,7 @@ impl From<&LambdaEnv> for TaskSettings {
             cdc_ops: env.cdc_ops,
             date_partition: env.date_partition,
             csv_dialect: env.csv.clone(),
+            cdc_path: env.cdc_path.clone(),
             selection: env.selection.clone(),
             peek_sessions: env.peek_sessions,
             chunk_mib: env.chunk_mb,
@@ -115,6 +120,7 @@ impl TaskSettings {
         o.csv_header = self.csv_header;
         o.date_partition = self.date_partition;
         o.csv_dialect = self.csv_dialect.clone();
+        o.cdc_path = self.cdc_path.clone();
         o.load_op_column = self.load_op_column;
         o.selection = self.selection.clone();
         o.peek_sessions = self.peek_sessions;
@@ -176,6 +182,9 @@ pub struct CdcOptions {
     pub csv_dialect: crate::staging::dialect::CsvDialect,
     /// A header row in every CSV file (DMS's `AddColumnName`): one schema version per file.
     pub csv_header: bool,
+    /// Each batch also writes one transaction file of every table's changes in commit order
+    /// to `<cdc_path>/CDC_TXN-<ms>.csv` (DMS's `PreserveTransactions` with `CdcPath`).
+    pub cdc_path: Option<String>,
     /// Tables to stage (changes of others are skipped).
     pub selection: Selection,
     pub max_batch_changes: u64,
@@ -252,6 +261,7 @@ impl CdcOptions {
             date_partition: None,
             csv_dialect: Default::default(),
             csv_header: false,
+            cdc_path: None,
             selection: Selection::all(),
             max_batch_changes: 250_000,
             max_batch_bytes: 256 << 20,

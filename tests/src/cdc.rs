@@ -1065,3 +1065,210 @@ async fn date_partitioned_cdc_files_are_in_commit_date_folders_and_apply() {
     assert_eq!(rows[0], (1, "changed".to_owned()));
     assert_eq!(rows[44], (45, "v45".to_owned()));
 }
+
+/// DMS's `PreserveTransactions` with `CdcPath`: each batch also writes one transaction file,
+/// `<CdcPath>/CDC_TXN-<yyyyMMddHHmmssSSS>.csv`, whose rows are every table's changes in
+/// commit order (not begin order), each naming its table and schema after `Op`; CSV whatever
+/// the data format, gzip with it. The tables' own files and manifests are as without it.
+#[tokio::test]
+async fn transaction_files_list_every_tables_changes_in_commit_order() {
+    let s = Staging::new("cdc_txnfiles").await;
+    let c = s.db.client().await;
+    c.batch_execute(
+        "create schema sales;
+         create table public.orders (id int primary key, note text, big text);
+         create table sales.\"Items\" (order_id int, line int, qty numeric,
+             primary key (order_id, line));
+         alter table public.orders alter column big set storage external",
+    )
+    .await
+    .unwrap();
+    let mut o = opts("txnfiles", s.db.config(), "csv.gz");
+    o.cdc_path = Some("txn/all".to_owned());
+    let mut p = opts("txnparquet", s.db.config(), "parquet");
+    p.cdc_path = Some("ptxn".to_owned());
+    let parquet_stage = LocalSink::new(s.dir.path().join("parquet"));
+    poll(&s.sink, &s.state, &o).await;
+    poll(&parquet_stage, &s.state, &p).await;
+
+    // A begins first and commits last: the files list B's changes before A's.
+    let other = s.db.client().await;
+    c.batch_execute(
+        "begin; insert into public.orders values (1, 'a, \"quoted\"', repeat('x', 10000))",
+    )
+    .await
+    .unwrap();
+    other
+        .batch_execute(
+            "begin; insert into sales.\"Items\" values (7, 1, 2.50), (7, 2, null);
+             insert into public.orders values (7, null, null); commit",
+        )
+        .await
+        .unwrap();
+    c.batch_execute(
+        "update sales.\"Items\" set qty = 3 where order_id = 7 and line = 2;
+         commit;
+         update public.orders set note = 'b' where id = 1;
+         begin; delete from public.orders where id = 7; update sales.\"Items\" set line = 9
+             where line = 1; commit;
+         truncate sales.\"Items\"",
+    )
+    .await
+    .unwrap();
+    let expected: Vec<Vec<Option<&str>>> = vec![
+        vec![
+            Some("I"),
+            Some("Items"),
+            Some("sales"),
+            Some("7"),
+            Some("1"),
+            Some("2.50"),
+            None,
+        ],
+        vec![
+            Some("I"),
+            Some("Items"),
+            Some("sales"),
+            Some("7"),
+            Some("2"),
+            None,
+            None,
+        ],
+        vec![
+            Some("I"),
+            Some("orders"),
+            Some("public"),
+            Some("7"),
+            None,
+            None,
+            None,
+        ],
+        vec![
+            Some("I"),
+            Some("orders"),
+            Some("public"),
+            Some("1"),
+            Some("a, \"quoted\""),
+            Some("big"),
+            None,
+        ],
+        vec![
+            Some("U"),
+            Some("Items"),
+            Some("sales"),
+            Some("7"),
+            Some("2"),
+            Some("3"),
+            None,
+        ],
+        // The unchanged TOAST value is left out and its ordinal listed, as in the table's file.
+        vec![
+            Some("U"),
+            Some("orders"),
+            Some("public"),
+            Some("1"),
+            Some("b"),
+            None,
+            Some("3"),
+        ],
+        vec![
+            Some("D"),
+            Some("orders"),
+            Some("public"),
+            Some("7"),
+            None,
+            None,
+            None,
+        ],
+        // A key change: D of the old key (its key columns: replica identity default), I of
+        // the new row.
+        vec![
+            Some("D"),
+            Some("Items"),
+            Some("sales"),
+            Some("7"),
+            Some("1"),
+            None,
+            None,
+        ],
+        vec![
+            Some("I"),
+            Some("Items"),
+            Some("sales"),
+            Some("7"),
+            Some("9"),
+            Some("2.50"),
+            None,
+        ],
+        vec![
+            Some("T"),
+            Some("Items"),
+            Some("sales"),
+            None,
+            None,
+            None,
+            None,
+        ],
+    ];
+    for (sink, opts, ext) in [(&s.sink, &o, "csv.gz"), (&parquet_stage, &p, "csv")] {
+        let r = poll(sink, &s.state, opts).await;
+        assert_eq!(r.changes, 10, "{r:#?}");
+        let folder = opts.cdc_path.clone().unwrap();
+        let keys = sink.list(&format!("{folder}/")).await.unwrap();
+        assert_eq!(keys.len(), 1, "one batch, one file: {keys:?}");
+        let name = keys[0].strip_prefix(&format!("{folder}/CDC_TXN-")).unwrap();
+        assert_eq!(name.len(), 18 + ext.len(), "{name}");
+        assert!(
+            name[..17].bytes().all(|b| b.is_ascii_digit()) && name.ends_with(ext),
+            "{name}"
+        );
+        let manifests = layout::batch_manifest_keys(sink).await.unwrap();
+        let m: layout::BatchManifest =
+            layout::get_json(sink, manifests.last().unwrap(), "manifest")
+                .await
+                .unwrap();
+        let t = m.transaction_file.as_ref().expect("the manifest lists it");
+        assert_eq!((t.key.as_str(), t.rows), (keys[0].as_str(), 10));
+        // Named by the first transaction's commit time (the manifest's time is the last's).
+        assert!(
+            name[..8] <= m.last_commit_ts.replace('-', "")[..8],
+            "{name} {m:?}"
+        );
+        let body = sink.get(&keys[0]).await.unwrap().unwrap();
+        let body = if ext.ends_with(".gz") {
+            replay::gunzip(&body)
+        } else {
+            body.to_vec()
+        };
+        let mut rows = Vec::new();
+        let mut fields = Vec::new();
+        for line in body.split_inclusive(|b| *b == b'\n') {
+            pgshift::staging::decode::parse_csv_fields(line, &mut fields).unwrap();
+            rows.push(fields.clone());
+        }
+        let rows: Vec<Vec<Option<String>>> = rows
+            .into_iter()
+            .map(|r| {
+                r.into_iter()
+                    .map(|f| f.map(|b| String::from_utf8(b).unwrap()))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(rows.len(), expected.len(), "{rows:?}");
+        for (got, want) in rows.iter().zip(&expected) {
+            // Orders' rows have 3 columns, Items' 3: Op, table, schema, 3 values, unchanged.
+            assert_eq!(got.len(), 7, "{got:?}");
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                match (i, *w) {
+                    // The 10,000-character value, by its start.
+                    (5, Some("big")) => {
+                        assert!(g.as_deref().unwrap().starts_with("xxxx"), "{got:?}")
+                    }
+                    _ => assert_eq!(g.as_deref(), *w, "field {i} of {got:?}"),
+                }
+            }
+        }
+        // The tables' own files are still there, as the manifest lists them.
+        assert_eq!(m.files.len(), 2, "{m:?}");
+    }
+}

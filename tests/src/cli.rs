@@ -826,6 +826,106 @@ async fn dms_csv_dialect_is_staged_as_asked_and_applied_back() {
     let _ = run_cli(&["teardown", "--task", "dialect", "--source", &src, "--yes"]);
 }
 
+/// DMS's `PreserveTransactions` with `CdcPath` through `--s3-settings`: `cdc` writes each
+/// batch's transaction file in the folder, every table's rows in commit order in the CSV
+/// dialect asked (`Op|table|schema|ts|fields|unchanged`); the tables' files stay, so `apply`
+/// and `validate` work as without it.
+#[tokio::test]
+async fn dms_preserve_transactions_writes_transaction_files_through_the_cli() {
+    let source = TestDb::new("cli_ptxn_src").await;
+    let target = TestDb::new("cli_ptxn_dst").await;
+    let c = source.client().await;
+    c.batch_execute(
+        "create table public.a (id int primary key, v text);
+         create table public.b (id int primary key, a_id int);
+         insert into public.a values (1, 'one');",
+    )
+    .await
+    .unwrap();
+    let task = CliTask::new("ptxn", &source.config(), &target.config());
+    let (src, dst) = (task.src.clone(), task.dst.clone());
+    let stage = std::path::PathBuf::from(task.common()[3]);
+    let dir = TempDir::new("cli-ptxn");
+    let settings = dir.path().join("s3.json");
+    std::fs::write(
+        &settings,
+        serde_json::json!({"PreserveTransactions": true, "CdcPath": "txn",
+            "CsvDelimiter": "|", "TimestampColumnName": "ts"})
+        .to_string(),
+    )
+    .unwrap();
+    let s3 = format!("file://{}", settings.display());
+    let (code, out, err) =
+        task.run(&["full-load", "--source", &src, "--cdc", "--s3-settings", &s3]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    c.batch_execute(
+        "begin; insert into public.b values (10, 1); update public.a set v = 'x|y' where id = 1;
+             commit;
+         insert into public.a values (2, null);
+         begin; delete from public.b where id = 10; insert into public.b values (11, 2); commit;",
+    )
+    .await
+    .unwrap();
+    let (code, out, err) = task.run(&["cdc", "--source", &src, "--once", "--s3-settings", &s3]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let files: Vec<_> = std::fs::read_dir(stage.join("txn"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(
+        files[0].starts_with("CDC_TXN-") && files[0].ends_with(".csv"),
+        "{files:?}"
+    );
+    let text = std::fs::read_to_string(stage.join("txn").join(&files[0])).unwrap();
+    // Op, table, schema, then the commit time (TimestampColumnName), the columns, unchanged.
+    let rows: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split('|').collect();
+            assert!(
+                f[3].len() >= 19 && f[3].as_bytes()[4] == b'-',
+                "a commit time: {l}"
+            );
+            [&f[..3], &f[4..]].concat().join("|")
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            "I|b|public|10|1|",
+            "U|a|public|1|\"x|y\"|",
+            "I|a|public|2||",
+            "D|b|public|10||",
+            "I|b|public|11|2|",
+        ],
+        "{text}"
+    );
+    let (code, out, err) = task.run(&["apply", "--target", &dst]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = task.run(&["validate", "--source", &src, "--target", &dst]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("EQUAL public.a") && out.contains("EQUAL public.b"),
+        "{out}"
+    );
+    for (bad, why) in [
+        (
+            r#"{"PreserveTransactions": true}"#,
+            "S3Settings.PreserveTransactions",
+        ),
+        (
+            r#"{"PreserveTransactions": true, "CdcPath": "txn", "AddColumnName": true}"#,
+            "S3Settings.AddColumnName",
+        ),
+    ] {
+        let (code, _, err) = task.run(&["cdc", "--source", &src, "--once", "--s3-settings", bad]);
+        assert_eq!(code, Some(2), "{bad}: {err}");
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+    let _ = run_cli(&["teardown", "--task", "ptxn", "--source", &src, "--yes"]);
+}
+
 /// Native start (DMS's `slotName` + `CdcStartPosition`): the task reads the slot and
 /// publication its user made, from a position; nothing is created on the source, and
 /// teardown leaves the user's slot and publication in place. Every misuse is named.

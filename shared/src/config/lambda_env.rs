@@ -34,6 +34,8 @@ pub struct LambdaEnv {
     pub date_partition: Option<crate::staging::layout::DatePartition>,
     /// `S3Settings` `CsvDelimiter` / `CsvNullValue` / `CsvRowDelimiter`.
     pub csv: crate::staging::dialect::CsvDialect,
+    /// S3Settings' `PreserveTransactions` with `CdcPath`: the transaction files' folder.
+    pub cdc_path: Option<String>,
     /// S3Settings' `EncryptionMode` / `ServerSideEncryptionKmsKeyId` for staged objects.
     pub encryption: crate::staging::Encryption,
     /// `PGSHIFT_TABLE_MAPPINGS`: DMS table-mapping JSON (selection rules).
@@ -269,6 +271,7 @@ impl LambdaEnv {
             cdc_ops: s3_settings.as_ref().map(|s| s.cdc_ops).unwrap_or_default(),
             csv_header: s3_settings.as_ref().is_some_and(|s| s.add_column_name),
             date_partition: s3_settings.as_ref().and_then(|s| s.date_partition),
+            cdc_path: s3_settings.as_ref().and_then(|s| s.cdc_path.clone()),
             csv: s3_settings
                 .as_ref()
                 .map(|s| s.csv.clone())
@@ -416,6 +419,24 @@ mod tests {
         let err = LambdaEnv::from_pairs([("PGSHIFT_SOURCE_SSLMODE", "on")]).unwrap_err();
         assert!(err.to_string().contains("PGSHIFT_SOURCE_SSLMODE"));
         assert_eq!(env.peek_sessions, 2);
+        // PreserveTransactions reaches the poller's options from the stack's S3Settings.
+        let env = LambdaEnv::from_pairs([(
+            "PGSHIFT_S3_SETTINGS",
+            r#"{"PreserveTransactions": true, "CdcPath": "txn"}"#,
+        )])
+        .unwrap();
+        let settings = crate::options::TaskSettings::from(&env);
+        let cfg = crate::config::PgConfig::from_url("postgres://u@h/d", "source").unwrap();
+        let o = settings.cdc_options("t", cfg, "owner", None);
+        assert_eq!(o.cdc_path.as_deref(), Some("txn"));
+        let err =
+            LambdaEnv::from_pairs([("PGSHIFT_S3_SETTINGS", r#"{"PreserveTransactions": true}"#)])
+                .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("PGSHIFT_S3_SETTINGS: S3Settings.PreserveTransactions"),
+            "{err}"
+        );
         let one = LambdaEnv::from_pairs([("PGSHIFT_PEEK_SESSIONS", "1")]).unwrap();
         assert_eq!(one.peek_sessions, 1);
         for bad in ["0", "3", "two"] {

@@ -33,6 +33,9 @@ pub struct S3Settings {
     pub csv: CsvDialect,
     /// `ParquetTimestampInMillisecond`: Parquet timestamps in milliseconds (truncated).
     pub parquet_timestamp_ms: bool,
+    /// `PreserveTransactions` with `CdcPath`: the folder (under the stage) of the CDC
+    /// transaction files, every table's changes in commit order.
+    pub cdc_path: Option<String>,
     /// Settings accepted but without effect here, each with why (printed, never silent).
     pub notes: Vec<String>,
 }
@@ -124,6 +127,7 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
     let (mut sequence, mut delimiter, mut date_keys) = (None, None, Vec::new());
     let (mut kms_mode, mut kms_key) = (false, None);
     let (mut inserts_only, mut inserts_and_updates) = (false, false);
+    let (mut preserve_transactions, mut cdc_path) = (false, None);
     let (mut csv_delimiter, mut csv_null, mut csv_row_delimiter) =
         (",".to_owned(), String::new(), "\n".to_owned());
     for (k, v) in obj {
@@ -147,10 +151,8 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
             "CsvDelimiter" => csv_delimiter = string(k, v)?,
             "CsvRowDelimiter" => csv_row_delimiter = string(k, v)?,
             "CsvNullValue" => csv_null = string(k, v)?,
-            "CdcPath" if !string(k, v)?.is_empty() => {
-                return Err(unsupported(k, "CDC files are under <folder>/<schema>/<table>/ with their batch manifests in _manifests/cdc/"));
-            }
-            "CdcPath" => {}
+            "CdcPath" => cdc_path = Some(string(k, v)?),
+            "PreserveTransactions" => preserve_transactions = flag(k, v)?,
             "ParquetTimestampInMillisecond" => out.parquet_timestamp_ms = flag(k, v)?,
             // SSE_S3 leaves objects to the bucket's default encryption (SSE-S3, or the KMS key
             // the stack's DataKmsKeyArn puts there), as DMS's default does.
@@ -232,6 +234,13 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
     } else if let Some(k) = date_keys.first() {
         return Err(Error::config(at(k), "needs DatePartitionEnabled true"));
     }
+    out.cdc_path = transaction_folder(
+        preserve_transactions,
+        cdc_path.as_deref(),
+        out.add_column_name,
+        partitioned,
+        at,
+    )?;
     out.format = match (data_format.as_deref(), gzip) {
         (None, false) => None,
         (None | Some("csv"), true) => Some(Format::parse("csv.gz", field)?),
@@ -277,6 +286,66 @@ pub fn parse(text: &str, field: &str) -> Result<S3Settings> {
         _ => {}
     }
     Ok(out)
+}
+
+/// `PreserveTransactions` and `CdcPath`, as DMS takes them on an S3 target: both or neither,
+/// never with `AddColumnName` or `DatePartitionEnabled`. The folder is relative to the stage
+/// (DMS: under BucketFolder), of S3's safe characters, and not pgshift's `_manifests`.
+fn transaction_folder(
+    preserve: bool,
+    cdc_path: Option<&str>,
+    add_column_name: bool,
+    date_partition: bool,
+    at: impl Fn(&str) -> String,
+) -> Result<Option<String>> {
+    let path = cdc_path
+        .map(|p| p.trim_matches('/'))
+        .filter(|p| !p.is_empty());
+    let path = match (preserve, path) {
+        (false, None) => return Ok(None),
+        (true, None) => {
+            return Err(Error::config(
+                at("PreserveTransactions"),
+                "needs CdcPath: the folder the transaction files go to",
+            ));
+        }
+        (false, Some(_)) => {
+            return Err(Error::config(
+                at("CdcPath"),
+                "on a target it is the folder of PreserveTransactions' files: set PreserveTransactions true, or leave CdcPath out",
+            ));
+        }
+        (true, Some(p)) => p,
+    };
+    for (setting, on) in [
+        ("AddColumnName", add_column_name),
+        ("DatePartitionEnabled", date_partition),
+    ] {
+        if on {
+            return Err(Error::config(
+                at(setting),
+                "cannot be used with PreserveTransactions (nor can it in DMS)",
+            ));
+        }
+    }
+    let safe = |c: char| c.is_ascii_alphanumeric() || "!-_.*'()".contains(c);
+    for segment in path.split('/') {
+        if segment.is_empty() || segment == "." || segment == ".." || !segment.chars().all(safe) {
+            return Err(Error::config(
+                at("CdcPath"),
+                format!(
+                    "{path:?} is not a relative folder of letters, digits and !-_.*'() separated by /"
+                ),
+            ));
+        }
+    }
+    if path.starts_with('_') {
+        return Err(Error::config(
+            at("CdcPath"),
+            format!("{path:?}: folders starting with _ are pgshift's (_manifests)"),
+        ));
+    }
+    Ok(Some(path.to_owned()))
 }
 
 #[cfg(test)]
@@ -350,6 +419,24 @@ mod tests {
                 delimiter: ""
             })
         );
+    }
+
+    #[test]
+    fn preserve_transactions_names_the_transaction_folder() {
+        let s = parse(
+            r#"{"PreserveTransactions": true, "CdcPath": "/txn/all/", "DataFormat": "parquet"}"#,
+            "x",
+        )
+        .unwrap();
+        assert_eq!(s.cdc_path.as_deref(), Some("txn/all"));
+        let s = parse(
+            r#"{"PreserveTransactions": "y", "CdcPath": "changes"}"#,
+            "x",
+        )
+        .unwrap();
+        assert_eq!(s.cdc_path.as_deref(), Some("changes"));
+        let s = parse(r#"{"PreserveTransactions": false, "CdcPath": ""}"#, "x").unwrap();
+        assert_eq!(s.cdc_path, None);
     }
 
     #[test]
@@ -429,6 +516,36 @@ mod tests {
             (r#"{"BucketFolder": "x"}"#, "BucketFolder"),
             (r#"{"BucketName": "Bad_Bucket"}"#, "BucketName"),
             (r#"["not an object"]"#, "object"),
+            (r#"{"PreserveTransactions": true}"#, "PreserveTransactions"),
+            (r#"{"CdcPath": "changes"}"#, "CdcPath"),
+            (
+                r#"{"PreserveTransactions": "n", "CdcPath": "changes"}"#,
+                "CdcPath",
+            ),
+            (
+                r#"{"PreserveTransactions": true, "CdcPath": "changes", "AddColumnName": true}"#,
+                "AddColumnName",
+            ),
+            (
+                r#"{"PreserveTransactions": true, "CdcPath": "c", "DatePartitionEnabled": true}"#,
+                "DatePartitionEnabled",
+            ),
+            (
+                r#"{"PreserveTransactions": true, "CdcPath": "a/../b"}"#,
+                "CdcPath",
+            ),
+            (
+                r#"{"PreserveTransactions": true, "CdcPath": "a b"}"#,
+                "CdcPath",
+            ),
+            (
+                r#"{"PreserveTransactions": true, "CdcPath": "_manifests"}"#,
+                "CdcPath",
+            ),
+            (
+                r#"{"PreserveTransactions": 1, "CdcPath": "c"}"#,
+                "PreserveTransactions",
+            ),
         ] {
             let err = parse(json, "--s3-settings").unwrap_err().to_string();
             assert!(

@@ -180,6 +180,7 @@ async fn poll_once<Src: CdcSource, S: ObjectSink, St: StateStore>(
         // that target is seen.
         xid_horizon: None,
         row_buf: Vec::with_capacity(1024),
+        txn_buf: Vec::new(),
         messages: false,
         ddl_messages: false,
         histories: std::collections::HashMap::new(),
@@ -253,6 +254,8 @@ struct Poller<'a, Src: CdcSource, S: ObjectSink, St: StateStore> {
     xid_horizon: Option<Lsn>,
     /// The encoded row being written (reused for every change).
     row_buf: Vec<u8>,
+    /// The same row for the transaction file (PreserveTransactions).
+    txn_buf: Vec<u8>,
     /// Peeks decode logical messages (PostgreSQL 14+): the schema-change messages.
     messages: bool,
     /// The task's trigger sends schema-change messages (else the catalog explains changes).
@@ -490,6 +493,13 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             }
             b.dialect = self.opts.csv_dialect.clone();
         }
+        if let Some(path) = &self.opts.cdc_path {
+            // Transaction files are CSV whatever the format, as DMS writes them.
+            b.txn_path = Some(path.clone());
+            b.txn_previous_ms = self.lease.rec.txn_file_ms;
+            b.txn_gzip = self.opts.format.gzip;
+            b.dialect = self.opts.csv_dialect.clone();
+        }
         let existing = self.sink.list(&layout::manifest_prefix(b.start)).await?;
         b.must_end = layout::existing_batch_end(&existing, b.start);
         Ok(b)
@@ -507,6 +517,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         let opts = self.opts;
         let end = batch.last_end;
         let files = batch.finish_files().await?;
+        let transaction_file = batch.finish_txn().await?;
         let manifest = BatchManifest {
             task: opts.task.clone(),
             batch_seq: self.lease.rec.batch_seq + 1,
@@ -531,6 +542,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                 Default::default()
             },
             transformed: opts.selection.transforms_names(),
+            transaction_file,
         };
         let key = manifest_key(batch.start, end);
         layout::put_json(self.sink, &key, &manifest).await?;
@@ -546,7 +558,10 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             .rec
             .announced_through
             .is_some_and(|a| manifest.prev_end_lsn.is_none_or(|p| a >= p));
-        // Step 5.
+        // Step 5 (it records the transaction file's time: the next file is named later).
+        if let Some(t) = &manifest.transaction_file {
+            self.lease.rec.txn_file_ms = Some(t.unix_ms);
+        }
         self.lease.move_checkpoint(self.state, end, true).await?;
         // The record is durable: announce it (a failed put is re-announced by a later poll).
         if opts.events.enabled() {
@@ -564,7 +579,8 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         report.transactions += manifest.transactions;
         report.changes += manifest.changes;
         report.rows_staged += manifest.files.iter().map(|f| f.rows).sum::<u64>();
-        report.bytes_staged += manifest.files.iter().map(|f| f.bytes).sum::<u64>();
+        report.bytes_staged += manifest.files.iter().map(|f| f.bytes).sum::<u64>()
+            + manifest.transaction_file.as_ref().map_or(0, |t| t.bytes);
         tracing::info!(task = %opts.task, start = %batch.start, end = %end, changes = manifest.changes, "batch committed");
         Ok(Some(batch.last_commit_ts))
     }

@@ -27,7 +27,10 @@ use crate::table::TableSchema;
 
 mod cdc;
 
-pub use cdc::{CdcOps, DatePartition, DateSequence, cdc_file_key, cdc_part_key};
+pub use cdc::{
+    CdcOps, DatePartition, DateSequence, TransactionFile, cdc_file_key, cdc_part_key,
+    transaction_file_key, transaction_file_ms,
+};
 mod reload;
 mod versions;
 pub use reload::{
@@ -277,6 +280,10 @@ pub struct BatchManifest {
     /// readers; `apply` needs the source's names and refuses it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub transformed: bool,
+    /// The batch's changes of every table in commit order, one CSV file (DMS's
+    /// `PreserveTransactions` with `CdcPath`); its rows are also in the tables' `files`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction_file: Option<TransactionFile>,
 }
 
 /// `<schema>/<table>/_schema/<lsn>.json`.

@@ -61,6 +61,11 @@ pub struct CdcRecord {
     /// Later polls with the same stop time rest there without decoding past it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_found: Option<StopFound>,
+    /// The time in the newest transaction file's name (`CDC_TXN-<ms>`, ms since the Unix
+    /// epoch; PreserveTransactions): the next batch's file is named later, so names sort in
+    /// commit order even when commit timestamps do not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub txn_file_ms: Option<i64>,
 }
 
 /// Where a stop by commit time was found (see [`CdcRecord::stop_found`]).

@@ -544,6 +544,7 @@ mod tests {
             first_commit_lsn: Lsn(1),
             last_commit_lsn: Lsn(2),
             last_commit_ts: String::new(),
+            transaction_file: None,
             transactions: 1,
             changes: 3,
             format: Format::parse(format, "format").unwrap(),

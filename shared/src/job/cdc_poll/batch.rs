@@ -2,6 +2,8 @@
 //! counts and schema segments; finished into the files a manifest lists, or abandoned.
 //! Parquet holds one schema per file: a table whose columns change after rows of the batch
 //! continues in a new file (a part), listed after the one before it.
+//! With PreserveTransactions, every staged row is also written, in commit order, to the
+//! batch's one transaction file (`<CdcPath>/CDC_TXN-<ms>.csv`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,7 +17,8 @@ use crate::staging::dialect::CsvDialect;
 use crate::staging::encode::parquet::ParquetEncoder;
 use crate::staging::encode::{EncodedWriter, Encoding, Format, csv_header};
 use crate::staging::layout::{
-    BatchFile, DatePartition, SchemaSegment, XidRun, cdc_part_key, csv_cdc_fields,
+    BatchFile, DatePartition, SchemaSegment, TransactionFile, XidRun, cdc_part_key, csv_cdc_fields,
+    transaction_file_key, transaction_file_ms,
 };
 use crate::staging::{ObjectSink, ObjectWriter};
 use crate::table::TableSchema;
@@ -47,6 +50,13 @@ struct TableFile<W: ObjectWriter> {
     xids: Option<Vec<XidRun>>,
 }
 
+/// The batch's transaction file (PreserveTransactions), opened on its first row.
+struct TxnFile<W: ObjectWriter> {
+    writer: EncodedWriter<W>,
+    key: String,
+    unix_ms: i64,
+}
+
 pub(super) struct Batch<W: ObjectWriter> {
     pub(super) start: Lsn,
     /// Set when a manifest for `start` exists: the batch must end exactly here.
@@ -76,6 +86,13 @@ pub(super) struct Batch<W: ObjectWriter> {
     pub(super) csv_header: Option<(bool, bool)>,
     /// CSV files in this dialect (CsvDelimiter / CsvNullValue / CsvRowDelimiter).
     pub(super) dialect: CsvDialect,
+    /// PreserveTransactions: the transaction files' folder, and the time in the task's
+    /// previous file name (this batch's is later).
+    pub(super) txn_path: Option<String>,
+    pub(super) txn_previous_ms: Option<i64>,
+    /// Gzip the transaction file (CompressionType GZIP).
+    pub(super) txn_gzip: bool,
+    txn: Option<TxnFile<W>>,
 }
 
 impl<W: ObjectWriter> Batch<W> {
@@ -98,7 +115,62 @@ impl<W: ObjectWriter> Batch<W> {
             txn_commit_ts: 0,
             csv_header: None,
             dialect: CsvDialect::default(),
+            txn_path: None,
+            txn_previous_ms: None,
+            txn_gzip: false,
+            txn: None,
         }
+    }
+
+    /// Appends one row, encoded as the transaction file's CSV, to the batch's transaction file
+    /// (opened on the first, named by the commit time of the transaction being staged).
+    pub(super) async fn append_txn<S: ObjectSink<Writer = W>>(
+        &mut self,
+        sink: &S,
+        row: &[u8],
+    ) -> Result<()> {
+        if self.txn.is_none() {
+            let Some(path) = &self.txn_path else {
+                return Ok(());
+            };
+            let unix_ms = transaction_file_ms(self.txn_commit_ts, self.txn_previous_ms);
+            let key = transaction_file_key(path, unix_ms, self.txn_gzip);
+            let format = Format {
+                encoding: Encoding::Csv,
+                gzip: self.txn_gzip,
+                timestamp_ms: false,
+            };
+            let writer =
+                EncodedWriter::new(sink.writer(&key).await?, format).with_dialect(&self.dialect);
+            self.txn = Some(TxnFile {
+                writer,
+                key,
+                unix_ms,
+            });
+        }
+        let txn = self
+            .txn
+            .as_mut()
+            .expect("the transaction file was just opened");
+        // Not counted in the batch's size limit: the tables' files carry the same rows.
+        txn.writer.write_row(row).await
+    }
+
+    /// The transaction file completed, as the manifest lists it (none when nothing was staged
+    /// or PreserveTransactions is off).
+    pub(super) async fn finish_txn(&mut self) -> Result<Option<TransactionFile>> {
+        let Some(txn) = self.txn.take() else {
+            return Ok(None);
+        };
+        let rows = txn.writer.rows;
+        let (bytes, checksum) = txn.writer.finish_hashed().await?;
+        Ok(Some(TransactionFile {
+            key: txn.key,
+            unix_ms: txn.unix_ms,
+            rows,
+            bytes,
+            checksum,
+        }))
     }
 
     /// Appends one row of `rel` to its table's file (opened on its first row; a new schema
@@ -308,6 +380,9 @@ impl<W: ObjectWriter> Batch<W> {
     pub(super) async fn abandon(self) {
         for (_, f) in self.files {
             f.writer.abort().await;
+        }
+        if let Some(txn) = self.txn {
+            txn.writer.abort().await;
         }
     }
 }

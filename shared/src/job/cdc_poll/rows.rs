@@ -15,7 +15,7 @@ use crate::lsn::Lsn;
 use crate::pgoutput;
 use crate::source::CdcSource;
 use crate::staging::ObjectSink;
-use crate::staging::encode::{Encoding, cdc_csv_row, cdc_json_row};
+use crate::staging::encode::{Encoding, cdc_csv_row, cdc_json_row, transaction_csv_row};
 use crate::state::StateStore;
 
 impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
@@ -189,7 +189,14 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         };
         batch
             .append(sink, opts.format, row.rel_id, rel, row.op, t.xid, encoded)
-            .await
+            .await?;
+        if opts.cdc_path.is_some() {
+            let buf = &mut self.txn_buf;
+            buf.clear();
+            transaction_csv_row(&change, opts.op_field(), opts.commit_ts_column, buf);
+            batch.append_txn(sink, buf).await?;
+        }
+        Ok(())
     }
 }
 

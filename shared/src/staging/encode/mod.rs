@@ -129,6 +129,27 @@ pub fn csv_header(names: &[String]) -> Vec<u8> {
 
 /// Encodes one CDC change as a CSV row (with its newline); without its `Op` field when
 /// `op_field` is false (a filtered stage, as DMS writes it).
+/// One row of a transaction file (DMS's `PreserveTransactions`): `Op` (when CDC rows carry
+/// it), the table's and its schema's staged names, then the row's fields as in its table's
+/// CDC file (the commit time with `TimestampColumnName`, the columns, the unchanged-TOAST
+/// ordinals).
+pub fn transaction_csv_row(
+    change: &RowChange<'_>,
+    op_field: bool,
+    commit_ts_column: bool,
+    out: &mut Vec<u8>,
+) {
+    if op_field {
+        out.extend_from_slice(change.op.as_str().as_bytes());
+        out.push(b',');
+    }
+    csv_field(out, Some(change.table.table.as_bytes()));
+    out.push(b',');
+    csv_field(out, Some(change.table.schema.as_bytes()));
+    out.push(b',');
+    cdc_csv_row(change, false, commit_ts_column, out);
+}
+
 pub fn cdc_csv_row(
     change: &RowChange<'_>,
     op_field: bool,

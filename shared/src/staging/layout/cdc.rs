@@ -44,6 +44,46 @@ pub fn cdc_part_key(
     )
 }
 
+/// A batch's transaction file (DMS's `PreserveTransactions`): `<cdc_path>/CDC_TXN-<time>.csv`
+/// (`.csv.gz` with GZIP), its time `yyyyMMddHHmmssSSS` UTC of `unix_ms`, as DMS names them.
+/// Always CSV, whatever the data format, as in DMS.
+pub fn transaction_file_key(cdc_path: &str, unix_ms: i64, gzip: bool) -> String {
+    let secs = unix_ms.div_euclid(1000);
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = crate::change::civil_from_days(days);
+    format!(
+        "{cdc_path}/CDC_TXN-{y:04}{m:02}{d:02}{:02}{:02}{:02}{:03}.{}",
+        sod / 3600,
+        (sod / 60) % 60,
+        sod % 60,
+        unix_ms.rem_euclid(1000),
+        if gzip { "csv.gz" } else { "csv" }
+    )
+}
+
+/// The time in a batch's transaction file name: its first staged transaction's commit time
+/// (µs since 2000-01-01), in ms since the Unix epoch — or 1 ms after the task's previous
+/// file when that is not earlier, so names sort in commit order (commit timestamps need not).
+pub fn transaction_file_ms(first_commit_ts: i64, previous_ms: Option<i64>) -> i64 {
+    let ms = (first_commit_ts + crate::pgoutput::PG_EPOCH_OFFSET_MICROS).div_euclid(1000);
+    match previous_ms {
+        Some(p) if p >= ms => p + 1,
+        _ => ms,
+    }
+}
+
+/// The transaction file of a batch, as its manifest lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransactionFile {
+    pub key: String,
+    /// The time in its name (ms since the Unix epoch).
+    pub unix_ms: i64,
+    pub rows: u64,
+    pub bytes: u64,
+    /// xxh3-64 of the stored bytes.
+    pub checksum: String,
+}
+
 /// The order of a date partition's parts (DMS's `DatePartitionSequence`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DateSequence {
@@ -121,5 +161,30 @@ impl CdcOps {
             CdcOps::InsertsOnly => "CdcInsertsOnly",
             CdcOps::InsertsAndUpdates => "CdcInsertsAndUpdates",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transaction_files_are_named_as_dms_names_them_and_sort_in_commit_order() {
+        // 2020-11-17 15:30:46.033 UTC, as in DMS's example (CDC_TXN-20201117153046033.csv).
+        let unix_ms = 1_605_627_046_033;
+        assert_eq!(
+            transaction_file_key("txn", unix_ms, false),
+            "txn/CDC_TXN-20201117153046033.csv"
+        );
+        assert_eq!(
+            transaction_file_key("a/b", unix_ms, true),
+            "a/b/CDC_TXN-20201117153046033.csv.gz"
+        );
+        let pg_us = (unix_ms * 1000 + 999) - crate::pgoutput::PG_EPOCH_OFFSET_MICROS;
+        assert_eq!(transaction_file_ms(pg_us, None), unix_ms);
+        assert_eq!(transaction_file_ms(pg_us, Some(unix_ms - 5)), unix_ms);
+        // A commit time not after the previous file's (same ms, or a clock step back): 1 ms on.
+        assert_eq!(transaction_file_ms(pg_us, Some(unix_ms)), unix_ms + 1);
+        assert_eq!(transaction_file_ms(pg_us, Some(unix_ms + 40)), unix_ms + 41);
     }
 }
