@@ -783,6 +783,8 @@ async fn cdc_to_s3_with_state_in_dynamodb() {
         .unwrap();
     let mut o = opts("s3", db.config(), "jsonl.gz");
     o.max_batch_changes = 100;
+    // PreserveTransactions too: its files in S3, its name's time in the DynamoDB item.
+    o.cdc_path = Some("txn".to_owned());
     poll(&sink, &state, &o).await;
     c.batch_execute(
         "insert into public.t select g, md5(g::text) from generate_series(1, 300) g;
@@ -806,6 +808,24 @@ async fn cdc_to_s3_with_state_in_dynamodb() {
         "the checkpoint is a DynamoDB number: {doc}"
     );
     assert!(doc["lease_owner"].is_null(), "the lease is released");
+    // One transaction file per committed batch (the crashed batch's rewritten, no stray),
+    // CSV gzipped whatever the format, holding every change.
+    let (mut listed, mut changes, mut last_ms) = (Vec::new(), 0, None);
+    for key in layout::batch_manifest_keys(&sink).await.unwrap() {
+        let m: layout::BatchManifest = layout::get_json(&sink, &key, "manifest").await.unwrap();
+        let t = m.transaction_file.expect("a transaction file per batch");
+        assert!(t.key.ends_with(".csv.gz") && t.rows == m.changes, "{t:?}");
+        let body = replay::gunzip(&sink.get(&t.key).await.unwrap().unwrap());
+        assert_eq!(body.iter().filter(|b| **b == b'\n').count() as u64, t.rows);
+        changes += t.rows;
+        last_ms = Some(t.unix_ms);
+        listed.push(t.key);
+    }
+    let mut stored = sink.list("txn/").await.unwrap();
+    stored.sort();
+    assert_eq!(stored, listed);
+    assert!(changes >= 400, "{changes}");
+    assert_eq!(doc["txn_file_ms"].as_i64(), last_ms, "{doc}");
 }
 
 #[tokio::test]
