@@ -384,11 +384,13 @@ pub(crate) struct CdcArgs {
     pub(crate) state: String,
     /// DMS's S3 target settings (`file://s3.json` or inline JSON, as for `aws dms
     /// create-endpoint --s3-settings`): BucketName/BucketFolder are the stage, DataFormat and
-    /// CompressionType the format, TimestampColumnName the commit timestamp column; a setting
-    /// pgshift does not honour is an error naming it.
+    /// CompressionType the format, TimestampColumnName the commit timestamp column,
+    /// PreserveTransactions with CdcPath a transaction file per batch
+    /// (`<CdcPath>/CDC_TXN-<time>.csv`, every table in commit order); a setting pgshift does
+    /// not honour is an error naming it.
     #[arg(long, env = "PGSHIFT_S3_SETTINGS")]
     pub(crate) s3_settings: Option<String>,
-    /// csv, csv.gz, jsonl or jsonl.gz.
+    /// csv, csv.gz, jsonl, jsonl.gz or parquet.
     #[arg(long, env = "PGSHIFT_FORMAT", default_value = "csv")]
     pub(crate) format: String,
     /// DMS table mapping (selection and table-settings rules): a file, file://path or the
