@@ -18,6 +18,7 @@
 //! and the poller re-announces, at its next run, every batch after the last one it announced
 //! (the checkpoint item's `announced_through`). Consumers dedupe by manifest key.
 
+use futures_util::FutureExt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -418,6 +419,7 @@ impl EventBridge {
                     .put_events()
                     .set_entries(Some(entries))
                     .send()
+                    .boxed()
                     .await
                     .map_err(|e| {
                         crate::error::sdk_error(

@@ -351,7 +351,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
                 last_commit_ts = Some(ts);
             }
             if !stopped_early && cursor.batch.transactions > 0 {
-                if let Some(ts) = self.commit_batch(cursor.batch, &mut report).await? {
+                if let Some(ts) = Box::pin(self.commit_batch(cursor.batch, &mut report)).await? {
                     last_commit_ts = Some(ts);
                 }
             } else {

@@ -1,5 +1,6 @@
 //! The source's connection settings from a Secrets Manager secret (DMS's shape), or as given.
 
+use futures_util::FutureExt;
 use secrecy::SecretString;
 
 use crate::aws::Aws;
@@ -23,6 +24,7 @@ impl Aws {
             .get_secret_value()
             .secret_id(secret_id)
             .send()
+            .boxed()
             .await
             .map_err(|e| sdk_error("secretsmanager", format!("reading secret {secret_id}"), e))?;
         let text = out.secret_string().ok_or_else(|| {

@@ -2,6 +2,10 @@
 
 use aws_sdk_s3::types::ServerSideEncryption;
 use bytes::Bytes;
+// SDK calls are boxed (`.send().boxed()`): their futures are tens of KB each, and inline they
+// would grow every future that waits on one (the poller's per-message futures, in debug
+// builds past a test thread's 2 MiB stack).
+use futures_util::FutureExt;
 
 use super::{ObjectSink, ObjectWriter, check_key};
 use crate::error::sdk_error;
@@ -153,6 +157,7 @@ impl S3Writer {
             }
             let out = start
                 .send()
+                .boxed()
                 .await
                 .map_err(|e| sdk_error("s3", format!("starting upload of {}", self.key), e))?;
             self.upload_id = out.upload_id().map(str::to_owned);
@@ -174,6 +179,7 @@ impl S3Writer {
                 .part_number(number)
                 .body(body.into())
                 .send()
+                .boxed()
                 .await
                 .map_err(|e| sdk_error("s3", format!("uploading part {number} of {key}"), e))?;
             Ok(aws_sdk_s3::types::CompletedPart::builder()
@@ -219,6 +225,7 @@ impl ObjectWriter for S3Writer {
                 .put_request(&self.key)
                 .body(Bytes::from(body).into())
                 .send()
+                .boxed()
                 .await
                 .map_err(|e| sdk_error("s3", format!("writing {}", self.key), e))?;
             return Ok(self.bytes);
@@ -247,6 +254,7 @@ impl ObjectWriter for S3Writer {
             .upload_id(&upload_id)
             .multipart_upload(done)
             .send()
+            .boxed()
             .await;
         match result {
             Ok(_) => Ok(self.bytes),
@@ -278,6 +286,7 @@ impl S3Writer {
                 .key(&self.key)
                 .upload_id(&id)
                 .send()
+                .boxed()
                 .await;
         }
     }
@@ -304,6 +313,7 @@ impl ObjectSink for S3Sink {
         self.put_request(&key)
             .body(body.into())
             .send()
+            .boxed()
             .await
             .map_err(|e| sdk_error("s3", format!("writing {key}"), e))?;
         Ok(())
@@ -328,6 +338,7 @@ impl ObjectSink for S3Sink {
             .bucket(&self.bucket)
             .key(&key)
             .send()
+            .boxed()
             .await
         {
             Ok(o) => o,
@@ -374,7 +385,7 @@ impl ObjectSink for S3Sink {
             .prefix(&full)
             .into_paginator()
             .send();
-        while let Some(page) = pages.next().await {
+        while let Some(page) = Box::pin(pages.next()).await {
             let page = page.map_err(|e| sdk_error("s3", format!("listing {full}"), e))?;
             for obj in page.contents() {
                 if let Some(k) = obj.key() {
@@ -393,6 +404,7 @@ impl ObjectSink for S3Sink {
             .bucket(&self.bucket)
             .key(&key)
             .send()
+            .boxed()
             .await
             .map_err(|e| sdk_error("s3", format!("deleting {key}"), e))?;
         Ok(())

@@ -1,5 +1,9 @@
 //! State in a DynamoDB table.
 
+// SDK calls are boxed (`.send().boxed()`): their futures are tens of KB each, and inline they
+// would grow every future that waits on one (the poller's per-message futures, in debug
+// builds past a test thread's 2 MiB stack).
+use futures_util::FutureExt;
 use serde_json::Value;
 
 use super::{StateStore, Versioned, conflict};
@@ -34,6 +38,7 @@ impl DynamoStore {
             .describe_table()
             .table_name(&self.table)
             .send()
+            .boxed()
             .await;
         match exists {
             Ok(_) => return Ok(()),
@@ -72,6 +77,7 @@ impl DynamoStore {
             .key_schema(key("pk", KeyType::Hash)?)
             .key_schema(key("sk", KeyType::Range)?)
             .send()
+            .boxed()
             .await;
         match created {
             Ok(_) => Ok(()),
@@ -133,6 +139,7 @@ impl StateStore for DynamoStore {
             .key("sk", AttributeValue::S(key.to_owned()))
             .consistent_read(true)
             .send()
+            .boxed()
             .await
             .map_err(|e| sdk_error("dynamodb", format!("reading {task}/{key}"), e))?;
         let Some(item) = out.item else {
@@ -165,7 +172,7 @@ impl StateStore for DynamoStore {
                 .condition_expression("version = :expected")
                 .expression_attribute_values(":expected", AttributeValue::N(v.to_string())),
         };
-        match req.send().await {
+        match req.send().boxed().await {
             Ok(_) => Ok(version),
             Err(e)
                 if e.as_service_error()
@@ -184,6 +191,7 @@ impl StateStore for DynamoStore {
             .key("pk", AttributeValue::S(task.to_owned()))
             .key("sk", AttributeValue::S(key.to_owned()))
             .send()
+            .boxed()
             .await
             .map_err(|e| sdk_error("dynamodb", format!("deleting {task}/{key}"), e))?;
         Ok(())

@@ -92,7 +92,8 @@ pub(super) struct Batch<W: ObjectWriter> {
     pub(super) txn_previous_ms: Option<i64>,
     /// Gzip the transaction file (CompressionType GZIP).
     pub(super) txn_gzip: bool,
-    txn: Option<TxnFile<W>>,
+    /// Boxed: a writer is large (an S3 part buffer's state), the batch lives on the stack.
+    txn: Option<Box<TxnFile<W>>>,
 }
 
 impl<W: ObjectWriter> Batch<W> {
@@ -142,11 +143,11 @@ impl<W: ObjectWriter> Batch<W> {
             };
             let writer =
                 EncodedWriter::new(sink.writer(&key).await?, format).with_dialect(&self.dialect);
-            self.txn = Some(TxnFile {
+            self.txn = Some(Box::new(TxnFile {
                 writer,
                 key,
                 unix_ms,
-            });
+            }));
         }
         let txn = self
             .txn
@@ -159,7 +160,7 @@ impl<W: ObjectWriter> Batch<W> {
     /// The transaction file completed, as the manifest lists it (none when nothing was staged
     /// or PreserveTransactions is off).
     pub(super) async fn finish_txn(&mut self) -> Result<Option<TransactionFile>> {
-        let Some(txn) = self.txn.take() else {
+        let Some(txn) = self.txn.take().map(|t| *t) else {
             return Ok(None);
         };
         let rows = txn.writer.rows;

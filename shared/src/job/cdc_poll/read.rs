@@ -265,7 +265,9 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
         let stop = self.soft_deadline_passed();
         if cut || stop {
             let done = std::mem::replace(&mut cur.batch, Batch::empty(self.checkpoint()));
-            if let Some(ts) = self.commit_batch(done, report).await? {
+            // Boxed: committing writes every file (S3 uploads), a deep future; inline it would
+            // sit in every message's future.
+            if let Some(ts) = Box::pin(self.commit_batch(done, report)).await? {
                 cur.last_commit_ts = Some(ts);
             }
             if stop {
