@@ -1107,6 +1107,9 @@ async fn transaction_files_list_every_tables_changes_in_commit_order() {
     o.cdc_path = Some("txn/all".to_owned());
     let mut p = opts("txnparquet", s.db.config(), "parquet");
     p.cdc_path = Some("ptxn".to_owned());
+    // A CSV dialect shapes the transaction file only: the tables' files stay Parquet.
+    p.csv_dialect =
+        pgshift::staging::dialect::CsvDialect::new("|", "", "\n", |k: &str| k.to_owned()).unwrap();
     let parquet_stage = LocalSink::new(s.dir.path().join("parquet"));
     poll(&s.sink, &s.state, &o).await;
     poll(&parquet_stage, &s.state, &p).await;
@@ -1255,6 +1258,21 @@ async fn transaction_files_list_every_tables_changes_in_commit_order() {
             "{name} {m:?}"
         );
         let body = sink.get(&keys[0]).await.unwrap().unwrap();
+        if opts.format.encoding == pgshift::staging::encode::Encoding::Parquet {
+            let text = String::from_utf8(body.to_vec()).unwrap();
+            assert_eq!(text.lines().count(), 10, "{text}");
+            assert!(text.starts_with("I|Items|sales|7|1|2.50|\n"), "{text}");
+            assert_eq!(m.files.len(), 2, "{m:?}");
+            for f in &m.files {
+                let body = sink.get(&f.key).await.unwrap().unwrap();
+                assert!(
+                    body.starts_with(b"PAR1") && body.ends_with(b"PAR1"),
+                    "{} is Parquet",
+                    f.key
+                );
+            }
+            continue;
+        }
         let body = if ext.ends_with(".gz") {
             replay::gunzip(&body)
         } else {

@@ -79,6 +79,17 @@ impl S3Settings {
             }
             f.timestamp_ms = true;
         }
+        // The dialect shapes CSV files: with a format given elsewhere (`--format`,
+        // PGSHIFT_FORMAT) that is not CSV it would be ignored, so it is an error.
+        if !self.csv.is_default() && f.encoding != Encoding::Csv {
+            return Err(Error::config(
+                "S3Settings.CsvDelimiter",
+                format!(
+                    "CsvDelimiter, CsvNullValue and CsvRowDelimiter shape CSV files; the format is {}",
+                    f.ext()
+                ),
+            ));
+        }
         Ok(f)
     }
 }
@@ -471,6 +482,20 @@ mod tests {
             s.resolve_format(parquet, Some("--format")).unwrap(),
             parquet
         );
+        // A CSV dialect with a format given elsewhere that is not CSV is named.
+        let s = parse(r#"{"CsvDelimiter": "|"}"#, "x").unwrap();
+        for other in ["jsonl", "parquet"] {
+            let f = Format::parse(other, "f").unwrap();
+            let err = s
+                .resolve_format(f, Some("--format"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("S3Settings.CsvDelimiter") && err.contains(other),
+                "{err}"
+            );
+        }
+        assert_eq!(s.resolve_format(csv, Some("--format")).unwrap(), csv);
     }
 
     #[test]

@@ -498,7 +498,7 @@ impl<Src: CdcSource, S: ObjectSink, St: StateStore> Poller<'_, Src, S, St> {
             b.txn_path = Some(path.clone());
             b.txn_previous_ms = self.lease.rec.txn_file_ms;
             b.txn_gzip = self.opts.format.gzip;
-            b.dialect = self.opts.csv_dialect.clone();
+            b.txn_dialect = self.opts.csv_dialect.clone();
         }
         let existing = self.sink.list(&layout::manifest_prefix(b.start)).await?;
         b.must_end = layout::existing_batch_end(&existing, b.start);

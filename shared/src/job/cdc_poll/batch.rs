@@ -92,6 +92,8 @@ pub(super) struct Batch<W: ObjectWriter> {
     pub(super) txn_previous_ms: Option<i64>,
     /// Gzip the transaction file (CompressionType GZIP).
     pub(super) txn_gzip: bool,
+    /// The transaction file's CSV dialect (the tables' files have theirs only when CSV).
+    pub(super) txn_dialect: CsvDialect,
     /// Boxed: a writer is large (an S3 part buffer's state), the batch lives on the stack.
     txn: Option<Box<TxnFile<W>>>,
 }
@@ -119,6 +121,7 @@ impl<W: ObjectWriter> Batch<W> {
             txn_path: None,
             txn_previous_ms: None,
             txn_gzip: false,
+            txn_dialect: CsvDialect::default(),
             txn: None,
         }
     }
@@ -141,8 +144,8 @@ impl<W: ObjectWriter> Batch<W> {
                 gzip: self.txn_gzip,
                 timestamp_ms: false,
             };
-            let writer =
-                EncodedWriter::new(sink.writer(&key).await?, format).with_dialect(&self.dialect);
+            let writer = EncodedWriter::new(sink.writer(&key).await?, format)
+                .with_dialect(&self.txn_dialect);
             self.txn = Some(Box::new(TxnFile {
                 writer,
                 key,
