@@ -710,7 +710,7 @@ async fn dms_csv_dialect_is_staged_as_asked_and_applied_back() {
     .await
     .unwrap();
     let task = CliTask::new("dialect", &source.config(), &target.config());
-    let (src, dst) = (task.src.clone(), task.dst.clone());
+    let src = task.src.clone();
     let stage = std::path::PathBuf::from(task.common()[3]);
     let dir = TempDir::new("cli-dialect");
     let settings = dir.path().join("s3.json");
@@ -790,10 +790,7 @@ async fn dms_csv_dialect_is_staged_as_asked_and_applied_back() {
         "{cdc:?}"
     );
 
-    let (code, out, err) = task.run(&["apply", "--target", &dst]);
-    assert_eq!(code, Some(0), "{out}{err}");
-    let (code, out, err) = task.run(&["validate", "--source", &src, "--target", &dst]);
-    assert_eq!(code, Some(0), "{out}{err}");
+    let out = task.apply_and_validate();
     assert!(out.contains("EQUAL public.d"), "{out}");
     let nulls: i64 = target
         .client()
@@ -843,7 +840,7 @@ async fn dms_preserve_transactions_writes_transaction_files_through_the_cli() {
     .await
     .unwrap();
     let task = CliTask::new("ptxn", &source.config(), &target.config());
-    let (src, dst) = (task.src.clone(), task.dst.clone());
+    let src = task.src.clone();
     let stage = std::path::PathBuf::from(task.common()[3]);
     let dir = TempDir::new("cli-ptxn");
     let settings = dir.path().join("s3.json");
@@ -901,10 +898,7 @@ async fn dms_preserve_transactions_writes_transaction_files_through_the_cli() {
         ],
         "{text}"
     );
-    let (code, out, err) = task.run(&["apply", "--target", &dst]);
-    assert_eq!(code, Some(0), "{out}{err}");
-    let (code, out, err) = task.run(&["validate", "--source", &src, "--target", &dst]);
-    assert_eq!(code, Some(0), "{out}{err}");
+    let out = task.apply_and_validate();
     assert!(
         out.contains("EQUAL public.a") && out.contains("EQUAL public.b"),
         "{out}"

@@ -322,6 +322,17 @@ impl CliTask {
         }
     }
 
+    /// `apply` to the target, then `validate` source against target; both must succeed.
+    /// Returns validate's report (its `EQUAL <table>` lines).
+    pub fn apply_and_validate(&self) -> String {
+        let (code, out, err) = self.run(&["apply", "--target", &self.dst]);
+        assert_eq!(code, Some(0), "apply: {out}{err}");
+        let (code, out, err) =
+            self.run(&["validate", "--source", &self.src, "--target", &self.dst]);
+        assert_eq!(code, Some(0), "validate: {out}{err}");
+        out
+    }
+
     /// The `--task .. --stage .. --state ..` arguments, for a command run another way.
     pub fn common(&self) -> Vec<&str> {
         self.common.iter().map(String::as_str).collect()

@@ -127,8 +127,6 @@ pub fn csv_header(names: &[String]) -> Vec<u8> {
     out
 }
 
-/// Encodes one CDC change as a CSV row (with its newline); without its `Op` field when
-/// `op_field` is false (a filtered stage, as DMS writes it).
 /// One row of a transaction file (DMS's `PreserveTransactions`): `Op` (when CDC rows carry
 /// it), the table's and its schema's staged names, then the row's fields as in its table's
 /// CDC file (the commit time with `TimestampColumnName`, the columns, the unchanged-TOAST
@@ -150,6 +148,8 @@ pub fn transaction_csv_row(
     cdc_csv_row(change, false, commit_ts_column, out);
 }
 
+/// Encodes one CDC change as a CSV row (with its newline); without its `Op` field when
+/// `op_field` is false (a filtered stage, as DMS writes it).
 pub fn cdc_csv_row(
     change: &RowChange<'_>,
     op_field: bool,
